@@ -1,0 +1,33 @@
+# `make demo` and `make test` each create .venv when missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.jaxdiv-installed
+export JAX_PLATFORMS ?= cpu
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build, never a multi-GB CUDA build pulled in by a range
+	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt
+	$(PY) -m pip install -q -e ".[dev,sd,parity]" -c constraints.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.toy_suite
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules tests notebooks jaxdiv toy
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.toy_sampler
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,16 @@
+"""Samplers: factories returning a :class:`Sampler` run by :func:`jaxdiv.sample`."""
+
+from jaxdiv.samplers.base import Sampler, first_order_update, per_sample_normal
+from jaxdiv.samplers.ddim import ddim, ddim_noise_std
+from jaxdiv.samplers.edm import edm
+from jaxdiv.samplers.flow import flow_euler
+
+__all__ = [
+    "Sampler",
+    "ddim",
+    "ddim_noise_std",
+    "edm",
+    "flow_euler",
+    "first_order_update",
+    "per_sample_normal",
+]

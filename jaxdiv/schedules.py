@@ -1,0 +1,337 @@
+"""Noise processes ``x_t = alpha(t) * x0 + sigma(t) * eps`` and their sampling grids.
+
+Three families cover every sampler in jaxdiv:
+
+* :func:`vp_linear`, :func:`vp_scaled_linear`, :func:`vp_cosine` — discrete variance
+  preserving (DDPM / Stable Diffusion) processes indexed by the training timestep
+  ``t in {0, ..., T-1}``; ``alpha^2 = alphas_cumprod[t]``.
+* :func:`edm` — the variance exploding process of Karras et al. (2022), ``alpha = 1``,
+  ``sigma = t``.
+* :func:`flow` — rectified flow, ``alpha = 1 - t``, ``sigma = t`` (SD3 with ``shift=3``).
+
+Every schedule is a NamedTuple, hence a pytree: its numeric fields can be traced, so
+``jax.grad`` flows through a schedule parameter (e.g. EDM's ``rho``) into the samples.
+
+Each schedule's ``grid(num_steps)`` returns ``num_steps + 1`` decreasing times whose last
+entry is the *clean endpoint* (``alpha = 1``, ``sigma = 0``): ``0`` for EDM and flow, and
+``-1`` for the discrete VP processes, where we define ``alphas_cumprod[-1] = 1`` (the
+"final alpha" of diffusers' DDIM with ``set_alpha_to_one=True``). Ending every grid there
+is what makes a sampler's output equal its last (guided) ``x0_hat``.
+
+The *noise level* ``sigma(t) / alpha(t)`` is the process-independent measure of noise
+(the EDM sigma of the rescaled variable ``x_t / alpha``); time windows and interval
+guidance are expressed in it so that they mean the same on every process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "VPSchedule",
+    "EDMSchedule",
+    "FlowSchedule",
+    "vp_linear",
+    "vp_scaled_linear",
+    "vp_cosine",
+    "vp_from_betas",
+    "edm",
+    "flow",
+    "karras_sigmas",
+]
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class VPSchedule(NamedTuple):
+    """Discrete variance-preserving process (DDPM, Stable Diffusion).
+
+    ``alpha(t)^2 = alphas_cumprod[t]``; fractional ``t`` interpolates ``alphas_cumprod``
+    linearly (exact at integers); ``t = -1`` is the clean endpoint (``alpha = 1``).
+    """
+
+    alphas_cumprod: jax.Array
+    name: str = "vp"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def t_max(self) -> float:
+        return float(self.num_train_timesteps - 1)
+
+    @property
+    def t_clean(self) -> float:
+        return -1.0
+
+    def _abar(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        ext = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod])
+        grid = jnp.arange(-1, self.num_train_timesteps, dtype=jnp.float32)
+        return jnp.interp(t, grid, ext)
+
+    def alpha(self, t):
+        """``sqrt(alphas_cumprod[t])``, vectorised over ``t``."""
+        return jnp.sqrt(self._abar(t))
+
+    def sigma(self, t):
+        """``sqrt(1 - alphas_cumprod[t])``, vectorised over ``t``."""
+        return jnp.sqrt(jnp.clip(1.0 - self._abar(t), 0.0, None))
+
+    def noise_level(self, t):
+        """``sigma(t) / alpha(t)``."""
+        return self.sigma(t) / self.alpha(t)
+
+    def t_of_noise_level(self, level):
+        """Inverse of :meth:`noise_level` (piecewise linear between integer timesteps)."""
+        grid = jnp.arange(-1, self.num_train_timesteps, dtype=jnp.float32)
+        return jnp.interp(jnp.asarray(level, jnp.float32), self.noise_level(grid), grid)
+
+    def init_noise_scale(self, t):
+        """Scale of the initial noise: 1, as in diffusers (``x_T = noise``)."""
+        del t
+        return jnp.float32(1.0)
+
+    def grid(self, num_steps: int, spacing: str = "trailing", steps_offset: int = 0):
+        """``num_steps + 1`` decreasing timesteps ending at the clean endpoint ``-1``.
+
+        ``spacing`` follows diffusers' ``timestep_spacing``: ``"trailing"`` starts at
+        ``T - 1`` (recommended, Lin et al. 2024), ``"leading"`` is SD's original
+        ``arange(N) * (T // N) + steps_offset``, ``"linspace"`` rounds ``linspace(0, T-1, N)``.
+
+        >>> s = vp_linear()
+        >>> s.grid(4).tolist()
+        [999.0, 749.0, 499.0, 249.0, -1.0]
+        """
+        _check_positive_int("num_steps", num_steps)
+        T = self.num_train_timesteps
+        if num_steps > T:
+            raise ValueError(f"num_steps must be <= num_train_timesteps={T}, got {num_steps}")
+        if spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+        elif spacing == "leading":
+            ts = (np.arange(num_steps) * (T // num_steps))[::-1] + steps_offset
+        elif spacing == "linspace":
+            ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+        else:
+            raise ValueError(
+                f"spacing must be 'trailing', 'leading' or 'linspace', got {spacing!r}"
+            )
+        if ts.max() > T - 1:
+            raise ValueError(f"steps_offset={steps_offset} pushes timesteps past T-1={T - 1}")
+        return jnp.asarray(np.append(ts, -1), jnp.float32)
+
+
+def vp_from_betas(betas, name: str = "vp") -> VPSchedule:
+    """Discrete VP schedule from a beta sequence: ``alphas_cumprod = cumprod(1 - betas)``.
+
+    >>> vp_from_betas(np.full(10, 0.1)).alpha(0.0).round(4)
+    Array(0.9487, dtype=float32)
+    """
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f"betas must be a 1-D array of length >= 2, got shape {betas.shape}")
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError("betas must lie in (0, 1)")
+    # float64 cumprod then float32, as diffusers does (torch.cumprod on float32 betas
+    # differs only in the last ulp; we match the float64 value).
+    return VPSchedule(jnp.asarray(np.cumprod(1.0 - betas), jnp.float32), name)
+
+
+def vp_linear(beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000) -> VPSchedule:
+    """DDPM linear betas (Ho et al. 2020, Sec. 4): ``betas = linspace(beta_start, beta_end, T)``.
+
+    >>> vp_linear().alpha(999.0).round(5)
+    Array(0.00635, dtype=float32)
+    """
+    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+    return vp_from_betas(betas, "vp_linear")
+
+
+def vp_scaled_linear(beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000) -> VPSchedule:
+    """Stable Diffusion's "scaled_linear" betas: ``linspace(sqrt(b0), sqrt(b1), T)**2``.
+
+    >>> vp_scaled_linear().alpha(999.0).round(4)
+    Array(0.0683, dtype=float32)
+    """
+    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
+    return vp_from_betas(betas, "vp_scaled_linear")
+
+
+def vp_cosine(num_train_timesteps=1000, s=0.008, max_beta=0.999) -> VPSchedule:
+    """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17): ``abar(t) = f(t)/f(0)``,
+    ``f(t) = cos((t/T + s)/(1 + s) * pi/2)^2``, betas clipped at ``max_beta``
+    (diffusers' ``squaredcos_cap_v2``).
+
+    >>> float(vp_cosine().alpha(0.0)) > 0.99
+    True
+    """
+    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    T = num_train_timesteps
+
+    def f(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
+    return vp_from_betas(np.asarray(betas), "vp_cosine")
+
+
+def karras_sigmas(num_steps, sigma_min, sigma_max, rho):
+    """Karras et al. (2022) Eq. 5: ``(smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``.
+
+    Returns ``num_steps`` decreasing sigmas (without the final 0). Differentiable in
+    ``sigma_min``, ``sigma_max`` and ``rho``.
+
+    >>> karras_sigmas(18, 0.002, 80.0, 7.0)[:2].round(3)
+    Array([80.   , 57.586], dtype=float32)
+    """
+    _check_positive_int("num_steps", num_steps)
+    if num_steps == 1:
+        return jnp.reshape(jnp.asarray(sigma_max, jnp.float32), (1,))
+    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32)
+    inv_rho = 1.0 / jnp.asarray(rho, jnp.float32)
+    lo = jnp.asarray(sigma_min, jnp.float32) ** inv_rho
+    hi = jnp.asarray(sigma_max, jnp.float32) ** inv_rho
+    return (hi + ramp * (lo - hi)) ** jnp.asarray(rho, jnp.float32)
+
+
+class EDMSchedule(NamedTuple):
+    """Variance-exploding process of Karras et al. (2022): ``alpha = 1``, ``sigma = t``."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    name: str = "edm"
+
+    @property
+    def t_clean(self) -> float:
+        return 0.0
+
+    def alpha(self, t):
+        """``1``, vectorised over ``t``."""
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def sigma(self, t):
+        """``t``, vectorised."""
+        return jnp.asarray(t, jnp.float32)
+
+    def noise_level(self, t):
+        """``sigma / alpha = t``."""
+        return jnp.asarray(t, jnp.float32)
+
+    def t_of_noise_level(self, level):
+        """Identity: the EDM time is the noise level."""
+        return jnp.asarray(level, jnp.float32)
+
+    def init_noise_scale(self, t):
+        """``sigma(t_0)``: Karras Alg. 2 line 1, ``x_0 ~ N(0, sigma_max^2 I)``."""
+        return self.sigma(t)
+
+    def grid(self, num_steps: int):
+        """Karras grid (Eq. 5) plus the final ``t_N = 0``.
+
+        >>> edm().grid(18)[-4:].round(6).tolist()
+        [0.022935, 0.007528, 0.002, 0.0]
+        """
+        s = karras_sigmas(num_steps, self.sigma_min, self.sigma_max, self.rho)
+        return jnp.concatenate([s, jnp.zeros((1,), s.dtype)])
+
+
+def edm(sigma_min=0.002, sigma_max=80.0, rho=7.0) -> EDMSchedule:
+    """EDM / VE process (Karras et al. 2022, Table 1): ``x_t = x0 + t * eps``.
+
+    >>> edm().sigma(3.0)
+    Array(3., dtype=float32)
+    """
+    if _is_concrete(sigma_min) and _is_concrete(sigma_max):
+        if not (0 < float(sigma_min) < float(sigma_max)):
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            )
+    if _is_concrete(rho) and not float(rho) > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    return EDMSchedule(sigma_min, sigma_max, rho)
+
+
+class FlowSchedule(NamedTuple):
+    """Rectified flow: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``."""
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+    name: str = "flow"
+
+    @property
+    def t_clean(self) -> float:
+        return 0.0
+
+    def alpha(self, t):
+        """``1 - t``."""
+        return 1.0 - jnp.asarray(t, jnp.float32)
+
+    def sigma(self, t):
+        """``t``."""
+        return jnp.asarray(t, jnp.float32)
+
+    def noise_level(self, t):
+        """``t / (1 - t)``."""
+        t = jnp.asarray(t, jnp.float32)
+        return t / (1.0 - t)
+
+    def t_of_noise_level(self, level):
+        """``t = level / (1 + level)``."""
+        level = jnp.asarray(level, jnp.float32)
+        return level / (1.0 + level)
+
+    def init_noise_scale(self, t):
+        """1: at ``t = 1`` the process is pure noise."""
+        del t
+        return jnp.float32(1.0)
+
+    def apply_shift(self, s):
+        """SD3 time shift ``s' = k s / (1 + (k - 1) s)`` (Esser et al. 2024, Eq. 23)."""
+        k = jnp.asarray(self.shift, jnp.float32)
+        return k * s / (1.0 + (k - 1.0) * s)
+
+    def grid(self, num_steps: int):
+        """diffusers' ``FlowMatchEulerDiscreteScheduler`` grid, reproduced exactly.
+
+        diffusers builds ``linspace(sigma_max, sigma_min, N)`` from the *already shifted*
+        training sigmas (so ``sigma_min = shift(1/T)``) and then shifts again; we do the
+        same so SD3's 28-step grid matches it.
+
+        >>> flow(shift=3.0).grid(28)[-3:].round(5).tolist()
+        [0.11091, 0.00893, 0.0]
+        """
+        _check_positive_int("num_steps", num_steps)
+        smin = self.apply_shift(jnp.float32(1.0 / self.num_train_timesteps))
+        smax = self.apply_shift(jnp.float32(1.0))
+        s = jnp.linspace(smax, smin, num_steps, dtype=jnp.float32)
+        s = self.apply_shift(s)
+        return jnp.concatenate([s, jnp.zeros((1,), s.dtype)])
+
+
+def flow(shift=1.0, num_train_timesteps=1000) -> FlowSchedule:
+    """Rectified-flow process (Liu et al. 2023; SD3 uses ``shift=3``).
+
+    >>> fl = flow(); float(fl.alpha(0.25)), float(fl.sigma(0.25))
+    (0.75, 0.25)
+    """
+    if _is_concrete(shift) and not float(shift) > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    return FlowSchedule(shift, num_train_timesteps)

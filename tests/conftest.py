@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("jaxdiv", deadline=None, max_examples=20, derandomize=True)
+settings.load_profile("jaxdiv")
+
+
+def random_gmm(key, k=4, d=2, spread=1.5, kind="full"):
+    """A K-component mixture with random means and well-conditioned random covariances."""
+    import toy
+
+    k1, k2, k3 = jax.random.split(key, 3)
+    means = spread * jax.random.normal(k1, (k, d))
+    if kind == "full":
+        a = 0.4 * jax.random.normal(k2, (k, d, d))
+        covs = a @ jnp.swapaxes(a, 1, 2) / max(d / 2, 1) + 0.05 * jnp.eye(d)
+    elif kind == "diag":
+        covs = 0.05 + 0.3 * jax.random.uniform(k2, (k, d))
+    else:
+        covs = 0.05 + 0.3 * jax.random.uniform(k2, (k,))
+    w = jax.random.uniform(k3, (k,), minval=0.5, maxval=1.5)
+    return toy.GaussianMixture(means, covs, w / w.sum())
+
+
+@pytest.fixture(scope="session")
+def gmm2():
+    return random_gmm(jax.random.key(0), k=4, d=2)
+
+
+@pytest.fixture(scope="session")
+def gmm16():
+    return random_gmm(jax.random.key(1), k=4, d=16)

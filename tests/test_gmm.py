@@ -1,0 +1,116 @@
+"""Exact Gaussian-mixture quantities against Monte Carlo, autodiff and quadrature."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_gmm
+
+import toy
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "iso"])
+def test_posterior_mean_equals_monte_carlo(kind):
+    """E[x0 | x_t] by self-normalised importance sampling from the prior."""
+    gm = random_gmm(jax.random.key(3), k=3, d=3, kind=kind)
+    alpha, sigma = 0.8, 0.7
+    # typical points of x_t, so the importance weights are not degenerate
+    x = alpha * gm.sample(jax.random.key(10), 3) + sigma * jax.random.normal(
+        jax.random.key(11), (3, 3)
+    )
+    x0 = gm.sample(jax.random.key(4), 400_000)
+    logw = -jnp.sum((x[:, None, :] - alpha * x0[None]) ** 2, -1) / (2 * sigma**2)
+    w = jax.nn.softmax(logw, axis=1)
+    mc = w @ x0
+    ess = 1.0 / jnp.sum(w**2, axis=1)
+    assert float(ess.min()) > 1000, ess  # the Monte Carlo estimate is meaningful
+    post_var = w @ (x0**2) - mc**2
+    tol = 5 * jnp.sqrt(post_var / ess[:, None])  # 5 Monte Carlo standard errors
+    err = jnp.abs(gm.posterior_mean(x, alpha, sigma) - mc)
+    assert bool(jnp.all(err < tol)), (err, tol)
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "iso"])
+def test_score_tweedie_and_autodiff(kind):
+    gm = random_gmm(jax.random.key(5), k=4, d=5, kind=kind)
+    x = 2 * jax.random.normal(jax.random.key(6), (7, 5))
+    for alpha, sigma in [(1.0, 0.3), (0.5, 0.9), (1.0, 5.0)]:
+        score = gm.score(x, alpha, sigma)
+        tweedie = (alpha * gm.posterior_mean(x, alpha, sigma) - x) / sigma**2
+        auto = jax.vmap(jax.grad(lambda v: gm.log_prob(v[None], alpha, sigma)[0]))(x)
+        np.testing.assert_allclose(score, tweedie, rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(score, auto, rtol=2e-4, atol=2e-4)
+
+
+def test_log_density_normalises_on_a_grid(gmm2):
+    for alpha, sigma in [(1.0, 0.0), (0.8, 0.6), (1.0, 2.0)]:
+        lim = 8 + 4 * sigma
+        g = jnp.linspace(-lim, lim, 801)
+        xx, yy = jnp.meshgrid(g, g)
+        p = jnp.exp(gmm2.log_prob(jnp.stack([xx, yy], -1), alpha, sigma))
+        total = float(p.sum() * (g[1] - g[0]) ** 2)
+        assert abs(total - 1.0) < 2e-3, (alpha, sigma, total)
+
+
+def test_storage_kinds_agree():
+    """diag and iso fast paths equal the full-covariance formula on the same mixture."""
+    d = 4
+    means = jax.random.normal(jax.random.key(7), (3, d))
+    var = jnp.array([0.2, 0.5, 1.0])
+    diag = var[:, None] * jnp.linspace(0.5, 1.5, d)
+    x = jax.random.normal(jax.random.key(8), (6, d))
+    w = jnp.array([0.2, 0.3, 0.5])
+    for compact in (var, diag):
+        a = toy.GaussianMixture(means, compact, w)
+        full = toy.GaussianMixture(means, a.full_covs(), w)
+        for f in ("posterior_mean", "score", "log_prob"):
+            np.testing.assert_allclose(
+                getattr(a, f)(x, 0.7, 0.4), getattr(full, f)(x, 0.7, 0.4), rtol=1e-4, atol=1e-5
+            )
+
+
+def test_sampling_moments(gmm2):
+    x = gmm2.sample(jax.random.key(9), 200_000)
+    np.testing.assert_allclose(x.mean(0), gmm2.mean(), atol=0.02)
+    np.testing.assert_allclose(jnp.cov(x.T), gmm2.covariance(), atol=0.03)
+    _, labels = gmm2.sample(jax.random.key(9), 100_000, return_labels=True)
+    np.testing.assert_allclose(jnp.bincount(labels, length=4) / 1e5, gmm2.weights, atol=0.01)
+
+
+def test_no_batch_by_components_by_dim_squared_arrays(gmm16):
+    """The hot path must never build a (B, K, d, d) array."""
+    x = jnp.zeros((64, 16))
+    jaxpr = jax.make_jaxpr(lambda v: gmm16.posterior_mean(v, 0.5, 0.5))(x)
+    shapes = [tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert (64, 4, 16, 16) not in shapes
+    assert max(int(np.prod(s)) for s in shapes) <= 64 * 4 * 16
+
+
+def test_is_a_pytree_and_differentiable(gmm2):
+    leaves = jax.tree.leaves(gmm2)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    g = jax.grad(lambda m: toy.GaussianMixture(m, gmm2.covs, gmm2.weights).log_prob(
+        jnp.ones((1, 2)))[0])(gmm2.means)  # fmt: skip
+    assert g.shape == gmm2.means.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_bad_input_errors():
+    m = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        toy.GaussianMixture(m, jnp.stack([jnp.eye(2), jnp.diag(jnp.array([1.0, -0.5]))]))
+    with pytest.raises(ValueError, match="symmetric"):
+        toy.GaussianMixture(m, jnp.stack([jnp.eye(2), jnp.array([[1.0, 0.5], [0.0, 1.0]])]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        toy.GaussianMixture(m, jnp.ones(2), jnp.array([0.5, 0.6]))
+    with pytest.raises(ValueError, match="non-negative"):
+        toy.GaussianMixture(m, jnp.ones(2), jnp.array([1.5, -0.5]))
+    with pytest.raises(ValueError, match=r"covs must have shape"):
+        toy.GaussianMixture(m, jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="means must have shape"):
+        toy.GaussianMixture(jnp.zeros(3), jnp.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        toy.GaussianMixture(m.at[0, 0].set(jnp.nan), jnp.ones(2))
+    with pytest.raises(ValueError, match="non-negative variances"):
+        toy.GaussianMixture(m, jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="last dimension"):
+        toy.GaussianMixture(m, jnp.ones(2)).posterior_mean(jnp.ones((3, 5)), 1.0, 1.0)

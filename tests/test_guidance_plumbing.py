@@ -1,0 +1,165 @@
+"""The guidance protocol: hook order, state threading, chain, windows, trace, CFG."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiv
+from jaxdiv import guidance, samplers, schedules
+from jaxdiv.guidance import GuidanceTerm
+
+
+def cond_den(x, t, c):
+    """x0_hat = condition (a denoiser whose output reveals which condition it got)."""
+    return jnp.zeros_like(x) + c
+
+
+def shift_x0(delta):
+    """x0 term adding ``delta``; counts its evaluations in its state."""
+    return GuidanceTerm(
+        lambda x, cond, key: jnp.int32(0),
+        lambda s, x0, ctx: (x0 + delta, s + 1, {"count": s, "level": ctx.noise_level}),
+        "x0",
+    )
+
+
+def scale_cond(factor):
+    return GuidanceTerm(lambda x, c, k: (), lambda s, c, ctx: (c * factor, s, ()), "condition")
+
+
+def test_hook_order_condition_then_denoiser_then_x0():
+    s = samplers.flow_euler(schedules.flow(), 3)
+    c = jnp.ones((2, 2))
+    # chain order is irrelevant across hooks: condition first, then CFG, then x0 terms
+    g = guidance.chain(shift_x0(1.0), guidance.cfg(3.0), scale_cond(2.0))
+    out = jaxdiv.sample(s, cond_den, jnp.zeros((2, 2)), key=jax.random.key(0), cond=c, guidance=g)
+    # D_c = 2, D_u = 0 -> 0 + 3 * 2 = 6, then + 1
+    np.testing.assert_allclose(np.asarray(out.x0), 7.0)
+
+
+def test_x0_terms_apply_in_chain_order():
+    scale = GuidanceTerm(lambda x, c, k: (), lambda s, x0, ctx: (2 * x0, s, ()), "x0")
+    s = samplers.flow_euler(schedules.flow(), 2)
+    c = jnp.ones((1, 1))
+    a = jaxdiv.sample(s, cond_den, jnp.zeros((1, 1)), key=jax.random.key(0), cond=c,
+                      guidance=guidance.chain(shift_x0(1.0), scale)).x0  # fmt: skip
+    b = jaxdiv.sample(s, cond_den, jnp.zeros((1, 1)), key=jax.random.key(0), cond=c,
+                      guidance=guidance.chain(scale, shift_x0(1.0))).x0  # fmt: skip
+    assert float(a[0, 0]) == 4.0 and float(b[0, 0]) == 3.0
+
+
+def test_state_is_threaded_through_every_evaluation_and_returned(gmm2):
+    s = samplers.edm(schedules.edm(), 6)
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((3, 2)), key=jax.random.key(0),
+                        guidance=shift_x0(0.0), trace=True)  # fmt: skip
+    assert int(out.state[0]) == s.nfe == 11
+    # the trace keeps the first evaluation of each step: counts 0, 2, 4, ...
+    np.testing.assert_array_equal(np.asarray(out.trace.info[0]["count"]), [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(np.asarray(out.trace.info[0]["level"]), np.asarray(s.times[:-1]))
+    # continuing from a returned state
+    again = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((3, 2)), key=jax.random.key(0),
+                          guidance=shift_x0(0.0), guidance_state=out.state)  # fmt: skip
+    assert int(again.state[0]) == 22
+
+
+def test_trace_contents(gmm2):
+    s = samplers.ddim(schedules.vp_linear(), 7)
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.ones((5, 2)), key=jax.random.key(0),
+                        trace=True)  # fmt: skip
+    assert out.trace.x.shape == (7, 5, 2) and out.trace.x0_hat.shape == (7, 5, 2)
+    np.testing.assert_array_equal(np.asarray(out.trace.t), np.asarray(s.times[:-1]))
+    np.testing.assert_array_equal(np.asarray(out.trace.x[0]), np.ones((5, 2)))
+    assert out.trace.info == ()
+    assert jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.ones((5, 2)),
+                         key=jax.random.key(0)).trace is None  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: samplers.ddim(schedules.vp_linear(), 20), lambda: samplers.edm(schedules.edm(), 20),
+     lambda: samplers.flow_euler(schedules.flow(), 20)],
+)  # fmt: skip
+def test_window_by_noise_level_means_the_same_on_every_process(make):
+    s = make()
+    lo, hi = 0.5, 4.0
+    out = jaxdiv.sample(s, cond_den, jnp.zeros((2, 1)), key=jax.random.key(0),
+                        cond=jnp.ones((2, 1)),
+                        guidance=guidance.window(shift_x0(1.0), noise_level=(lo, hi)),
+                        trace=True)  # fmt: skip
+    level = np.asarray(s.schedule.noise_level(s.times[:-1]))
+    active = np.asarray(out.trace.info[0].active)
+    np.testing.assert_array_equal(active, (level > lo) & (level <= hi))
+    assert active.any() and not active.all()
+    # inactive steps report zero info
+    counts = np.asarray(out.trace.info[0].inner["count"])
+    assert np.all(counts[~active] == 0)
+
+
+def test_window_by_steps_and_t(gmm2):
+    s = samplers.edm(schedules.edm(), 8)
+    g = guidance.window(shift_x0(0.0), steps=[0, 3, 7])
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((2, 2)), key=jax.random.key(0),
+                        guidance=g, trace=True)  # fmt: skip
+    np.testing.assert_array_equal(np.where(out.trace.info[0].active)[0], [0, 3, 7])
+    # Heun's second evaluation of steps 0 and 3 runs the term too (same step index)
+    assert int(out.state[0]) == 5
+    g = guidance.window(shift_x0(0.0), t=(1.0, 10.0))
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((2, 2)), key=jax.random.key(0),
+                        guidance=g, trace=True)  # fmt: skip
+    t = np.asarray(s.times[:-1])
+    np.testing.assert_array_equal(np.asarray(out.trace.info[0].active), (t > 1) & (t <= 10))
+
+
+def test_window_and_chain_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        guidance.window(shift_x0(1.0))
+    with pytest.raises(ValueError, match="pair"):
+        jaxdiv.sample(samplers.edm(schedules.edm(), 3), cond_den, jnp.zeros((1, 1)),
+                      key=jax.random.key(0), cond=jnp.ones((1, 1)),
+                      guidance=guidance.window(shift_x0(1.0), t=(1.0,)))  # fmt: skip
+    with pytest.raises(ValueError, match="only one can"):
+        guidance.chain(guidance.cfg(2.0), guidance.cfg(3.0))
+    with pytest.raises(ValueError, match="hook"):
+        guidance.chain(GuidanceTerm(None, None, "x_t"))
+    with pytest.raises(TypeError, match="GuidanceTerm"):
+        guidance.chain(shift_x0(1.0), "spell")
+
+
+@pytest.mark.parametrize("w, expected", [(1.0, "cond"), (0.0, "uncond"), (4.0, "mix")])
+def test_cfg_scale_limits(w, expected, gmm2):
+    """scale 1 is the conditional denoiser, scale 0 the unconditional one."""
+
+    def den(x, t, c):  # condition shifts the GMM posterior mean
+        return gmm2.posterior_mean(x, 1.0, t) + c
+
+    s = samplers.edm(schedules.edm(), 6)
+    noise = jax.random.normal(jax.random.key(0), (4, 2))
+    c = jax.random.normal(jax.random.key(1), (4, 2))
+    got = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=c, guidance=guidance.cfg(w)).x0
+    cond_run = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=c).x0
+    uncond_run = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=jnp.zeros_like(c)).x0
+    if expected == "cond":
+        np.testing.assert_allclose(np.asarray(got), np.asarray(cond_run), rtol=1e-5, atol=1e-5)
+    elif expected == "uncond":
+        np.testing.assert_allclose(np.asarray(got), np.asarray(uncond_run), rtol=1e-5, atol=1e-5)
+    else:  # D_u + w (D_c - D_u) = D + w c for this denoiser: a shift of every x0_hat
+        assert float(jnp.abs(got - cond_run).max()) > 1.0
+
+
+def test_cfg_calls_the_model_once_on_a_doubled_batch():
+    seen = []
+
+    def den(x, t, c):
+        seen.append(x.shape)
+        return jnp.zeros_like(x) + c
+
+    null = jnp.full((1, 2), -1.0)
+    out = jaxdiv.sample(samplers.flow_euler(schedules.flow(), 2), den, jnp.zeros((3, 2)),
+                        key=jax.random.key(0), cond=jnp.ones((3, 2)),
+                        guidance=guidance.cfg(2.0, null_cond=null))  # fmt: skip
+    assert set(seen) == {(6, 2)}
+    np.testing.assert_allclose(np.asarray(out.x0), -1.0 + 2.0 * 2.0)
+    with pytest.raises(ValueError, match="needs a condition"):
+        jaxdiv.sample(samplers.flow_euler(schedules.flow(), 2), den, jnp.zeros((3, 2)),
+                      key=jax.random.key(0), guidance=guidance.cfg(2.0))  # fmt: skip
