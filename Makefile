@@ -6,6 +6,8 @@ STAMP := $(VENV)/.jaxdiv-installed
 export JAX_PLATFORMS ?= cpu
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
+# two pytest workers on two cores: one BLAS/OpenMP thread each, or small eigh calls thrash
+TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 .PHONY: demo test lint bench clean-venv
 
@@ -21,13 +23,17 @@ demo: $(STAMP)
 	$(PY) -m experiments.toy_suite
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules tests notebooks jaxdiv toy
+	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules tests notebooks jaxdiv toy
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.toy_sampler
+	$(PY) -m benchmarks.metrics
+	$(PY) -m benchmarks.spell
+	$(PY) -m benchmarks.sd_step
+	$(PY) -m benchmarks.sd_generate
 
 clean-venv:
 	rm -rf $(VENV)

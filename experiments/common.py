@@ -7,10 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+from jaxdiv.metrics import energy_distance  # re-exported for the experiment scripts
 
-__all__ = ["write_json", "save_figure", "energy_distance", "progress"]
+__all__ = ["write_json", "save_figure", "progress", "energy_distance"]
 
 
 def write_json(path, obj):
@@ -30,17 +29,6 @@ def save_figure(fig, path):
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
-
-
-@jax.jit
-def energy_distance(x, y):
-    """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic) between ``(n, d)`` and ``(m, d)``."""
-
-    def mean_dist(a, b):
-        d2 = jnp.sum(a * a, 1)[:, None] - 2 * a @ b.T + jnp.sum(b * b, 1)[None]
-        return jnp.mean(jnp.sqrt(jnp.clip(d2, 1e-12, None)))
-
-    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
 
 
 def progress(msg: str):

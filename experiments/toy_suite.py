@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import jaxdiv  # noqa: E402
 import toy  # noqa: E402
-from experiments.common import energy_distance, progress, save_figure, write_json  # noqa: E402
+from experiments.common import progress, save_figure, write_json  # noqa: E402
 from jaxdiv import samplers, schedules  # noqa: E402
+from jaxdiv.metrics import energy_distance  # noqa: E402
 
 
 def demo_gmm() -> toy.GaussianMixture:

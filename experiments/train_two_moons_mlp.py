@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import optax
 
 import jaxdiv
-from experiments.common import energy_distance, write_json
+from experiments.common import write_json
 from jaxdiv import samplers, schedules
+from jaxdiv.metrics import energy_distance
 from toy.mlp import TWO_MOONS_PARAMS, MLPDenoiser, edm_precond, init_mlp, save_mlp
 from toy.two_moons import two_moons
 

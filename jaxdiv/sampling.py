@@ -135,7 +135,8 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
         raise ValueError(f"noise must have a leading batch dimension >= 1, got shape {noise.shape}")
     if not jnp.issubdtype(noise.dtype, jnp.floating):
         raise TypeError(f"noise must be a floating array, got dtype {noise.dtype}")
-    if not isinstance(noise, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(noise))):
+    # NumPy, not jnp: under an outer jit a captured concrete array must not be staged
+    if not isinstance(noise, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(noise))):
         raise ValueError("noise contains NaN or inf values")
     if key is None:
         raise TypeError("key is required: pass key=jax.random.key(seed)")
@@ -151,7 +152,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
         if not isinstance(leaf, jax.core.Tracer) and jnp.issubdtype(
             jnp.result_type(leaf), jnp.floating
         ):
-            if not bool(jnp.all(jnp.isfinite(jnp.asarray(leaf)))):
+            if not np.all(np.isfinite(np.asarray(leaf))):
                 raise ValueError(f"{name} contains NaN or inf values")
     return noise
 

@@ -18,13 +18,17 @@ def test_posterior_mean_equals_monte_carlo(kind):
     x = alpha * gm.sample(jax.random.key(10), 3) + sigma * jax.random.normal(
         jax.random.key(11), (3, 3)
     )
-    x0 = gm.sample(jax.random.key(4), 400_000)
-    logw = -jnp.sum((x[:, None, :] - alpha * x0[None]) ** 2, -1) / (2 * sigma**2)
-    w = jax.nn.softmax(logw, axis=1)
-    mc = w @ x0
-    ess = 1.0 / jnp.sum(w**2, axis=1)
+
+    @jax.jit
+    def importance_sampling(gm, x):
+        x0 = gm.sample(jax.random.key(4), 400_000)
+        logw = -jnp.sum((x[:, None, :] - alpha * x0[None]) ** 2, -1) / (2 * sigma**2)
+        w = jax.nn.softmax(logw, axis=1)
+        mc = w @ x0
+        return mc, 1.0 / jnp.sum(w**2, axis=1), w @ (x0**2) - mc**2
+
+    mc, ess, post_var = importance_sampling(gm, x)
     assert float(ess.min()) > 1000, ess  # the Monte Carlo estimate is meaningful
-    post_var = w @ (x0**2) - mc**2
     tol = 5 * jnp.sqrt(post_var / ess[:, None])  # 5 Monte Carlo standard errors
     err = jnp.abs(gm.posterior_mean(x, alpha, sigma) - mc)
     assert bool(jnp.all(err < tol)), (err, tol)
@@ -34,10 +38,15 @@ def test_posterior_mean_equals_monte_carlo(kind):
 def test_score_tweedie_and_autodiff(kind):
     gm = random_gmm(jax.random.key(5), k=4, d=5, kind=kind)
     x = 2 * jax.random.normal(jax.random.key(6), (7, 5))
-    for alpha, sigma in [(1.0, 0.3), (0.5, 0.9), (1.0, 5.0)]:
+    @jax.jit
+    def all_three(gm, alpha, sigma):
         score = gm.score(x, alpha, sigma)
         tweedie = (alpha * gm.posterior_mean(x, alpha, sigma) - x) / sigma**2
         auto = jax.vmap(jax.grad(lambda v: gm.log_prob(v[None], alpha, sigma)[0]))(x)
+        return score, tweedie, auto
+
+    for alpha, sigma in [(1.0, 0.3), (0.5, 0.9), (1.0, 5.0)]:
+        score, tweedie, auto = all_three(gm, alpha, sigma)
         np.testing.assert_allclose(score, tweedie, rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(score, auto, rtol=2e-4, atol=2e-4)
 
@@ -60,13 +69,13 @@ def test_storage_kinds_agree():
     diag = var[:, None] * jnp.linspace(0.5, 1.5, d)
     x = jax.random.normal(jax.random.key(8), (6, d))
     w = jnp.array([0.2, 0.3, 0.5])
+    evaluate = jax.jit(lambda g: [getattr(g, f)(x, 0.7, 0.4)
+                                  for f in ("posterior_mean", "score", "log_prob")])  # fmt: skip
     for compact in (var, diag):
         a = toy.GaussianMixture(means, compact, w)
         full = toy.GaussianMixture(means, a.full_covs(), w)
-        for f in ("posterior_mean", "score", "log_prob"):
-            np.testing.assert_allclose(
-                getattr(a, f)(x, 0.7, 0.4), getattr(full, f)(x, 0.7, 0.4), rtol=1e-4, atol=1e-5
-            )
+        for got, want in zip(evaluate(a), evaluate(full)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_sampling_moments(gmm2):

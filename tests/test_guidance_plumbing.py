@@ -111,6 +111,18 @@ def test_window_by_steps_and_t(gmm2):
     np.testing.assert_array_equal(np.asarray(out.trace.info[0].active), (t > 1) & (t <= 10))
 
 
+def test_window_can_be_built_inside_jit(gmm2):
+    s = samplers.edm(schedules.edm(), 4)
+
+    @jax.jit
+    def run(noise):
+        g = guidance.window(shift_x0(0.0), steps=[1, 2])
+        return jaxdiv.sample(s, gmm2.denoiser(s.schedule), noise, key=jax.random.key(0),
+                             guidance=g).state[0]  # fmt: skip
+
+    assert int(run(jnp.zeros((2, 2)))) == 4  # two active steps, two Heun evaluations each
+
+
 def test_window_and_chain_errors():
     with pytest.raises(ValueError, match="at least one"):
         guidance.window(shift_x0(1.0))

@@ -74,6 +74,16 @@ def test_works_under_outer_jit_and_vmap(gmm2):
         np.testing.assert_allclose(np.asarray(out[i]), np.asarray(ref), atol=1e-5)
 
 
+def test_concrete_arrays_captured_by_an_outer_jit(gmm2):
+    s = samplers.ddim(schedules.vp_linear(), 5)
+    noise = jax.random.normal(jax.random.key(0), (4, 2))
+    cond = jnp.ones((4, 1))
+    den = lambda x, t, c: gmm2.posterior_mean(x, s.schedule.alpha(t), s.schedule.sigma(t))
+    got = jax.jit(lambda: jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond).x0)()
+    ref = jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond).x0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+
+
 def test_bad_input_errors(gmm2):
     s = samplers.edm(schedules.edm(), 5)
     den = gmm2.denoiser(s.schedule)

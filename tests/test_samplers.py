@@ -11,8 +11,8 @@ import torch
 
 import jaxdiv
 import toy
-from experiments.common import energy_distance
 from jaxdiv import samplers, schedules
+from jaxdiv.metrics import energy_distance
 
 N_SAMPLES = 4096
 

@@ -5,8 +5,8 @@ import pytest
 
 import jaxdiv
 import toy
-from experiments.common import energy_distance
 from jaxdiv import samplers, schedules
+from jaxdiv.metrics import energy_distance
 
 
 def test_two_moons_geometry():

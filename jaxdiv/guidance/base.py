@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "HOOKS",
@@ -239,11 +240,13 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
         raise ValueError("window needs at least one of t=, noise_level=, steps=")
     step_set = None
     if steps is not None:
-        step_set = jnp.asarray(sorted({int(s) for s in steps}), jnp.int32)
-        if step_set.size == 0:
+        # validated with NumPy so window() can also be built inside a jit trace
+        idx = np.unique(np.asarray(steps, np.int64).ravel())
+        if idx.size == 0:
             raise ValueError("steps must name at least one step index")
-        if int(step_set.min()) < 0:
+        if idx.min() < 0:
             raise ValueError(f"steps must be >= 0, got {steps!r}")
+        step_set = idx.astype(np.int32)
 
     def is_active(ctx):
         on = jnp.asarray(True)

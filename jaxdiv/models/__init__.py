@@ -1,0 +1,73 @@
+"""Flax nnx ports of Stable Diffusion components and their checkpoint loaders."""
+
+from jaxdiv.models.checkpoint import (
+    CheckpointError,
+    assign_params,
+    conv_kernel,
+    linear_kernel,
+    load_component,
+    load_state_dict,
+    read_config,
+    read_model_index,
+)
+from jaxdiv.models.clip import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTextOutput,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    CLIPVisionOutput,
+    clip_image_preprocess,
+    convert_clip_state_dict,
+    load_clip_text,
+    load_clip_tokenizer,
+    load_clip_vision,
+    tokenize,
+)
+from jaxdiv.models.layers import PureModule, pure
+from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig, convert_unet_state_dict, load_unet
+from jaxdiv.models.vae import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    VAEConfig,
+    convert_vae_state_dict,
+    load_vae,
+)
+
+__all__ = [
+    "AutoencoderKL",
+    "DiagonalGaussian",
+    "PureModule",
+    "UNet2DConditionModel",
+    "UNetConfig",
+    "VAEConfig",
+    "convert_unet_state_dict",
+    "convert_vae_state_dict",
+    "load_unet",
+    "load_vae",
+    "pure",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPTextOutput",
+    "CLIPVisionConfig",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
+    "CLIPVisionOutput",
+    "CheckpointError",
+    "assign_params",
+    "clip_image_preprocess",
+    "conv_kernel",
+    "convert_clip_state_dict",
+    "linear_kernel",
+    "load_clip_text",
+    "load_clip_tokenizer",
+    "load_clip_vision",
+    "load_component",
+    "load_state_dict",
+    "read_config",
+    "read_model_index",
+    "tokenize",
+]

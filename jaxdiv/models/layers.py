@@ -1,0 +1,891 @@
+"""Building blocks shared by the Stable Diffusion UNet and VAE ports (Flax nnx).
+
+Each block mirrors the diffusers PyTorch module of the same name (diffusers 0.42:
+``models/resnet.py``, ``attention.py``, ``attention_processor.py``,
+``transformers/transformer_2d.py``, ``embeddings.py``, ``downsampling.py``,
+``upsampling.py``) and keeps its attribute names, so a diffusers state-dict key maps to
+an nnx path by the few explicit rules in :mod:`jaxdiv.models.unet` /
+:mod:`jaxdiv.models.vae`.
+
+Layout: everything in this module is **channels-last** (NHWC images, ``(B, T, C)``
+tokens). The public model classes convert from/to diffusers' NCHW at their boundary.
+
+Precision: every layer takes ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``) and
+``param_dtype`` (storage dtype). Normalisation statistics, the softmax of attention and
+the timestep sinusoids are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "GEGLU",
+    "Attention",
+    "BasicTransformerBlock",
+    "Downsample2D",
+    "FeedForward",
+    "GroupNorm",
+    "PureModule",
+    "ResnetBlock2D",
+    "ACTIVATIONS",
+    "TimestepEmbedding",
+    "Transformer2DModel",
+    "Upsample2D",
+    "conv2d",
+    "convert_torch_weights",
+    "get_activation",
+    "pure",
+    "timestep_embedding",
+]
+
+Dtype = Any
+
+# diffusers activation names -> functions (diffusers.models.activations.get_activation).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Activation function by its diffusers name (``diffusers.models.activations``).
+
+    Args:
+        name: one of ``"silu"``, ``"swish"``, ``"mish"``, ``"gelu"`` (exact erf form, as
+            ``torch.nn.GELU()``), ``"relu"``.
+
+    Returns:
+        The elementwise function.
+
+    Raises:
+        ValueError: unknown name.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(get_activation("silu")(jnp.array(0.0)))
+        0.0
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def conv2d(
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 0,
+    use_bias: bool = True,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """An NHWC ``nnx.Conv`` padded like PyTorch's ``Conv2d(padding=p)``.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        kernel: square kernel size.
+        stride: stride on both axes.
+        padding: symmetric pixels per side, or explicit ``((top, bottom), (left, right))``.
+        use_bias: add a bias.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Returns:
+        The convolution module (kernel layout HWIO).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> c = conv2d(3, 8, 3, padding=1, dtype=None, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        >>> c(jnp.ones((1, 5, 5, 3))).shape
+        (1, 5, 5, 8)
+    """
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nnx.Conv(
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def _linear(
+    cin: int, cout: int, *, use_bias: bool = True, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
+    return nnx.Linear(cin, cout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation over the last (channel) axis, statistics in float32.
+
+    Same grouping as ``torch.nn.GroupNorm`` (contiguous channel groups), biased variance,
+    per-channel affine ``scale``/``bias`` (PyTorch ``weight``/``bias``). Wu & He (2018),
+    Eq. 1-2: ``y = (x - mu_g) / sqrt(var_g + eps) * gamma + beta``.
+
+    Args:
+        num_groups: number of channel groups; must divide ``num_channels``.
+        num_channels: channel count C of inputs ``(B, ..., C)``.
+        eps: variance epsilon.
+        dtype: output dtype (``None``: input dtype).
+        param_dtype: dtype of ``scale`` and ``bias``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> gn = GroupNorm(2, 4)
+        >>> y = gn(jnp.arange(32.0).reshape(1, 2, 4, 4))
+        >>> round(float(y.mean()), 6), y.shape
+        (0.0, (1, 2, 4, 4))
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        *,
+        eps: float = 1e-5,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        if num_groups <= 0 or num_channels % num_groups:
+            raise ValueError(
+                f"num_groups must be a positive divisor of num_channels={num_channels}, "
+                f"got {num_groups}"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.dtype or x.dtype
+        b, c = x.shape[0], x.shape[-1]
+        xg = x.astype(jnp.float32).reshape(b, -1, self.num_groups, c // self.num_groups)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal timestep features, as diffusers ``get_timestep_embedding``.
+
+    ``freqs_j = exp(-log(max_period) * j / (dim/2 - freq_shift))``; features are
+    ``[sin(t*freqs), cos(t*freqs)]`` (or ``[cos, sin]`` with ``flip_sin_to_cos``), zero
+    padded to odd ``dim``. Ho et al. (2020) App. B / Vaswani et al. (2017) Sec. 3.5.
+
+    Args:
+        timesteps: ``(B,)`` (fractional allowed).
+        dim: feature dimension.
+        flip_sin_to_cos: put the cosines first (SD: ``True``).
+        freq_shift: ``downscale_freq_shift`` (SD: 0).
+        scale: multiplies ``t * freqs``.
+        max_period: the base period.
+
+    Returns:
+        ``(B, dim)`` float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> e = timestep_embedding(jnp.array([0.0]), 4, flip_sin_to_cos=True, freq_shift=0)
+        >>> e.tolist()
+        [[1.0, 1.0, 0.0, 0.0]]
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be 1-d (B,), got shape {timesteps.shape}")
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = scale * timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """Two-layer MLP on timestep features (``linear_1`` -> act -> ``linear_2``).
+
+    Args:
+        in_channels: input feature dimension.
+        time_embed_dim: hidden and output dimension.
+        act_fn: activation name, see :func:`get_activation`.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> te = TimestepEmbedding(8, 16, rngs=nnx.Rngs(0))
+        >>> te(jnp.zeros((2, 8))).shape
+        (2, 16)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        *,
+        act_fn: str = "silu",
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = _linear(in_channels, time_embed_dim, **kw)
+        self.linear_2 = _linear(time_embed_dim, time_embed_dim, **kw)
+        self.act_fn = act_fn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(get_activation(self.act_fn)(self.linear_1(x)))
+
+
+class ResnetBlock2D(nnx.Module):
+    """Pre-activation residual block with an additive timestep embedding.
+
+    ``h = conv1(act(norm1(x))) + time_emb_proj(act(temb))``;
+    ``out = (shortcut(x) + conv2(act(norm2(h)))) / output_scale_factor``
+    (diffusers ``ResnetBlock2D``, ``time_embedding_norm="default"``; Ho et al. 2020 App. B).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (a 1x1 ``conv_shortcut`` is added when they differ).
+        temb_channels: timestep-embedding width, or ``None`` for no embedding (VAE).
+        groups: groups of ``norm1``.
+        groups_out: groups of ``norm2`` (default ``groups``).
+        eps: GroupNorm epsilon.
+        act_fn: activation name.
+        output_scale_factor: divides the output.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> blk = ResnetBlock2D(8, 16, temb_channels=4, groups=4, rngs=nnx.Rngs(0))
+        >>> blk(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 4))).shape
+        (1, 5, 5, 16)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        *,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        eps: float = 1e-6,
+        act_fn: str = "silu",
+        output_scale_factor: float = 1.0,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        out_channels = in_channels if out_channels is None else out_channels
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        nkw = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = GroupNorm(groups, in_channels, **nkw)
+        self.conv1 = conv2d(in_channels, out_channels, 3, padding=1, **kw)
+        self.time_emb_proj = (
+            _linear(temb_channels, out_channels, **kw) if temb_channels is not None else None
+        )
+        self.norm2 = GroupNorm(groups_out or groups, out_channels, **nkw)
+        self.conv2 = conv2d(out_channels, out_channels, 3, padding=1, **kw)
+        self.conv_shortcut = (
+            conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+        )
+        self.act_fn = act_fn
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        act = get_activation(self.act_fn)
+        h = self.conv1(act(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(act(temb))[:, None, None, :]
+        h = self.conv2(act(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nnx.Module):
+    """Strided 3x3 convolution halving height and width (diffusers ``Downsample2D``).
+
+    ``padding=1`` pads one pixel on every side (UNet); ``padding=0`` pads one pixel on
+    the bottom and right only, as diffusers does before its unpadded conv (VAE encoder).
+
+    Args:
+        channels: input channels.
+        out_channels: output channels (default ``channels``).
+        padding: 1 or 0, as the diffusers argument.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> Downsample2D(4, padding=0, rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 4))).shape
+        (1, 4, 4, 4)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        *,
+        padding: int = 1,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if padding not in (0, 1):
+            raise ValueError(f"padding must be 0 or 1, got {padding!r}")
+        pad = ((padding, padding),) * 2 if padding else ((0, 1), (0, 1))
+        self.conv = conv2d(
+            channels,
+            out_channels or channels,
+            3,
+            stride=2,
+            padding=pad,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+def _nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """``torch.nn.functional.interpolate(mode="nearest")``: src = floor(dst * in / out)."""
+    h, w = x.shape[1], x.shape[2]
+    if size == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(size[0]) * (h / size[0])).astype(jnp.int32)
+    cols = (jnp.arange(size[1]) * (w / size[1])).astype(jnp.int32)
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (diffusers ``Upsample2D``).
+
+    Args:
+        channels: input channels.
+        out_channels: output channels (default ``channels``).
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> Upsample2D(4, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 3, 4))).shape
+        (1, 6, 6, 4)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        *,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = conv2d(
+            channels,
+            out_channels or channels,
+            3,
+            padding=1,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        size = (2 * x.shape[1], 2 * x.shape[2]) if output_size is None else tuple(output_size)
+        return self.conv(_nearest_resize(x, size))
+
+
+class Attention(nnx.Module):
+    """Multi-head (self or cross) attention, as diffusers ``Attention`` + ``AttnProcessor2_0``.
+
+    ``softmax(Q K^T / sqrt(d_head)) V`` per head (Vaswani et al. 2017, Eq. 1), computed by
+    :func:`jax.nn.dot_product_attention` so GPU backends may use a fused kernel; logits
+    and softmax are float32 in both of its implementations.
+
+    With ``norm_num_groups`` this is the VAE's single-head spatial attention block: a
+    GroupNorm on the input, a residual connection and ``rescale_output_factor`` (the
+    ``_from_deprecated_attn_block`` configuration).
+
+    Args:
+        query_dim: channels of the queries (and of the output).
+        heads: number of heads.
+        dim_head: channels per head.
+        cross_attention_dim: channels of the context (``None``: self-attention).
+        bias: bias on ``to_q``/``to_k``/``to_v``.
+        out_bias: bias on ``to_out``.
+        upcast_attention: diffusers' SD2.x flag against fp16 overflow of ``Q K^T``; here
+            float16 queries/keys are cast to float32 (bfloat16 has float32's range and the
+            logits are accumulated in float32 anyway).
+        norm_num_groups: groups of the input GroupNorm (``None``: no norm).
+        eps: GroupNorm epsilon.
+        residual_connection: add the input to the output.
+        rescale_output_factor: divides the output.
+        implementation: passed to :func:`jax.nn.dot_product_attention` (``None``,
+            ``"xla"`` or ``"cudnn"``).
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> attn = Attention(8, heads=2, dim_head=4, cross_attention_dim=6, rngs=nnx.Rngs(0))
+        >>> attn(jnp.ones((1, 5, 8)), jnp.ones((1, 3, 6))).shape
+        (1, 5, 8)
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        bias: bool = False,
+        out_bias: bool = True,
+        upcast_attention: bool = False,
+        norm_num_groups: int | None = None,
+        eps: float = 1e-5,
+        residual_connection: bool = False,
+        rescale_output_factor: float = 1.0,
+        implementation: str | None = None,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * dim_head
+        kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.group_norm = (
+            GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype, param_dtype=param_dtype)
+            if norm_num_groups is not None
+            else None
+        )
+        self.to_q = _linear(query_dim, inner, use_bias=bias, **kw)
+        self.to_k = _linear(kv_dim, inner, use_bias=bias, **kw)
+        self.to_v = _linear(kv_dim, inner, use_bias=bias, **kw)
+        self.to_out = _linear(inner, query_dim, use_bias=out_bias, **kw)
+        self.heads = heads
+        self.dim_head = dim_head
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+        self.implementation = implementation
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        residual = x
+        shape = x.shape
+        if x.ndim == 4:
+            x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
+        if self.group_norm is not None:
+            x = self.group_norm(x)
+        context = x if context is None else context
+        b, t, s = x.shape[0], x.shape[1], context.shape[1]
+        q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
+        k = self.to_k(context).reshape(b, s, self.heads, self.dim_head)
+        v = self.to_v(context).reshape(b, s, self.heads, self.dim_head)
+        out_dtype = q.dtype
+        if self.upcast_attention and q.dtype == jnp.float16:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            v = v.astype(jnp.float32)
+        h = jax.nn.dot_product_attention(
+            q, k, v, scale=self.dim_head**-0.5, implementation=self.implementation
+        )
+        h = self.to_out(h.astype(out_dtype).reshape(b, t, self.heads * self.dim_head))
+        h = h.reshape(shape[:-1] + (h.shape[-1],))
+        if self.residual_connection:
+            h = h + residual
+        if self.rescale_output_factor != 1.0:
+            h = h / self.rescale_output_factor
+        return h
+
+
+class GEGLU(nnx.Module):
+    """Gated GELU projection: ``a * gelu(g)`` with ``[a, g] = proj(x)`` (Shazeer 2020, Eq. 5).
+
+    Args:
+        dim_in: input channels.
+        dim_out: output channels (``proj`` maps to ``2 * dim_out``).
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> GEGLU(4, 6, rngs=nnx.Rngs(0))(jnp.ones((2, 4))).shape
+        (2, 6)
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        *,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.proj = _linear(dim_in, 2 * dim_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """Transformer MLP ``proj_out(GEGLU(x))`` with hidden width ``mult * dim``.
+
+    diffusers keeps these as ``net.0`` (GEGLU) and ``net.2`` (output linear); here they are
+    ``geglu`` and ``proj_out``.
+
+    Args:
+        dim: input and output channels.
+        mult: hidden-width multiplier.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> FeedForward(4, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 4))).shape
+        (1, 3, 4)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: int = 4,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        inner = int(dim * mult)
+        self.geglu = GEGLU(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_out = _linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj_out(self.geglu(x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-LN transformer block: self-attention, cross-attention, GEGLU MLP.
+
+    ``x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x))``
+    (diffusers ``BasicTransformerBlock`` with ``norm_type="layer_norm"``; Rombach et al.
+    2022, Sec. 3.3 / App. "conditioning via cross-attention").
+
+    Args:
+        dim: token channels.
+        num_attention_heads: heads.
+        attention_head_dim: channels per head.
+        cross_attention_dim: channels of the context tokens.
+        upcast_attention: see :class:`Attention`.
+        norm_eps: LayerNorm epsilon.
+        attention_implementation: see :class:`Attention`.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> blk = BasicTransformerBlock(8, 2, 4, cross_attention_dim=6, rngs=nnx.Rngs(0))
+        >>> blk(jnp.ones((1, 5, 8)), jnp.ones((1, 3, 6))).shape
+        (1, 5, 8)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        *,
+        cross_attention_dim: int,
+        upcast_attention: bool = False,
+        norm_eps: float = 1e-5,
+        attention_implementation: str | None = None,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        akw = dict(
+            heads=num_attention_heads,
+            dim_head=attention_head_dim,
+            upcast_attention=upcast_attention,
+            implementation=attention_implementation,
+            **kw,
+        )
+        ln = dict(epsilon=norm_eps, use_fast_variance=False, **kw)
+        self.norm1 = nnx.LayerNorm(dim, **ln)
+        self.attn1 = Attention(dim, **akw)
+        self.norm2 = nnx.LayerNorm(dim, **ln)
+        self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **akw)
+        self.norm3 = nnx.LayerNorm(dim, **ln)
+        self.ff = FeedForward(dim, **kw)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer: GroupNorm, project in, transformer blocks, project out, residual.
+
+    ``use_linear_projection=False`` (SD 1.x) uses 1x1 convolutions for ``proj_in`` /
+    ``proj_out``, ``True`` (SD 2.x) linear layers; both act per pixel, so on NHWC data they
+    differ only in the kernel's shape (diffusers ``Transformer2DModel``, continuous input).
+
+    Args:
+        num_attention_heads: heads.
+        attention_head_dim: channels per head (inner width = heads * head dim).
+        in_channels: channels of the feature map.
+        cross_attention_dim: channels of the context tokens.
+        num_layers: number of :class:`BasicTransformerBlock`.
+        norm_num_groups: GroupNorm groups (epsilon is 1e-6, as in diffusers).
+        use_linear_projection: linear instead of 1x1 conv projections.
+        upcast_attention: see :class:`Attention`.
+        attention_implementation: see :class:`Attention`.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        rngs: initialisation keys.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> tr = Transformer2DModel(2, 4, 8, cross_attention_dim=6, norm_num_groups=4,
+        ...                         rngs=nnx.Rngs(0))
+        >>> tr(jnp.ones((1, 3, 3, 8)), jnp.ones((1, 5, 6))).shape
+        (1, 3, 3, 8)
+    """
+
+    def __init__(
+        self,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        in_channels: int,
+        *,
+        cross_attention_dim: int,
+        num_layers: int = 1,
+        norm_num_groups: int = 32,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        attention_implementation: str | None = None,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        inner = num_attention_heads * attention_head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(
+            norm_num_groups, in_channels, eps=1e-6, dtype=dtype, param_dtype=param_dtype
+        )
+        if use_linear_projection:
+            self.proj_in = _linear(in_channels, inner, **kw)
+            self.proj_out = _linear(inner, in_channels, **kw)
+        else:
+            self.proj_in = conv2d(in_channels, inner, 1, **kw)
+            self.proj_out = conv2d(inner, in_channels, 1, **kw)
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(
+                    inner,
+                    num_attention_heads,
+                    attention_head_dim,
+                    cross_attention_dim=cross_attention_dim,
+                    upcast_attention=upcast_attention,
+                    attention_implementation=attention_implementation,
+                    **kw,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        # Both projection kinds act per pixel on NHWC, so one code path serves both.
+        hid = self.proj_in(self.norm(x))
+        hid = hid.reshape(b, h * w, hid.shape[-1])
+        for block in self.transformer_blocks:
+            hid = block(hid, context)
+        hid = self.proj_out(hid.reshape(b, h, w, hid.shape[-1]))
+        return hid + x
+
+
+_LINEAR_ONLY = frozenset({"to_q", "to_k", "to_v", "to_out"})
+
+
+def convert_torch_weights(
+    state_dict: dict[str, Any],
+    *,
+    renames: tuple[tuple[str, str], ...] = (),
+    linear_modules: Callable[[str], bool] = lambda module: False,
+    conv_modules: Callable[[str], bool] = lambda module: False,
+) -> dict[str, Any]:
+    """Map a diffusers state dict to ``{nnx_path: array}`` for the modules of this package.
+
+    Rules, applied to every tensor:
+
+    1. ``renames``: ``(old, new)`` substrings replaced in ``"." + key`` (in order), e.g.
+       ``(".to_out.0.", ".to_out.")``.
+    2. ``bias`` keeps its name and layout.
+    3. ``weight`` of rank 1 is a norm affine scale -> ``scale``.
+    4. ``weight`` of a module whose name is ``to_q/to_k/to_v/to_out``, or for which
+       ``linear_modules(module_path)`` is true, is a linear weight (a ``(out, in, 1, 1)``
+       1x1-conv weight is squeezed) -> ``kernel`` ``(in, out)``.
+    5. ``weight`` for which ``conv_modules(module_path)`` is true is a conv weight (a 2-d
+       linear weight becomes a 1x1 conv) -> ``kernel`` ``(kH, kW, in, out)``.
+    6. any other ``weight``: rank 4 -> conv kernel (OIHW -> HWIO), rank 2 -> linear
+       kernel (transposed).
+
+    Args:
+        state_dict: PyTorch names -> numpy arrays.
+        renames: ordered substring renames.
+        linear_modules: predicate on the renamed module path forcing rule 4.
+        conv_modules: predicate on the renamed module path forcing rule 5.
+
+    Returns:
+        nnx path -> numpy array.
+
+    Raises:
+        ValueError: a tensor whose name or rank fits none of the rules.
+
+    Example:
+        >>> import numpy as np
+        >>> sd = {"a.to_out.0.weight": np.zeros((3, 2)), "a.norm.weight": np.ones(3)}
+        >>> out = convert_torch_weights(sd, renames=((".to_out.0.", ".to_out."),))
+        >>> sorted((k, v.shape) for k, v in out.items())
+        [('a.norm.scale', (3,)), ('a.to_out.kernel', (2, 3))]
+    """
+    from jaxdiv.models.checkpoint import conv_kernel, linear_kernel
+
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = "." + key
+        for old, new in renames:
+            name = name.replace(old, new)
+        name = name[1:]
+        module, _, leaf = name.rpartition(".")
+        arr = value
+        if leaf == "bias":
+            out[name] = arr
+            continue
+        if leaf != "weight":
+            raise ValueError(f"state_dict: tensor {key!r} is neither a weight nor a bias")
+        ndim = len(arr.shape)
+        last = module.rpartition(".")[2]
+        if ndim == 1:
+            out[module + ".scale"] = arr
+        elif last in _LINEAR_ONLY or linear_modules(module):
+            out[module + ".kernel"] = linear_kernel(arr)
+        elif conv_modules(module):
+            w = arr[:, :, None, None] if ndim == 2 else arr
+            out[module + ".kernel"] = conv_kernel(w)
+        elif ndim == 4:
+            out[module + ".kernel"] = conv_kernel(arr)
+        elif ndim == 2:
+            out[module + ".kernel"] = linear_kernel(arr)
+        else:
+            raise ValueError(
+                f"state_dict: tensor {key!r} has rank {ndim}; expected 1 (norm), 2 (linear) "
+                "or 4 (conv)"
+            )
+    return out
+
+
+class PureModule(NamedTuple):
+    """A module split into a pure function and its parameter pytree (see :func:`pure`)."""
+
+    apply: Callable[..., Any]
+    params: Any
+
+
+def pure(module: nnx.Module, method: str = "__call__") -> PureModule:
+    """Split an nnx module into ``apply(params, *args, **kwargs)`` and ``params``.
+
+    ``apply`` is a pure function of its arguments, so it can be ``jax.jit``-ed,
+    differentiated (w.r.t. inputs or params) and ``vmap``-ped; ``params`` is the module's
+    state pytree (swap in bf16/sharded copies freely).
+
+    Args:
+        module: an nnx module.
+        method: name of the method ``apply`` calls (e.g. ``"decode"`` on the VAE).
+
+    Returns:
+        ``PureModule(apply, params)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> lin = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+        >>> f = pure(lin)
+        >>> y = jax.jit(f.apply)(f.params, jnp.ones((3, 2)))
+        >>> bool(jnp.allclose(y, lin(jnp.ones((3, 2)))))
+        True
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be an nnx.Module, got {type(module).__name__}")
+    if not callable(getattr(module, method, None)):
+        raise ValueError(f"method must name a method of {type(module).__name__}, got {method!r}")
+    graphdef, params = nnx.split(module)
+
+    def apply(params: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(nnx.merge(graphdef, params), method)(*args, **kwargs)
+
+    return PureModule(apply, params)

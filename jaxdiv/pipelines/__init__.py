@@ -1,0 +1,10 @@
+"""Model + tokenizer + schedule glue for real checkpoints, plugged into :func:`jaxdiv.sample`.
+
+* :mod:`jaxdiv.pipelines.stable_diffusion` -- Stable Diffusion 1.x / 2.x from a local
+  diffusers folder (:func:`~jaxdiv.pipelines.stable_diffusion.load`).
+"""
+
+from jaxdiv.pipelines import stable_diffusion
+from jaxdiv.pipelines.stable_diffusion import Bound, StableDiffusion
+
+__all__ = ["Bound", "StableDiffusion", "stable_diffusion"]

@@ -1,0 +1,171 @@
+"""PRDC and improved precision/recall: the `prdc` reference package, an independent NumPy
+implementation of Kynkaanniemi et al., exact expectations for identical distributions,
+tie conventions, blockwise memory, bad input."""
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prdc import compute_prdc
+from scipy.spatial.distance import cdist
+
+from jaxdiv import metrics
+
+
+def _reference_prdc(real, fake, k):
+    with contextlib.redirect_stdout(io.StringIO()):  # compute_prdc prints sample counts
+        ref = compute_prdc(real, fake, nearest_k=k)
+    return [ref[name] for name in ("precision", "recall", "density", "coverage")]
+
+
+def _numpy_improved_pr(real, fake, k):
+    """Kynkaanniemi et al. 2019 in float64: squared distances, k-th neighbour radii
+    (self excluded via the partition index k, self sits at index 0), membership <=."""
+    d_rr, d_ff, d_rf = (cdist(a, b, "sqeuclidean") for a, b in
+                        ((real, real), (fake, fake), (real, fake)))
+    r_real = np.partition(d_rr, k, axis=1)[:, k]
+    r_fake = np.partition(d_ff, k, axis=1)[:, k]
+    precision = (d_rf <= r_real[:, None]).any(axis=0).mean()
+    recall = (d_rf <= r_fake[None, :]).any(axis=1).mean()
+    return precision, recall
+
+
+@pytest.mark.parametrize(
+    "n,m,d,k,block",
+    [(60, 45, 6, 5, None), (37, 50, 16, 3, 8), (50, 50, 3, 1, 7)],
+)
+def test_matches_prdc_package(n, m, d, k, block):
+    rng = np.random.default_rng(n + m + d)
+    real = rng.normal(size=(n, d)).astype(np.float32)
+    fake = (1.2 * rng.normal(size=(m, d)) + 0.3).astype(np.float32)
+    ours = metrics.prdc(real, fake, k=k, block_size=block)
+    np.testing.assert_allclose([float(v) for v in ours], _reference_prdc(real, fake, k),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("n,m,d,k,block", [(60, 45, 6, 3, None), (37, 50, 16, 5, 8)])
+def test_improved_precision_recall_matches_numpy(n, m, d, k, block):
+    rng = np.random.default_rng(7 * n + d)
+    real = rng.normal(size=(n, d))
+    fake = 1.1 * rng.normal(size=(m, d)) + 0.2
+    ours = metrics.precision_recall(real.astype(np.float32), fake.astype(np.float32), k=k,
+                                    block_size=block)
+    np.testing.assert_allclose([float(v) for v in ours], _numpy_improved_pr(real, fake, k),
+                               atol=1e-6)
+
+
+def test_tie_conventions_strict_vs_inclusive():
+    # Integer points, k = 1: every real radius is exactly 1. Fake 10 sits at distance 1
+    # from real 9: inside with `<=` (improved P/R), outside with `<` (PRDC).
+    real = np.arange(10, dtype=np.float32)[:, None]
+    fake = np.array([[10.0], [11.0], [12.0]], np.float32)
+    assert float(metrics.precision_recall(real, fake, k=1).precision) == pytest.approx(1 / 3)
+    assert float(metrics.prdc(real, fake, k=1).precision) == 0.0
+    assert _reference_prdc(real, fake, 1)[0] == 0.0  # the reference agrees on `<`
+
+
+def test_ties_and_duplicates_match_references():
+    # Small-integer data: many duplicates and exactly tied distances, where `<` vs `<=`
+    # and self-exclusion decide the result. 32 real rows keep the real-mean shift dyadic,
+    # so every squared distance stays exact in float32 (as in the float64 references).
+    rng = np.random.default_rng(11)
+    real = rng.integers(0, 4, size=(32, 2)).astype(np.float32)
+    fake = rng.integers(0, 5, size=(24, 2)).astype(np.float32)
+    for k in (1, 3):
+        ours = metrics.prdc(real, fake, k=k)
+        np.testing.assert_allclose([float(v) for v in ours], _reference_prdc(real, fake, k),
+                                   atol=1e-6)
+        ours_pr = metrics.precision_recall(real, fake, k=k)
+        np.testing.assert_allclose([float(v) for v in ours_pr],
+                                   _numpy_improved_pr(real.astype(float), fake.astype(float), k),
+                                   atol=1e-6)
+
+
+def test_duplicated_fake_samples_have_zero_radius():
+    # Memorised samples: each fake point repeated k+ times -> fake radii 0 -> recall 0
+    # with `<` (the reference agrees), although the points lie on the real support.
+    rng = np.random.default_rng(12)
+    real = (rng.normal(size=(60, 8)) + 5.0).astype(np.float32)
+    fake = np.repeat(real[:10] + 0.01, 6, axis=0)
+    ref = _reference_prdc(real, fake, 5)
+    ours = [float(v) for v in metrics.prdc(real, fake, k=5)]
+    assert ours[1] == ref[1] == 0.0
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_identical_sets():
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    res = metrics.prdc(x, x, k=5)
+    assert float(res.precision) == 1.0 and float(res.recall) == 1.0
+    assert float(res.coverage) == 1.0
+    assert [float(v) for v in metrics.precision_recall(x, x)] == [1.0, 1.0]
+
+
+def _expected_coverage(n, m, k):
+    # Exchangeability: a real ball contains no fake sample iff its k nearest among the
+    # other n - 1 real and m fake points are all real.
+    return 1.0 - np.prod([(n - 1 - i) / (n - 1 + m - i) for i in range(k)])
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([3, 5]))
+def test_property_identical_distributions(seed, k):
+    # Naeem et al. (2020): for identical distributions E[density] = 1 exactly and
+    # E[coverage] = 1 - prod_i (n-1-i)/(n-1+m-i) ~ 1 - 2^-k.
+    n = m = 1500
+    key_r, key_f = jax.random.split(jax.random.key(seed))
+    real = jax.random.normal(key_r, (n, 4))
+    fake = jax.random.normal(key_f, (m, 4))
+    res = metrics.prdc(real, fake, k=k)
+    assert float(res.density) == pytest.approx(1.0, abs=0.08)
+    assert float(res.coverage) == pytest.approx(_expected_coverage(n, m, k), abs=0.03)
+    assert _expected_coverage(n, m, k) == pytest.approx(1 - 2.0**-k, abs=2e-3)
+
+
+def test_blockwise_memory_for_50k():
+    # XLA's buffer plan for 50k x 50k in 64-D: a full distance matrix would be 10 GB.
+    shape = jax.ShapeDtypeStruct((50_000, 64), jnp.float32)
+    compiled = jax.jit(metrics.prdc).lower(shape, shape).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 512 * 2**20
+
+
+def test_jit_vmap_and_block_size_invariance():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(2, 30, 5)).astype(np.float32)
+    fake = rng.normal(size=(2, 30, 5)).astype(np.float32)
+    batched = jax.vmap(lambda r, f: metrics.prdc(r, f, k=3))(real, fake)
+    for i in range(2):
+        eager = metrics.prdc(real[i], fake[i], k=3, block_size=30)
+        tiny_blocks = metrics.prdc(real[i], fake[i], k=3, block_size=4)
+        for a, b, c in zip(eager, tiny_blocks, batched, strict=True):
+            assert float(a) == float(b) == float(c[i])
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: metrics.prdc(np.ones((10, 3)), np.ones((10, 4))), ValueError,
+         "`real` and `fake` must have the same feature dimension"),
+        (lambda: metrics.prdc(np.ones((5, 3)), np.ones((10, 3)), k=5), ValueError,
+         "`real` needs at least 6 samples"),
+        (lambda: metrics.precision_recall(np.ones((10, 3)), np.ones((3, 3)), k=3), ValueError,
+         "`fake` needs at least 4 samples"),
+        (lambda: metrics.prdc(np.ones((10, 3)), np.full((10, 3), np.nan)), ValueError,
+         "`fake` contains 30 non-finite"),
+        (lambda: metrics.prdc(np.ones(10), np.ones((10, 3))), ValueError, "`real` must be a 2-D"),
+        (lambda: metrics.prdc(np.ones((10, 3)), np.ones((10, 3)), k=0), ValueError,
+         "`k` must be >= 1"),
+        (lambda: metrics.prdc(np.ones((10, 3)), np.ones((10, 3)), k=2.0), TypeError,
+         "`k` must be a Python int"),
+        (lambda: metrics.prdc(np.ones((10, 3)), np.ones((10, 3)), block_size=0), ValueError,
+         "`block_size` must be >= 1"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

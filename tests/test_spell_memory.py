@@ -1,0 +1,125 @@
+"""SPELL's previous-batch shields: the shield memory and ``spell_batched``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiv
+import toy
+from jaxdiv import guidance, samplers, schedules
+from jaxdiv.guidance.shield_memory import memory_vectors, spell_batched
+from jaxdiv.guidance.spell import SpellState, spell
+
+SCH = schedules.edm()
+SMP = samplers.edm(SCH, 8)
+GM = toy.GaussianMixture(jnp.zeros((1, 2)), jnp.array([0.05**2]))
+DEN = GM.denoiser(SCH)
+
+
+def _dist(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a[:, None] - b[None], axis=-1)
+
+
+def test_batches_share_one_compile_and_memory_holds_the_outputs():
+    noise = jax.random.normal(jax.random.key(0), (8, 2))
+    before = jaxdiv.sampling._run._cache_size()
+    out = spell_batched(SMP, DEN, noise, key=jax.random.key(1), radius=0.1, batch_size=2)
+    assert jaxdiv.sampling._run._cache_size() - before <= 1
+    state = out.state[-1]
+    assert isinstance(state, SpellState) and int(state.count) == 8
+    np.testing.assert_array_equal(np.asarray(memory_vectors(state)), np.asarray(out.x0))
+    # a second call with the same configuration reuses the program
+    spell_batched(SMP, DEN, noise, key=jax.random.key(2), radius=0.2, batch_size=2)
+    assert jaxdiv.sampling._run._cache_size() - before <= 1
+
+
+def test_one_by_one_second_sample_avoids_the_first():
+    """Fig. 6 setting with B = 1: sample 2's only shield is sample 1, so it ends >= r away,
+    while the unguided second sample (same noise and key) is much closer. Sample 1 has no
+    shield yet: bitwise identical to the unguided first sample."""
+    r = 0.15
+    den = toy.GaussianMixture(jnp.zeros((1, 2)), jnp.array([0.01**2])).denoiser(SCH)
+    noise = jax.random.normal(jax.random.key(3), (2, 2))
+    out = spell_batched(SMP, den, noise, key=jax.random.key(4), radius=r, batch_size=1,
+                        intra_batch=False)  # fmt: skip
+    keys = [jax.random.fold_in(jax.random.key(4), j) for j in range(2)]
+    plain = [jaxdiv.sample(SMP, den, noise[j : j + 1], key=keys[j]).x0 for j in range(2)]
+    np.testing.assert_array_equal(np.asarray(out.x0[:1]), np.asarray(plain[0]))
+    assert _dist(plain[1], plain[0])[0, 0] < 0.5 * r
+    assert _dist(out.x0[1:], out.x0[:1])[0, 0] >= r * (1 - 1e-5)
+
+
+def test_later_batches_are_pushed_away_from_earlier_ones(record_property):
+    """24 samples in batches of 4 from a tight blob: the share of samples with an earlier
+    output closer than r drops (not to 0: memory shields overlap, see test_spell.py)."""
+    r = 0.08
+    noise = jax.random.normal(jax.random.key(5), (24, 2))
+    key = jax.random.key(6)
+    guided = spell_batched(SMP, DEN, noise, key=key, radius=r, batch_size=4).x0
+    plain = jnp.concatenate([
+        jaxdiv.sample(SMP, DEN, noise[4 * j : 4 * j + 4], key=jax.random.fold_in(key, j)).x0
+        for j in range(6)
+    ])  # fmt: skip
+
+    def share(x):
+        d = _dist(x, x)
+        earlier = np.tril(np.ones_like(d, bool), -1)
+        close = np.any((d < r * (1 - 1e-5)) & earlier, axis=1)
+        return float(close[4:].mean())
+
+    rates = {"unguided": share(plain), "spell": share(guided)}
+    record_property("share_close_to_earlier", rates)
+    assert rates["unguided"] > 0.5
+    assert rates["spell"] < 0.5 * rates["unguided"]
+
+
+def test_ring_buffer_keeps_the_latest_outputs():
+    noise = jax.random.normal(jax.random.key(7), (6, 2))
+    out = spell_batched(SMP, DEN, noise, key=jax.random.key(8), radius=0.1, batch_size=2,
+                        memory_size=4)  # fmt: skip
+    mem = memory_vectors(out.state[-1])
+    np.testing.assert_array_equal(np.asarray(mem), np.asarray(out.x0[2:]))
+
+
+def test_guidance_state_continues_a_previous_call():
+    """spell_batched == the same sample() calls chained through guidance_state by hand."""
+    noise = jax.random.normal(jax.random.key(9), (4, 2))
+    key = jax.random.key(10)
+    out = spell_batched(SMP, DEN, noise, key=key, radius=0.1, batch_size=2, memory_size=4)
+    term = spell(0.1, memory_size=4)
+    a = jaxdiv.sample(SMP, DEN, noise[:2], key=jax.random.fold_in(key, 0), guidance=term)
+    b = jaxdiv.sample(SMP, DEN, noise[2:], key=jax.random.fold_in(key, 1), guidance=term,
+                      guidance_state=a.state)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out.x0), np.asarray(jnp.concatenate([a.x0, b.x0])))
+
+
+def test_chained_with_cfg_and_condition():
+    """Other terms (CFG) chain before SPELL; the condition is split per batch."""
+    den = lambda x, t, c: DEN(x, t) + 0.01 * c
+    noise = jax.random.normal(jax.random.key(11), (4, 2))
+    cond = jnp.ones((4, 2))
+    out = spell_batched(SMP, den, noise, key=jax.random.key(12), radius=0.1, batch_size=2,
+                        cond=cond, guidance=guidance.cfg(2.0), trace=True)  # fmt: skip
+    assert len(out.state) == 2 and int(out.state[-1].count) == 4
+    assert len(out.traces) == 2 and out.traces[0].info[1].active.shape == (8, 2)
+
+
+def test_feature_memory_stores_features():
+    a = jnp.array([[1.0], [2.0]])
+    phi = lambda x: x @ a
+    noise = jax.random.normal(jax.random.key(13), (4, 2))
+    out = spell_batched(SMP, DEN, noise, key=jax.random.key(14), radius=0.05, batch_size=2,
+                        feature_map=phi)  # fmt: skip
+    np.testing.assert_allclose(memory_vectors(out.state[-1]), phi(out.x0), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs():
+    noise = jnp.zeros((5, 2))
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        spell_batched(SMP, DEN, noise, key=jax.random.key(0), radius=0.1, batch_size=2)
+    with pytest.raises(TypeError, match="batch_size"):
+        spell_batched(SMP, DEN, noise, key=jax.random.key(0), radius=0.1, batch_size=2.0)
+    with pytest.raises(TypeError, match="SpellState"):
+        memory_vectors((jnp.zeros((2, 2)), 0))
