@@ -6,6 +6,10 @@ STAMP := $(VENV)/.jaxdiv-installed
 export JAX_PLATFORMS ?= cpu
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
+# no network at run time: transformers/diffusers must never reach a hub
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
 # two pytest workers on two cores: one BLAS/OpenMP thread each, or small eigh calls thrash
 TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
