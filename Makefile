@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.toy_suite
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules tests notebooks jaxdiv toy
+	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules --doctest-glob=README.md tests notebooks jaxdiv toy README.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests

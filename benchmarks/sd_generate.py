@@ -3,7 +3,7 @@
     python -m benchmarks.sd_generate [--configs tiny sd21-small] [--steps 50] [--repeats 3]
 
 For each configuration a random diffusers ``StableDiffusionPipeline`` is saved to a temp
-folder (:func:`jaxdiv.pipelines.stable_diffusion.save_random_pipeline`) and both sides run
+folder (:func:`jaxdiv.testing.save_random_pipeline`) and both sides run
 the same full generation from the same initial latents: prompt encoding, ``--steps``
 DDIM steps (eta 0) with CFG 7.5 (a doubled batch per step), VAE decode. jaxdiv runs it as
 one ``jax.jit`` program (compiled once, compile time reported separately); diffusers runs
@@ -19,7 +19,7 @@ defaults.
 
 Configurations:
 
-* ``tiny`` -- the test suite's 16x16-pixel pipeline (:data:`~jaxdiv.pipelines.stable_diffusion.TINY_UNET`, ...).
+* ``tiny`` -- the test suite's 16x16-pixel pipeline (:data:`jaxdiv.testing.TINY_UNET`, ...).
 * ``sd21-small`` -- SD 2.1's architecture at reduced width: 4-level UNet with
   ``block_out_channels`` (64, 128, 256, 256), 64-wide heads, linear projections,
   ``upcast_attention``, cross-attention width 1024 from a 2-layer 1024-wide text encoder
@@ -94,8 +94,9 @@ def bench_config(name, steps, repeats, folder):
     import jaxdiv
     from jaxdiv import guidance
     from jaxdiv.pipelines import stable_diffusion as sd
+    from jaxdiv.testing import save_random_pipeline
 
-    torch_pipe = sd.save_random_pipeline(folder, seed=0, **CONFIGS[name])
+    torch_pipe = save_random_pipeline(folder, seed=0, **CONFIGS[name])
     torch_pipe.set_progress_bar_config(disable=True)
     pipe = sd.load(folder)
     shape = pipe.noise_shape(len(PROMPTS))

@@ -1,11 +1,12 @@
 """Stable Diffusion UNet denoiser step: jaxdiv (jitted Flax nnx) vs diffusers (PyTorch eager).
 
 Both models hold the same random weights (the PyTorch model's state dict converted with
-:func:`jaxdiv.models.unet.convert_unet_state_dict`) and run in the same process on the
+:func:`jaxdiv.models.conversion.convert_unet_state_dict`) and run in the same process on the
 same inputs; the script also reports their max abs output difference as a sanity check.
 
 Configs:
-  * ``tiny``: the SD1-like test config (block_out_channels (32, 64)).
+  * ``tiny``: the SD1-like UNet of the parity tests (:data:`jaxdiv.testing.TINY_UNET_SD1`,
+    block_out_channels (32, 64)).
   * ``sd21``: SD 2.1 sized (block_out_channels (320, 640, 1280, 1280), cross-attention
     1024, heads (5, 10, 20, 20), linear projections, upcast attention; ~866M parameters).
 
@@ -41,18 +42,12 @@ import numpy as np
 from flax import nnx
 
 from jaxdiv.models.checkpoint import assign_params
-from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig, convert_unet_state_dict
+from jaxdiv.models.conversion import convert_unet_state_dict
+from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
+from jaxdiv.testing import TINY_UNET_SD1
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24,
-        attention_head_dim=4,
-    ),
+    "tiny": TINY_UNET_SD1,
     "sd21": dict(
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,

@@ -37,8 +37,8 @@ import toy
 from experiments.common import write_json
 from jaxdiv import samplers, schedules
 from jaxdiv.guidance.base import StepContext
-from jaxdiv.guidance.radius_search import build_index, build_ivf
 from jaxdiv.guidance.spell import spell
+from jaxdiv.guidance.spell.radius_search import build_index, build_ivf
 
 
 class DenseDummy:

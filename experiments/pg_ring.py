@@ -14,9 +14,12 @@ I.i.d. sampling hits ``10 (1 - 0.9^10) = 6.51`` modes on average.
 Sampler: ``samplers.edm(schedules.edm(), --steps)`` (Karras Heun, deterministic). Methods:
 
 * ``iid``: no guidance;
-* ``PG``: ``particle(strength)`` -- x0_hat space, constant weight, off below noise level 1;
-* ``PG-SD``: ``particle(strength, space="x_t", time_scaling="score")`` -- PG's public
-  Stable Diffusion code's convention;
+* ``PG, x0 variant (jaxdiv)``: ``particle(strength, space="x0_hat", time_scaling="x0",
+  min_noise_level=1.0)`` -- x0_hat space, constant weight, off below noise level 1 (not
+  the paper's formulation; jaxdiv's default before protocol v2);
+* ``PG (SD code: score form, sigma >= 1)``: ``particle(strength, min_noise_level=1.0)``
+  -- the paper's score-form force on ``x_t``, switched off below noise level 1 as in PG's
+  public Stable Diffusion code;
 * ``SPELL``: ``spell(radius)``, intra-batch shields (if ``jaxdiv.guidance.spell`` exists).
 
 Writes ``<out>.json`` (modes hit mean and standard error, on-mode fraction, per strength)
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import textwrap
 import time
 
 import jax
@@ -40,6 +44,8 @@ from jaxdiv import samplers, schedules
 from jaxdiv.guidance.particle import particle
 
 NUM_MODES, VARIANCE, PARTICLES = 10, 0.005, 10
+PG_X0 = "PG, x0 variant (jaxdiv)"
+PG_SD = "PG (SD code: score form, sigma >= 1)"
 PG_STRENGTHS = (0.01, 0.03, 0.1, 0.3)
 PG_SD_STRENGTHS = (0.03, 0.1, 0.3, 1.0)
 SPELL_RADII = (0.2, 0.4, 0.6, 0.8)
@@ -83,8 +89,11 @@ def run(runs=100, steps=32, seed=0):
     keys = jax.random.split(jax.random.key(seed + 1), runs)
     methods = {
         "iid": (lambda v: None, (0.0,)),
-        "PG": (lambda v: particle(v), PG_STRENGTHS),
-        "PG-SD": (lambda v: particle(v, space="x_t", time_scaling="score"), PG_SD_STRENGTHS),
+        PG_X0: (
+            lambda v: particle(v, space="x0_hat", time_scaling="x0", min_noise_level=1.0),
+            PG_STRENGTHS,
+        ),
+        PG_SD: (lambda v: particle(v, min_noise_level=1.0), PG_SD_STRENGTHS),
     }
     if have_spell():
         from jaxdiv.guidance.spell import spell
@@ -108,9 +117,10 @@ def run(runs=100, steps=32, seed=0):
 
 
 def summary_lines(table):
-    lines = [f"{'method':12s} {'modes hit':>13s} {'on-mode':>8s} {'hit on-mode':>12s}"]
+    w = max([12, *map(len, table)])
+    lines = [f"{'method':{w}s} {'modes hit':>13s} {'on-mode':>8s} {'hit on-mode':>12s}"]
     for key, row in table.items():
-        lines.append(f"{key:12s} {row['modes_hit']:6.2f} ± {row['modes_hit_se']:.2f} "
+        lines.append(f"{key:{w}s} {row['modes_hit']:6.2f} ± {row['modes_hit_se']:.2f} "
                      f"{row['on_mode']:8.3f} {row['modes_hit_on_mode']:12.2f}")  # fmt: skip
     return lines
 
@@ -132,7 +142,7 @@ def plot(examples, means, path):
         ax.plot(np.cos(th), np.sin(th), color="0.85", lw=0.8)
         ax.scatter(means[:, 0], means[:, 1], s=60, facecolors="none", edgecolors="0.5")
         ax.scatter(examples[key][:, 0], examples[key][:, 1], s=12, color="C3")
-        ax.set_title(key, fontsize=8)
+        ax.set_title(textwrap.fill(key, 24), fontsize=8)
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -40,8 +40,8 @@ import toy
 from experiments.common import progress, save_figure, write_json
 from jaxdiv import metrics, samplers, schedules
 from jaxdiv.guidance.base import GuidanceTerm, chain
-from jaxdiv.guidance.radius_search import build_index, build_ivf, nearest, repulsion
 from jaxdiv.guidance.spell import spell
+from jaxdiv.guidance.spell.radius_search import build_index, build_ivf, nearest, repulsion
 
 
 class KDEDenoiser(NamedTuple):
@@ -85,7 +85,7 @@ def exact_counter(index, radius) -> GuidanceTerm:
     def apply(state, x0_hat, ctx):
         return x0_hat, state, repulsion(x0_hat, index, radius).count
 
-    return GuidanceTerm(lambda x, c, k: (), apply, "x0")
+    return GuidanceTerm(lambda x, c, k: (), apply, "x0", "exact_count")
 
 
 def leak_share(x0, index, radius):
@@ -143,8 +143,8 @@ def run(n_train=100_000, d=16, radius=0.6, n=512, steps=25, seed=0, probes=(1, 2
                 "seconds_per_sample": secs, "cpu_seconds_per_sample": min(cpu) / 64,
             }  # fmt: skip
             if approx:
-                exact_n = np.asarray(out.trace.info[0])
-                found = np.asarray(out.trace.info[1].num_active_shields)
+                exact_n = np.asarray(out.trace.info["exact_count"])
+                found = np.asarray(out.trace.info["spell"].num_active_shields)
                 hit = exact_n > 0
                 results[model][name]["evaluations_with_shield_in_r"] = int(hit.sum())
                 results[model][name]["share_of_those_missing_a_shield"] = float(

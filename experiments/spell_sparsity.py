@@ -29,7 +29,7 @@ import toy
 from experiments.common import progress, save_figure, write_json
 from experiments.spell_two_moons import ScaledMoonsDenoiser
 from jaxdiv import samplers, schedules
-from jaxdiv.guidance.shield_memory import spell_batched
+from jaxdiv.recipes import spell_batched
 
 VARIANTS = {
     "r=0.075": (0.075, 1.0, 0.0),
@@ -57,7 +57,7 @@ def run(n=128, batch_size=8, steps=50, seed=0):
                             batch_size=batch_size, overcompensation=lam, trace=True)  # fmt: skip
         res.x0.block_until_ready()
         secs = time.perf_counter() - t0
-        info = [tr.info[0] for tr in res.traces]
+        info = [tr.info["spell"] for tr in res.traces]
         active = np.concatenate([np.asarray(i.active) for i in info], axis=1)  # (N, n)
         ratio = np.concatenate([np.asarray(i.score_ratio) for i in info], axis=1)
         tn = (np.asarray(res.traces[0].t) + 1.0) / 1000.0  # t_clean = -1 -> 0, 999 -> 1

@@ -31,8 +31,8 @@ import numpy as np
 import jaxdiv
 from experiments.common import progress, save_figure, write_json
 from jaxdiv import guidance, metrics, samplers, schedules
-from jaxdiv.guidance.shield_memory import spell_batched
 from jaxdiv.guidance.spell import median_pairwise_distance
+from jaxdiv.recipes import spell_batched
 from toy.conditional import ring_of_classes
 
 FRACTIONS = (0.0, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 1 / 2, 1.0, 2.0)

@@ -93,7 +93,7 @@ def run(n=200, radius=0.075, steps=1000, seed=0, scale=1.0):
             "seconds_incl_compile": secs,
         }
         if res.trace is not None:
-            info = res.trace.info[0]
+            info = res.trace.info["spell"]
             entry["share_active_per_step_last10"] = np.asarray(info.active.mean(1))[-10:].tolist()
             entry["samples_active_at_last_step"] = int(info.active[-1].sum())
         summary["runs"][name] = entry

@@ -30,8 +30,12 @@ Methods (the "base model" is CFG with w = 3, the others modify it):
 
 * CFG ``w``; interval guidance ``interval(3, lo, hi)`` for noise-level intervals;
 * CADS ``chain(cads(tau1, 0.9, s), cfg(3))`` (time = sampling progress);
-* PG ``chain(cfg(3), particle(strength))`` (x0_hat space, off below noise level 1) and
-  PG-SD ``particle(strength, space="x_t", time_scaling="score")`` (PG's SD code);
+* particle guidance on top of ``cfg(3)``, two variants: "PG, x0 variant (jaxdiv)"
+  ``chain(cfg(3), particle(strength, space="x0_hat", time_scaling="x0",
+  min_noise_level=1.0))`` (x0_hat space, constant weight, off below noise level 1; not the
+  paper's formulation) and "PG (SD code: score form, sigma >= 1)"
+  ``chain(cfg(3), particle(strength, min_noise_level=1.0))`` (the paper's score-form force
+  on x_t, off below noise level 1 as in PG's public SD code);
 * SPELL ``chain(cfg(3), spell(radius))`` (intra-batch) when ``jaxdiv.guidance.spell`` exists.
 
 Every sweep is one compiled program (the strength is a traced argument, vmapped).
@@ -83,13 +87,16 @@ def method_sweeps(have_spell: bool):
                       [0.2, 1.0]]),  # fmt: skip
             "(tau1, s)",
         ),
-        "PG": (
-            lambda s: guidance.chain(cfg(BASE_W), particle(s)),
+        pg_ring.PG_X0: (
+            lambda s: guidance.chain(
+                cfg(BASE_W),
+                particle(s, space="x0_hat", time_scaling="x0", min_noise_level=1.0),
+            ),
             np.array([0.03, 0.1, 0.3, 1.0, 3.0]),
             "strength",
         ),
-        "PG-SD": (
-            lambda s: guidance.chain(cfg(BASE_W), particle(s, space="x_t", time_scaling="score")),
+        pg_ring.PG_SD: (
+            lambda s: guidance.chain(cfg(BASE_W), particle(s, min_noise_level=1.0)),
             np.array([0.01, 0.03, 0.1, 0.3, 1.0]),
             "strength",
         ),
@@ -160,9 +167,10 @@ def summarize(rows, precision_margin=0.05, clip_margin=1.0):
     """Printed summary: the table, each panel's Pareto front, and the matched-fidelity
     comparison: per method, the setting with the highest Vendi score among those whose
     precision and CLIP score are both within a margin of the base model's."""
-    lines = [f"{'method':7s} {'value':11s} " + " ".join(f"{m[:11]:>11s}" for m in METRIC_COLS)]
+    w = max([7, *(len(r["method"]) for r in rows)])
+    lines = [f"{'method':{w}s} {'value':11s} " + " ".join(f"{m[:11]:>11s}" for m in METRIC_COLS)]
     for r in rows:
-        lines.append(f"{r['method']:7s} {r['value_str']:11s} "
+        lines.append(f"{r['method']:{w}s} {r['value_str']:11s} "
                      + " ".join(f"{r[m]:11.3f}" for m in METRIC_COLS))  # fmt: skip
     base = next(r for r in rows if r["method"] == "CFG" and r["value_str"] == f"{BASE_W:g}")
     fronts = {}
@@ -180,12 +188,12 @@ def summarize(rows, precision_margin=0.05, clip_margin=1.0):
         ok = [r for r in rows if r["method"] == m and r["precision"] >= base["precision"]
               - precision_margin and r["clip"] >= base["clip"] - clip_margin]  # fmt: skip
         if not ok:
-            lines.append(f"  {m:7s} no setting keeps the base fidelity")
+            lines.append(f"  {m:{w}s} no setting keeps the base fidelity")
             continue
         b = max(ok, key=lambda r: r["vendi"])
         matched[m] = {k: b[k] for k in ("value", "param", *METRIC_COLS)}
         setting = f"{b['param']} = {b['value_str']}"
-        lines.append(f"  {m:7s} {setting:22s} vendi {b['vendi']:6.2f} "
+        lines.append(f"  {m:{w}s} {setting:22s} vendi {b['vendi']:6.2f} "
                      f"recall {b['recall']:.3f} coverage {b['coverage']:.3f} "
                      f"precision {b['precision']:.3f} clip {b['clip']:.2f}")  # fmt: skip
     if matched:

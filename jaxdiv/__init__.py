@@ -5,25 +5,29 @@
 ['guidance', 'predictions', 'samplers', 'schedules']
 """
 
-from jaxdiv import guidance, predictions, samplers, schedules
-from jaxdiv.sampling import SampleOutput, Trace, sample
+from jaxdiv import guidance, predictions, recipes, samplers, schedules, validation
+from jaxdiv.sampling import SampleOutput, Trace, compile_count, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "compile_count",
     "SampleOutput",
     "Trace",
     "schedules",
     "samplers",
     "guidance",
     "predictions",
+    "recipes",
+    "validation",
 ]
 
 
 def __getattr__(name):
-    # metrics and models import heavier dependencies; load them on first use
-    if name in ("metrics", "models", "pipelines"):
+    # metrics, models, pipelines and test fixtures import heavier dependencies: load them
+    # on first use (`import jaxdiv` must stay light; tests/test_layers.py checks it)
+    if name in ("metrics", "models", "pipelines", "testing"):
         import importlib
 
         return importlib.import_module(f"jaxdiv.{name}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
+
 __all__ = [
     "eps_to_x0",
     "x0_to_eps",
@@ -115,6 +117,7 @@ def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> Prediction
     ``"sample"``, plus ``"flow"`` for rectified-flow velocities.
 
     >>> import jax.numpy as jnp
+import numpy as np
     >>> from jaxdiv import schedules
     >>> den = as_denoiser(lambda x, t, c: jnp.zeros_like(x), schedules.flow(), "flow")
     >>> den(jnp.ones((1, 2)), 0.5).tolist()
@@ -126,4 +129,20 @@ def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> Prediction
         )
     if not callable(model):
         raise TypeError(f"model must be callable (x, t, cond) -> prediction, got {type(model)}")
+    if prediction_type == "flow":
+        _check_flow_process(schedule)
     return PredictionDenoiser(model, schedule, prediction_type)
+
+
+def _check_flow_process(schedule):
+    """``x0 = x - sigma u`` holds only where ``alpha + sigma = 1``: check it on the
+    schedule's own 16-step grid (a VP or EDM process fails at every interior time)."""
+    t = np.asarray(schedule.grid(16), np.float64)
+    gap = np.abs(np.asarray(schedule.alpha(t)) + np.asarray(schedule.sigma(t)) - 1.0)
+    if not np.all(gap <= 1e-6):
+        i = int(np.argmax(gap))
+        raise ValueError(
+            f"prediction_type='flow' needs a process with alpha(t) + sigma(t) = 1 "
+            f"(rectified flow, schedules.flow); {type(schedule).__name__} has "
+            f"|alpha + sigma - 1| = {float(gap[i]):.3g} at t={t[i]:.6g}"
+        )

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import as_terms, guided_denoise, init_terms
 from jaxdiv.samplers.base import Sampler
 
-__all__ = ["sample", "SampleOutput", "Trace"]
+__all__ = ["sample", "SampleOutput", "Trace", "compile_count"]
 
 
 class Trace(NamedTuple):
@@ -21,21 +22,34 @@ class Trace(NamedTuple):
         t: ``(N,)`` process time at the start of each step.
         x: ``(N, B, ...)`` the noisy batch ``x_t`` entering each step.
         x0_hat: ``(N, B, ...)`` the guided ``x0_hat`` of each step's first evaluation.
-        info: one entry per guidance term (in chain order), its ``Info`` stacked over steps.
+        info: dict by term name: each term's ``Info`` stacked over steps (a windowed
+            term's own info, zeros where it was inactive).
+        active: dict by term name: ``(N,)`` whether the term acted at that step (always
+            True for a term without a window).
     """
 
     t: Any
     x: Any
     x0_hat: Any
-    info: tuple
+    info: dict
+    active: dict
 
 
 class SampleOutput(NamedTuple):
-    """Result of :func:`sample`: final samples, optional trace, final guidance state."""
+    """Result of :func:`sample`.
+
+    Attributes:
+        x0: final samples, shape of ``noise``.
+        trace: a :class:`Trace` when ``trace=True``, else None.
+        state: the guidance terms' final states, a dict by term name (pass it back as
+            ``guidance_state=`` to continue, e.g. SPELL's memory of earlier batches).
+        sampler_state: the sampler's final state (``()`` for one-step samplers).
+    """
 
     x0: Any
     trace: Trace | None
-    state: tuple
+    state: dict
+    sampler_state: Any = ()
 
 
 class _Static:
@@ -87,34 +101,64 @@ def _combine(dynamic, spec):
     return jax.tree.unflatten(treedef, leaves)
 
 
+_COMPILES = [0]
+
+
+def compile_count() -> int:
+    """How many times :func:`sample` has traced (and so compiled) its program so far.
+
+    A new sampler structure, denoiser, guidance structure, shape or dtype costs one
+    compile; new *values* of guidance hyperparameters (array leaves) cost none. Use it to
+    check that a sweep reuses one program.
+
+    >>> import jax, jax.numpy as jnp, jaxdiv
+    >>> from jaxdiv import guidance, samplers, schedules
+    >>> s = samplers.ddim(schedules.edm(), 4)
+    >>> den = lambda x, t, c: x * 0 + c
+    >>> before = jaxdiv.compile_count()
+    >>> for w in (1.0, 2.0, 3.0):
+    ...     _ = jaxdiv.sample(s, den, jnp.zeros((2, 1)), key=jax.random.key(0),
+    ...                       cond=jnp.ones((2, 1)), guidance=guidance.cfg(w))
+    >>> jaxdiv.compile_count() - before
+    1
+    """
+    return _COMPILES[0]
+
+
 def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
+    _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
     sampler, denoiser, terms = _combine(dynamic, spec)
+    # the grid in the run's precision: float32, float64 for a float64 run (x64 mode)
+    run_dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(noise.dtype, jnp.float32))
+    sampler = sampler._replace(times=sampler.times.astype(run_dtype))
     n = sampler.num_steps
+    times = sampler.times
     key_noise, key_guide = jax.random.split(key)
     keys = jax.random.split(key_noise, noise.shape[0])
-    x = sampler.schedule.init_noise_scale(sampler.times[0]).astype(noise.dtype) * noise
+    x = sampler.schedule.init_noise_scale(times[0]).astype(noise.dtype) * noise
+    sstate = sampler.init(sampler, x)
 
     def body(carry, i):
-        x, gstate = carry
+        x, sstate, gstate = carry
         step_key = jax.random.fold_in(key_guide, i)
 
         def denoise(xx, t, c):
             gs, n_eval = c
-            x0, gs, info = guided_denoise(
+            x0, gs, info, active = guided_denoise(
                 terms, denoiser, xx, t, cond, gs,
                 schedule=sampler.schedule, step=i, num_steps=n,
-                key=jax.random.fold_in(step_key, n_eval),
+                key=jax.random.fold_in(step_key, n_eval), evaluation=n_eval,
             )  # fmt: skip
-            return x0, (gs, n_eval + 1), info
+            return x0, (gs, n_eval + 1), (info, active)
 
-        x_next, (gstate, _), (x0_hat, info) = sampler.step(
-            sampler, i, x, denoise, (gstate, jnp.int32(0)), keys
+        x_next, sstate, (gstate, _), (x0_hat, (info, active)) = sampler.step(
+            sampler, i, x, sstate, denoise, (gstate, jnp.int32(0)), keys
         )
-        out = Trace(sampler.times[i], x, x0_hat, info) if trace else None
-        return (x_next.astype(x.dtype), gstate), out
+        out = Trace(times[i], x, x0_hat, info, active) if trace else None
+        return (x_next.astype(x.dtype), sstate, gstate), out
 
-    (x, gstate), tr = jax.lax.scan(body, (x, gstate), jnp.arange(n))
-    return x, tr, gstate
+    (x, sstate, gstate), tr = jax.lax.scan(body, (x, sstate, gstate), jnp.arange(n))
+    return x, tr, gstate, sstate
 
 
 _run = jax.jit(_run_impl, static_argnums=(0, 1))
@@ -135,9 +179,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
         raise ValueError(f"noise must have a leading batch dimension >= 1, got shape {noise.shape}")
     if not jnp.issubdtype(noise.dtype, jnp.floating):
         raise TypeError(f"noise must be a floating array, got dtype {noise.dtype}")
-    # NumPy, not jnp: under an outer jit a captured concrete array must not be staged
-    if not isinstance(noise, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(noise))):
-        raise ValueError("noise contains NaN or inf values")
+    validation.finite_array("noise", noise)
     if key is None:
         raise TypeError("key is required: pass key=jax.random.key(seed)")
     b = noise.shape[0]
@@ -149,11 +191,8 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
                 f"{name} must have the batch size of noise ({b}) as its leading dimension, "
                 f"got shape {shape}"
             )
-        if not isinstance(leaf, jax.core.Tracer) and jnp.issubdtype(
-            jnp.result_type(leaf), jnp.floating
-        ):
-            if not np.all(np.isfinite(np.asarray(leaf))):
-                raise ValueError(f"{name} contains NaN or inf values")
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            validation.finite_array(name, leaf)
     return noise
 
 
@@ -188,12 +227,16 @@ def sample(
             not depend on the batch size.
         cond: optional condition pytree, leading dimension ``B``.
         guidance: a :class:`~jaxdiv.guidance.GuidanceTerm` or a ``guidance.chain(...)``.
-        trace: also return a :class:`Trace` of per-step ``x``, ``x0_hat`` and guidance info.
+            Its array leaves (strengths, radii, reference sets) are traced: new values
+            reuse the compiled program (see :func:`compile_count`).
+        trace: also return a :class:`Trace` of per-step ``x``, ``x0_hat`` and guidance
+            info, by term name.
         guidance_state: continue from a previous call's ``out.state`` (e.g. SPELL's memory
             of earlier batches) instead of ``init``-ing the terms.
 
     Returns:
-        :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace`` and ``state``.
+        :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace``, ``state`` and
+        ``sampler_state``.
         ``x0`` equals the last step's guided ``x0_hat`` (the grid ends at sigma = 0).
 
     >>> import jax, jax.numpy as jnp, jaxdiv, toy
@@ -209,16 +252,16 @@ def sample(
     """
     noise = _check_inputs(sampler, denoiser, noise, key, cond)
     terms = as_terms(guidance)
+    names = sorted(t.name for t in terms)
     if guidance_state is None:
         x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
         guidance_state = init_terms(terms, x_init, cond, jax.random.fold_in(key, 0x5EED))
-    else:
-        guidance_state = tuple(guidance_state)
-        if len(guidance_state) != len(terms):
-            raise ValueError(
-                f"guidance_state has {len(guidance_state)} entries but guidance has "
-                f"{len(terms)} terms; pass the .state of a call with the same guidance"
-            )
+    elif not isinstance(guidance_state, dict) or sorted(guidance_state) != names:
+        got = sorted(guidance_state) if isinstance(guidance_state, dict) else guidance_state
+        raise ValueError(
+            f"guidance_state must be the .state of a call with the same guidance: a dict "
+            f"with keys {names}, got {got!r}"
+        )
     dynamic, spec = _partition((sampler, denoiser, terms))
-    x0, tr, state = _run(spec, bool(trace), dynamic, noise, key, cond, guidance_state)
-    return SampleOutput(x0, tr, state)
+    x0, tr, state, sstate = _run(spec, bool(trace), dynamic, noise, key, cond, guidance_state)
+    return SampleOutput(x0, tr, state, sstate)

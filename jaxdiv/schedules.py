@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
+
 __all__ = [
     "VPSchedule",
     "EDMSchedule",
@@ -46,13 +48,17 @@ __all__ = [
 ]
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _default_float():
+    """float32, or float64 in x64 mode: grids built under x64 keep float64 precision."""
+    return jnp.result_type(float)
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _real(t):
+    """``t`` as a float array in at least float32, keeping float64 (x64 runs)."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        return t.astype(_default_float())
+    return t.astype(jnp.promote_types(t.dtype, jnp.float32))
 
 
 class VPSchedule(NamedTuple):
@@ -116,7 +122,7 @@ class VPSchedule(NamedTuple):
         >>> s.grid(4).tolist()
         [999.0, 749.0, 499.0, 249.0, -1.0]
         """
-        _check_positive_int("num_steps", num_steps)
+        validation.integer("num_steps", num_steps, minimum=1)
         T = self.num_train_timesteps
         if num_steps > T:
             raise ValueError(f"num_steps must be <= num_train_timesteps={T}, got {num_steps}")
@@ -157,7 +163,7 @@ def vp_linear(beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000) -> VPSch
     >>> round(float(vp_linear().alpha(999.0)), 5)
     0.00635
     """
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    validation.integer("num_train_timesteps", num_train_timesteps, minimum=1)
     betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
     return vp_from_betas(betas, "vp_linear")
 
@@ -168,7 +174,7 @@ def vp_scaled_linear(beta_start=0.00085, beta_end=0.012, num_train_timesteps=100
     >>> round(float(vp_scaled_linear().alpha(999.0)), 4)
     0.0683
     """
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    validation.integer("num_train_timesteps", num_train_timesteps, minimum=1)
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
     return vp_from_betas(betas, "vp_scaled_linear")
 
@@ -181,7 +187,7 @@ def vp_cosine(num_train_timesteps=1000, s=0.008, max_beta=0.999) -> VPSchedule:
     >>> float(vp_cosine().alpha(0.0)) > 0.99
     True
     """
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    validation.integer("num_train_timesteps", num_train_timesteps, minimum=1)
     T = num_train_timesteps
 
     def f(u):
@@ -200,14 +206,14 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho):
     >>> [round(float(v), 3) for v in karras_sigmas(18, 0.002, 80.0, 7.0)[:2]]
     [80.0, 57.586]
     """
-    _check_positive_int("num_steps", num_steps)
+    validation.integer("num_steps", num_steps, minimum=1)
     if num_steps == 1:
-        return jnp.reshape(jnp.asarray(sigma_max, jnp.float32), (1,))
-    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32)
-    inv_rho = 1.0 / jnp.asarray(rho, jnp.float32)
-    lo = jnp.asarray(sigma_min, jnp.float32) ** inv_rho
-    hi = jnp.asarray(sigma_max, jnp.float32) ** inv_rho
-    return (hi + ramp * (lo - hi)) ** jnp.asarray(rho, jnp.float32)
+        return jnp.reshape(_real(sigma_max), (1,))
+    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=_default_float())
+    inv_rho = 1.0 / _real(rho)
+    lo = _real(sigma_min) ** inv_rho
+    hi = _real(sigma_max) ** inv_rho
+    return (hi + ramp * (lo - hi)) ** _real(rho)
 
 
 class EDMSchedule(NamedTuple):
@@ -224,19 +230,19 @@ class EDMSchedule(NamedTuple):
 
     def alpha(self, t):
         """``1``, vectorised over ``t``."""
-        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+        return jnp.ones_like(_real(t))
 
     def sigma(self, t):
         """``t``, vectorised."""
-        return jnp.asarray(t, jnp.float32)
+        return _real(t)
 
     def noise_level(self, t):
         """``sigma / alpha = t``."""
-        return jnp.asarray(t, jnp.float32)
+        return _real(t)
 
     def t_of_noise_level(self, level):
         """Identity: the EDM time is the noise level."""
-        return jnp.asarray(level, jnp.float32)
+        return _real(level)
 
     def init_noise_scale(self, t):
         """``sigma(t_0)``: Karras Alg. 2 line 1, ``x_0 ~ N(0, sigma_max^2 I)``."""
@@ -258,12 +264,12 @@ def edm(sigma_min=0.002, sigma_max=80.0, rho=7.0) -> EDMSchedule:
     >>> edm().sigma(3.0)
     Array(3., dtype=float32)
     """
-    if _is_concrete(sigma_min) and _is_concrete(sigma_max):
+    if validation.is_concrete(sigma_min) and validation.is_concrete(sigma_max):
         if not (0 < float(sigma_min) < float(sigma_max)):
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
-    if _is_concrete(rho) and not float(rho) > 0:
+    if validation.is_concrete(rho) and not float(rho) > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     return EDMSchedule(sigma_min, sigma_max, rho)
 
@@ -281,20 +287,20 @@ class FlowSchedule(NamedTuple):
 
     def alpha(self, t):
         """``1 - t``."""
-        return 1.0 - jnp.asarray(t, jnp.float32)
+        return 1.0 - _real(t)
 
     def sigma(self, t):
         """``t``."""
-        return jnp.asarray(t, jnp.float32)
+        return _real(t)
 
     def noise_level(self, t):
         """``t / (1 - t)``."""
-        t = jnp.asarray(t, jnp.float32)
+        t = _real(t)
         return t / (1.0 - t)
 
     def t_of_noise_level(self, level):
         """``t = level / (1 + level)``."""
-        level = jnp.asarray(level, jnp.float32)
+        level = _real(level)
         return level / (1.0 + level)
 
     def init_noise_scale(self, t):
@@ -304,7 +310,7 @@ class FlowSchedule(NamedTuple):
 
     def apply_shift(self, s):
         """SD3 time shift ``s' = k s / (1 + (k - 1) s)`` (Esser et al. 2024, Eq. 23)."""
-        k = jnp.asarray(self.shift, jnp.float32)
+        k = _real(self.shift)
         return k * s / (1.0 + (k - 1.0) * s)
 
     def grid(self, num_steps: int):
@@ -317,10 +323,10 @@ class FlowSchedule(NamedTuple):
         >>> [round(float(v), 5) for v in flow(shift=3.0).grid(28)[-3:]]
         [0.11091, 0.00893, 0.0]
         """
-        _check_positive_int("num_steps", num_steps)
-        smin = self.apply_shift(jnp.float32(1.0 / self.num_train_timesteps))
-        smax = self.apply_shift(jnp.float32(1.0))
-        s = jnp.linspace(smax, smin, num_steps, dtype=jnp.float32)
+        validation.integer("num_steps", num_steps, minimum=1)
+        smin = self.apply_shift(_real(1.0 / self.num_train_timesteps))
+        smax = self.apply_shift(_real(1.0))
+        s = jnp.linspace(smax, smin, num_steps, dtype=_default_float())
         s = self.apply_shift(s)
         return jnp.concatenate([s, jnp.zeros((1,), s.dtype)])
 
@@ -331,7 +337,7 @@ def flow(shift=1.0, num_train_timesteps=1000) -> FlowSchedule:
     >>> fl = flow(); float(fl.alpha(0.25)), float(fl.sigma(0.25))
     (0.75, 0.25)
     """
-    if _is_concrete(shift) and not float(shift) > 0:
+    if validation.is_concrete(shift) and not float(shift) > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    validation.integer("num_train_timesteps", num_train_timesteps, minimum=1)
     return FlowSchedule(shift, num_train_timesteps)

@@ -28,7 +28,7 @@ def setup(request):
     den = CM.denoiser(s.schedule)
     noise = jax.random.normal(jax.random.key(0), (B, 2))
     cond = CM.condition(jnp.arange(B) % CM.num_classes)
-    # one compiled program per sampler for every scale and interval
+    # one outer program per sampler for every scale and interval (they are arguments)
     run = jax.jit(
         lambda w, lo, hi, noise, cond: jaxdiv.sample(
             s, den, noise, key=jax.random.key(1), cond=cond,
@@ -52,8 +52,18 @@ def test_interval_is_cfg_inside_and_conditional_outside(setup):
     assert inside.any() and (~inside).any(), level  # the test exercises both branches
     expected = jnp.where(inside[:, None, None], d_u + w * (d_c - d_u), d_c)
     np.testing.assert_allclose(tr.x0_hat, expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(tr.info[0].active), inside)
-    # the trace's first step equals a single direct evaluation (the run is self-consistent)
+    np.testing.assert_array_equal(np.asarray(tr.active["interval"]), inside)
+    # the CFGInfo is the batch-mean RMS of D_c - D_u inside, zeros outside
+    rms = jnp.sqrt(jnp.mean((d_c - d_u) ** 2, axis=-1)).mean(axis=-1)
+    np.testing.assert_allclose(tr.info["interval"].guidance_norm, jnp.where(inside, rms, 0.0),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    # the trace's first step is a single direct evaluation at the scaled initial noise
+    x_init = s.schedule.init_noise_scale(s.times[0]) * noise
+    np.testing.assert_allclose(tr.x[0], x_init, rtol=1e-6)
+    d_c0, d_u0 = den(x_init, s.times[0], cond), den(x_init, s.times[0], jnp.zeros_like(cond))
+    first = d_u0 + w * (d_c0 - d_u0) if inside[0] else d_c0
+    np.testing.assert_allclose(tr.x0_hat[0], first, rtol=1e-4, atol=1e-4)
+    # and the output is the last step's x0_hat (every grid ends at sigma = 0)
     np.testing.assert_allclose(out.x0, tr.x0_hat[-1], atol=1e-6)
 
 
@@ -62,13 +72,33 @@ def test_interval_means_the_same_noise_levels_on_every_process(setup):
     s, den, noise, cond, run, per_step = setup
     full = run(2.0, 0.0, jnp.inf, noise, cond)  # flow starts at level inf
     tr = full.trace
+    level = np.asarray(s.schedule.noise_level(tr.t))
+    assert np.isinf(level[0]) == (s.name == "flow_euler")
     d_c = per_step(tr.x, tr.t, cond)
     d_u = per_step(tr.x, tr.t, jnp.zeros_like(cond))
     np.testing.assert_allclose(tr.x0_hat, d_u + 2.0 * (d_c - d_u), rtol=1e-4, atol=1e-4)
-    assert bool(jnp.all(tr.info[0].active))
+    assert bool(jnp.all(tr.active["interval"]))
     empty = run(2.0, 1e8, 1e9, noise, cond).trace  # above sigma_max, below inf
+    assert not np.any((level > 1e8) & (level <= 1e9))  # no level lies in (1e8, 1e9]
     np.testing.assert_allclose(empty.x0_hat, per_step(empty.x, empty.t, cond), atol=1e-5)
-    assert not bool(jnp.any(empty.info[0].active))
+    assert not bool(jnp.any(empty.active["interval"]))
+    np.testing.assert_array_equal(empty.info["interval"].guidance_norm, 0.0)
+
+
+def test_one_program_for_every_scale_and_interval(setup):
+    """The scale and the interval's ends are traced leaves: new values never recompile,
+    without an outer jit too."""
+    s, den, noise, cond, run, per_step = setup
+    go = lambda w, lo, hi: jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond,
+                                         guidance=interval(w, lo, hi), trace=True)  # fmt: skip
+    go(2.0, 0.0, jnp.inf)
+    before = jaxdiv.compile_count()
+    outs = [go(w, lo, hi) for w, lo, hi in [(3.0, 0.5, 4.0), (1.5, 1e8, 1e9), (0.0, 0.1, 0.2)]]
+    assert jaxdiv.compile_count() == before
+    # and the values did take effect: the same results as the jitted runs
+    ref = run(3.0, 0.5, 4.0, noise, cond)
+    np.testing.assert_allclose(outs[0].x0, ref.x0, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(outs[0].x0 - outs[1].x0).max()) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["ddim", "edm", "flow_euler"])
@@ -112,9 +142,9 @@ def test_cfg_sharpens_the_class_and_interval_keeps_more_modes():
 def test_interval_bad_input():
     with pytest.raises(ValueError, match="sigma_hi > sigma_lo"):
         interval(2.0, 1.0, 1.0)
-    with pytest.raises(ValueError, match="sigma_lo must be a noise level >= 0"):
+    with pytest.raises(ValueError, match=r"sigma_lo must be a finite number >= 0, got -0.1"):
         interval(2.0, -0.1, 1.0)
-    with pytest.raises(TypeError, match="sigma_hi must be a number"):
+    with pytest.raises(TypeError, match="sigma_hi must be a real number"):
         interval(2.0, 0.1, "big")
     g = interval(2.0, 0.19, float("inf"))
     assert g.hook == "denoiser"

@@ -1,4 +1,5 @@
-"""Tests of the local checkpoint loader (jaxdiv.models.checkpoint)."""
+"""Tests of the local checkpoint loader (jaxdiv.models.checkpoint) and the layout rules of
+jaxdiv.models.conversion."""
 
 import json
 
@@ -14,13 +15,12 @@ from safetensors.torch import save_file as st_save_torch
 from jaxdiv.models.checkpoint import (
     CheckpointError,
     assign_params,
-    conv_kernel,
-    linear_kernel,
     load_component,
     load_state_dict,
     read_config,
     read_model_index,
 )
+from jaxdiv.models.conversion import conv_kernel, linear_kernel
 
 
 class Tiny(nnx.Module):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import central_difference
 from scipy import stats
 
 import jaxdiv
@@ -154,12 +155,29 @@ def test_samplers_reach_the_conditional(name):
 
 
 def test_gradient_reaches_means():
+    """jax.grad of the exact conditional denoiser w.r.t. the means and the condition
+    embedding equals five-point finite differences (float32: the toy is float32)."""
     cm = ring_of_classes()
-    den_fn = lambda means: ConditionalGaussianMixture(
-        means, cm.covs, cm.labels, cm.class_embeddings, cm.weights, cm.temperature
-    ).denoiser(schedules.edm())(jnp.ones((2, 2)), 0.5, cm.condition(jnp.array([0, 1]))).sum()
-    g = jax.jit(jax.grad(den_fn))(cm.means)
-    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+    x = jnp.array([[1.0, 1.0], [-2.0, 0.5]])
+    y = cm.condition(jnp.array([0, 1]))
+    proj = jnp.array([[0.3, -0.7], [1.1, 0.4]])  # a generic linear read-out of x0_hat
+
+    @jax.jit
+    def den_fn(means):
+        den = ConditionalGaussianMixture(
+            means, cm.covs, cm.labels, cm.class_embeddings, cm.weights, cm.temperature
+        ).denoiser(schedules.edm())
+        return jnp.sum(proj * den(x, 0.5, y))
+
+    @jax.jit
+    def den_y(cond):
+        return jnp.sum(proj * cm.denoiser(schedules.edm())(x, 0.5, cond))
+
+    for f, p in ((den_fn, cm.means), (den_y, y)):
+        g = np.asarray(jax.grad(f)(p), np.float64)
+        assert np.abs(g).max() > 0.05
+        fd = central_difference(f, p, 1e-2)
+        np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-3 * np.abs(g).max() + 2e-4)
 
 
 def test_bad_input_raises():

@@ -151,9 +151,23 @@ def test_unrenormalised_expectation_increases_monte_carlo(b, extra, r1, r2, seed
 
 @jax.jit
 def _draw_targets(keys, e, e_t, r1, r2):
-    """Renormalised GASS targets for many keys; radii traced, so one compile per shape."""
-    draw = lambda k: gass_targets(k, e, e_t, r1, r2, min(10, e.shape[1] - 1))[0]
+    """Renormalised GASS targets and u_ind for many keys; radii traced, so one compile per
+    shape."""
+    draw = lambda k: gass_targets(k, e, e_t, r1, r2, min(10, e.shape[1] - 1))
     return jax.vmap(draw)(keys)
+
+
+def _shifts_of_renormalised_targets(t, e, e_t, u):
+    """Solve ``n_i t_i = e_i + d_i e_t + g_i u`` for ``(n_i, d_i, g_i)`` by least squares
+    (float64), one row at a time; returns the shifts ``d, g`` and the fit residuals."""
+    d, g, res = np.zeros(t.shape[:2]), np.zeros(t.shape[:2]), np.zeros(t.shape[:2])
+    for n in range(t.shape[0]):
+        for i in range(t.shape[1]):
+            a = np.stack([t[n, i], -e_t, -u[n]], axis=1)
+            (scale, d[n, i], g[n, i]), *_ = np.linalg.lstsq(a, e[i], rcond=None)
+            assert scale > 0
+            res[n, i] = np.linalg.norm(a @ np.array([scale, d[n, i], g[n, i]]) - e[i])
+    return d, g, res
 
 
 @settings(max_examples=12, deadline=None)
@@ -172,9 +186,20 @@ def test_renormalised_orthonormal_batch_decreases_every_draw(shape, r1, r2, seed
     e = np.linalg.qr(rng.normal(size=(m, b)))[0].T
     e_t = _unit(rng.normal(size=m))
     keys = jax.random.split(jax.random.key(seed), 64)
-    t = _draw_targets(keys, jnp.asarray(e, jnp.float32), jnp.asarray(e_t, jnp.float32), r1, r2)
-    t = _unit(np.asarray(t, np.float64))
-    dets = _gram_det(t)
+    t, u_lib = _draw_targets(keys, jnp.asarray(e, jnp.float32), jnp.asarray(e_t, jnp.float32),
+                             r1, r2)  # fmt: skip
+    t, u_lib = np.asarray(t, np.float64), np.asarray(u_lib, np.float64)
+    # the library's targets are GASS's renormalised formula unit(e_i + d_i e_t + g_i u):
+    # unit rows, e_i moved only along e_t and u, by shifts within the radii
+    np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, atol=2e-6)
+    np.testing.assert_allclose(u_lib @ e_t, 0.0, atol=1e-6)
+    d, g, res = _shifts_of_renormalised_targets(t, e, e_t, u_lib)
+    assert res.max() < 1e-5
+    tol = 5e-5  # float32 targets; the solve is least conditioned at m = 3
+    assert np.abs(d).max() <= r1 + tol and np.abs(g).max() <= r2 + tol
+    # Hadamard on the formula in float64 (float32 rounding of |t_i| ~ 1e-7 could exceed the
+    # smallest decreases of tiny draws)
+    dets = _gram_det(_targets_np(e, e_t, u_lib[:, None], d, g, renormalize=True))
     assert np.all(dets < 1.0)
     # second order: c_ik = -|proj of a_k on span(E_{-i})|^2 <= 0 for an orthonormal batch
     u = _unit(rng.normal(size=m))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_gmm
+from conftest import central_difference, random_gmm
 
 import toy
 
@@ -95,12 +95,26 @@ def test_no_batch_by_components_by_dim_squared_arrays(gmm16):
     assert max(int(np.prod(s)) for s in shapes) <= 64 * 4 * 16
 
 
-def test_is_a_pytree_and_differentiable(gmm2):
-    leaves = jax.tree.leaves(gmm2)
+@pytest.mark.parametrize("kind", ["full", "diag", "iso"])
+def test_is_a_pytree_and_differentiable(kind):
+    """jax.grad through the constructor (eigendecompositions, projected means) and the
+    noisy log-density equals five-point finite differences (float32: the toy is float32)."""
+    gm = random_gmm(jax.random.key(0), k=4, d=2, kind=kind)
+    leaves = jax.tree.leaves(gm)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves)
-    g = jax.grad(lambda m: toy.GaussianMixture(m, gmm2.covs, gmm2.weights).log_prob(
-        jnp.ones((1, 2)))[0])(gmm2.means)  # fmt: skip
-    assert g.shape == gmm2.means.shape and bool(jnp.all(jnp.isfinite(g)))
+    x = jnp.array([[1.0, 1.0], [-0.5, 0.3]])
+    for wrt in ("means", "covs"):
+
+        @jax.jit
+        def f(p, wrt=wrt):
+            m, c = (p, gm.covs) if wrt == "means" else (gm.means, p)
+            return toy.GaussianMixture(m, c, gm.weights).log_prob(x, 0.8, 0.5).sum()
+
+        p = getattr(gm, wrt)
+        g = np.asarray(jax.grad(f)(p), np.float64)
+        assert g.shape == p.shape and np.abs(g).max() > 0.1
+        fd = central_difference(f, p, 1e-2)
+        np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-3 * np.abs(g).max() + 2e-4)
 
 
 def test_bad_input_errors():

@@ -43,6 +43,22 @@ def test_grad_wrt_guidance_strength(gmm2):
 
     _check(f, jnp.float32(0.1), 1e-2, 2e-2)
 
+    # the v2 spelling: the strength is a traced leaf of a stateless term
+    def f_leaf(strength):
+        pull = guidance.stateless("x0", _shrink, strength=strength)
+        x = jaxdiv.sample(s, gmm2.denoiser(sch), NOISE, key=jax.random.key(1), guidance=pull).x0
+        return jnp.mean(jnp.sum(x, -1))
+
+    _check(f_leaf, jnp.float32(0.1), 1e-2, 2e-2)
+    np.testing.assert_allclose(float(f_leaf(0.1)), float(f(jnp.float32(0.1))), rtol=1e-6)
+    before = jaxdiv.compile_count()
+    f_leaf(0.3)  # a new value of the leaf: no new program
+    assert jaxdiv.compile_count() == before
+
+
+def _shrink(x0_hat, ctx, strength):
+    return x0_hat * (1 - strength)
+
 
 def test_grad_wrt_cfg_scale(gmm2):
     sch = schedules.flow()

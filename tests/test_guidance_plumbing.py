@@ -53,14 +53,15 @@ def test_state_is_threaded_through_every_evaluation_and_returned(gmm2):
     s = samplers.edm(schedules.edm(), 6)
     out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((3, 2)), key=jax.random.key(0),
                         guidance=shift_x0(0.0), trace=True)  # fmt: skip
-    assert int(out.state[0]) == s.nfe == 11
+    assert int(out.state["term"]) == s.nfe == 11
     # the trace keeps the first evaluation of each step: counts 0, 2, 4, ...
-    np.testing.assert_array_equal(np.asarray(out.trace.info[0]["count"]), [0, 2, 4, 6, 8, 10])
-    np.testing.assert_allclose(np.asarray(out.trace.info[0]["level"]), np.asarray(s.times[:-1]))
+    np.testing.assert_array_equal(np.asarray(out.trace.info["term"]["count"]), [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(np.asarray(out.trace.info["term"]["level"]),
+                               np.asarray(s.times[:-1]))  # fmt: skip
     # continuing from a returned state
     again = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((3, 2)), key=jax.random.key(0),
                           guidance=shift_x0(0.0), guidance_state=out.state)  # fmt: skip
-    assert int(again.state[0]) == 22
+    assert int(again.state["term"]) == 22
 
 
 def test_trace_contents(gmm2):
@@ -70,7 +71,7 @@ def test_trace_contents(gmm2):
     assert out.trace.x.shape == (7, 5, 2) and out.trace.x0_hat.shape == (7, 5, 2)
     np.testing.assert_array_equal(np.asarray(out.trace.t), np.asarray(s.times[:-1]))
     np.testing.assert_array_equal(np.asarray(out.trace.x[0]), np.ones((5, 2)))
-    assert out.trace.info == ()
+    assert out.trace.info == {} and out.trace.active == {}
     assert jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.ones((5, 2)),
                          key=jax.random.key(0)).trace is None  # fmt: skip
 
@@ -88,11 +89,11 @@ def test_window_by_noise_level_means_the_same_on_every_process(make):
                         guidance=guidance.window(shift_x0(1.0), noise_level=(lo, hi)),
                         trace=True)  # fmt: skip
     level = np.asarray(s.schedule.noise_level(s.times[:-1]))
-    active = np.asarray(out.trace.info[0].active)
+    active = np.asarray(out.trace.active["term"])
     np.testing.assert_array_equal(active, (level > lo) & (level <= hi))
     assert active.any() and not active.all()
     # inactive steps report zero info
-    counts = np.asarray(out.trace.info[0].inner["count"])
+    counts = np.asarray(out.trace.info["term"]["count"])
     assert np.all(counts[~active] == 0)
 
 
@@ -101,14 +102,14 @@ def test_window_by_steps_and_t(gmm2):
     g = guidance.window(shift_x0(0.0), steps=[0, 3, 7])
     out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((2, 2)), key=jax.random.key(0),
                         guidance=g, trace=True)  # fmt: skip
-    np.testing.assert_array_equal(np.where(out.trace.info[0].active)[0], [0, 3, 7])
+    np.testing.assert_array_equal(np.where(out.trace.active["term"])[0], [0, 3, 7])
     # Heun's second evaluation of steps 0 and 3 runs the term too (same step index)
-    assert int(out.state[0]) == 5
+    assert int(out.state["term"]) == 5
     g = guidance.window(shift_x0(0.0), t=(1.0, 10.0))
     out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((2, 2)), key=jax.random.key(0),
                         guidance=g, trace=True)  # fmt: skip
     t = np.asarray(s.times[:-1])
-    np.testing.assert_array_equal(np.asarray(out.trace.info[0].active), (t > 1) & (t <= 10))
+    np.testing.assert_array_equal(np.asarray(out.trace.active["term"]), (t > 1) & (t <= 10))
 
 
 def test_window_can_be_built_inside_jit(gmm2):
@@ -118,7 +119,7 @@ def test_window_can_be_built_inside_jit(gmm2):
     def run(noise):
         g = guidance.window(shift_x0(0.0), steps=[1, 2])
         return jaxdiv.sample(s, gmm2.denoiser(s.schedule), noise, key=jax.random.key(0),
-                             guidance=g).state[0]  # fmt: skip
+                             guidance=g).state["term"]  # fmt: skip
 
     assert int(run(jnp.zeros((2, 2)))) == 4  # two active steps, two Heun evaluations each
 
@@ -155,7 +156,18 @@ def test_cfg_scale_limits(w, expected, gmm2):
         np.testing.assert_allclose(np.asarray(got), np.asarray(cond_run), rtol=1e-5, atol=1e-5)
     elif expected == "uncond":
         np.testing.assert_allclose(np.asarray(got), np.asarray(uncond_run), rtol=1e-5, atol=1e-5)
-    else:  # D_u + w (D_c - D_u) = D + w c for this denoiser: a shift of every x0_hat
+    else:  # D_u + w (D_c - D_u), checked at every step on the x_t the sampler saw
+        out = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=c,
+                            guidance=guidance.cfg(w), trace=True)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(out.x0), np.asarray(got))
+        for i in range(s.num_steps):
+            x, t = out.trace.x[i], out.trace.t[i]
+            d_c, d_u = den(x, t, c), den(x, t, jnp.zeros_like(c))
+            want = d_u + w * (d_c - d_u)
+            np.testing.assert_allclose(out.trace.x0_hat[i], want, rtol=1e-5, atol=1e-5)
+        # for this denoiser the formula is D + w c: the plain sampler with condition w c
+        shifted = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=w * c).x0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(shifted), rtol=1e-5, atol=1e-4)
         assert float(jnp.abs(got - cond_run).max()) > 1.0
 
 

@@ -25,6 +25,7 @@ from jaxdiv.models.clip import (
     load_clip_vision,
     tokenize,
 )
+from jaxdiv.testing import TINY_TEXT, TINY_VISION
 
 VOCAB = 64
 SEQ = 12
@@ -42,31 +43,20 @@ TEXT_CONFIGS = {
 VISION_ACTS = {"sd1": "quick_gelu", "sd2": "gelu"}
 
 
+# the pipeline's tiny towers, one block deeper (4 hidden states to compare) and with a
+# projection width (24) equal to no other width
+TOWER = dict(num_hidden_layers=3, projection_dim=24)
+
+
 def text_config(kind):
     return transformers.CLIPTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        projection_dim=24,
-        layer_norm_eps=1e-5,
-        **TEXT_CONFIGS[kind],
+        **dict(TINY_TEXT, vocab_size=VOCAB, layer_norm_eps=1e-5, **TOWER, **TEXT_CONFIGS[kind])
     )
 
 
 def vision_config(kind):
     return transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        projection_dim=24,
-        hidden_act=VISION_ACTS[kind],
+        **dict(TINY_VISION, num_channels=3, hidden_act=VISION_ACTS[kind], **TOWER)
     )
 
 

@@ -23,30 +23,13 @@ from safetensors.numpy import load_file, save_file
 from jaxdiv.models.checkpoint import CheckpointError
 from jaxdiv.models.layers import timestep_embedding
 from jaxdiv.models.unet import UNetConfig, load_unet
+from jaxdiv.testing import TINY_UNET_SD1, TINY_UNET_SD2, randomize_norms_and_biases
 
-SD1_LIKE = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=24,
-    attention_head_dim=4,  # diffusers' name for the number of heads
-    use_linear_projection=False,
-)
-SD2_LIKE = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=40,
-    attention_head_dim=[2, 4],
-    use_linear_projection=True,
-    upcast_attention=True,
-)
+# SD1-like: 1x1-conv transformer projections, an int attention_head_dim (diffusers' name
+# for the number of heads); SD2-like: linear projections, per-block head counts,
+# upcast_attention.
+SD1_LIKE = TINY_UNET_SD1
+SD2_LIKE = TINY_UNET_SD2
 
 FP32_ATOL = 1e-4
 # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3); weights and activations are
@@ -56,24 +39,9 @@ FP32_ATOL = 1e-4
 BF16_REL_L2 = 5e-2
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Random norm scales/shifts and biases; conv/linear weights keep torch's random init.
-
-    torch's default init is random with fan-in scaling, which keeps activations O(1);
-    diffusers initialises norms to (1, 0), which would hide a swapped scale/bias.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-
-
 def build_and_save(config: dict, folder, seed: int) -> TorchUNet:
     torch.manual_seed(seed)
-    model = TorchUNet(**config).eval()
-    randomize_(model, seed)
+    model = randomize_norms_and_biases(TorchUNet(**config), seed)
     model.save_pretrained(folder, safe_serialization=True)
     return model
 

@@ -17,17 +17,11 @@ from safetensors.numpy import load_file, save_file
 
 from jaxdiv.models.checkpoint import CheckpointError
 from jaxdiv.models.vae import DiagonalGaussian, VAEConfig, load_vae
+from jaxdiv.testing import TINY_VAE, randomize_norms_and_biases
 
-BLOCKS = dict(
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64),
-    norm_num_groups=8,
-    sample_size=16,
-)
-VAE4 = dict(BLOCKS, latent_channels=4, layers_per_block=1, scaling_factor=0.18215)
+VAE4 = TINY_VAE  # 4 latent channels, quant convs, one resnet per block: SD 1.x / 2.x
 VAE16 = dict(
-    BLOCKS,
+    TINY_VAE,
     latent_channels=16,
     layers_per_block=2,
     scaling_factor=1.5305,
@@ -43,20 +37,9 @@ FP32_ATOL = 1e-4
 BF16_REL_L2 = 5e-2
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Random norm scales/shifts and biases; conv/linear weights keep torch's random init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-
-
 def make(config: dict, folder, seed: int):
     torch.manual_seed(seed)
-    model = TorchVAE(**config).eval()
-    randomize_(model, seed)
+    model = randomize_norms_and_biases(TorchVAE(**config), seed)
     model.save_pretrained(folder, safe_serialization=True)
     return model, folder, load_vae(folder)
 
@@ -198,6 +181,6 @@ def test_bad_inputs_and_configs_raise(vae4):
     with pytest.raises(ValueError, match="latents must be NCHW with 4 channels"):
         model.decode(np.zeros((1, 16, 8, 8), np.float32))
     with pytest.raises(ValueError, match="down_block_types"):
-        VAEConfig.from_dict(dict(BLOCKS, down_block_types=["AttnDownEncoderBlock2D"] * 2))
+        VAEConfig.from_dict(dict(TINY_VAE, down_block_types=["AttnDownEncoderBlock2D"] * 2))
     with pytest.raises(ValueError, match="norm_num_groups"):
-        VAEConfig.from_dict(dict(BLOCKS, norm_num_groups=7))
+        VAEConfig.from_dict(dict(TINY_VAE, norm_num_groups=7))

@@ -24,8 +24,10 @@ import jaxdiv
 from experiments import generate
 from jaxdiv import guidance, samplers
 from jaxdiv.models.checkpoint import CheckpointError
-from jaxdiv.models.clip import load_clip_tokenizer, tokenize
+from jaxdiv.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_clip_tokenizer, tokenize
 from jaxdiv.pipelines import stable_diffusion as sd
+from jaxdiv.pipelines.scheduler_config import schedule_from_config
+from jaxdiv.testing import TINY_SCHEDULER, save_random_pipeline
 
 PROMPTS = ["a photo of a cat", "a red dog"]
 STEPS, CFG = 10, 5.0
@@ -51,7 +53,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd_tiny")
-    torch_pipe = sd.save_random_pipeline(folder, image_encoder=True, seed=0)
+    torch_pipe = save_random_pipeline(folder, image_encoder=True, seed=0)
     return folder, torch_pipe, sd.load(folder)
 
 
@@ -120,6 +122,34 @@ def test_ddim_cfg_parity_epsilon_leading(tiny):
     assert np.abs(img - ref_img).max() > 10 * IMAGE_ATOL
 
 
+def test_cfg_scale_sweep_compiles_the_unet_once(tiny):
+    """Five CFG scales on the SD pipeline: one compiled program (a new scale is a traced
+    leaf, not a new UNet compile), and each scale gives a different result that matches
+    diffusers at that scale (checked at the two ends)."""
+    _, torch_pipe, pipe = tiny
+    noise = jnp.asarray(initial_noise(pipe, 1))
+    cond = pipe.encode_prompt(pipe.tokenize(PROMPTS))
+    smp = samplers.ddim(pipe.schedule, STEPS, **pipe.grid_kwargs)
+
+    def run(w):
+        return jaxdiv.sample(smp, pipe.denoiser, noise, key=jax.random.key(0), cond=cond,
+                             guidance=guidance.cfg(w, null_cond=pipe.null_cond)).x0  # fmt: skip
+
+    outs = [run(1.5)]
+    before = jaxdiv.compile_count()
+    outs += [run(w) for w in (3.0, 5.0, 7.5, 12.0)]
+    assert jaxdiv.compile_count() - before == 0
+    assert len({np.asarray(o).tobytes() for o in outs}) == 5
+    for w, lat in ((1.5, outs[0]), (12.0, outs[-1])):
+        with torch.no_grad():
+            ref = torch_pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=w, eta=0.0,
+                             latents=torch.from_numpy(np.array(noise)), output_type="latent",
+                             height=noise.shape[2] * torch_pipe.vae_scale_factor,
+                             width=noise.shape[3] * torch_pipe.vae_scale_factor).images
+        ref = ref.numpy()
+        assert np.abs(np.asarray(lat) - ref).max() <= LATENT_RTOL * max(1.0, np.abs(ref).max())
+
+
 def test_ddim_cfg_parity_v_prediction_trailing_linear(tiny, tmp_path):
     folder, torch_pipe, _ = tiny
     v_folder = tmp_path / "sd_v"
@@ -165,8 +195,8 @@ def test_prompt_and_image_encoders_match_pytorch(tiny, tmp_path):
     # images at the encoder's resolution need no resize: preprocessing is exactly
     # ((x + 1) / 2 - mean) / std, so the features must match transformers'
     images = np.random.default_rng(3).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
-    mean = np.array(sd.OPENAI_CLIP_MEAN, np.float32)[:, None, None]
-    std = np.array(sd.OPENAI_CLIP_STD, np.float32)[:, None, None]
+    mean = np.array(OPENAI_CLIP_MEAN, np.float32)[:, None, None]
+    std = np.array(OPENAI_CLIP_STD, np.float32)[:, None, None]
     with torch.no_grad():
         ref = torch_pipe.image_encoder(torch.from_numpy(((images + 1) / 2 - mean) / std))
     got = pipe.encode_image(jnp.asarray(images))
@@ -181,8 +211,8 @@ def test_prompt_and_image_encoders_match_pytorch(tiny, tmp_path):
     offset=st.integers(0, 1),
 )
 def test_grid_is_diffusers_ddim_timesteps(num_steps, spacing, offset):
-    config = dict(sd.TINY_SCHEDULER, timestep_spacing=spacing, steps_offset=offset)
-    sch, _, grid_kwargs = sd.schedule_from_config(config)
+    config = dict(TINY_SCHEDULER, timestep_spacing=spacing, steps_offset=offset)
+    sch, _, grid_kwargs = schedule_from_config(config)
     ref = DDIMScheduler(**config)
     ref.set_timesteps(num_steps)
     assume(int(ref.timesteps.max()) <= 999)  # diffusers allows 1000 (leading, offset 1)
@@ -201,8 +231,8 @@ def test_grid_is_diffusers_ddim_timesteps(num_steps, spacing, offset):
     ],
 )
 def test_schedule_matches_diffusers_alphas_cumprod(overrides):
-    config = dict(sd.TINY_SCHEDULER, **overrides)
-    sch, pred, _ = sd.schedule_from_config(config)
+    config = dict(TINY_SCHEDULER, **overrides)
+    sch, pred, _ = schedule_from_config(config)
     ref = DDIMScheduler(**config).alphas_cumprod.numpy()
     # float32 cumprod in torch vs float64 in jaxdiv: ~1e-7 relative over 1000 factors
     np.testing.assert_allclose(np.asarray(sch.alphas_cumprod), ref, rtol=1e-5, atol=1e-7)
@@ -211,15 +241,15 @@ def test_schedule_matches_diffusers_alphas_cumprod(overrides):
 
 def test_schedule_config_errors():
     with pytest.raises(ValueError, match="beta_schedule must be one of"):
-        sd.schedule_from_config({"beta_schedule": "sigmoid"})
+        schedule_from_config({"beta_schedule": "sigmoid"})
     with pytest.raises(ValueError, match="prediction_type must be"):
-        sd.schedule_from_config({"prediction_type": "flow"})
+        schedule_from_config({"prediction_type": "flow"})
     with pytest.raises(ValueError, match="rescale_betas_zero_snr=True is not supported"):
-        sd.schedule_from_config({"rescale_betas_zero_snr": True})
+        schedule_from_config({"rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
-        sd.schedule_from_config({"timestep_spacing": "karras"})
+        schedule_from_config({"timestep_spacing": "karras"})
     with pytest.raises(ValueError, match="trained_betas must have num_train_timesteps=1000"):
-        sd.schedule_from_config({"trained_betas": [0.1, 0.2]})
+        schedule_from_config({"trained_betas": [0.1, 0.2]})
 
 
 def _copy(folder, tmp_path, name):

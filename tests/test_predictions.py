@@ -1,5 +1,4 @@
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,4 +50,6 @@ def test_as_denoiser_errors():
         P.as_denoiser(lambda x, t, c: x, schedules.edm(), "score")
     with pytest.raises(TypeError, match="callable"):
         P.as_denoiser(3, schedules.edm())
-    assert jnp.isfinite(P.eps_to_x0(0.0, 1.0, 1.0, 0.0))
+    # at the clean end (alpha=1, sigma=0) x0_hat = (x - 0 * eps) / 1 is x itself, exactly
+    assert float(P.eps_to_x0(0.0, 1.0, 1.0, 0.0)) == 1.0
+    assert float(P.eps_to_x0(5.0, -2.5, 1.0, 0.0)) == -2.5

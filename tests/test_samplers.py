@@ -221,7 +221,53 @@ def test_final_output_is_last_guided_x0_hat(make, gmm2):
     np.testing.assert_array_equal(np.asarray(out.x0), np.asarray(out.trace.x0_hat[-1]))
 
 
+def _counting_step(sampler, i, x, state, denoise, carry, keys):
+    """The shared first-order step with a step counter as the sampler's own state."""
+    x_next, _, carry, out = samplers.first_order_step(sampler, i, x, (), denoise, carry, keys)
+    return x_next, state + 1, carry, out
+
+
+def _zero_count(sampler, x):
+    return jnp.int32(0)
+
+
+def test_custom_sampler_with_the_v2_protocol(gmm2):
+    """A Sampler assembled by hand from the public pieces (init(sampler, x), step(sampler,
+    i, x, state, denoise, carry, keys)) runs like the factory's; its state is returned."""
+    from jaxdiv.samplers.base import FirstOrderOptions
+
+    sch = schedules.vp_linear()
+    ref = samplers.ddim(sch, 10, eta=1.0)
+    noise = jax.random.normal(jax.random.key(5), (8, 2))
+    den = gmm2.denoiser(sch)
+    want = jaxdiv.sample(ref, den, noise, key=jax.random.key(6))
+    assert want.sampler_state == ()
+    mine = samplers.Sampler("mine", sch, ref.times, samplers.no_state, samplers.first_order_step,
+                            FirstOrderOptions(1.0), 10)  # fmt: skip
+    got = jaxdiv.sample(mine, den, noise, key=jax.random.key(6))
+    np.testing.assert_array_equal(np.asarray(got.x0), np.asarray(want.x0))
+    counted = jaxdiv.sample(mine._replace(init=_zero_count, step=_counting_step), den, noise,
+                            key=jax.random.key(6))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(counted.x0), np.asarray(want.x0))
+    assert int(counted.sampler_state) == 10
+
+
+def test_nfe_is_computed_by_the_factory():
+    assert samplers.edm(schedules.edm(), 18).nfe == 35
+    assert samplers.edm(schedules.edm(), 18, heun=False).nfe == 18
+    assert samplers.ddim(schedules.vp_linear(), 25).nfe == 25
+    assert samplers.flow_euler(schedules.flow(), 28).nfe == 28
+    assert samplers.ddim(schedules.edm(), times=[2.0, 1.0, 0.0]).nfe == 2
+
+
 def test_sampler_factory_errors():
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0, got inf"):
+        samplers.ddim(schedules.vp_linear(), 10, eta=float("inf"))
+    # samplers/grid.py still has its own message (api_v2.md: "an integer >= 1")
+    with pytest.raises(ValueError, match="num_steps must be (a positive integer|an integer >= 1)"):
+        samplers.ddim(schedules.edm(), 0)
+    with pytest.raises(TypeError, match="heun must be a bool"):
+        samplers.edm(schedules.edm(), 10, heun=1)
     with pytest.raises(ValueError, match="num_steps"):
         samplers.ddim(schedules.edm(), 0)
     with pytest.raises(ValueError, match="num_steps"):

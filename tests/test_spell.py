@@ -206,7 +206,7 @@ def test_sparsity_bitwise(name):
     # every shield out of reach (the intra-batch path is checked in test_no_self_repulsion)
     far = spell(0.6, reference=jnp.full((4, 2), 100.0), intra_batch=False)
     far = jaxdiv.sample(smp, den, noise, key=key, guidance=far, trace=True)
-    assert not bool(jnp.any(far.trace.info[0].active))
+    assert not bool(jnp.any(far.trace.info["spell"].active))
     for a, b in ((base.x0, far.x0), (base.trace.x, far.trace.x),
                  (base.trace.x0_hat, far.trace.x0_hat)):  # fmt: skip
         np.testing.assert_array_equal(_bits(a), _bits(b))
@@ -215,7 +215,7 @@ def test_sparsity_bitwise(name):
     z = jnp.concatenate([base.x0[:1] + 0.05, jnp.full((3, 2), 100.0)])
     part = jaxdiv.sample(smp, den, noise, key=key, trace=True,
                          guidance=spell(0.6, reference=z, intra_batch=False))  # fmt: skip
-    ever = np.asarray(jnp.any(part.trace.info[0].active, axis=0))
+    ever = np.asarray(jnp.any(part.trace.info["spell"].active, axis=0))
     assert 0 < ever.sum() < len(ever)
     np.testing.assert_array_equal(_bits(part.trace.x[:, ~ever]), _bits(base.trace.x[:, ~ever]))
     np.testing.assert_array_equal(_bits(part.x0[~ever]), _bits(base.x0[~ever]))
@@ -364,15 +364,54 @@ def test_info_fields():
 
 
 def test_trace_records_info_per_step():
+    """The per-step info is that of each step's correction: recomputed independently
+    (float64 NumPy, Eq. 5/7) from the pre-correction x0_hat = D(x_t, t) at the traced x_t
+    (flow Euler: one evaluation per step)."""
     sch, smp = SAMPLERS["flow"]
     gm = _mixture(2)
+    den = gm.denoiser(sch)
     noise = jax.random.normal(jax.random.key(0), (5, 2))
-    out = jaxdiv.sample(smp, gm.denoiser(sch), noise, key=jax.random.key(1),
-                        guidance=spell(0.3), trace=True)  # fmt: skip
-    info = out.trace.info[0]
+    r = 0.3
+    out = jaxdiv.sample(smp, den, noise, key=jax.random.key(1), guidance=spell(r), trace=True)
+    info = out.trace.info["spell"]
     assert info.active.shape == (16, 5) and info.num_active_shields.dtype == jnp.int32
     assert info.score_ratio.shape == (16, 5)
     assert bool(jnp.all(jnp.isfinite(info.score_ratio)))  # alpha(t=1) = 0 on flow: ratio 0
+    assert bool(jnp.all(out.trace.active["spell"]))
+    tr = out.trace
+    n_active = 0
+    for i in range(smp.num_steps):
+        x, t = np.asarray(tr.x[i], np.float64), tr.t[i]
+        pre = np.asarray(den(tr.x[i], t), np.float64)  # x0_hat before SPELL's correction
+        dist = np.linalg.norm(pre[:, None] - pre[None], axis=-1)
+        np.fill_diagonal(dist, np.inf)
+        assert np.abs(dist - r).min() > 1e-4  # no pair on the boundary: the mask is exact
+        inside = dist < r
+        np.testing.assert_array_equal(np.asarray(info.active[i]), inside.any(axis=1))
+        np.testing.assert_array_equal(np.asarray(info.num_active_shields[i]), inside.sum(1))
+        # Eq. 7: Delta_i = sum_{j != i} relu(r / |x_i - x_j| - 1) (x_i - x_j); a pair that
+        # coincides exactly (flow's t = 1, alpha = 0: every x0_hat is the data mean) moves
+        # by r along x_t^i - x_t^j (the documented fallback direction)
+        same = dist == 0
+        coef = np.where(inside & ~same, r / np.where(same, 1.0, dist) - 1.0, 0.0)
+        delta = np.einsum("ij,ijd->id", coef, pre[:, None] - pre[None])
+        if not same.any():
+            np.testing.assert_allclose(spell_delta(pre, r), delta, rtol=1e-5, atol=1e-6)
+        off = x[:, None] - x[None]
+        off_norm = np.linalg.norm(off, axis=-1)
+        fall = np.where(same, r / np.where(same, off_norm, 1.0), 0.0)
+        delta = delta + np.einsum("ij,ijd->id", fall, off)
+        np.testing.assert_allclose(info.delta_norm[i], np.linalg.norm(delta, axis=1),
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+        # the traced x0_hat is the corrected one
+        np.testing.assert_allclose(tr.x0_hat[i], pre + delta, rtol=1e-5, atol=1e-5)
+        alpha, sigma = float(sch.alpha(t)), float(sch.sigma(t))
+        score = np.linalg.norm(alpha * pre - x, axis=1) / sigma**2
+        want = alpha * np.linalg.norm(delta, axis=1) / sigma**2 / score
+        np.testing.assert_allclose(info.score_ratio[i], want, rtol=1e-4, atol=1e-7)
+        n_active += int(inside.any(axis=1).sum())
+    # non-vacuous: some but not all (sample, step) pairs were inside a shield
+    assert 0 < n_active < smp.num_steps * 5
 
 
 def test_differentiable_through_the_sampler():
@@ -415,7 +454,7 @@ def test_feature_space_guarantee_for_a_linear_map():
     term = spell(r, reference=zf, intra_batch=False, feature_map=phi, pullback_steps=1)
     out = jaxdiv.sample(smp, den, noise, key=key, guidance=term, trace=True)
     assert _min_dist(phi(out.x0), zf).min() >= r * (1 - 1e-4)
-    assert float(out.trace.info[0].pullback_residual.max()) < 1e-4 * r
+    assert float(out.trace.info["spell"].pullback_residual.max()) < 1e-4 * r
 
 
 def test_feature_space_nonlinear_map_bound():

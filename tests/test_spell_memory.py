@@ -8,8 +8,8 @@ import pytest
 import jaxdiv
 import toy
 from jaxdiv import guidance, samplers, schedules
-from jaxdiv.guidance.shield_memory import memory_vectors, spell_batched
-from jaxdiv.guidance.spell import SpellState, spell
+from jaxdiv.guidance.spell import SpellState, memory_vectors, spell
+from jaxdiv.recipes import spell_batched
 
 SCH = schedules.edm()
 SMP = samplers.edm(SCH, 8)
@@ -24,15 +24,16 @@ def _dist(a, b):
 
 def test_batches_share_one_compile_and_memory_holds_the_outputs():
     noise = jax.random.normal(jax.random.key(0), (8, 2))
-    before = jaxdiv.sampling._run._cache_size()
+    before = jaxdiv.compile_count()
     out = spell_batched(SMP, DEN, noise, key=jax.random.key(1), radius=0.1, batch_size=2)
-    assert jaxdiv.sampling._run._cache_size() - before <= 1
-    state = out.state[-1]
+    assert jaxdiv.compile_count() - before <= 1
+    assert sorted(out.state) == ["spell"]
+    state = out.state["spell"]
     assert isinstance(state, SpellState) and int(state.count) == 8
     np.testing.assert_array_equal(np.asarray(memory_vectors(state)), np.asarray(out.x0))
     # a second call with the same configuration reuses the program
     spell_batched(SMP, DEN, noise, key=jax.random.key(2), radius=0.2, batch_size=2)
-    assert jaxdiv.sampling._run._cache_size() - before <= 1
+    assert jaxdiv.compile_count() - before <= 1
 
 
 def test_one_by_one_second_sample_avoids_the_first():
@@ -79,7 +80,7 @@ def test_ring_buffer_keeps_the_latest_outputs():
     noise = jax.random.normal(jax.random.key(7), (6, 2))
     out = spell_batched(SMP, DEN, noise, key=jax.random.key(8), radius=0.1, batch_size=2,
                         memory_size=4)  # fmt: skip
-    mem = memory_vectors(out.state[-1])
+    mem = memory_vectors(out.state["spell"])
     np.testing.assert_array_equal(np.asarray(mem), np.asarray(out.x0[2:]))
 
 
@@ -95,15 +96,57 @@ def test_guidance_state_continues_a_previous_call():
     np.testing.assert_array_equal(np.asarray(out.x0), np.asarray(jnp.concatenate([a.x0, b.x0])))
 
 
+def _eq5(x0, shields, r):
+    """Eq. 5 in float64 NumPy: Delta_i = sum_k relu(r / |x_i - z_k| - 1)(x_i - z_k), and the
+    number of shields strictly within r (``shields`` (B, K, d): per-sample shield sets)."""
+    diff = x0[:, None] - shields
+    dist = np.linalg.norm(diff, axis=-1)
+    assert dist.min() > 0 and np.abs(dist - r).min() > 1e-5  # no ties: the mask is exact
+    inside = dist < r
+    coef = np.where(inside, r / dist - 1.0, 0.0)
+    return np.einsum("bk,bkd->bd", coef, diff), inside.sum(axis=1)
+
+
 def test_chained_with_cfg_and_condition():
-    """Other terms (CFG) chain before SPELL; the condition is split per batch."""
+    """Other terms (CFG) chain before SPELL; the condition is split per batch. At every
+    step of each batch the traced x0_hat is CFG's D_u + w (D_c - D_u) at the traced x_t
+    (recomputed here), moved by SPELL's Eq. 5/7 computed on that CFG-combined x0_hat with
+    the other batch member and the earlier batches' outputs as shields."""
+    r, w = 0.25, 2.0
     den = lambda x, t, c: DEN(x, t) + 0.01 * c
     noise = jax.random.normal(jax.random.key(11), (4, 2))
-    cond = jnp.ones((4, 2))
-    out = spell_batched(SMP, den, noise, key=jax.random.key(12), radius=0.1, batch_size=2,
-                        cond=cond, guidance=guidance.cfg(2.0), trace=True)  # fmt: skip
-    assert len(out.state) == 2 and int(out.state[-1].count) == 4
-    assert len(out.traces) == 2 and out.traces[0].info[1].active.shape == (8, 2)
+    cond = 1.0 + 0.3 * jax.random.normal(jax.random.key(15), (4, 2))  # per-sample shifts
+    out = spell_batched(SMP, den, noise, key=jax.random.key(12), radius=r, batch_size=2,
+                        cond=cond, guidance=guidance.cfg(w), trace=True)  # fmt: skip
+    assert sorted(out.state) == ["cfg", "spell"] and int(out.state["spell"].count) == 4
+    assert len(out.traces) == 2 and out.traces[0].info["spell"].active.shape == (8, 2)
+    x0 = np.asarray(out.x0, np.float64)
+    active_steps = 0
+    for j, tr in enumerate(out.traces):
+        c = cond[2 * j : 2 * j + 2]
+        for i in range(SMP.num_steps):
+            x, t = tr.x[i], tr.t[i]
+            d_c, d_u = den(x, t, c), den(x, t, jnp.zeros_like(c))
+            cfg_x0 = np.asarray(d_u + w * (d_c - d_u), np.float64)
+            rms = np.sqrt(np.mean(np.asarray(d_c - d_u, np.float64) ** 2, axis=1)).mean()
+            np.testing.assert_allclose(tr.info["cfg"].guidance_norm[i], rms, rtol=1e-4)
+            # shields: the other member's CFG-combined x0_hat, then the earlier outputs
+            shields = np.stack([cfg_x0[::-1]] + [np.broadcast_to(p, (2, 2)) for p in x0[: 2 * j]],
+                               axis=1)  # fmt: skip
+            delta, count = _eq5(cfg_x0, shields, r)
+            info = jax.tree.map(lambda a, i=i: np.asarray(a[i]), tr.info["spell"])
+            np.testing.assert_array_equal(info.num_active_shields, count)
+            np.testing.assert_array_equal(info.active, count > 0)
+            np.testing.assert_allclose(tr.x0_hat[i], cfg_x0 + delta, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(info.delta_norm, np.linalg.norm(delta, axis=1),
+                                       rtol=1e-4, atol=1e-6)  # fmt: skip
+            active_steps += int(info.active.any())
+    assert active_steps > 0  # SPELL did act
+    # batch 0 (B = 2, no memory yet) ends >= r apart; CFG alone would leave it closer
+    plain = jaxdiv.sample(SMP, den, noise[:2], key=jax.random.fold_in(jax.random.key(12), 0),
+                          cond=cond[:2], guidance=guidance.cfg(w)).x0  # fmt: skip
+    assert _dist(plain[:1], plain[1:])[0, 0] < r
+    assert _dist(out.x0[:1], out.x0[1:2])[0, 0] >= r * (1 - 1e-5)
 
 
 def test_feature_memory_stores_features():
@@ -112,7 +155,8 @@ def test_feature_memory_stores_features():
     noise = jax.random.normal(jax.random.key(13), (4, 2))
     out = spell_batched(SMP, DEN, noise, key=jax.random.key(14), radius=0.05, batch_size=2,
                         feature_map=phi)  # fmt: skip
-    np.testing.assert_allclose(memory_vectors(out.state[-1]), phi(out.x0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(memory_vectors(out.state["spell"]), phi(out.x0), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_bad_inputs():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxdiv.guidance.radius_search import (
+from jaxdiv.guidance.spell.radius_search import (
     build_index,
     build_ivf,
     ivf_repulsion,

@@ -1,11 +1,11 @@
 """Guidance terms and their combinators.
 
-Each method lives in its own module; all share the protocol of :mod:`jaxdiv.guidance.base`
-(``GuidanceTerm(init, apply, hook)``, composed with :func:`chain`, restricted with
-:func:`window`).
+Each method lives in its own module (or small package); all share the protocol of
+:mod:`jaxdiv.guidance.base`: ``GuidanceTerm(init, apply, hook, name)`` with traced
+hyperparameters, composed and named with :func:`chain`, restricted with :func:`window`;
+:func:`stateless` writes a new term in a few lines.
 """
 
-from jaxdiv.guidance import radius_search
 from jaxdiv.guidance.base import (
     HOOKS,
     Chain,
@@ -14,6 +14,7 @@ from jaxdiv.guidance.base import (
     WindowInfo,
     as_terms,
     chain,
+    stateless,
     window,
 )
 from jaxdiv.guidance.cads import CADSInfo, cads, cads_gamma, cads_time
@@ -21,6 +22,7 @@ from jaxdiv.guidance.cfg import CFGInfo, cfg
 from jaxdiv.guidance.gass import (
     AXES,
     GASSInfo,
+    GramExpectation,
     active_steps,
     expected_gram_det,
     gass,
@@ -30,12 +32,12 @@ from jaxdiv.guidance.gass import (
 )
 from jaxdiv.guidance.interval import interval
 from jaxdiv.guidance.particle import ParticleInfo, particle
-from jaxdiv.guidance.shield_memory import BatchedOutput, memory_vectors, spell_batched
 from jaxdiv.guidance.spell import (
     SpellInfo,
     SpellState,
     median_pairwise_distance,
-    radius_from_unguided,
+    memory_vectors,
+    radius_search,
     repulsion_field,
     repulsion_potential,
     spell,
@@ -50,6 +52,7 @@ __all__ = [
     "WindowInfo",
     "as_terms",
     "chain",
+    "stateless",
     "window",
     # baselines
     "cfg",
@@ -64,13 +67,10 @@ __all__ = [
     # SPELL
     "spell",
     "spell_delta",
-    "spell_batched",
     "SpellInfo",
     "SpellState",
-    "BatchedOutput",
     "memory_vectors",
     "median_pairwise_distance",
-    "radius_from_unguided",
     "repulsion_field",
     "repulsion_potential",
     "radius_search",
@@ -82,5 +82,7 @@ __all__ = [
     "active_steps",
     "expected_gram_det",
     "GASSInfo",
+    "GramExpectation",
     "AXES",
 ]
+

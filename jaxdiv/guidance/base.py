@@ -1,40 +1,54 @@
-"""The guidance-term protocol, its three hook points, ``chain`` and time windows.
+"""The guidance-term protocol, its three hook points, ``chain``, ``window`` and ``stateless``.
 
-A guidance term is an optax-style NamedTuple of pure functions::
+A guidance term is an optax-style NamedTuple of pure functions plus a hook and a name::
 
-    GuidanceTerm(init, apply, hook)
+    GuidanceTerm(init, apply, hook, name)
 
 * ``init(x, cond, key) -> state`` is called once per :func:`jaxdiv.sample` call with the
-  initial (scaled) noise batch. Put large arrays a term needs (reference sets, shield
-  memories) in its state or close over them; both are passed to XLA as arguments.
-* ``apply`` is called at every denoiser evaluation and returns ``(out, state, info)``;
-  ``info`` is a pytree of per-step diagnostics kept in the trace. Its signature depends
-  on ``hook``:
+  initial (scaled) noise batch.
+* ``apply(state, arg, ctx) -> (out, state, info)`` is called at every denoiser evaluation;
+  ``info`` is a pytree of per-step diagnostics kept in the trace under the term's name.
+  What ``arg`` and ``out`` are depends on ``hook``:
 
   ============  ==========================================  ===========================
-  hook          ``apply(state, ...)``                       examples
+  hook          ``apply(state, arg, ctx)``                  examples
   ============  ==========================================  ===========================
-  "condition"   ``apply(state, cond, ctx) -> cond``         CADS, TPSO variants
-  "denoiser"    ``apply(state, denoise, ctx) -> x0_hat``    CFG, interval guidance
-  "x0"          ``apply(state, x0_hat, ctx) -> x0_hat``     SPELL, particle guidance, GASS
+  "condition"   ``arg = cond`` -> the condition             CADS
+  "denoiser"    ``arg = denoise(x, cond)`` -> ``x0_hat``    CFG, interval guidance
+  "x0"          ``arg = x0_hat`` -> ``x0_hat``              SPELL, particle guidance, GASS
   ============  ==========================================  ===========================
 
   ``denoise(x, cond) -> x0_hat`` calls the model at the current time; ``ctx`` is a
   :class:`StepContext`. Terms that couple samples see the whole batch.
 
+**Compile once per structure.** :func:`jaxdiv.sample` traces every array leaf of a term
+and keys its compile cache on everything else. So a factory binds module-level functions
+with :class:`jax.tree_util.Partial` and stores every number as an array leaf (see
+:mod:`jaxdiv.validation`): ``cfg(2.0)`` and ``cfg(3.0)`` share one compiled program and
+``jax.grad`` reaches the scale. A closure over a Python float would recompile for every
+value. :func:`stateless` does this for the common case of a term without state.
+
+Hooks are strings; a term whose ``apply``/``init`` cannot take the protocol's arguments is
+refused with a message naming the expected signature when it is chained or sampled.
+
 Terms compose with :func:`chain` (conditions first, then the single denoiser-combination
-term, then x0 terms in chain order — put SPELL last so its distance guarantee holds for
-the final ``x0_hat``) and are restricted in time with :func:`window`.
+term, then x0 terms in chain order; put SPELL last so its distance guarantee holds for
+the final ``x0_hat``), are named there (``chain(spell=..., cfg=...)``; the trace's
+``info`` is a dict by name) and are restricted in time with :func:`window`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
+
+from jaxdiv import validation
 
 __all__ = [
     "HOOKS",
@@ -44,20 +58,24 @@ __all__ = [
     "WindowInfo",
     "chain",
     "window",
+    "stateless",
     "as_terms",
     "init_terms",
     "guided_denoise",
 ]
 
 HOOKS = ("condition", "denoiser", "x0")
+_ARG = {"condition": "cond", "denoiser": "denoise", "x0": "x0_hat"}
 
 
 class GuidanceTerm(NamedTuple):
-    """One guidance method: ``init(x, cond, key) -> state`` and a hook-specific ``apply``."""
+    """One guidance method: ``init(x, cond, key) -> state``, ``apply(state, arg, ctx) ->
+    (out, state, info)``, its ``hook`` and the ``name`` its diagnostics appear under."""
 
     init: Callable
     apply: Callable
     hook: str
+    name: str = "term"
 
 
 class StepContext(NamedTuple):
@@ -71,6 +89,8 @@ class StepContext(NamedTuple):
         num_steps: number of sampler steps ``N`` (static).
         key: a PRNG key unique to this term and evaluation.
         cond: the condition after the condition hooks (None when unconditional).
+        evaluation: 0 for a step's first denoiser evaluation, 1 for a second one (Heun's
+            correction), ...
     """
 
     x: Any
@@ -81,6 +101,7 @@ class StepContext(NamedTuple):
     num_steps: int
     key: Any
     cond: Any
+    evaluation: Any = 0
 
     @property
     def noise_level(self):
@@ -98,12 +119,23 @@ class StepContext(NamedTuple):
 
 
 class Chain(NamedTuple):
-    """Several terms applied in order; built by :func:`chain`."""
+    """Several named terms applied in order; built by :func:`chain`."""
 
     terms: tuple
 
-    def init(self, x, cond, key):
-        return init_terms(self.terms, x, cond, key)
+    @property
+    def names(self) -> tuple:
+        return tuple(t.name for t in self.terms)
+
+
+def _binds(fn, nargs: int) -> bool:
+    try:
+        inspect.signature(fn).bind(*([None] * nargs))
+    except TypeError:
+        return False
+    except ValueError:  # no signature available (some builtins): trust the caller
+        return True
+    return True
 
 
 def _check_term(term, where="guidance"):
@@ -113,69 +145,149 @@ def _check_term(term, where="guidance"):
         )
     if term.hook not in HOOKS:
         raise ValueError(f"{where}.hook must be one of {HOOKS}, got {term.hook!r}")
+    if not isinstance(term.name, str) or not term.name:
+        raise TypeError(f"{where}.name must be a non-empty string, got {term.name!r}")
+    if not callable(term.init) or not _binds(term.init, 3):
+        raise TypeError(
+            f"{where} {term.name!r}: init must be callable as init(x, cond, key) -> state, "
+            f"got {_describe(term.init)}"
+        )
+    if not callable(term.apply) or not _binds(term.apply, 3):
+        raise TypeError(
+            f"{where} {term.name!r} (hook {term.hook!r}): apply must be callable as "
+            f"apply(state, {_ARG[term.hook]}, ctx) -> (out, state, info), got "
+            f"{_describe(term.apply)}"
+        )
+
+
+def _describe(fn) -> str:
+    if not callable(fn):
+        return type(fn).__name__
+    try:
+        return f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return repr(fn)
+
+
+def _flatten(guidance, where="guidance") -> list:
+    if guidance is None:
+        return []
+    if isinstance(guidance, Chain):
+        return [t for term in guidance.terms for t in _flatten(term, where)]
+    _check_term(guidance, where)
+    return [guidance]
 
 
 def as_terms(guidance) -> tuple:
-    """Normalise ``None``, a term or a (nested) :class:`Chain` to a flat tuple of terms.
+    """Normalise ``None``, a term or a (nested) :class:`Chain` to a flat tuple of terms
+    with unique names.
 
     >>> as_terms(None)
     ()
+    >>> [t.name for t in as_terms(chain(_identity_x0(), _identity_x0()))]
+    ['identity', 'identity_2']
     """
-    if guidance is None:
-        return ()
-    if isinstance(guidance, Chain):
-        out = ()
-        for t in guidance.terms:
-            out = out + as_terms(t)
-        return out
-    _check_term(guidance)
-    return (guidance,)
+    return _unique([(t, False) for t in _flatten(guidance)])
 
 
-def chain(*terms) -> Chain:
+def _unique(flagged) -> tuple:
+    """Terms with unique names: keyword names (flag True) are kept, and must differ;
+    repeated factory names are numbered ``_2``, ``_3``, ..."""
+    explicit = [t.name for t, fixed in flagged if fixed]
+    taken = set(explicit)
+    out = []
+    for term, fixed in flagged:
+        if not fixed:
+            name, k = term.name, 2
+            while name in taken:
+                name, k = f"{term.name}_{k}", k + 1
+            term = term._replace(name=name)
+            taken.add(name)
+        out.append(term)
+    return tuple(out)
+
+
+def chain(*terms, **named) -> Chain:
     """Compose guidance terms; nested chains are flattened.
+
+    Keyword arguments name their term (``chain(cfg=guidance.cfg(7.5), spell=...)``);
+    positional terms keep their factory's name (``"cfg"``, ``"spell"``, ...), numbered
+    ``_2``, ``_3`` when repeated. The trace's ``info`` and the output's ``state`` are
+    dicts keyed by these names.
 
     Conditions are transformed first (in order), then at most one denoiser-combination
     term calls the model, then x0 terms run in order.
 
-    >>> g = chain(window(_identity_x0(), steps=[0]), _identity_x0())
-    >>> len(as_terms(g))
-    2
+    >>> g = chain(window(_identity_x0(), steps=[0]), pull=_identity_x0())
+    >>> g.names
+    ('identity', 'pull')
     """
-    flat = as_terms(Chain(tuple(t for t in terms if t is not None)))
-    n_den = sum(t.hook == "denoiser" for t in flat)
+    flat = [(t, False) for term in terms for t in _flatten(term, "chain argument")]
+    for name, term in named.items():
+        if isinstance(term, Chain):
+            raise TypeError(f"chain keyword {name!r} must be a single term, got a chain")
+        _check_term(term, f"chain argument {name!r}")
+        flat.append((term._replace(name=name), True))
+    out = _unique(flat)
+    n_den = sum(t.hook == "denoiser" for t in out)
     if n_den > 1:
         raise ValueError(
             f"chain got {n_den} denoiser-combination terms (hook='denoiser'); only one can "
             "call the model per evaluation. Combine them into one term (e.g. wrap CFG in "
             "window() instead of chaining interval guidance with CFG)."
         )
-    return Chain(flat)
+    return Chain(out)
 
 
-def init_terms(terms: Sequence[GuidanceTerm], x, cond, key) -> tuple:
-    """Initial state of each term (a tuple, one entry per term)."""
-    keys = [jax.random.fold_in(key, j) for j in range(len(terms))]
-    return tuple(term.init(x, cond, k) for term, k in zip(terms, keys))
+def init_terms(terms, x, cond, key) -> dict:
+    """Initial state of each term: a dict by name."""
+    return {
+        term.name: term.init(x, cond, jax.random.fold_in(key, j)) for j, term in enumerate(terms)
+    }
 
 
-def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_steps, key):
+class WindowInfo(NamedTuple):
+    """Info of a windowed term as its ``apply`` returns it: whether it was active, and the
+    inner term's info (zeros when inactive). :func:`jaxdiv.sample` unpacks it into
+    ``trace.active[name]`` and ``trace.info[name]``."""
+
+    active: Any
+    inner: Any
+
+
+def _unwrap(info):
+    """``(active, info)`` with nested windows' activity combined."""
+    active = jnp.asarray(True)
+    while isinstance(info, WindowInfo):
+        active = active & info.active
+        info = info.inner
+    return active, info
+
+
+def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_steps, key,
+                   evaluation=0):  # fmt: skip
     """One guided denoiser evaluation: condition hooks, model call(s), x0 hooks.
 
-    Returns ``(x0_hat, states, infos)``. Raises a clear error (at trace time) when the
-    denoiser's output shape differs from ``x``.
+    Returns ``(x0_hat, states, infos, actives)``, the last three dicts by term name.
+    Raises a clear error (at trace time) when the denoiser's output shape differs from ``x``.
     """
     alpha = schedule.alpha(t)
     sigma = schedule.sigma(t)
-    states = list(states)
-    infos = [None] * len(terms)
+    states = dict(states)
+    infos, actives = {}, {}
 
     def ctx_for(j, c):
-        return StepContext(x, t, alpha, sigma, step, num_steps, jax.random.fold_in(key, j), c)
+        k = jax.random.fold_in(key, j)
+        return StepContext(x, t, alpha, sigma, step, num_steps, k, c, evaluation)
+
+    def record(term, out):
+        value, states[term.name], info = out
+        actives[term.name], infos[term.name] = _unwrap(info)
+        return value
 
     for j, term in enumerate(terms):
         if term.hook == "condition":
-            cond, states[j], infos[j] = term.apply(states[j], cond, ctx_for(j, cond))
+            cond = record(term, term.apply(states[term.name], cond, ctx_for(j, cond)))
 
     def denoise(xx, cc):
         out = denoiser(xx, t, cc)
@@ -186,96 +298,178 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
             )
         return out.astype(xx.dtype)
 
-    den_terms = [j for j, term in enumerate(terms) if term.hook == "denoiser"]
-    if den_terms:
-        j = den_terms[0]
-        x0_hat, states[j], infos[j] = terms[j].apply(states[j], denoise, ctx_for(j, cond))
+    den = [j for j, term in enumerate(terms) if term.hook == "denoiser"]
+    if den:
+        term = terms[den[0]]
+        x0_hat = record(term, term.apply(states[term.name], denoise, ctx_for(den[0], cond)))
     else:
         x0_hat = denoise(x, cond)
 
     for j, term in enumerate(terms):
         if term.hook == "x0":
-            x0_hat, states[j], infos[j] = term.apply(states[j], x0_hat, ctx_for(j, cond))
-    return x0_hat, tuple(states), tuple(infos)
+            x0_hat = record(term, term.apply(states[term.name], x0_hat, ctx_for(j, cond)))
+    return x0_hat, states, infos, actives
 
 
-class WindowInfo(NamedTuple):
-    """Info of a windowed term: whether it was active, and the inner term's info
-    (zeros when inactive)."""
+def _bounds(value, name):
+    """``(low, high]`` as two scalar leaves, ``None`` ends open (+-inf)."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
+    lo = validation.real(f"{name}[0]", -np.inf if value[0] is None else value[0],
+                         allow_inf=True)  # fmt: skip
+    hi = validation.real(f"{name}[1]", np.inf if value[1] is None else value[1],
+                         allow_inf=True)  # fmt: skip
+    if validation.is_concrete(lo, hi) and not float(lo) < float(hi):
+        raise ValueError(f"{name} must have low < high, got {value!r}")
+    return lo, hi
 
-    active: Any
-    inner: Any
 
-
-def _interval_mask(value, bounds, name):
+def _within(value, bounds):
     if bounds is None:
-        return True
-    if len(bounds) != 2:
-        raise ValueError(f"{name} must be a (low, high) pair, got {bounds!r}")
+        return jnp.asarray(True)
     lo, hi = bounds
-    lo = -jnp.inf if lo is None else lo
-    hi = jnp.inf if hi is None else hi
     return (value > lo) & (value <= hi)
+
+
+def run_if(active, apply, hook, state, arg, ctx):
+    """``apply(state, arg, ctx)`` where ``active``, the identity elsewhere (``lax.cond``:
+    inactive evaluations skip the term's computation), with :class:`WindowInfo`."""
+    on = lambda: apply(state, arg, ctx)
+    zeros_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on)[2])
+
+    def off():
+        out = arg(ctx.x, ctx.cond) if hook == "denoiser" else arg
+        return out, state, zeros_info
+
+    out, new_state, info = jax.lax.cond(active, on, off)
+    return out, new_state, WindowInfo(active, info)
+
+
+def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
+    active = _within(ctx.t, t) & _within(ctx.noise_level, noise_level)
+    if steps is not None:
+        active = active & jnp.any(steps == ctx.step)
+    return run_if(active, apply, hook, state, arg, ctx)
 
 
 def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> GuidanceTerm:
     """Restrict ``term`` to part of the trajectory; elsewhere it is the identity.
 
     Args:
-        term: the guidance term to restrict.
+        term: the guidance term to restrict (it keeps its name).
         t: ``(low, high]`` interval of process time ``t`` (None for an open end).
         noise_level: ``(low, high]`` interval of ``sigma / alpha`` — the same on VP, EDM
             and flow processes (interval guidance, Kynkaanniemi et al. 2024, Sec. 3).
         steps: sampler step indices (a sequence of ints) where the term is active.
 
     All given conditions must hold. Inactive evaluations skip the term's computation
-    (``lax.cond``) and report zero info.
+    (``lax.cond``) and report zero info; ``out.trace.active[name]`` says which steps were
+    active. The bounds and step indices are traced leaves: a new window of the same kind
+    (and the same number of steps) reuses the compiled program.
 
     >>> g = window(_identity_x0(), noise_level=(0.28, 5.42))
-    >>> g.hook
-    'x0'
+    >>> g.hook, g.name
+    ('x0', 'identity')
     """
     _check_term(term, "term")
     if t is None and noise_level is None and steps is None:
         raise ValueError("window needs at least one of t=, noise_level=, steps=")
-    step_set = None
+    step_idx = None
     if steps is not None:
         # validated with NumPy so window() can also be built inside a jit trace
-        idx = np.unique(np.asarray(steps, np.int64).ravel())
+        try:
+            idx = np.unique(np.asarray(steps, np.int64).ravel())
+        except (TypeError, ValueError):
+            raise TypeError(f"steps must be a sequence of ints, got {steps!r}") from None
         if idx.size == 0:
             raise ValueError("steps must name at least one step index")
         if idx.min() < 0:
             raise ValueError(f"steps must be >= 0, got {steps!r}")
-        step_set = idx.astype(np.int32)
+        step_idx = jnp.asarray(idx, jnp.int32)
+    apply = Partial(_window_apply, term.apply, term.hook, _bounds(t, "t"),
+                    _bounds(noise_level, "noise_level"), step_idx)  # fmt: skip
+    return term._replace(apply=apply)
 
-    def is_active(ctx):
-        on = jnp.asarray(True)
-        on = on & _interval_mask(ctx.t, t, "t")
-        on = on & _interval_mask(ctx.noise_level, noise_level, "noise_level")
-        if step_set is not None:
-            on = on & jnp.any(step_set == ctx.step)
-        return on
 
-    def identity(state, arg, ctx):
-        if term.hook == "denoiser":
-            return arg(ctx.x, ctx.cond)
-        return arg
+def _no_state(x, cond, key):
+    return ()
 
-    def apply(state, arg, ctx):
-        active = is_active(ctx)
-        on = lambda: term.apply(state, arg, ctx)
-        shapes = jax.eval_shape(on)
-        zeros_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
 
-        def off():
-            return identity(state, arg, ctx), state, zeros_info
+def _stateless_apply(fn, with_info, params, state, arg, ctx):
+    out = fn(arg, ctx, **params)
+    if with_info:
+        out, info = out
+    else:
+        info = ()
+    return out, state, info
 
-        out, new_state, info = jax.lax.cond(active, on, off)
-        return out, new_state, WindowInfo(active, info)
 
-    return GuidanceTerm(term.init, apply, term.hook)
+def stateless(hook: str, fn: Callable, *, name: str | None = None, info: bool = False,
+              **params) -> GuidanceTerm:  # fmt: skip
+    """A guidance term without state from ``fn(arg, ctx, **params) -> out``.
+
+    Like optax's ``stateless``: ``fn`` is the whole method; each keyword in ``params`` is
+    a hyperparameter, checked (numbers must be finite, arrays finite) and stored as a
+    traced leaf, so a new value reuses the compiled program. With ``info=True`` ``fn``
+    returns ``(out, info)`` and ``info`` lands in the trace. ``fn`` should be a
+    module-level function (a new lambda each call is a new program).
+
+    Args:
+        hook: ``"condition"``, ``"denoiser"`` or ``"x0"`` (see the module docstring for
+            what ``arg`` is).
+        fn: ``fn(arg, ctx, **params)``.
+        name: the name in traces (default: ``fn.__name__`` without leading underscores).
+        info: whether ``fn`` also returns diagnostics.
+        **params: numbers or arrays.
+
+    A complete custom term, "push ``x0_hat`` away from the batch mean":
+
+    >>> import jax, jax.numpy as jnp, jaxdiv
+    >>> from jaxdiv import guidance, samplers, schedules
+    >>> def _away_from_mean(x0_hat, ctx, strength):
+    ...     return x0_hat + strength * (x0_hat - x0_hat.mean(axis=0))
+    >>> def away_from_mean(strength):
+    ...     return guidance.stateless("x0", _away_from_mean, strength=strength)
+    >>> s = samplers.ddim(schedules.edm(), 4)
+    >>> den = lambda x, t, c: x / (1 + t**2)           # exact denoiser of N(0, 1) data
+    >>> noise = jnp.array([[-1.0], [1.0]])
+    >>> plain = jaxdiv.sample(s, den, noise, key=jax.random.key(0)).x0
+    >>> pushed = jaxdiv.sample(s, den, noise, key=jax.random.key(0),
+    ...                        guidance=away_from_mean(0.5)).x0
+    >>> bool(jnp.all(jnp.abs(pushed) > jnp.abs(plain)))
+    True
+    """
+    validation.choice("hook", hook, HOOKS)
+    validation.function("fn", fn, f"fn({_ARG[hook]}, ctx, **params)")
+    try:
+        inspect.signature(fn).bind(None, None, **dict.fromkeys(params))
+    except TypeError:
+        raise TypeError(
+            f"fn must accept ({_ARG[hook]}, ctx, {', '.join(params) or ''}) for hook "
+            f"{hook!r}, got {_describe(fn)}"
+        ) from None
+    except ValueError:
+        pass
+    checked = {}
+    for key, value in params.items():
+        if value is None or isinstance(value, str | bool):
+            checked[key] = value
+        elif np.ndim(value) == 0:
+            checked[key] = validation.real(key, value)
+        else:
+            checked[key] = validation.finite_array(key, value)
+    if name is None:
+        name = getattr(fn, "__name__", "term").lstrip("_") or "term"
+    apply = Partial(_stateless_apply, fn, validation.boolean("info", info), checked)
+    return GuidanceTerm(_no_state, apply, hook, name)
+
+
+def _identity(x0_hat, ctx):
+    return x0_hat
 
 
 def _identity_x0() -> GuidanceTerm:
     """A do-nothing x0 term (used in examples and tests of the plumbing)."""
-    return GuidanceTerm(lambda x, cond, key: (), lambda s, x0, ctx: (x0, s, ()), "x0")
+    return stateless("x0", _identity)

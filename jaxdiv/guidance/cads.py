@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
+from jaxdiv.guidance.cfg import needs_cond
 
 __all__ = ["cads", "cads_gamma", "cads_time", "CADSInfo"]
 
@@ -32,7 +34,7 @@ def cads_gamma(t, tau1, tau2):
     [1.0, 1.0, 0.5, 0.2, 0.0, 0.0]
     """
     t = jnp.asarray(t, jnp.float32)
-    return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0)
+    return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0).astype(jnp.float32)
 
 
 def cads_time(ctx, time="progress"):
@@ -60,17 +62,6 @@ def cads_time(ctx, time="progress"):
         # sigma / (alpha + sigma) = lambda / (1 + lambda), finite at alpha = 0 (flow t = 1)
         return jnp.asarray(ctx.sigma / (ctx.alpha + ctx.sigma), jnp.float32)
     raise ValueError(f"time must be one of {_TIME_MODES} or a callable ctx -> t, got {time!r}")
-
-
-def _check_number(name, value, lo=None, hi=None):
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if math.isnan(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {v}")
 
 
 def _stats(y):
@@ -134,43 +125,37 @@ def cads(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, rescale=True, time="prog
     >>> g = guidance.chain(cads(noise_scale=0.25), guidance.cfg(2.0))
     >>> out = jaxdiv.sample(samplers.ddim(schedules.edm(), 10), den, jnp.zeros((2, 1)),
     ...                     key=jax.random.key(0), cond=jnp.ones((2, 4)), guidance=g, trace=True)
-    >>> [round(float(g), 3) for g in out.trace.info[0].gamma]    # t = 1, 0.9, ..., 0.1
+    >>> [round(float(g), 3) for g in out.trace.info["cads"].gamma]   # t = 1, 0.9, ..., 0.1
     [0.0, 0.0, 0.333, 0.667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     """
-    _check_number("tau1", tau1, 0.0, 1.0)
-    _check_number("tau2", tau2, 0.0, 1.0)
-    if not isinstance(tau1, jax.core.Tracer) and not isinstance(tau2, jax.core.Tracer):
-        if not float(tau2) > float(tau1):
-            raise ValueError(f"need tau1 < tau2, got tau1={tau1}, tau2={tau2}")
-    _check_number("noise_scale", noise_scale, 0.0)
-    _check_number("psi", psi, 0.0, 1.0)
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+    tau1 = validation.real("tau1", tau1, lo=0, hi=1)
+    tau2 = validation.real("tau2", tau2, lo=0, hi=1)
+    if validation.is_concrete(tau1, tau2) and not float(tau2) > float(tau1):
+        raise ValueError(f"need tau1 < tau2, got tau1={float(tau1)}, tau2={float(tau2)}")
+    noise_scale = validation.real("noise_scale", noise_scale, lo=0)
+    psi = validation.real("psi", psi, lo=0, hi=1)
+    rescale = validation.boolean("rescale", rescale)
     if not callable(time) and time not in _TIME_MODES:
         raise ValueError(f"time must be one of {_TIME_MODES} or a callable ctx -> t, got {time!r}")
+    apply = Partial(_cads_apply, tau1, tau2, noise_scale, psi, rescale, time)
+    return GuidanceTerm(needs_cond("cads"), apply, "condition", "cads")
 
-    def init(x, cond, key):
-        if cond is None:
-            raise ValueError("cads needs a condition: pass cond= to jaxdiv.sample")
-        return ()
 
-    def apply(state, cond, ctx):
-        t = cads_time(ctx, time)
-        gamma = cads_gamma(t, tau1, tau2)
-        leaves, treedef = jax.tree.flatten(cond)
-        out = []
-        for j, leaf in enumerate(leaves):
-            leaf = jnp.asarray(leaf)
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                out.append(leaf)
-                continue
-            key = jax.random.fold_in(ctx.key, j)
-            per_sample = lambda b, k=key, l=leaf: jax.random.normal(
-                jax.random.fold_in(k, b), l.shape[1:], l.dtype
-            )
-            z = jax.vmap(per_sample)(jnp.arange(leaf.shape[0]))
-            g = gamma.astype(leaf.dtype)
-            out.append(_anneal(leaf, z, g, noise_scale, psi, rescale).astype(leaf.dtype))
-        return jax.tree.unflatten(treedef, out), state, CADSInfo(t, gamma)
-
-    return GuidanceTerm(init, apply, "condition")
+def _cads_apply(tau1, tau2, noise_scale, psi, rescale, time, state, cond, ctx):
+    t = cads_time(ctx, time)
+    gamma = cads_gamma(t, tau1, tau2)
+    leaves, treedef = jax.tree.flatten(cond)
+    out = []
+    for j, leaf in enumerate(leaves):
+        leaf = jnp.asarray(leaf)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            out.append(leaf)
+            continue
+        key = jax.random.fold_in(ctx.key, j)
+        per_sample = lambda b, k=key, l=leaf: jax.random.normal(
+            jax.random.fold_in(k, b), l.shape[1:], l.dtype
+        )
+        z = jax.vmap(per_sample)(jnp.arange(leaf.shape[0]))
+        g = gamma.astype(leaf.dtype)
+        out.append(_anneal(leaf, z, g, noise_scale, psi, rescale).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out), state, CADSInfo(t, gamma)

@@ -6,10 +6,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
 
-__all__ = ["cfg", "CFGInfo"]
+__all__ = ["cfg", "CFGInfo", "needs_cond"]
 
 
 class CFGInfo(NamedTuple):
@@ -22,6 +24,33 @@ def _concat_batch(a, b):
     return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
 
 
+def needs_cond(name):
+    """An ``init`` that refuses a run without a condition (CFG and CADS need one)."""
+    return Partial(_require_cond, name)
+
+
+def _require_cond(name, x, cond, key):
+    if cond is None:
+        raise ValueError(f"{name} needs a condition: pass cond= to jaxdiv.sample")
+    return ()
+
+
+def _cfg_apply(scale, null_cond, state, denoise, ctx):
+    cond = ctx.cond
+    if null_cond is None:
+        null = jax.tree.map(jnp.zeros_like, cond)
+    else:
+        null = jax.tree.map(
+            lambda n, c: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), null_cond, cond
+        )
+    b = ctx.x.shape[0]
+    both = denoise(jnp.concatenate([ctx.x, ctx.x], axis=0), _concat_batch(cond, null))
+    d_c, d_u = both[:b], both[b:]
+    diff = d_c - d_u
+    info = CFGInfo(jnp.sqrt(jnp.mean(diff.reshape(b, -1) ** 2, axis=1)).mean())
+    return d_u + scale * diff, state, info
+
+
 def cfg(scale, null_cond=None) -> GuidanceTerm:
     """Classifier-free guidance: ``x0_hat = D_u + w (D_c - D_u)``.
 
@@ -30,9 +59,11 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
     ``w + 1``). Both calls are batched into one denoiser call on a doubled batch.
 
     Args:
-        scale: guidance weight ``w`` (a float or a traced scalar).
-        null_cond: the unconditional condition; broadcast to the condition's batch.
-            ``None`` uses zeros shaped like the condition (the null embedding of the toys).
+        scale: guidance weight ``w``, a finite number (a traced leaf: a sweep over ``w``
+            compiles once).
+        null_cond: the unconditional condition (finite arrays); broadcast to the
+            condition's batch. ``None`` uses zeros shaped like the condition (the null
+            embedding of the toys).
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -44,25 +75,10 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
     >>> out.x0[0].tolist()                          # 0 + 2 * (1 - 0)
     [2.0, 2.0]
     """
-
-    def init(x, cond, key):
-        if cond is None:
-            raise ValueError("cfg needs a condition: pass cond= to jaxdiv.sample")
-        return ()
-
-    def apply(state, denoise, ctx):
-        cond = ctx.cond
-        if null_cond is None:
-            null = jax.tree.map(jnp.zeros_like, cond)
-        else:
-            null = jax.tree.map(
-                lambda n, c: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), null_cond, cond
-            )
-        b = ctx.x.shape[0]
-        both = denoise(jnp.concatenate([ctx.x, ctx.x], axis=0), _concat_batch(cond, null))
-        d_c, d_u = both[:b], both[b:]
-        diff = d_c - d_u
-        info = CFGInfo(jnp.sqrt(jnp.mean(diff.reshape(b, -1) ** 2, axis=1)).mean())
-        return d_u + scale * diff, state, info
-
-    return GuidanceTerm(init, apply, "denoiser")
+    scale = validation.real("scale", scale)
+    if null_cond is not None:
+        null_cond = jax.tree.map(
+            lambda a: validation.finite_array("null_cond", a), null_cond
+        )
+    return GuidanceTerm(needs_cond("cfg"), Partial(_cfg_apply, scale, null_cond), "denoiser",
+                        "cfg")  # fmt: skip

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
-import jax
-
+from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm, window
 from jaxdiv.guidance.cfg import cfg
 
 __all__ = ["interval"]
-
-
-def _check_bound(name, value):
-    if isinstance(value, jax.core.Tracer):
-        return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a noise level >= 0, got {value}")
-    return value
 
 
 def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
@@ -42,8 +27,8 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
         null_cond: the unconditional condition (see :func:`jaxdiv.guidance.cfg`).
 
     Returns:
-        A "denoiser"-hook :class:`GuidanceTerm`; its info is a
-        :class:`~jaxdiv.guidance.WindowInfo` ``(active, CFGInfo)``.
+        A "denoiser"-hook :class:`GuidanceTerm` named ``"interval"``: ``trace.info`` holds
+        its ``CFGInfo`` (zeros outside) and ``trace.active`` the steps inside.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -56,8 +41,9 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
     >>> out.trace.x0_hat[:, 0, 0].tolist()                  # w = 3 only at 2.52
     [1.0, 3.0, 1.0]
     """
-    lo = _check_bound("sigma_lo", sigma_lo)
-    hi = _check_bound("sigma_hi", sigma_hi)
-    if isinstance(lo, float) and isinstance(hi, float) and not hi > lo:
-        raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={lo}, sigma_hi={hi}")
-    return window(cfg(scale, null_cond), noise_level=(lo, hi))
+    lo = validation.real("sigma_lo", sigma_lo, lo=0)
+    hi = validation.real("sigma_hi", sigma_hi, lo=0, allow_inf=True)
+    if validation.is_concrete(lo, hi) and not float(hi) > float(lo):
+        raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={float(lo)}, "
+                         f"sigma_hi={float(hi)}")  # fmt: skip
+    return window(cfg(scale, null_cond), noise_level=(lo, hi))._replace(name="interval")

@@ -8,13 +8,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
 
 __all__ = ["particle", "rbf_repulsion", "rbf_potential", "median_bandwidth", "ParticleInfo"]
 
-_SPACES = ("x0_hat", "x_t")
-_SCALINGS = ("x0", "score")
+_SPACES = ("x_t", "x0_hat")
+_SCALINGS = ("score", "x0")
 _H_FLOOR = 1e-20  # keeps 2 w / h finite when (almost) all particles coincide
 
 
@@ -94,65 +96,61 @@ def rbf_repulsion(z, bandwidth):
     return jnp.einsum("ij,ijd->id", coef, diff).reshape(z.shape)
 
 
-def _check_features(features):
-    if features is not None and not callable(features):
-        raise TypeError(f"features must be None or a callable batch -> (B, f), got "
-                        f"{type(features).__name__}")  # fmt: skip
-
-
 def particle(
     strength,
     bandwidth="median",
-    space="x0_hat",
+    space="x_t",
     features=None,
-    time_scaling="x0",
-    min_noise_level=1.0,
+    time_scaling="score",
+    min_noise_level=None,
 ) -> GuidanceTerm:
     """Particle guidance: push each sample away from the others of its batch.
 
     Corso et al. (2024), fixed-potential particle guidance with the RBF potential
     ``U = sum_{i<j} exp(-|z_i-z_j|^2/h)`` on (optionally featurised) particles
-    ``z = phi(v)``; the force on sample ``i`` is
-    ``-grad_{v_i} U`` (:func:`rbf_repulsion` when ``phi`` is the identity, otherwise the
-    kernel force backpropagated through ``phi``: the paper's DINO variant). It is applied
-    as an x0-space correction at every denoiser evaluation::
+    ``z = phi(v)``; the force on sample ``i`` is ``F_i = -grad_{v_i} U``
+    (:func:`rbf_repulsion` when ``phi`` is the identity, otherwise the kernel force
+    backpropagated through ``phi``: the paper's DINO variant). It is applied as an
+    x0-space correction at every denoiser evaluation::
 
-        x0_hat_i <- x0_hat_i + strength * c(t) * (-grad_{v_i} U(phi(v)))
+        x0_hat_i <- x0_hat_i + strength * c(t) * F_i(v)
 
-    **How strength scales.**
+    **Which formulation.** The defaults are the paper's: the potential acts on the noisy
+    particles (``space="x_t"``, ``v = x_t`` in the process's own scaling) and the force is
+    added to the score of ``x_t`` (``time_scaling="score"``: ``c(t) = sigma^2 / alpha``,
+    since Tweedie's formula ``x0_hat = (x_t + sigma^2 score) / alpha`` maps a score term
+    to ``x0_hat``; ``(sigma/alpha)^2`` on EDM, where ``alpha = 1``), at every noise level.
+    Named variants:
 
-    * ``space="x0_hat"`` (default): ``v = x0_hat`` (the prediction entering this term);
-      ``space="x_t"``: ``v = x_t``, the noisy batch in the process's own scaling.
-    * ``time_scaling="x0"`` (default): ``c(t) = 1``: ``strength`` is a displacement of
-      ``x0_hat`` per unit force. ``time_scaling="score"``: ``c(t) = (sigma/alpha)^2``:
-      ``strength`` weighs the force as a term added to the score of ``x_t / alpha``
-      (skipped at an infinite noise level: the first point ``t = 1`` of a flow grid).
-    * ``min_noise_level`` (default ``1.0``): no repulsion at noise levels
-      ``sigma/alpha < min_noise_level``, as PG's public code (``sigma < 1``); ``None``
-      keeps it on to the end, which pushes the final samples off the data (the last
-      ``x0_hat`` is the output).
-    * With the median bandwidth, ``|F| ~ log(B - 1) / distance``: ``strength`` has units
-      of squared distance in ``v``'s space.
+    * **PG's public SD code**: ``particle(s, min_noise_level=1.0)`` -- the same force,
+      switched off below noise level 1 (``sigma < 1``), as that code does (up to its
+      per-row median bandwidth; ours is one global median, which keeps the force a true
+      gradient and the term permutation equivariant).
+    * **jaxdiv's x0 variant** (not in the paper): ``particle(s, space="x0_hat",
+      time_scaling="x0", min_noise_level=1.0)`` -- the force on the prediction
+      ``x0_hat`` with constant weight: ``strength`` is a displacement of ``x0_hat`` per
+      unit force. It was this library's default before protocol v2; label it as a
+      variant, never as "PG".
 
-    PG's public Stable Diffusion code subtracts ``strength * sigma * F(x_t)`` from the
-    predicted noise and skips ``sigma < 1`` (``sigma`` the noise level): that is exactly
-    ``particle(strength, space="x_t", time_scaling="score")`` (up to its per-row median
-    bandwidth; ours is one global median, which keeps the force a true gradient and the
-    term permutation equivariant).
+    With ``time_scaling="score"`` the weight vanishes at the clean end (``sigma = 0``)
+    and is skipped at an infinite noise level (the first point ``t = 1`` of a flow
+    grid). With the median bandwidth ``|F| ~ log(B - 1) / distance``: ``strength`` has
+    units of squared distance in ``v``'s space.
 
     Args:
-        strength: repulsion weight (float or traced scalar).
+        strength: repulsion weight, a finite number (a traced leaf: no recompiles).
         bandwidth: ``"median"`` (``median d^2 / log(B - 1)``, batch 1 or >= 3) or a
-            fixed ``h > 0``.
-        space: ``"x0_hat"`` or ``"x_t"``.
+            fixed finite ``h > 0``.
+        space: ``"x_t"`` (paper) or ``"x0_hat"``.
         features: optional differentiable map ``phi: (B, ...) -> (B, f)`` applied to the
             batch before the kernel (a DINO / CLIP stand-in).
-        time_scaling: ``"x0"`` or ``"score"``, see above.
-        min_noise_level: switch-off noise level, or None.
+        time_scaling: ``"score"`` (paper) or ``"x0"``, see above.
+        min_noise_level: switch-off noise level ``>= 0`` (no repulsion where
+            ``sigma/alpha < min_noise_level``), or None (paper: always on).
 
     Returns:
-        An "x0"-hook :class:`GuidanceTerm` with :class:`ParticleInfo`. A batch of one
-        particle is left unchanged.
+        An "x0"-hook :class:`GuidanceTerm` named ``"particle"`` with
+        :class:`ParticleInfo`. A batch of one particle is left unchanged.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -162,67 +160,66 @@ def particle(
     >>> iid = jaxdiv.sample(s, den, noise, key=jax.random.key(0)).x0
     >>> pg = jaxdiv.sample(s, den, noise, key=jax.random.key(0), guidance=particle(0.01)).x0
     >>> [round(float(v), 3) for v in iid[:, 0]], [round(float(v), 3) for v in pg[:, 0]]
-    ([-0.007, 0.0, 0.007], [-0.819, 0.0, 0.819])
+    ([-0.007, 0.0, 0.007], [-0.815, 0.0, 0.815])
     """
-    if space not in _SPACES:
-        raise ValueError(f"space must be one of {_SPACES}, got {space!r}")
-    if time_scaling not in _SCALINGS:
-        raise ValueError(f"time_scaling must be one of {_SCALINGS}, got {time_scaling!r}")
-    _check_features(features)
-    fixed_h = None
+    space = validation.choice("space", space, _SPACES)
+    time_scaling = validation.choice("time_scaling", time_scaling, _SCALINGS)
+    if features is not None:
+        validation.function("features", features, "batch -> (B, f)")
+    strength = validation.real("strength", strength)
     if isinstance(bandwidth, str):
-        if bandwidth != "median":
-            raise ValueError(f"bandwidth must be 'median' or a number > 0, got {bandwidth!r}")
-    elif isinstance(bandwidth, jax.core.Tracer):
-        fixed_h = bandwidth
+        validation.choice("bandwidth", bandwidth, ("median",))
+        fixed_h = None
     else:
-        try:
-            fixed_h = float(bandwidth)
-        except (TypeError, ValueError):
-            raise TypeError(f"bandwidth must be 'median' or a number > 0, got "
-                            f"{type(bandwidth).__name__}") from None  # fmt: skip
-        if not fixed_h > 0:
-            raise ValueError(f"bandwidth must be > 0, got {fixed_h}")
-    if min_noise_level is not None and not isinstance(min_noise_level, jax.core.Tracer):
-        if not float(min_noise_level) >= 0:
-            raise ValueError(f"min_noise_level must be >= 0 or None, got {min_noise_level}")
+        fixed_h = validation.real("bandwidth", bandwidth, lo=0, lo_open=True)
+    if min_noise_level is not None:
+        min_noise_level = validation.real("min_noise_level", min_noise_level, lo=0)
+    apply = Partial(_particle_apply, strength, fixed_h, space, features, time_scaling,
+                    min_noise_level)  # fmt: skip
+    init = Partial(_particle_init, fixed_h is None)
+    return GuidanceTerm(init, apply, "x0", "particle")
 
-    def init(x, cond, key):
-        if fixed_h is None and x.shape[0] == 2:
-            raise ValueError(
-                "particle guidance with bandwidth='median' needs a batch of 1 or >= 3 "
-                "particles (h = median d^2 / log(B - 1) is infinite at B = 2); pass "
-                "bandwidth=<float>"
-            )
-        return ()
 
-    def force(v):
-        """``-grad_v U(phi(v))`` and the bandwidth (computed on ``phi(v)``, held fixed)."""
-        phi = (lambda u: u) if features is None else features
-        z = _flat(phi(v))
-        h = median_bandwidth(z) if fixed_h is None else jnp.asarray(fixed_h, z.dtype)
-        if features is None:
-            return rbf_repulsion(v, h), h
-        _, vjp = jax.vjp(lambda u: _flat(phi(u)), v)
-        (f,) = vjp(rbf_repulsion(z, h))
-        return f, h
+def _particle_init(median, x, cond, key):
+    if median and x.shape[0] == 2:
+        raise ValueError(
+            "particle guidance with bandwidth='median' needs a batch of 1 or >= 3 "
+            "particles (h = median d^2 / log(B - 1) is infinite at B = 2); pass "
+            "bandwidth=<float>"
+        )
+    return ()
 
-    def apply(state, x0_hat, ctx):
-        b = x0_hat.shape[0]
-        if b == 1:
-            zero = jnp.zeros((), x0_hat.dtype)
-            return x0_hat, state, ParticleInfo(zero, zero, zero)
-        v = x0_hat if space == "x0_hat" else ctx.x
-        f, h = force(v)
-        level = ctx.noise_level
-        weight = jnp.asarray(strength, x0_hat.dtype)
-        if time_scaling == "score":
-            # a flow process starts at alpha = 0 (infinite noise level): skip that point
-            weight = jnp.where(jnp.isfinite(level), weight * level**2, 0.0)
-        if min_noise_level is not None:
-            weight = jnp.where(level >= min_noise_level, weight, 0.0)
-        shift = (weight * f).astype(x0_hat.dtype)
-        rms = jnp.sqrt(jnp.mean(shift.reshape(b, -1) ** 2, axis=1)).mean()
-        return x0_hat + shift, state, ParticleInfo(h.astype(x0_hat.dtype), weight, rms)
 
-    return GuidanceTerm(init, apply, "x0")
+def _force(v, fixed_h, features):
+    """``-grad_v U(phi(v))`` and the bandwidth (computed on ``phi(v)``, held fixed)."""
+    phi = (lambda u: u) if features is None else features
+    z = _flat(phi(v))
+    h = median_bandwidth(z) if fixed_h is None else jnp.asarray(fixed_h, z.dtype)
+    if features is None:
+        return rbf_repulsion(v, h), h
+    _, vjp = jax.vjp(lambda u: _flat(phi(u)), v)
+    (f,) = vjp(rbf_repulsion(z, h))
+    return f, h
+
+
+def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_level,
+                    state, x0_hat, ctx):  # fmt: skip
+    b = x0_hat.shape[0]
+    if b == 1:
+        zero = jnp.zeros((), x0_hat.dtype)
+        return x0_hat, state, ParticleInfo(zero, zero, zero)
+    v = x0_hat if space == "x0_hat" else ctx.x
+    f, h = _force(v, fixed_h, features)
+    level = ctx.noise_level
+    weight = jnp.asarray(strength, x0_hat.dtype)
+    if time_scaling == "score":
+        # Tweedie: x0_hat = (x_t + sigma^2 score) / alpha, so s F added to the score of x_t
+        # moves x0_hat by s sigma^2 / alpha F. A flow process starts at alpha = 0 (an
+        # infinite noise level): skip that point
+        c = ctx.sigma**2 / jnp.where(ctx.alpha > 0, ctx.alpha, 1.0)
+        weight = jnp.where(jnp.isfinite(level), weight * c, 0.0)
+    if min_noise_level is not None:
+        weight = jnp.where(level >= min_noise_level, weight, 0.0)
+    shift = (weight * f).astype(x0_hat.dtype)
+    rms = jnp.sqrt(jnp.mean(shift.reshape(b, -1) ** 2, axis=1)).mean()
+    return x0_hat + shift, state, ParticleInfo(h.astype(x0_hat.dtype), weight, rms)

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 
-def is_concrete(*xs) -> bool:
-    """True when none of ``xs`` is a tracer, i.e. their values can be inspected."""
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+# one definition for the whole library; metric modules reach it as ``_checks.is_concrete``
+from jaxdiv.validation import is_concrete
 
 
 def float_dtype(x) -> np.dtype:
@@ -118,11 +118,7 @@ def common_dtype(*arrays) -> np.dtype:
 
 def check_int(value, name: str, minimum: int) -> int:
     """Return ``value`` as a Python int >= ``minimum`` or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"`{name}` must be a Python int; got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
-    return int(value)
+    return validation.integer(name, value, minimum)
 
 
 def check_order(q) -> float:

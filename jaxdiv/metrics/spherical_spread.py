@@ -6,10 +6,10 @@ unit text embedding ``e_t`` of one prompt, ``D_dep = max_i e_i.e_t - min_i e_i.e
 complement of ``e_t`` (QR of ``[e_t, G]``, i.e. Gram-Schmidt), the one with the largest
 batch-mean ``|e_i.u|``; ``D_ind`` is the same range along ``u_ind``; ``SPP = D_dep + D_ind``.
 
-:func:`principal_residual_direction` is the single implementation of that search: the
-GASS guidance term calls it too. Randomness comes only from the ``key`` argument (the
-public GASS code re-seeds inside its target builder, so every call saw the same
-directions).
+:func:`principal_residual_direction` wraps the single implementation of that search,
+:func:`jaxdiv.sphere.principal_direction`, which the GASS guidance term calls too.
+Randomness comes only from the ``key`` argument (the public GASS code re-seeds inside its
+target builder, so every call saw the same directions).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiv.metrics import _checks
+from jaxdiv.sphere import principal_direction, unit
 
 
 class SPPResult(NamedTuple):
@@ -32,33 +33,15 @@ class SPPResult(NamedTuple):
     u_ind: jax.Array
 
 
-def _unit(x):
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x.dtype).tiny))
-
-
-def _residual_directions(key, e_t, num_directions):
-    d = e_t.shape[0]
-    g = jax.random.normal(key, (d, num_directions), dtype=e_t.dtype)
-    q, _ = jnp.linalg.qr(jnp.concatenate([e_t[:, None], g], axis=1), mode="reduced")
-    return q[:, 1:].T  # (num_directions, d), each row orthogonal to e_t and to the others
-
-
-def _principal_direction(key, emb, e_t, num_directions):
-    dirs = _residual_directions(key, e_t, num_directions)
-    score = jnp.mean(jnp.abs(emb @ dirs.T), axis=0)
-    return dirs[jnp.argmax(score)]
-
-
 @partial(jax.jit, static_argnames=("num_directions",))
 def _direction_core(key, emb, text_emb, *, num_directions):
-    return _principal_direction(key, _unit(emb), _unit(text_emb), num_directions)
+    return principal_direction(key, unit(emb), unit(text_emb), num_directions)
 
 
 @partial(jax.jit, static_argnames=("num_directions",))
 def _spp_core(emb, text_emb, key, *, num_directions):
-    emb, e_t = _unit(emb), _unit(text_emb)
-    u = _principal_direction(key, emb, e_t, num_directions)
+    emb, e_t = unit(emb), unit(text_emb)
+    u = principal_direction(key, emb, e_t, num_directions)
     dep, ind = emb @ e_t, emb @ u
     d_dep = jnp.max(dep) - jnp.min(dep)
     d_ind = jnp.max(ind) - jnp.min(ind)

@@ -1,10 +1,15 @@
-"""Flax nnx ports of Stable Diffusion components and their checkpoint loaders."""
+"""Flax nnx ports of Stable Diffusion components and their checkpoint loaders.
+
+* :mod:`~jaxdiv.models.unet`, :mod:`~jaxdiv.models.vae` -- the SD UNet and VAE, built from
+  the blocks in :mod:`~jaxdiv.models.layers`;
+* :mod:`~jaxdiv.models.clip` -- CLIP text and vision towers, preprocessing, tokenizer;
+* :mod:`~jaxdiv.models.checkpoint` -- reading local diffusers / transformers folders;
+* :mod:`~jaxdiv.models.conversion` -- every PyTorch -> nnx key-mapping rule.
+"""
 
 from jaxdiv.models.checkpoint import (
     CheckpointError,
     assign_params,
-    conv_kernel,
-    linear_kernel,
     load_component,
     load_state_dict,
     read_config,
@@ -20,21 +25,21 @@ from jaxdiv.models.clip import (
     CLIPVisionModelWithProjection,
     CLIPVisionOutput,
     clip_image_preprocess,
-    convert_clip_state_dict,
     load_clip_text,
     load_clip_tokenizer,
     load_clip_vision,
     tokenize,
 )
-from jaxdiv.models.layers import PureModule, pure
-from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig, convert_unet_state_dict, load_unet
-from jaxdiv.models.vae import (
-    AutoencoderKL,
-    DiagonalGaussian,
-    VAEConfig,
+from jaxdiv.models.conversion import (
+    conv_kernel,
+    convert_clip_state_dict,
+    convert_unet_state_dict,
     convert_vae_state_dict,
-    load_vae,
+    linear_kernel,
 )
+from jaxdiv.models.layers import PureModule, pure
+from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig, load_unet
+from jaxdiv.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae
 
 __all__ = [
     "AutoencoderKL",

@@ -10,15 +10,9 @@ and its weights:
 * pickled ``*.bin`` / ``*.pt`` / ``*.ckpt`` files are **refused** unless the caller passes
   ``allow_pickle=True`` (then read with ``torch.load(weights_only=True)``).
 
-Key-mapping rules used by the converters (``convert(torch_state_dict, config)`` functions
-in the model modules). Flax parameters are addressed by their nnx state path joined with
-``"."`` (``"down_blocks.0.resnets.1.conv1.kernel"``):
-
-* conv ``weight`` (O, I, kH, kW)  ->  ``kernel`` (kH, kW, I, O)      :func:`conv_kernel`
-* linear ``weight`` (out, in)     ->  ``kernel`` (in, out)           :func:`linear_kernel`
-* norm (LayerNorm / GroupNorm) ``weight`` -> ``scale``; ``bias`` -> ``bias``
-* embedding ``weight`` -> ``embedding`` (unchanged layout)
-* renamed blocks (e.g. ``to_out.0`` -> ``to_out``) are listed in each converter.
+The tensors read here keep their PyTorch names and layouts; a converter from
+:mod:`jaxdiv.models.conversion` maps them to the module's nnx paths (``"."``-joined state
+paths such as ``"down_blocks.0.resnets.1.conv1.kernel"``).
 
 :func:`assign_params` then compares the converted dict with the module's own parameter
 tree and reports **all** missing, unexpected and mis-shaped tensors by name in a single
@@ -43,8 +37,6 @@ from flax import nnx
 __all__ = [
     "CheckpointError",
     "assign_params",
-    "conv_kernel",
-    "linear_kernel",
     "load_component",
     "load_state_dict",
     "read_config",
@@ -379,53 +371,6 @@ def load_state_dict(
     )
 
 
-def conv_kernel(w: np.ndarray) -> np.ndarray:
-    """PyTorch conv weight (O, I, kH, kW) -> Flax ``nnx.Conv`` kernel (kH, kW, I, O).
-
-    Args:
-        w: 4-d array in PyTorch OIHW layout.
-
-    Returns:
-        The HWIO array (a transposed view).
-
-    Example:
-        >>> import numpy as np
-        >>> conv_kernel(np.zeros((8, 3, 5, 7))).shape
-        (5, 7, 3, 8)
-    """
-    w = np.asarray(w)
-    if w.ndim != 4:
-        raise ValueError(f"conv_kernel: w must be 4-d (O, I, kH, kW), got shape {w.shape}")
-    return w.transpose(2, 3, 1, 0)
-
-
-def linear_kernel(w: np.ndarray) -> np.ndarray:
-    """PyTorch linear weight (out, in) -> Flax ``nnx.Linear`` kernel (in, out).
-
-    A 1x1 conv weight (out, in, 1, 1) is accepted too (SD1 transformer ``proj_in`` is a
-    1x1 conv in one checkpoint family and a linear layer in another).
-
-    Args:
-        w: 2-d array (out, in) or 4-d (out, in, 1, 1).
-
-    Returns:
-        The (in, out) array.
-
-    Example:
-        >>> import numpy as np
-        >>> linear_kernel(np.zeros((8, 3))).shape
-        (3, 8)
-    """
-    w = np.asarray(w)
-    if w.ndim == 4 and w.shape[2:] == (1, 1):
-        w = w[:, :, 0, 0]
-    if w.ndim != 2:
-        raise ValueError(
-            f"linear_kernel: w must be 2-d (out, in) or (out, in, 1, 1), got shape {w.shape}"
-        )
-    return w.T
-
-
 def _flat_params(model: nnx.Module, filter_: Any) -> dict[str, Any]:
     flat = nnx.to_flat_state(nnx.state(model, filter_))
     return {".".join(str(k) for k in path): var for path, var in flat}
@@ -536,6 +481,7 @@ def load_component(
         >>> import json, tempfile, pathlib, numpy as np
         >>> from flax import nnx
         >>> from safetensors.numpy import save_file
+        >>> from jaxdiv.models.conversion import linear_kernel
         >>> d = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (d / "config.json").write_text(json.dumps({"in": 3, "out": 2}))
         >>> save_file({"weight": np.ones((2, 3), np.float32), "bias": np.zeros(2, np.float32)},

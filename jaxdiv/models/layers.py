@@ -4,8 +4,7 @@ Each block mirrors the diffusers PyTorch module of the same name (diffusers 0.42
 ``models/resnet.py``, ``attention.py``, ``attention_processor.py``,
 ``transformers/transformer_2d.py``, ``embeddings.py``, ``downsampling.py``,
 ``upsampling.py``) and keeps its attribute names, so a diffusers state-dict key maps to
-an nnx path by the few explicit rules in :mod:`jaxdiv.models.unet` /
-:mod:`jaxdiv.models.vae`.
+an nnx path by the few explicit rules in :mod:`jaxdiv.models.conversion`.
 
 Layout: everything in this module is **channels-last** (NHWC images, ``(B, T, C)``
 tokens). The public model classes convert from/to diffusers' NCHW at their boundary.
@@ -25,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiv import validation
+
 __all__ = [
     "GEGLU",
     "Attention",
@@ -39,7 +40,6 @@ __all__ = [
     "Transformer2DModel",
     "Upsample2D",
     "conv2d",
-    "convert_torch_weights",
     "get_activation",
     "pure",
     "timestep_embedding",
@@ -75,9 +75,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
         >>> float(get_activation("silu")(jnp.array(0.0)))
         0.0
     """
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]
+    return ACTIVATIONS[validation.choice("activation", name, sorted(ACTIVATIONS))]
 
 
 def conv2d(
@@ -766,87 +764,6 @@ class Transformer2DModel(nnx.Module):
             hid = block(hid, context)
         hid = self.proj_out(hid.reshape(b, h, w, hid.shape[-1]))
         return hid + x
-
-
-_LINEAR_ONLY = frozenset({"to_q", "to_k", "to_v", "to_out"})
-
-
-def convert_torch_weights(
-    state_dict: dict[str, Any],
-    *,
-    renames: tuple[tuple[str, str], ...] = (),
-    linear_modules: Callable[[str], bool] = lambda module: False,
-    conv_modules: Callable[[str], bool] = lambda module: False,
-) -> dict[str, Any]:
-    """Map a diffusers state dict to ``{nnx_path: array}`` for the modules of this package.
-
-    Rules, applied to every tensor:
-
-    1. ``renames``: ``(old, new)`` substrings replaced in ``"." + key`` (in order), e.g.
-       ``(".to_out.0.", ".to_out.")``.
-    2. ``bias`` keeps its name and layout.
-    3. ``weight`` of rank 1 is a norm affine scale -> ``scale``.
-    4. ``weight`` of a module whose name is ``to_q/to_k/to_v/to_out``, or for which
-       ``linear_modules(module_path)`` is true, is a linear weight (a ``(out, in, 1, 1)``
-       1x1-conv weight is squeezed) -> ``kernel`` ``(in, out)``.
-    5. ``weight`` for which ``conv_modules(module_path)`` is true is a conv weight (a 2-d
-       linear weight becomes a 1x1 conv) -> ``kernel`` ``(kH, kW, in, out)``.
-    6. any other ``weight``: rank 4 -> conv kernel (OIHW -> HWIO), rank 2 -> linear
-       kernel (transposed).
-
-    Args:
-        state_dict: PyTorch names -> numpy arrays.
-        renames: ordered substring renames.
-        linear_modules: predicate on the renamed module path forcing rule 4.
-        conv_modules: predicate on the renamed module path forcing rule 5.
-
-    Returns:
-        nnx path -> numpy array.
-
-    Raises:
-        ValueError: a tensor whose name or rank fits none of the rules.
-
-    Example:
-        >>> import numpy as np
-        >>> sd = {"a.to_out.0.weight": np.zeros((3, 2)), "a.norm.weight": np.ones(3)}
-        >>> out = convert_torch_weights(sd, renames=((".to_out.0.", ".to_out."),))
-        >>> sorted((k, v.shape) for k, v in out.items())
-        [('a.norm.scale', (3,)), ('a.to_out.kernel', (2, 3))]
-    """
-    from jaxdiv.models.checkpoint import conv_kernel, linear_kernel
-
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        name = "." + key
-        for old, new in renames:
-            name = name.replace(old, new)
-        name = name[1:]
-        module, _, leaf = name.rpartition(".")
-        arr = value
-        if leaf == "bias":
-            out[name] = arr
-            continue
-        if leaf != "weight":
-            raise ValueError(f"state_dict: tensor {key!r} is neither a weight nor a bias")
-        ndim = len(arr.shape)
-        last = module.rpartition(".")[2]
-        if ndim == 1:
-            out[module + ".scale"] = arr
-        elif last in _LINEAR_ONLY or linear_modules(module):
-            out[module + ".kernel"] = linear_kernel(arr)
-        elif conv_modules(module):
-            w = arr[:, :, None, None] if ndim == 2 else arr
-            out[module + ".kernel"] = conv_kernel(w)
-        elif ndim == 4:
-            out[module + ".kernel"] = conv_kernel(arr)
-        elif ndim == 2:
-            out[module + ".kernel"] = linear_kernel(arr)
-        else:
-            raise ValueError(
-                f"state_dict: tensor {key!r} has rank {ndim}; expected 1 (norm), 2 (linear) "
-                "or 4 (conv)"
-            )
-    return out
 
 
 class PureModule(NamedTuple):

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiv import validation
+from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.layers import (
     ACTIVATIONS,
     Downsample2D,
@@ -35,16 +37,13 @@ from jaxdiv.models.layers import (
     Transformer2DModel,
     Upsample2D,
     conv2d,
-    convert_torch_weights,
     get_activation,
     timestep_embedding,
 )
 
 __all__ = [
-    "UNET_RENAMES",
     "UNet2DConditionModel",
     "UNetConfig",
-    "convert_unet_state_dict",
     "load_unet",
 ]
 
@@ -87,9 +86,7 @@ def _per_block(value: Any, n: int, key: str) -> tuple:
 
 
 def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config[{key!r}] must be a positive int, got {value!r}")
-    return value
+    return validation.integer(f"config[{key!r}]", value, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +158,8 @@ class UNetConfig:
             The validated config.
 
         Raises:
-            TypeError: ``config`` is not a dict.
+            TypeError: ``config`` is not a dict, or an integer field holds a non-integer
+                (naming the key).
             ValueError: an unsupported feature or inconsistent value, naming the key.
 
         Example:
@@ -218,8 +216,7 @@ class UNetConfig:
             raise ValueError("config['norm_num_groups'] = None is not supported (SD uses 32)")
         groups = _positive_int(groups, "norm_num_groups")
         act = config.get("act_fn", d.act_fn)
-        if act not in ACTIVATIONS:
-            raise ValueError(f"config['act_fn'] must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        act = validation.choice("config['act_fn']", act, sorted(ACTIVATIONS))
         tlayers = _per_block(
             config.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"
         )
@@ -664,55 +661,6 @@ class UNet2DConditionModel(nnx.Module):
         return jnp.transpose(x, (0, 3, 1, 2))
 
 
-# diffusers name -> nnx name (substring rules on "." + key, applied in order).
-UNET_RENAMES: tuple[tuple[str, str], ...] = (
-    (".to_out.0.", ".to_out."),
-    (".ff.net.0.", ".ff.geglu."),
-    (".ff.net.2.", ".ff.proj_out."),
-    (".downsamplers.0.", ".downsampler."),
-    (".upsamplers.0.", ".upsampler."),
-)
-
-
-def convert_unet_state_dict(state_dict: dict, config: dict) -> dict:
-    """Convert a diffusers ``UNet2DConditionModel`` state dict to this port's nnx paths.
-
-    Rules (see :func:`~jaxdiv.models.layers.convert_torch_weights`): conv ``weight``
-    OIHW -> ``kernel`` HWIO; linear ``weight`` -> ``kernel`` transposed; norm ``weight``
-    -> ``scale``; renames in :data:`UNET_RENAMES`. Transformer ``proj_in``/``proj_out``
-    follow ``use_linear_projection`` (a 1x1-conv weight is squeezed for a linear
-    projection and a linear weight expanded for a conv projection).
-
-    Args:
-        state_dict: PyTorch parameter name -> array.
-        config: the diffusers config dict.
-
-    Returns:
-        nnx path -> array.
-
-    Example:
-        >>> import numpy as np
-        >>> sd = {"conv_in.weight": np.zeros((32, 4, 3, 3)), "conv_in.bias": np.zeros(32)}
-        >>> sorted((k, v.shape) for k, v in convert_unet_state_dict(sd, {}).items())
-        [('conv_in.bias', (32,)), ('conv_in.kernel', (3, 3, 4, 32))]
-    """
-    linear = bool(config.get("use_linear_projection", False))
-
-    def is_proj(module: str) -> bool:
-        # "<block>.attentions.<j>.proj_in": the Transformer2DModel's own projections only.
-        parts = module.split(".")
-        return (
-            len(parts) >= 3 and parts[-3] == "attentions" and parts[-1] in ("proj_in", "proj_out")
-        )
-
-    return convert_torch_weights(
-        state_dict,
-        renames=UNET_RENAMES,
-        linear_modules=lambda m: linear and is_proj(m),
-        conv_modules=lambda m: (not linear) and is_proj(m),
-    )
-
-
 def load_unet(
     folder: str | os.PathLike,
     *,
@@ -738,7 +686,7 @@ def load_unet(
 
     Raises:
         CheckpointError: missing folder/config/weights, or weights that do not match.
-        ValueError: an unsupported config.
+        ValueError: an unsupported config (TypeError: a config value of the wrong type).
 
     Example:
         >>> import tempfile

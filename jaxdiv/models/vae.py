@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiv import validation
+from jaxdiv.models.conversion import convert_vae_state_dict
 from jaxdiv.models.layers import (
     ACTIVATIONS,
     Attention,
@@ -29,16 +31,13 @@ from jaxdiv.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     conv2d,
-    convert_torch_weights,
     get_activation,
 )
 
 __all__ = [
-    "VAE_RENAMES",
     "AutoencoderKL",
     "DiagonalGaussian",
     "VAEConfig",
-    "convert_vae_state_dict",
     "load_vae",
 ]
 
@@ -117,7 +116,8 @@ class VAEConfig:
             The validated config.
 
         Raises:
-            TypeError: ``config`` is not a dict.
+            TypeError: ``config`` is not a dict, or an integer field holds a non-integer
+                (naming the key).
             ValueError: an unsupported block type or inconsistent value, naming the key.
 
         Example:
@@ -129,10 +129,11 @@ class VAEConfig:
         d = cls()
         channels = tuple(config.get("block_out_channels", d.block_out_channels))
         n = len(channels)
-        if n == 0 or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in channels):
-            raise ValueError(
-                f"config['block_out_channels'] must be positive ints, got {list(channels)}"
-            )
+        if n == 0:
+            raise ValueError("config['block_out_channels'] must not be empty")
+        channels = tuple(
+            validation.integer("config['block_out_channels']", c, minimum=1) for c in channels
+        )
         for key, want in (
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
@@ -144,20 +145,18 @@ class VAEConfig:
                     f"got {types}"
                 )
         groups = config.get("norm_num_groups", d.norm_num_groups)
-        if not isinstance(groups, int) or groups <= 0 or any(c % groups for c in channels):
+        groups = validation.integer("config['norm_num_groups']", groups, minimum=1)
+        if any(c % groups for c in channels):
             raise ValueError(
-                f"config['norm_num_groups'] must be a positive int dividing every block width "
-                f"{list(channels)}, got {groups!r}"
+                f"config['norm_num_groups'] must divide every block width {list(channels)}, "
+                f"got {groups}"
             )
         act = config.get("act_fn", d.act_fn)
-        if act not in ACTIVATIONS:
-            raise ValueError(f"config['act_fn'] must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        act = validation.choice("config['act_fn']", act, sorted(ACTIVATIONS))
         layers = config.get("layers_per_block", d.layers_per_block)
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
-            raise ValueError(f"config['layers_per_block'] must be a positive int, got {layers!r}")
+        layers = validation.integer("config['layers_per_block']", layers, minimum=1)
         latent = config.get("latent_channels", d.latent_channels)
-        if isinstance(latent, bool) or not isinstance(latent, int) or latent <= 0:
-            raise ValueError(f"config['latent_channels'] must be a positive int, got {latent!r}")
+        latent = validation.integer("config['latent_channels']", latent, minimum=1)
         shift = config.get("shift_factor")
         sample_size = config.get("sample_size", d.sample_size)
         if isinstance(sample_size, list):
@@ -527,46 +526,6 @@ class AutoencoderKL(nnx.Module):
         return latents / self.config.scaling_factor + self.config.shift_factor
 
 
-# diffusers name -> nnx name (substring rules on "." + key, applied in order). The
-# query/key/value/proj_attn names are the pre-0.14 attention-block layout that diffusers
-# still converts on load (ModelMixin._fix_state_dict_keys_on_load); some released VAE
-# checkpoints use it.
-VAE_RENAMES: tuple[tuple[str, str], ...] = (
-    (".to_out.0.", ".to_out."),
-    (".query.", ".to_q."),
-    (".key.", ".to_k."),
-    (".value.", ".to_v."),
-    (".proj_attn.", ".to_out."),
-    (".downsamplers.0.", ".downsampler."),
-    (".upsamplers.0.", ".upsampler."),
-)
-
-
-def convert_vae_state_dict(state_dict: dict, config: dict) -> dict:
-    """Convert a diffusers ``AutoencoderKL`` state dict to this port's nnx paths.
-
-    Rules (see :func:`~jaxdiv.models.layers.convert_torch_weights`): conv ``weight``
-    OIHW -> ``kernel`` HWIO; linear ``weight`` -> ``kernel`` transposed (attention
-    projections stored as 1x1 convs are squeezed); norm ``weight`` -> ``scale``; renames
-    in :data:`VAE_RENAMES`.
-
-    Args:
-        state_dict: PyTorch parameter name -> array.
-        config: the diffusers config dict (unused: the rules do not depend on it).
-
-    Returns:
-        nnx path -> array.
-
-    Example:
-        >>> import numpy as np
-        >>> sd = {"encoder.mid_block.attentions.0.query.weight": np.zeros((8, 8, 1, 1))}
-        >>> list(convert_vae_state_dict(sd, {}))
-        ['encoder.mid_block.attentions.0.to_q.kernel']
-    """
-    del config
-    return convert_torch_weights(state_dict, renames=VAE_RENAMES)
-
-
 def load_vae(
     folder: str | os.PathLike,
     *,
@@ -590,7 +549,7 @@ def load_vae(
 
     Raises:
         CheckpointError: missing folder/config/weights, or weights that do not match.
-        ValueError: an unsupported config.
+        ValueError: an unsupported config (TypeError: a config value of the wrong type).
 
     Example:
         >>> import tempfile

@@ -1,7 +1,9 @@
 """Model + tokenizer + schedule glue for real checkpoints, plugged into :func:`jaxdiv.sample`.
 
 * :mod:`jaxdiv.pipelines.stable_diffusion` -- Stable Diffusion 1.x / 2.x from a local
-  diffusers folder (:func:`~jaxdiv.pipelines.stable_diffusion.load`).
+  diffusers folder (:func:`~jaxdiv.pipelines.stable_diffusion.load`);
+* :mod:`jaxdiv.pipelines.scheduler_config` -- diffusers scheduler configs as VP schedules;
+* :mod:`jaxdiv.pipelines.folder` -- checks and lookups on a pipeline folder.
 """
 
 from jaxdiv.pipelines import stable_diffusion

@@ -1,6 +1,12 @@
 """Samplers: factories returning a :class:`Sampler` run by :func:`jaxdiv.sample`."""
 
-from jaxdiv.samplers.base import Sampler, first_order_update, per_sample_normal
+from jaxdiv.samplers.base import (
+    Sampler,
+    first_order_step,
+    first_order_update,
+    no_state,
+    per_sample_normal,
+)
 from jaxdiv.samplers.ddim import ddim, ddim_noise_std
 from jaxdiv.samplers.edm import edm
 from jaxdiv.samplers.flow import flow_euler
@@ -12,5 +18,7 @@ __all__ = [
     "edm",
     "flow_euler",
     "first_order_update",
+    "first_order_step",
+    "no_state",
     "per_sample_normal",
 ]

@@ -9,39 +9,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Sampler", "first_order_update", "per_sample_normal", "check_times"]
+__all__ = [
+    "Sampler",
+    "FirstOrderOptions",
+    "first_order_update",
+    "first_order_step",
+    "noise_std",
+    "no_state",
+    "per_sample_normal",
+    "check_times",
+]
 
 
 class Sampler(NamedTuple):
-    """A sampler: a time grid plus a pure ``step`` function run by ``lax.scan``.
+    """A sampler: a time grid plus pure ``init``/``step`` functions run by ``lax.scan``.
 
     Attributes:
-        name: "ddim", "edm" or "flow_euler".
+        name: the factory's name (for reports; nothing switches on it).
         schedule: the process (a pytree, so schedule parameters can be differentiated).
         times: ``(N + 1,)`` decreasing process times; ``times[N]`` is the clean endpoint.
-        step: ``step(sampler, i, x, denoise, carry, keys) -> (x_next, carry, (x0_hat, info))``
-            where ``denoise(x, t, carry) -> (x0_hat, carry, info)`` is the guided denoiser
-            and ``keys`` are the per-sample PRNG keys; the returned ``x0_hat``/``info`` are
-            those of the step's first evaluation (kept in the trace).
+        init: ``init(sampler, x) -> state``, the sampler's own state before step 0 (``()``
+            for one-step methods; a multistep method keeps its previous ``x0_hat`` there).
+        step: ``step(sampler, i, x, state, denoise, carry, keys) -> (x_next, state, carry,
+            (x0_hat, info))`` where ``denoise(x, t, carry) -> (x0_hat, carry, info)`` is
+            the guided denoiser and ``keys`` are the per-sample PRNG keys; the returned
+            ``x0_hat``/``info`` are those of the step's first evaluation (kept in the trace).
         options: the sampler's hyperparameters (a NamedTuple).
+        nfe: denoiser evaluations per sample over the whole grid (without CFG's doubling),
+            computed by the factory.
     """
 
     name: str
     schedule: Any
     times: jax.Array
+    init: Callable
     step: Callable
     options: Any
+    nfe: int
 
     @property
     def num_steps(self) -> int:
         return self.times.shape[0] - 1
 
-    @property
-    def nfe(self) -> int:
-        """Denoiser evaluations per sample (without CFG's doubling)."""
-        if self.name == "edm":
-            return 2 * self.num_steps - 1
-        return self.num_steps
+
+def no_state(sampler, x):
+    """``init`` of a sampler without state."""
+    return ()
 
 
 def first_order_update(x, x0_hat, alpha, sigma, alpha_next, sigma_next, noise_std=0.0, z=None):
@@ -67,6 +80,44 @@ def first_order_update(x, x0_hat, alpha, sigma, alpha_next, sigma_next, noise_st
     return out
 
 
+class FirstOrderOptions(NamedTuple):
+    """Options of the first-order samplers (DDIM, flow Euler): the noise weight ``eta``."""
+
+    eta: float
+
+
+def noise_std(eta, alpha, sigma, alpha_next, sigma_next):
+    """``sigma_t = eta sqrt((1-a_prev)/(1-a_t)) sqrt(1 - a_t/a_prev)`` (Song et al. 2021, Eq. 16).
+
+    Written for any process as ``eta * sigma_n * sqrt(1 - SNR(t)/SNR(t_n))``
+    (``SNR = alpha^2/sigma^2``), which equals the VP formula with ``a = alpha^2`` and is 0
+    at the clean endpoint.
+
+    >>> round(float(noise_std(1.0, 0.6, 0.8, 0.8, 0.6)), 4)   # VP: a_t=.36, a_prev=.64
+    0.4961
+    """
+    ratio = (alpha * sigma_next) ** 2 / ((alpha_next * sigma) ** 2)
+    return eta * sigma_next * jnp.sqrt(jnp.clip(1.0 - ratio, 0.0, None))
+
+
+def first_order_step(sampler, i, x, state, denoise, carry, keys):
+    """One step of the shared first-order update: DDIM (``options.eta``), and with
+    ``eta = 0`` the Euler step of the probability-flow ODE on every process (flow Euler)."""
+    sched = sampler.schedule
+    t, t_next = sampler.times[i], sampler.times[i + 1]
+    alpha, sigma = sched.alpha(t), sched.sigma(t)
+    alpha_n, sigma_n = sched.alpha(t_next), sched.sigma(t_next)
+    x0_hat, carry, info = denoise(x, t, carry)
+    eta = sampler.options.eta
+    if eta == 0:
+        x_next = first_order_update(x, x0_hat, alpha, sigma, alpha_n, sigma_n)
+    else:
+        s = noise_std(eta, alpha, sigma, alpha_n, sigma_n)
+        z = per_sample_normal(keys, i, x)
+        x_next = first_order_update(x, x0_hat, alpha, sigma, alpha_n, sigma_n, s, z)
+    return x_next, state, carry, (x0_hat, info)
+
+
 def per_sample_normal(keys, i, like):
     """Standard normal of ``like``'s shape, sample ``b`` drawn from ``fold_in(keys[b], i)``.
 
@@ -79,7 +130,7 @@ def per_sample_normal(keys, i, like):
 def check_times(times, schedule, name: str = "times"):
     """Validate a user time grid: 1-D, length >= 2, strictly decreasing, ends clean."""
     if isinstance(times, jax.core.Tracer):
-        return jnp.asarray(times, jnp.float32)
+        return jnp.asarray(times, _grid_dtype(times))
     arr = np.asarray(times, np.float64)
     if arr.ndim != 1 or arr.shape[0] < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {arr.shape}")
@@ -93,4 +144,12 @@ def check_times(times, schedule, name: str = "times"):
             f"{name} must end at the clean endpoint t={schedule.t_clean} (sigma=0), "
             f"got t={arr[-1]} with sigma={end_sigma}"
         )
-    return jnp.asarray(times, jnp.float32)
+    return jnp.asarray(times, _grid_dtype(times))
+
+
+def _grid_dtype(times):
+    """float32, or float64 for a float64 grid in x64 mode (the run keeps its precision)."""
+    dtype = times.dtype if hasattr(times, "dtype") else np.asarray(times).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))

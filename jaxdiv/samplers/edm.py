@@ -8,7 +8,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdiv.samplers.base import Sampler, check_times, first_order_update, per_sample_normal
+from jaxdiv import validation
+from jaxdiv.samplers.base import (
+    Sampler,
+    check_times,
+    first_order_update,
+    no_state,
+    per_sample_normal,
+)
 from jaxdiv.samplers.grid import default_grid
 
 __all__ = ["edm", "EDMOptions"]
@@ -22,7 +29,7 @@ class EDMOptions(NamedTuple):
     heun: bool
 
 
-def _edm_step(sampler, i, x, denoise, carry, keys):
+def _edm_step(sampler, i, x, state, denoise, carry, keys):
     """Alg. 2, lines 4-8, run in the rescaled variable ``x / alpha`` with noise level
     ``sigma / alpha`` so it applies to VP and flow processes too (Karras Alg. 1 with
     ``s(t) = alpha``); on the EDM process this is Alg. 2 verbatim."""
@@ -39,11 +46,15 @@ def _edm_step(sampler, i, x, denoise, carry, keys):
         jnp.minimum(opt.s_churn / n, math.sqrt(2.0) - 1.0),
         0.0,
     )
-    if isinstance(opt.s_churn, (int, float)) and opt.s_churn == 0:
+    if opt.s_churn == 0:
         lam_hat, t_hat, y_hat = lam, t, y
     else:
-        lam_hat = lam * (1.0 + gamma)
-        t_hat = jnp.where(gamma > 0, sched.t_of_noise_level(lam_hat), t)
+        t_hat = jnp.where(gamma > 0, sched.t_of_noise_level(lam * (1.0 + gamma)), t)
+        # the level of the time the model will see: a VP process clamps t_hat at its last
+        # training time, so a level above its maximum is capped there (gamma shrinks)
+        # instead of adding more noise than the model is told about
+        lam_hat = jnp.where(gamma > 0, sched.noise_level(t_hat), lam)
+        gamma = jnp.maximum(lam_hat / lam - 1.0, 0.0)
         z = per_sample_normal(keys, i, x)
         # sqrt(lam_hat^2 - lam^2) written so that gamma = 0 gives exactly 0: the
         # difference of squares leaves an FMA rounding residual whose sqrt is ~1e-2 * lam
@@ -55,7 +66,7 @@ def _edm_step(sampler, i, x, denoise, carry, keys):
     y_next = first_order_update(y_hat, x0_hat, 1.0, lam_hat, 1.0, lam_next)
 
     if not opt.heun:
-        return alpha_next * y_next, carry, (x0_hat, info)
+        return alpha_next * y_next, state, carry, (x0_hat, info)
 
     # line 8-11: Heun correction unless the next level is 0 (the final step stays Euler,
     # so the output equals the last x0_hat and NFE = 2N - 1)
@@ -69,7 +80,7 @@ def _edm_step(sampler, i, x, denoise, carry, keys):
         return y_next, carry
 
     y_out, carry = jax.lax.cond(i < n - 1, heun, euler, carry)
-    return alpha_next * y_out, carry, (x0_hat, info)
+    return alpha_next * y_out, state, carry, (x0_hat, info)
 
 
 def edm(
@@ -83,26 +94,32 @@ def edm(
     heun: bool = True,
     times=None,
 ) -> Sampler:
-    """EDM sampler (Karras et al. 2022, Algorithm 2): churn + Heun, NFE ``2N - 1``.
+    """EDM sampler (Karras et al. 2022, Algorithm 2): churn + Heun, NFE ``2N - 1`` (``N``
+    with ``heun=False``).
 
     Args:
         schedule: any process; the EDM schedule gives Alg. 2 verbatim, VP and flow
             processes run it on ``x / alpha`` with noise level ``sigma / alpha``.
         num_steps: ``N`` (default 18); the grid is ``schedule.grid(N)`` (Eq. 5 on EDM) ending at 0.
         s_churn, s_tmin, s_tmax, s_noise: Alg. 2's stochasticity; ``gamma =
-            min(S_churn/N, sqrt(2) - 1)`` where ``S_tmin <= sigma <= S_tmax``.
+            min(S_churn/N, sqrt(2) - 1)`` where ``S_tmin <= sigma <= S_tmax``. All finite
+            and >= 0, except ``s_tmax = inf`` (no upper end). On a VP process a churned
+            level above the schedule's largest is capped there (the model is always told
+            the noise level it is given).
         heun: False gives the first-order (Euler) EDM sampler.
         times: optional explicit grid ending at the clean endpoint.
 
     >>> from jaxdiv import schedules
     >>> s = edm(schedules.edm(), num_steps=18)
-    >>> s.nfe
-    35
+    >>> s.nfe, edm(schedules.edm(), num_steps=18, heun=False).nfe
+    (35, 18)
     """
-    for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        if isinstance(v, (int, float)) and not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    if isinstance(s_tmax, (int, float)) and isinstance(s_tmin, (int, float)) and s_tmax < s_tmin:
+    s_churn = validation.number("s_churn", s_churn, lo=0)
+    s_tmin = validation.number("s_tmin", s_tmin, lo=0)
+    s_tmax = validation.number("s_tmax", s_tmax, lo=0, allow_inf=True)
+    s_noise = validation.number("s_noise", s_noise, lo=0)
+    heun = validation.boolean("heun", heun)
+    if s_tmax < s_tmin:
         raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={s_tmin}, s_tmax={s_tmax}")
     grid = check_times(default_grid(schedule, num_steps, times, {}, 18), schedule)
     if not isinstance(grid, jax.core.Tracer) and float(schedule.alpha(grid[0])) == 0.0:
@@ -112,5 +129,6 @@ def edm(
             "= 0; pass times= starting below t=1 (e.g. schedule.grid(N) with its first entry "
             "replaced by 0.999) or use samplers.flow_euler"
         )
-    opts = EDMOptions(s_churn, s_tmin, s_tmax, s_noise, bool(heun))
-    return Sampler("edm", schedule, grid, _edm_step, opts)
+    opts = EDMOptions(s_churn, s_tmin, s_tmax, s_noise, heun)
+    n = grid.shape[0] - 1
+    return Sampler("edm", schedule, grid, no_state, _edm_step, opts, 2 * n - 1 if heun else n)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from jaxdiv.samplers.base import Sampler, check_times
-from jaxdiv.samplers.ddim import DDIMOptions, _ddim_step
+from jaxdiv.samplers.base import (
+    FirstOrderOptions,
+    Sampler,
+    check_times,
+    first_order_step,
+    no_state,
+)
 from jaxdiv.samplers.grid import default_grid
 from jaxdiv.schedules import FlowSchedule
 
@@ -15,20 +20,20 @@ def flow_euler(schedule, num_steps: int | None = None, *, times=None) -> Sampler
 
     Esser et al. (2024) / diffusers' FlowMatchEulerDiscreteScheduler. This is the shared
     first-order update (:func:`jaxdiv.samplers.base.first_order_update`) with no noise,
-    i.e. DDIM with ``eta = 0`` on the flow process.
+    i.e. DDIM with ``eta = 0`` on the flow process. NFE = ``N``.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import schedules
     >>> s = flow_euler(schedules.flow(shift=3.0), num_steps=28)
-    >>> s.times.shape
-    (29,)
+    >>> s.times.shape, s.nfe
+    ((29,), 28)
     """
     if not isinstance(schedule, FlowSchedule):
         raise TypeError(
             f"flow_euler needs a flow schedule (schedules.flow), got {type(schedule).__name__}; "
             "use samplers.ddim for other processes"
         )
-    grid = default_grid(schedule, num_steps, times, {}, 28)
-    return Sampler(
-        "flow_euler", schedule, check_times(grid, schedule), _ddim_step, DDIMOptions(0.0)
-    )
+    grid = check_times(default_grid(schedule, num_steps, times, {}, 28), schedule)
+    opts = FirstOrderOptions(0.0)
+    return Sampler("flow_euler", schedule, grid, no_state, first_order_step, opts,
+                   grid.shape[0] - 1)  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxdiv import validation
+
 __all__ = ["default_grid"]
 
 
@@ -19,6 +21,4 @@ def default_grid(schedule, num_steps, times, grid_kwargs, default_steps):
         return times
     if num_steps is None:
         num_steps = default_steps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    return schedule.grid(int(num_steps), **grid_kwargs)
+    return schedule.grid(validation.integer("num_steps", num_steps, 1), **grid_kwargs)

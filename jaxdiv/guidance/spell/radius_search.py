@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxdiv import validation
+
 __all__ = [
     "ShieldIndex",
     "Repulsion",
@@ -125,16 +127,11 @@ def build_index(points, block_size: int = DEFAULT_BLOCK_SIZE) -> ShieldIndex:
     ((3, 2, 2), 5)
     """
     pts = _as_matrix(points, "points")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be a positive int, got {block_size!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    block_size = validation.integer("block_size", block_size, 1)
     k, d = pts.shape
     if k < 1:
         raise ValueError("points must hold at least one shield centre, got K=0")
-    # numpy on the host: inside an outer jit a jnp check would be staged (not inspectable)
-    if not isinstance(pts, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(pts))):
-        raise ValueError("points contains NaN or inf values")
+    validation.finite_array("points", pts)
     bs = int(min(block_size, k))
     nb = -(-k // bs)
     centre = jnp.mean(pts, axis=0)
@@ -152,11 +149,17 @@ def _dot_rows(a, b):
 
 
 def _sub_block(bs, b, d, exact_bytes):
-    """Largest ``bs / 2^j`` whose ``(B, sub, d)`` float32 tile fits ``exact_bytes``."""
-    sub = bs
-    while sub % 2 == 0 and 4 * b * sub * d > exact_bytes:
-        sub //= 2
-    return sub
+    """Largest divisor of ``bs`` whose ``(B, sub, d)`` float32 tile fits ``exact_bytes``
+    (1 if none does: one shield at a time is the smallest tile there is).
+
+    Any block size works, odd or prime: halving alone would stop at the first odd size.
+
+    >>> _sub_block(9, 4, 8, 4 * 4 * 3 * 8)     # 9 -> 3, not stuck at the odd 9
+    3
+    """
+    divisors = {k for i in range(1, int(bs**0.5) + 1) if bs % i == 0 for k in (i, bs // i)}
+    fitting = [k for k in divisors if 4 * b * k * d <= exact_bytes]
+    return max(fitting) if fitting else 1
 
 
 def _exact_delta(q, z, cand, r2, radius, qa, za):

@@ -10,27 +10,30 @@ with overcompensation ``lambda`` (1 exact, 1.6 the paper's choice for SD3/LDM). 
 shields are the union of
 
 * a static **reference** set (protected images; up to millions, searched exactly in
-  memory-bounded blocks by :mod:`jaxdiv.guidance.radius_search`),
+  memory-bounded blocks by :mod:`jaxdiv.guidance.spell.radius_search`),
 * the other batch members' current ``x0_hat`` (**intra-batch**, Eq. 7, self excluded),
 * a **memory** of earlier batches' outputs, carried in the term's state across
-  :func:`jaxdiv.sample` calls (see :func:`jaxdiv.guidance.shield_memory.spell_batched`).
+  :func:`jaxdiv.sample` calls (see :func:`jaxdiv.recipes.spell_batched`).
 
 The correction is zero outside all shields, so trajectories that never enter one are
 bitwise identical to unguided ones (Sec. 5.4's sparsity).
 
 **The guarantee, exactly (App. B).** Every sampler in jaxdiv ends its grid at the clean
-endpoint, where its output *is* the last guided ``x0_hat``. If at that last evaluation the
-shields that ``x0_hat_i`` is inside do not overlap, then with ``lambda = 1`` the corrected
-``x0_hat_i`` lies on the sphere of radius ``r`` around the one shield it was in, so the
-final sample is at distance ``>= r`` from every centre (up to float32 rounding, ~1e-6
-relative). With ``lambda > 1`` the corrected point is at distance
-``r + (lambda - 1)(r - |x0_hat_i - z|) in [r, lambda r]`` from that centre: the guarantee
-needs centres ``>= (1 + lambda) r`` apart, else it can land in the neighbouring shield.
-No guarantee holds when shields overlap: two shields can cancel (a point midway between
-two centres ``r`` apart is not moved). Intra-batch shields move with the batch, so for
-``B > 2`` pairwise distances ``>= r`` are *not* guaranteed; for ``B = 2`` (no other
-shields) both move apart symmetrically, to distance ``d + 2 lambda (r - d) >= r`` for
-``lambda >= 1/2``. The tests in ``tests/test_spell.py`` show each of these cases.
+endpoint, where its output *is* the last guided ``x0_hat``. If at that last evaluation
+**all shields are pairwise disjoint** (centres ``>= 2r`` apart), then with ``lambda = 1``
+a corrected ``x0_hat_i`` lies on the sphere of radius ``r`` around the one shield it was
+in, and so outside every other shield: the final sample is at distance ``>= r`` from every
+centre (up to float32 rounding, ~1e-6 relative). It is *not* enough that the shields
+containing ``x0_hat_i`` are disjoint: the push can land in a shield it was not in (``r =
+1``, centres ``(0, 0)`` and ``(1.6, 0)``, ``x0_hat = (0.5, 0)`` is only in the first and
+is moved to ``(1, 0)``, 0.6 from the second centre). With ``lambda > 1`` the corrected
+point is at distance ``r + (lambda - 1)(r - |x0_hat_i - z|) in [r, lambda r]`` from its
+centre: the guarantee needs centres ``>= (1 + lambda) r`` apart. No guarantee holds when
+shields overlap: two shields can cancel (a point midway between two centres ``r`` apart
+is not moved). Intra-batch shields move with the batch, so for ``B > 2`` pairwise
+distances ``>= r`` are *not* guaranteed; for ``B = 2`` (no other shields) both move apart
+symmetrically, to distance ``d + 2 lambda (r - d) >= r`` for ``lambda >= 1/2``. The tests
+in ``tests/test_spell.py`` show each of these cases.
 
 **Feature-space shields** (the paper's "semantic shields", future work in Sec. 5.6):
 given a differentiable ``feature_map`` ``phi``, the shields live in feature space and
@@ -53,9 +56,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.tree_util import Partial
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
-from jaxdiv.guidance.radius_search import (
+from jaxdiv.guidance.spell.radius_search import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_EXACT_BYTES,
     IVFIndex,
@@ -73,8 +78,10 @@ __all__ = [
     "repulsion_field",
     "repulsion_potential",
     "median_pairwise_distance",
-    "radius_from_unguided",
 ]
+
+
+_MAX_RADIUS = 1e18
 
 
 class SpellState(NamedTuple):
@@ -166,39 +173,44 @@ def spell_delta(x0_hat, radius, reference=None, intra_batch=True):
     return out
 
 
-class _SpellInit(NamedTuple):
+class _SpellShape(NamedTuple):
+    """What ``init`` needs: the memory layout and the shield space's size."""
+
     memory_size: int
     memory_block: int
     feature_map: Any
     reference_dim: int  # 0 without a reference set
 
-    def __call__(self, x, cond, key):
-        del cond, key
-        b = x.shape[0]
-        if self.memory_size and b > self.memory_size:
-            raise ValueError(
-                f"memory_size ({self.memory_size}) must be >= the batch size ({b}) so one "
-                "batch's outputs fit in the shield memory"
-            )
-        if self.feature_map is None:
-            f = int(np.prod(x.shape[1:]))
-        else:
-            f = int(np.prod(jax.eval_shape(self.feature_map, x).shape[1:]))
-        if self.reference_dim and self.reference_dim != f:
-            space = "sample" if self.feature_map is None else "feature"
-            raise ValueError(
-                f"reference has {self.reference_dim} values per shield but the {space} space "
-                f"has {f} (per-sample shape {tuple(x.shape[1:])}); pass reference rows of "
-                "that size"
-            )
-        cap = 0
-        if self.memory_size:
-            bs = self.memory_block
-            cap = -(-self.memory_size // bs) * bs
-        return SpellState(jnp.zeros((cap, f), jnp.float32), jnp.zeros((), jnp.int32))
+
+def _spell_init(p: _SpellShape, x, cond, key):
+    b = x.shape[0]
+    if p.memory_size and b > p.memory_size:
+        raise ValueError(
+            f"memory_size ({p.memory_size}) must be >= the batch size ({b}) so one "
+            "batch's outputs fit in the shield memory"
+        )
+    if p.feature_map is None:
+        f = int(np.prod(x.shape[1:]))
+    else:
+        f = int(np.prod(jax.eval_shape(p.feature_map, x).shape[1:]))
+    if p.reference_dim and p.reference_dim != f:
+        space = "sample" if p.feature_map is None else "feature"
+        raise ValueError(
+            f"reference has {p.reference_dim} values per shield but the {space} space "
+            f"has {f} (per-sample shape {tuple(x.shape[1:])}); pass reference rows of "
+            "that size"
+        )
+    cap = 0
+    if p.memory_size:
+        bs = p.memory_block
+        cap = -(-p.memory_size // bs) * bs
+    return SpellState(jnp.zeros((cap, f), jnp.float32), jnp.zeros((), jnp.int32))
 
 
-class _SpellApply(NamedTuple):
+class _SpellParams(NamedTuple):
+    """SPELL's hyperparameters: arrays (radius, lambda, the reference index) are traced
+    leaves, the ints and the feature map shape the program."""
+
     radius: jax.Array
     overcompensation: jax.Array
     reference: Any
@@ -209,9 +221,6 @@ class _SpellApply(NamedTuple):
     pullback_steps: int
     nprobe: int
     exact_bytes: int
-
-    def __call__(self, state, x0_hat, ctx):
-        return _spell_apply(self, state, x0_hat, ctx)
 
 
 def _batch_index(q):
@@ -258,7 +267,7 @@ def _norm(v):
     return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1).astype(jnp.float32) ** 2, axis=-1))
 
 
-def _spell_apply(p: _SpellApply, state: SpellState, x0_hat, ctx):
+def _spell_apply(p: _SpellParams, state: SpellState, x0_hat, ctx):
     b = x0_hat.shape[0]
     x0f = x0_hat.reshape(b, -1).astype(jnp.float32)
     feature_mode = p.feature_map is not None
@@ -329,25 +338,6 @@ def _spell_apply(p: _SpellApply, state: SpellState, x0_hat, ctx):
     return x_new, state, info
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_scalar(name, value, positive=True):
-    if isinstance(value, jax.core.Tracer):
-        return jnp.asarray(value, jnp.float32)
-    if isinstance(value, bool) or np.ndim(value) != 0:
-        raise TypeError(f"{name} must be a scalar, got {value!r}")
-    v = float(value)
-    if not np.isfinite(v) or (positive and v <= 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return jnp.asarray(v, jnp.float32)
-
-
 def spell(
     radius,
     reference=None,
@@ -368,16 +358,16 @@ def spell(
     DDIM, EDM and flow samplers. See the module docstring for what is guaranteed.
 
     Args:
-        radius: shield radius ``r > 0`` in the space the shields live in (App. D sets it
-            from :func:`radius_from_unguided`). Stored as an array: changing it does not
-            recompile.
+        radius: shield radius ``0 < r <= 1e18`` in the space the shields live in (App. D
+            sets it from :func:`jaxdiv.recipes.radius_from_unguided`). A traced leaf:
+            changing it does not recompile.
         reference: static shield centres: an array ``(K, ...)`` (rows are flattened; same
             per-sample size as the samples, or as ``feature_map``'s output), a prebuilt
             :class:`~jaxdiv.guidance.radius_search.ShieldIndex`, or an
             :class:`~jaxdiv.guidance.radius_search.IVFIndex` (approximate search probing
             ``nprobe`` cells, the paper's App. I). Arrays are searched exactly.
         intra_batch: repel from the other batch members' current ``x0_hat`` (Eq. 7).
-        overcompensation: ``lambda > 0`` (1 exact; the paper uses 1.6 for SD3/LDM).
+        overcompensation: finite ``lambda > 0`` (1 exact; the paper uses 1.6 for SD3/LDM).
         memory_size: capacity of the shield memory of earlier batches; 0 disables it.
             The last step's corrected ``x0_hat`` (= the output) of each call is written
             into it; pass ``out.state`` as ``guidance_state=`` to the next call. A ring
@@ -406,17 +396,17 @@ def spell(
     >>> bool(jnp.linalg.norm(out.x0[0] - out.x0[1]) >= 0.5 * (1 - 1e-5))
     True
     """
-    radius = _check_scalar("radius", radius)
-    overcompensation = _check_scalar("overcompensation", overcompensation)
-    if not isinstance(intra_batch, (bool, np.bool_)):
-        raise TypeError(f"intra_batch must be a bool, got {intra_batch!r}")
-    memory_size = _check_int("memory_size", memory_size, 0)
-    pullback_steps = _check_int("pullback_steps", pullback_steps, 1)
-    nprobe = _check_int("nprobe", nprobe, 1)
-    block_size = _check_int("block_size", block_size, 1)
-    exact_bytes = _check_int("exact_bytes", exact_bytes, 1)
-    if feature_map is not None and not callable(feature_map):
-        raise TypeError(f"feature_map must be callable (x0 batch) -> (B, f), got {feature_map!r}")
+    # radii beyond ~1e18 overflow r^2 in float32: every distance would compare as inside
+    radius = validation.real("radius", radius, lo=0, lo_open=True, hi=_MAX_RADIUS)
+    overcompensation = validation.real("overcompensation", overcompensation, lo=0, lo_open=True)
+    intra_batch = validation.boolean("intra_batch", intra_batch)
+    memory_size = validation.integer("memory_size", memory_size, 0)
+    pullback_steps = validation.integer("pullback_steps", pullback_steps, 1)
+    nprobe = validation.integer("nprobe", nprobe, 1)
+    block_size = validation.integer("block_size", block_size, 1)
+    exact_bytes = validation.integer("exact_bytes", exact_bytes, 1)
+    if feature_map is not None:
+        validation.function("feature_map", feature_map, "(x0 batch) -> (B, f)")
     if reference is not None and not isinstance(reference, (ShieldIndex, IVFIndex)):
         if not hasattr(reference, "shape"):
             raise TypeError(
@@ -427,19 +417,23 @@ def spell(
             raise ValueError(
                 f"reference must have shape (K, ...) with K >= 1, got {np.shape(reference)}"
             )
+        if not isinstance(reference, jax.core.Tracer):
+            validation.finite_array("reference", reference)
         reference = build_index(reference, block_size)
     if isinstance(reference, IVFIndex) and nprobe > reference.centroids.shape[0]:
         raise ValueError(
             f"nprobe must be <= the IVF index's {reference.centroids.shape[0]} cells, got {nprobe}"
         )
     memory_block = int(min(block_size, memory_size)) if memory_size else 1
-    apply = _SpellApply(radius, overcompensation, reference, bool(intra_batch), memory_size,
-                        memory_block, feature_map, pullback_steps, nprobe, exact_bytes)  # fmt: skip
+    params = _SpellParams(
+        radius, overcompensation, reference, intra_batch, memory_size, memory_block,
+        feature_map, pullback_steps, nprobe, exact_bytes,
+    )  # fmt: skip
     ref_dim = 0
     if reference is not None:
         ref_dim = reference.centroids.shape[1] if isinstance(reference, IVFIndex) else reference.dim
-    init = _SpellInit(memory_size, memory_block, feature_map, int(ref_dim))
-    return GuidanceTerm(init, apply, "x0")
+    init = Partial(_spell_init, _SpellShape(memory_size, memory_block, feature_map, int(ref_dim)))
+    return GuidanceTerm(init, Partial(_spell_apply, params), "x0", "spell")
 
 
 def median_pairwise_distance(x) -> jax.Array:
@@ -457,25 +451,3 @@ def median_pairwise_distance(x) -> jax.Array:
     iu, ju = np.triu_indices(x.shape[0], k=1)
     d = jnp.sqrt(jnp.sum((x[iu] - x[ju]) ** 2, axis=-1))
     return jnp.median(d)
-
-
-def radius_from_unguided(sampler, denoiser, noise, *, key, cond=None, guidance=None) -> float:
-    """Median pairwise distance of an unguided batch's final samples (App. D).
-
-    The paper then tries 16 radii from 0 to twice this value. ``guidance`` may hold the
-    non-SPELL terms (e.g. CFG) so the batch matches the guided setting.
-
-    >>> import jax, jax.numpy as jnp, toy
-    >>> from jaxdiv import samplers, schedules
-    >>> gm = toy.GaussianMixture(jnp.zeros((1, 1)), jnp.ones((1,)))      # N(0, 1)
-    >>> sch = schedules.edm()
-    >>> r = radius_from_unguided(samplers.edm(sch, 8), gm.denoiser(sch),
-    ...                          jax.random.normal(jax.random.key(0), (64, 1)),
-    ...                          key=jax.random.key(1))
-    >>> 0.7 < r < 1.2     # |x - y| ~ |N(0, 2)| has median 0.954
-    True
-    """
-    from jaxdiv.sampling import sample
-
-    out = sample(sampler, denoiser, noise, key=key, cond=cond, guidance=guidance)
-    return float(median_pairwise_distance(out.x0))

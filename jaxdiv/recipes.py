@@ -1,10 +1,8 @@
-"""Previous-batch shields: generate N samples b at a time, each batch repelled from all
-earlier outputs (SPELL's one-by-one SD3 generation, Kirchhof et al. 2025, Fig. 6).
+"""Recipes: loops over :func:`jaxdiv.sample` (one layer above it).
 
-The memory lives in the SPELL term's :class:`~jaxdiv.guidance.spell.SpellState`: a
-preallocated ``(capacity, f)`` buffer and a count, so its shape never changes between
-batches and every batch reuses one compiled program. :func:`spell_batched` is the one-call
-API; :func:`memory_vectors` reads the memory back.
+Nothing under :mod:`jaxdiv.guidance` calls the sampler; procedures that run it several
+times -- SPELL's batch-by-batch generation with a shield memory, App. D's radius
+heuristic -- live here.
 """
 
 from __future__ import annotations
@@ -15,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 from jaxdiv.guidance.base import chain
-from jaxdiv.guidance.spell import SpellState, spell
+from jaxdiv.guidance.spell.term import median_pairwise_distance, spell
+from jaxdiv.sampling import sample
 
-__all__ = ["BatchedOutput", "spell_batched", "memory_vectors"]
+__all__ = ["BatchedOutput", "spell_batched", "radius_from_unguided"]
 
 
 class BatchedOutput(NamedTuple):
@@ -26,33 +26,17 @@ class BatchedOutput(NamedTuple):
 
     Attributes:
         x0: ``(N, ...)`` all samples, in batch order.
-        state: the final guidance state (a tuple, SPELL's :class:`SpellState` last); pass
-            it as ``guidance_state=`` to continue with more batches.
+        state: the final guidance state (a dict by term name, SPELL's
+            :class:`~jaxdiv.guidance.spell.SpellState` under ``"spell"``); pass it as
+            ``guidance_state=`` to continue with more batches.
         traces: per-batch :class:`~jaxdiv.Trace` tuple when ``trace=True``, else None.
     """
 
     x0: Any
-    state: tuple
+    state: dict
     traces: tuple | None
 
 
-def memory_vectors(state: SpellState) -> jax.Array:
-    """The valid memory rows, oldest first (host-side: the result's length varies).
-
-    >>> s = SpellState(jnp.arange(8.0).reshape(4, 2), jnp.int32(5))   # wrapped once
-    >>> memory_vectors(s).tolist()
-    [[2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [0.0, 1.0]]
-    """
-    if not isinstance(state, SpellState):
-        raise TypeError(f"state must be a SpellState, got {type(state).__name__}")
-    cap = state.memory.shape[0]
-    count = int(state.count)
-    if cap == 0 or count == 0:
-        return state.memory[:0]
-    if count <= cap:
-        return state.memory[:count]
-    start = count % cap
-    return jnp.concatenate([state.memory[start:], state.memory[:start]], axis=0)
 
 
 def spell_batched(
@@ -84,10 +68,11 @@ def spell_batched(
         noise: ``(N, ...)`` standard normal, ``N`` a multiple of ``batch_size``.
         key: PRNG key; batch ``j`` uses ``fold_in(key, j)``.
         radius, reference, intra_batch, overcompensation: see
-            :func:`~jaxdiv.guidance.spell.spell`.
+            :func:`~jaxdiv.guidance.spell`.
         batch_size: samples per :func:`jaxdiv.sample` call.
         cond: optional condition pytree with leading dimension ``N``.
-        guidance: optional other terms (e.g. ``guidance.cfg(...)``), chained before SPELL.
+        guidance: optional other terms (e.g. ``guidance.cfg(...)``), chained before SPELL
+            (which is named ``"spell"`` in the state and trace).
         memory_size: shield-memory capacity; default ``N`` (every earlier output).
         trace: keep each batch's :class:`~jaxdiv.Trace`.
         **spell_kwargs: further :func:`~jaxdiv.guidance.spell.spell` options.
@@ -99,15 +84,14 @@ def spell_batched(
     >>> noise = jax.random.normal(jax.random.key(0), (8, 2))
     >>> out = spell_batched(samplers.edm(sch, 10), gm.denoiser(sch), noise,
     ...                     key=jax.random.key(1), radius=0.3, batch_size=2)
-    >>> out.x0.shape, int(out.state[-1].count)
+    >>> out.x0.shape, int(out.state["spell"].count)
     ((8, 2), 8)
     """
     if not hasattr(noise, "shape"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")
     n = noise.shape[0] if np.ndim(noise) >= 1 else 0
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
-    if batch_size < 1 or n < 1 or n % batch_size:
+    batch_size = validation.integer("batch_size", batch_size, 1)
+    if n < 1 or n % batch_size:
         raise ValueError(
             f"noise's leading dimension ({n}) must be a positive multiple of batch_size "
             f"({batch_size})"
@@ -116,8 +100,7 @@ def spell_batched(
         memory_size = int(n)
     term = spell(radius, reference, intra_batch, overcompensation, memory_size=memory_size,
                  **spell_kwargs)  # fmt: skip
-    g = term if guidance is None else chain(guidance, term)
-    from jaxdiv.sampling import sample
+    g = chain(guidance, spell=term)
 
     outs, traces, state = [], [], None
     for j in range(n // batch_size):
@@ -129,3 +112,23 @@ def spell_batched(
         outs.append(out.x0)
         traces.append(out.trace)
     return BatchedOutput(jnp.concatenate(outs, axis=0), state, tuple(traces) if trace else None)
+
+
+def radius_from_unguided(sampler, denoiser, noise, *, key, cond=None, guidance=None) -> float:
+    """Median pairwise distance of an unguided batch's final samples (App. D).
+
+    The paper then tries 16 radii from 0 to twice this value. ``guidance`` may hold the
+    non-SPELL terms (e.g. CFG) so the batch matches the guided setting.
+
+    >>> import jax, jax.numpy as jnp, toy
+    >>> from jaxdiv import samplers, schedules
+    >>> gm = toy.GaussianMixture(jnp.zeros((1, 1)), jnp.ones((1,)))      # N(0, 1)
+    >>> sch = schedules.edm()
+    >>> r = radius_from_unguided(samplers.edm(sch, 8), gm.denoiser(sch),
+    ...                          jax.random.normal(jax.random.key(0), (64, 1)),
+    ...                          key=jax.random.key(1))
+    >>> 0.7 < r < 1.2     # |x - y| ~ |N(0, 2)| has median 0.954
+    True
+    """
+    out = sample(sampler, denoiser, noise, key=key, cond=cond, guidance=guidance)
+    return float(median_pairwise_distance(out.x0))
