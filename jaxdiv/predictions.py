@@ -117,7 +117,6 @@ def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> Prediction
     ``"sample"``, plus ``"flow"`` for rectified-flow velocities.
 
     >>> import jax.numpy as jnp
-import numpy as np
     >>> from jaxdiv import schedules
     >>> den = as_denoiser(lambda x, t, c: jnp.zeros_like(x), schedules.flow(), "flow")
     >>> den(jnp.ones((1, 2)), 0.5).tolist()

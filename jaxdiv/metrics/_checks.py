@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiv import validation
-
 # one definition for the whole library; metric modules reach it as ``_checks.is_concrete``
 from jaxdiv.validation import is_concrete
 
@@ -118,7 +116,11 @@ def common_dtype(*arrays) -> np.dtype:
 
 def check_int(value, name: str, minimum: int) -> int:
     """Return ``value`` as a Python int >= ``minimum`` or raise naming ``name``."""
-    return validation.integer(name, value, minimum)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be a Python int; got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
+    return int(value)
 
 
 def check_order(q) -> float:
