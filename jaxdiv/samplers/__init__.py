@@ -8,6 +8,7 @@ from jaxdiv.samplers.base import (
     per_sample_normal,
 )
 from jaxdiv.samplers.ddim import ddim, ddim_noise_std
+from jaxdiv.samplers.dpmpp import DPMState, dpmpp_2m
 from jaxdiv.samplers.edm import edm
 from jaxdiv.samplers.flow import flow_euler
 
@@ -15,6 +16,8 @@ __all__ = [
     "Sampler",
     "ddim",
     "ddim_noise_std",
+    "dpmpp_2m",
+    "DPMState",
     "edm",
     "flow_euler",
     "first_order_update",
