@@ -19,7 +19,9 @@ written atomically, so a crash never leaves a half-written PNG), and rerunning w
 larger ``--n`` adds images. A folder holding a run with different settings is refused.
 
 ``--sampler ddim`` is DDIM (eta 0 by default) on the scheduler config's timestep spacing;
-``--sampler edm`` is Karras Alg. 2 (Heun) on Karras noise levels, NFE ``2N - 1``. CFG
+``--sampler edm`` is Karras Alg. 2 (Heun) on Karras noise levels, NFE ``2N - 1``;
+``--sampler dpmpp_2m`` is DPM-Solver++(2M) as diffusers' ``DPMSolverMultistepScheduler``
+(Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing). CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch).
 """
@@ -39,7 +41,7 @@ import numpy as np
 
 from experiments.common import write_json
 
-SAMPLERS = ("ddim", "edm")
+SAMPLERS = ("ddim", "edm", "dpmpp_2m")
 GRID_COLUMNS = 8
 # Settings that change the pixels of an image: a folder made with other values is refused.
 _RUN_KEYS = (
@@ -51,6 +53,7 @@ _RUN_KEYS = (
     "cfg",
     "eta",
     "s_churn",
+    "karras",
     "seed",
     "height",
     "width",
@@ -87,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 = no guidance)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
     p.add_argument("--s-churn", type=float, default=0.0, help="EDM S_churn (edm only)")
+    p.add_argument(
+        "--karras",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Karras noise levels (dpmpp_2m only; default on)",
+    )
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="default: min(n, 4)")
@@ -221,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         "cfg": args.cfg,
         "eta": args.eta if args.sampler == "ddim" else None,
         "s_churn": args.s_churn if args.sampler == "edm" else None,
+        "karras": args.karras if args.sampler == "dpmpp_2m" else None,
         "seed": args.seed,
         "height": args.height,
         "width": args.width,
@@ -252,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         load_s = time.perf_counter() - t0
         bs = args.batch_size
         shape = pipe.noise_shape(bs, args.height, args.width)
-    except ValueError as err:  # CheckpointError is a ValueError: bad folder or config
+    # CheckpointError is a ValueError; a wrongly typed config value is a TypeError
+    except (ValueError, TypeError) as err:
         raise RunError(str(err)) from err
     height, width = shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor
     settings["height"], settings["width"] = height, width
@@ -264,8 +275,13 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.sampler == "ddim":
         sampler = pipe.ddim(args.steps, eta=args.eta)
-    else:
+    elif args.sampler == "edm":
         sampler = pipe.edm(args.steps, s_churn=args.s_churn)
+    else:
+        try:
+            sampler = pipe.dpmpp_2m(args.steps, karras=args.karras)
+        except ValueError as err:  # e.g. more steps than the config's spacing allows
+            raise RunError(str(err)) from err
     if args.negative_prompt:  # diffusers encodes negative prompts without clip_skip
         null = pipe.encode_prompt(pipe.tokenize([args.negative_prompt]), clip_skip=None)
     else:

@@ -15,7 +15,7 @@ import numpy as np
 from jaxdiv import schedules, validation
 from jaxdiv.predictions import PREDICTION_TYPES
 
-__all__ = ["schedule_from_config"]
+__all__ = ["schedule_from_config", "dpm_solver_grid"]
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -93,3 +93,94 @@ def schedule_from_config(config: dict) -> tuple[schedules.VPSchedule, str, dict]
     offset = config.get("steps_offset", 0) or 0
     offset = validation.integer("scheduler config: steps_offset", offset, minimum=0)
     return sch, pred, {"spacing": spacing, "steps_offset": offset}
+
+
+def dpm_solver_grid(config: dict, num_steps: int, karras: bool = False):
+    """diffusers' ``DPMSolverMultistepScheduler`` grid for a scheduler config, as VP times.
+
+    A NumPy transcription of ``DPMSolverMultistepScheduler.from_config(config,
+    use_karras_sigmas=karras).set_timesteps(num_steps)`` (diffusers 0.3x, with the
+    default ``final_sigmas_type="zero"``). Its spacing rules differ from DDIM's
+    (:meth:`~jaxdiv.schedules.VPSchedule.grid`): with ``T`` train steps (less the
+    ``lambda_min_clipped`` tail),
+
+    * ``"linspace"``: ``round(linspace(0, T - 1, N + 1))`` reversed, without the final 0;
+    * ``"leading"``: ``arange(N + 1) * (T // (N + 1))`` reversed, without the final 0,
+      plus ``steps_offset``;
+    * ``"trailing"``: ``round(arange(T, 0, -T / N)) - 1`` (as DDIM's).
+
+    With ``karras=True`` the spacing is ignored: the noise levels are Karras et al.'s
+    (2022, Eq. 5, ``rho = 7``) from ``noise_level(T - 1)`` to ``noise_level(0)`` and the
+    model is evaluated at diffusers' timestep of each level (log-sigma interpolation,
+    rounded; truncated, not rounded, for ``squaredcos_cap_v2``), while the solver uses
+    the level itself.
+
+    Args:
+        config: parsed ``scheduler/scheduler_config.json``.
+        num_steps: number of solver steps ``N``.
+        karras: diffusers' ``use_karras_sigmas``.
+
+    Returns:
+        ``(times, model_times)``: float64 ``(N + 1,)`` decreasing VP times whose
+        ``noise_level`` is diffusers' ``sigmas`` (fractional with ``karras``; the last is
+        the clean endpoint ``-1``), and int64 ``(N,)`` timesteps diffusers passes to the
+        model (``== times[:-1]`` without ``karras``).
+
+    Raises:
+        ValueError: the grid has repeated timesteps (too many steps for the spacing) or
+            steps past ``T - 1``.
+
+    Example:
+        >>> from jaxdiv.testing import TINY_SCHEDULER
+        >>> times, model_times = dpm_solver_grid(TINY_SCHEDULER, 4)   # leading, offset 1
+        >>> times.tolist(), model_times.tolist()
+        ([801.0, 601.0, 401.0, 201.0, -1.0], [801, 601, 401, 201])
+        >>> times, model_times = dpm_solver_grid(TINY_SCHEDULER, 4, karras=True)
+        >>> [round(float(t), 2) for t in times], model_times.tolist()
+        ([999.0, 687.15, 145.94, 0.0, -1.0], [999, 687, 146, 0])
+    """
+    sch, _, grid = schedule_from_config(config)
+    n = validation.integer("num_steps", num_steps, minimum=1)
+    abar = np.asarray(sch.alphas_cumprod, np.float32)
+    T = abar.shape[0]
+    # diffusers computes these in float32 torch
+    sigmas = np.sqrt((np.float32(1) - abar) / abar).astype(np.float32)
+    lam = (np.log(np.sqrt(abar)) - np.log(np.sqrt(np.float32(1) - abar))).astype(np.float32)
+    lmin = float(config.get("lambda_min_clipped", -np.inf))
+    last = T - int(np.searchsorted(lam[::-1], lmin))
+    if karras:
+        s_min, s_max, rho = float(sigmas[0]), float(sigmas[-1]), 7.0
+        ramp = np.linspace(0, 1, n)
+        levels = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        # diffusers' _sigma_to_t: linear in log sigma between neighbouring timesteps
+        log_sigmas = np.log(sigmas).astype(np.float64)
+        log_s = np.log(np.maximum(levels, 1e-10))
+        dists = log_s[None, :] - log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=T - 2)
+        w = np.clip((log_sigmas[low] - log_s) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+        model_t = (1 - w) * low + w * (low + 1)
+        if config.get("beta_schedule") != "squaredcos_cap_v2":  # as diffusers, trained or not
+            model_t = model_t.round()
+        model_times = model_t.astype(np.int64)
+        # the solver's level is diffusers' float32 sigma; invert jaxdiv's interpolation of
+        # alphas_cumprod (linear in t) there, in float64
+        a = 1.0 / (1.0 + levels.astype(np.float32).astype(np.float64) ** 2)
+        ab = abar.astype(np.float64)
+        k = np.clip(np.searchsorted(-ab, -a), 1, T - 1)
+        times = np.clip(k - 1 + (ab[k - 1] - a) / (ab[k - 1] - ab[k]), 0.0, T - 1.0)
+    else:
+        spacing, offset = grid["spacing"], grid["steps_offset"]
+        if spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64)
+            ts = ts + offset
+        else:  # trailing
+            ts = np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+        if ts.shape[0] != n or np.any(np.diff(ts) >= 0) or ts.max() > T - 1:
+            raise ValueError(
+                f"num_steps={n} gives no strictly decreasing DPM-Solver grid within "
+                f"[0, {T - 1}] for timestep_spacing={spacing!r}, steps_offset={offset}"
+            )
+        model_times, times = ts, ts.astype(np.float64)
+    return np.append(times, float(sch.t_clean)), model_times
