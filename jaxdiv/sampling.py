@@ -167,8 +167,8 @@ _run = jax.jit(_run_impl, static_argnums=(0, 1))
 def _check_inputs(sampler, denoiser, noise, key, cond):
     if not isinstance(sampler, Sampler):
         raise TypeError(
-            "sampler must be a jaxdiv.samplers.Sampler (ddim, edm, flow_euler, dpmpp_2m, or "
-            "your own), "
+            "sampler must be a jaxdiv.samplers.Sampler (ddim, edm, flow_euler, flow_heun, "
+            "dpmpp_2m, or your own), "
             f"got {type(sampler).__name__}"
         )
     if not callable(denoiser):

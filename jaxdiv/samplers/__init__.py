@@ -11,6 +11,7 @@ from jaxdiv.samplers.ddim import ddim, ddim_noise_std
 from jaxdiv.samplers.dpmpp import DPMState, dpmpp_2m
 from jaxdiv.samplers.edm import edm
 from jaxdiv.samplers.flow import flow_euler
+from jaxdiv.samplers.flow_heun import flow_heun
 
 __all__ = [
     "Sampler",
@@ -20,6 +21,7 @@ __all__ = [
     "DPMState",
     "edm",
     "flow_euler",
+    "flow_heun",
     "first_order_update",
     "first_order_step",
     "no_state",
