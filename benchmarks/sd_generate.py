@@ -76,22 +76,13 @@ PROMPTS = ["a photo of a cat", "a red dog"]
 CFG = 7.5
 
 
-def best_of(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), times
-
-
 def bench_config(name, steps, repeats, folder):
     import jax
     import jax.numpy as jnp
     import torch
 
     import jaxdiv
+    from benchmarks.timing import interleaved
     from jaxdiv import guidance
     from jaxdiv.pipelines import stable_diffusion as sd
     from jaxdiv.testing import save_random_pipeline
@@ -134,8 +125,8 @@ def bench_config(name, steps, repeats, folder):
                 output_type="np",
             ).images
 
-    jax_s, jax_all = best_of(run_jax, repeats)
-    torch_s, torch_all = best_of(run_torch, repeats)
+    timed = interleaved({"jax": run_jax, "torch": run_torch}, repeats)  # A B A B
+    jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
     ours = np.clip(np.asarray(run_jax()).transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     diff = float(np.abs(ours - run_torch()).max())
     n_unet = sum(p.numel() for p in torch_pipe.unet.parameters())
@@ -151,8 +142,11 @@ def bench_config(name, steps, repeats, folder):
         "jax_s": jax_s,
         "torch_s": torch_s,
         "torch_over_jax": torch_s / jax_s,
-        "jax_runs_s": jax_all,
-        "torch_runs_s": torch_all,
+        "jax_min_max_s": [timed["jax"]["min_s"], timed["jax"]["max_s"]],
+        "torch_min_max_s": [timed["torch"]["min_s"], timed["torch"]["max_s"]],
+        "jax_runs_s": timed["jax"]["runs_s"],
+        "torch_runs_s": timed["torch"]["runs_s"],
+        "timing": "interleaved A B A B, median [min-max]",
         "max_abs_image_diff": diff,
     }
 

@@ -11,12 +11,12 @@ Configs:
     1024, heads (5, 10, 20, 20), linear projections, upcast attention; ~866M parameters).
 
 Run (CPU, all cores):
-    JAX_PLATFORMS=cpu python benchmarks/sd_step.py --configs tiny,sd21 --latent 32 --batch 2
+    JAX_PLATFORMS=cpu python -m benchmarks.sd_step --configs tiny,sd21 --latent 32 --batch 2
 
 Run (CPU, one thread each; steadier on a loaded machine, where PyTorch's OpenMP threads
 spin on oversubscribed cores):
     OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python benchmarks/sd_step.py \
+    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python -m benchmarks.sd_step \
     --out results/sd_step_1thread.json
 
 Writes ``results/sd_step.json`` (one row per measurement). The rows are produced by
@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import interleaved
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -74,15 +74,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 TEXT_TOKENS = 77
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def build_pair(config: dict[str, Any], seed: int = 0):
     """A random diffusers UNet and the jaxdiv UNet holding the same weights (fp32)."""
     import torch
@@ -109,7 +100,7 @@ def measure_denoiser_step(
         name: key of :data:`CONFIGS`.
         latent: latent height = width.
         batch: batch size (2 = one CFG pair).
-        repeats: timed repetitions after one warm-up call (median reported).
+        repeats: interleaved rounds after one warm-up call each (median [min-max]).
         seed: weight and input seed.
 
     Returns:
@@ -139,12 +130,16 @@ def measure_denoiser_step(
     t0 = time.perf_counter()
     out_jax = step(state, xj, tj, cj).block_until_ready()
     compile_s = time.perf_counter() - t0
-    jax_s, jax_all = _median_seconds(lambda: step(state, xj, tj, cj).block_until_ready(), repeats)
 
     xt, tt, ct = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
     with torch.no_grad():
         out_torch = torch_model(xt, tt, ct).sample.numpy()
-        torch_s, torch_all = _median_seconds(lambda: torch_model(xt, tt, ct), repeats)
+        # A B A B: both implementations see the same machine load
+        timed = interleaved({
+            "jax": lambda: step(state, xj, tj, cj).block_until_ready(),
+            "torch": lambda: torch_model(xt, tt, ct),
+        }, repeats)  # fmt: skip
+    jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
 
     return dict(
         benchmark="unet_step",
@@ -159,8 +154,11 @@ def measure_denoiser_step(
         jax_compile_s=compile_s,
         jax_s=jax_s,
         torch_s=torch_s,
-        jax_all_s=jax_all,
-        torch_all_s=torch_all,
+        jax_min_max_s=[timed["jax"]["min_s"], timed["jax"]["max_s"]],
+        torch_min_max_s=[timed["torch"]["min_s"], timed["torch"]["max_s"]],
+        jax_all_s=timed["jax"]["runs_s"],
+        torch_all_s=timed["torch"]["runs_s"],
+        timing="interleaved A B A B, median [min-max]",
         ratio_torch_over_jax=torch_s / jax_s,
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
     )
@@ -204,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = collect_rows(args)
     meta = dict(
         date=datetime.date.today().isoformat(),
-        command="python benchmarks/sd_step.py "
+        command="python -m benchmarks.sd_step "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         jax=jax.__version__,
         torch=torch.__version__,

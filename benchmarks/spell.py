@@ -26,14 +26,17 @@ Writes ``results/spell_benchmark.json``; device: whatever JAX runs on (CPU here)
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 import jaxdiv
 import toy
+from benchmarks.timing import interleaved
 from experiments.common import write_json
 from jaxdiv import samplers, schedules
 from jaxdiv.guidance.base import StepContext
@@ -57,20 +60,6 @@ class DenseDummy:
         return h.reshape(x.shape)
 
 
-def _best(fn, repeats, budget_s=10.0):
-    """Best of ``repeats`` timed calls after a warm-up (fewer once ``budget_s`` is spent)."""
-    fn()  # compile / warm up
-    best, spent = np.inf, 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-        if spent > budget_s:
-            break
-    return best
-
-
 def bench(name, den, shape, batches, refs, steps, repeats, radius, ivf_probes=()):
     sch = schedules.vp_linear()
     smp = samplers.ddim(sch, steps)
@@ -81,8 +70,11 @@ def bench(name, den, shape, batches, refs, steps, repeats, radius, ivf_probes=()
     def record(kind, b, k, g, label=None):
         noise = jax.random.normal(jax.random.key(1), (b,) + shape)
         run = lambda gg: jaxdiv.sample(smp, den, noise, key=key, guidance=gg).x0.block_until_ready()
-        base = _best(lambda: run(None), repeats) / steps
-        with_ = _best(lambda: run(g), repeats) / steps
+        # unguided and guided alternate (A B A B) so both see the same machine load
+        timed = interleaved({"without": lambda: run(None), "with": lambda: run(g)}, repeats,
+                            budget_s=20.0)  # fmt: skip
+        base = timed["without"]["median_s"] / steps
+        with_ = timed["with"]["median_s"] / steps
         # the term alone on realistic inputs: x0_hat of the unguided run's middle step
         tr = jaxdiv.sample(smp, den, noise, key=key, trace=True).trace
         i = steps // 2
@@ -91,10 +83,17 @@ def bench(name, den, shape, batches, refs, steps, repeats, radius, ivf_probes=()
         ctx = StepContext(x, t, sch.alpha(t), sch.sigma(t), i, steps, key, None)
         state = g.init(x, None, key)
         apply = jax.jit(lambda x0_: g.apply(state, x0_, ctx)[0])
-        term = _best(lambda: apply(x0).block_until_ready(), repeats)
+        alone = interleaved({"term": lambda: apply(x0).block_until_ready()}, repeats, 10.0)
+        term = alone["term"]["median_s"]
         row = {"denoiser": name, "shields": kind, "batch": b, "num_reference": k,
                "search": label or "exact", "step_s_without": base, "step_s_with": with_,
-               "spell_s_per_eval": term, "overhead": term / base,
+               "step_s_without_min_max": [timed["without"]["min_s"] / steps,
+                                          timed["without"]["max_s"] / steps],
+               "step_s_with_min_max": [timed["with"]["min_s"] / steps,
+                                       timed["with"]["max_s"] / steps],
+               "spell_s_per_eval": term,
+               "spell_s_min_max": [alone["term"]["min_s"], alone["term"]["max_s"]],
+               "timing": "interleaved A B A B, median [min-max]", "overhead": term / base,
                "overhead_end_to_end": with_ / base - 1.0}  # fmt: skip
         rows.append(row)
         print(f"{name:10s} {kind:9s} {row['search']:6s} B={b:4d} K={k:8d}  step "
@@ -139,8 +138,12 @@ def main(argv=None):
     rows = bench("toy", gm.denoiser(sch), (16,), toy_b, toy_k, a.steps, a.repeats, 0.5, probes)
     dummy = DenseDummy((4, 32, 32), 4, jax.random.key(5))
     rows += bench("unet_dummy", dummy, (4, 32, 32), unet_b, unet_k, a.steps, a.repeats, 20.0)
-    write_json(a.out, {"device": str(jax.devices()[0]), "steps": a.steps, "repeats": a.repeats,
-                       "rows": rows})  # fmt: skip
+    write_json(a.out, {
+        "date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0]),
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__},
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS")},
+        "cpu_count": os.cpu_count(), "steps": a.steps, "repeats": a.repeats, "rows": rows,
+    })  # fmt: skip
     print(f"wrote {a.out}")
 
 

@@ -51,3 +51,29 @@ def central_difference(f, x, h):
         vals = [float(f(x + s * e)) for s in (-2.0, -1.0, 1.0, 2.0)]
         out[idx] = (vals[0] - 8.0 * vals[1] + 8.0 * vals[2] - vals[3]) / (12.0 * h)
     return out
+
+
+def min_dist(x, z):
+    """Distance from each row of ``x`` to its nearest row of ``z`` (rows flattened, float64)."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    z = np.asarray(z, np.float64).reshape(len(z), -1)
+    return np.linalg.norm(x[:, None] - z[None], axis=-1).min(axis=1)
+
+
+def disjoint_shields_near(points, num, sep, r, key):
+    """``num`` shield centres ``sep`` apart, each within ``0.3 r`` of one of ``points``."""
+    import numpy as np
+
+    pts = np.asarray(points, np.float64)
+    u = np.asarray(jax.random.normal(key, pts.shape), np.float64)
+    cand = pts + 0.3 * r * u / np.linalg.norm(u, axis=1, keepdims=True)
+    keep = []
+    for c in cand:
+        if all(np.linalg.norm(c - k) >= sep for k in keep):
+            keep.append(c)
+        if len(keep) == num:
+            break
+    assert len(keep) == num, "test setup: not enough separated shield centres"
+    return jnp.asarray(np.stack(keep), jnp.float32)

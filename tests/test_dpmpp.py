@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import disjoint_shields_near, min_dist
 
 import jaxdiv
 import toy
@@ -200,24 +201,6 @@ def test_flow_start_at_alpha_zero_is_finite_first_order(gmm2):
     assert bool(jnp.all(jnp.isfinite(out.x0)))
 
 
-def _min_dist(x, z):
-    x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
-    return np.linalg.norm(x[:, None] - z[None], axis=-1).min(axis=1)
-
-
-def _disjoint_centres_near(points, num, sep, r, key):
-    u = np.asarray(jax.random.normal(key, points.shape), np.float64)
-    cand = np.asarray(points, np.float64) + 0.3 * r * u / np.linalg.norm(u, axis=1, keepdims=True)
-    keep = []
-    for c in cand:
-        if all(np.linalg.norm(c - k) >= sep for k in keep):
-            keep.append(c)
-        if len(keep) == num:
-            break
-    assert len(keep) == num, "test setup: not enough separated centres"
-    return jnp.asarray(np.stack(keep), jnp.float32)
-
-
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_spell_guarantee_and_guided_history(name):
     """SPELL's guarantee on the final output (the last step returns the guided x0_hat),
@@ -230,12 +213,12 @@ def test_spell_guarantee_and_guided_history(name):
     noise = jax.random.normal(jax.random.key(12), (48, 2))
     unguided = jaxdiv.sample(s, gm.denoiser(sch), noise, key=jax.random.key(22)).x0
     r = 0.15 * np.sqrt(2)
-    z = _disjoint_centres_near(unguided, 6, 2 * r * (1 + 1e-4), r, jax.random.key(3))
-    assert (_min_dist(unguided, z) < r).sum() >= 6
+    z = disjoint_shields_near(unguided, 6, 2 * r * (1 + 1e-4), r, jax.random.key(3))
+    assert (min_dist(unguided, z) < r).sum() >= 6
     term = guidance.spell(radius=r, reference=z, intra_batch=False)
     out = jaxdiv.sample(s, gm.denoiser(sch), noise, key=jax.random.key(22), guidance=term,
                         trace=True)  # fmt: skip
-    assert _min_dist(out.x0, z).min() >= r * (1 - 1e-5)
+    assert min_dist(out.x0, z).min() >= r * (1 - 1e-5)
     np.testing.assert_array_equal(out.x0, out.trace.x0_hat[-1])
     xs = _numpy_2m(sch, s.times, out.trace.x[0], out.trace.x0_hat)
     for i, (g, w) in enumerate(zip(list(out.trace.x[1:]) + [out.x0], xs)):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import disjoint_shields_near, min_dist
 
 import jaxdiv
 import toy
@@ -151,24 +152,6 @@ def test_nfe_counted(gmm2):
     assert len(calls) == s.nfe
 
 
-def _min_dist(x, z):
-    x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
-    return np.linalg.norm(x[:, None] - z[None], axis=-1).min(axis=1)
-
-
-def _disjoint_centres_near(points, num, sep, r, key):
-    u = np.asarray(jax.random.normal(key, points.shape), np.float64)
-    cand = np.asarray(points, np.float64) + 0.3 * r * u / np.linalg.norm(u, axis=1, keepdims=True)
-    keep = []
-    for c in cand:
-        if all(np.linalg.norm(c - k) >= sep for k in keep):
-            keep.append(c)
-        if len(keep) == num:
-            break
-    assert len(keep) == num, "test setup: not enough separated centres"
-    return jnp.asarray(np.stack(keep), jnp.float32)
-
-
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_spell_guarantee(shift):
     """The last step is Euler to t = 0, so the output is the last guided x0_hat and
@@ -180,12 +163,12 @@ def test_spell_guarantee(shift):
     noise = jax.random.normal(jax.random.key(12), (48, 2))
     unguided = jaxdiv.sample(s, gm.denoiser(sch), noise, key=jax.random.key(22)).x0
     r = 0.15 * np.sqrt(2)
-    z = _disjoint_centres_near(unguided, 6, 2 * r * (1 + 1e-4), r, jax.random.key(3))
-    assert (_min_dist(unguided, z) < r).sum() >= 6  # non-vacuous
+    z = disjoint_shields_near(unguided, 6, 2 * r * (1 + 1e-4), r, jax.random.key(3))
+    assert (min_dist(unguided, z) < r).sum() >= 6  # non-vacuous
     term = guidance.spell(radius=r, reference=z, intra_batch=False)
     out = jaxdiv.sample(s, gm.denoiser(sch), noise, key=jax.random.key(22), guidance=term,
                         trace=True)  # fmt: skip
-    assert _min_dist(out.x0, z).min() >= r * (1 - 1e-5)
+    assert min_dist(out.x0, z).min() >= r * (1 - 1e-5)
     np.testing.assert_array_equal(out.x0, out.trace.x0_hat[-1])
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import disjoint_shields_near, min_dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,28 +47,6 @@ def _mixture(d, seed=0):
     return toy.GaussianMixture(means, jnp.full((3,), 0.3**2))
 
 
-def _min_dist(x, z):
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    z = np.asarray(z, np.float64).reshape(len(z), -1)
-    return np.linalg.norm(x[:, None] - z[None], axis=-1).min(axis=1)
-
-
-def _disjoint_shields_near(points, num, sep, r, key):
-    """``num`` centres ``sep`` apart, each within ``0.3 r`` of one of ``points``."""
-    pts = np.asarray(points, np.float64)
-    u = np.asarray(jax.random.normal(key, pts.shape), np.float64)
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    cand = pts + 0.3 * r * u
-    keep = []
-    for c in cand:
-        if all(np.linalg.norm(c - k) >= sep for k in keep):
-            keep.append(c)
-        if len(keep) == num:
-            break
-    assert len(keep) == num, "test setup: not enough separated shield centres"
-    return jnp.asarray(np.stack(keep), jnp.float32)
-
-
 def _ctx(x, alpha=0.8, sigma=0.6, step=0, num_steps=10):
     return StepContext(x, jnp.float32(1.0), jnp.float32(alpha), jnp.float32(sigma), step,
                        num_steps, jax.random.key(0), None)  # fmt: skip
@@ -90,11 +69,11 @@ def test_guarantee_disjoint_reference_shields(name):
         r = 0.15 * np.sqrt(d)
         # lambda = 1 needs disjoint shields (2r apart); lambda > 1 needs (1 + lambda) r
         for lam, sep in ((1.0, 2.0 * r), (1.6, 2.6 * r)):
-            z = _disjoint_shields_near(unguided, 6, sep * (1 + 1e-4), r, jax.random.key(d))
-            assert (_min_dist(unguided, z) < r).sum() >= 6
+            z = disjoint_shields_near(unguided, 6, sep * (1 + 1e-4), r, jax.random.key(d))
+            assert (min_dist(unguided, z) < r).sum() >= 6
             term = spell(r, reference=z, intra_batch=False, overcompensation=lam)
             guided = jaxdiv.sample(smp, den, noise, key=key, guidance=term).x0
-            dist = _min_dist(guided, z)
+            dist = min_dist(guided, z)
             assert dist.min() >= r * (1 - TOL), (name, d, lam, dist.min() / r)
 
 
@@ -157,7 +136,7 @@ def test_overlapping_shields_cancel():
         _state(spell(r, reference=z, intra_batch=False), x0), x0, _ctx(x0))
     assert info.num_active_shields.tolist() == [2]
     assert out.tolist() == x0.tolist()
-    assert _min_dist(out, z).min() == pytest.approx(0.5)
+    assert min_dist(out, z).min() == pytest.approx(0.5)
 
 
 def test_overcompensation_can_push_into_a_neighbouring_disjoint_shield():
@@ -170,7 +149,7 @@ def test_overcompensation_can_push_into_a_neighbouring_disjoint_shield():
     term = spell(r, reference=z, intra_batch=False, overcompensation=1.6)
     out, _, _ = term.apply(_state(term, x0), x0, _ctx(x0))
     np.testing.assert_allclose(np.asarray(out), [[1.3, 0.0]], rtol=1e-6)
-    assert _min_dist(out, z[1:]).min() == pytest.approx(0.7, rel=1e-5)
+    assert min_dist(out, z[1:]).min() == pytest.approx(0.7, rel=1e-5)
 
 
 def test_three_particles_can_stay_closer_than_r():
@@ -449,11 +428,11 @@ def test_feature_space_guarantee_for_a_linear_map():
     key = jax.random.key(5)
     u = jaxdiv.sample(smp, den, noise, key=key).x0
     r = 0.5
-    zf = _disjoint_shields_near(phi(u), 6, 2 * r * (1 + 1e-4), r, jax.random.key(6))
-    assert (_min_dist(phi(u), zf) < r).sum() >= 6
+    zf = disjoint_shields_near(phi(u), 6, 2 * r * (1 + 1e-4), r, jax.random.key(6))
+    assert (min_dist(phi(u), zf) < r).sum() >= 6
     term = spell(r, reference=zf, intra_batch=False, feature_map=phi, pullback_steps=1)
     out = jaxdiv.sample(smp, den, noise, key=key, guidance=term, trace=True)
-    assert _min_dist(phi(out.x0), zf).min() >= r * (1 - 1e-4)
+    assert min_dist(phi(out.x0), zf).min() >= r * (1 - 1e-4)
     assert float(out.trace.info["spell"].pullback_residual.max()) < 1e-4 * r
 
 
@@ -466,7 +445,7 @@ def test_feature_space_nonlinear_map_bound():
     zf = phi(x0)[:1] + jnp.array([[0.05, -0.02]])
     term = spell(0.3, reference=zf, intra_batch=False, feature_map=phi)
     out, _, info = term.apply(_state(term, x0), x0, _ctx(x0))
-    d = _min_dist(phi(out), zf)
+    d = min_dist(phi(out), zf)
     assert info.active.tolist() == [True, False]
     assert d[0] >= 0.3 - float(info.pullback_residual[0]) - 1e-6
     assert out[1].tolist() == x0[1].tolist()

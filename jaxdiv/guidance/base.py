@@ -393,7 +393,8 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
     return term._replace(apply=apply)
 
 
-def _no_state(x, cond, key):
+def no_state(x, cond, key):
+    """``init`` of a term without state."""
     return ()
 
 
@@ -463,7 +464,7 @@ def stateless(hook: str, fn: Callable, *, name: str | None = None, info: bool = 
     if name is None:
         name = getattr(fn, "__name__", "term").lstrip("_") or "term"
     apply = Partial(_stateless_apply, fn, validation.boolean("info", info), checked)
-    return GuidanceTerm(_no_state, apply, hook, name)
+    return GuidanceTerm(no_state, apply, hook, name)
 
 
 def _identity(x0_hat, ctx):

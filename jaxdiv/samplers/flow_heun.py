@@ -50,7 +50,7 @@ def flow_heun(schedule, num_steps: int | None = None, *, times=None) -> Sampler:
     last guided ``x0_hat`` exactly and NFE = ``2N - 1``. The grid may start at ``t = 1``
     (``alpha = 0``), where ``v = x - x0_hat`` is finite. The step into the grid's smallest
     nonzero time divides by it (``v'``), which amplifies float32 rounding by
-    ``|t_n - t| / t_n`` (~100 ulps on SD3's grid, in diffusers as here).
+    ``|t_n - t| / t_n`` (in diffusers as here).
 
     Args:
         schedule: a flow schedule (:func:`jaxdiv.schedules.flow`).

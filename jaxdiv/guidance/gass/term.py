@@ -39,7 +39,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import GuidanceTerm, run_if, window
+from jaxdiv.guidance.base import GuidanceTerm, no_state, run_if, window
 from jaxdiv.guidance.gass.targets import (
     check_axes,
     check_num_directions,
@@ -195,7 +195,7 @@ def gass(
             ) from err
     settings = _Settings(encoder, num_directions, max_iters, patience, renormalize, axes)
     apply = Partial(_gass_apply, settings, text_emb, r_dep, r_ind, lr, tol)
-    term = GuidanceTerm(_no_state, apply, "x0", "gass")
+    term = GuidanceTerm(no_state, apply, "x0", "gass")
     if isinstance(steps, tuple):
         return window(term, steps=steps)
     return term._replace(apply=Partial(_scheduled_apply, apply, steps, num_active))
@@ -210,10 +210,6 @@ class _Settings(NamedTuple):
     patience: int
     renormalize: bool
     axes: str
-
-
-def _no_state(x, cond, key):
-    return ()
 
 
 def _encode(encoder, text_emb, x):
