@@ -187,6 +187,10 @@ def finite_array(name: str, value, ndim: int | None = None, min_ndim: int | None
 
     >>> finite_array("reference", np.zeros((3, 2)), ndim=2).shape
     (3, 2)
+    >>> finite_array("noise", jnp.array([jnp.nan], jnp.bfloat16))
+    Traceback (most recent call last):
+    ...
+    ValueError: noise contains NaN or inf values
     """
     if not hasattr(value, "shape") and not isinstance(value, (list, tuple, int, float)):
         raise TypeError(f"{name} must be an array, got {type(value).__name__}")
@@ -198,7 +202,8 @@ def finite_array(name: str, value, ndim: int | None = None, min_ndim: int | None
             np.issubdtype(host.dtype, np.number) or host.dtype == jnp.bfloat16
         ):  # bf16 arrays are checked below like any float
             raise TypeError(f"{name} must be a numeric array, got dtype {host.dtype}")
-        if np.issubdtype(host.dtype, np.inexact) and not np.all(np.isfinite(host)):
+        floating = np.issubdtype(host.dtype, np.inexact) or host.dtype == jnp.bfloat16
+        if floating and not np.all(np.isfinite(host)):
             raise ValueError(f"{name} contains NaN or inf values")
         arr = jnp.asarray(value)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
