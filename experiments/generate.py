@@ -18,30 +18,69 @@ its index -- never on ``--n`` or on which batches ran before. That makes the fol
 written atomically, so a crash never leaves a half-written PNG), and rerunning with a
 larger ``--n`` adds images. A folder holding a run with different settings is refused.
 
+Integrity (see README "Guarantees"; helpers in :mod:`experiments.run_folder`): a run
+locks ``--out`` (``.run.lock``: pid and host; a second run into a folder in use fails, a
+lock left by a killed run is taken over); ``metadata.json`` with the settings is written
+before the first image, so a rerun of the same command always resumes; on resume every
+finished PNG is checked (non-empty, complete, decodable, expected size) and damaged ones
+are regenerated; an image with a NaN or inf anywhere (latents or decoded pixels) is never
+written -- the run fails naming the image, the step where non-finite values first
+appeared and the likely cause. Bad option values fail before the model loads, in one
+line on stderr (exit 2); a failed run exits 1.
+
 ``--sampler ddim`` is DDIM (eta 0 by default) on the scheduler config's timestep spacing;
 ``--sampler edm`` is Karras Alg. 2 (Heun) on Karras noise levels, NFE ``2N - 1``;
 ``--sampler dpmpp_2m`` is DPM-Solver++(2M) as diffusers' ``DPMSolverMultistepScheduler``
-(Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing). CFG
+(Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing);
+``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch).
+
+``--method`` adds a diversity method to CFG (table in :mod:`jaxdiv.pipelines.generation`);
+each method's knobs are flags named after it, defaulting to its paper's SD values, and a
+knob flag of another method is refused:
+
+* ``spell``: intra-batch SPELL on the latents, ``--spell-overcompensation 1.6``;
+  ``--spell-radius auto`` (default) is App. D's median pairwise distance of the final
+  latents of an unguided (CFG-only) batch -- each prompt's first batch, same noise and key
+  -- computed once and recorded in ``metadata.json`` (``method_resolved``);
+* ``particle``: PG in the paper's form (potential on ``x_t``); no published SD strength,
+  so ``--pg-strength`` is required;
+* ``cads``: noise on the text embedding (``--cads-noise-scale/-tau1/-tau2/-psi``);
+* ``interval``: CFG with scale ``--cfg`` only for noise levels in
+  ``(--interval-lo, --interval-hi]`` (SD-XL's 0.28, 5.42);
+* ``gass``: needs ``<model>/image_encoder`` and a CLIP text projection into its space
+  (``--clip-projection FOLDER``, unless the text encoder has its own); paper defaults,
+  Adam on the latent ``x0_hat`` through the VAE decoder;
+* ``tpso``: ``--batch-size`` optimised variants of the prompt per batch (key from the
+  seed, prompt and batch), cosines measured after ``--tpso-projection FOLDER`` (default:
+  ``--clip-projection``, else the text encoder's own; ``none``: the pooled output); the
+  negative CFG branch is the plain null embedding.
+
+The method and its knobs are settings: a folder made with other knobs is refused, and the
+same command resumes byte-identically. ``spell``, ``particle``, ``gass`` and ``tpso``
+couple the images of a batch: an image then depends on its batch -- rows
+``b * bs .. (b + 1) * bs - 1`` of its prompt, padding included, fixed by the settings --
+and a batch with a missing image is generated and written whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments.common import write_json
+from experiments import run_folder
+from experiments.run_folder import write_json  # not experiments.common: no jax before parsing
 
-SAMPLERS = ("ddim", "edm", "dpmpp_2m")
+SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 GRID_COLUMNS = 8
 # Settings that change the pixels of an image: a folder made with other values is refused.
 _RUN_KEYS = (
@@ -60,25 +99,327 @@ _RUN_KEYS = (
     "batch_size",
     "dtype",
     "clip_skip",
+    "method",
+    "method_knobs",
+    "clean_endpoint",
 )
+# what a folder made before --method existed holds
+_LEGACY = {"method": "none", "method_knobs": {}}
+
+
+def _legacy(old: dict, key: str):
+    """A setting missing from an older metadata.json: what that version did."""
+    if key == "clean_endpoint":  # DDIM grids ended at sigma = 0 before --clean-endpoint
+        return True if old.get("sampler") == "ddim" else None
+    return _LEGACY.get(key)
 
 
 class RunError(ValueError):
     """A user-facing problem with the model folder, the output folder or the settings."""
 
 
+class NonFiniteError(RuntimeError):
+    """Sampling produced NaN or inf for some images; they were not written."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line on stderr (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # run() called again in the same process (a notebook, the tests) reuses the loaded model
 # and the guidance term, hence the compiled sampling program.
 _LOADED: dict = {}
 _TERMS: dict = {}
+_KERNELS: dict = {}  # text projections loaded from folders
+
+
+# ---------------------------------------------------------------------------------------
+# --method: the diversity methods and their knobs (shared with experiments.sd_methods)
+
+METHODS = ("none", "spell", "particle", "cads", "interval", "gass", "tpso")
+# methods whose images depend on the other images of their batch
+COUPLED = ("spell", "particle", "gass", "tpso")
+# method -> ((knob, flag, default, kind), ...); the defaults are each paper's for SD
+# (PG publishes no SD strength: --pg-strength has none). ``--clip-projection`` is GASS's
+# text projection and TPSO's unless ``--tpso-projection`` is given.
+METHOD_KNOBS = {
+    "none": (),
+    "spell": (
+        ("radius", "--spell-radius", "auto", "radius"),
+        ("overcompensation", "--spell-overcompensation", 1.6, "positive"),
+    ),
+    "particle": (("strength", "--pg-strength", None, "real"),),
+    "cads": (
+        ("noise_scale", "--cads-noise-scale", 0.25, "nonnegative"),
+        ("tau1", "--cads-tau1", 0.6, "unit"),
+        ("tau2", "--cads-tau2", 0.9, "unit"),
+        ("psi", "--cads-psi", 1.0, "unit"),
+    ),
+    "interval": (
+        ("sigma_lo", "--interval-lo", 0.28, "nonnegative"),
+        ("sigma_hi", "--interval-hi", 5.42, "upper"),
+    ),
+    "gass": (
+        ("r_dep", "--gass-r-dep", 0.02, "nonnegative"),
+        ("r_ind", "--gass-r-ind", 0.02, "nonnegative"),
+        ("lr", "--gass-lr", 1e-4, "positive"),
+        ("max_iters", "--gass-max-iters", 60, "count"),
+        ("num_active", "--gass-num-active", 20, "count"),
+        ("projection", "--clip-projection", None, "projection"),
+    ),
+    "tpso": (
+        ("ratio", "--tpso-ratio", 0.4, "unit"),
+        ("kappa", "--tpso-kappa", 0.8, "cosine"),
+        ("diversity_weight", "--tpso-lambda", 1.0, "nonnegative"),
+        ("max_steps", "--tpso-max-steps", 50, "count"),
+        ("projection", "--tpso-projection", None, "projection"),
+    ),
+}
+KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
+
+
+def _knob_value(flag: str, text: str, kind: str):
+    """One knob from its command-line text; ValueError with a one-line message."""
+    if kind == "radius" and text == "auto":
+        return "auto"
+    if kind == "projection":
+        if text == "none" and flag == "--tpso-projection":
+            return "none"
+        folder = Path(text)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{flag} {text!r} is not a CLIP text model folder (no config.json)")
+        return str(folder.resolve())
+    if kind == "count":
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{flag} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value}")
+        return value
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a number, got {text!r}") from None
+    if kind == "upper" and value == math.inf:
+        return "inf"  # metadata.json stays strict JSON
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {text}")
+    bounds = {
+        "radius": (value > 0, "> 0 (or 'auto')"),
+        "positive": (value > 0, "> 0"),
+        "nonnegative": (value >= 0, ">= 0"),
+        "upper": (value >= 0, ">= 0 (or inf)"),
+        "unit": (0 <= value <= 1, "in [0, 1]"),
+        "cosine": (-1 < value < 1, "in (-1, 1)"),
+        "real": (True, ""),
+    }
+    ok, need = bounds[kind]
+    if not ok:
+        raise ValueError(f"{flag} must be {need}, got {value:g}")
+    return value
+
+
+def _text_encoder_has_projection(model: str) -> bool:
+    """Whether ``<model>/text_encoder`` is a CLIP text model with a ``text_projection``."""
+    try:
+        config = json.loads((Path(model) / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return any("WithProjection" in a for a in archs or () if isinstance(a, str))
+
+
+def method_knobs(method: str, given: dict, model: str, batch_size: int | None = None,
+                 image_encoder: bool | None = None) -> dict:  # fmt: skip
+    """Check ``method``'s knobs and fill in the defaults, before any model loads.
+
+    Args:
+        method: one of :data:`METHODS`.
+        given: flag -> text for the knob flags the user gave (``{"--spell-radius": "2"}``);
+            a flag of another method is refused.
+        model: the model folder (GASS needs ``image_encoder/`` in it; without
+            ``--clip-projection`` GASS and TPSO need a text encoder with projection).
+        batch_size: rows per batch; batch-coupled methods need >= 2 (PG >= 3).
+        image_encoder: whether an image encoder will be loaded (``None``: whether
+            ``<model>/image_encoder`` holds one).
+
+    Returns:
+        ``{knob: value}``: numbers, ``"auto"`` for SPELL's radius, and for a projection
+        an absolute folder, ``"text_encoder"`` (the model's own) or ``"none"`` (TPSO on
+        the pooled output).
+
+    Raises:
+        ValueError: with a one-line message naming the flag.
+
+    Example:
+        >>> method_knobs("cads", {"--cads-noise-scale": "0.1"}, "unused")
+        {'noise_scale': 0.1, 'tau1': 0.6, 'tau2': 0.9, 'psi': 1.0}
+    """
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    own = {f for _, f, _, _ in METHOD_KNOBS[method]}
+    if method == "tpso":
+        own.add("--clip-projection")
+    for flag in given:
+        if flag not in own:
+            users = [m for m, ks in METHOD_KNOBS.items() if any(f == flag for _, f, _, _ in ks)]
+            users += ["tpso"] * (flag == "--clip-projection")
+            raise ValueError(f"{flag} applies to --method {' or '.join(users)} only, "
+                             f"not to --method {method}")  # fmt: skip
+    knobs = {}
+    for knob, flag, default, kind in METHOD_KNOBS[method]:
+        text = given.get(flag)
+        if text is None and flag == "--tpso-projection":
+            text = given.get("--clip-projection")
+        if text is not None:
+            knobs[knob] = _knob_value(flag, text, kind)
+        elif kind == "projection":
+            if not _text_encoder_has_projection(model):
+                raise ValueError(
+                    f"--method {method} needs {flag} PATH: a CLIP text model with projection "
+                    "(e.g. openai/clip-vit-large-patch14 for SD 1.5, LAION CLIP-ViT-H-14 for "
+                    "SD 2.1), since the model's text encoder has no text_projection"
+                )
+            knobs[knob] = "text_encoder"
+        elif default is None:
+            raise ValueError(f"--method {method} needs {flag} (no published default for SD)")
+        else:
+            knobs[knob] = default
+    if method == "cads" and not knobs["tau1"] < knobs["tau2"]:
+        raise ValueError(f"need --cads-tau1 < --cads-tau2, got {knobs['tau1']:g} and "
+                         f"{knobs['tau2']:g}")  # fmt: skip
+    if method == "interval" and not knobs["sigma_lo"] < float(knobs["sigma_hi"]):
+        raise ValueError(f"need --interval-lo < --interval-hi, got {knobs['sigma_lo']:g} and "
+                         f"{float(knobs['sigma_hi']):g}")  # fmt: skip
+    if image_encoder is None:
+        image_encoder = (Path(model) / "image_encoder" / "config.json").is_file()
+    if method == "gass" and not image_encoder:
+        raise ValueError(f"--method gass needs a CLIP image encoder in {model}/image_encoder "
+                         "(CLIPVisionModelWithProjection)")  # fmt: skip
+    if batch_size is not None and method in COUPLED:
+        least = 3 if method == "particle" else 2
+        if batch_size < least:
+            why = " (its median bandwidth needs 3 samples)" if method == "particle" else ""
+            raise ValueError(f"--method {method} couples the images of a batch: it needs "
+                             f"--batch-size >= {least}{why}, got {batch_size}")  # fmt: skip
+    return knobs
+
+
+def projection_kernel(pipe, spec: str):
+    """The ``(D, P)`` text projection a knob names: a folder, ``"text_encoder"`` (the
+    pipeline's own) or ``"none"`` (``False``: TPSO on the pooled output)."""
+    from jaxdiv.pipelines import tpso
+
+    if spec == "none":
+        return False
+    if spec == "text_encoder":
+        if pipe.text_projection is None:
+            raise RunError("the model's text encoder has no text_projection: pass "
+                           "--clip-projection PATH")  # fmt: skip
+        return pipe.text_projection
+    if spec not in _KERNELS:
+        try:
+            _KERNELS[spec] = tpso.load_text_projection(spec)
+        except (ValueError, TypeError, OSError) as err:
+            raise RunError(f"cannot load the text projection {spec!r} ({err})") from err
+    return _KERNELS[spec]
+
+
+def text_embeddings(pipe, prompts, kernel):
+    """``(len(prompts), P)`` CLIP text embeddings: the text encoder's pooled output (EOS
+    token) through ``kernel``, the CLIP text projection (GASS's ``e_t``; CLIP score)."""
+    _, pooled = pipe.text_features(pipe.tokenize(list(prompts)), None)
+    return pooled @ kernel.astype(pooled.dtype)
+
+
+def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, prompt: str,
+                key, radius=None, text_emb=None, cfg_term=None):  # fmt: skip
+    """The guidance and the condition of one batch of ``prompt`` under ``method``.
+
+    Condition terms (CADS) come before CFG, x0 terms (SPELL, PG, GASS) after it; interval
+    guidance replaces CFG (windowed CFG with scale ``cfg``); TPSO optimises one variant
+    per row of ``cond`` (key ``key``) and brings its own CFG.
+
+    Args:
+        pipe: the loaded pipeline.
+        method, knobs: from :func:`method_knobs`.
+        cfg: the CFG scale (1 = none).
+        null: the unconditional embedding ``(1, L, D)``.
+        cond: ``(B, L, D)`` the batch's prompt embedding.
+        prompt: the batch's prompt (TPSO).
+        key: PRNG key of TPSO's optimisation.
+        radius: SPELL's radius (a number; resolve ``"auto"`` first).
+        text_emb: GASS's ``(P,)`` text embedding (:func:`text_embeddings`).
+        cfg_term: a prebuilt ``guidance.cfg(cfg, null_cond=null)`` to reuse.
+
+    Returns:
+        ``(guidance or None, cond)``.
+    """
+    from jaxdiv import guidance
+    from jaxdiv.pipelines import generation, tpso
+
+    if cfg_term is None and cfg != 1.0:
+        cfg_term = guidance.cfg(cfg, null_cond=null)
+    k = knobs
+    if method == "none":
+        return cfg_term, cond
+    if method == "interval":
+        return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null), cond
+    if method == "tpso":
+        c = tpso.tpso_conditions(
+            pipe, [prompt], cond.shape[0], key, projection=projection_kernel(pipe, k["projection"]),
+            kappa=k["kappa"], diversity_weight=k["diversity_weight"], max_steps=k["max_steps"],
+        )  # fmt: skip
+        return tpso.tpso_guidance(c, scale=cfg, ratio=k["ratio"]), c.cond
+    if method == "cads":
+        term = guidance.cads(tau1=k["tau1"], tau2=k["tau2"], noise_scale=k["noise_scale"],
+                             psi=k["psi"])  # fmt: skip
+        return (term if cfg_term is None else guidance.chain(cads=term, cfg=cfg_term)), cond
+    if method == "spell":
+        term = guidance.spell(radius, intra_batch=True, overcompensation=k["overcompensation"])
+    elif method == "particle":
+        term = guidance.particle(k["strength"])
+    elif method == "gass":
+        term = guidance.gass(generation.gass_encoder(pipe), text_emb, r_dep=k["r_dep"],
+                             r_ind=k["r_ind"], lr=k["lr"], max_iters=k["max_iters"],
+                             num_active=k["num_active"])  # fmt: skip
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return (term if cfg_term is None else guidance.chain(cfg=cfg_term, **{method: term})), cond
+
+
+def load_pipeline(model: str, dtype: str = "float32", allow_pickle: bool = False,
+                  clip_skip: int | None = None, image_encoder=None):  # fmt: skip
+    """Load a pipeline, or reuse the one loaded last with the same arguments (one model
+    in memory; a reused pipeline reuses its compiled programs)."""
+    import jax.numpy as jnp
+
+    from jaxdiv.pipelines import stable_diffusion
+
+    key = (str(Path(model).resolve()), dtype, allow_pickle, clip_skip, image_encoder)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep at most one model in memory
+        _LOADED[key] = stable_diffusion.load(
+            model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+            allow_pickle=allow_pickle, clip_skip=clip_skip, image_encoder=image_encoder,
+        )  # fmt: skip
+    return _LOADED[key]
 
 
 def log(msg: str) -> None:
+    """Print a progress line prefixed with ``[generate]``."""
     print(f"[generate] {msg}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    """Parse and check the command line; a bad value exits 2 with one line on stderr,
+    before anything is loaded (``--steps`` is checked against the model's scheduler config).
+    """
+    p = _OneLineParser(
         prog="python -m experiments.generate",
         description="Generate images with a local Stable Diffusion folder (diffusers format).",
     )
@@ -89,12 +430,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="sampler steps N")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 = no guidance)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
+    p.add_argument(
+        "--clean-endpoint",
+        action="store_true",
+        help="ddim only: end the grid at sigma = 0 (the output is the last guided x0_hat, "
+        "as SPELL's guarantee needs) instead of diffusers' last step to alphas_cumprod[0]",
+    )
     p.add_argument("--s-churn", type=float, default=0.0, help="EDM S_churn (edm only)")
     p.add_argument(
         "--karras",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Karras noise levels (dpmpp_2m only; default on)",
+        help="Karras noise levels (dpmpp_* only; default on)",
     )
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -104,40 +451,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="diversity method, composed with CFG (default: none)")  # fmt: skip
+    knobs = p.add_argument_group("method knobs (each for its --method; defaults: the papers')")
+    for flag in KNOB_FLAGS:
+        default = next(d for ks in METHOD_KNOBS.values() for _, f, d, _ in ks if f == flag)
+        knobs.add_argument(flag, default=None, metavar="VALUE",
+                           help=f"default: {default}" if default is not None else None)  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default: results/generate/<slug>)")
     args = p.parse_args(argv)
-    for name in ("steps", "n", "batch_size"):
+    for name in ("steps", "n", "batch_size", "height", "width"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("cfg", "eta", "s_churn"):
+        v = getattr(args, name)
+        if not math.isfinite(v):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {v}")
     if args.eta < 0 or args.s_churn < 0:
         p.error("--eta and --s-churn must be >= 0")
+    if not 0 <= args.seed < 2**63:  # jax.random.key takes a 64-bit integer
+        p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        p.error(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    limit = _schedule_length(args.model)
+    if limit is not None and args.steps > limit:
+        p.error(
+            f"--steps {args.steps} is beyond the model's schedule ({limit} training timesteps "
+            "in scheduler/scheduler_config.json)"
+        )
     if any(not s.strip() for s in args.prompt):
         p.error("--prompt: prompts must be non-empty")
     if args.batch_size is None:
         args.batch_size = min(args.n, 4)
+    given = {f: getattr(args, _dest(f)) for f in KNOB_FLAGS if getattr(args, _dest(f)) is not None}
+    try:
+        args.method_knobs = method_knobs(args.method, given, args.model, args.batch_size)
+    except ValueError as err:
+        p.error(str(err))
     if args.out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", args.prompt[0].lower()).strip("-")[:40] or "prompt"
         args.out = (
             f"results/generate/{slug}_{args.sampler}{args.steps}_cfg{args.cfg:g}_seed{args.seed}"
         )
+        if args.method != "none":
+            args.out += f"_{args.method}"
     args._parser = p
     return args
 
 
+def _dest(flag: str) -> str:
+    """argparse's attribute name of a flag (``--spell-radius`` -> ``spell_radius``)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _schedule_length(model: str) -> int | None:
+    """``num_train_timesteps`` of the model's scheduler config (diffusers' default 1000),
+    or None when the file cannot be read (the loader reports that)."""
+    try:
+        config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    T = config.get("num_train_timesteps", 1000) if isinstance(config, dict) else None
+    return T if isinstance(T, int) and not isinstance(T, bool) else None
+
+
 def save_png_atomic(array_hwc_uint8: np.ndarray, path: Path) -> None:
-    """Write a PNG through a temp file in the same folder and an atomic rename."""
+    """Write a PNG atomically (:func:`experiments.run_folder.atomic_write`)."""
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(array_hwc_uint8).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    Image.fromarray(array_hwc_uint8).save(buf, format="PNG")
+    run_folder.atomic_write(path, buf.getvalue())
 
 
 def to_uint8(images_nchw) -> np.ndarray:
@@ -147,6 +532,7 @@ def to_uint8(images_nchw) -> np.ndarray:
 
 
 def image_name(prompt_index: int, image_index: int) -> str:
+    """File name of an image, e.g. ``p001_i0002.png`` for prompt 1, image 2."""
     return f"p{prompt_index:03d}_i{image_index:04d}.png"
 
 
@@ -162,8 +548,11 @@ def write_grid(out: Path, files: list[list[Path]]) -> Path:
     row = 0
     for prompt_files, nrows in zip(files, rows_per_prompt, strict=True):
         for k, f in enumerate(prompt_files):
-            with Image.open(f) as im:
-                grid.paste(im.convert("RGB"), ((k % cols) * w, (row + k // cols) * h))
+            try:
+                with Image.open(f) as im:
+                    grid.paste(im.convert("RGB"), ((k % cols) * w, (row + k // cols) * h))
+            except (OSError, ValueError, SyntaxError) as err:
+                raise RunError(f"cannot read {str(f)!r} for the grid ({err})") from err
         row += nrows
     path = out / "grid.png"
     save_png_atomic(np.asarray(grid), path)
@@ -175,8 +564,6 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
 
     ``skip`` names settings not known yet (the default image size before the model loads).
     """
-    import json
-
     meta_path = out / "metadata.json"
     if not meta_path.is_file():
         if (out / "images").is_dir() and any((out / "images").glob("*.png")):
@@ -191,9 +578,9 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
     except (ValueError, KeyError) as err:
         raise RunError(f"--out {str(out)!r}: unreadable metadata.json ({err})") from err
     diffs = [
-        f"{k}: {old.get(k)!r} -> {settings[k]!r}"
+        f"{k}: {old.get(k, _legacy(old, k))!r} -> {settings[k]!r}"
         for k in _RUN_KEYS
-        if k not in skip and old.get(k) != settings[k]
+        if k not in skip and old.get(k, _legacy(old, k)) != settings[k]
     ]
     if diffs:
         raise RunError(
@@ -211,16 +598,139 @@ def _runs_of(meta: dict) -> list:
     return list(meta.get("previous_runs", [])) + [this]
 
 
+def _verify_images(files: list[list[Path]], size: tuple | None) -> int:
+    """Check every existing image of ``files`` (:func:`run_folder.check_png`); delete and
+    report the damaged ones so they are generated again. Returns the number of good ones."""
+    good, damaged = 0, []
+    for f in (f for row in files for f in row):
+        if not f.exists():
+            continue
+        problem = run_folder.check_png(f, size)
+        if problem is None:
+            good += 1
+        else:
+            damaged.append(f"{f.parent.name}/{f.name} ({problem})")
+            f.unlink()
+    if damaged:
+        log(f"{len(damaged)} damaged images, generating them again: {', '.join(damaged)}")
+    return good
+
+
+def _non_finite_weights(pipe) -> list[str]:
+    """Names of the pipeline's parameters holding NaN or inf (empty when all are finite)."""
+    import jax
+
+    found = []
+    parts = (("unet", "denoiser"), ("vae", "decode"), ("text_encoder", "encode_prompt"))
+    for component, attr in parts:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(pipe, attr)):
+            if not hasattr(leaf, "dtype") or not jax.numpy.issubdtype(leaf.dtype, np.floating):
+                continue
+            if not np.isfinite(np.asarray(leaf, np.float32)).all():
+                found.append(f"{component}{jax.tree_util.keystr(path)}")
+    return found
+
+
+def _non_finite_report(args, pipe, names, rerun_traced, latents_bad) -> str:
+    """Where NaN / inf first appeared for the rows of ``names`` and the likely cause."""
+    n_steps = args.steps
+    if not latents_bad:
+        where = "in the VAE decoder (the final latents are finite)"
+    else:
+        trace, rows = rerun_traced()
+        x = np.asarray(trace.x, np.float32)[:, rows].reshape(len(trace.t), -1)
+        x0_hat = np.asarray(trace.x0_hat, np.float32)[:, rows].reshape(len(trace.t), -1)
+        t = np.asarray(trace.t, np.float32)
+        where = f"in the last update (step {n_steps}/{n_steps})"
+        for k in range(len(t)):
+            if not np.isfinite(x[k]).all():
+                where = (
+                    "in the initial noise"
+                    if k == 0
+                    else f"in the sampler update of step {k}/{n_steps} (t = {t[k - 1]:g})"
+                )
+                break
+            if not np.isfinite(x0_hat[k]).all():
+                where = f"in the guided prediction x0_hat at step {k + 1}/{n_steps} (t = {t[k]:g})"
+                break
+    return (
+        f"non-finite values (NaN or inf) in {', '.join(names)}, not written: they first "
+        f"appeared {where}; likely cause: {_likely_cause(args, pipe)}"
+    )
+
+
+def _likely_cause(args, pipe) -> str:
+    """The likely reasons for NaN / inf in a run: non-finite weights, a huge --cfg, bf16."""
+    causes = []
+    weights = _non_finite_weights(pipe)
+    if weights:
+        more = f" and {len(weights) - 3} more" if len(weights) > 3 else ""
+        causes.append(f"non-finite weights in the model folder ({', '.join(weights[:3])}{more})")
+    if args.cfg != 1 and abs(args.cfg) > 50:
+        causes.append(f"--cfg {args.cfg:g} is so large that the guided prediction overflows")
+    if args.dtype == "bfloat16":
+        causes.append("an overflow in bfloat16 (try --dtype float32)")
+    if not causes:
+        causes.append("an overflow in the model at that step (check the weights and --cfg)")
+    return "; ".join(causes)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Generate (or resume) the images; returns the metadata written to ``metadata.json``."""
+    """Generate (or resume) the images; returns the metadata written to ``metadata.json``.
+
+    Holds ``--out``'s :class:`~experiments.run_folder.FolderLock` for the whole run.
+    """
+    try:
+        lock = run_folder.FolderLock(args.out).acquire()
+    except run_folder.FolderError as err:
+        raise RunError(f"--out {err}") from err
+    try:
+        if lock.stale_owner:
+            pid, host = lock.stale_owner.get("pid"), lock.stale_owner.get("host")
+            log(f"took over the lock of an earlier run that is gone (pid {pid} on {host})")
+        return _run_locked(args)
+    finally:
+        lock.release()
+
+
+def clip_text_embeddings(pipe, prompts, projection, shape):
+    """Per-prompt CLIP text embeddings ``(len(prompts), P)`` in the image encoder's space
+    (GASS's ``e_t``; SPP and CLIP score): the pooled output through the projection a knob
+    names (:func:`projection_kernel`); RunError when a width does not match."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiv.pipelines import generation
+
+    if pipe.encode_image is None:
+        raise RunError("the pipeline has no image encoder (no image_encoder folder)")
+    kernel = projection_kernel(pipe, projection)
+    width = pipe.token_embedding.shape[1]
+    if kernel.shape[0] != width:
+        raise RunError(f"--clip-projection: its input width {kernel.shape[0]} differs from the "
+                       f"text encoder's hidden size {width}")  # fmt: skip
+    emb = text_embeddings(pipe, prompts, kernel)
+    probe = jax.ShapeDtypeStruct(shape, jnp.float32)
+    dim = jax.eval_shape(generation.gass_encoder(pipe), probe).shape[-1]
+    if emb.shape[-1] != dim:
+        raise RunError(f"--clip-projection: text embeddings of width {emb.shape[-1]} but the "
+                       f"image encoder's features have width {dim} (use the projection of "
+                       "the same CLIP model as the image encoder)")  # fmt: skip
+    return emb
+
+
+def _run_locked(args: argparse.Namespace) -> dict:
+    """The body of :func:`run`, with ``--out`` locked."""
     import jax
     import jax.numpy as jnp
 
     import jaxdiv
-    from jaxdiv import guidance
-    from jaxdiv.pipelines import stable_diffusion
+    from jaxdiv import guidance, recipes
 
     out = Path(args.out)
+    leftovers = run_folder.remove_temporaries(out) + run_folder.remove_temporaries(out / "images")
+    if leftovers:
+        log(f"removed {len(leftovers)} partial files of an interrupted run")
     settings = {
         "model": str(Path(args.model).resolve()),
         "prompts": list(args.prompt),
@@ -230,19 +740,26 @@ def run(args: argparse.Namespace) -> dict:
         "cfg": args.cfg,
         "eta": args.eta if args.sampler == "ddim" else None,
         "s_churn": args.s_churn if args.sampler == "edm" else None,
-        "karras": args.karras if args.sampler == "dpmpp_2m" else None,
+        "karras": args.karras if args.sampler.startswith("dpmpp") else None,
         "seed": args.seed,
         "height": args.height,
         "width": args.width,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "clip_skip": args.clip_skip,
+        "method": args.method,
+        "method_knobs": args.method_knobs,
+        "clean_endpoint": args.clean_endpoint if args.sampler == "ddim" else None,
     }
     unknown = tuple(k for k in ("height", "width") if settings[k] is None)
     previous = check_existing(out, settings, skip=unknown)  # before the (slow) model load
     files = [
         [out / "images" / image_name(j, i) for i in range(args.n)] for j in range(len(args.prompt))
     ]
+    if previous is not None:
+        old = previous["settings"]
+        size = (old["width"], old["height"]) if old.get("width") and old.get("height") else None
+        _verify_images(files, size)
     if previous is not None and all(f.is_file() for row in files for f in row):
         # nothing to generate: no need to load the model
         grid = write_grid(out, files)
@@ -250,15 +767,9 @@ def run(args: argparse.Namespace) -> dict:
         return previous
 
     t0 = time.perf_counter()
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     pipe_key = (settings["model"], args.dtype, args.allow_pickle, args.clip_skip)
     try:
-        if pipe_key not in _LOADED:
-            _LOADED.clear()  # keep at most one model in memory
-            _LOADED[pipe_key] = stable_diffusion.load(
-                args.model, dtype=dtype, allow_pickle=args.allow_pickle, clip_skip=args.clip_skip
-            )
-        pipe = _LOADED[pipe_key]
+        pipe = load_pipeline(args.model, args.dtype, args.allow_pickle, args.clip_skip)
         load_s = time.perf_counter() - t0
         bs = args.batch_size
         shape = pipe.noise_shape(bs, args.height, args.width)
@@ -274,12 +785,12 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     if args.sampler == "ddim":
-        sampler = pipe.ddim(args.steps, eta=args.eta)
+        sampler = pipe.ddim(args.steps, eta=args.eta, clean_endpoint=args.clean_endpoint)
     elif args.sampler == "edm":
         sampler = pipe.edm(args.steps, s_churn=args.s_churn)
     else:
         try:
-            sampler = pipe.dpmpp_2m(args.steps, karras=args.karras)
+            sampler = getattr(pipe, args.sampler)(args.steps, karras=args.karras)
         except ValueError as err:  # e.g. more steps than the config's spacing allows
             raise RunError(str(err)) from err
     if args.negative_prompt:  # diffusers encodes negative prompts without clip_skip
@@ -294,6 +805,15 @@ def run(args: argparse.Namespace) -> dict:
             _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null)
         term = _TERMS[term_key]
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt))
+    texts = [(f"--prompt {p!r}", prompt_emb[j]) for j, p in enumerate(args.prompt)]
+    if term is not None:
+        texts.append((f"--negative-prompt {args.negative_prompt!r}", null))
+    bad_texts = [name for name, e in texts if not np.isfinite(np.asarray(e, np.float32)).all()]
+    if bad_texts:
+        raise NonFiniteError(
+            f"non-finite values (NaN or inf) in the text encoder's embedding of "
+            f"{', '.join(bad_texts)}; no image written; likely cause: {_likely_cause(args, pipe)}"
+        )
 
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +829,48 @@ def run(args: argparse.Namespace) -> dict:
     if done:
         log(f"resuming: {done}/{total} images already in {img_dir}")
     batch_times, generated, skipped = [], 0, 0
+
+    def batch_noise(b):
+        idx = jnp.arange(b * bs, (b + 1) * bs)
+        draw = lambda i: jax.random.normal(jax.random.fold_in(root_key, i), shape[1:])  # noqa: E731
+        return jax.vmap(draw)(idx)
+
+    def batch_key(j, b):
+        return jax.random.fold_in(jax.random.fold_in(root_key, 1_000_003 + j), b)
+
+    def prompt_cond(j):
+        return jnp.broadcast_to(prompt_emb[j : j + 1], (bs,) + prompt_emb.shape[1:])
+
+    method, knobs = args.method, args.method_knobs
+    coupled = method in COUPLED
+    # values derived from the settings (SPELL's auto radius): kept from an earlier run
+    resolved = dict((previous or {}).get("method_resolved", {}))
+    text_embs = None
+    if method == "gass":
+        text_embs = clip_text_embeddings(pipe, args.prompt, knobs["projection"], shape)
+
+    def spell_radius(j):
+        if knobs["radius"] != "auto":
+            return knobs["radius"]
+        radii = resolved.setdefault("spell_radius", {})
+        if str(j) not in radii:
+            # App. D: the median pairwise distance of an unguided (CFG-only) batch's final
+            # latents; here the prompt's first batch (same noise and key as its images)
+            r = recipes.radius_from_unguided(sampler, pipe.denoiser, batch_noise(0),
+                                             key=batch_key(j, 0), cond=prompt_cond(j),
+                                             guidance=term)  # fmt: skip
+            if not (math.isfinite(r) and r > 0):
+                raise NonFiniteError(
+                    f"--spell-radius auto: the unguided first batch of --prompt "
+                    f"{args.prompt[j]!r} gave a median pairwise distance of {r!r} (need a "
+                    f"finite value > 0); pass --spell-radius VALUE; likely cause: "
+                    f"{_likely_cause(args, pipe)}"
+                )
+            radii[str(j)] = r
+            log(f"--spell-radius auto for prompt {j + 1}: {r:.6g}")
+            write_json(out / "metadata.json", meta)
+        return radii[str(j)]
+
     meta = {
         "settings": settings,
         "pipeline": {
@@ -324,7 +886,22 @@ def run(args: argparse.Namespace) -> dict:
         "noise": "image i of every prompt: normal(fold_in(key(seed), i), latent_shape)",
         "timings_s": {"load": load_s, "batches": batch_times},
         "previous_runs": [] if previous is None else _runs_of(previous),
+        "images_done": done,
+        "method": {
+            "name": method,
+            "knobs": knobs,
+            "coupling": (
+                "per batch: an image depends on its batch (rows b * batch_size .. "
+                "(b + 1) * batch_size - 1 of its prompt, padding included); a batch is "
+                "generated and written whole"
+                if coupled
+                else "none: an image depends only on the settings, its prompt and its index"
+            ),
+        },
+        "method_resolved": resolved,
     }
+    # the settings reach the disk before the first image: a rerun of this command resumes
+    write_json(out / "metadata.json", meta)
     for k, (j, b) in enumerate(jobs):
         idx = list(range(b * bs, (b + 1) * bs))
         wanted = [i for i in idx if i < args.n]
@@ -332,18 +909,44 @@ def run(args: argparse.Namespace) -> dict:
         if not missing:
             skipped += len(wanted)
             continue
+        radius = spell_radius(j) if method == "spell" else None
         t1 = time.perf_counter()
-        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(root_key, i), shape[1:]))(
-            jnp.asarray(idx)
-        )
-        cond = jnp.broadcast_to(prompt_emb[j : j + 1], (bs,) + prompt_emb.shape[1:])
-        batch_key = jax.random.fold_in(jax.random.fold_in(root_key, 1_000_003 + j), b)
-        result = jaxdiv.sample(
-            sampler, pipe.denoiser, noise, key=batch_key, cond=cond, guidance=term
-        )
-        pixels = to_uint8(pipe.decode(result.x0))
-        for i in missing:
-            save_png_atomic(pixels[i - b * bs], img_dir / image_name(j, i))
+        noise, key_b = batch_noise(b), batch_key(j, b)
+        tpso_key = jax.random.fold_in(jax.random.fold_in(root_key, 2_000_003 + j), b)
+        try:
+            g, cond = method_term(
+                pipe, method, knobs, cfg=args.cfg, null=null, cond=prompt_cond(j),
+                prompt=args.prompt[j], key=tpso_key, radius=radius, cfg_term=term,
+                text_emb=None if text_embs is None else text_embs[j],
+            )  # fmt: skip
+        except (ValueError, TypeError) as err:
+            raise RunError(f"--method {method}: {err}") from err
+        result = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond, guidance=g)
+        # a coupled method's batch is written whole: its images always come from one run
+        to_write = wanted if coupled else missing
+        decoded = np.asarray(pipe.decode(result.x0), np.float32)
+        latents = np.asarray(result.x0, np.float32)
+        finite_lat = np.isfinite(latents.reshape(bs, -1)).all(axis=1)
+        finite = finite_lat & np.isfinite(decoded.reshape(bs, -1)).all(axis=1)
+        pixels = to_uint8(np.where(np.isfinite(decoded), decoded, 0.0))
+        bad = [i for i in to_write if not finite[i - b * bs]]
+        for i in to_write:
+            if finite[i - b * bs]:  # never an image from NaN / inf
+                save_png_atomic(pixels[i - b * bs], img_dir / image_name(j, i))
+        if bad:
+            rows = [i - b * bs for i in bad]
+
+            def rerun_traced(noise=noise, cond=cond, key_b=key_b, g=g, rows=rows):
+                traced = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond,
+                                       guidance=g, trace=True)  # fmt: skip
+                return traced.trace, rows
+
+            meta["images_done"] = done + len([i for i in missing if i not in bad])
+            write_json(out / "metadata.json", meta)
+            names = [f"images/{image_name(j, i)}" for i in bad]
+            raise NonFiniteError(
+                _non_finite_report(args, pipe, names, rerun_traced, not finite_lat[rows].all())
+            )
         dt = time.perf_counter() - t1
         batch_times.append(dt)
         generated += len(missing)
@@ -376,11 +979,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run the command line; returns 0, or exits with 2 for refused inputs (bad values, a
+    folder in use or holding other settings) and returns 1 for a failed run (non-finite
+    values, a write error), each with one line on stderr."""
     args = parse_args(argv)
     try:
         run(args)
     except RunError as err:
         args._parser.error(str(err))
+    except NonFiniteError as err:
+        print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:  # disk full, permissions changed mid-run, ...
+        print(
+            f"{args._parser.prog}: error: {err} (finished images are kept; rerun the same "
+            "command to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import as_terms, guided_denoise, init_terms
+from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
+from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
 
 __all__ = ["sample", "SampleOutput", "Trace", "compile_count"]
@@ -52,55 +53,6 @@ class SampleOutput(NamedTuple):
     sampler_state: Any = ()
 
 
-class _Static:
-    """Hashable wrapper for a non-array leaf (functions, strings, Python numbers)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def _key(self):
-        try:
-            hash(self.value)
-            return (0, self.value)
-        except TypeError:
-            return (1, id(self.value))
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return (
-            isinstance(other, _Static)
-            and type(self.value) is type(other.value)
-            and self._key() == other._key()
-        )
-
-
-def _is_dynamic(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray))
-
-
-def _partition(tree):
-    """Split a pytree into array leaves (traced) and everything else (static, hashed).
-
-    Samplers, denoisers and guidance terms are pytrees whose arrays (time grids, GMM
-    parameters) must be traced -- so ``jax.grad`` reaches them -- while their functions
-    and hyperparameters key the compilation cache: the same objects never recompile.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    dynamic = [leaf if _is_dynamic(leaf) else None for leaf in leaves]
-    static = tuple(None if _is_dynamic(leaf) else _Static(leaf) for leaf in leaves)
-    return dynamic, (treedef, static)
-
-
-def _combine(dynamic, spec):
-    treedef, static = spec
-    leaves = [d if s is None else s.value for d, s in zip(dynamic, static)]
-    return jax.tree.unflatten(treedef, leaves)
-
-
 _COMPILES = [0]
 
 
@@ -127,7 +79,7 @@ def compile_count() -> int:
 
 def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
-    sampler, denoiser, terms = _combine(dynamic, spec)
+    sampler, denoiser, terms = combine(dynamic, spec)
     # the grid in the run's precision: float32, float64 for a float64 run (x64 mode)
     run_dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(noise.dtype, jnp.float32))
     sampler = sampler._replace(times=sampler.times.astype(run_dtype))
@@ -168,7 +120,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "sampler must be a jaxdiv.samplers.Sampler (ddim, edm, flow_euler, flow_heun, "
-            "dpmpp_2m, or your own), "
+            "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, or your own), "
             f"got {type(sampler).__name__}"
         )
     if not callable(denoiser):
@@ -195,6 +147,31 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             validation.finite_array(name, leaf)
     return noise
+
+
+def _check_state(state, expected, noise_shape) -> None:
+    """``guidance_state`` must have the structure, shapes and dtypes that the terms'
+    ``init`` gives for this batch: checked before tracing, naming the term and leaf."""
+    for name in sorted(expected):
+        where = f"guidance_state[{name!r}]"
+        want_leaves, want_def = jax.tree.flatten(expected[name])
+        got_leaves, got_def = jax.tree.flatten(state[name])
+        if want_def != got_def:
+            raise ValueError(
+                f"{where} does not fit guidance term {name!r}: expected a state of structure "
+                f"{want_def}, got {got_def} (a state from a different term?)"
+            )
+        paths = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_leaves_with_path(expected[name])]  # fmt: skip
+        for path, want, got in zip(paths, want_leaves, got_leaves):
+            shape, dtype = np.shape(got), getattr(got, "dtype", np.asarray(got).dtype)
+            if tuple(shape) != tuple(want.shape) or jnp.dtype(dtype) != jnp.dtype(want.dtype):
+                raise ValueError(
+                    f"{where}{path} has shape {tuple(shape)} and dtype {dtype}, but guidance "
+                    f"term {name!r} on noise of shape {tuple(noise_shape)} expects shape "
+                    f"{tuple(want.shape)} and dtype {want.dtype} (a state from a different "
+                    "batch shape or term settings?)"
+                )
 
 
 def sample(
@@ -233,12 +210,17 @@ def sample(
         trace: also return a :class:`Trace` of per-step ``x``, ``x0_hat`` and guidance
             info, by term name.
         guidance_state: continue from a previous call's ``out.state`` (e.g. SPELL's memory
-            of earlier batches) instead of ``init``-ing the terms.
+            of earlier batches) instead of ``init``-ing the terms. Checked before tracing:
+            its structure, shapes and dtypes must be those the terms' ``init`` gives for
+            this ``noise``, or the error names the term and the mismatching leaf.
 
     Returns:
         :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace``, ``state`` and
         ``sampler_state``.
-        ``x0`` equals the last step's guided ``x0_hat`` (the grid ends at sigma = 0).
+        When the grid ends at sigma = 0 (every jaxdiv grid unless built with
+        ``allow_noisy_end=True``, e.g. ``pipe.ddim(N)`` on a diffusers config),
+        ``x0`` equals the last step's guided ``x0_hat``; otherwise it keeps the last
+        level's noise.
 
     >>> import jax, jax.numpy as jnp, jaxdiv, toy
     >>> from jaxdiv import samplers, schedules
@@ -253,16 +235,26 @@ def sample(
     """
     noise = _check_inputs(sampler, denoiser, noise, key, cond)
     terms = as_terms(guidance)
+    check_windows(terms, sampler)
     names = sorted(t.name for t in terms)
+    x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
+    init_key = jax.random.fold_in(key, 0x5EED)
     if guidance_state is None:
-        x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
-        guidance_state = init_terms(terms, x_init, cond, jax.random.fold_in(key, 0x5EED))
+        guidance_state = init_terms(terms, x_init, cond, init_key)
     elif not isinstance(guidance_state, dict) or sorted(guidance_state) != names:
         got = sorted(guidance_state) if isinstance(guidance_state, dict) else guidance_state
         raise ValueError(
             f"guidance_state must be the .state of a call with the same guidance: a dict "
             f"with keys {names}, got {got!r}"
         )
-    dynamic, spec = _partition((sampler, denoiser, terms))
+    else:
+        try:
+            expected = jax.eval_shape(lambda x, c, k: init_terms(terms, x, c, k),
+                                      x_init, cond, init_key)  # fmt: skip
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            expected = None  # an init that needs concrete values: cannot be shape-checked
+        if expected is not None:
+            _check_state(guidance_state, expected, noise.shape)
+    dynamic, spec = partition((sampler, denoiser, terms))
     x0, tr, state, sstate = _run(spec, bool(trace), dynamic, noise, key, cond, guidance_state)
     return SampleOutput(x0, tr, state, sstate)

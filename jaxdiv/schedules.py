@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+def _is_abstract(t) -> bool:
+    """True for a shape-only stand-in (``jax.eval_shape``) whose values do not exist."""
+    return isinstance(t, jax.ShapeDtypeStruct)
+
+
 def _default_float():
     """float32, or float64 in x64 mode: grids built under x64 keep float64 precision."""
     return jnp.result_type(float)
@@ -83,7 +88,30 @@ class VPSchedule(NamedTuple):
     def t_clean(self) -> float:
         return -1.0
 
+    def check_times(self, t, name: str = "t"):
+        """Refuse concrete times outside ``[-1, T - 1]`` (or NaN) instead of clamping them.
+
+        ``alphas_cumprod`` is only defined on the training timesteps (``-1`` being the
+        clean endpoint); :meth:`alpha` and :meth:`sigma` call this on concrete inputs.
+        Traced times cannot be inspected and are clamped to the range by interpolation.
+
+        >>> vp_linear().check_times([5000.0, 10.0])
+        Traceback (most recent call last):
+        ...
+        ValueError: t must lie in [-1, 999] (the schedule's timesteps, -1 the clean endpoint), got 5000.0
+        """  # noqa: E501
+        if not validation.is_concrete(t) or _is_abstract(t):
+            return
+        arr = np.atleast_1d(np.asarray(t, np.float64))
+        bad = arr[~((arr >= -1.0) & (arr <= self.t_max))]  # NaN fails both comparisons
+        if bad.size:
+            raise ValueError(
+                f"{name} must lie in [-1, {self.t_max:g}] (the schedule's timesteps, -1 the "
+                f"clean endpoint), got {', '.join(str(float(b)) for b in np.ravel(bad)[:5])}"
+            )
+
     def _abar(self, t):
+        self.check_times(t)
         t = jnp.asarray(t, jnp.float32)
         ext = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod])
         grid = jnp.arange(-1, self.num_train_timesteps, dtype=jnp.float32)
@@ -264,14 +292,40 @@ def edm(sigma_min=0.002, sigma_max=80.0, rho=7.0) -> EDMSchedule:
     >>> edm().sigma(3.0)
     Array(3., dtype=float32)
     """
-    if validation.is_concrete(sigma_min) and validation.is_concrete(sigma_max):
+    concrete = {k: validation.is_concrete(v) for k, v in
+                (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho))}  # fmt: skip
+    if concrete["sigma_min"]:
+        validation.number("sigma_min", sigma_min, lo=0, lo_open=True)
+    if concrete["sigma_max"]:
+        validation.number("sigma_max", sigma_max, lo=0, lo_open=True)
+    if concrete["sigma_min"] and concrete["sigma_max"]:
         if not (0 < float(sigma_min) < float(sigma_max)):
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
-    if validation.is_concrete(rho) and not float(rho) > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
+    if concrete["rho"]:
+        validation.number("rho", rho, lo=0, lo_open=True)
+    if all(concrete.values()):
+        _check_karras_range(float(sigma_min), float(sigma_max), float(rho))
     return EDMSchedule(sigma_min, sigma_max, rho)
+
+
+def _check_karras_range(sigma_min: float, sigma_max: float, rho: float) -> None:
+    """Eq. 5 raises both ends to ``1 / rho`` in float32: name ``rho`` when that overflows
+    or underflows (the grid would be NaN, or not strictly decreasing)."""
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        inv = np.float32(1.0) / np.float32(rho)
+        hi = np.float32(sigma_max) ** inv
+        lo = np.float32(sigma_min) ** inv
+        back_hi, back_lo = hi ** np.float32(rho), lo ** np.float32(rho)
+    ok = all(np.isfinite(v) and v > 0 for v in (hi, lo, back_hi, back_lo))
+    if not ok:
+        raise ValueError(
+            f"rho={rho} is too small for sigma_min={sigma_min}, sigma_max={sigma_max}: "
+            "the Karras grid (Eq. 5) raises them to the power 1/rho, which over- or "
+            f"underflows float32 (sigma_max**(1/rho) = {float(hi)}, sigma_min**(1/rho) = "
+            f"{float(lo)}); use a larger rho (7 is the EDM default)"
+        )
 
 
 class FlowSchedule(NamedTuple):
@@ -337,7 +391,7 @@ def flow(shift=1.0, num_train_timesteps=1000) -> FlowSchedule:
     >>> fl = flow(); float(fl.alpha(0.25)), float(fl.sigma(0.25))
     (0.75, 0.25)
     """
-    if validation.is_concrete(shift) and not float(shift) > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    if validation.is_concrete(shift):
+        validation.number("shift", shift, lo=0, lo_open=True)
     validation.integer("num_train_timesteps", num_train_timesteps, minimum=1)
     return FlowSchedule(shift, num_train_timesteps)

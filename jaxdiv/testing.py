@@ -300,12 +300,15 @@ def save_random_pipeline(
 _EXAMPLE_CACHE: dict = {}
 
 
-def example_pipeline() -> StableDiffusion:
+def example_pipeline(image_encoder: bool = False) -> StableDiffusion:
     """A tiny random pipeline (:func:`save_random_pipeline` defaults), loaded once per process.
 
     Saved to a fresh temporary folder and read with
     :func:`jaxdiv.pipelines.stable_diffusion.load` on the first call; later calls return
     the same record, so doctests and quick experiments share one load.
+
+    Args:
+        image_encoder: also save and load a tiny CLIP vision tower (``pipe.encode_image``).
 
     Returns:
         The :class:`~jaxdiv.pipelines.stable_diffusion.StableDiffusion` record.
@@ -315,12 +318,13 @@ def example_pipeline() -> StableDiffusion:
         >>> pipe.noise_shape(2), pipe is example_pipeline()
         ((2, 4, 8, 8), True)
     """
-    if "pipe" not in _EXAMPLE_CACHE:
+    name = "pipe_with_image_encoder" if image_encoder else "pipe"
+    if name not in _EXAMPLE_CACHE:
         import tempfile
 
         from jaxdiv.pipelines.stable_diffusion import load
 
         folder = tempfile.mkdtemp(prefix="jaxdiv_sd_example_")
-        save_random_pipeline(folder)
-        _EXAMPLE_CACHE["pipe"] = load(folder)
-    return _EXAMPLE_CACHE["pipe"]
+        save_random_pipeline(folder, image_encoder=bool(image_encoder))
+        _EXAMPLE_CACHE[name] = load(folder)
+    return _EXAMPLE_CACHE[name]

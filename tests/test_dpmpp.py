@@ -29,7 +29,8 @@ def _jaxdiv_times_for(sch, ref, karras):
     for a in 1.0 / (1.0 + ref.sigmas.numpy()[:-1].astype(np.float64) ** 2):
         k = int(np.clip(np.searchsorted(-abar, -a), 1, len(abar) - 1))
         out.append(k - 1 + (abar[k - 1] - a) / (abar[k - 1] - abar[k]))
-    return np.append(out, -1.0)
+    # within [0, T - 1]: the schedule refuses times past its last timestep (rounding)
+    return np.append(np.clip(out, 0.0, len(abar) - 1.0), -1.0)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "jaxdiv"
 RANK = {
     "validation": 0,
     "sphere": 0,
+    "pytrees": 0,
     "schedules": 1,
     "predictions": 1,
     "metrics": 1,

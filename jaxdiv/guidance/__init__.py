@@ -43,6 +43,7 @@ from jaxdiv.guidance.spell import (
     spell,
     spell_delta,
 )
+from jaxdiv.guidance.tpso import TPSOInfo, TPSOResult, tpso, tpso_null
 
 __all__ = [
     "HOOKS",
@@ -74,6 +75,11 @@ __all__ = [
     "repulsion_field",
     "repulsion_potential",
     "radius_search",
+    # TPSO (its optimisation: from jaxdiv.guidance.tpso import optimize_offsets)
+    "tpso",
+    "tpso_null",
+    "TPSOInfo",
+    "TPSOResult",
     # GASS
     "gass",
     "gass_targets",

@@ -58,6 +58,8 @@ __all__ = [
     "WindowInfo",
     "chain",
     "window",
+    "check_windows",
+    "step_indices",
     "stateless",
     "as_terms",
     "init_terms",
@@ -354,6 +356,84 @@ def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
     return run_if(active, apply, hook, state, arg, ctx)
 
 
+def step_indices(steps, name: str = "steps") -> np.ndarray:
+    """Sampler step indices as a sorted unique int64 NumPy array, checked.
+
+    Every entry must be an integer ``>= 0`` (Python or NumPy ints, or an integer array;
+    bools and floats such as ``1.7`` are refused rather than truncated). Checked with
+    NumPy, so a window can be built inside a ``jit`` trace. Whether the indices exist on
+    a sampler (``< num_steps``) is checked by :func:`jaxdiv.sample`, which knows ``N``.
+
+    >>> step_indices([3, 0, 3]).tolist()
+    [0, 3]
+    >>> step_indices([1.7])
+    Traceback (most recent call last):
+    ...
+    TypeError: steps must be a sequence of integer step indices, got 1.7 (float)
+    """
+    if isinstance(steps, jax.core.Tracer):
+        raise TypeError(f"{name} must be concrete integer step indices, got a traced value")
+    if isinstance(steps, (str, bytes)) or np.ndim(steps) != 1:
+        raise TypeError(f"{name} must be a sequence of integer step indices, got {steps!r}")
+    try:
+        items = list(np.ravel(np.asarray(steps, dtype=object)))
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of integer step indices, got "
+                        f"{steps!r}") from None  # fmt: skip
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be a sequence of integer step indices, got {v!r} "
+                            f"({type(v).__name__})")  # fmt: skip
+    idx = np.unique(np.asarray([int(v) for v in items], np.int64))
+    if idx.size == 0:
+        raise ValueError(f"{name} must name at least one step index")
+    if idx.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {steps!r}")
+    return idx
+
+
+def _window_parts(apply):
+    """The ``(t, noise_level, steps)`` restrictions of every window wrapped around
+    ``apply`` (outermost first)."""
+    out = []
+    while isinstance(apply, Partial) and apply.func is _window_apply:
+        inner, _hook, t, noise_level, steps = apply.args
+        out.append((t, noise_level, steps))
+        apply = inner
+    return out
+
+
+def check_windows(terms, sampler) -> None:
+    """Refuse step windows that can never be active on ``sampler`` (:func:`jaxdiv.sample`
+    calls it, since only there the number of steps ``N`` is known).
+
+    A step index ``>= N`` names a step that does not exist, so a window (or a GASS
+    ``steps=`` list) holding one would silently never act there: it is refused, naming
+    the term, the indices and ``N``. ``t=`` / ``noise_level=`` intervals are not refused
+    when they miss the grid: an interval-guidance sweep legitimately includes empty
+    intervals (plain conditional sampling); ``trace.active`` shows where a term acted.
+
+    >>> from jaxdiv import samplers, schedules
+    >>> s = samplers.ddim(schedules.edm(), 6)
+    >>> check_windows(as_terms(window(_identity_x0(), steps=[100])), s)
+    Traceback (most recent call last):
+    ...
+    ValueError: guidance term 'identity': window(steps=...) names step indices [100] but the sampler has 6 steps (indices 0..5); the term would never act there
+    """  # noqa: E501
+    n = sampler.num_steps
+    for term in terms:
+        for _t, _noise_level, steps in _window_parts(term.apply):
+            if steps is not None and validation.is_concrete(steps):
+                idx = np.asarray(steps)
+                bad = idx[idx >= n]
+                if bad.size:
+                    raise ValueError(
+                        f"guidance term {term.name!r}: window(steps=...) names step indices "
+                        f"{bad.tolist()} but the sampler has {n} steps (indices 0..{n - 1}); "
+                        "the term would never act there"
+                    )
+
+
 def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> GuidanceTerm:
     """Restrict ``term`` to part of the trajectory; elsewhere it is the identity.
 
@@ -362,7 +442,9 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
         t: ``(low, high]`` interval of process time ``t`` (None for an open end).
         noise_level: ``(low, high]`` interval of ``sigma / alpha`` — the same on VP, EDM
             and flow processes (interval guidance, Kynkaanniemi et al. 2024, Sec. 3).
-        steps: sampler step indices (a sequence of ints) where the term is active.
+        steps: sampler step indices (a sequence of ints) where the term is active;
+            floats and bools are refused, and :func:`jaxdiv.sample` refuses indices
+            ``>= N`` (see :func:`check_windows`).
 
     All given conditions must hold. Inactive evaluations skip the term's computation
     (``lax.cond``) and report zero info; ``out.trace.active[name]`` says which steps were
@@ -378,16 +460,7 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
         raise ValueError("window needs at least one of t=, noise_level=, steps=")
     step_idx = None
     if steps is not None:
-        # validated with NumPy so window() can also be built inside a jit trace
-        try:
-            idx = np.unique(np.asarray(steps, np.int64).ravel())
-        except (TypeError, ValueError):
-            raise TypeError(f"steps must be a sequence of ints, got {steps!r}") from None
-        if idx.size == 0:
-            raise ValueError("steps must name at least one step index")
-        if idx.min() < 0:
-            raise ValueError(f"steps must be >= 0, got {steps!r}")
-        step_idx = jnp.asarray(idx, jnp.int32)
+        step_idx = jnp.asarray(step_indices(steps), jnp.int32)
     apply = Partial(_window_apply, term.apply, term.hook, _bounds(t, "t"),
                     _bounds(noise_level, "noise_level"), step_idx)  # fmt: skip
     return term._replace(apply=apply)

@@ -35,11 +35,41 @@ def _require_cond(name, x, cond, key):
     return ()
 
 
+def _cfg_init(null_cond, x, cond, key):
+    """Refuse a run without a condition, or a ``null_cond`` that does not fit ``cond``
+    (checked by :func:`jaxdiv.sample` before tracing, with both shapes named)."""
+    _require_cond("cfg", x, cond, key)
+    if null_cond is None or callable(null_cond):  # a per-step null is checked when traced
+        return ()
+    c_leaves, c_def = jax.tree.flatten(cond)
+    n_leaves, n_def = jax.tree.flatten(null_cond)
+    if c_def != n_def:
+        raise ValueError(
+            f"null_cond must have the structure of cond: expected {c_def}, got {n_def}"
+        )
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(cond)]
+    for path, n, c in zip(paths, n_leaves, c_leaves):
+        ns, cs = tuple(jnp.shape(n)), tuple(jnp.shape(c))
+        try:
+            fits = jnp.broadcast_shapes(ns, cs) == cs
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"null_cond{path} has shape {ns}, which does not broadcast to the shape of "
+                f"cond{path} {cs}: expected {cs} or {cs[1:]} (one null condition for the "
+                "whole batch)"
+            )
+    return ()
+
+
 def _cfg_apply(scale, null_cond, state, denoise, ctx):
     cond = ctx.cond
     if null_cond is None:
         null = jax.tree.map(jnp.zeros_like, cond)
     else:
+        if callable(null_cond):  # a per-step null (e.g. TPSO's scheduled blank prompt)
+            null_cond = null_cond(ctx)
         null = jax.tree.map(
             lambda n, c: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), null_cond, cond
         )
@@ -62,8 +92,12 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
         scale: guidance weight ``w``, a finite number (a traced leaf: a sweep over ``w``
             compiles once).
         null_cond: the unconditional condition (finite arrays); broadcast to the
-            condition's batch. ``None`` uses zeros shaped like the condition (the null
-            embedding of the toys).
+            condition's batch. Each leaf must broadcast to the matching leaf of ``cond``
+            (checked by :func:`jaxdiv.sample` before tracing). ``None`` uses zeros shaped
+            like the condition (the null embedding of the toys). A callable
+            ``null_cond(ctx) -> arrays`` gives a null per step
+            (:func:`~jaxdiv.guidance.tpso_null`); make it a
+            :class:`jax.tree_util.Partial` so its arrays are traced, not compiled in.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -76,9 +110,11 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
     [2.0, 2.0]
     """
     scale = validation.real("scale", scale)
-    if null_cond is not None:
+    if callable(null_cond):
+        pass
+    elif null_cond is not None:
         null_cond = jax.tree.map(
             lambda a: validation.finite_array("null_cond", a), null_cond
         )
-    return GuidanceTerm(needs_cond("cfg"), Partial(_cfg_apply, scale, null_cond), "denoiser",
-                        "cfg")  # fmt: skip
+    return GuidanceTerm(Partial(_cfg_init, null_cond), Partial(_cfg_apply, scale, null_cond),
+                        "denoiser", "cfg")  # fmt: skip

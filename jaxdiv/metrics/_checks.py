@@ -162,3 +162,29 @@ def check_symmetric(x, name: str, rtol: float) -> None:
     if asym > rtol * max(scale, 1e-30):
         raise ValueError(f"`{name}` must be symmetric; max |{name} - {name}^T| is {asym:.3g} "
                          f"for max |{name}| {scale:.3g}.")
+
+
+# metric -> its eager input check, run by ``groupwise`` on each group before ``vmap``
+_GROUP_CHECKS: dict = {}
+
+
+def register_group_check(metric, check) -> None:
+    """Register ``check(*group_args, **kwargs)``, the eager (value) checks ``metric``
+    makes on its inputs, so :func:`jaxdiv.metrics.groupwise` can run them on each group's
+    concrete rows before it ``vmap``s the metric (under ``vmap`` the values are traced and
+    the metric's own checks cannot see them)."""
+    _GROUP_CHECKS[metric] = check
+
+
+def group_check_for(metric):
+    """``(check, bound_kwargs)`` for ``metric`` (also through ``functools.partial``), or
+    ``(None, {})`` when it has no registered check."""
+    kwargs = {}
+    while hasattr(metric, "func") and hasattr(metric, "keywords") and not getattr(
+            metric, "args", ()):  # fmt: skip
+        kwargs = {**metric.keywords, **kwargs}
+        metric = metric.func
+    try:
+        return _GROUP_CHECKS.get(metric), kwargs
+    except TypeError:  # unhashable callable
+        return None, {}

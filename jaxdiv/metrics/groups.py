@@ -7,6 +7,7 @@ prompt diversity instead. Group ids must be concrete (they decide shapes).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,30 @@ def _group_ids(groups, name, n):
     return g
 
 
+@contextlib.contextmanager
+def _naming_group(group_id):
+    """Re-raise a metric's input error with the group it came from."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"group id {group_id}: {err}") from err
+
+
+def _check_groups(metric, kwargs, ids, stacked, group_arrays) -> None:
+    """Run ``metric``'s registered eager checks on every group's concrete rows (on the
+    host) before ``vmap`` hides the values from it; errors name the group id."""
+    check, bound = _checks.group_check_for(metric)
+    if check is None or not _checks.is_concrete(stacked, group_arrays):
+        return
+    host = [np.asarray(a) for a in stacked]
+    is_key = lambda g: jax.dtypes.issubdtype(getattr(g, "dtype", None), jax.dtypes.prng_key)
+    rows = [None if is_key(g) else np.asarray(g) for g in group_arrays]
+    for gi in range(ids.size):
+        with _naming_group(ids[gi]):
+            check(*[h[gi] for h in host], *[r if r is None else r[gi] for r in rows],
+                  **{**bound, **kwargs})  # fmt: skip
+
+
 def groupwise(metric: Callable[..., Any], groups, *sample_arrays,
               group_arrays: Sequence[Any] = (), **kwargs) -> GroupwiseResult:
     """Apply ``metric`` to each group's samples and average the results over groups.
@@ -49,7 +74,10 @@ def groupwise(metric: Callable[..., Any], groups, *sample_arrays,
     the sorted unique ids: e.g. one text embedding and one PRNG key per prompt). When
     every group has the same size the calls are batched with ``jax.vmap`` (one compile);
     otherwise they run one by one. Values of sample arrays are checked for NaN/inf here,
-    since the metric itself only sees traced values under ``vmap``.
+    and the metrics of this package (``mss``, ``clip_score``, ``vendi``, ``log_vendi``,
+    ``gram_logdet``, ``spp``) run their own value checks (zero rows, weights, ...) on
+    every group's rows before the ``vmap``, since under ``vmap`` they only see traced
+    values; an error names the group id. A metric of your own is not checked.
 
     Implements the per-prompt averaging of GASS/TPSO evaluation protocols (e.g. Vendi and
     MSS "per prompt, averaged over prompts").
@@ -108,6 +136,7 @@ def groupwise(metric: Callable[..., Any], groups, *sample_arrays,
     if all((s == s[0]).all() for s in sizes):
         stacked = [jnp.asarray(a)[o].reshape((ids.size, s[0]) + a.shape[1:])
                    for a, o, s in zip(arrays, orders, sizes, strict=True)]
+        _check_groups(metric, kwargs, ids, stacked, group_arrays)
         per_group = jax.vmap(call)(*stacked, *group_arrays)
     else:
         outs = []
@@ -115,7 +144,8 @@ def groupwise(metric: Callable[..., Any], groups, *sample_arrays,
             slices = [jnp.asarray(a)[o[np.searchsorted(g[o], ids[gi], "left"):
                                        np.searchsorted(g[o], ids[gi], "right")]]
                       for a, o, g in zip(arrays, orders, id_arrays, strict=True)]
-            outs.append(call(*slices, *[ga[gi] for ga in group_arrays]))
+            with _naming_group(ids[gi]):
+                outs.append(call(*slices, *[ga[gi] for ga in group_arrays]))
         per_group = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
     mean = jax.tree_util.tree_map(lambda v: jnp.mean(v, axis=0), per_group)
     return GroupwiseResult(mean, per_group, ids)

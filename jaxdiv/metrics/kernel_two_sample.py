@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdiv.metrics import _checks
-from jaxdiv.metrics.vendi_entropy import _median_bandwidth
+from jaxdiv.metrics.vendi_entropy import _median_bandwidth, _scale
 
 _ROW_BATCH = 64
 
@@ -47,9 +47,22 @@ def _energy_core(x, y):
 @partial(jax.jit, static_argnames=("unbiased",))
 def _mmd_core(x, y, bandwidth, *, unbiased):
     n, m = x.shape[0], y.shape[0]
+    # MMD is invariant under shifting both samples and scaling them with the bandwidth:
+    # centre and scale by the largest entry so features of norm 1e20 / 1e-25 stay finite
+    centre = jax.lax.stop_gradient(jnp.mean(x, axis=0))
+    x, y = x - centre, y - centre
+    s = _scale(x, y)
+    x, y = x / s, y / s
     if bandwidth is None:
         bandwidth = _median_bandwidth(jnp.concatenate([x, y], axis=0))
-    kern = lambda d2: jnp.exp(-d2 / (2.0 * bandwidth**2))
+    else:
+        bandwidth = bandwidth / s
+    inv = 0.5 / bandwidth**2  # may be inf for a bandwidth far below the data's scale
+
+    def kern(d2):
+        pos = d2 > 0  # k(x, x) = 1 exactly, also when inv is inf
+        return jnp.where(pos, jnp.exp(-jnp.where(pos, d2, 0.0) * inv), 1.0)
+
     kxx, kyy, kxy = _pair_sum(kern, x, x), _pair_sum(kern, y, y), _pair_sum(kern, x, y)
     if unbiased:
         # The diagonal terms are exactly k(0) = 1 (exact differences give d2 = 0).
@@ -103,8 +116,10 @@ def mmd(X, Y, bandwidth=None, unbiased: bool = True) -> jax.Array:
     Args:
       X: (n, d) first sample (n >= 2 for the unbiased estimator).
       Y: (m, d) second sample.
-      bandwidth: kernel bandwidth h; ``None`` uses the median pairwise distance of the
-        pooled sample (forms an (n + m)^2 matrix; constant for gradients).
+      bandwidth: kernel bandwidth h; ``None`` uses the median of the non-zero pairwise
+        distances of the pooled sample (1 if all rows coincide; over the pairs of 1024
+        rows chosen with a fixed key when n + m > 1024; a constant for gradients), see
+        :func:`jaxdiv.metrics.vendi`.
       unbiased: use MMD^2_u (True) or the biased V-statistic (False).
 
     Returns:

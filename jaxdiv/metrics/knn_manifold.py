@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdiv.metrics import _checks
+from jaxdiv.sphere import pow2_inverse_scale
 
 _TILE_ELEMENTS = 1 << 22  # 16 MiB of float32 per (block, n) distance tile by default
 
@@ -110,6 +111,11 @@ def _cross_counts(real, fake, real_r2, fake_r2, strict, block):
 def _knn_manifold_core(real, fake, *, k, strict, block):
     shift = jnp.mean(real, axis=0)
     real, fake = real - shift, fake - shift
+    # every comparison is between distances: scaling both sets by a power of two near
+    # their largest entry changes no result and keeps squared distances finite and
+    # non-zero for features of norm 1e20 or 1e-25 (they over/underflow in float32)
+    inv = pow2_inverse_scale(jnp.maximum(jnp.max(jnp.abs(real)), jnp.max(jnp.abs(fake))))
+    real, fake = real * inv, fake * inv  # a power of two: exact, every tie is kept
     real_r2 = _knn_sq_radii(real, k, block)
     fake_r2 = _knn_sq_radii(fake, k, block)
     counts, covered, recalled = _cross_counts(real, fake, real_r2, fake_r2, strict, block)

@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiv.metrics import _checks
+from jaxdiv.sphere import unit
 
-
-def _unit(x):
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x.dtype).tiny))
+_unit = unit  # overflow/underflow-safe row normalisation (features of norm 1e20 or 1e-25)
 
 
 @jax.jit
@@ -44,9 +42,12 @@ def mss(X) -> jax.Array:
       >>> float(metrics.mss(jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])))  # (0+1+0)/3
       0.333...
     """
-    x = _checks.check_features(X, "X", min_rows=2, why="pairs need two samples",
-                               nonzero_rows=True)
-    return _mss_core(x)
+    return _mss_core(_mss_inputs(X))
+
+
+def _mss_inputs(X):
+    return _checks.check_features(X, "X", min_rows=2, why="pairs need two samples",
+                                  nonzero_rows=True)  # fmt: skip
 
 
 @partial(jax.jit, static_argnames=("reduce",))
@@ -80,6 +81,11 @@ def clip_score(img_emb, txt_emb, reduce: bool = True) -> jax.Array:
       >>> metrics.clip_score(img, jnp.array([1.0, 0.0]), reduce=False).tolist()
       [100.0, 0.0]
     """
+    img, txt = _clip_score_inputs(img_emb, txt_emb)
+    return _clip_score_core(img, txt, reduce=bool(reduce))
+
+
+def _clip_score_inputs(img_emb, txt_emb, reduce=True):
     img = _checks.check_features(img_emb, "img_emb", nonzero_rows=True)
     txt = _checks.as_float_array(txt_emb, "txt_emb")
     if txt.ndim == 1:
@@ -90,7 +96,7 @@ def clip_score(img_emb, txt_emb, reduce: bool = True) -> jax.Array:
     _checks.check_same_dim(img, "img_emb", txt, "txt_emb")
     _checks.check_values(txt, "txt_emb", nonzero_rows=True)
     dtype = _checks.common_dtype(img, txt)
-    return _clip_score_core(img.astype(dtype), txt.astype(dtype), reduce=bool(reduce))
+    return img.astype(dtype), txt.astype(dtype)
 
 
 @partial(jax.jit, static_argnames=("normalize",))
@@ -132,5 +138,13 @@ def gram_logdet(X, normalize: bool = False) -> jax.Array:
       >>> float(metrics.gram_logdet(jnp.array([[1.0, 2.0], [2.0, 4.0]])))
       -inf
     """
-    x = _checks.check_features(X, "X", nonzero_rows=bool(normalize))
-    return _gram_logdet_core(x, normalize=bool(normalize))
+    return _gram_logdet_core(_gram_logdet_inputs(X, normalize), normalize=bool(normalize))
+
+
+def _gram_logdet_inputs(X, normalize=False):
+    return _checks.check_features(X, "X", nonzero_rows=bool(normalize))
+
+
+_checks.register_group_check(mss, _mss_inputs)
+_checks.register_group_check(clip_score, _clip_score_inputs)
+_checks.register_group_check(gram_logdet, _gram_logdet_inputs)

@@ -127,3 +127,10 @@ def spp(emb, text_emb, key, num_directions: int = 10) -> SPPResult:
     """
     e, t, num_directions = _check_inputs(emb, text_emb, num_directions)
     return _spp_core(e, t, key, num_directions=num_directions)
+
+
+def _spp_inputs(emb, text_emb, key=None, num_directions: int = 10):
+    return _check_inputs(emb, text_emb, num_directions)
+
+
+_checks.register_group_check(spp, _spp_inputs)

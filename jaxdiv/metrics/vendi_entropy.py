@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv.metrics import _checks
+from jaxdiv.sphere import pow2_inverse_scale, unit
 
 Kernel = str | Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -84,28 +85,86 @@ def _spectral_entropy_jvp(mode, primals, tangents):
     return value, jnp.sum(grad_lam * dlam)
 
 
-def _unit_rows(x: jax.Array) -> jax.Array:
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x.dtype).tiny))
+_unit_rows = unit  # scales each row by its max |entry| first: no overflow / underflow
+
+# The median heuristic looks at the pairs of at most this many rows (chosen with a fixed
+# key when n is larger), so its cost is bounded whatever n: a (1024, 1024) tile.
+MEDIAN_MAX_ROWS = 1024
+_MEDIAN_SEED = 0
+
+# Kernels without a (d, d) dual form ("rbf", callables) need the (n, n) kernel matrix and
+# its eigendecomposition: O(n^2) memory and O(n^3) time. Larger n is refused with a clear
+# error rather than left to run out of memory (measured: README "What fits").
+MAX_KERNEL_SAMPLES = 8192
+
+
+def _scale(*xs) -> jax.Array:
+    """A power of two near the largest absolute entry of ``xs`` (1 if all are zero), a
+    constant for gradients: dividing by it is exact and keeps squared distances within
+    float range for features of norm 1e20 or 1e-25."""
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in xs]))
+    return 1.0 / pow2_inverse_scale(m)
 
 
 def _pairwise_sq_dists(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Squared Euclidean distances ``|x_i - y_j|^2`` via the Gram expansion, clipped at 0."""
-    d2 = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T)
-    return jnp.maximum(d2, 0.0)
+    """Squared Euclidean distances ``|x_i - y_j|^2`` via the Gram expansion, clipped at 0;
+    values within the expansion's round-off (``~ sqrt(d) eps (|x_i|^2 + |y_j|^2)``) are
+    exactly 0, so identical rows are at distance 0."""
+    xx, yy = jnp.sum(x * x, -1)[:, None], jnp.sum(y * y, -1)[None, :]
+    d2 = xx + yy - 2.0 * x @ y.T
+    tol = 4.0 * math.sqrt(x.shape[-1]) * jnp.finfo(d2.dtype).eps
+    return jnp.where(d2 <= tol * (xx + yy), 0.0, d2)
+
+
+def _median_rows(x: jax.Array) -> jax.Array:
+    """At most :data:`MEDIAN_MAX_ROWS` rows of ``x``: all of them, or a subset chosen
+    without replacement by ``jax.random.key(_MEDIAN_SEED)`` (deterministic)."""
+    n = x.shape[0]
+    if n <= MEDIAN_MAX_ROWS:
+        return x
+    idx = jax.random.choice(jax.random.key(_MEDIAN_SEED), n, (MEDIAN_MAX_ROWS,), replace=False)
+    return x[idx]
 
 
 def _median_bandwidth(x: jax.Array) -> jax.Array:
-    """Median heuristic: the median off-diagonal pairwise Euclidean distance of ``x``."""
-    n = x.shape[0]
-    iu = np.triu_indices(n, 1)
-    d = jnp.sqrt(_pairwise_sq_dists(x, x)[iu])
-    return jax.lax.stop_gradient(jnp.median(d))
+    """Median heuristic, made robust: the median of the **non-zero** pairwise Euclidean
+    distances ``|x_i - x_j|`` (``i < j``), or 1 when every pair coincides.
+
+    Zero distances (duplicated samples) are left out, so a batch that has mostly
+    collapsed still gets a finite bandwidth (the plain median would be 0 and the kernel
+    0/0); when all samples are identical any bandwidth gives the all-ones kernel (Vendi
+    1, MMD 0), and 1 is used. For ``n > MEDIAN_MAX_ROWS`` the pairs are those of
+    ``MEDIAN_MAX_ROWS`` rows chosen with a fixed key (an unbiased U-statistic estimate,
+    O(1024^2) memory instead of O(n^2)). The rows are centred and scaled by the largest
+    entry first, so features of norm 1e20 or 1e-25 neither overflow nor underflow. A constant
+    for gradients.
+    """
+    x = _median_rows(x)
+    x = x - jnp.mean(x, axis=0)  # distances are translation-invariant; less cancellation
+    s = _scale(x)
+    xs = x / s
+    n = xs.shape[0]
+    d2 = _pairwise_sq_dists(xs, xs)[np.triu_indices(n, 1)]
+    nz = d2 > 0
+    k = jnp.sum(nz)
+    d = jnp.sort(jnp.where(nz, jnp.sqrt(jnp.where(nz, d2, 1.0)), jnp.inf))
+    lo = d[jnp.maximum((k - 1) // 2, 0)]
+    hi = d[jnp.maximum(k // 2, 0)]
+    med = jnp.where(k > 0, 0.5 * (lo + jnp.where(k > 1, hi, lo)) * s, 1.0)
+    return jax.lax.stop_gradient(med.astype(x.dtype))
 
 
 def _rbf_gram(x: jax.Array, y: jax.Array, bandwidth) -> jax.Array:
-    """RBF kernel matrix ``exp(-|x_i - y_j|^2 / (2 h^2))``."""
-    return jnp.exp(-_pairwise_sq_dists(x, y) / (2.0 * bandwidth**2))
+    """RBF kernel matrix ``exp(-|x_i - y_j|^2 / (2 h^2))``, computed on rows scaled by
+    their largest entry (``|x_i - y_j| / h`` is scale-free), so it stays finite for
+    features of norm 1e20 or 1e-25; coinciding rows give exactly 1."""
+    centre = jnp.mean(x, axis=0)  # translation-invariant; less cancellation in the Gram
+    x, y = x - centre, y - centre
+    s = _scale(x, y)
+    d2 = _pairwise_sq_dists(x / s, y / s)
+    pos = d2 > 0
+    r = jnp.sqrt(jnp.where(pos, d2, 1.0)) * (s / bandwidth)
+    return jnp.where(pos, jnp.exp(-0.5 * r * r), 1.0)
 
 
 def _weighted_kernel(k: jax.Array, weights) -> jax.Array:
@@ -181,7 +240,40 @@ def _check_kernel(kernel):
     return kernel
 
 
+def check_kernel_size(n: int, kernel) -> None:
+    """Refuse an (n, n) kernel eigendecomposition beyond :data:`MAX_KERNEL_SAMPLES`.
+
+    The cosine kernel with fewer features than samples uses the (d, d) dual and has no
+    limit; ``"rbf"`` and callable kernels (and cosine with d >= n) need the (n, n)
+    matrix: ``4 n^2`` bytes plus ``eigh``'s workspace, and O(n^3) time.
+
+    Example:
+      >>> check_kernel_size(100, "rbf")
+      >>> check_kernel_size(50_000, "rbf")
+      Traceback (most recent call last):
+      ...
+      ValueError: `X` has n=50000 samples; kernel='rbf' needs the (n, n) kernel matrix (9.31 GiB in float32) and its O(n^3) eigendecomposition, and jaxdiv refuses n > MAX_KERNEL_SAMPLES=8192. Use kernel='cosine' (a (d, d) dual form when d < n, any n), score a random subset of rows, or pass a precomputed low-rank kernel to vendi_from_kernel.
+    """  # noqa: E501
+    if n > MAX_KERNEL_SAMPLES:
+        gib = 4.0 * n * n / 2**30
+        name = kernel if isinstance(kernel, str) else getattr(kernel, "__name__", "callable")
+        raise ValueError(
+            f"`X` has n={n} samples; kernel={name!r} needs the (n, n) kernel matrix "
+            f"({gib:.2f} GiB in float32) and its O(n^3) eigendecomposition, and jaxdiv "
+            f"refuses n > MAX_KERNEL_SAMPLES={MAX_KERNEL_SAMPLES}. Use kernel='cosine' (a "
+            "(d, d) dual form when d < n, any n), score a random subset of rows, or pass a "
+            "precomputed low-rank kernel to vendi_from_kernel."
+        )
+
+
 def _vendi_impl(X, kernel, q, weights, bandwidth, exponentiate):
+    kernel, q, x, w = _vendi_inputs(X, kernel, q, weights, bandwidth)
+    h = _log_vendi_core(x, w, bandwidth if kernel == "rbf" else None, _renyi_q(q, x),
+                        kernel=kernel, mode=_order_mode(q))
+    return jnp.exp(h) if exponentiate else h
+
+
+def _vendi_inputs(X, kernel="cosine", q=1.0, weights=None, bandwidth=None):
     kernel = _check_kernel(kernel)
     q = _checks.check_order(q)
     x = _checks.check_features(X, "X", nonzero_rows=kernel == "cosine")
@@ -190,9 +282,9 @@ def _vendi_impl(X, kernel, q, weights, bandwidth, exponentiate):
         _checks.check_positive_scalar(bandwidth, "bandwidth")
         if bandwidth is None:
             _checks.check_min_rows(x, "X", 2, "the median bandwidth needs a pair")
-    h = _log_vendi_core(x, w, bandwidth if kernel == "rbf" else None, _renyi_q(q, x),
-                        kernel=kernel, mode=_order_mode(q))
-    return jnp.exp(h) if exponentiate else h
+    if kernel != "cosine" or x.shape[1] >= x.shape[0]:
+        check_kernel_size(x.shape[0], kernel)
+    return kernel, q, x, w
 
 
 def log_vendi(X, kernel: Kernel = "cosine", q: float = 1.0, weights=None,
@@ -202,7 +294,9 @@ def log_vendi(X, kernel: Kernel = "cosine", q: float = 1.0, weights=None,
     Differentiable (with a derivative that stays finite for duplicated samples), so it
     can be maximised directly, as contextual-space repulsion does with the cosine kernel
     over flattened text tokens. With ``kernel="cosine"`` and fewer features than samples
-    the (d x d) dual matrix ``Z^T Z / n`` is used, so n = 50k costs O(n d^2).
+    the (d x d) dual matrix ``Z^T Z / n`` is used, so n = 50k costs O(n d^2). The RBF and
+    callable kernels need the (n x n) matrix and are refused beyond
+    ``MAX_KERNEL_SAMPLES`` (8192) samples with an error saying so.
 
     Implements Friedman & Dieng (2023) Eq. 1 (log of it), Renyi order q as in
     Pasarkar & Dieng (2024).
@@ -215,8 +309,10 @@ def log_vendi(X, kernel: Kernel = "cosine", q: float = 1.0, weights=None,
         to avoid recompiling).
       q: Renyi order in (0, inf]; 1 is Shannon, ``math.inf`` is ``-log max p``.
       weights: optional (n,) non-negative sample weights, normalised to sum to one.
-      bandwidth: RBF bandwidth h; ``None`` uses the median pairwise distance (treated as a
-        constant for gradients). Ignored by the other kernels.
+      bandwidth: RBF bandwidth h; ``None`` uses the median of the non-zero pairwise
+        distances (1 if all samples coincide; over the pairs of 1024 rows chosen with a
+        fixed key when n > 1024; a constant for gradients), so a collapsed batch scores
+        a finite Vendi near 1. Ignored by the other kernels.
 
     Returns:
       Scalar entropy; ``exp`` of it is the Vendi score.
@@ -320,3 +416,7 @@ def vendi_from_kernel(K, q: float = 1.0, weights=None) -> jax.Array:
       2.1573
     """
     return _from_kernel_impl(K, q, weights, exponentiate=True)
+
+
+_checks.register_group_check(vendi, _vendi_inputs)
+_checks.register_group_check(log_vendi, _vendi_inputs)

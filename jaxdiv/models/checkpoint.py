@@ -21,6 +21,7 @@ tree and reports **all** missing, unexpected and mis-shaped tensors by name in a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -36,6 +37,7 @@ from flax import nnx
 
 __all__ = [
     "CheckpointError",
+    "path_problem",
     "assign_params",
     "load_component",
     "load_state_dict",
@@ -80,17 +82,56 @@ class CheckpointError(ValueError):
     """
 
 
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be opened although an entry may exist, or None.
+
+    Distinguishes a dangling symbolic link (naming its target), a symlink loop and a
+    permission problem from a plain missing entry, so errors do not claim that a folder
+    or file is missing when the entry exists but points nowhere.
+
+    Example:
+        >>> import os, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> os.symlink("gone", d / "unet")
+        >>> path_problem(d / "unet")
+        "is a dangling symbolic link (its target 'gone' does not exist)"
+        >>> path_problem(d) is None
+        True
+    """
+    path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return (f"is a dangling symbolic link (its target {os.readlink(path)!r} does not "
+                    "exist)")  # fmt: skip
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (the link resolves to itself)"
+        return f"cannot be accessed ({err.strerror or err})"
+    return None
+
+
+def _missing(path: Path, what: str, kind: str = "does not exist or is not a directory") -> str:
+    problem = path_problem(path)
+    return f"{what} {str(path)!r} {problem or kind}"
+
+
 def _as_folder(folder: str | os.PathLike, what: str = "component folder") -> Path:
     if not isinstance(folder, str | os.PathLike):
         raise TypeError(f"folder must be a str or os.PathLike path, got {type(folder).__name__}")
     path = Path(folder)
     if not path.is_dir():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist or is not a directory")
+        raise CheckpointError(_missing(path, what))
     return path
 
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
+        problem = path_problem(path)
+        if problem:
+            raise CheckpointError(f"{what}: {str(path)!r} {problem}")
         raise CheckpointError(f"{what}: {path.name} not found in {str(path.parent)!r}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -150,11 +191,65 @@ def read_model_index(folder: str | os.PathLike) -> dict:
     return _read_json(path / "model_index.json", f"pipeline folder {str(path)!r}")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+_FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _header_entry(path: Path, name: str, info) -> tuple:
+    """``(tag, shape, begin, end)`` of one safetensors header entry, or a CheckpointError
+    naming the file, the tensor and what is wrong with the entry."""
+    where = f"{str(path)!r}: header entry {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} must be an object with dtype, shape and "
+                              f"data_offsets, got {type(info).__name__} {info!r:.80}")  # fmt: skip
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)} (has {sorted(info)})")
+    tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if tag not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {tag!r}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(shape, list) or not all(is_int(v) for v in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, "
+                              f"got {shape!r}")  # fmt: skip
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+            and offsets[0] <= offsets[1]):  # fmt: skip
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with "
+                              f"0 <= begin <= end, got {offsets!r}")  # fmt: skip
+    return tag, tuple(shape), offsets[0], offsets[1]
+
+
+def _non_finite(arr: np.ndarray) -> int:
+    """Number of NaN/inf entries of a floating array (bf16 / fp8 through ml_dtypes)."""
+    if arr.dtype in (np.float64, np.float32, np.float16):
+        return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    return int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+
+
+def _check_finite(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    bad = []
+    for name, arr in tensors.items():
+        if np.issubdtype(arr.dtype, np.floating) or arr.dtype in (
+                _SAFETENSORS_DTYPES["BF16"], _SAFETENSORS_DTYPES["F8_E4M3"],
+                _SAFETENSORS_DTYPES["F8_E5M2"]):  # fmt: skip
+            count = _non_finite(arr)
+            if count:
+                bad.append(f"{name} ({count} of {arr.size})")
+    if bad:
+        raise CheckpointError(
+            f"{str(path)!r}: tensors with NaN or inf values: {_names(bad)} (a corrupt or "
+            "diverged checkpoint; pass check_finite=False only for a folder you trust)"
+        )
+
+
+def _read_safetensors(path: Path, check_finite: bool = True) -> dict[str, np.ndarray]:
     """Parse one safetensors file (format: u64 header length, JSON header, raw data).
 
     Written out here rather than via ``safetensors.numpy`` because that cannot return
-    bfloat16 tensors, which most released SD checkpoints in half precision use.
+    bfloat16 tensors, which most released SD checkpoints in half precision use. Every
+    header entry is validated (an object with a known dtype, a shape of non-negative
+    ints and ``[begin, end]`` offsets matching it and the file); two entries whose byte
+    ranges overlap are refused (one tensor's bytes read as another's); with
+    ``check_finite`` floating tensors holding NaN/inf are reported by name.
     """
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -168,19 +263,25 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             header = json.loads(fh.read(n).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{str(path)!r}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: safetensors header must be a JSON object, got "
+                              f"{type(header).__name__}")  # fmt: skip
     header.pop("__metadata__", None)
     start = 8 + n
     if not header:
         return {}
+    entries = {name: _header_entry(path, name, info) for name, info in header.items()}
+    ranges = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise CheckpointError(
+                f"{str(path)!r}: header entries {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) "
+                "point at overlapping bytes (a corrupt or hand-edited header)"
+            )
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size - start,))
     out = {}
-    for name, info in header.items():
-        tag = info.get("dtype")
-        if tag not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {tag!r}")
+    for name, (tag, shape, begin, end) in entries.items():
         dt = _SAFETENSORS_DTYPES[tag]
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         if end - begin != nbytes or end > raw.shape[0] or begin < 0:
             raise CheckpointError(
@@ -189,6 +290,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             )
         out[name] = np.array(raw[begin:end]).view(dt).reshape(shape)
     del raw
+    if check_finite:
+        _check_finite(path, out)
     return out
 
 
@@ -205,7 +308,7 @@ def _torch_to_numpy(name: str, tensor: Any, path: Path) -> np.ndarray:
     return t.numpy()
 
 
-def _read_pickled(path: Path) -> dict[str, np.ndarray]:
+def _read_pickled(path: Path, check_finite: bool = True) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as err:
@@ -227,7 +330,10 @@ def _read_pickled(path: Path) -> dict[str, np.ndarray]:
             f"{str(path)!r}: expected a state dict (mapping of name -> tensor), "
             f"got {type(obj).__name__}"
         )
-    return {str(k): _torch_to_numpy(str(k), v, path) for k, v in obj.items()}
+    out = {str(k): _torch_to_numpy(str(k), v, path) for k, v in obj.items()}
+    if check_finite:
+        _check_finite(path, out)
+    return out
 
 
 def _merge(parts: list[tuple[Path, dict[str, np.ndarray]]], folder: Path) -> dict:
@@ -267,7 +373,11 @@ def _variant_of(name: str, suffix: str) -> str | None:
 
 
 def load_state_dict(
-    folder: str | os.PathLike, *, allow_pickle: bool = False, variant: str | None = None
+    folder: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+    check_finite: bool = True,
 ) -> dict[str, np.ndarray]:
     """Read all weights of a component folder into numpy arrays (PyTorch names and layouts).
 
@@ -284,6 +394,9 @@ def load_state_dict(
             ``weights_only=True`` restricts that, but safetensors is the safe format).
         variant: weight-file variant such as ``"fp16"`` (``model.fp16.safetensors``);
             ``None`` reads the files without a variant tag.
+        check_finite: refuse floating tensors holding NaN or inf, naming each tensor and
+            file (one pass over the weights as they are read, about as fast as reading
+            them); ``False`` skips it for a folder you trust.
 
     Returns:
         Mapping from PyTorch parameter name to numpy array (bf16 as ``ml_dtypes.bfloat16``).
@@ -305,6 +418,12 @@ def load_state_dict(
         raise TypeError(f"variant must be a non-empty str or None, got {variant!r}")
     files = sorted(p for p in path.iterdir() if p.is_file())
     st_suffix, idx_suffix = ".safetensors", ".safetensors.index.json"
+    broken = [f"{p.name} ({problem})" for p in sorted(path.iterdir())
+              if p.name.endswith((st_suffix, *PICKLE_SUFFIXES)) and not p.is_file()
+              and (problem := path_problem(p))]  # fmt: skip
+    if broken:
+        raise CheckpointError(f"{str(path)!r}: weight files that cannot be read: "
+                              + _names(broken))  # fmt: skip
 
     indexes = [p for p in files if p.name.endswith(idx_suffix)]
     indexes = [
@@ -323,14 +442,15 @@ def load_state_dict(
                     f"{str(index_path)!r}: no 'weight_map' object (tensor name -> shard file)"
                 )
             shard_names = sorted(set(weight_map.values()))
-            missing = [s for s in shard_names if not (path / s).is_file()]
+            missing = [s + (f" ({p})" if (p := path_problem(path / s)) else "")
+                       for s in shard_names if not (path / s).is_file()]  # fmt: skip
             if missing:
                 raise CheckpointError(
                     f"{str(path)!r}: shard files listed in {index_path.name} are missing: "
                     + _names(missing)
                 )
             for shard in shard_names:
-                tensors = _read_safetensors(path / shard)
+                tensors = _read_safetensors(path / shard, check_finite)
                 expected = sorted(k for k, s in weight_map.items() if s == shard)
                 absent = [k for k in expected if k not in tensors]
                 if absent:
@@ -342,7 +462,7 @@ def load_state_dict(
         return _merge(parts, path)
 
     if singles:
-        return _merge([(p, _read_safetensors(p)) for p in singles], path)
+        return _merge([(p, _read_safetensors(p, check_finite)) for p in singles], path)
 
     pickled = [
         p
@@ -361,7 +481,7 @@ def load_state_dict(
             )
         # A sharded .bin checkpoint has a pytorch_model.bin.index.json; reading every
         # shard file present gives the same union.
-        return _merge([(p, _read_pickled(p)) for p in pickled], path)
+        return _merge([(p, _read_pickled(p, check_finite)) for p in pickled], path)
 
     tag = f" with variant {variant!r}" if variant else ""
     raise CheckpointError(
@@ -390,9 +510,10 @@ def assign_params(
 ) -> None:
     """Copy converted weights into an nnx module in place, after checking them all.
 
-    Keys are the module's nnx state paths joined with ``"."``. Every missing, unexpected
-    and mis-shaped tensor is collected and reported in one :class:`CheckpointError`
-    (expected vs got shape) before the model is touched.
+    Keys are the module's nnx state paths joined with ``"."``. Every missing, unexpected,
+    mis-shaped and non-float tensor (an int or bool tensor where the model has a
+    floating-point weight; it would otherwise be cast silently) is collected and reported
+    in one :class:`CheckpointError` (expected vs got) before the model is touched.
 
     Args:
         model: the nnx module (concrete, or abstract from ``nnx.eval_shape``).
@@ -420,13 +541,18 @@ def assign_params(
     target = _flat_params(model, filter)
     missing = sorted(k for k in target if k not in params)
     unexpected = sorted(k for k in params if k not in target)
-    mis_shaped = []
+    mis_shaped, mis_typed = [], []
     for k in sorted(set(target) & set(params)):
         want = tuple(target[k].get_value().shape)
         got = tuple(np.shape(params[k]))
         if want != got:
             mis_shaped.append(f"{k} (expected {want}, got {got})")
-    if missing or unexpected or mis_shaped:
+        declared = target[k].get_value().dtype
+        src = getattr(params[k], "dtype", None)
+        src = np.asarray(params[k]).dtype if src is None else src
+        if jnp.issubdtype(declared, jnp.floating) and not jnp.issubdtype(src, jnp.floating):
+            mis_typed.append(f"{k} (expected floating point, got {src})")
+    if missing or unexpected or mis_shaped or mis_typed:
         lines = [f"{component}: checkpoint does not match the model"]
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {_names(missing)}")
@@ -434,6 +560,9 @@ def assign_params(
             lines.append(f"  unexpected tensors ({len(unexpected)}): {_names(unexpected)}")
         if mis_shaped:
             lines.append(f"  mis-shaped tensors ({len(mis_shaped)}): {_names(mis_shaped)}")
+        if mis_typed:
+            lines.append(f"  non-float tensors where the model has floating-point weights "
+                         f"({len(mis_typed)}): {_names(mis_typed)}")  # fmt: skip
         raise CheckpointError("\n".join(lines))
 
     for k, var in target.items():
@@ -455,6 +584,7 @@ def load_component(
     allow_pickle: bool = False,
     dtype: Any = None,
     variant: str | None = None,
+    check_finite: bool = True,
 ) -> tuple[nnx.Module, dict]:
     """Build an nnx module from a component folder's config and load its weights.
 
@@ -469,6 +599,7 @@ def load_component(
         allow_pickle: see :func:`load_state_dict`.
         dtype: cast floating-point weights to this dtype (``None``: model's param dtype).
         variant: weight-file variant, see :func:`load_state_dict`.
+        check_finite: refuse weights holding NaN/inf (see :func:`load_state_dict`).
 
     Returns:
         ``(model, config)``.
@@ -495,7 +626,8 @@ def load_component(
     path = _as_folder(folder)
     config = read_config(path)
     model = nnx.eval_shape(lambda: build_model(config))
-    state_dict = load_state_dict(path, allow_pickle=allow_pickle, variant=variant)
+    state_dict = load_state_dict(path, allow_pickle=allow_pickle, variant=variant,
+                                 check_finite=check_finite)  # fmt: skip
     try:
         params = convert(state_dict, config)
     except KeyError as err:

@@ -667,6 +667,7 @@ def load_unet(
     dtype: Dtype = jnp.float32,
     allow_pickle: bool = False,
     variant: str | None = None,
+    check_finite: bool = True,
     attention_implementation: str | None = None,
 ) -> UNet2DConditionModel:
     """Load a diffusers ``UNet2DConditionModel`` component folder (e.g. ``<sd>/unet``).
@@ -679,6 +680,7 @@ def load_unet(
         dtype: compute and parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
         allow_pickle: accept pickled ``.bin`` weights when no safetensors exist.
         variant: weight-file variant such as ``"fp16"``.
+        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
         attention_implementation: see :class:`UNet2DConditionModel`.
 
     Returns:
@@ -715,5 +717,6 @@ def load_unet(
         allow_pickle=allow_pickle,
         dtype=dtype,
         variant=variant,
+        check_finite=check_finite,
     )
     return model

@@ -532,6 +532,7 @@ def load_vae(
     dtype: Dtype = jnp.float32,
     allow_pickle: bool = False,
     variant: str | None = None,
+    check_finite: bool = True,
 ) -> AutoencoderKL:
     """Load a diffusers ``AutoencoderKL`` component folder (e.g. ``<sd>/vae``).
 
@@ -543,6 +544,7 @@ def load_vae(
         dtype: compute and parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
         allow_pickle: accept pickled ``.bin`` weights when no safetensors exist.
         variant: weight-file variant such as ``"fp16"``.
+        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded model (``model.config`` is the parsed :class:`VAEConfig`).
@@ -573,5 +575,6 @@ def load_vae(
         allow_pickle=allow_pickle,
         dtype=dtype,
         variant=variant,
+        check_finite=check_finite,
     )
     return model

@@ -3,7 +3,11 @@
 * :mod:`jaxdiv.pipelines.stable_diffusion` -- Stable Diffusion 1.x / 2.x from a local
   diffusers folder (:func:`~jaxdiv.pipelines.stable_diffusion.load`);
 * :mod:`jaxdiv.pipelines.scheduler_config` -- diffusers scheduler configs as VP schedules;
-* :mod:`jaxdiv.pipelines.folder` -- checks and lookups on a pipeline folder.
+* :mod:`jaxdiv.pipelines.folder` -- checks and lookups on a pipeline folder;
+* :mod:`jaxdiv.pipelines.generation` -- ``pipe.generate``: prompts to images with any
+  diversity method composed with CFG, and the SD pieces methods need (GASS's encoder);
+* :mod:`jaxdiv.pipelines.tpso` -- TPSO on a CLIP-text pipeline (variants, the blank-prompt
+  pool of the negative branch, the guidance).
 """
 
 from jaxdiv.pipelines import stable_diffusion

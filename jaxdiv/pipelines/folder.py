@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from jaxdiv.models.checkpoint import CheckpointError, read_model_index
+from jaxdiv.models.checkpoint import CheckpointError, path_problem, read_model_index
 from jaxdiv.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
@@ -69,7 +69,8 @@ def check_pipeline_folder(path: Path) -> dict:
                 "Single-file .ckpt/.safetensors checkpoints are not read: convert them with "
                 "diffusers first"
             )
-        raise CheckpointError(f"pipeline folder {str(path)!r} does not exist or is not a directory")
+        problem = path_problem(path) or "does not exist or is not a directory"
+        raise CheckpointError(f"pipeline folder {str(path)!r} {problem}")
     if not (path / "model_index.json").is_file():
         present = sorted(p.name for p in path.iterdir())[:20]
         hint = ""
@@ -84,6 +85,10 @@ def check_pipeline_folder(path: Path) -> dict:
     for name, classes in COMPONENTS.items():
         cls = _entry_class(index, name)
         folder = path / name
+        problem = path_problem(folder)
+        if problem:  # the entry exists but cannot be opened: say why, not "missing"
+            problems.append(f"{name}/ {problem}")
+            continue
         if cls is None and not folder.is_dir():
             problems.append(f"{name}/ (not in model_index.json and no folder)")
             continue
@@ -102,7 +107,8 @@ def check_pipeline_folder(path: Path) -> dict:
                     "tokenizer/" + " and tokenizer/".join(vocab) + " (and no tokenizer.json)"
                 )
         elif not (folder / "config.json").is_file():
-            problems.append(f"{name}/config.json")
+            problem = path_problem(folder / "config.json")
+            problems.append(f"{name}/config.json" + (f" ({problem})" if problem else ""))
     if problems:
         kind = index.get("_class_name", "unknown pipeline")
         raise CheckpointError(

@@ -2,9 +2,8 @@
 
 Only the model-defining fields of a ``scheduler_config.json`` are read (betas,
 ``prediction_type``, ``num_train_timesteps``) plus the grid defaults
-(``timestep_spacing``, ``steps_offset``). Sampling-time options of diffusers' schedulers are
-not: jaxdiv's samplers always end at the clean endpoint ``alpha = 1`` (diffusers'
-``set_alpha_to_one=True``), and ``clip_sample`` / ``thresholding`` are not applied (SD's
+(``timestep_spacing``, ``steps_offset``), and, for :func:`ddim_grid` (diffusers' own DDIM
+endpoint), ``set_alpha_to_one``. ``clip_sample`` / ``thresholding`` are not applied (SD's
 configs turn both off).
 """
 
@@ -15,7 +14,7 @@ import numpy as np
 from jaxdiv import schedules, validation
 from jaxdiv.predictions import PREDICTION_TYPES
 
-__all__ = ["schedule_from_config", "dpm_solver_grid"]
+__all__ = ["schedule_from_config", "dpm_solver_grid", "ddim_grid"]
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -184,3 +183,60 @@ def dpm_solver_grid(config: dict, num_steps: int, karras: bool = False):
             )
         model_times, times = ts, ts.astype(np.float64)
     return np.append(times, float(sch.t_clean)), model_times
+
+
+def ddim_grid(config: dict, num_steps: int):
+    """diffusers' ``DDIMScheduler`` steps for a scheduler config, as VP times.
+
+    A NumPy transcription of ``DDIMScheduler.from_config(config).set_timesteps(N)`` and of
+    its ``step``: the model is evaluated at ``timesteps[i]`` (the config's
+    ``timestep_spacing`` / ``steps_offset``, as :meth:`~jaxdiv.schedules.VPSchedule.grid`)
+    and each step goes to ``prev = timesteps[i] - T // N`` (Song et al. 2021, Eq. 12 with
+    ``alpha_prev = alphas_cumprod[prev]``), or, when ``prev < 0``, to
+    ``final_alpha_cumprod``: 1 (the clean endpoint, VP time ``-1``) with
+    ``set_alpha_to_one=True`` (diffusers' default) and ``alphas_cumprod[0]`` (VP time
+    ``0``) with ``set_alpha_to_one=False``, as released SD 1.x/2.x configs say. For
+    ``"linspace"`` spacing and for ``"trailing"`` when ``T / N`` is not an integer, ``prev``
+    is not the next evaluation time: the next step feeds the model ``x`` at ``prev``
+    labelled with the next timestep, as diffusers does.
+
+    Args:
+        config: parsed ``scheduler/scheduler_config.json``.
+        num_steps: number of DDIM steps ``N``.
+
+    Returns:
+        ``(times, targets)``: float64 ``(N + 1,)`` evaluation times followed by the last
+        target, and float64 ``(N,)`` targets ``prev`` of each step (``-1`` the clean
+        endpoint), for ``samplers.ddim(schedule, times=times, targets=targets)``.
+
+    Raises:
+        ValueError: repeated timesteps (too many steps for the spacing) or steps past
+            ``T - 1``.
+
+    Example:
+        >>> times, targets = ddim_grid(dict(timestep_spacing="trailing",
+        ...                                 set_alpha_to_one=False), 3)
+        >>> times.tolist(), targets.tolist()
+        ([999.0, 666.0, 332.0, 0.0], [666.0, 333.0, 0.0])
+    """
+    sch, _, grid = schedule_from_config(config)
+    n = validation.integer("num_steps", num_steps, minimum=1)
+    T = sch.num_train_timesteps
+    if n > T:
+        raise ValueError(f"num_steps must be <= num_train_timesteps={T}, got {n}")
+    spacing, offset = grid["spacing"], grid["steps_offset"]
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+    else:  # trailing
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    if ts.shape[0] != n or np.any(np.diff(ts) >= 0) or ts.max() > T - 1:
+        raise ValueError(
+            f"num_steps={n} gives no strictly decreasing DDIM grid within [0, {T - 1}] for "
+            f"timestep_spacing={spacing!r}, steps_offset={offset}"
+        )
+    final = -1.0 if config.get("set_alpha_to_one", True) else 0.0
+    prev = (ts - T // n).astype(np.float64)
+    targets = np.where(prev >= 0, prev, final)
+    return np.append(ts.astype(np.float64), targets[-1]), targets

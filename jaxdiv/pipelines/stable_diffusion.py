@@ -49,6 +49,7 @@ from jaxdiv.models.clip import (
     load_clip_vision,
     tokenize,
 )
+from jaxdiv.models.clip.tokenizer import check_token_ids
 from jaxdiv.models.layers import pure
 from jaxdiv.models.unet import load_unet
 from jaxdiv.models.vae import load_vae
@@ -58,7 +59,7 @@ from jaxdiv.pipelines.folder import (
     image_preprocess_stats,
     read_scheduler_config,
 )
-from jaxdiv.pipelines.scheduler_config import dpm_solver_grid, schedule_from_config
+from jaxdiv.pipelines.scheduler_config import ddim_grid, dpm_solver_grid, schedule_from_config
 from jaxdiv.predictions import (
     PredictionDenoiser,
     as_denoiser,
@@ -100,8 +101,11 @@ class Bound(NamedTuple):
     apply: Callable
     params: Any
     static_argnames: tuple[str, ...] = ()
+    check: Callable | None = None  # eager check of the (concrete) arguments, before jit
 
     def __call__(self, *args, **kwargs):
+        if self.check is not None:
+            self.check(*args)
         return _jitted(self.apply, self.static_argnames)(self.params, *args, **kwargs)
 
 
@@ -135,6 +139,15 @@ class StableDiffusion(NamedTuple):
         configs: the parsed ``config.json`` of each component (plus ``"scheduler"`` and
             ``"model_index"``).
         path: the pipeline folder.
+        text_features: ``(tokens (B, L), token_embeds (B, L, D) | None) -> (states,
+            pooled)``: ``encode_prompt``'s states and the EOS-pooled output in one pass,
+            optionally from given token embeddings (TPSO optimises offsets on them).
+        token_embedding: the text encoder's ``(vocab, D)`` token-embedding table.
+        text_projection: ``(D, P)`` kernel of the text encoder's ``text_projection``
+            (``None`` when the folder's encoder has none, as in SD 1.x/2.x).
+        encode: images NCHW in ``[-1, 1]`` -> diffusion latents: the VAE posterior *mean*,
+            ``(mean - shift_factor) * scaling_factor`` (diffusers samples the posterior
+            in its img2img pipelines; the mean is deterministic), differentiable.
 
     Example:
         >>> from jaxdiv.testing import example_pipeline
@@ -159,6 +172,25 @@ class StableDiffusion(NamedTuple):
     sample_size: int
     configs: dict
     path: str
+    text_features: Bound | None = None
+    token_embedding: jax.Array | None = None
+    text_projection: jax.Array | None = None
+    encode: Bound | None = None
+
+    def generate(self, prompts: str | Sequence[str], n: int = 1, **kwargs):
+        """Images for each prompt with a diversity method composed with CFG; see
+        :func:`jaxdiv.pipelines.generation.generate` (``key=`` is required).
+
+        Example:
+            >>> import jax
+            >>> from jaxdiv.testing import example_pipeline
+            >>> pipe = example_pipeline()
+            >>> pipe.generate("a cat", 2, key=jax.random.key(0), sampler=pipe.ddim(3)).images.shape
+            (2, 3, 16, 16)
+        """
+        from jaxdiv.pipelines.generation import generate
+
+        return generate(self, prompts, n, **kwargs)
 
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Token ids ``(num_prompts, max_length)`` padded and truncated as diffusers does.
@@ -194,18 +226,48 @@ class StableDiffusion(NamedTuple):
         validation.integer("batch", batch, minimum=1)
         return (batch, self.latent_channels, height // f, width // f)
 
-    def ddim(self, num_steps: int = 50, eta: float = 0.0) -> samplers.Sampler:
+    def ddim(
+        self, num_steps: int = 50, eta: float = 0.0, clean_endpoint: bool = False
+    ) -> samplers.Sampler:
         """DDIM (Song et al. 2021, Eq. 12) on this schedule with the configured spacing.
 
-        The grid is diffusers' for the scheduler config's ``timestep_spacing`` /
-        ``steps_offset``, ending at the clean endpoint (``set_alpha_to_one=True``).
+        By default it reproduces diffusers' ``DDIMScheduler.from_config(<scheduler
+        config>)`` (:func:`~jaxdiv.pipelines.scheduler_config.ddim_grid`): the model runs at
+        diffusers' timesteps for the config's ``timestep_spacing`` / ``steps_offset`` and
+        each step goes to ``t - T // N``, the last one to ``final_alpha_cumprod``. When that
+        is ``alphas_cumprod[0]`` (``set_alpha_to_one=False``, as released SD 1.x/2.x configs
+        say, or ``"trailing"`` spacing with ``T / N`` rounding up) the output is the latent
+        at VP time 0, ``sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps_hat``: it keeps
+        ``sqrt(1 - abar_0) ~ 0.03`` (SD's betas) of predicted noise and is not the last
+        ``x0_hat``.
+
+        ``clean_endpoint=True`` keeps jaxdiv's grid instead
+        (:meth:`~jaxdiv.schedules.VPSchedule.grid`: the same evaluation times for
+        "leading", each step to the next of them, the last to the clean endpoint
+        ``alpha = 1``). Its output is the last guided ``x0_hat`` exactly, with no noise
+        left, which SPELL's guarantee needs. Both are the same sampler when the config has
+        ``set_alpha_to_one=True`` and ``T // N`` spacing (e.g. "leading").
+
+        Args:
+            num_steps: DDIM steps ``N`` (denoiser evaluations per sample).
+            eta: 0 deterministic DDIM, 1 DDPM-like ancestral sampling.
+            clean_endpoint: jaxdiv's grid ending at ``sigma = 0`` instead of diffusers'.
 
         Example:
             >>> from jaxdiv.testing import example_pipeline
-            >>> example_pipeline().ddim(10).times.tolist()[-3:]
-            [101.0, 1.0, -1.0]
+            >>> pipe = example_pipeline()   # leading, steps_offset 1, set_alpha_to_one
+            >>> pipe.ddim(10).times.tolist()[-3:], pipe.ddim(10, clean_endpoint=True).nfe
+            ([101.0, 1.0, -1.0], 10)
         """
-        return samplers.ddim(self.schedule, num_steps, eta, **self.grid_kwargs)
+        validation.boolean("clean_endpoint", clean_endpoint)
+        if clean_endpoint:
+            return samplers.ddim(self.schedule, num_steps, eta, **self.grid_kwargs)
+        times, targets = ddim_grid(self.configs["scheduler"], num_steps)
+        if np.array_equal(targets, times[1:]) and np.all(np.diff(times) < 0):  # a plain grid
+            return samplers.ddim(self.schedule, eta=eta, times=times.astype(np.float32),
+                                 allow_noisy_end=True)  # fmt: skip
+        return samplers.ddim(self.schedule, eta=eta, times=times.astype(np.float32),
+                             targets=targets.astype(np.float32))  # fmt: skip
 
     def edm(self, num_steps: int = 18, rho: float = 7.0, **kwargs) -> samplers.Sampler:
         """Karras et al. (2022) Alg. 2 sampler on the Karras noise levels (Eq. 5) of this model.
@@ -264,8 +326,48 @@ class StableDiffusion(NamedTuple):
             >>> [round(t, 1) for t in s.times.tolist()], [int(t) for t in s.options.model_times]
             ([999.0, 687.2, 145.9, 0.0, -1.0], [999, 687, 146, 0])
         """
+        return self._dpm_solver(samplers.dpmpp_2m, num_steps, karras)
+
+    def dpmpp_2m_sde(
+        self, num_steps: int = 25, karras: bool = True, eta: float = 1.0
+    ) -> samplers.Sampler:
+        """DPM-Solver++(2M) SDE (:func:`jaxdiv.samplers.dpmpp_2m_sde`) on the grid of
+        :meth:`dpmpp_2m`: diffusers' ``DPMSolverMultistepScheduler.from_config(<scheduler
+        config>, algorithm_type="sde-dpmsolver++", solver_order=2,
+        use_karras_sigmas=karras)`` given the same noise (per-sample streams of the run's
+        key). With ``karras=True`` the UNet runs at the rounded timesteps, as
+        :meth:`dpmpp_2m` explains. NFE is ``N``.
+
+        Example:
+            >>> from jaxdiv.testing import example_pipeline
+            >>> s = example_pipeline().dpmpp_2m_sde(4)
+            >>> s.name, s.nfe, float(s.times[-1])
+            ('dpmpp_2m_sde', 4, -1.0)
+        """
+        return self._dpm_solver(samplers.dpmpp_2m_sde, num_steps, karras, eta=eta)
+
+    def dpmpp_3m_sde(
+        self, num_steps: int = 25, karras: bool = True, eta: float = 1.0
+    ) -> samplers.Sampler:
+        """DPM-Solver++(3M) SDE (:func:`jaxdiv.samplers.dpmpp_3m_sde`, k-diffusion's
+        formula) on the grid of :meth:`dpmpp_2m`. Equals diffusers'
+        ``algorithm_type="sde-dpmsolver++", solver_order=3`` on its first- and
+        second-order steps; on third-order steps diffusers 0.42 has the opposite sign on
+        one half of the ``D2`` weight (see :mod:`jaxdiv.samplers.dpmpp`). NFE is ``N``.
+
+        Example:
+            >>> from jaxdiv.testing import example_pipeline
+            >>> s = example_pipeline().dpmpp_3m_sde(4, karras=False)
+            >>> s.name, s.nfe, s.times.tolist()
+            ('dpmpp_3m_sde', 4, [801.0, 601.0, 401.0, 201.0, -1.0])
+        """
+        return self._dpm_solver(samplers.dpmpp_3m_sde, num_steps, karras, eta=eta)
+
+    def _dpm_solver(self, factory, num_steps, karras, **kwargs) -> samplers.Sampler:
+        """``factory`` on diffusers' DPM-Solver grid, the model at its rounded timesteps."""
+        validation.boolean("karras", karras)
         times, model_times = dpm_solver_grid(self.configs["scheduler"], num_steps, karras)
-        base = samplers.dpmpp_2m(self.schedule, times=times)
+        base = factory(self.schedule, times=times, **kwargs)
         if not karras:  # the model times are the grid's integer times
             return base
         options = _ModelTimeOptions(
@@ -329,7 +431,31 @@ def _encode_prompt_fn(text_model, clip_skip):
     def apply(params, tokens, clip_skip=default):
         return apply_encode(params, jnp.asarray(tokens), clip_skip=clip_skip)
 
-    return Bound(apply, pure(text_model).params, ("clip_skip",))
+    # token ids outside the vocabulary would embed as NaN (or wrap around): refuse them
+    # while they are still concrete, before the jitted call hides their values
+    check = functools.partial(check_token_ids, vocab_size=text_model.config.vocab_size,
+                              name="tokens")  # fmt: skip
+    return Bound(apply, pure(text_model).params, ("clip_skip",), check)
+
+
+def _text_features_fn(text, clip_skip):
+    tower = getattr(text, "text_model", text)
+    net = pure(tower, "prompt_features")
+
+    def apply(params, tokens, token_embeds=None):
+        return net.apply(params, jnp.asarray(tokens), token_embeds, clip_skip=clip_skip)
+
+    return Bound(apply, net.params)
+
+
+def _encode_fn(vae):
+    net = pure(vae, "encode")
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    def apply(params, images):
+        return (net.apply(params, jnp.asarray(images)).mean - shift) * scale
+
+    return Bound(apply, net.params)
 
 
 def _decode_fn(vae):
@@ -379,6 +505,7 @@ def load(
     variant: str | None = None,
     clip_skip: int | None = None,
     attention_implementation: str | None = None,
+    check_finite: bool = True,
 ) -> StableDiffusion:
     """Load a Stable Diffusion 1.x / 2.x pipeline folder (diffusers format, local only).
 
@@ -398,6 +525,8 @@ def load(
             ``<encoder>/preprocessor_config.json``, else
             ``<path>/feature_extractor/preprocessor_config.json``, else OpenAI CLIP's.
         variant: weight-file variant such as ``"fp16"`` (``*.fp16.safetensors``).
+        check_finite: refuse weights holding NaN or inf, naming each tensor and file
+            (one cheap pass as the weights are read); ``False`` for a folder you trust.
         clip_skip: use the text encoder layer ``clip_skip`` blocks before the last
             (diffusers' ``clip_skip``); ``None`` uses the last hidden state.
         attention_implementation: passed to :func:`jax.nn.dot_product_attention`
@@ -446,7 +575,7 @@ def load(
             "text_encoder config: use_attention_mask=True is not supported (SD 1.x/2.x "
             "encode prompts without a padding mask)"
         )
-    kw = dict(allow_pickle=allow_pickle, variant=variant)
+    kw = dict(allow_pickle=allow_pickle, variant=variant, check_finite=check_finite)
     unet = load_unet(
         root / "unet", dtype=dtype, attention_implementation=attention_implementation, **kw
     )
@@ -522,4 +651,10 @@ def load(
         sample_size=int(sample_size),
         configs=configs,
         path=str(root),
+        text_features=_text_features_fn(text, clip_skip),
+        encode=_encode_fn(vae),
+        token_embedding=getattr(text, "text_model", text).embeddings.token_embedding.embedding[...],
+        text_projection=(
+            text.text_projection.kernel[...] if hasattr(text, "text_projection") else None
+        ),
     )

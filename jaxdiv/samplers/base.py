@@ -27,7 +27,8 @@ class Sampler(NamedTuple):
     Attributes:
         name: the factory's name (for reports; nothing switches on it).
         schedule: the process (a pytree, so schedule parameters can be differentiated).
-        times: ``(N + 1,)`` decreasing process times; ``times[N]`` is the clean endpoint.
+        times: ``(N + 1,)`` decreasing process times; ``times[N]`` is the clean endpoint
+            (a noisy one only where the factory was told ``allow_noisy_end=True``).
         init: ``init(sampler, x) -> state``, the sampler's own state before step 0 (``()``
             for one-step methods; a multistep method keeps its previous ``x0_hat`` there).
         step: ``step(sampler, i, x, state, denoise, carry, keys) -> (x_next, state, carry,
@@ -103,8 +104,14 @@ def noise_std(eta, alpha, sigma, alpha_next, sigma_next):
 def first_order_step(sampler, i, x, state, denoise, carry, keys):
     """One step of the shared first-order update: DDIM (``options.eta``), and with
     ``eta = 0`` the Euler step of the probability-flow ODE on every process (flow Euler)."""
+    return first_order_to(sampler, i, sampler.times[i + 1], x, state, denoise, carry, keys)
+
+
+def first_order_to(sampler, i, t_next, x, state, denoise, carry, keys):
+    """:func:`first_order_step` from ``times[i]`` to any ``t_next`` (DDIM's diffusers
+    endpoint steps to ``t - T // N`` rather than to the next evaluation time)."""
     sched = sampler.schedule
-    t, t_next = sampler.times[i], sampler.times[i + 1]
+    t = sampler.times[i]
     alpha, sigma = sched.alpha(t), sched.sigma(t)
     alpha_n, sigma_n = sched.alpha(t_next), sched.sigma(t_next)
     x0_hat, carry, info = denoise(x, t, carry)
@@ -127,8 +134,12 @@ def per_sample_normal(keys, i, like):
     return jax.vmap(draw)(keys)
 
 
-def check_times(times, schedule, name: str = "times"):
-    """Validate a user time grid: 1-D, length >= 2, strictly decreasing, ends clean."""
+def check_times(times, schedule, name: str = "times", clean_end: bool = True):
+    """Validate a user time grid: 1-D, length >= 2, strictly decreasing, ends clean.
+
+    With ``clean_end=False`` the grid may end at a noisy time (``sigma > 0``, e.g.
+    diffusers' ``final_sigmas_type="sigma_min"``); the output then keeps that noise.
+    """
     if isinstance(times, jax.core.Tracer):
         return jnp.asarray(times, _grid_dtype(times))
     arr = np.asarray(times, np.float64)
@@ -138,8 +149,10 @@ def check_times(times, schedule, name: str = "times"):
         raise ValueError(f"{name} must be finite, got {arr.tolist()}")
     if not np.all(np.diff(arr) < 0):
         raise ValueError(f"{name} must be strictly decreasing, got {arr.tolist()}")
+    if hasattr(schedule, "check_times"):  # VP: timesteps outside the schedule are refused
+        schedule.check_times(arr, name)
     end_sigma = float(schedule.sigma(arr[-1]))
-    if end_sigma != 0.0:
+    if clean_end and end_sigma != 0.0:
         raise ValueError(
             f"{name} must end at the clean endpoint t={schedule.t_clean} (sigma=0), "
             f"got t={arr[-1]} with sigma={end_sigma}"

@@ -31,7 +31,7 @@ counts the encoder calls.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import GuidanceTerm, no_state, run_if, window
+from jaxdiv.guidance.base import GuidanceTerm, run_if, step_indices, window
 from jaxdiv.guidance.gass.targets import (
     check_axes,
     check_num_directions,
@@ -117,6 +117,7 @@ def gass(
     *,
     renormalize: bool = True,
     axes: str = "principal",
+    write_space=None,
 ) -> GuidanceTerm:
     """GASS guidance: spread the batch on the encoder's sphere, written back into ``x0_hat``.
 
@@ -147,6 +148,11 @@ def gass(
         num_active: number of active steps for ``"uniform"``/``"early"``.
         renormalize: renormalise targets (False: the "w/o renorm." ablation).
         axes: ``"principal"``, ``"random"`` (RD ablation) or ``"isotropic"`` (IP ablation).
+        write_space: ``None`` runs Adam on ``x0_hat`` itself (through the encoder chain);
+            a pair ``(to_space, from_space)`` of callables runs it on ``to_space(x0_hat)``
+            at active steps and returns ``from_space(y*)`` -- the paper's code on latent
+            models: Adam on decoded pixels, then VAE re-encoding (``encoder`` then takes
+            pixels). See :func:`jaxdiv.pipelines.generation.gass_pixel_space`.
 
     Returns:
         An ``"x0"``-hook :class:`GuidanceTerm` named ``"gass"``: ``trace.info["gass"]`` is
@@ -181,21 +187,30 @@ def gass(
     max_iters = validation.integer("max_iters", max_iters, 1)
     patience = validation.integer("patience", patience, 1)
     num_active = validation.integer("num_active", num_active, 1)
-    num_directions = check_num_directions(num_directions, text_emb.shape[0])
+    m = text_emb.shape[0]
+    if validation.integer("num_directions", num_directions, 1) > m - 1:
+        raise ValueError(
+            f"text_emb has dimension m={m}, which leaves only m - 1 = {m - 1} orthonormal "
+            f"directions for num_directions={num_directions}: pass the text embedding "
+            "of the same encoder (its output dimension), or num_directions <= m - 1"
+        )
+    num_directions = check_num_directions(num_directions, m)
     check_axes(axes)
     renormalize = validation.boolean("renormalize", renormalize)
     if isinstance(steps, str):
         validation.choice("steps", steps, _SCHEDULES)
     else:
-        try:
-            steps = tuple(int(s) for s in steps)
-        except TypeError as err:
-            raise TypeError(
-                f"steps must be one of {_SCHEDULES} or a sequence of ints, got {steps!r}"
-            ) from err
-    settings = _Settings(encoder, num_directions, max_iters, patience, renormalize, axes)
+        steps = tuple(int(s) for s in step_indices(steps))
+    if write_space is not None:
+        if not (isinstance(write_space, tuple | list) and len(write_space) == 2
+                and all(callable(f) for f in write_space)):  # fmt: skip
+            raise TypeError(f"write_space must be None or a pair of callables (to_space, "
+                            f"from_space), got {write_space!r}")  # fmt: skip
+        write_space = tuple(write_space)
+    settings = _Settings(encoder, num_directions, max_iters, patience, renormalize, axes,
+                         write_space)  # fmt: skip
     apply = Partial(_gass_apply, settings, text_emb, r_dep, r_ind, lr, tol)
-    term = GuidanceTerm(no_state, apply, "x0", "gass")
+    term = GuidanceTerm(Partial(_gass_init, encoder, m, write_space), apply, "x0", "gass")
     if isinstance(steps, tuple):
         return window(term, steps=steps)
     return term._replace(apply=Partial(_scheduled_apply, apply, steps, num_active))
@@ -210,30 +225,48 @@ class _Settings(NamedTuple):
     patience: int
     renormalize: bool
     axes: str
+    write_space: Any = None
+
+
+def _check_embedding_shape(shape, x_shape, m):
+    if len(shape) != 2 or shape[0] != x_shape[0]:
+        raise ValueError(
+            f"encoder must map the batch {tuple(x_shape)} to embeddings of shape (B, m) = "
+            f"({x_shape[0]}, {m}), got {tuple(shape)}"
+        )
+    if shape[1] != m:
+        raise ValueError(
+            f"encoder must map the batch {tuple(x_shape)} to embeddings of shape (B, m) = "
+            f"({x_shape[0]}, {m}) matching text_emb, got {tuple(shape)}: text_emb has "
+            f"dimension {m} but the encoder's embeddings have dimension {shape[1]}; pass "
+            "the text embedding of the same encoder"
+        )
+
+
+def _gass_init(encoder, m, write_space, x, cond, key):
+    """No state; checks the encoder's output shape against ``text_emb`` before tracing."""
+    y = x if write_space is None else jax.eval_shape(write_space[0], x)
+    _check_embedding_shape(jax.eval_shape(encoder, y).shape, x.shape, m)
+    return ()
 
 
 def _encode(encoder, text_emb, x):
     emb = encoder(x)
-    if emb.ndim != 2 or emb.shape != (x.shape[0], text_emb.shape[0]):
-        raise ValueError(
-            f"encoder must map the batch {tuple(x.shape)} to embeddings of shape "
-            f"(B, m)=({x.shape[0]}, {text_emb.shape[0]}) matching text_emb, got "
-            f"{tuple(emb.shape)}"
-        )
+    _check_embedding_shape(emb.shape, x.shape, text_emb.shape[0])
     return unit(emb)
 
 
 def _gass_apply(st: _Settings, text_emb, r_dep, r_ind, lr, tol, state, x0_hat, ctx):
-    emb = _encode(st.encoder, text_emb, x0_hat)
+    y = x0_hat if st.write_space is None else st.write_space[0](x0_hat)
+    emb = _encode(st.encoder, text_emb, y)
     t_emb = text_emb.astype(emb.dtype)
     targets, _, u, delta = draw_targets(
         ctx.key, emb, t_emb, r_dep, r_ind, st.num_directions, st.renormalize, st.axes
     )
     targets = jax.lax.stop_gradient(targets)
     loss_fn = lambda x: spp_loss(_encode(st.encoder, text_emb, x), targets)
-    x_star, loss0, loss1, iters = adam_write_back(
-        loss_fn, x0_hat, lr, st.max_iters, st.patience, tol
-    )
+    y_star, loss0, loss1, iters = adam_write_back(loss_fn, y, lr, st.max_iters, st.patience, tol)
+    x_star = y_star if st.write_space is None else st.write_space[1](y_star)
     x_star = x_star.astype(x0_hat.dtype)
     rms = jnp.sqrt(jnp.mean((x_star - x0_hat) ** 2))
     return x_star, state, GASSInfo(loss0, loss1, iters, rms, u, delta)

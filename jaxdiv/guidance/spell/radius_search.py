@@ -22,7 +22,11 @@ A sample whose ``x0_hat`` coincides *exactly* with a centre (a memorising model 
 training points bit for bit) has no direction ``x0_hat - z``; the minimal move of Eq. 5 is
 then taken along a fallback direction ``a_i - a_k`` given by per-shield *anchors* (SPELL
 uses the noisy states: ``x_t^i - alpha z_k`` for static shields, ``x_t^i - x_t^k`` within a
-batch). Any unit direction lands exactly on the sphere of radius ``r``.
+batch). Any unit direction lands exactly on the sphere of radius ``r``. When the anchors
+coincide too (two identical rows of noise on a deterministic sampler) or there are none
+(feature space), Eq. 5 is 0/0 twice over; the tie is broken by a fixed unit direction per
+(query, shield) pair, opposite for the two members of a batch pair, so the two particles
+end ``2r`` apart after the correction instead of staying on top of each other.
 """
 
 from __future__ import annotations
@@ -162,11 +166,37 @@ def _sub_block(bs, b, d, exact_bytes):
     return max(fitting) if fitting else 1
 
 
-def _exact_delta(q, z, cand, r2, radius, qa, za):
+_TIE_SEED = 0x5BE11  # fixed: the tie-break directions are part of the algorithm, not random
+
+
+def _tie_directions(qid, zid, d, symmetric):
+    """``(B, K, d)`` unit directions for queries sitting exactly on a shield centre whose
+    anchor direction is zero too (or absent): a fixed direction per (query, shield) pair,
+    drawn from a key folded with the pair's ids. With ``symmetric`` (intra-batch: the
+    shields are the queries) the pair is unordered and the sign is ``+`` for the larger
+    id, so two coinciding particles are pushed in exactly opposite directions."""
+    qq = jnp.broadcast_to(qid[:, None], (qid.shape[0], zid.shape[0]))
+    zz = jnp.broadcast_to(zid[None, :], qq.shape)
+    a, b = (jnp.minimum(qq, zz), jnp.maximum(qq, zz)) if symmetric else (qq, zz)
+    base = jax.random.key(_TIE_SEED)
+
+    def one(i, k):
+        v = jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, i), k), (d,))
+        return v * lax.rsqrt(jnp.maximum(jnp.sum(v * v), jnp.finfo(v.dtype).tiny))
+
+    u = jax.vmap(jax.vmap(one))(a, b)
+    if symmetric:
+        u = u * jnp.where(qq > zz, 1.0, -1.0)[..., None]
+    return u
+
+
+def _exact_delta(q, z, cand, r2, radius, qa, za, qid, zid, symmetric):
     """Eq. 5 over one tile: ``sum_k 1[|q - z_k| < r] delta_k(q)`` with direct differences.
 
-    ``delta_k = (r / |q - z_k| - 1)(q - z_k)``; where ``q == z_k`` exactly, the minimal
-    move ``r u`` along the unit anchor direction ``u = (qa - za_k)/|qa - za_k|`` (if any).
+    ``delta_k = (r / |q - z_k| - 1)(q - z_k)``; where ``q == z_k`` exactly (Eq. 5 is 0/0),
+    the minimal move ``r u`` along the unit anchor direction ``u = (qa - za_k)/|qa - za_k|``,
+    or, when that is zero too (identical noise on a deterministic sampler) or there are
+    no anchors, along the fixed pair direction of :func:`_tie_directions`.
     """
     diff = q[:, None, :] - z[None, :, :]
     d2 = jnp.sum(diff * diff, axis=-1)
@@ -176,19 +206,23 @@ def _exact_delta(q, z, cand, r2, radius, qa, za):
     w = jnp.where(inside & pos, radius / dist - 1.0, 0.0)
     delta = jnp.einsum("bk,bkd->bd", w, diff, precision=_HI)
     count = jnp.sum(inside, axis=-1, dtype=jnp.int32)
-    if qa is not None:
-        on_centre = inside & ~pos
+    on_centre = inside & ~pos
 
-        def fallback(_):
+    def fallback(_):
+        out = jnp.zeros_like(delta)
+        tie = on_centre
+        if qa is not None:
             a = qa[:, None, :] - za[None, :, :]
             a2 = jnp.sum(a * a, axis=-1)
             apos = a2 > 0
             wa = jnp.where(on_centre & apos, radius / jnp.sqrt(jnp.where(apos, a2, 1.0)), 0.0)
-            return jnp.einsum("bk,bkd->bd", wa, a, precision=_HI)
+            out = out + jnp.einsum("bk,bkd->bd", wa, a, precision=_HI)
+            tie = on_centre & ~apos
+        u = _tie_directions(qid, zid, q.shape[1], symmetric)
+        wt = jnp.where(tie, radius, 0.0)
+        return out + jnp.einsum("bk,bkd->bd", wt, u, precision=_HI)
 
-        delta = delta + lax.cond(
-            jnp.any(on_centre), fallback, lambda _: jnp.zeros_like(delta), None
-        )
+    delta = delta + lax.cond(jnp.any(on_centre), fallback, lambda _: jnp.zeros_like(delta), None)
     return delta, count
 
 
@@ -258,6 +292,7 @@ def repulsion(
     sub = _sub_block(bs, b, d, exact_bytes)
     ns = bs // sub
     local_ids = jnp.arange(bs, dtype=jnp.int32)
+    qid = jnp.arange(b, dtype=jnp.int32) if query_ids is None else query_ids.astype(jnp.int32)
 
     def block(carry, inp):
         z, zsq, valid, blk, za_blk = inp  # z: centred
@@ -278,7 +313,9 @@ def repulsion(
                 zas = None if za_all is None else lax.dynamic_slice_in_dim(za_all, j * sub, sub, 0)
 
                 def run(cc):
-                    dd, cnt = _exact_delta(qc, zs, cs, r2, radius, qa, zas)
+                    zid = blk * bs + j * sub + jnp.arange(sub, dtype=jnp.int32)
+                    dd, cnt = _exact_delta(qc, zs, cs, r2, radius, qa, zas, qid, zid,
+                                           query_ids is not None)  # fmt: skip
                     return cc[0] + dd, cc[1] + cnt
 
                 return lax.cond(jnp.any(cs), run, lambda cc: cc, cc), None

@@ -273,7 +273,7 @@ def _spell_apply(p: _SpellParams, state: SpellState, x0_hat, ctx):
     feature_mode = p.feature_map is not None
     if feature_mode:
         qs = p.feature_map(x0_hat).reshape(b, -1).astype(jnp.float32)
-        qa = None  # no fallback direction in feature space (see spell's docstring)
+        qa = None  # no anchors in feature space: exact ties take the fixed pair direction
     else:
         qs = x0f
         qa = ctx.x.reshape(b, -1).astype(jnp.float32)

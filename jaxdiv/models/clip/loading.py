@@ -41,6 +41,7 @@ def _load_tower(
     allow_pickle: bool,
     variant: str | None,
     attention_implementation: str | None,
+    check_finite: bool = True,
 ):
     """What :func:`load_clip_text` and :func:`load_clip_vision` share, for one ``tower``."""
     bare, projected = _CLASSES[tower]
@@ -61,7 +62,8 @@ def _load_tower(
     def convert(sd, c):
         return convert_clip_state_dict(sd, tower=tower, with_projection=with_projection)
 
-    model, _ = load_component(folder, build, convert, allow_pickle=allow_pickle, variant=variant)
+    model, _ = load_component(folder, build, convert, allow_pickle=allow_pickle, variant=variant,
+                              check_finite=check_finite)  # fmt: skip
     return model
 
 
@@ -74,6 +76,7 @@ def load_clip_text(
     allow_pickle: bool = False,
     variant: str | None = None,
     attention_implementation: str | None = None,
+    check_finite: bool = True,
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """Load a CLIP text encoder from a local transformers folder (e.g. ``text_encoder/``).
 
@@ -87,6 +90,7 @@ def load_clip_text(
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
         attention_implementation: passed to :func:`jax.nn.dot_product_attention`.
+        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded module.
@@ -114,6 +118,7 @@ def load_clip_text(
         allow_pickle=allow_pickle,
         variant=variant,
         attention_implementation=attention_implementation,
+        check_finite=check_finite,
     )
 
 
@@ -126,6 +131,7 @@ def load_clip_vision(
     allow_pickle: bool = False,
     variant: str | None = None,
     attention_implementation: str | None = None,
+    check_finite: bool = True,
 ) -> CLIPVisionModel | CLIPVisionModelWithProjection:
     """Load a CLIP vision encoder from a local folder (``image_encoder/`` or a CLIP model).
 
@@ -139,6 +145,7 @@ def load_clip_vision(
         allow_pickle: permit pickled ``.bin`` weights.
         variant: weight-file variant such as ``"fp16"``.
         attention_implementation: passed to :func:`jax.nn.dot_product_attention`.
+        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded module.
@@ -166,4 +173,5 @@ def load_clip_vision(
         allow_pickle=allow_pickle,
         variant=variant,
         attention_implementation=attention_implementation,
+        check_finite=check_finite,
     )

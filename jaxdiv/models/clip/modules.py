@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiv.models.clip.config import ACTIVATIONS, CLIPTextConfig, CLIPVisionConfig, _as_config
+from jaxdiv.models.clip.tokenizer import check_token_ids
 
 __all__ = [
     "CLIPTextModel",
@@ -81,16 +82,30 @@ class CLIPAttention(nnx.Module):
         q = self.q_proj(x).reshape(shape)
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            scale=self.head_dim**-0.5,
-            implementation=self.implementation,
-        )
+        scale = self.head_dim**-0.5
+        if q.dtype == jnp.float64:
+            # jax.nn.dot_product_attention takes the softmax in float32 whatever the input
+            # dtype; float64 runs (parity and gradient checks) stay float64 throughout
+            out = _attention_float64(q, k, v, mask, is_causal, scale)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                implementation=self.implementation,
+            )  # fmt: skip
         return self.out_proj(out.reshape(b, t, -1))
+
+
+def _attention_float64(q, k, v, mask, is_causal, scale):
+    """``softmax(q k^T scale + mask) v`` on (B, T, H, D) arrays, in the inputs' dtype."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+    t, s = logits.shape[-2:]
+    allowed = jnp.ones((t, s), bool)
+    if is_causal:
+        allowed = jnp.tril(allowed)
+    if mask is not None:
+        allowed = allowed & jnp.broadcast_to(mask, logits.shape)
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
 
 
 class CLIPMLP(nnx.Module):
@@ -200,6 +215,7 @@ def _check_ids(input_ids, cfg: CLIPTextConfig):
             f"input_ids: sequence length {ids.shape[1]} exceeds max_position_embeddings "
             f"({cfg.max_position_embeddings})"
         )
+    check_token_ids(input_ids, cfg.vocab_size)  # concrete ids only (NaN rows / wrap-around)
     return ids
 
 
@@ -283,7 +299,12 @@ class CLIPTextModel(nnx.Module):
         return jnp.take_along_axis(last_hidden_state, index[:, None, None], axis=1)[:, 0]
 
     def __call__(
-        self, input_ids, attention_mask=None, *, output_hidden_states: bool = False
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        output_hidden_states: bool = False,
+        token_embeds=None,
     ) -> CLIPTextOutput:
         """Run the text tower.
 
@@ -291,6 +312,10 @@ class CLIPTextModel(nnx.Module):
             input_ids: int array (batch, seq_len), seq_len <= max_position_embeddings.
             attention_mask: optional (batch, seq_len) 1/0 padding mask (SD leaves it off).
             output_hidden_states: also return every layer's hidden state.
+            token_embeds: optional (batch, seq_len, hidden) token embeddings used in
+                place of ``token_embedding(input_ids)`` (position embeddings are still
+                added; ``input_ids`` still locate the EOS token for pooling). TPSO
+                optimises offsets on these.
 
         Returns:
             :class:`CLIPTextOutput` (``text_embeds`` is None for this class).
@@ -305,12 +330,47 @@ class CLIPTextModel(nnx.Module):
         """
         ids = _check_ids(input_ids, self.config)
         mask, is_causal = self._mask(attention_mask, ids.shape[1])
-        h = self.embeddings(ids)
+        if token_embeds is None:
+            h = self.embeddings(ids)
+        else:
+            token_embeds = jnp.asarray(token_embeds)
+            want = (*ids.shape, self.config.hidden_size)
+            if token_embeds.shape != want:
+                raise ValueError(
+                    f"token_embeds must have shape {want} (input_ids plus hidden_size), got "
+                    f"{token_embeds.shape}"
+                )
+            positions = self.embeddings.position_embedding(jnp.arange(ids.shape[-1]))
+            h = token_embeds.astype(self.dtype) + positions[None]
         h, states = self.encoder(
             h, mask=mask, is_causal=is_causal, output_hidden_states=output_hidden_states
         )
         last = self.final_layer_norm(h)
         return CLIPTextOutput(last, self.pool(last, ids), states)
+
+    def prompt_features(self, input_ids, token_embeds=None, *, attention_mask=None,
+                        clip_skip: int | None = None):  # fmt: skip
+        """``(hidden, pooled)``: :meth:`encode`'s states and the EOS-pooled output, in one
+        pass, optionally from given token embeddings (what TPSO differentiates through).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> m = CLIPTextModel({"vocab_size": 10, "hidden_size": 4, "intermediate_size": 4,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 1}, rngs=nnx.Rngs(0))
+            >>> ids = jnp.array([[0, 3, 9, 9]])
+            >>> h, pooled = m.prompt_features(ids, clip_skip=1)
+            >>> bool(jnp.allclose(h, m.encode(ids, clip_skip=1))), pooled.shape
+            (True, (1, 4))
+        """
+        out = self(input_ids, attention_mask, output_hidden_states=clip_skip is not None,
+                   token_embeds=token_embeds)  # fmt: skip
+        if clip_skip is None:
+            return out.last_hidden_state, out.pooler_output
+        n = self.config.num_hidden_layers
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip < n:
+            raise ValueError(f"clip_skip must be an int in [0, {n}), got {clip_skip!r}")
+        return self.final_layer_norm(out.hidden_states[-(clip_skip + 1)]), out.pooler_output
 
     def encode(self, input_ids, attention_mask=None, *, clip_skip: int | None = None):
         """Prompt embeddings the way diffusers' SD pipelines build them.
@@ -327,13 +387,8 @@ class CLIPTextModel(nnx.Module):
             >>> m.encode(jnp.zeros((1, 5), jnp.int32), clip_skip=1).shape
             (1, 5, 4)
         """
-        if clip_skip is None:
-            return self(input_ids, attention_mask).last_hidden_state
-        n = self.config.num_hidden_layers
-        if not isinstance(clip_skip, int) or not 0 <= clip_skip < n:
-            raise ValueError(f"clip_skip must be an int in [0, {n}), got {clip_skip!r}")
-        out = self(input_ids, attention_mask, output_hidden_states=True)
-        return self.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        return self.prompt_features(input_ids, attention_mask=attention_mask,
+                                    clip_skip=clip_skip)[0]  # fmt: skip
 
 
 class CLIPTextModelWithProjection(nnx.Module):
@@ -368,7 +423,14 @@ class CLIPTextModelWithProjection(nnx.Module):
         self.text_model = CLIPTextModel(cfg, attention_implementation=impl, **kw)
         self.text_projection = _projection(cfg, **kw)
 
-    def __call__(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        output_hidden_states: bool = False,
+        token_embeds=None,
+    ):
         """Run the tower and project the pooled output; see :meth:`CLIPTextModel.__call__`.
 
         Example:
@@ -380,8 +442,30 @@ class CLIPTextModelWithProjection(nnx.Module):
             >>> m(jnp.zeros((1, 5), jnp.int32)).pooler_output.shape
             (1, 4)
         """
-        out = self.text_model(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        out = self.text_model(
+            input_ids,
+            attention_mask,
+            output_hidden_states=output_hidden_states,
+            token_embeds=token_embeds,
+        )
         return out._replace(text_embeds=self.text_projection(out.pooler_output))
+
+    def prompt_features(self, input_ids, token_embeds=None, *, clip_skip: int | None = None):
+        """``(hidden, text_embeds)``: see :meth:`CLIPTextModel.prompt_features`; the pooled
+        output is projected.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> m = CLIPTextModelWithProjection({"vocab_size": 10, "hidden_size": 4,
+            ...     "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1,
+            ...     "projection_dim": 3}, rngs=nnx.Rngs(0))
+            >>> [a.shape for a in m.prompt_features(jnp.zeros((2, 5), jnp.int32))]
+            [(2, 5, 4), (2, 3)]
+        """
+        hidden, pooled = self.text_model.prompt_features(input_ids, token_embeds,
+                                                         clip_skip=clip_skip)  # fmt: skip
+        return hidden, self.text_projection(pooled)
 
     def encode(self, input_ids, attention_mask=None, *, clip_skip: int | None = None):
         """Prompt embeddings; see :meth:`CLIPTextModel.encode`.

@@ -1,0 +1,173 @@
+"""Per-image overhead of each diversity method over the unguided (CFG-only) run, on CPU.
+
+    python -m benchmarks.sd_methods [--config sd21-small] [--steps 10] [--batch 4] [--rounds 3]
+
+A random pipeline of :data:`benchmarks.sd_generate.CONFIGS` (default ``sd21-small``: SD
+2.1's architecture at reduced width, 128x128 px) plus a tiny CLIP vision tower for GASS is
+saved to a temp folder and loaded. Every method samples the same batch from the same noise
+with DDIM (clean endpoint) and CFG 7.5, each as one compiled program (compile time
+reported apart); the methods alternate within every round (A B C ... A B C ...) and each
+is reported as median [min-max] seconds per image and as a ratio to the unguided median
+of the same rounds. TPSO's prompt optimisation (run once per prompt, before sampling) is
+timed as its own row. Results go to ``results/sd_methods.json``.
+
+The CLIP vision tower is tiny (16x16 input), so GASS's figures are a lower bound: the VAE
+decode (and, in pixel mode, the VAE encode) inside every Adam iteration dominates there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PROMPT = "a photo of a cat"
+CFG = 7.5
+
+
+def build_methods(pipe, noise, steps):
+    """``{name: guidance}`` at each method's defaults (GASS: every step active)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxdiv
+    from jaxdiv import guidance
+    from jaxdiv.pipelines.generation import gass_encoder, gass_pixel_space
+
+    null = pipe.null_cond
+    cond = pipe.encode_prompt(pipe.tokenize([PROMPT] * noise.shape[0]))
+    base = jaxdiv.sample(pipe.ddim(steps, clean_endpoint=True), pipe.denoiser, noise,
+                         key=jax.random.key(0), cond=cond,
+                         guidance=guidance.cfg(CFG, null_cond=null))  # fmt: skip
+    flat = np.asarray(base.x0).reshape(len(noise), -1)
+    d = np.linalg.norm(flat[:, None] - flat[None], axis=-1)[np.triu_indices(len(noise), 1)]
+    r = float(np.median(d))
+    text = jax.random.normal(jax.random.key(7), (pipe.encode_image(
+        jnp.zeros((1, 3, 16, 16))).shape[-1],))  # fmt: skip
+    text = text / jnp.linalg.norm(text)
+    cfg = guidance.cfg(CFG, null_cond=null)
+    return cond, r, {
+        "unguided (CFG)": cfg,
+        "spell": guidance.chain(cfg, guidance.spell(r, intra_batch=True, overcompensation=1.6)),
+        "particle": guidance.chain(cfg, guidance.particle(1.0)),
+        "cads": guidance.chain(guidance.cads(), cfg),
+        "interval": guidance.interval(CFG, 0.28, 5.42, null),
+        "gass (latent write-back)": guidance.chain(
+            cfg, guidance.gass(gass_encoder(pipe), text, steps="all")),
+        "gass (pixel write-back)": guidance.chain(
+            cfg, guidance.gass(pipe.encode_image, text, lr=8e-3, steps="all",
+                               write_space=gass_pixel_space(pipe))),
+    }  # fmt: skip
+
+
+def bench(config, steps, batch, rounds, folder):
+    import jax
+
+    import jaxdiv
+    from benchmarks.sd_generate import CONFIGS
+    from benchmarks.timing import interleaved
+    from jaxdiv.pipelines import stable_diffusion as sd
+    from jaxdiv.pipelines.tpso import tpso_conditions, tpso_guidance
+    from jaxdiv.testing import save_random_pipeline
+
+    save_random_pipeline(folder, seed=0, image_encoder=True, **CONFIGS[config])
+    pipe = sd.load(folder)
+    noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(batch))
+    cond, r, methods = build_methods(pipe, noise, steps)
+    sampler = pipe.ddim(steps, clean_endpoint=True)
+
+    width = pipe.token_embedding.shape[1]
+    kernel = jax.random.normal(jax.random.key(5), (width, 64)) / width**0.5
+
+    def optimise():
+        c = tpso_conditions(pipe, [PROMPT], batch, jax.random.key(0), projection=kernel)
+        return c.optimized.block_until_ready(), c
+
+    t0 = time.perf_counter()
+    _, tpso_c = optimise()
+    tpso_compile_s = time.perf_counter() - t0
+    methods["tpso (sampling)"] = tpso_guidance(tpso_c, CFG)
+
+    fns, compile_s = {}, {}
+    for name, g in methods.items():
+        c = tpso_c.cond if name.startswith("tpso") else cond
+
+        def run(g=g, c=c):
+            out = jaxdiv.sample(sampler, pipe.denoiser, noise, key=jax.random.key(2), cond=c,
+                                guidance=g)  # fmt: skip
+            return out.x0.block_until_ready()
+
+        t0 = time.perf_counter()
+        run()
+        compile_s[name] = time.perf_counter() - t0
+        fns[name] = run
+    fns["tpso (optimisation, once per prompt)"] = optimise
+    timed = interleaved(fns, rounds)
+    base = timed["unguided (CFG)"]["median_s"]
+    rows = []
+    for name, t in timed.items():
+        rows.append({
+            "method": name,
+            "per_image_s": t["median_s"] / batch,
+            "per_image_min_max_s": [t["min_s"] / batch, t["max_s"] / batch],
+            "ratio_to_unguided": t["median_s"] / base,
+            "first_call_s": compile_s.get(name, tpso_compile_s),
+            "runs_s": t["runs_s"],
+        })  # fmt: skip
+    tpso_steps = int(tpso_c.result.steps)
+    return rows, {"spell_radius": r, "tpso_optimizer_steps": tpso_steps,
+                  "latent_shape": list(noise.shape[1:])}  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sd_methods")
+    p.add_argument("--config", default="sd21-small")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="results/sd_methods.json")
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+
+    from experiments.common import write_json
+
+    with tempfile.TemporaryDirectory() as folder:
+        rows, extra = bench(args.config, args.steps, args.batch, args.rounds, folder)
+    print("| method | s / image, median [min-max] | x unguided |")
+    print("|---|---|---|")
+    for r in rows:
+        lo, hi = r["per_image_min_max_s"]
+        print(f"| {r['method']} | {r['per_image_s']:.3f} [{lo:.3f}-{hi:.3f}] | "
+              f"{r['ratio_to_unguided']:.2f} |")  # fmt: skip
+    result = {
+        "benchmark": "per-image cost of each method vs CFG only (DDIM, clean endpoint)",
+        "command": " ".join(["python -m benchmarks.sd_methods"] + list(argv or sys.argv[1:])),
+        "config": args.config,
+        "steps": args.steps,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "timing": "interleaved A B C ... per round, median [min-max]",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "threads": {"xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "torch": torch.get_num_threads()},  # fmt: skip
+        "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},  # fmt: skip
+        **extra,
+        "rows": rows,
+    }
+    write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Every diversity method on one Stable Diffusion model, from the same noise, side by side.
+
+    python -m experiments.sd_methods --model PATH --prompts FILE --n 8 --out DIR \\
+        [--steps 50 --cfg 7.5 --seed 0 --clip-projection FOLDER --image-encoder FOLDER \\
+         --pg-strength S --methods none,spell,...]
+
+``FILE`` holds one prompt per line. For each prompt, every applicable method of
+:data:`experiments.generate.METHODS` runs at its paper's defaults for SD (the knob
+defaults of ``experiments.generate``; SPELL's radius is App. D's median pairwise distance
+of the unguided row's final latents) with DDIM (eta 0) and CFG ``--cfg``, on the **same**
+``n`` noise latents and the same sampling key. Writes, under ``--out``::
+
+    grid_p000.png   one row per method (its name on the left), n images per row
+    results.json    settings; per method its knobs or why it was skipped; per prompt and
+                    method Vendi, MSS, SPP, CLIP score (CLIP image features), the mean
+                    pairwise latent distance and the seconds (the first prompt's include
+                    compilation); means over prompts
+
+Features are ``pipe.encode_image`` of the decoded images (the folder's ``image_encoder``
+or ``--image-encoder``): Vendi (cosine kernel, q = 1) and MSS need only them; SPP and the
+CLIP score (``100 * max(cos, 0)``) need a text embedding in the same space -- the text
+encoder's pooled output through ``--clip-projection`` (or the text encoder's own
+projection). A metric that cannot be computed is ``null`` with its reason in
+``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
+what they need: GASS an image encoder and a projection, TPSO a projection, PG a
+``--pg-strength`` (no published SD value) and ``--n >= 3``.
+
+For real checkpoints: SD 1.5's text encoder is OpenAI CLIP ViT-L/14's text tower, so
+``--clip-projection`` is that model's folder (``CLIPModel`` or
+``CLIPTextModelWithProjection``) and ``--image-encoder`` its vision tower
+(``CLIPVisionModelWithProjection``); for SD 2.1 the LAION CLIP-ViT-H-14 pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments import generate, run_folder
+
+LABEL_WIDTH = 72  # pixels of the method-name column of the grids
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line on stderr (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def log(msg: str) -> None:
+    """Print a progress line prefixed with ``[sd_methods]``."""
+    print(f"[sd_methods] {msg}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line (one line on stderr and exit 2 for a bad value,
+    before the model loads)."""
+    p = _OneLineParser(
+        prog="python -m experiments.sd_methods",
+        description="Every diversity method on one SD model, same noise.",
+    )
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--n", type=int, default=8, help="images per prompt and method")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--clip-projection",
+        default=None,
+        help="CLIP text model with projection (GASS, TPSO, SPP, CLIP score)",
+    )
+    p.add_argument("--image-encoder", default=None,
+                   help="CLIP vision tower folder (default: <model>/image_encoder)")  # fmt: skip
+    p.add_argument("--pg-strength", type=float, default=None, help="PG strength (required for PG)")
+    p.add_argument("--methods", default=",".join(generate.METHODS),
+                   help="comma-separated subset of " + ",".join(generate.METHODS))  # fmt: skip
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    args = p.parse_args(argv)
+    if args.n < 2:
+        p.error(f"--n must be >= 2 (the metrics compare images), got {args.n}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg must be a finite number, got {args.cfg}")
+    if args.pg_strength is not None and not math.isfinite(args.pg_strength):
+        p.error(f"--pg-strength must be a finite number, got {args.pg_strength}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in generate.METHODS]
+    if unknown or not methods:
+        p.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                f"{', '.join(generate.METHODS)}")  # fmt: skip
+    args.methods = [m for m in generate.METHODS if m in methods]
+    for flag, value in (("--image-encoder", args.image_encoder),
+                        ("--clip-projection", args.clip_projection)):  # fmt: skip
+        if value is not None and not (Path(value) / "config.json").is_file():
+            p.error(f"{flag} {value!r} is not a model folder (no config.json)")
+    try:
+        lines = Path(args.prompts).read_text().splitlines()
+    except OSError as err:
+        p.error(f"--prompts {args.prompts!r}: {err.strerror}")
+    args.prompt_list = [line.strip() for line in lines if line.strip()]
+    if not args.prompt_list:
+        p.error(f"--prompts {args.prompts!r} holds no prompt")
+    try:
+        run_folder.prepare_folder(args.out)
+    except run_folder.FolderError as err:
+        p.error(f"--out {err}")
+    args._parser = p
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Which methods run with which knobs, and why the others are skipped.
+
+    Returns:
+        ``(knobs, skipped)``: ``{method: knobs}`` (:func:`experiments.generate.method_knobs`
+        at the paper defaults) and ``{method: reason}``.
+    """
+    has_encoder = args.image_encoder is not None or None  # None: look in the model folder
+    knobs, skipped = {}, {}
+    for method in args.methods:
+        given = {}
+        if method in ("gass", "tpso") and args.clip_projection is not None:
+            given["--clip-projection"] = args.clip_projection
+        if method == "particle" and args.pg_strength is not None:
+            given["--pg-strength"] = repr(args.pg_strength)
+        try:
+            knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder)
+        except ValueError as err:
+            skipped[method] = str(err)
+    return knobs, skipped
+
+
+def _metric_text(pipe, args, shape):
+    """The prompts' CLIP text embeddings for SPP / CLIP score, or ``(None, why not)``."""
+    if pipe.encode_image is None:
+        return None, "no image encoder (pass --image-encoder or add <model>/image_encoder)"
+    spec = args.clip_projection
+    if spec is None:
+        if pipe.text_projection is None:
+            return None, "no text embedding in CLIP space: pass --clip-projection"
+        spec = "text_encoder"
+    elif spec != "text_encoder":
+        spec = str(Path(spec).resolve())
+    try:
+        return generate.clip_text_embeddings(pipe, args.prompt_list, spec, shape), None
+    except generate.RunError as err:
+        return None, str(err)
+
+
+def _metrics(feats, latents, text_emb, key, text_note):
+    """Vendi / MSS / SPP / CLIP score of one method's images, and the latent spread."""
+    import jax.numpy as jnp
+
+    from jaxdiv import metrics
+    from jaxdiv.guidance import median_pairwise_distance
+
+    flat = np.asarray(latents, np.float64).reshape(len(latents), -1)
+    d = np.sqrt(((flat[:, None] - flat[None]) ** 2).sum(-1))
+    row = {"latent_mean_distance": float(d[np.triu_indices(len(flat), 1)].mean())}
+    row["latent_median_distance"] = float(median_pairwise_distance(latents))
+    for name in ("vendi", "mss", "spp", "clip_score"):
+        row[name] = None
+    if feats is None:
+        return row
+    feats = jnp.asarray(feats, jnp.float32)
+    row["vendi"] = float(metrics.vendi(feats))
+    row["mss"] = float(metrics.mss(feats))
+    if text_emb is not None and text_note is None:
+        directions = min(10, feats.shape[1] - 1)
+        row["spp"] = float(metrics.spp(feats, text_emb, key, num_directions=directions).spp)
+        row["clip_score"] = float(metrics.clip_score(feats, text_emb))
+    return row
+
+
+def _label(name: str, width: int, height: int) -> np.ndarray:
+    """A white tile with ``name`` written on it (PIL's default font)."""
+    from PIL import Image, ImageDraw
+
+    tile = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(tile).text((2, max(0, height // 2 - 6)), name, fill="black")
+    return np.asarray(tile)
+
+
+def write_grid(path: Path, rows: dict) -> None:
+    """One row per method (``{name: (n, H, W, 3) uint8}``), its name on the left; atomic."""
+    from PIL import Image
+
+    tiles = []
+    for name, images in rows.items():
+        h = images.shape[1]
+        tiles.append(np.concatenate([_label(name, LABEL_WIDTH, h), *images], axis=1))
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(buf, format="PNG")
+    run_folder.atomic_write(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every planned method on every prompt; returns what ``results.json`` holds."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxdiv
+    from jaxdiv import guidance
+
+    knobs, skipped = plan(args)
+    t0 = time.perf_counter()
+    pipe = generate.load_pipeline(args.model, allow_pickle=args.allow_pickle,
+                                  image_encoder=args.image_encoder)  # fmt: skip
+    log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    text_embs, text_note = _metric_text(pipe, args, pipe.noise_shape(args.n))
+    gass_embs = None
+    if "gass" in knobs:
+        try:
+            gass_embs = generate.clip_text_embeddings(pipe, args.prompt_list,
+                                                      knobs["gass"]["projection"],
+                                                      pipe.noise_shape(args.n))  # fmt: skip
+        except generate.RunError as err:
+            skipped["gass"] = str(err)
+            del knobs["gass"]
+    sampler = pipe.ddim(args.steps, clean_endpoint=True)  # SPELL's guarantee needs sigma = 0
+    null = pipe.null_cond
+    cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null)
+    root = jax.random.key(args.seed)
+    prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt_list))
+    out = Path(args.out)
+    results = {
+        "settings": {
+            "model": str(Path(args.model).resolve()),
+            "prompts": args.prompt_list,
+            "n": args.n,
+            "steps": args.steps,
+            "sampler": sampler.name,
+            "cfg": args.cfg,
+            "seed": args.seed,
+            "clip_projection": args.clip_projection,
+            "image_encoder": args.image_encoder or "<model>/image_encoder",
+        },  # fmt: skip
+        "methods": {m: {"knobs": k} for m, k in knobs.items()},
+        "skipped": skipped,
+        "metric_notes": {
+            "features": "CLIP image features of the decoded images (pipe.encode_image)",
+            "vendi": "cosine kernel, q = 1",
+            "clip_score": "100 * max(cos(image, text), 0)",
+            "spp": "GASS's D_dep + D_ind with the prompt's CLIP text embedding",
+            "null": text_note,
+        },
+        "noise": "per prompt j: normal(fold_in(fold_in(key(seed), 7), j), (n, C, h, w)), "
+        "shared by every method; sampling key fold_in(fold_in(key(seed), 8), j)",
+        "prompts": [],
+    }
+    for j, prompt in enumerate(args.prompt_list):
+        noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(root, 7), j),
+                                  pipe.noise_shape(args.n))  # fmt: skip
+        key = jax.random.fold_in(jax.random.fold_in(root, 8), j)
+        cond = jnp.broadcast_to(prompt_emb[j : j + 1], (args.n,) + prompt_emb.shape[1:])
+        spp_key = jax.random.fold_in(jax.random.fold_in(root, 9), j)
+        rows, per_method, unguided = {}, {}, None
+        for method, k in knobs.items():
+            t1 = time.perf_counter()
+            radius = None
+            if method == "spell":
+                if k["radius"] != "auto":
+                    radius = k["radius"]
+                else:  # App. D from the unguided row (same noise, same key)
+                    if unguided is None:
+                        unguided = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key,
+                                                 cond=cond, guidance=cfg_term).x0  # fmt: skip
+                    radius = float(guidance.median_pairwise_distance(unguided))
+            g, c = generate.method_term(
+                pipe, method, k, cfg=args.cfg, null=null, cond=cond, prompt=prompt,
+                key=jax.random.fold_in(jax.random.fold_in(root, 10), j), radius=radius,
+                text_emb=gass_embs[j] if method == "gass" else None, cfg_term=cfg_term,
+            )  # fmt: skip
+            x0 = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key, cond=c, guidance=g).x0
+            images = pipe.decode(x0)
+            images.block_until_ready()
+            seconds = time.perf_counter() - t1
+            if method == "none":
+                unguided = x0
+            if not (np.isfinite(np.asarray(images)).all() and np.isfinite(np.asarray(x0)).all()):
+                per_method[method] = {"error": "non-finite values (NaN or inf) in the output",
+                                      "seconds": seconds}  # fmt: skip
+                continue
+            feats = None if pipe.encode_image is None else pipe.encode_image(images)
+            row = _metrics(feats, x0, None if text_embs is None else text_embs[j], spp_key,
+                           text_note)  # fmt: skip
+            row["seconds"] = seconds
+            if radius is not None:
+                row["spell_radius"] = radius
+            per_method[method] = row
+            rows[method] = generate.to_uint8(images)
+            log(f"prompt {j + 1}/{len(args.prompt_list)} {method}: {seconds:.1f} s"
+                + (f", vendi {row['vendi']:.3f}" if row["vendi"] is not None else ""))  # fmt: skip
+        grid = f"grid_p{j:03d}.png"
+        if rows:
+            write_grid(out / grid, rows)
+        results["prompts"].append({"prompt": prompt, "grid": grid if rows else None,
+                                   "methods": per_method})  # fmt: skip
+        results["mean"] = _means(results["prompts"], knobs)
+        run_folder.write_json(out / "results.json", results)
+    log(f"wrote {out / 'results.json'}")
+    return results
+
+
+def _means(prompts: list, knobs: dict) -> dict:
+    """Per method and metric, the mean over the prompts where it is a number."""
+    means = {}
+    for method in knobs:
+        rows = [p["methods"].get(method, {}) for p in prompts]
+        names = {k for r in rows for k, v in r.items() if isinstance(v, float)}
+        means[method] = {
+            k: float(np.mean([r[k] for r in rows if isinstance(r.get(k), float)]))
+            for k in sorted(names)
+        }
+    return means
+
+
+def main(argv=None) -> int:
+    """Run the command line; exit 2 for refused inputs, 1 for a failed run."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except generate.RunError as err:
+        args._parser.error(str(err))
+    except OSError as err:
+        print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""TPSO's progressive (coarse-to-fine) condition schedule, arXiv 2511.19811 Eq. 10-11."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = ["tpso_alpha", "tpso_alphas"]
+
+
+def tpso_alpha(step, num_steps, ratio):
+    """``alpha`` at sampler step ``step``: linear from 1 to 0 over the first
+    ``n = int(|ratio| * num_steps)`` steps (``linspace(1, 0, n)``), 0 afterwards; a negative
+    ratio reverses the sequence (late injection, the paper's ablation).
+
+    ``step`` and ``ratio`` may be traced (a new ratio never recompiles); ``num_steps`` is
+    the sampler's static step count.
+
+    >>> [round(float(tpso_alpha(i, 10, 0.4)), 4) for i in range(5)]
+    [1.0, 0.6667, 0.3333, 0.0, 0.0]
+    """
+    step = jnp.asarray(step, jnp.float32)
+    ratio = jnp.asarray(ratio, jnp.float32)
+    n = jnp.floor(jnp.abs(ratio) * num_steps)
+    i = jnp.where(ratio < 0, num_steps - 1 - step, step)
+    ramp = jnp.where(n > 1, 1.0 - i / jnp.maximum(n - 1.0, 1.0), 1.0)
+    return jnp.where(i < n, ramp, 0.0)
+
+
+def tpso_alphas(num_steps, ratio):
+    """All ``num_steps`` values of :func:`tpso_alpha`, in sampling order (noisy to clean).
+
+    >>> [round(float(a), 4) for a in tpso_alphas(10, 0.4)]
+    [1.0, 0.6667, 0.3333, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    return tpso_alpha(jnp.arange(num_steps), num_steps, ratio)

@@ -1,0 +1,124 @@
+"""TPSO at sampling time: the optimised condition, faded out by the progressive schedule."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from jaxdiv import validation
+from jaxdiv.guidance.base import GuidanceTerm
+from jaxdiv.guidance.tpso.schedule import tpso_alpha
+
+__all__ = ["TPSOInfo", "tpso", "tpso_null"]
+
+
+class TPSOInfo(NamedTuple):
+    """Per-evaluation TPSO diagnostic: the schedule's ``alpha_t``."""
+
+    alpha: jax.Array
+
+
+def _mix(alpha, optimized, original):
+    return jax.tree.map(
+        lambda o, c: (alpha * o + (1.0 - alpha) * c).astype(c.dtype), optimized, original
+    )
+
+
+def _check_like(name, optimized, cond, what):
+    shapes = jax.tree.map(jnp.shape, optimized)
+    want = jax.tree.map(jnp.shape, cond)
+    if jax.tree.structure(optimized) != jax.tree.structure(cond) or shapes != want:
+        raise ValueError(f"{name} must have the shape of {what} {want}, got {shapes}")
+
+
+def _tpso_init(optimized, x, cond, key):
+    if cond is None:
+        raise ValueError("tpso needs a condition: pass the prompts' original embedding as "
+                         "cond= to jaxdiv.sample")  # fmt: skip
+    _check_like("tpso's optimized condition", optimized, cond, "cond")
+    return ()
+
+
+def _tpso_apply(optimized, ratio, state, cond, ctx):
+    alpha = tpso_alpha(ctx.step, ctx.num_steps, ratio)
+    return _mix(alpha, optimized, cond), state, TPSOInfo(alpha)
+
+
+def _finite_tree(name, tree):
+    return jax.tree.map(lambda a: validation.finite_array(name, a), tree)
+
+
+def tpso(optimized, ratio=0.4) -> GuidanceTerm:
+    """TPSO's condition schedule: ``c_t = alpha_t c' + (1 - alpha_t) c`` (Eq. 10-11).
+
+    ``c'`` is the optimised condition (``TPSOResult.hidden``, one row per variant) and ``c``
+    the condition passed to :func:`jaxdiv.sample` (the prompt's own embedding, repeated per
+    variant); ``alpha_t`` falls linearly from 1 to 0 over the first ``int(ratio * N)``
+    sampler steps and is 0 afterwards (:func:`~jaxdiv.guidance.tpso.tpso_alpha`), so the
+    last steps refine with the original prompt. The public code schedules the
+    unconditional branch the same way, with optimised blank-prompt embeddings: pass
+    :func:`tpso_null` as ``cfg``'s ``null_cond`` for that (or let
+    :func:`jaxdiv.pipelines.tpso.tpso_guidance` build both).
+
+    Args:
+        optimized: the optimised condition, shaped like ``cond`` (a pytree of arrays).
+        ratio: the schedule ratio ``r`` (0.4; the paper recommends 0.3-0.5, a negative
+            value injects late). A traced leaf: a sweep compiles once.
+
+    Returns:
+        A "condition"-hook :class:`~jaxdiv.guidance.GuidanceTerm` named ``"tpso"`` with
+        :class:`TPSOInfo`.
+
+    >>> import jax, jax.numpy as jnp, jaxdiv
+    >>> from jaxdiv import samplers, schedules
+    >>> den = lambda x, t, c: x * 0 + c           # toy: x0_hat is the condition
+    >>> out = jaxdiv.sample(samplers.ddim(schedules.flow(), 10), den, jnp.zeros((1, 1)),
+    ...                     key=jax.random.key(0), cond=jnp.zeros((1, 1)),
+    ...                     guidance=tpso(jnp.ones((1, 1)), ratio=0.4), trace=True)
+    >>> [round(float(a), 3) for a in out.trace.info["tpso"].alpha]
+    [1.0, 0.667, 0.333, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    optimized = _finite_tree("optimized", optimized)
+    ratio = validation.real("ratio", ratio, lo=-1, hi=1)
+    return GuidanceTerm(Partial(_tpso_init, optimized), Partial(_tpso_apply, optimized, ratio),
+                        "condition", "tpso")  # fmt: skip
+
+
+def _null_at(optimized, null_cond, ratio, ctx):
+    return _mix(tpso_alpha(ctx.step, ctx.num_steps, ratio), optimized, null_cond)
+
+
+def tpso_null(optimized_null, null_cond, ratio=0.4):
+    """The unconditional branch's TPSO schedule, for ``cfg(w, null_cond=tpso_null(...))``.
+
+    ``null_t = alpha_t n' + (1 - alpha_t) n`` with the same ``alpha_t`` as :func:`tpso`:
+    ``n'`` are optimised blank-prompt embeddings (one row per sample), ``n`` the plain null
+    embedding (broadcast to ``n'``'s shape). This is what the public code feeds its
+    negative branch.
+
+    Returns:
+        ``null(ctx) -> embedding``, a :class:`jax.tree_util.Partial` whose arrays are traced
+        leaves.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdiv.guidance import StepContext
+    >>> f = tpso_null(jnp.ones((2, 3)), jnp.zeros((1, 3)), ratio=0.5)
+    >>> ctx = StepContext(None, 1.0, 1.0, 1.0, 1, 4, None, None)   # step 1 of 4
+    >>> f(ctx)[0].tolist()                                          # alpha = 0
+    [0.0, 0.0, 0.0]
+    """
+    optimized_null = _finite_tree("optimized_null", optimized_null)
+    null_cond = _finite_tree("null_cond", null_cond)
+    try:
+        null_cond = jax.tree.map(lambda n, o: jnp.broadcast_to(n, o.shape).astype(o.dtype),
+                                 null_cond, optimized_null)  # fmt: skip
+    except ValueError:
+        raise ValueError(
+            f"null_cond {jax.tree.map(jnp.shape, null_cond)} does not broadcast to "
+            f"optimized_null {jax.tree.map(jnp.shape, optimized_null)}"
+        ) from None
+    ratio = validation.real("ratio", ratio, lo=-1, hi=1)
+    return Partial(_null_at, optimized_null, null_cond, ratio)

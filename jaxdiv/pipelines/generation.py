@@ -1,0 +1,180 @@
+"""One call from prompts to images with any diversity method, composed with CFG.
+
+:func:`generate` is what ``pipe.generate(...)`` runs: tokenise and encode the prompts
+(``n`` rows per prompt, adjacent), draw the noise, sample with ``method`` chained with CFG,
+decode. ``method`` is any guidance term or chain; the SD-specific pieces a method needs
+live here too (:func:`gass_encoder`: ``x0_hat`` latents -> VAE decode -> CLIP image
+features, differentiable end to end).
+
+==========  ======================================================================
+method      on SD latents (paper defaults)
+==========  ======================================================================
+SPELL       ``guidance.spell(r, intra_batch=True, overcompensation=1.6)``; ``r`` from
+            :func:`jaxdiv.recipes.radius_from_unguided`; a reference set of latents;
+            :func:`jaxdiv.recipes.spell_batched` for N images in batches
+PG          ``guidance.particle(s)`` (the paper's form: potential on ``x_t``, force on
+            the score)
+CADS        ``guidance.cads(...)``: noise on the text embeddings (conditional branch)
+interval    ``guidance.interval(w, lo, hi)``: replaces CFG (it is windowed CFG)
+GASS        ``guidance.gass(gass_encoder(pipe), text_emb, ...)``, Adam on latent
+            ``x0_hat`` through the decoder; or the paper's pixel write-back,
+            ``guidance.gass(pipe.encode_image, text_emb, write_space=
+            gass_pixel_space(pipe))``
+TPSO        :func:`jaxdiv.pipelines.tpso.tpso_guidance` (brings its own CFG)
+==========  ======================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+from jax.tree_util import Partial
+
+from jaxdiv import guidance as _guidance
+from jaxdiv import validation
+from jaxdiv.sampling import SampleOutput, sample
+
+__all__ = ["Generated", "gass_encoder", "gass_pixel_space", "generate"]
+
+
+class Generated(NamedTuple):
+    """What :func:`generate` returns.
+
+    Attributes:
+        images: (B, 3, H, W) decoded images, nominally in ``[-1, 1]``.
+        latents: (B, C, h, w) final latents.
+        output: the :class:`~jaxdiv.sampling.SampleOutput` (trace when asked for).
+        prompts: the prompt of each row (``n`` adjacent rows per prompt).
+    """
+
+    images: jax.Array
+    latents: jax.Array
+    output: SampleOutput
+    prompts: tuple
+
+
+def _embed_images(decode, encode_image, latents):
+    return encode_image(decode(latents))
+
+
+def gass_encoder(pipe) -> Partial:
+    """``encoder(x0_hat) -> (B, P)`` CLIP image features of decoded latents, for
+    :func:`jaxdiv.guidance.gass` (GASS normalises them): differentiable through the VAE
+    decoder, CLIP's resize / normalise and the vision tower (Zhu et al. 2026, Sec. 4 with
+    the write-back on latents instead of pixels: no VAE round trip).
+
+    Example:
+        >>> from jaxdiv.testing import example_pipeline
+        >>> import jax.numpy as jnp
+        >>> pipe = example_pipeline(image_encoder=True)
+        >>> gass_encoder(pipe)(jnp.zeros(pipe.noise_shape(2))).shape
+        (2, 16)
+    """
+    if pipe.encode_image is None:
+        raise ValueError("GASS needs an image encoder: load the pipeline with "
+                         "image_encoder=<CLIP vision folder>")  # fmt: skip
+    return Partial(_embed_images, pipe.decode, pipe.encode_image)
+
+
+def gass_pixel_space(pipe) -> tuple:
+    """``(pipe.decode, pipe.encode)``: GASS's ``write_space`` for the paper's write-back
+    (Adam on decoded pixels, then VAE re-encoding; the encoder is then
+    ``pipe.encode_image``). The re-encoding takes the posterior mean; the public code
+    samples the posterior (``latent_dist.sample()``), which adds VAE noise at every active
+    step.
+
+    Example (``guidance.gass(pipe.encode_image, text_emb, write_space=...)``):
+        >>> import jax.numpy as jnp
+        >>> from jaxdiv.testing import example_pipeline
+        >>> pipe = example_pipeline(image_encoder=True)
+        >>> to_pixels, to_latents = gass_pixel_space(pipe)
+        >>> to_latents(to_pixels(jnp.zeros(pipe.noise_shape(1)))).shape
+        (1, 4, 8, 8)
+    """
+    if pipe.encode_image is None or pipe.encode is None:
+        raise ValueError("GASS in pixel space needs the VAE encoder and an image encoder: "
+                         "load the pipeline with image_encoder=<CLIP vision folder>")  # fmt: skip
+    return (pipe.decode, pipe.encode)
+
+
+def _has_cfg(method) -> bool:
+    return any(t.hook == "denoiser" for t in _guidance.as_terms(method))
+
+
+def generate(
+    pipe,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    *,
+    key,
+    method: Any = None,
+    sampler=None,
+    cfg=7.5,
+    noise=None,
+    height: int | None = None,
+    width: int | None = None,
+    trace: bool = False,
+) -> Generated:
+    """Images for each prompt (``n`` per prompt) with ``method`` composed with CFG.
+
+    ``method`` is ``None`` or any guidance term or chain. Unless it already combines the
+    model's outputs itself (a ``"denoiser"`` term such as ``interval`` or TPSO's chain),
+    it is chained with ``guidance.cfg(cfg, null_cond=pipe.null_cond)`` -- condition terms
+    first, then CFG, then ``x0`` terms (:func:`jaxdiv.guidance.chain`). ``cfg=None`` runs
+    the conditional model alone. A method that brings its own combination brings its own
+    null too: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)`` (without it the
+    null is a zero embedding, as on the toys).
+
+    Args:
+        pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load`).
+        prompts: one prompt or a list.
+        n: images per prompt.
+        key: PRNG key (noise from ``fold_in(key, 0)`` unless given, sampling from
+            ``fold_in(key, 1)``).
+        method: the diversity method (see the module table).
+        sampler: defaults to ``pipe.ddim(50)``.
+        cfg: CFG scale (diffusers' convention), or ``None``.
+        noise: initial latents ``pipe.noise_shape(len(prompts) * n, height, width)``.
+        height, width: image size (defaults to the model's).
+        trace: keep the per-step trace.
+
+    Returns:
+        :class:`Generated`.
+
+    Example:
+        >>> import jax
+        >>> from jaxdiv import guidance
+        >>> from jaxdiv.testing import example_pipeline
+        >>> pipe = example_pipeline()
+        >>> g = pipe.generate(["a cat", "a dog"], 2, key=jax.random.key(0),
+        ...                   sampler=pipe.ddim(4), method=guidance.particle(1.0))
+        >>> g.images.shape, g.prompts
+        ((4, 3, 16, 16), ('a cat', 'a cat', 'a dog', 'a dog'))
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    n = validation.integer("n", n, minimum=1)
+    rows = tuple(p for p in prompts for _ in range(n))
+    cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
+    if noise is None:
+        shape = pipe.noise_shape(len(rows), height, width)
+        noise = jax.random.normal(jax.random.fold_in(key, 0), shape, cond.dtype)
+    else:
+        noise = validation.finite_array("noise", noise)
+        if noise.shape[0] != len(rows):
+            raise ValueError(f"noise must have {len(rows)} rows (prompts x n), got shape "
+                             f"{tuple(noise.shape)}")  # fmt: skip
+    terms = method
+    if cfg is not None and (method is None or not _has_cfg(method)):
+        scale = _guidance.cfg(cfg, null_cond=pipe.null_cond)
+        terms = scale if method is None else _guidance.chain(method, scale)
+    out = sample(pipe.ddim(50) if sampler is None else sampler, pipe.denoiser, noise,
+                 key=jax.random.fold_in(key, 1), cond=cond, guidance=terms,
+                 trace=trace)  # fmt: skip
+    return Generated(pipe.decode(out.x0), out.x0, out, rows)
+

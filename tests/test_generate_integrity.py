@@ -1,0 +1,479 @@
+"""Integrity of long runs: ``experiments.generate`` and :mod:`experiments.run_folder`.
+
+On a tiny random Stable Diffusion folder (16x16 images, 2 DDIM steps), each test attacks
+one promise of the README's "Guarantees" and compares the images byte for byte with an
+uninterrupted run (made in this process; the subprocesses must produce the same bytes):
+
+* two runs started together into one folder: one wins, the other fails naming the owner,
+  the folder holds the winner's images only; a lock left by a dead run is taken over;
+* SIGKILL mid-run, then the same command: resumes and ends byte-identical;
+* a full disk (the writer raises ENOSPC at the k-th file, settings or image) and a rerun;
+* zero-byte, truncated, non-PNG and wrong-size images are found and regenerated;
+* NaN / inf (a huge --cfg, NaN weights in the UNet, text encoder or VAE): no image
+  written, the error names the images, the step and the cause;
+* files take their mode from the umask;
+* bad option values and output folders fail before the model loads, in one line.
+"""
+
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import generate, run_folder
+from jaxdiv.pipelines import stable_diffusion
+
+pytest.importorskip("diffusers")  # the random folder is built by diffusers / transformers
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    HF_HUB_OFFLINE="1",
+    OPENBLAS_NUM_THREADS="1",
+    OMP_NUM_THREADS="1",
+    PYTHONPATH=str(REPO),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # the subprocesses share their compiles
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from jaxdiv.testing import save_random_pipeline
+
+    folder = tmp_path_factory.mktemp("sd_tiny_integrity")
+    save_random_pipeline(folder, seed=0)
+    return folder
+
+
+def argv(model, out, n=4, seed=0, cfg="3"):
+    return [
+        "--model",
+        str(model),
+        "--prompt",
+        "a cat",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--cfg",
+        cfg,
+        "--batch-size",
+        "1",
+        "--n",
+        str(n),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
+
+
+def images(out) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((Path(out) / "images").glob("*.png"))}
+
+
+def clean(out) -> bool:
+    """No temp file and no lock left behind."""
+    return not list(Path(out).rglob("*.tmp")) and not (Path(out) / run_folder.LOCK_NAME).exists()
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """Bytes of an uninterrupted in-process run, by seed (n = 24, a superset of every test)."""
+    cache = {}
+
+    def get(seed=0):
+        if seed not in cache:
+            out = tmp_path_factory.mktemp(f"reference{seed}")
+            assert generate.main(argv(model, out, n=24, seed=seed)) == 0
+            cache[seed] = images(out)
+        return cache[seed]
+
+    return get
+
+
+def matches(out, ref, n):
+    got = images(out)
+    assert sorted(got) == [generate.image_name(0, i) for i in range(n)]
+    return all(got[k] == ref[k] for k in got)
+
+
+def popen(args):
+    cmd = [sys.executable, "-m", "experiments.generate", *args]
+    pipe = subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=pipe, stderr=pipe, text=True)
+
+
+# -- locking ---------------------------------------------------------------------------
+
+
+def test_two_runs_started_together_never_share_a_folder(model, reference, tmp_path, capsys):
+    out = tmp_path / "shared"
+    runs = {seed: popen(argv(model, out, n=8, seed=seed)) for seed in (0, 1)}
+    deadline = time.monotonic() + 600
+    while all(p.poll() is None for p in runs.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first = next(seed for seed, p in runs.items() if p.poll() is not None)
+    winner = 1 - first
+    if runs[winner].poll() is None:  # a third run, in this process, while the winner runs
+        try:
+            code = generate.main(argv(model, out, n=8, seed=winner))
+        except SystemExit as exit_info:
+            code = exit_info.code
+        err = capsys.readouterr().err
+        assert code in (0, 2)  # 0: the winner had just finished, this run found all done
+        if code == 2:
+            assert f"is in use by another run (pid {runs[winner].pid} on host" in err
+    results = {seed: (p.wait(timeout=600), *p.communicate()) for seed, p in runs.items()}
+    assert results[winner][0] == 0, results[winner][2]
+    code, _, err = results[first]
+    assert code == 2 and err.count("\n") == 1, err
+    host = socket.gethostname()
+    # (on a machine so loaded that the loser reached the folder only after the winner
+    # finished, the settings check refuses it instead)
+    assert (
+        f"is in use by another run (pid {runs[winner].pid} on host {host}" in err
+        or f"different settings (seed: {winner} -> {first})" in err
+    ), err
+    assert json.loads((out / "metadata.json").read_text())["settings"]["seed"] == winner
+    assert matches(out, reference(winner), 8) and clean(out)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda: {"pid": dead_pid(), "host": socket.gethostname(), "started": time.time() - 60},
+        lambda: "not json {",
+        lambda: "",
+    ],
+    ids=["dead-pid", "garbage", "empty"],
+)
+def test_stale_lock_is_taken_over(model, reference, tmp_path, capsys, content):
+    out = tmp_path / "stale"
+    out.mkdir()
+    c = content()
+    (out / run_folder.LOCK_NAME).write_text(c if isinstance(c, str) else json.dumps(c))
+    assert generate.main(argv(model, out, n=2)) == 0
+    log = capsys.readouterr().out
+    assert ("took over the lock of an earlier run" in log) == (c != "")
+    if isinstance(c, dict):
+        assert f"pid {c['pid']} on {c['host']}" in log
+    assert matches(out, reference(), 2) and clean(out)
+
+
+def test_lock_without_flock_decides_by_pid_and_host(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owners = [
+        ({"pid": sleeper.pid, "host": host}, True),
+        ({"pid": 1, "host": "elsewhere"}, True),
+        ({"pid": dead_pid(), "host": host}, False),
+    ]
+    try:
+        for k, (owner, live) in enumerate(owners):
+            folder = tmp_path / str(k)
+            folder.mkdir()
+            (folder / run_folder.LOCK_NAME).write_text(json.dumps(owner))
+            if live:
+                expected = f"in use by another run \\(pid {owner['pid']} on host {owner['host']}"
+                with pytest.raises(run_folder.FolderError, match=expected):
+                    run_folder.FolderLock(folder).acquire()
+            else:
+                with run_folder.FolderLock(folder) as lock:
+                    assert lock.stale_owner == owner
+                    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+                assert not lock.path.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_lock_is_exclusive_within_one_process(tmp_path):
+    with run_folder.FolderLock(tmp_path) as lock:
+        owner = json.loads(lock.path.read_text())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        for _ in range(2):
+            with pytest.raises(run_folder.FolderError, match=f"pid {os.getpid()} on host"):
+                run_folder.FolderLock(tmp_path).acquire()
+    with run_folder.FolderLock(tmp_path):
+        pass
+
+
+# -- crashes: SIGKILL, full disk -------------------------------------------------------
+
+
+def test_sigkill_mid_run_then_rerun_resumes_byte_identical(model, reference, tmp_path, capsys):
+    ref = reference()
+    out = tmp_path / "killed"
+    proc = popen(argv(model, out, n=24))
+    deadline = time.monotonic() + 600
+    while not list((out / "images").glob("p*.png")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.communicate()
+    written = images(out)
+    assert 1 <= len(written) < 24, "the run was not killed mid-way"
+    assert (out / "metadata.json").is_file()  # settings written before the first image
+    assert all(ref[k] == v for k, v in written.items() if v)  # atomic: whole files only
+    assert generate.main(argv(model, out, n=24)) == 0
+    log = capsys.readouterr().out
+    assert f"took over the lock of an earlier run that is gone (pid {proc.pid} on" in log
+    assert "resuming" in log
+    assert matches(out, ref, 24) and clean(out)
+
+
+# the writes are: settings, image 0, metadata, image 1, ...; the disk fills up at write k
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3])
+def test_full_disk_then_rerun_resumes_byte_identical(
+    model, reference, tmp_path, monkeypatch, capsys, fail_at
+):
+    ref = reference()
+    out = tmp_path / "full"
+    real = run_folder.atomic_write
+    calls = []
+
+    def disk_full_after(path, data):
+        calls.append(Path(path).name)
+        if len(calls) > fail_at:  # what a dying writer leaves: a partial temp file
+            (Path(path).parent / f".{Path(path).name}.x1y2.tmp").write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(run_folder, "atomic_write", disk_full_after)
+    assert generate.main(argv(model, out, n=4)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and calls[-1] in err
+    assert calls[0] == "metadata.json"  # the settings come first
+    assert len(images(out)) == fail_at // 2
+    monkeypatch.setattr(run_folder, "atomic_write", real)
+    assert generate.main(argv(model, out, n=4)) == 0
+    assert matches(out, ref, 4) and clean(out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["images_done"] == 4 and meta["generated_this_run"] == 4 - fail_at // 2
+
+
+# -- damaged images --------------------------------------------------------------------
+
+
+def test_damaged_images_are_regenerated(model, reference, tmp_path, capsys):
+    from PIL import Image
+
+    ref = reference()
+    out = tmp_path / "damaged"
+    assert generate.main(argv(model, out, n=5)) == 0
+    d = out / "images"
+    names = [generate.image_name(0, i) for i in range(5)]
+    (d / names[0]).write_bytes(b"")
+    (d / names[1]).write_bytes(ref[names[1]][: len(ref[names[1]]) // 2])
+    (d / names[2]).write_bytes(ref[names[2]][:-1])  # only the last CRC byte missing
+    (d / names[3]).write_bytes(b"GIF89a not a png at all")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / names[4])  # wrong size
+    capsys.readouterr()
+    assert generate.main(argv(model, out, n=5)) == 0
+    log = capsys.readouterr().out
+    assert "5 damaged images, generating them again" in log
+    for name, why in zip(
+        names,
+        ["empty (0 bytes)", "truncated", "truncated", "not a PNG", "size 8x8, expected 16x16"],
+        strict=True,
+    ):
+        assert f"images/{name} ({why}" in log
+    assert matches(out, ref, 5) and clean(out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["generated_this_run"] == 5 and meta["grid"] == "grid.png"
+
+
+# -- non-finite values -----------------------------------------------------------------
+
+
+def poisoned_pipe(component):
+    """The loaded tiny pipeline with one weight of ``component`` set to NaN (the compiled
+    programs are reused: weights are traced arguments)."""
+    pipe = next(iter(generate._LOADED.values()))
+    flat, tree = jax.tree_util.tree_flatten_with_path(getattr(pipe, component))
+    leaves = [leaf for _, leaf in flat]
+    k = next(i for i, (path, _) in enumerate(flat) if "params" in jax.tree_util.keystr(path))
+    leaves[k] = leaves[k].at[(0,) * leaves[k].ndim].set(np.nan)
+    return pipe._replace(**{component: jax.tree_util.tree_unflatten(tree, leaves)})
+
+
+@pytest.mark.parametrize(
+    "case, where, cause",
+    [
+        ("cfg", r"in the guided prediction x0_hat at step \d/2", r"--cfg 1e\+38 is so large"),
+        ("denoiser", r"in the guided prediction x0_hat at step 1/2", r"non-finite weights .*unet"),
+        (
+            "encode_prompt",
+            r"in the text encoder's embedding of --prompt 'a cat'",
+            r"non-finite weights .*text_encoder",
+        ),
+        (
+            "decode",
+            r"in the VAE decoder \(the final latents are finite\)",
+            r"non-finite weights .*vae",
+        ),
+    ],
+)
+def test_non_finite_values_never_become_images(
+    model, reference, tmp_path, monkeypatch, capsys, case, where, cause
+):
+    reference()  # the tiny pipeline is loaded in this process
+    cfg = "1e38" if case == "cfg" else "3"
+    if case != "cfg":
+        bad = poisoned_pipe(case)
+        monkeypatch.setattr(generate, "_LOADED", {})
+        monkeypatch.setattr(stable_diffusion, "load", lambda *a, **k: bad)
+    out = tmp_path / case
+    assert generate.main(argv(model, out, n=2, cfg=cfg)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    if case != "encode_prompt":
+        assert "non-finite values (NaN or inf) in images/p000_i0000.png, not written" in err
+    assert re.search(where, err) and re.search(cause, err), err
+    assert not images(out) and not (out / "grid.png").exists()
+    if case != "encode_prompt":  # the prompt is checked before the settings are written
+        assert json.loads((out / "metadata.json").read_text())["images_done"] == 0
+    assert clean(out)
+
+
+# -- file modes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_files_respect_the_umask(model, reference, tmp_path, umask):
+    reference()
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "modes"
+        assert generate.main(argv(model, out, n=1)) == 0
+    finally:
+        os.umask(old)
+    for f in [out / "metadata.json", out / "grid.png", out / "images" / "p000_i0000.png"]:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    for d in [out, out / "images"]:
+        assert d.stat().st_mode & 0o777 == 0o777 & ~umask, d
+
+
+# -- bad values fail before the model loads --------------------------------------------
+
+
+def _writable(folder) -> bool:
+    """Whether a file can be created in ``folder`` (``os.access`` says yes to root)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _readonly_folder(tmp):
+    folder = tmp / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _writable(folder):  # root writes anyway
+        pytest.skip("a chmod 555 folder is writable for this user")
+    return folder
+
+
+BAD = {
+    "eta-nan": (["--eta", "nan"], "--eta must be a finite number, got nan"),
+    "eta-inf": (["--eta", "inf"], "--eta must be a finite number, got inf"),
+    "eta-negative": (["--eta", "-0.5"], "--eta and --s-churn must be >= 0"),
+    "cfg-nan": (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
+    "cfg-inf": (["--cfg=-inf"], "--cfg must be a finite number, got -inf"),
+    "s-churn-nan": (["--s-churn", "nan"], "--s-churn must be a finite number"),
+    "steps-beyond": (["--steps", "2000"], "--steps 2000 is beyond the model's schedule (1000"),
+    "steps-zero": (["--steps", "0"], "--steps must be >= 1, got 0"),
+    "seed-float": (["--seed", "1e20"], "argument --seed: invalid int value: '1e20'"),
+    "seed-huge": (["--seed", str(2**64)], "--seed must be an integer in [0, 2**63)"),
+    "seed-negative": (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+    "n-negative": (["--n", "-3"], "--n must be >= 1, got -3"),
+    "n-zero": (["--n", "0"], "--n must be >= 1, got 0"),
+    "batch-size-zero": (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    "height-negative": (["--height", "-16"], "--height must be >= 1, got -16"),
+    "width-zero": (["--width", "0"], "--width must be >= 1, got 0"),
+    "out-file": (["--out", "{file}"], "is a file, not a folder"),
+    "out-under-file": (["--out", "{file}/sub"], "cannot create it (Not a directory)"),
+    "out-readonly": (["--out", "{readonly}"], "not writable (Permission denied)"),
+    "out-sysfs": (["--out", "/sys/fs"], "not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_values_fail_before_the_model_loads(model, tmp_path, monkeypatch, capsys, case):
+    extra, message = BAD[case]
+    if "{readonly}" in extra[-1]:
+        extra = [extra[0], str(_readonly_folder(tmp_path))]
+    if extra[-1] == "/sys/fs" and (not Path("/sys/fs").is_dir() or _writable("/sys/fs")):
+        pytest.skip("no read-only /sys/fs here")
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    extra = [e.replace("{file}", str(file)) for e in extra]
+    out = tmp_path / "never"
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    monkeypatch.setattr(generate, "_LOADED", {})
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(argv(model, out, n=2) + extra)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists() and file.read_text() == "x"
+
+
+def test_bad_values_from_the_shell_give_one_line_and_no_traceback(model, tmp_path):
+    for extra in (["--eta", "nan"], ["--seed", "1e20"], ["--steps", "2000"]):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.generate",
+                *argv(model, tmp_path / "x", n=2),
+                *extra,
+            ],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("python -m experiments.generate: error: ")
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,224 @@
+"""Samplers of the SD pipeline against diffusers' on the tiny random pipeline.
+
+``pipe.dpmpp_2m_sde`` / ``pipe.dpmpp_3m_sde``: diffusers' ``DPMSolverMultistepScheduler``
+(``sde-dpmsolver++``) in ``StableDiffusionPipeline`` with CFG, our noise fed to its step.
+
+``pipe.ddim(N)`` must reproduce ``DDIMScheduler.from_config(<folder's config>)`` for every
+``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` (steps to ``t - T // N``,
+the last to ``final_alpha_cumprod``); ``pipe.ddim(N, clean_endpoint=True)`` keeps jaxdiv's
+grid ending at ``sigma = 0``, whose output is the last guided ``x0_hat``.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_dpmpp_sde import _fix_sde_third_order
+
+import jaxdiv
+from jaxdiv import guidance, samplers
+from jaxdiv.pipelines import stable_diffusion as sd
+from jaxdiv.pipelines.scheduler_config import ddim_grid, schedule_from_config
+from jaxdiv.testing import TINY_SCHEDULER, save_random_pipeline
+
+PROMPTS = ["a photo of a cat", "a red dog"]
+CFG = 5.0
+LATENT_RTOL = 1e-4  # as tests/test_pipeline_sd.py: fp32 networks agree to ~1e-6 end to end
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("sd_tiny_ddim")
+    torch_pipe = save_random_pipeline(folder, seed=0)
+    return torch_pipe, sd.load(folder)
+
+
+def _with_config(torch_pipe, pipe, **overrides):
+    """Both pipelines with the scheduler config changed (same betas, so the same model)."""
+    config = dict(pipe.configs["scheduler"], **overrides)
+    sch, pred, grid_kwargs = schedule_from_config(config)
+    np.testing.assert_array_equal(sch.alphas_cumprod, pipe.schedule.alphas_cumprod)
+    ours = pipe._replace(configs=dict(pipe.configs, scheduler=config), grid_kwargs=grid_kwargs)
+    torch_pipe.scheduler = DDIMScheduler.from_config(config)
+    return torch_pipe, ours
+
+
+def _latents(torch_pipe, pipe, sampler, noise):
+    with torch.no_grad():
+        ref = torch_pipe(PROMPTS, num_inference_steps=sampler.nfe, guidance_scale=CFG, eta=0.0,
+                         latents=torch.from_numpy(noise), output_type="latent",
+                         height=noise.shape[2] * torch_pipe.vae_scale_factor,
+                         width=noise.shape[3] * torch_pipe.vae_scale_factor).images  # fmt: skip
+    cond = pipe.encode_prompt(pipe.tokenize(PROMPTS))
+    out = jaxdiv.sample(sampler, pipe.denoiser, jnp.asarray(noise), key=jax.random.key(0),
+                        cond=cond, guidance=guidance.cfg(CFG, null_cond=pipe.null_cond),
+                        trace=True)  # fmt: skip
+    return ref.numpy(), out
+
+
+CONFIGS = [  # (timestep_spacing, steps_offset, set_alpha_to_one)
+    ("leading", 1, True), ("leading", 1, False), ("leading", 0, False),
+    ("trailing", 0, True), ("trailing", 0, False),
+    ("linspace", 0, True), ("linspace", 0, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spacing, offset, alpha_one", CONFIGS)
+def test_ddim_matches_diffusers_ddim_scheduler(spacing, offset, alpha_one, tiny):
+    """Final latents within 1e-4 (relative to their scale) of diffusers' with CFG, N = 6:
+    trailing's T / N = 166.7 rounds up, so its last step goes to t = 0 even with
+    set_alpha_to_one=True; linspace's steps go to t - 166 while the next evaluation is at
+    another timestep; leading with offset 0 and set_alpha_to_one=False ends with a
+    zero-length step at t = 0."""
+    torch_pipe, pipe = _with_config(*tiny, timestep_spacing=spacing, steps_offset=offset,
+                                    set_alpha_to_one=alpha_one)  # fmt: skip
+    s = pipe.ddim(6)
+    noise = np.random.default_rng(0).standard_normal(pipe.noise_shape(2)).astype(np.float32)
+    ref, out = _latents(torch_pipe, pipe, s, noise)
+    lat = np.asarray(out.x0)
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert np.abs(lat - ref).max() <= LATENT_RTOL * scale
+    np.testing.assert_array_equal(s.times[:-1], torch_pipe.scheduler.timesteps.numpy())
+    clean = pipe.ddim(6, clean_endpoint=True)
+    if float(s.times[-1]) == -1.0 and spacing == "leading":  # diffusers' steps are jaxdiv's
+        np.testing.assert_array_equal(s.times, clean.times)
+    else:  # negative control: jaxdiv's clean grid is far from diffusers here (measured
+        # 25x the tolerance for leading / set_alpha_to_one=False, ~100x for trailing)
+        _, out_clean = _latents(torch_pipe, pipe, clean, noise)
+        assert np.abs(np.asarray(out_clean.x0) - ref).max() > 10 * LATENT_RTOL * scale
+        # ... and ends at the last guided x0_hat, which diffusers' noisy end does not
+        np.testing.assert_array_equal(out_clean.x0, out_clean.trace.x0_hat[-1])
+        if float(s.times[-1]) == 0.0:
+            left = lat - np.asarray(out.trace.x0_hat[-1]) * float(pipe.schedule.alpha(0.0))
+            assert np.abs(left).max() > 1e-3  # sqrt(1 - abar_0) eps_hat stays in the output
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    num_steps=st.integers(1, 1000),
+    spacing=st.sampled_from(["leading", "trailing", "linspace"]),
+    offset=st.integers(0, 1),
+    alpha_one=st.booleans(),
+)
+def test_ddim_grid_is_diffusers_steps(num_steps, spacing, offset, alpha_one):
+    """Evaluation times are diffusers' timesteps and each step's target has diffusers'
+    alpha_prod_t_prev (alphas_cumprod[t - T // N], else final_alpha_cumprod)."""
+    config = dict(TINY_SCHEDULER, timestep_spacing=spacing, steps_offset=offset,
+                  set_alpha_to_one=alpha_one)  # fmt: skip
+    ref = DDIMScheduler(**config)
+    ref.set_timesteps(num_steps)
+    ts = ref.timesteps.numpy()
+    # diffusers' own invalid grids (refused by ddim_grid): past T - 1 (leading, offset 1),
+    # repeated timesteps, or N + 1 of them ending at -1 (trailing, e.g. N = 497)
+    assume(int(ts.max()) <= 999 and len(np.unique(ts)) == len(ts) == num_steps)
+    assume(int(ts.min()) >= 0)
+    sch, _, _ = schedule_from_config(config)
+    times, targets = ddim_grid(config, num_steps)
+    np.testing.assert_array_equal(times[:-1], ts)
+    prev = ts - 1000 // num_steps
+    want = np.where(prev >= 0, ref.alphas_cumprod.numpy()[np.maximum(prev, 0)],
+                    float(ref.final_alpha_cumprod))  # fmt: skip
+    # float32 sqrt, then squared: a few ulps
+    np.testing.assert_allclose(np.asarray(sch.alpha(targets)) ** 2, want, rtol=3e-6)
+    assert times[-1] == targets[-1]
+
+
+def test_ddim_targets_are_validated():
+    from jaxdiv import schedules
+
+    vp = schedules.vp_linear()
+    with pytest.raises(ValueError, match="targets"):
+        samplers.ddim(vp, times=[900.0, 500.0, 0.0], targets=[950.0, 0.0])
+    with pytest.raises(ValueError, match="needs times"):
+        samplers.ddim(vp, 2, targets=[500.0, 0.0])
+    with pytest.raises(ValueError, match="clean endpoint"):
+        samplers.ddim(vp, times=[900.0, 0.0])
+    assert samplers.ddim(vp, times=[900.0, 0.0], allow_noisy_end=True).nfe == 1
+    with pytest.raises(TypeError, match="clean_endpoint"):
+        from jaxdiv.testing import example_pipeline
+
+        example_pipeline().ddim(4, clean_endpoint="yes")
+
+
+def _torch_sde_latents(torch_pipe, noise, order, karras, key, steps):
+    """diffusers' final latents with DPMSolverMultistepScheduler(sde-dpmsolver++), its
+    step fed the noise our sampler draws at step i (per-sample streams of split(key)[0])."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    original = torch_pipe.scheduler
+    sched = DPMSolverMultistepScheduler.from_config(
+        original.config, algorithm_type="sde-dpmsolver++", solver_order=order,
+        use_karras_sigmas=karras,
+    )  # fmt: skip
+    if order == 3:
+        _fix_sde_third_order(sched)
+    keys = jax.random.split(jax.random.split(key)[0], noise.shape[0])
+    step, calls = sched.step, []
+
+    def fed(model_output, timestep, sample, *args, **kwargs):
+        z = samplers.per_sample_normal(keys, len(calls), jnp.asarray(noise))
+        calls.append(1)
+        kwargs.pop("generator", None)
+        return step(model_output, timestep, sample, variance_noise=torch.tensor(np.asarray(z)),
+                    **kwargs)  # fmt: skip
+
+    sched.step = fed
+    torch_pipe.scheduler = sched
+    try:
+        with torch.no_grad():
+            out = torch_pipe(PROMPTS, num_inference_steps=steps, guidance_scale=CFG,
+                             latents=torch.from_numpy(noise), output_type="latent",
+                             height=noise.shape[2] * torch_pipe.vae_scale_factor,
+                             width=noise.shape[3] * torch_pipe.vae_scale_factor).images  # fmt: skip
+    finally:
+        torch_pipe.scheduler = original
+    assert len(calls) == steps
+    return out.numpy()
+
+
+@pytest.mark.parametrize("name, karras", [("dpmpp_2m_sde", False), ("dpmpp_2m_sde", True),
+                                          ("dpmpp_3m_sde", True)])  # fmt: skip
+def test_dpmpp_sde_cfg_parity(name, karras, tiny):
+    """Final latents within 1e-4 (relative to their scale) of diffusers' with CFG, N = 10,
+    the same noise; 3M SDE with diffusers' third-order D2 sign corrected
+    (tests/test_dpmpp_sde.py). Negative control: another key's noise is far off."""
+    torch_pipe, pipe = tiny
+    torch_pipe.scheduler = DDIMScheduler.from_config(pipe.configs["scheduler"])
+    noise = np.random.default_rng(2).standard_normal(pipe.noise_shape(2)).astype(np.float32)
+    s = getattr(pipe, name)(10, karras=karras)
+    assert s.name == name and s.nfe == 10 and float(s.times[-1]) == -1.0
+    key = jax.random.key(0)
+    ref = _torch_sde_latents(torch_pipe, noise, 3 if "3m" in name else 2, karras, key, 10)
+    _, out = _latents_key(pipe, s, noise, key)
+    tol = LATENT_RTOL * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(np.asarray(out.x0) - ref).max() <= tol
+    _, other = _latents_key(pipe, s, noise, jax.random.key(1))
+    assert np.abs(np.asarray(other.x0) - ref).max() > 10 * tol
+
+
+def _latents_key(pipe, sampler, noise, key):
+    cond = pipe.encode_prompt(pipe.tokenize(PROMPTS))
+    out = jaxdiv.sample(sampler, pipe.denoiser, jnp.asarray(noise), key=key, cond=cond,
+                        guidance=guidance.cfg(CFG, null_cond=pipe.null_cond))  # fmt: skip
+    return None, out
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_generate_accepts_the_sde_samplers(name, tiny, tmp_path):
+    from experiments import generate
+
+    _, pipe = tiny
+    out = tmp_path / name
+    argv = ["--model", pipe.path, "--prompt", "a cat", "--sampler", name, "--steps", "4",
+            "--n", "1", "--batch-size", "1", "--cfg", "3", "--out", str(out)]  # fmt: skip
+    assert generate.main(argv) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["sampler"]["name"] == name and meta["sampler"]["nfe"] == 4
+    assert meta["settings"]["karras"] is True

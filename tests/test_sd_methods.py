@@ -1,0 +1,170 @@
+"""Every diversity method through the SD pipeline (tiny random pipeline, CFG on): each
+changes the output the way its paper says, measured on the same noise, and a new
+hyperparameter value never recompiles (``jaxdiv.compile_count``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiv
+from jaxdiv import guidance, metrics
+from jaxdiv.pipelines.generation import gass_encoder
+from jaxdiv.testing import example_pipeline
+
+B = 6
+CFG = 5.0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return example_pipeline(image_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def noise(pipe):
+    return jax.random.normal(jax.random.key(1), pipe.noise_shape(B))
+
+
+def _run(pipe, noise, sampler, method=None, **kw):
+    return pipe.generate("a photo of a cat", B, key=jax.random.key(0), sampler=sampler,
+                         noise=noise, cfg=kw.pop("cfg", CFG), method=method, **kw)  # fmt: skip
+
+
+def _pairwise(x):
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    return d[np.triu_indices(len(x), 1)]
+
+
+@pytest.mark.parametrize("which", ["ddim", "edm"])
+def test_spell_intra_batch_latents_end_at_least_r_apart(pipe, noise, which):
+    sampler = pipe.ddim(10, clean_endpoint=True) if which == "ddim" else pipe.edm(8)
+    base = _pairwise(_run(pipe, noise, sampler).latents)
+    r = float(np.median(base))  # the radius helper's rule: median distance of an unguided run
+    assert base.min() < r  # so the guarantee has work to do
+    before = jaxdiv.compile_count()
+    for scale in (1.0, 1.05):
+        g = _run(pipe, noise, sampler, guidance.spell(r * scale, intra_batch=True,
+                                                      overcompensation=1.6))  # fmt: skip
+        assert _pairwise(g.latents).min() >= r * scale * (1 - 1e-5)
+        assert bool(jnp.all(jnp.isfinite(g.images)))
+    assert jaxdiv.compile_count() - before == 1
+
+
+def test_particle_guidance_raises_the_mean_pairwise_distance(pipe, noise):
+    sampler = pipe.edm(8)
+    means = [_pairwise(_run(pipe, noise, sampler).latents).mean()]
+    before = jaxdiv.compile_count()
+    for strength in (1.0, 3.0):
+        out = _run(pipe, noise, sampler, guidance.particle(strength))
+        means.append(_pairwise(out.latents).mean())
+    assert jaxdiv.compile_count() - before == 1
+    assert means[0] < means[1] < means[2], means
+
+
+def test_cads_with_zero_noise_is_the_unguided_run(pipe, noise):
+    sampler = pipe.dpmpp_2m(8)
+    base = np.asarray(_run(pipe, noise, sampler).latents)
+    before = jaxdiv.compile_count()
+    same = np.asarray(_run(pipe, noise, sampler, guidance.cads(noise_scale=0.0)).latents)
+    # the rescaling undoes sqrt(gamma) up to float32 rounding of the embedding statistics
+    np.testing.assert_allclose(same, base, rtol=0, atol=1e-6 * np.abs(base).max())
+    noisy = np.asarray(_run(pipe, noise, sampler, guidance.cads(noise_scale=0.25)).latents)
+    assert jaxdiv.compile_count() - before == 1
+    assert np.abs(noisy - base).max() > 1e-2 * np.abs(base).max()
+
+
+def test_interval_guidance_on_every_level_is_cfg(pipe, noise):
+    sampler = pipe.ddim(6)
+    base = np.asarray(_run(pipe, noise, sampler).latents)
+    full = _run(pipe, noise, sampler, guidance.interval(CFG, 0.0, 1e9, pipe.null_cond))
+    np.testing.assert_allclose(full.latents, base, rtol=1e-6, atol=1e-6 * np.abs(base).max())
+    part = _run(pipe, noise, sampler, guidance.interval(CFG, 0.5, 5.0, pipe.null_cond),
+                trace=True)
+    active = np.asarray(part.output.trace.active["interval"])
+    assert active.any() and not active.all()
+
+
+def test_gass_raises_the_spherical_spread_of_clip_features(pipe, noise):
+    """GASS with the real encoder chain (VAE decode -> CLIP preprocessing -> CLIP vision)
+    raises SPP of the batch's CLIP embeddings over the unguided run with the same noise."""
+    sampler = pipe.ddim(10, clean_endpoint=True)
+    enc = gass_encoder(pipe)
+    unit = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)  # noqa: E731
+    text = unit(jax.random.normal(jax.random.key(7), (16,)))
+    spp = lambda x: float(metrics.spp(unit(enc(x)), text, jax.random.key(3)).spp)  # noqa: E731
+    base = spp(_run(pipe, noise, sampler).latents)
+    before = jaxdiv.compile_count()
+    got = [spp(_run(pipe, noise, sampler, guidance.gass(enc, text, lr=lr, num_active=5)).latents)
+           for lr in (0.01, 0.05)]  # fmt: skip
+    assert jaxdiv.compile_count() - before == 1
+    assert base < got[0] < got[1], (base, got)
+    assert got[1] - base > 1e-3
+
+
+def test_generate_checks_its_inputs(pipe, noise):
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        pipe.generate([], 2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="noise must have 4 rows"):
+        pipe.generate(["a", "b"], 2, key=jax.random.key(0), noise=noise)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        pipe.generate("a", 0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        pipe.generate("a", 1, key=jax.random.key(0), cfg=float("nan"))
+
+
+def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(f"{pipe.path}/vae").eval()
+    images = np.asarray(jax.random.uniform(jax.random.key(4), (2, 3, 16, 16), minval=-1,
+                                           maxval=1))  # fmt: skip
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(images)).latent_dist.mean.numpy()
+    want = (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    np.testing.assert_allclose(pipe.encode(images), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_gass_pixel_write_back_raises_spp_and_round_trips_only_when_active(pipe, noise):
+    """The paper's write-back (Adam on decoded pixels, VAE re-encoding): at active steps the
+    pixel-space SPP loss falls, steps where GASS is inactive are untouched (no VAE round
+    trip there). What it costs: the tiny random VAE is no autoencoder -- decode then encode
+    shrinks latents to about half their norm -- so with it the final SPP is dominated by the
+    round trip; the latent write-back (``gass_encoder``) has no round trip."""
+    from jaxdiv.pipelines.generation import gass_pixel_space
+
+    sampler = pipe.ddim(10, clean_endpoint=True)
+    unit = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)  # noqa: E731
+    text = unit(jax.random.normal(jax.random.key(7), (16,)))
+    base = _run(pipe, noise, sampler, trace=True)
+    g = guidance.gass(pipe.encode_image, text, r_dep=0.1, r_ind=0.1, lr=0.05, tol=1e-7,
+                      steps=[3, 4], write_space=gass_pixel_space(pipe))  # fmt: skip
+    out = _run(pipe, noise, sampler, g, trace=True)
+    # steps 0-2 are identical to the unguided run; step 3 is where GASS first acts
+    np.testing.assert_array_equal(out.output.trace.x0_hat[:3], base.output.trace.x0_hat[:3])
+    assert np.asarray(out.output.trace.active["gass"]).tolist() == [0, 0, 0, 1, 1] + [0] * 5
+    info = out.output.trace.info["gass"]
+    assert bool(jnp.all(info.loss_after[3:5] < info.loss_before[3:5]))
+    z = base.latents
+    shrink = float(jnp.linalg.norm(pipe.encode(pipe.decode(z))) / jnp.linalg.norm(z))
+    assert shrink < 0.8
+
+
+def test_spell_keeps_latents_away_from_encoded_protected_images(pipe, noise):
+    """SPELL's reference set on SD: protected images, encoded with ``pipe.encode``, shield
+    latents of radius r; every final latent ends at least r from every protected one."""
+    sampler = pipe.ddim(10, clean_endpoint=True)
+    base = np.asarray(_run(pipe, noise, sampler).latents)
+    # "protected images": the decoded unguided outputs of the first three samples, so the
+    # unguided run sits right inside their shields
+    protected = pipe.encode(pipe.decode(base[:3]))
+    d0 = np.linalg.norm(base.reshape(B, 1, -1) - np.asarray(protected).reshape(1, 3, -1), axis=-1)
+    r = float(np.median(d0))
+    assert d0.min() < r
+    g = _run(pipe, noise, sampler, guidance.spell(r, reference=protected, intra_batch=False,
+                                                  overcompensation=1.6))  # fmt: skip
+    d = np.linalg.norm(np.asarray(g.latents).reshape(B, 1, -1)
+                       - np.asarray(protected).reshape(1, 3, -1), axis=-1)  # fmt: skip
+    assert d.min() >= r * (1 - 1e-5)

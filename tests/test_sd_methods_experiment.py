@@ -1,0 +1,256 @@
+"""``experiments.sd_methods`` and ``experiments.generate --method`` on a tiny random SD folder.
+
+One folder (16x16 images, a CLIP vision tower) and one CLIP text projection serve every
+test; the generate runs use the shapes of the sd_methods run (3 images, 2 DDIM steps, CFG
+3), so in one process they reuse its compiled programs. The numbers are meaningless on a
+random model; the tests prove the machinery: every method runs, the JSON holds finite
+metrics, metadata records the knobs, a completed run resumes as a no-op, a coupled batch
+is regenerated whole and byte-identical, other knobs are refused, bad knobs fail before
+the model loads.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import generate, sd_methods
+from jaxdiv.pipelines import stable_diffusion
+
+pytest.importorskip("diffusers")  # the random folder is built by diffusers / transformers
+
+N, STEPS, CFG = 3, 2, "3"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from jaxdiv.testing import save_random_pipeline
+
+    folder = tmp_path_factory.mktemp("sd_tiny_methods")
+    save_random_pipeline(folder, seed=0, image_encoder=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def projection(tmp_path_factory):
+    """A CLIP text model with projection of the tiny text encoder's width (32 -> 16, the
+    vision tower's projection width)."""
+    import transformers
+
+    from jaxdiv.testing import TINY_TEXT
+
+    folder = tmp_path_factory.mktemp("clip_projection")
+    cfg = transformers.CLIPTextConfig(**TINY_TEXT, vocab_size=83)
+    transformers.CLIPTextModelWithProjection(cfg).save_pretrained(folder)
+    return folder
+
+
+def no_load(*a, **k):
+    raise AssertionError("the model was loaded")
+
+
+# -- experiments.sd_methods --------------------------------------------------------------
+
+
+def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--prompts", str(prompts), "--n", str(N), "--steps",
+            str(STEPS), "--cfg", CFG, "--out", str(out), "--clip-projection", str(projection),
+            "--pg-strength", "100"]  # fmt: skip
+    assert sd_methods.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["skipped"] == {}
+    assert list(res["methods"]) == list(generate.METHODS)
+    assert res["methods"]["spell"]["knobs"] == {"radius": "auto", "overcompensation": 1.6}
+    assert res["methods"]["gass"]["knobs"]["projection"] == str(projection.resolve())
+    (row,) = res["prompts"]
+    assert row["prompt"] == "a cat" and row["grid"] == "grid_p000.png"
+    metrics = ("vendi", "mss", "spp", "clip_score", "latent_mean_distance", "seconds")
+    for method in generate.METHODS:
+        values = row["methods"][method]
+        for name in metrics:
+            assert isinstance(values[name], float) and math.isfinite(values[name]), (method, name)
+        assert 1 - 1e-4 <= values["vendi"] <= N + 1e-4 and 0 <= values["clip_score"] <= 100
+        assert set(res["mean"][method]) >= set(metrics)
+    # SPELL's radius is the unguided row's median distance; its rows end >= r apart
+    spell = row["methods"]["spell"]
+    assert spell["spell_radius"] == pytest.approx(row["methods"]["none"]["latent_median_distance"])
+    from PIL import Image
+
+    with Image.open(out / "grid_p000.png") as im:
+        assert im.size == (sd_methods.LABEL_WIDTH + N * 16, len(generate.METHODS) * 16)
+
+
+def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    args = sd_methods.parse_args(["--model", str(model), "--prompts", str(prompts), "--n", "2",
+                                  "--out", str(tmp_path / "o")])  # fmt: skip
+    knobs, skipped = sd_methods.plan(args)
+    assert set(knobs) == {"none", "spell", "cads", "interval"}
+    assert "--pg-strength" in skipped["particle"]
+    assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
+    args.pg_strength = 1.0
+    assert "--batch-size >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "none,foo"], "--methods: unknown foo"),
+        (["--n", "1"], "--n must be >= 2"),
+        (["--clip-projection", "/nonexistent"], "is not a model folder"),
+    ],
+)
+def test_sd_methods_bad_values_fail_before_the_model_loads(
+    model, tmp_path, monkeypatch, capsys, extra, message
+):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    with pytest.raises(SystemExit) as info:
+        sd_methods.main(["--model", str(model), "--prompts", str(prompts),
+                         "--out", str(tmp_path / "o"), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+# -- experiments.generate --method --------------------------------------------------------
+
+# method -> (its flags, a changed knob that must be refused on resume)
+METHOD_RUNS = {
+    "none": ([], ["--method", "cads"]),
+    "spell": ([], ["--spell-overcompensation", "1.5"]),
+    "particle": (["--pg-strength", "100"], ["--pg-strength", "50"]),
+    "cads": ([], ["--cads-noise-scale", "0.1"]),
+    "interval": ([], ["--interval-lo", "0.1"]),
+    "gass": (["--clip-projection", "{proj}"], ["--gass-r-dep", "0.05"]),
+    "tpso": (["--tpso-projection", "{proj}"], ["--tpso-kappa", "0.7"]),
+}
+
+
+def gen_argv(model, out, method, flags, proj):
+    flags = [f.replace("{proj}", str(proj)) for f in flags]
+    return ["--model", str(model), "--prompt", "a cat", "--steps", str(STEPS), "--cfg", CFG,
+            "--n", str(N), "--out", str(out), "--method", method, *flags]  # fmt: skip
+
+
+def pngs(out) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((Path(out) / "images").glob("*.png"))}
+
+
+@pytest.mark.parametrize("method", list(METHOD_RUNS))
+def test_generate_method_records_knobs_resumes_and_refuses_others(
+    model, projection, tmp_path, monkeypatch, capsys, method
+):
+    flags, changed = METHOD_RUNS[method]
+    out = tmp_path / method
+    argv = gen_argv(model, out, method, flags, projection)
+    assert generate.main(argv) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    knobs = meta["settings"]["method_knobs"]
+    assert meta["settings"]["method"] == method
+    if method in ("none", "spell", "cads", "interval"):  # the paper defaults
+        assert knobs == generate.method_knobs(method, {}, str(model))
+    if method == "spell":
+        assert meta["method_resolved"]["spell_radius"]["0"] > 0
+    if method in ("gass", "tpso"):
+        assert knobs["projection"] == str(projection.resolve())
+    assert meta["method"]["coupling"].startswith(
+        "per batch" if method in generate.COUPLED else "none"
+    )
+    first = pngs(out)
+    assert len(first) == N
+
+    # the same command: nothing to do, the model is not even loaded
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    monkeypatch.setattr(generate, "_LOADED", dict(generate._LOADED))
+    assert generate.main(argv) == 0
+    assert "already in" in capsys.readouterr().out and pngs(out) == first
+
+    # another value of a knob: refused, nothing touched
+    with pytest.raises(SystemExit) as info:
+        generate.main(argv + changed)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds a run with different settings" in err, err
+    assert pngs(out) == first
+
+    if method in generate.COUPLED:  # a batch with a missing image is generated whole, again
+        monkeypatch.undo()
+        (out / "images" / generate.image_name(0, 1)).unlink()
+        before = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+        assert generate.main(argv) == 0
+        assert pngs(out) == first  # deterministic: the same bytes
+        after = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+        assert all(after[k] != before[k] for k in before)  # rewritten with its batch
+
+
+def test_generate_folder_from_before_method_resumes(model, projection, tmp_path, monkeypatch):
+    out = tmp_path / "legacy"
+    argv = gen_argv(model, out, "none", [], projection)
+    assert generate.main(argv) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    for key in ("method", "method_knobs"):
+        del meta["settings"][key]
+    (out / "metadata.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    assert generate.main(argv) == 0  # --method none: the same settings
+
+
+BAD_KNOBS = {
+    "foreign-flag": (["--method", "spell", "--pg-strength", "1"],
+                     "--pg-strength applies to --method particle only, not to --method spell"),
+    "pg-missing": (["--method", "particle"], "--method particle needs --pg-strength"),
+    "pg-batch": (["--method", "particle", "--pg-strength", "1", "--batch-size", "2"],
+                 "needs --batch-size >= 3"),
+    "spell-batch": (["--method", "spell", "--batch-size", "1"], "needs --batch-size >= 2"),
+    "radius-text": (["--method", "spell", "--spell-radius", "big"],
+                    "--spell-radius must be a number, got 'big'"),
+    "radius-zero": (["--method", "spell", "--spell-radius", "0"],
+                    "--spell-radius must be > 0 (or 'auto'), got 0"),
+    "lambda-nan": (["--method", "spell", "--spell-overcompensation", "nan"],
+                   "--spell-overcompensation must be a finite number"),
+    "cads-taus": (["--method", "cads", "--cads-tau1", "0.9", "--cads-tau2", "0.5"],
+                  "need --cads-tau1 < --cads-tau2"),
+    "cads-psi": (["--method", "cads", "--cads-psi", "2"], "--cads-psi must be in [0, 1], got 2"),
+    "interval": (["--method", "interval", "--interval-lo", "3", "--interval-hi", "1"],
+                 "need --interval-lo < --interval-hi"),
+    "gass-iters": (["--method", "gass", "--gass-max-iters", "0", "--clip-projection", "{proj}"],
+                   "--gass-max-iters must be an integer >= 1, got 0"),
+    "gass-no-projection": (["--method", "gass"], "--method gass needs --clip-projection PATH"),
+    "tpso-no-projection": (["--method", "tpso"], "--method tpso needs --tpso-projection PATH"),
+    "tpso-bad-folder": (["--method", "tpso", "--tpso-projection", "/nonexistent"],
+                        "is not a CLIP text model folder"),
+    "tpso-kappa": (["--method", "tpso", "--tpso-kappa", "1", "--tpso-projection", "none"],
+                   "--tpso-kappa must be in (-1, 1)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_KNOBS))
+def test_bad_knobs_fail_before_the_model_loads(
+    model, projection, tmp_path, monkeypatch, capsys, case
+):
+    extra, message = BAD_KNOBS[case]
+    extra = [e.replace("{proj}", str(projection)) for e in extra]
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    out = tmp_path / "never"
+    argv = ["--model", str(model), "--prompt", "a cat", "--n", "4", "--out", str(out), *extra]
+    with pytest.raises(SystemExit) as info:
+        generate.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_gass_needs_an_image_encoder_in_the_folder(tmp_path, projection):
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="needs a CLIP image encoder"):
+        generate.method_knobs("gass", {"--clip-projection": str(projection)}, str(tmp_path))
+    assert np.isinf(float(generate.method_knobs(
+        "interval", {"--interval-hi": "inf"}, str(tmp_path))["sigma_hi"]))  # fmt: skip
