@@ -1,6 +1,7 @@
 """Per-image overhead of each diversity method over the unguided (CFG-only) run, on CPU.
 
     python -m benchmarks.sd_methods [--config sd21-small] [--steps 10] [--batch 4] [--rounds 3]
+                                    [--gass-iters 60]
 
 A random pipeline of :data:`benchmarks.sd_generate.CONFIGS` (default ``sd21-small``: SD
 2.1's architecture at reduced width, 128x128 px) plus a tiny CLIP vision tower for GASS is
@@ -30,8 +31,9 @@ PROMPT = "a photo of a cat"
 CFG = 7.5
 
 
-def build_methods(pipe, noise, steps):
-    """``{name: guidance}`` at each method's defaults (GASS: every step active)."""
+def build_methods(pipe, noise, steps, gass_iters):
+    """``{name: guidance}`` at each method's defaults (GASS: every step active, at most
+    ``gass_iters`` Adam iterations per step)."""
     import jax
     import jax.numpy as jnp
 
@@ -58,14 +60,14 @@ def build_methods(pipe, noise, steps):
         "cads": guidance.chain(guidance.cads(), cfg),
         "interval": guidance.interval(CFG, 0.28, 5.42, null),
         "gass (latent write-back)": guidance.chain(
-            cfg, guidance.gass(gass_encoder(pipe), text, steps="all")),
+            cfg, guidance.gass(gass_encoder(pipe), text, steps="all", max_iters=gass_iters)),
         "gass (pixel write-back)": guidance.chain(
             cfg, guidance.gass(pipe.encode_image, text, lr=8e-3, steps="all",
-                               write_space=gass_pixel_space(pipe))),
+                               max_iters=gass_iters, write_space=gass_pixel_space(pipe))),
     }  # fmt: skip
 
 
-def bench(config, steps, batch, rounds, folder):
+def bench(config, steps, batch, rounds, gass_iters, folder):
     import jax
 
     import jaxdiv
@@ -78,7 +80,7 @@ def bench(config, steps, batch, rounds, folder):
     save_random_pipeline(folder, seed=0, image_encoder=True, **CONFIGS[config])
     pipe = sd.load(folder)
     noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(batch))
-    cond, r, methods = build_methods(pipe, noise, steps)
+    cond, r, methods = build_methods(pipe, noise, steps, gass_iters)
     sampler = pipe.ddim(steps, clean_endpoint=True)
 
     width = pipe.token_embedding.shape[1]
@@ -130,6 +132,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gass-iters", type=int, default=60,
+                   help="GASS's max Adam iterations per step (paper: 60; each runs the VAE "
+                   "decoder and CLIP forward and backward)")
     p.add_argument("--out", default="results/sd_methods.json")
     args = p.parse_args(argv)
 
@@ -139,7 +144,8 @@ def main(argv=None):
     from experiments.common import write_json
 
     with tempfile.TemporaryDirectory() as folder:
-        rows, extra = bench(args.config, args.steps, args.batch, args.rounds, folder)
+        rows, extra = bench(args.config, args.steps, args.batch, args.rounds, args.gass_iters,
+                            folder)
     print("| method | s / image, median [min-max] | x unguided |")
     print("|---|---|---|")
     for r in rows:
@@ -153,6 +159,7 @@ def main(argv=None):
         "steps": args.steps,
         "batch": args.batch,
         "rounds": args.rounds,
+        "gass_max_iters": args.gass_iters,
         "timing": "interleaved A B C ... per round, median [min-max]",
         "date": time.strftime("%Y-%m-%d"),
         "device": str(jax.devices()[0]),
