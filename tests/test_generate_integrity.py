@@ -399,12 +399,19 @@ def _writable(folder) -> bool:
     return True
 
 
-def _readonly_folder(tmp):
+def _readonly_folder(tmp, monkeypatch):
     folder = tmp / "ro"
     folder.mkdir()
     folder.chmod(0o555)
-    if _writable(folder):  # root writes anyway
-        pytest.skip("a chmod 555 folder is writable for this user")
+    if _writable(folder):  # root writes anyway: make the write probe fail as it would
+        real = run_folder.tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).resolve() == folder.resolve():
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(run_folder.tempfile, "mkstemp", refuse)
     return folder
 
 
@@ -436,7 +443,9 @@ BAD = {
 def test_bad_values_fail_before_the_model_loads(model, tmp_path, monkeypatch, capsys, case):
     extra, message = BAD[case]
     if "{readonly}" in extra[-1]:
-        extra = [extra[0], str(_readonly_folder(tmp_path))]
+        extra = [extra[0], str(_readonly_folder(tmp_path, monkeypatch))]
+    # a real read-only mount where the machine has one; the "readonly" case checks the
+    # same refusal everywhere (with the write probe failing when root could write)
     if extra[-1] == "/sys/fs" and (not Path("/sys/fs").is_dir() or _writable("/sys/fs")):
         pytest.skip("no read-only /sys/fs here")
     file = tmp_path / "a_file"
