@@ -55,7 +55,10 @@ knob flag of another method is refused:
 * ``tpso``: ``--batch-size`` optimised variants of the prompt per batch (key from the
   seed, prompt and batch), cosines measured after ``--tpso-projection FOLDER`` (default:
   ``--clip-projection``, else the text encoder's own; ``none``: the pooled output); the
-  negative CFG branch is the plain null embedding.
+  negative CFG branch as in the public code: each image draws one of a pool of
+  ``--tpso-null-pool 350`` optimised blank-prompt embeddings (built once per output
+  folder, same kappa/lambda/projection, kept in ``tpso_null_pool.npz`` so a rerun reuses
+  it; ``none``: the plain null embedding, the paper's text).
 
 The method and its knobs are settings: a folder made with other knobs is refused, and the
 same command resumes byte-identically. ``spell``, ``particle``, ``gass`` and ``tpso``
@@ -80,7 +83,13 @@ import numpy as np
 from experiments import run_folder
 from experiments.run_folder import write_json  # not experiments.common: no jax before parsing
 
-SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "flow_euler")
+# pipeline kind -> (samplers it runs, default sampler, default --steps, default --cfg):
+# diffusers' defaults for each (SD3: 28 FlowMatch Euler steps, guidance 7.0)
+KINDS = {
+    "sd": (SAMPLERS[:-1], "ddim", 50, 7.5),
+    "sd3": (("flow_euler",), "flow_euler", 28, 7.0),
+}
 GRID_COLUMNS = 8
 # Settings that change the pixels of an image: a folder made with other values is refused.
 _RUN_KEYS = (
@@ -176,12 +185,13 @@ METHOD_KNOBS = {
         ("diversity_weight", "--tpso-lambda", 1.0, "nonnegative"),
         ("max_steps", "--tpso-max-steps", 50, "count"),
         ("projection", "--tpso-projection", None, "projection"),
+        ("null_pool", "--tpso-null-pool", 350, "pool"),
     ),
 }
 KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
 
 
-def _knob_value(flag: str, text: str, kind: str):
+def knob_value(flag: str, text: str, kind: str):
     """One knob from its command-line text; ValueError with a one-line message."""
     if kind == "radius" and text == "auto":
         return "auto"
@@ -192,11 +202,14 @@ def _knob_value(flag: str, text: str, kind: str):
         if not (folder / "config.json").is_file():
             raise ValueError(f"{flag} {text!r} is not a CLIP text model folder (no config.json)")
         return str(folder.resolve())
-    if kind == "count":
+    if kind == "pool" and text == "none":
+        return "none"
+    if kind in ("count", "pool"):
         try:
             value = int(text)
         except ValueError:
-            raise ValueError(f"{flag} must be an integer >= 1, got {text!r}") from None
+            what = " (or 'none')" if kind == "pool" else ""
+            raise ValueError(f"{flag} must be an integer >= 1{what}, got {text!r}") from None
         if value < 1:
             raise ValueError(f"{flag} must be an integer >= 1, got {value}")
         return value
@@ -276,7 +289,7 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
         if text is None and flag == "--tpso-projection":
             text = given.get("--clip-projection")
         if text is not None:
-            knobs[knob] = _knob_value(flag, text, kind)
+            knobs[knob] = knob_value(flag, text, kind)
         elif kind == "projection":
             if not _text_encoder_has_projection(model):
                 raise ValueError(
@@ -300,6 +313,10 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
     if method == "gass" and not image_encoder:
         raise ValueError(f"--method gass needs a CLIP image encoder in {model}/image_encoder "
                          "(CLIPVisionModelWithProjection)")  # fmt: skip
+    pool = knobs.get("null_pool", "none")
+    if batch_size is not None and pool != "none" and pool < batch_size:
+        raise ValueError(f"--tpso-null-pool {pool} is smaller than --batch-size {batch_size}: "
+                         "each image of a batch draws its own negative embedding")  # fmt: skip
     if batch_size is not None and method in COUPLED:
         least = 3 if method == "particle" else 2
         if batch_size < least:
@@ -336,8 +353,42 @@ def text_embeddings(pipe, prompts, kernel):
     return pooled @ kernel.astype(pooled.dtype)
 
 
+def tpso_null_pool(pipe, knobs: dict, key, path: Path, log=lambda msg: None):
+    """TPSO's pool of optimised blank-prompt embeddings for the negative branch, loaded
+    from ``path`` when an earlier run of the folder built it, else built and saved there
+    atomically (``None`` for ``--tpso-null-pool none``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiv.guidance.tpso import TPSOResult
+    from jaxdiv.pipelines import tpso
+
+    if knobs["null_pool"] == "none":
+        return None
+    # what the pool depends on besides the model: a file made otherwise is rebuilt
+    made_with = json.dumps({**knobs, "key": np.asarray(jax.random.key_data(key)).tolist()},
+                           sort_keys=True)  # fmt: skip
+    if path.is_file():
+        with np.load(path) as f:
+            if "made_with" in f and str(f["made_with"]) == made_with:
+                return TPSOResult(*(jnp.asarray(f[name]) for name in TPSOResult._fields))
+    t0 = time.perf_counter()
+    pool = tpso.tpso_null_pool(
+        pipe, key, size=knobs["null_pool"], projection=projection_kernel(pipe, knobs["projection"]),
+        kappa=knobs["kappa"], diversity_weight=knobs["diversity_weight"],
+    )  # fmt: skip
+    buf = io.BytesIO()
+    np.savez(buf, made_with=np.asarray(made_with),
+             **{name: np.asarray(v) for name, v in pool._asdict().items()})
+    run_folder.atomic_write(path, buf.getvalue())
+    log(f"--tpso-null-pool: {pool.hidden.shape[0]} blank-prompt embeddings optimised in "
+        f"{time.perf_counter() - t0:.1f} s ({int(pool.steps)} steps, "
+        f"{int(np.sum(pool.converged))} in the band); saved to {path}")  # fmt: skip
+    return pool
+
+
 def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, prompt: str,
-                key, radius=None, text_emb=None, cfg_term=None):  # fmt: skip
+                key, radius=None, text_emb=None, cfg_term=None, null_pool=None):  # fmt: skip
     """The guidance and the condition of one batch of ``prompt`` under ``method``.
 
     Condition terms (CADS) come before CFG, x0 terms (SPELL, PG, GASS) after it; interval
@@ -355,6 +406,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         radius: SPELL's radius (a number; resolve ``"auto"`` first).
         text_emb: GASS's ``(P,)`` text embedding (:func:`text_embeddings`).
         cfg_term: a prebuilt ``guidance.cfg(cfg, null_cond=null)`` to reuse.
+        null_pool: TPSO's negative-branch pool (:func:`tpso_null_pool`) or ``None``.
 
     Returns:
         ``(guidance or None, cond)``.
@@ -373,7 +425,10 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         c = tpso.tpso_conditions(
             pipe, [prompt], cond.shape[0], key, projection=projection_kernel(pipe, k["projection"]),
             kappa=k["kappa"], diversity_weight=k["diversity_weight"], max_steps=k["max_steps"],
+            null_pool=null_pool,
         )  # fmt: skip
+        if cfg == 1.0:  # no CFG: the negative branch is never evaluated
+            return guidance.tpso(c.optimized, k["ratio"]), c.cond
         return tpso.tpso_guidance(c, scale=cfg, ratio=k["ratio"]), c.cond
     if method == "cads":
         term = guidance.cads(tau1=k["tau1"], tau2=k["tau2"], noise_scale=k["noise_scale"],
@@ -392,21 +447,37 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     return (term if cfg_term is None else guidance.chain(cfg=cfg_term, **{method: term})), cond
 
 
+def pipeline_kind(model: str) -> str:
+    """``"sd3"`` for a ``StableDiffusion3Pipeline`` folder, else ``"sd"`` (SD 1.x/2.x; the
+    loader reports a folder that is neither)."""
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return "sd"
+    name = index.get("_class_name", "") if isinstance(index, dict) else ""
+    return "sd3" if isinstance(name, str) and name.startswith("StableDiffusion3") else "sd"
+
+
 def load_pipeline(model: str, dtype: str = "float32", allow_pickle: bool = False,
                   clip_skip: int | None = None, image_encoder=None):  # fmt: skip
-    """Load a pipeline, or reuse the one loaded last with the same arguments (one model
-    in memory; a reused pipeline reuses its compiled programs)."""
+    """Load a pipeline (SD 1.x/2.x or SD3, by the folder's ``model_index.json``), or reuse
+    the one loaded last with the same arguments (one model in memory; a reused pipeline
+    reuses its compiled programs)."""
     import jax.numpy as jnp
 
-    from jaxdiv.pipelines import stable_diffusion
+    from jaxdiv.pipelines import stable_diffusion, stable_diffusion_3
 
     key = (str(Path(model).resolve()), dtype, allow_pickle, clip_skip, image_encoder)
     if key not in _LOADED:
         _LOADED.clear()  # keep at most one model in memory
-        _LOADED[key] = stable_diffusion.load(
-            model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-            allow_pickle=allow_pickle, clip_skip=clip_skip, image_encoder=image_encoder,
-        )  # fmt: skip
+        kw = dict(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                  allow_pickle=allow_pickle, clip_skip=clip_skip)  # fmt: skip
+        if pipeline_kind(model) == "sd3":
+            if image_encoder not in (None, False):
+                raise ValueError("--image-encoder is not supported with SD3 folders yet")
+            _LOADED[key] = stable_diffusion_3.load(model, **kw)
+        else:
+            _LOADED[key] = stable_diffusion.load(model, image_encoder=image_encoder, **kw)
     return _LOADED[key]
 
 
@@ -426,9 +497,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
     p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps N")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 = no guidance)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: ddim (SD 1.x/2.x), flow_euler (SD3, the only one there)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps N (default: 50; SD3 28)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="CFG scale, 1 = no guidance (default: 7.5; SD3 7.0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
     p.add_argument(
         "--clean-endpoint",
@@ -453,13 +526,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="diversity method, composed with CFG (default: none)")  # fmt: skip
-    knobs = p.add_argument_group("method knobs (each for its --method; defaults: the papers')")
-    for flag in KNOB_FLAGS:
-        default = next(d for ks in METHOD_KNOBS.values() for _, f, d, _ in ks if f == flag)
-        knobs.add_argument(flag, default=None, metavar="VALUE",
-                           help=f"default: {default}" if default is not None else None)  # fmt: skip
+    add_knob_flags(p, "method knobs (each for its --method; defaults: the papers')")
     p.add_argument("--out", default=None, help="output folder (default: results/generate/<slug>)")
     args = p.parse_args(argv)
+    args.kind = pipeline_kind(args.model)
+    runs, default_sampler, default_steps, default_cfg = KINDS[args.kind]
+    if args.sampler is None:
+        args.sampler = default_sampler
+    elif args.sampler not in runs:
+        what = "SD3 (a rectified flow)" if args.kind == "sd3" else "SD 1.x/2.x folders"
+        p.error(f"--sampler {args.sampler} does not apply to {what}; choose from "
+                f"{', '.join(runs)}")  # fmt: skip
+    args.steps = default_steps if args.steps is None else args.steps
+    args.cfg = default_cfg if args.cfg is None else args.cfg
+    if args.kind == "sd3" and args.method == "tpso":
+        p.error("--method tpso runs on SD 1.x/2.x folders; TPSO on SD3's two CLIP encoders "
+                "is not available yet")  # fmt: skip
     for name in ("steps", "n", "batch_size", "height", "width"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -484,7 +566,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--prompt: prompts must be non-empty")
     if args.batch_size is None:
         args.batch_size = min(args.n, 4)
-    given = {f: getattr(args, _dest(f)) for f in KNOB_FLAGS if getattr(args, _dest(f)) is not None}
+    given = given_knobs(args)
     try:
         args.method_knobs = method_knobs(args.method, given, args.model, args.batch_size)
     except ValueError as err:
@@ -503,6 +585,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _dest(flag: str) -> str:
     """argparse's attribute name of a flag (``--spell-radius`` -> ``spell_radius``)."""
     return flag.lstrip("-").replace("-", "_")
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, title: str) -> None:
+    """Add every method's knob flags (:data:`METHOD_KNOBS`) not already in ``parser``,
+    defaulting to ``None`` (= the method's default), with the default in the help."""
+    group = parser.add_argument_group(title)
+    for flag in KNOB_FLAGS:
+        if flag in parser._option_string_actions:
+            continue
+        default = next(d for ks in METHOD_KNOBS.values() for _, f, d, _ in ks if f == flag)
+        group.add_argument(flag, default=None, metavar="VALUE",
+                           help=f"default: {default}" if default is not None else None)  # fmt: skip
+
+
+def given_knobs(args: argparse.Namespace) -> dict:
+    """``{flag: text}`` of the knob flags given on the command line."""
+    return {f: getattr(args, _dest(f)) for f in KNOB_FLAGS if getattr(args, _dest(f)) is not None}
 
 
 def _schedule_length(model: str) -> int | None:
@@ -577,6 +676,9 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
         old = meta["settings"]
     except (ValueError, KeyError) as err:
         raise RunError(f"--out {str(out)!r}: unreadable metadata.json ({err})") from err
+    knobs = old.get("method_knobs")
+    if old.get("method") == "tpso" and isinstance(knobs, dict) and "null_pool" not in knobs:
+        old = {**old, "method_knobs": {**knobs, "null_pool": "none"}}  # before the pool
     diffs = [
         f"{k}: {old.get(k, _legacy(old, k))!r} -> {settings[k]!r}"
         for k in _RUN_KEYS
@@ -621,7 +723,8 @@ def _non_finite_weights(pipe) -> list[str]:
     import jax
 
     found = []
-    parts = (("unet", "denoiser"), ("vae", "decode"), ("text_encoder", "encode_prompt"))
+    model = "transformer" if hasattr(pipe, "flow_euler") else "unet"
+    parts = ((model, "denoiser"), ("vae", "decode"), ("text_encoders", "encode_prompt"))
     for component, attr in parts:
         for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(pipe, attr)):
             if not hasattr(leaf, "dtype") or not jax.numpy.issubdtype(leaf.dtype, np.floating):
@@ -780,11 +883,13 @@ def _run_locked(args: argparse.Namespace) -> dict:
     settings["height"], settings["width"] = height, width
     check_existing(out, settings)  # again, now that the default size is known
     log(
-        f"loaded {args.model} in {load_s:.1f} s ({pipe.prediction_type}, "
+        f"loaded {args.model} in {load_s:.1f} s ({getattr(pipe, 'prediction_type', 'flow')}, "
         f"{pipe.schedule.name}, {height}x{width}, latents {shape[1:]})"
     )
 
-    if args.sampler == "ddim":
+    if args.sampler == "flow_euler":
+        sampler = pipe.flow_euler(args.steps)
+    elif args.sampler == "ddim":
         sampler = pipe.ddim(args.steps, eta=args.eta, clean_endpoint=args.clean_endpoint)
     elif args.sampler == "edm":
         sampler = pipe.edm(args.steps, s_churn=args.s_churn)
@@ -805,10 +910,13 @@ def _run_locked(args: argparse.Namespace) -> dict:
             _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null)
         term = _TERMS[term_key]
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt))
-    texts = [(f"--prompt {p!r}", prompt_emb[j]) for j, p in enumerate(args.prompt)]
+    texts = [(f"--prompt {p!r}", jax.tree.map(lambda e, j=j: e[j], prompt_emb))
+             for j, p in enumerate(args.prompt)]  # fmt: skip
     if term is not None:
         texts.append((f"--negative-prompt {args.negative_prompt!r}", null))
-    bad_texts = [name for name, e in texts if not np.isfinite(np.asarray(e, np.float32)).all()]
+    bad_texts = [name for name, e in texts
+                 if not all(np.isfinite(np.asarray(x, np.float32)).all()
+                            for x in jax.tree.leaves(e))]  # fmt: skip
     if bad_texts:
         raise NonFiniteError(
             f"non-finite values (NaN or inf) in the text encoder's embedding of "
@@ -839,13 +947,17 @@ def _run_locked(args: argparse.Namespace) -> dict:
         return jax.random.fold_in(jax.random.fold_in(root_key, 1_000_003 + j), b)
 
     def prompt_cond(j):
-        return jnp.broadcast_to(prompt_emb[j : j + 1], (bs,) + prompt_emb.shape[1:])
+        return jax.tree.map(lambda e: jnp.broadcast_to(e[j : j + 1], (bs,) + e.shape[1:]),
+                            prompt_emb)  # fmt: skip
 
     method, knobs = args.method, args.method_knobs
     coupled = method in COUPLED
     # values derived from the settings (SPELL's auto radius): kept from an earlier run
     resolved = dict((previous or {}).get("method_resolved", {}))
-    text_embs = None
+    text_embs, null_pool = None, None
+    if method == "tpso" and args.cfg != 1.0 and done < total:
+        null_pool = tpso_null_pool(pipe, knobs, jax.random.fold_in(root_key, 3_000_017),
+                                   out / "tpso_null_pool.npz", log)  # fmt: skip
     if method == "gass":
         text_embs = clip_text_embeddings(pipe, args.prompt, knobs["projection"], shape)
 
@@ -874,9 +986,9 @@ def _run_locked(args: argparse.Namespace) -> dict:
     meta = {
         "settings": settings,
         "pipeline": {
-            "prediction_type": pipe.prediction_type,
+            "prediction_type": getattr(pipe, "prediction_type", "flow"),
             "schedule": pipe.schedule.name,
-            "grid_kwargs": pipe.grid_kwargs,
+            "grid_kwargs": getattr(pipe, "grid_kwargs", {}),
             "latent_shape": list(shape[1:]),
             "vae_scale_factor": pipe.vae_scale_factor,
         },
@@ -917,7 +1029,7 @@ def _run_locked(args: argparse.Namespace) -> dict:
             g, cond = method_term(
                 pipe, method, knobs, cfg=args.cfg, null=null, cond=prompt_cond(j),
                 prompt=args.prompt[j], key=tpso_key, radius=radius, cfg_term=term,
-                text_emb=None if text_embs is None else text_embs[j],
+                text_emb=None if text_embs is None else text_embs[j], null_pool=null_pool,
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise RunError(f"--method {method}: {err}") from err

@@ -2,13 +2,15 @@
 
     python -m experiments.sd_methods --model PATH --prompts FILE --n 8 --out DIR \\
         [--steps 50 --cfg 7.5 --seed 0 --clip-projection FOLDER --image-encoder FOLDER \\
-         --pg-strength S --methods none,spell,...]
+         --methods none,spell,... --pg-strength S --gass-max-iters 60 ...]
 
 ``FILE`` holds one prompt per line. For each prompt, every applicable method of
 :data:`experiments.generate.METHODS` runs at its paper's defaults for SD (the knob
 defaults of ``experiments.generate``; SPELL's radius is App. D's median pairwise distance
 of the unguided row's final latents) with DDIM (eta 0) and CFG ``--cfg``, on the **same**
-``n`` noise latents and the same sampling key. Writes, under ``--out``::
+``n`` noise latents and the same sampling key; every knob flag of ``experiments.generate``
+sets that method's knob here (a flag for a method not in ``--methods`` is refused).
+Writes, under ``--out``::
 
     grid_p000.png   one row per method (its name on the left), n images per row
     results.json    settings; per method its knobs or why it was skipped; per prompt and
@@ -80,10 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--image-encoder", default=None,
                    help="CLIP vision tower folder (default: <model>/image_encoder)")  # fmt: skip
-    p.add_argument("--pg-strength", type=float, default=None, help="PG strength (required for PG)")
     p.add_argument("--methods", default=",".join(generate.METHODS),
                    help="comma-separated subset of " + ",".join(generate.METHODS))  # fmt: skip
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    generate.add_knob_flags(p, "method knobs, as experiments.generate's (defaults: the "
+                               "papers'; --pg-strength is required for PG)")  # fmt: skip
     args = p.parse_args(argv)
     if args.n < 2:
         p.error(f"--n must be >= 2 (the metrics compare images), got {args.n}")
@@ -91,8 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg must be a finite number, got {args.cfg}")
-    if args.pg_strength is not None and not math.isfinite(args.pg_strength):
-        p.error(f"--pg-strength must be a finite number, got {args.pg_strength}")
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -101,6 +102,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
                 f"{', '.join(generate.METHODS)}")  # fmt: skip
     args.methods = [m for m in generate.METHODS if m in methods]
+    for flag, text in generate.given_knobs(args).items():
+        if flag == "--clip-projection":  # also the metrics' projection
+            continue
+        uses = [(m, kind) for m, ks in generate.METHOD_KNOBS.items() for _, f, _, kind in ks
+                if f == flag]  # fmt: skip
+        if not {m for m, _ in uses} & set(args.methods):
+            p.error(f"{flag} applies to --methods {' or '.join(m for m, _ in uses)}, which "
+                    "this run does not include")  # fmt: skip
+        try:
+            generate.knob_value(flag, text, uses[0][1])
+        except ValueError as err:
+            p.error(str(err))
     for flag, value in (("--image-encoder", args.image_encoder),
                         ("--clip-projection", args.clip_projection)):  # fmt: skip
         if value is not None and not (Path(value) / "config.json").is_file():
@@ -130,11 +143,10 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
     has_encoder = args.image_encoder is not None or None  # None: look in the model folder
     knobs, skipped = {}, {}
     for method in args.methods:
-        given = {}
-        if method in ("gass", "tpso") and args.clip_projection is not None:
+        own = {f for _, f, _, _ in generate.METHOD_KNOBS[method]}
+        given = {f: v for f, v in generate.given_knobs(args).items() if f in own}
+        if method == "tpso" and args.clip_projection is not None:
             given["--clip-projection"] = args.clip_projection
-        if method == "particle" and args.pg_strength is not None:
-            given["--pg-strength"] = repr(args.pg_strength)
         try:
             knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder)
         except ValueError as err:
@@ -235,6 +247,10 @@ def run(args: argparse.Namespace) -> dict:
     root = jax.random.key(args.seed)
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt_list))
     out = Path(args.out)
+    null_pool = None
+    if "tpso" in knobs and cfg_term is not None:
+        null_pool = generate.tpso_null_pool(pipe, knobs["tpso"], jax.random.fold_in(root, 11),
+                                            out / "tpso_null_pool.npz", log)  # fmt: skip
     results = {
         "settings": {
             "model": str(Path(args.model).resolve()),
@@ -282,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
                 pipe, method, k, cfg=args.cfg, null=null, cond=cond, prompt=prompt,
                 key=jax.random.fold_in(jax.random.fold_in(root, 10), j), radius=radius,
                 text_emb=gass_embs[j] if method == "gass" else None, cfg_term=cfg_term,
+                null_pool=null_pool,
             )  # fmt: skip
             x0 = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key, cond=c, guidance=g).x0
             images = pipe.decode(x0)

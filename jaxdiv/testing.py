@@ -5,7 +5,10 @@ model and hand it to jaxdiv's loaders lives here once:
 
 * tiny configs -- :data:`TINY_UNET`, :data:`TINY_VAE`, :data:`TINY_TEXT`,
   :data:`TINY_VISION`, :data:`TINY_SCHEDULER` (a 16x16-pixel SD 1.x) and the UNet variants
-  :data:`TINY_UNET_SD1` / :data:`TINY_UNET_SD2` of the UNet parity tests. They are keyword
+  :data:`TINY_UNET_SD1` / :data:`TINY_UNET_SD2` of the UNet parity tests, and the SD3
+  MMDiT layouts :data:`TINY_MMDIT` (SD3-Medium), :data:`TINY_MMDIT_SD35_MEDIUM` and
+  :data:`TINY_MMDIT_SD35_LARGE` (``SD3Transformer2DModel(**TINY_MMDIT)``), and SD3's T5
+  encoder :data:`TINY_T5` (``transformers.T5Config(**TINY_T5)``). They are keyword
   dicts for the PyTorch classes (``UNet2DConditionModel(**TINY_UNET)``,
   ``transformers.CLIPTextConfig(**TINY_TEXT)``, ``DDIMScheduler(**TINY_SCHEDULER)``, ...);
   derive a variant with ``dict(TINY_UNET, layers_per_block=2)``.
@@ -15,6 +18,8 @@ model and hand it to jaxdiv's loaders lives here once:
 * :func:`save_random_pipeline` -- a random diffusers ``StableDiffusionPipeline`` folder;
   :func:`example_pipeline` -- one such folder loaded with
   :func:`jaxdiv.pipelines.stable_diffusion.load`, cached per process (for doctests).
+* :func:`save_random_sd3_pipeline` -- a random diffusers ``StableDiffusion3Pipeline``
+  folder (MMDiT, 16-channel VAE, CLIP-L / CLIP-G with projections, optional T5).
 
 The functions that build models need the ``parity`` extra (torch, diffusers,
 transformers); those imports, and jaxdiv's own models and pipelines, happen inside the
@@ -37,7 +42,11 @@ if TYPE_CHECKING:
     from jaxdiv.pipelines.stable_diffusion import StableDiffusion
 
 __all__ = [
+    "TINY_MMDIT",
+    "TINY_MMDIT_SD35_LARGE",
+    "TINY_MMDIT_SD35_MEDIUM",
     "TINY_SCHEDULER",
+    "TINY_T5",
     "TINY_TEXT",
     "TINY_UNET",
     "TINY_UNET_SD1",
@@ -45,8 +54,10 @@ __all__ = [
     "TINY_VAE",
     "TINY_VISION",
     "example_pipeline",
+    "example_sd3_pipeline",
     "randomize_norms_and_biases",
     "save_random_pipeline",
+    "save_random_sd3_pipeline",
     "write_tiny_vocab",
 ]
 
@@ -81,6 +92,19 @@ _TINY_TOWER = dict(
 )
 TINY_TEXT = dict(_TINY_TOWER, max_position_embeddings=16)
 TINY_VISION = dict(_TINY_TOWER, image_size=16, patch_size=4)
+# T5 v1.1 encoder (SD3's text_encoder_3): d_model equals TINY_MMDIT's joint_attention_dim;
+# heads x d_kv (12) and d_ff (28) equal no other width; offsets past 12 share a bucket.
+TINY_T5 = dict(
+    vocab_size=64,
+    d_model=20,
+    d_kv=4,
+    d_ff=28,
+    num_layers=2,
+    num_heads=3,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=12,
+    feed_forward_proj="gated-gelu",
+)
 # diffusers' DDIMScheduler with SD's betas; set_alpha_to_one=True so the last DDIM step
 # lands on x0 like jaxdiv's grids.
 TINY_SCHEDULER = dict(
@@ -118,6 +142,29 @@ TINY_UNET_SD2 = dict(
     use_linear_projection=True,
     upcast_attention=True,
 )
+
+
+# SD3 MMDiT layouts (diffusers SD3Transformer2DModel kwargs): 2 heads x 8 = 16 wide; text
+# width 20 and pooled width 12 equal no other width, so a mixed-up axis fails; a position
+# table of 8x8 patches is larger than a test latent, so the centre crop is exercised.
+# SD3-Medium: joint blocks, the last one context_pre_only, no q/k norm.
+TINY_MMDIT = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=3,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    joint_attention_dim=20,
+    caption_projection_dim=16,
+    pooled_projection_dim=12,
+    pos_embed_max_size=8,
+)
+# SD3.5-Medium (MMDiT-X): attn2 in some blocks (not the last), RMS q/k norm.
+TINY_MMDIT_SD35_MEDIUM = dict(TINY_MMDIT, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+# SD3.5-Large: RMS q/k norm, no dual attention; out_channels != in_channels.
+TINY_MMDIT_SD35_LARGE = dict(TINY_MMDIT, num_layers=2, out_channels=6, qk_norm="rms_norm")
 
 
 def randomize_norms_and_biases(model: Any, seed: int) -> Any:
@@ -297,6 +344,207 @@ def save_random_pipeline(
     return pipe
 
 
+# SD3's three text encoders, tiny: CLIP-L (quick_gelu, legacy eos_token_id=2 config as in
+# the released SD3 folders: pooling at the largest token id) and CLIP-G (gelu, pooling at
+# the first eos id) with different widths, depths and projections. Hidden widths sum to
+# 18 < joint_attention_dim = 20 (so the zero padding to T5's width is exercised, as
+# 768 + 1280 < 4096 in SD3) and projections to pooled_projection_dim = 12 (768 + 1280).
+_TINY_CLIP_L = dict(
+    hidden_size=8,
+    intermediate_size=13,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    projection_dim=5,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+)
+_TINY_CLIP_G = dict(
+    hidden_size=10,
+    intermediate_size=19,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    projection_dim=7,
+    max_position_embeddings=16,
+    hidden_act="gelu",
+)
+# SD3's VAE: 16 latent channels, no quant convs, latents (z - shift) * scale
+_TINY_SD3_VAE = dict(
+    TINY_VAE,
+    latent_channels=16,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+_SD3_LAYOUTS = {
+    "sd3-medium": TINY_MMDIT,
+    "sd35-medium": TINY_MMDIT_SD35_MEDIUM,
+    "sd35-large": TINY_MMDIT_SD35_LARGE,
+}
+# a Unigram T5 vocabulary in sentencepiece's layout (<pad>=0, </s>=1, <unk>=2, then pieces):
+# every lowercase letter, so any lowercase prompt tokenizes, and a few whole words
+_T5_WORDS = ("a", "cat", "dog", "photo", "of", "red", "the", "on", "blue", "house")
+
+
+def _tiny_t5_tokenizer():
+    """A T5 (Unigram, Metaspace) tokenizer built locally: 40 pieces, no extra ids."""
+    import transformers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [("\u2581" + w, -1.0) for w in _T5_WORDS]
+    # released T5 tokenizers cap at 512; diffusers passes max_sequence_length itself
+    return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _write_clip_g_vocab(folder: Path) -> tuple[int, int]:
+    """:func:`write_tiny_vocab` with ``!`` as id 0 (the released CLIP vocabulary's id 0),
+    the pad token of SD3's / SDXL's CLIP-G tokenizer; returns ``(bos, eos)``."""
+    write_tiny_vocab(folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab = {"!": 0, **{k: v + 1 for k, v in vocab.items()}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+
+
+def save_random_sd3_pipeline(
+    folder: str | os.PathLike,
+    *,
+    layout: str = "sd3-medium",
+    t5: bool = True,
+    seed: int = 0,
+    shift: float = 3.0,
+) -> Path:
+    """Save a random diffusers ``StableDiffusion3Pipeline`` folder (safetensors) for tests.
+
+    The components of a released SD3 / SD3.5 folder, tiny and random (norm affines and
+    biases too, :func:`randomize_norms_and_biases`): an ``SD3Transformer2DModel`` of the
+    chosen layout (:data:`TINY_MMDIT`, :data:`TINY_MMDIT_SD35_MEDIUM`,
+    :data:`TINY_MMDIT_SD35_LARGE`, with 16 in / out channels), an ``AutoencoderKL`` with
+    16 latent channels, SD3's ``scaling_factor`` 1.5305 / ``shift_factor`` 0.0609 and no
+    quant convs (16x16-pixel images, 8x8 latents), two ``CLIPTextModelWithProjection``
+    (a CLIP-L-like tower, ``quick_gelu``, and a wider, deeper CLIP-G-like one, ``gelu``;
+    their hidden widths sum to less than ``joint_attention_dim`` and their projections to
+    ``pooled_projection_dim``, as 768 + 1280 in SD3), a ``T5EncoderModel``
+    (:data:`TINY_T5`, ``d_model = joint_attention_dim``), two CLIP BPE tokenizers
+    (``model_max_length`` 16; CLIP-L pads with its eos token, CLIP-G with ``!``, id 0, as
+    the released tokenizers do) in the released layout (``vocab.json`` + ``merges.txt``),
+    a T5 Unigram tokenizer built locally (``tokenizer.json``; ``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2) and ``FlowMatchEulerDiscreteScheduler(shift=shift)``. Nothing touches the
+    network; ``StableDiffusion3Pipeline.from_pretrained(folder)`` loads it back (plus
+    ``text_encoder_3=None, tokenizer_3=None`` without T5, as diffusers requires).
+
+    Args:
+        folder: where to write (created if missing).
+        layout: ``"sd3-medium"``, ``"sd35-medium"`` (MMDiT-X dual attention, RMS q/k norm)
+            or ``"sd35-large"`` (RMS q/k norm).
+        t5: save the T5 encoder and tokenizer; ``False`` saves the pipeline built with
+            ``text_encoder_3=None, tokenizer_3=None`` (``model_index.json`` lists them as
+            ``null``, no folders; diffusers then uses zeros for the T5 tokens).
+        seed: torch seed of the random weights.
+        shift: the scheduler's time shift (SD3: 3.0).
+
+    Returns:
+        ``folder`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: unknown ``layout``.
+        ImportError: torch, diffusers or transformers are not installed.
+
+    Example:
+        >>> import tempfile
+        >>> d = save_random_sd3_pipeline(tempfile.mkdtemp(), layout="sd35-medium", t5=False)
+        >>> sorted(p.name for p in d.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+        ['model_index.json', 'scheduler', 'text_encoder', 'text_encoder_2', 'tokenizer',
+         'tokenizer_2', 'transformer', 'vae']
+        >>> json.loads((d / "transformer" / "config.json").read_text())["qk_norm"]
+        'rms_norm'
+    """
+    import tempfile
+
+    if layout not in _SD3_LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(_SD3_LAYOUTS)}, got {layout!r}")
+    try:
+        import torch
+        import transformers
+        from diffusers import (
+            AutoencoderKL,
+            FlowMatchEulerDiscreteScheduler,
+            SD3Transformer2DModel,
+            StableDiffusion3Pipeline,
+        )
+    except ImportError as err:
+        raise ImportError(
+            "save_random_sd3_pipeline needs torch, diffusers and transformers "
+            "(pip install 'jaxdiv[parity]')"
+        ) from err
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    length = _TINY_CLIP_L["max_position_embeddings"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_l, tmp_g = Path(tmp) / "l", Path(tmp) / "g"
+        tmp_l.mkdir()
+        tmp_g.mkdir()
+        write_tiny_vocab(tmp_l)
+        bos_g, eos_g = _write_clip_g_vocab(tmp_g)
+        tok_l = transformers.CLIPTokenizer(
+            str(tmp_l / "vocab.json"), str(tmp_l / "merges.txt"), model_max_length=length
+        )
+        tok_g = transformers.CLIPTokenizer(
+            str(tmp_g / "vocab.json"), str(tmp_g / "merges.txt"), model_max_length=length,
+            pad_token="!",
+        )  # fmt: skip
+
+    def clip(cfg, seed_offset, **ids):
+        torch.manual_seed(seed + seed_offset)
+        config = transformers.CLIPTextConfig(**cfg, **ids)
+        model = transformers.CLIPTextModelWithProjection(config)
+        return randomize_norms_and_biases(model, seed + seed_offset)
+
+    # CLIP-L: the released SD3 config's legacy ids (eos_token_id 2: pool at the largest id)
+    text_l = clip(_TINY_CLIP_L, 0, vocab_size=len(tok_l), bos_token_id=0, eos_token_id=2,
+                  pad_token_id=1)  # fmt: skip
+    text_g = clip(_TINY_CLIP_G, 1, vocab_size=len(tok_g), bos_token_id=bos_g,
+                  eos_token_id=eos_g, pad_token_id=0)  # fmt: skip
+    mmdit_cfg = dict(_SD3_LAYOUTS[layout], in_channels=16, out_channels=16)
+    hidden = _TINY_CLIP_L["hidden_size"] + _TINY_CLIP_G["hidden_size"]
+    assert hidden <= mmdit_cfg["joint_attention_dim"] == TINY_T5["d_model"]
+    assert (_TINY_CLIP_L["projection_dim"] + _TINY_CLIP_G["projection_dim"]
+            == mmdit_cfg["pooled_projection_dim"])  # fmt: skip
+    torch.manual_seed(seed + 2)
+    net = randomize_norms_and_biases(SD3Transformer2DModel(**mmdit_cfg), seed + 2)
+    torch.manual_seed(seed + 3)
+    ae = randomize_norms_and_biases(AutoencoderKL(**_TINY_SD3_VAE), seed + 3)
+    text_t5 = tok_t5 = None
+    if t5:
+        torch.manual_seed(seed + 4)
+        t5_model = transformers.T5EncoderModel(transformers.T5Config(**TINY_T5))
+        text_t5 = randomize_norms_and_biases(t5_model, seed + 4)
+        tok_t5 = _tiny_t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=net,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=ae,
+        text_encoder=text_l,
+        tokenizer=tok_l,
+        text_encoder_2=text_g,
+        tokenizer_2=tok_g,
+        text_encoder_3=text_t5,
+        tokenizer_3=tok_t5,
+    )
+    # without T5, diffusers lists text_encoder_3 / tokenizer_3 as [null, null] and writes
+    # no folders for them (as for a released folder loaded with text_encoder_3=None)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # released SD3 folders ship the slow CLIP tokenizer files (vocab.json, merges.txt) and
+    # no tokenizer.json, which transformers 5 writes instead: keep the released layout
+    write_tiny_vocab(out / "tokenizer")
+    _write_clip_g_vocab(out / "tokenizer_2")
+    for name in ("tokenizer", "tokenizer_2"):
+        (out / name / "tokenizer.json").unlink(missing_ok=True)
+    return out
+
+
 _EXAMPLE_CACHE: dict = {}
 
 
@@ -328,3 +576,27 @@ def example_pipeline(image_encoder: bool = False) -> StableDiffusion:
         save_random_pipeline(folder, image_encoder=bool(image_encoder))
         _EXAMPLE_CACHE[name] = load(folder)
     return _EXAMPLE_CACHE[name]
+
+
+def example_sd3_pipeline():
+    """A tiny random SD3 pipeline (:func:`save_random_sd3_pipeline` defaults: SD3-Medium
+    layout, with T5), loaded once per process with
+    :func:`jaxdiv.pipelines.stable_diffusion_3.load`.
+
+    Returns:
+        The :class:`~jaxdiv.pipelines.stable_diffusion_3.StableDiffusion3` record.
+
+    Example:
+        >>> pipe = example_sd3_pipeline()
+        >>> pipe.noise_shape(2), pipe is example_sd3_pipeline()
+        ((2, 16, 8, 8), True)
+    """
+    if "sd3" not in _EXAMPLE_CACHE:
+        import tempfile
+
+        from jaxdiv.pipelines.stable_diffusion_3 import load
+
+        folder = tempfile.mkdtemp(prefix="jaxdiv_sd3_example_")
+        save_random_sd3_pipeline(folder)
+        _EXAMPLE_CACHE["sd3"] = load(folder)
+    return _EXAMPLE_CACHE["sd3"]

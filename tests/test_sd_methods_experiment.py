@@ -60,13 +60,17 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(model), "--prompts", str(prompts), "--n", str(N), "--steps",
             str(STEPS), "--cfg", CFG, "--out", str(out), "--clip-projection", str(projection),
-            "--pg-strength", "100"]  # fmt: skip
+            "--pg-strength", "100", "--tpso-null-pool", "3", "--gass-max-iters", "3"]  # fmt: skip
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["skipped"] == {}
     assert list(res["methods"]) == list(generate.METHODS)
     assert res["methods"]["spell"]["knobs"] == {"radius": "auto", "overcompensation": 1.6}
     assert res["methods"]["gass"]["knobs"]["projection"] == str(projection.resolve())
+    assert res["methods"]["tpso"]["knobs"]["null_pool"] == 3
+    assert res["methods"]["gass"]["knobs"]["max_iters"] == 3
+    with np.load(out / "tpso_null_pool.npz") as f:
+        assert f["hidden"].shape[0] == 3
     (row,) = res["prompts"]
     assert row["prompt"] == "a cat" and row["grid"] == "grid_p000.png"
     metrics = ("vendi", "mss", "spp", "clip_score", "latent_mean_distance", "seconds")
@@ -95,7 +99,7 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
     assert set(knobs) == {"none", "spell", "cads", "interval"}
     assert "--pg-strength" in skipped["particle"]
     assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
-    args.pg_strength = 1.0
+    args.pg_strength = "1"
     assert "--batch-size >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2
 
 
@@ -105,6 +109,9 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
         (["--methods", "none,foo"], "--methods: unknown foo"),
         (["--n", "1"], "--n must be >= 2"),
         (["--clip-projection", "/nonexistent"], "is not a model folder"),
+        (["--pg-strength", "nan"], "--pg-strength must be a finite number"),
+        (["--methods", "none,cads", "--spell-radius", "2"],
+         "--spell-radius applies to --methods spell, which this run does not include"),
     ],
 )
 def test_sd_methods_bad_values_fail_before_the_model_loads(
@@ -130,7 +137,7 @@ METHOD_RUNS = {
     "cads": ([], ["--cads-noise-scale", "0.1"]),
     "interval": ([], ["--interval-lo", "0.1"]),
     "gass": (["--clip-projection", "{proj}"], ["--gass-r-dep", "0.05"]),
-    "tpso": (["--tpso-projection", "{proj}"], ["--tpso-kappa", "0.7"]),
+    "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "4"], ["--tpso-kappa", "0.7"]),
 }
 
 
@@ -180,6 +187,27 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
     assert info.value.code == 2 and "holds a run with different settings" in err, err
     assert pngs(out) == first
 
+    pool_file = out / "tpso_null_pool.npz"
+    assert pool_file.is_file() == (method == "tpso")
+    if method == "tpso":  # the negative branch's pool: the public code's blank prompts
+        with np.load(pool_file) as f:
+            assert f["hidden"].shape[0] == 4 and int(f["steps"]) >= 1
+            # moved away from the blank prompt, toward the band (0.8 +- 0.01)
+            assert (f["cosine"] < 1 - 1e-3).all() and (f["cosine"] > 0.5).all()
+        pool_made = pool_file.stat().st_mtime_ns
+        # a TPSO folder from before --tpso-null-pool used the plain null: it resumes as none
+        meta_file = out / "metadata.json"
+        saved = meta_file.read_bytes()
+        legacy = json.loads(saved)
+        del legacy["settings"]["method_knobs"]["null_pool"]
+        meta_file.write_text(json.dumps(legacy))
+        with pytest.raises(SystemExit):
+            generate.main(argv)
+        assert "'null_pool': 'none'" in capsys.readouterr().err
+        none_argv = [a if a != "4" else "none" for a in argv]
+        assert generate.main(none_argv) == 0 and "already in" in capsys.readouterr().out
+        meta_file.write_bytes(saved)
+
     if method in generate.COUPLED:  # a batch with a missing image is generated whole, again
         monkeypatch.undo()
         (out / "images" / generate.image_name(0, 1)).unlink()
@@ -188,6 +216,8 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
         assert pngs(out) == first  # deterministic: the same bytes
         after = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
         assert all(after[k] != before[k] for k in before)  # rewritten with its batch
+        if method == "tpso":  # the pool was reused, not optimised again
+            assert pool_file.stat().st_mtime_ns == pool_made
 
 
 def test_generate_folder_from_before_method_resumes(model, projection, tmp_path, monkeypatch):
@@ -228,6 +258,10 @@ BAD_KNOBS = {
                         "is not a CLIP text model folder"),
     "tpso-kappa": (["--method", "tpso", "--tpso-kappa", "1", "--tpso-projection", "none"],
                    "--tpso-kappa must be in (-1, 1)"),
+    "tpso-pool": (["--method", "tpso", "--tpso-projection", "none", "--tpso-null-pool", "2",
+                   "--batch-size", "3"], "--tpso-null-pool 2 is smaller than --batch-size 3"),
+    "tpso-pool-text": (["--method", "tpso", "--tpso-projection", "none", "--tpso-null-pool",
+                        "many"], "--tpso-null-pool must be an integer >= 1 (or 'none')"),
 }  # fmt: skip
 
 

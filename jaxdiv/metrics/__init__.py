@@ -11,6 +11,8 @@ concrete inputs, since traced values cannot be inspected) and then call a jitted
 * Frechet distance (Heusel et al. 2017): :func:`frechet_distance`,
   :func:`frechet_distance_from_features`, :func:`feature_statistics`.
 * Two-sample checks: :func:`energy_distance`, :func:`mmd`.
+* Image-generation distances: :func:`kid` (Binkowski et al. 2018), :func:`cmmd`
+  (Jayasumana et al. 2024).
 * GASS spherical projection spread: :func:`spp`, :func:`principal_residual_direction`.
 * Similarity scores: :func:`mss`, :func:`clip_score`, :func:`gram_logdet`.
 * Per-prompt / per-class evaluation: :func:`groupwise`.
@@ -22,7 +24,7 @@ from jaxdiv.metrics.frechet import (
     frechet_distance_from_features,
 )
 from jaxdiv.metrics.groups import GroupwiseResult, groupwise
-from jaxdiv.metrics.kernel_two_sample import energy_distance, mmd
+from jaxdiv.metrics.kernel_two_sample import KIDResult, cmmd, energy_distance, kid, mmd
 from jaxdiv.metrics.knn_manifold import PRDC, PrecisionRecall, prdc, precision_recall
 from jaxdiv.metrics.similarity import clip_score, gram_logdet, mss
 from jaxdiv.metrics.spherical_spread import SPPResult, principal_residual_direction, spp
@@ -31,15 +33,18 @@ from jaxdiv.metrics.vendi_entropy import log_vendi, log_vendi_from_kernel, vendi
 __all__ = [
     "PRDC",
     "GroupwiseResult",
+    "KIDResult",
     "PrecisionRecall",
     "SPPResult",
     "clip_score",
+    "cmmd",
     "energy_distance",
     "feature_statistics",
     "frechet_distance",
     "frechet_distance_from_features",
     "gram_logdet",
     "groupwise",
+    "kid",
     "log_vendi",
     "log_vendi_from_kernel",
     "mmd",

@@ -75,9 +75,9 @@ def groupwise(metric: Callable[..., Any], groups, *sample_arrays,
     every group has the same size the calls are batched with ``jax.vmap`` (one compile);
     otherwise they run one by one. Values of sample arrays are checked for NaN/inf here,
     and the metrics of this package (``mss``, ``clip_score``, ``vendi``, ``log_vendi``,
-    ``gram_logdet``, ``spp``) run their own value checks (zero rows, weights, ...) on
-    every group's rows before the ``vmap``, since under ``vmap`` they only see traced
-    values; an error names the group id. A metric of your own is not checked.
+    ``gram_logdet``, ``spp``, ``kid``, ``cmmd``) run their own value checks (zero rows,
+    weights, ...) on every group's rows before the ``vmap``, since under ``vmap`` they only
+    see traced values; an error names the group id. A metric of your own is not checked.
 
     Implements the per-prompt averaging of GASS/TPSO evaluation protocols (e.g. Vendi and
     MSS "per prompt, averaged over prompts").

@@ -17,7 +17,14 @@ What differs per port is how the kind is recognised and which blocks are renamed
 * diffusers UNet / VAE (:func:`convert_torch_weights`): by rank (1: norm, 2: linear,
   4: conv) with explicit exceptions, after the substring renames of
   :data:`UNET_RENAMES` / :data:`VAE_RENAMES`;
-* transformers CLIP (:func:`convert_clip_state_dict`): by the owning module's name.
+* transformers CLIP (:func:`convert_clip_state_dict`): by the owning module's name;
+* diffusers SD3 MMDiT (:func:`convert_mmdit_state_dict`): as the UNet, after the renames of
+  :data:`MMDIT_RENAMES`, plus the position table kept as stored;
+* transformers T5 encoder (:func:`convert_t5_state_dict`): by the owning module's name,
+  with the tied token embedding (``shared`` / ``encoder.embed_tokens``) read from either;
+* transformers DINOv2 (:func:`convert_dinov2_state_dict`): by the owning module's name,
+  after the legacy renames of :data:`DINOV2_RENAMES` and the split of the fused SwiGLU
+  ``weights_in``.
 """
 
 from __future__ import annotations
@@ -28,11 +35,16 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DINOV2_RENAMES",
+    "MMDIT_RENAMES",
     "UNET_RENAMES",
     "VAE_RENAMES",
     "WEIGHT_RULES",
     "conv_kernel",
     "convert_clip_state_dict",
+    "convert_dinov2_state_dict",
+    "convert_mmdit_state_dict",
+    "convert_t5_state_dict",
     "convert_torch_weights",
     "convert_unet_state_dict",
     "convert_vae_state_dict",
@@ -380,4 +392,211 @@ def convert_clip_state_dict(
                 name = name[len(prefix) :]
         new_name, new_value = _convert_clip_tensor(name, value)
         out[new_name] = new_value
+    return out
+
+
+# --------------------------------------------------------------------------- SD3 MMDiT
+
+# diffusers SD3Transformer2DModel name -> nnx name (substring rules on "." + key, in order):
+# Attention's output Linear sits at index 0 of a ModuleList with a Dropout; the GELU MLP's
+# layers are net.0.proj / net.2 (in both ``ff`` and ``ff_context``).
+MMDIT_RENAMES: tuple[tuple[str, str], ...] = (
+    (".to_out.0.", ".to_out."),
+    (".net.0.proj.", ".proj_in."),
+    (".net.2.", ".proj_out."),
+)
+
+
+def convert_mmdit_state_dict(state_dict: dict, config: dict) -> dict:
+    """Convert a diffusers ``SD3Transformer2DModel`` state dict to the MMDiT port's nnx paths.
+
+    Rules (see :func:`convert_torch_weights`): the patchify conv ``pos_embed.proj.weight``
+    OIHW -> ``kernel`` HWIO; linear ``weight`` -> ``kernel`` transposed; q/k RMSNorm
+    ``weight`` (rank 1) -> ``scale``; renames in :data:`MMDIT_RENAMES`. The position table
+    ``pos_embed.pos_embed`` ``(1, M*M, D)`` (a persistent buffer in diffusers, present when
+    ``pos_embed_max_size`` is set) keeps its name and layout.
+
+    Args:
+        state_dict: PyTorch parameter name -> array.
+        config: the diffusers config dict (unused: the rules do not depend on it).
+
+    Returns:
+        nnx path -> array.
+
+    Example:
+        >>> import numpy as np
+        >>> sd = {"transformer_blocks.0.ff.net.0.proj.weight": np.zeros((64, 16)),
+        ...       "transformer_blocks.0.attn.to_out.0.bias": np.zeros(16),
+        ...       "pos_embed.pos_embed": np.zeros((1, 36, 16))}
+        >>> sorted((k, v.shape) for k, v in convert_mmdit_state_dict(sd, {}).items())
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [('pos_embed.pos_embed', (1, 36, 16)),
+         ('transformer_blocks.0.attn.to_out.bias', (16,)),
+         ('transformer_blocks.0.ff.proj_in.kernel', (16, 64))]
+    """
+    del config
+    tensors = dict(state_dict)
+    table = tensors.pop("pos_embed.pos_embed", None)
+    out = convert_torch_weights(tensors, renames=MMDIT_RENAMES)
+    if table is not None:
+        out["pos_embed.pos_embed"] = table
+    return out
+
+
+# --------------------------------------------------------------------------- T5 encoder
+
+# transformers' T5 module names -> the kind of their ``weight`` (T5 has no biases)
+_T5_KINDS: dict[str, str] = {
+    **dict.fromkeys(("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"), "linear"),
+    **dict.fromkeys(("layer_norm", "final_layer_norm"), "norm"),
+    **dict.fromkeys(("relative_attention_bias", "shared"), "embedding"),
+}
+
+
+def convert_t5_state_dict(state_dict: dict[str, np.ndarray], config: dict) -> dict:
+    """Map a transformers T5 state dict onto the nnx paths of :class:`~jaxdiv.models.t5.T5EncoderModel`.
+
+    Per tensor name:
+
+    * ``q/k/v/o``, ``wi``, ``wi_0/wi_1``, ``wo`` ``.weight`` -> ``kernel`` transposed
+      (:func:`linear_kernel`);
+    * ``layer_norm``, ``final_layer_norm`` ``.weight`` -> ``scale``;
+    * ``relative_attention_bias.weight`` and ``shared.weight`` -> ``embedding``;
+    * the token embedding is tied: ``shared.weight`` is used when present, otherwise
+      ``encoder.embed_tokens.weight`` (``save_pretrained`` may store either one, released
+      checkpoints often both); the other copy is dropped;
+    * ``decoder.*`` and ``lm_head.*`` (a full ``T5ForConditionalGeneration`` folder) are
+      dropped, as transformers' ``T5EncoderModel`` ignores them;
+    * anything else keeps its name (and is then reported by
+      :func:`~jaxdiv.models.checkpoint.assign_params` as unexpected).
+
+    Args:
+        state_dict: PyTorch names -> arrays (from
+            :func:`~jaxdiv.models.checkpoint.load_state_dict`).
+        config: the transformers config dict (unused: the rules do not depend on it).
+
+    Returns:
+        ``{nnx_path: array}``.
+
+    Example:
+        >>> import numpy as np
+        >>> sd = {"encoder.embed_tokens.weight": np.zeros((10, 4)),
+        ...       "encoder.block.0.layer.1.DenseReluDense.wo.weight": np.zeros((4, 6)),
+        ...       "encoder.final_layer_norm.weight": np.ones(4)}
+        >>> sorted((k, v.shape) for k, v in convert_t5_state_dict(sd, {}).items())
+        [('encoder.block.0.layer.1.DenseReluDense.wo.kernel', (6, 4)), ('encoder.final_layer_norm.scale', (4,)), ('shared.embedding', (10, 4))]
+    """  # noqa: E501
+    del config
+    tensors = {k: v for k, v in state_dict.items()
+               if not k.startswith(("decoder.", "lm_head."))}  # fmt: skip
+    tied = tensors.pop("encoder.embed_tokens.weight", None)
+    if tied is not None and "shared.weight" not in tensors:
+        tensors["shared.weight"] = tied
+    out = {}
+    for name, value in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        kind = _T5_KINDS.get(module.rpartition(".")[2]) if leaf == "weight" else None
+        if kind is None:
+            out[name] = value
+        else:
+            new_name, new_value = convert_weight(module, kind, value)
+            out[new_name] = new_value
+    return out
+
+
+# --------------------------------------------------------------------------- DINOv2
+
+# released facebook/dinov2-* (and transformers' save_pretrained) layout -> transformers 5's
+# module names, which the port uses (substring rules on "." + key, in order)
+DINOV2_RENAMES: tuple[tuple[str, str], ...] = (
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".mlp.weights_out.", ".mlp.down_proj."),
+)
+
+# transformers' DINOv2 module names -> the kind of their ``weight``
+_DINOV2_KINDS: dict[str, str] = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"), "linear"),
+    **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "linear"),
+    **dict.fromkeys(("norm1", "norm2", "layernorm"), "norm"),
+    "projection": "conv",
+}
+
+
+def convert_dinov2_state_dict(
+    state_dict: dict[str, np.ndarray], config: dict | None = None
+) -> dict:
+    """Map a transformers DINOv2 state dict onto the nnx paths of :class:`~jaxdiv.models.dinov2.Dinov2Model`.
+
+    Per tensor name (legacy names are those of the released ``facebook/dinov2-*`` files,
+    which transformers 5 still writes with ``save_pretrained``):
+
+    * legacy ``attention.attention.query/key/value`` and ``attention.output.dense`` ->
+      ``attention.q_proj/k_proj/v_proj/o_proj`` (:data:`DINOV2_RENAMES`);
+    * legacy fused SwiGLU ``mlp.weights_in`` ``(2f, d)`` -> ``mlp.gate_proj`` (first
+      half) and ``mlp.up_proj`` (second half), as transformers' ``Chunk(dim=0)``;
+      ``mlp.weights_out`` -> ``mlp.down_proj``;
+    * linear ``weight`` -> ``kernel`` transposed; ``norm1/norm2/layernorm.weight`` ->
+      ``scale``; ``patch_embeddings.projection.weight`` (O, I, p, p) -> ``kernel``
+      (p, p, I, O); ``cls_token``, ``position_embeddings``, ``lambda1`` and biases keep
+      name and layout;
+    * ``embeddings.mask_token`` (pre-training only) is dropped; so are a
+      ``Dinov2ForImageClassification``'s ``classifier.*``, after its ``dinov2.`` prefix is
+      stripped;
+    * anything else keeps its name (and is then reported by
+      :func:`~jaxdiv.models.checkpoint.assign_params` as unexpected).
+
+    Args:
+        state_dict: PyTorch names -> arrays (from
+            :func:`~jaxdiv.models.checkpoint.load_state_dict`).
+        config: the transformers config dict (unused: the rules do not depend on it).
+
+    Returns:
+        ``{nnx_path: array}``.
+
+    Example:
+        >>> import numpy as np
+        >>> sd = {"encoder.layer.0.attention.attention.query.weight": np.zeros((4, 6)),
+        ...       "encoder.layer.0.mlp.weights_in.bias": np.arange(4.0),
+        ...       "embeddings.mask_token": np.zeros((1, 6))}
+        >>> out = convert_dinov2_state_dict(sd)
+        >>> sorted((k, v.shape) for k, v in out.items())  # doctest: +NORMALIZE_WHITESPACE
+        [('encoder.layer.0.attention.q_proj.kernel', (6, 4)),
+         ('encoder.layer.0.mlp.gate_proj.bias', (2,)),
+         ('encoder.layer.0.mlp.up_proj.bias', (2,))]
+    """  # noqa: E501
+    del config
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if key.startswith("dinov2."):
+            key = key[len("dinov2.") :]
+        elif key.startswith("classifier."):
+            continue
+        if key == "embeddings.mask_token":
+            continue
+        name = "." + key
+        for old, new in DINOV2_RENAMES:
+            name = name.replace(old, new)
+        name = name[1:]
+        module, _, leaf = name.rpartition(".")
+        if module.endswith(".mlp.weights_in"):
+            # torch.chunk(2, dim=0): the first part takes the ceiling of an odd length
+            half = -(-np.shape(value)[0] // 2)
+            parent = module[: -len("weights_in")]
+            parts = {"gate_proj": value[:half], "up_proj": value[half:]}
+            for sub, part in parts.items():
+                if leaf == "weight":
+                    new_name, new_value = convert_weight(parent + sub, "linear", part)
+                    out[new_name] = new_value
+                else:
+                    out[f"{parent}{sub}.{leaf}"] = part
+            continue
+        kind = _DINOV2_KINDS.get(module.rpartition(".")[2]) if leaf == "weight" else None
+        if kind is not None and (kind != "conv" or np.ndim(value) == 4):
+            new_name, new_value = convert_weight(module, kind, value)
+            out[new_name] = new_value
+        else:
+            out[name] = value
     return out

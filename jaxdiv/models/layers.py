@@ -39,6 +39,7 @@ __all__ = [
     "TimestepEmbedding",
     "Transformer2DModel",
     "Upsample2D",
+    "attention_core",
     "conv2d",
     "get_activation",
     "pure",
@@ -445,12 +446,48 @@ class Upsample2D(nnx.Module):
         return self.conv(_nearest_resize(x, size))
 
 
+def attention_core(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Multi-head scaled dot-product attention on projected, head-split arrays.
+
+    ``softmax(Q K^T * scale) V`` per head (Vaswani et al. 2017, Eq. 1), the one attention
+    kernel shared by every port (UNet / VAE :class:`Attention`, the SD3 MMDiT), computed
+    by :func:`jax.nn.dot_product_attention` so GPU backends may use a fused kernel; logits
+    and softmax are float32 in both of its implementations.
+
+    Args:
+        q: queries ``(B, T, H, D)``.
+        k: keys ``(B, S, H, D)``.
+        v: values ``(B, S, H, D)``.
+        scale: logit scale (``None``: ``D ** -0.5``).
+        implementation: ``None``, ``"xla"`` or ``"cudnn"`` (see
+            :func:`jax.nn.dot_product_attention`).
+
+    Returns:
+        ``(B, T, H, D)`` in the dtype of ``q``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q, k = jnp.ones((1, 2, 1, 4)), jnp.zeros((1, 3, 1, 4))  # equal logits
+        >>> v = jnp.arange(12.0).reshape(1, 3, 1, 4)
+        >>> attention_core(q, k, v)[0, :, 0, 0].tolist()  # the mean of v[:, :, 0, 0]
+        [4.0, 4.0]
+    """
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
 class Attention(nnx.Module):
     """Multi-head (self or cross) attention, as diffusers ``Attention`` + ``AttnProcessor2_0``.
 
     ``softmax(Q K^T / sqrt(d_head)) V`` per head (Vaswani et al. 2017, Eq. 1), computed by
-    :func:`jax.nn.dot_product_attention` so GPU backends may use a fused kernel; logits
-    and softmax are float32 in both of its implementations.
+    :func:`attention_core` (:func:`jax.nn.dot_product_attention`, so GPU backends may use
+    a fused kernel; logits and softmax are float32 in both of its implementations).
 
     With ``norm_num_groups`` this is the VAE's single-head spatial attention block: a
     GroupNorm on the input, a residual connection and ``rescale_output_factor`` (the
@@ -538,9 +575,7 @@ class Attention(nnx.Module):
         if self.upcast_attention and q.dtype == jnp.float16:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        h = jax.nn.dot_product_attention(
-            q, k, v, scale=self.dim_head**-0.5, implementation=self.implementation
-        )
+        h = attention_core(q, k, v, scale=self.dim_head**-0.5, implementation=self.implementation)
         h = self.to_out(h.astype(out_dtype).reshape(b, t, self.heads * self.dim_head))
         h = h.reshape(shape[:-1] + (h.shape[-1],))
         if self.residual_connection:

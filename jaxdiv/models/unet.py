@@ -514,10 +514,10 @@ class UNet2DConditionModel(nnx.Module):
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
-        >>> unet = UNet2DConditionModel({"block_out_channels": [32, 64],
+        >>> unet = UNet2DConditionModel({"block_out_channels": [8, 16],
         ...     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         ...     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
-        ...     "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
+        ...     "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 4},
         ...     rngs=nnx.Rngs(0))
         >>> eps = jax.jit(lambda x, t, c: unet(x, t, c))  # one compile; eager is slow
         >>> eps(jnp.zeros((2, 4, 8, 8)), jnp.array([10, 500]), jnp.zeros((2, 7, 16))).shape

@@ -40,11 +40,28 @@ def _entry_class(index: dict, name: str) -> str | None:
     return None
 
 
-def check_pipeline_folder(path: Path) -> dict:
+def _tokenizer_files_missing(folder: Path, name: str, cls: str | None) -> str | None:
+    """What a tokenizer folder lacks: CLIP needs vocab.json + merges.txt, T5 its
+    SentencePiece model (spiece.model); either may come as one tokenizer.json instead."""
+    if (folder / "tokenizer.json").is_file():
+        return None
+    if cls is not None and cls.startswith("T5"):
+        return None if (folder / "spiece.model").is_file() else (
+            f"{name}/spiece.model (and no tokenizer.json)")  # fmt: skip
+    vocab = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
+    if not vocab:
+        return None
+    return f"{name}/" + f" and {name}/".join(vocab) + " (and no tokenizer.json)"
+
+
+def check_pipeline_folder(path: Path, components: dict | None = None,
+                          what: str = "Stable Diffusion") -> dict:  # fmt: skip
     """Read ``model_index.json`` and report every missing / unsupported component at once.
 
     Args:
         path: the pipeline folder.
+        components: name -> accepted classes (default :data:`COMPONENTS`, SD 1.x/2.x).
+        what: the kind of pipeline, for the messages.
 
     Returns:
         The parsed ``model_index.json``.
@@ -61,11 +78,12 @@ def check_pipeline_folder(path: Path) -> dict:
         ...     print("has no model_index.json" in str(err))
         True
     """
+    parts = ", ".join(f"{c}/" for c in (COMPONENTS if components is None else components))
     if not path.is_dir():
         if path.is_file():
             raise CheckpointError(
                 f"pipeline folder {str(path)!r} is a file; expected a diffusers-format folder "
-                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
+                f"(model_index.json, {parts}). "
                 "Single-file .ckpt/.safetensors checkpoints are not read: convert them with "
                 "diffusers first"
             )
@@ -78,11 +96,11 @@ def check_pipeline_folder(path: Path) -> dict:
             hint = " (it has a config.json: is this a single component folder like unet/?)"
         raise CheckpointError(
             f"pipeline folder {str(path)!r} has no model_index.json{hint}; expected a diffusers "
-            f"Stable Diffusion folder. Present: {', '.join(present) or 'nothing'}"
+            f"{what} folder. Present: {', '.join(present) or 'nothing'}"
         )
     index = read_model_index(path)
     problems = []
-    for name, classes in COMPONENTS.items():
+    for name, classes in (COMPONENTS if components is None else components).items():
         cls = _entry_class(index, name)
         folder = path / name
         problem = path_problem(folder)
@@ -100,12 +118,10 @@ def check_pipeline_folder(path: Path) -> dict:
         elif name == "scheduler":
             if not (folder / "scheduler_config.json").is_file():
                 problems.append("scheduler/scheduler_config.json")
-        elif name == "tokenizer":
-            vocab = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
-            if vocab and not (folder / "tokenizer.json").is_file():
-                problems.append(
-                    "tokenizer/" + " and tokenizer/".join(vocab) + " (and no tokenizer.json)"
-                )
+        elif name.startswith("tokenizer"):
+            missing = _tokenizer_files_missing(folder, name, cls)
+            if missing:
+                problems.append(missing)
         elif not (folder / "config.json").is_file():
             problem = path_problem(folder / "config.json")
             problems.append(f"{name}/config.json" + (f" ({problem})" if problem else ""))

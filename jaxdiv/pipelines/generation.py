@@ -128,13 +128,15 @@ def generate(
     null is a zero embedding, as on the toys).
 
     Args:
-        pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load`).
+        pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
+            :func:`jaxdiv.pipelines.stable_diffusion_3.load`).
         prompts: one prompt or a list.
         n: images per prompt.
         key: PRNG key (noise from ``fold_in(key, 0)`` unless given, sampling from
             ``fold_in(key, 1)``).
         method: the diversity method (see the module table).
-        sampler: defaults to ``pipe.ddim(50)``.
+        sampler: defaults to ``pipe.default_sampler()`` (SD 1.x/2.x: ``pipe.ddim(50)``;
+            SD3: ``pipe.flow_euler(28)``).
         cfg: CFG scale (diffusers' convention), or ``None``.
         noise: initial latents ``pipe.noise_shape(len(prompts) * n, height, width)``.
         height, width: image size (defaults to the model's).
@@ -163,7 +165,8 @@ def generate(
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
         shape = pipe.noise_shape(len(rows), height, width)
-        noise = jax.random.normal(jax.random.fold_in(key, 0), shape, cond.dtype)
+        noise = jax.random.normal(jax.random.fold_in(key, 0), shape,
+                                  jax.tree.leaves(cond)[0].dtype)  # fmt: skip
     else:
         noise = validation.finite_array("noise", noise)
         if noise.shape[0] != len(rows):
@@ -173,7 +176,7 @@ def generate(
     if cfg is not None and (method is None or not _has_cfg(method)):
         scale = _guidance.cfg(cfg, null_cond=pipe.null_cond)
         terms = scale if method is None else _guidance.chain(method, scale)
-    out = sample(pipe.ddim(50) if sampler is None else sampler, pipe.denoiser, noise,
+    out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=jax.random.fold_in(key, 1), cond=cond, guidance=terms,
                  trace=trace)  # fmt: skip
     return Generated(pipe.decode(out.x0), out.x0, out, rows)

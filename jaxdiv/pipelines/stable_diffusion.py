@@ -31,6 +31,7 @@ random folder of this layout for tests.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +78,15 @@ def _jitted(apply: Callable, static_argnames: tuple[str, ...]):
     return jax.jit(apply, static_argnames=static_argnames)
 
 
+@functools.lru_cache(maxsize=64)
+def _static_defaults(apply: Callable, static_argnames: tuple[str, ...]) -> dict:
+    # jit keys its cache on the keywords as passed: f(x) and f(x, k=<default>) would
+    # compile twice, so omitted static keywords are always passed with their defaults
+    params = inspect.signature(apply).parameters
+    return {n: params[n].default for n in static_argnames
+            if n in params and params[n].default is not inspect.Parameter.empty}  # fmt: skip
+
+
 class Bound(NamedTuple):
     """A pure function bound to its parameters: ``f(*args) == apply(params, *args)``.
 
@@ -106,6 +116,8 @@ class Bound(NamedTuple):
     def __call__(self, *args, **kwargs):
         if self.check is not None:
             self.check(*args)
+        if self.static_argnames:
+            kwargs = {**_static_defaults(self.apply, self.static_argnames), **kwargs}
         return _jitted(self.apply, self.static_argnames)(self.params, *args, **kwargs)
 
 
@@ -191,6 +203,10 @@ class StableDiffusion(NamedTuple):
         from jaxdiv.pipelines.generation import generate
 
         return generate(self, prompts, n, **kwargs)
+
+    def default_sampler(self) -> samplers.Sampler:
+        """The sampler :meth:`generate` uses unless told otherwise: ``ddim(50)``."""
+        return self.ddim(50)
 
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Token ids ``(num_prompts, max_length)`` padded and truncated as diffusers does.

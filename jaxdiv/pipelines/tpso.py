@@ -175,6 +175,7 @@ def tpso_null_pool(
     size = validation.integer("size", size, minimum=1)
     group_size = validation.integer("group_size", group_size, minimum=1)
     trainable_tokens = validation.integer("trainable_tokens", trainable_tokens, minimum=1)
+    group_size = min(group_size, size)  # a pool smaller than a group is one group
     groups = -(-size // group_size)
     tokens = pipe.tokenize([" "] * (groups * group_size))
     encode, embeds = _encoder(pipe, tokens, projection)

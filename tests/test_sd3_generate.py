@@ -1,0 +1,162 @@
+"""SD3 beyond parity: precomputed prompt embeddings, diversity terms on the SD3 condition,
+and ``experiments.generate`` on an SD3 folder (tiny random pipeline, ``jaxdiv.testing``).
+
+Parity with diffusers is ``tests/test_pipeline_sd3.py``; here the checks are what a
+researcher relies on when running SD3 through jaxdiv's own entry points.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import jaxdiv
+from experiments import generate
+from jaxdiv import guidance
+from jaxdiv.models.checkpoint import CheckpointError
+from jaxdiv.pipelines import stable_diffusion_3 as sd3
+from jaxdiv.testing import example_sd3_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return example_sd3_pipeline()
+
+
+def _sample(pipe, cond, noise, steps=3, g=None):
+    g = guidance.cfg(4.0, null_cond=pipe.null_cond) if g is None else g
+    return jaxdiv.sample(pipe.flow_euler(steps), pipe.denoiser, noise, key=jax.random.key(1),
+                         cond=cond, guidance=g).x0  # fmt: skip
+
+
+def test_precomputed_embeddings_run_without_t5(pipe, tmp_path):
+    """Encode with T5, save, then sample from the file with a pipeline that never loaded
+    T5: the same images as the full pipeline (the workflow for a machine without room for
+    T5's weights)."""
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat", "a dog"]))
+    path = tmp_path / "cats.safetensors"
+    sd3.save_prompt_embeds(path, cond)
+    light = sd3.load(pipe.path, t5=False)
+    assert not light.has_t5 and light.tokenize(["a cat"]).t5 is None
+    loaded = sd3.load_prompt_embeds(path, light)
+    np.testing.assert_array_equal(loaded.prompt_embeds, cond.prompt_embeds)
+    noise = jax.random.normal(jax.random.key(0), pipe.noise_shape(2))
+    # the null branch differs between the two (T5 of "" vs zeros): use the full one's
+    g = guidance.cfg(4.0, null_cond=pipe.null_cond)
+    np.testing.assert_allclose(_sample(light, loaded, noise, g=g), _sample(pipe, cond, noise),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    # without T5 the sequence tail is zeros, as diffusers' text_encoder_3=None
+    own = light.encode_prompt(light.tokenize(["a cat"]))
+    assert float(jnp.abs(own.prompt_embeds[:, light.max_length :]).max()) == 0.0
+    assert float(jnp.abs(cond.prompt_embeds[:, pipe.max_length :]).max()) > 0.0
+
+
+def test_bad_embedding_files_are_refused(pipe, tmp_path):
+    good = {"prompt_embeds": np.ones((1, 5, 20), np.float32),
+            "pooled": np.ones((1, 12), np.float32)}
+    cases = {
+        "missing": ({"prompt_embeds": good["prompt_embeds"]}, "lacks tensor(s) ['pooled']"),
+        "nan": (dict(good, pooled=np.full((1, 12), np.nan, np.float32)), "12 non-finite"),
+        "width": (dict(good, pooled=np.ones((1, 7), np.float32)), "width 7, the pipeline's"),
+        "batch": (dict(good, pooled=np.ones((2, 12), np.float32)), "batch of prompt_embeds 1"),
+        "dtype": (dict(good, pooled=np.ones((1, 12), np.int32)), "dtype int32"),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(arrays, str(path))
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            sd3.load_prompt_embeds(path, pipe)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        sd3.load_prompt_embeds(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        sd3.load_prompt_embeds(tmp_path / "junk.safetensors")
+
+
+def test_diversity_terms_act_on_the_sd3_condition(pipe):
+    """The SD3 condition is a pytree: CADS anneals both leaves, SPELL repels the latents,
+    and both keep the one-compile rule for a new strength."""
+    noise = jax.random.normal(jax.random.key(0), pipe.noise_shape(3))
+    noise = noise.at[1].set(noise[0] + 1e-3 * noise[1])  # two near-duplicates
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat"] * 3))
+    cfg = guidance.cfg(4.0, null_cond=pipe.null_cond)
+    base = _sample(pipe, cond, noise, 4, cfg)
+    d = lambda x: float(jnp.linalg.norm((x[0] - x[1]).ravel()))  # noqa: E731
+    r = 2.0 * d(base)
+    spelled = _sample(pipe, cond, noise, 4, guidance.chain(cfg, guidance.spell(r)))
+    # the guarantee on a clean-endpoint sampler: the pair ends >= r apart
+    assert d(spelled) >= r * (1 - 1e-4) > d(base)
+    before = jaxdiv.compile_count()
+    a = _sample(pipe, cond, noise, 4, guidance.chain(guidance.cads(noise_scale=0.5), cfg))
+    b = _sample(pipe, cond, noise, 4, guidance.chain(guidance.cads(noise_scale=0.0), cfg))
+    assert jaxdiv.compile_count() - before == 1
+    assert float(jnp.abs(a - base).max()) > 1e-3 * float(jnp.abs(base).max())
+    np.testing.assert_allclose(b, base, rtol=0, atol=1e-5 * float(jnp.abs(base).max()))
+
+
+# -- experiments.generate on an SD3 folder ----------------------------------------------------
+
+
+def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch):
+    # the folder's pipeline is already loaded: let generate reuse it instead of reloading
+    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
+    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
+    out = tmp_path / "run"
+    argv = ["--model", pipe.path, "--prompt", "a cat", "--n", "2", "--steps", "2", "--cfg", "3",
+            "--method", "spell", "--spell-radius", "5", "--out", str(out)]  # fmt: skip
+    assert generate.main(argv) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["settings"]["sampler"] == "flow_euler"
+    assert meta["pipeline"]["prediction_type"] == "flow"
+    assert meta["sampler"]["nfe"] == 2 and meta["pipeline"]["latent_shape"][0] == 16
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 2
+    first = [p.read_bytes() for p in pngs]
+    pngs[1].unlink()  # a coupled batch is regenerated whole, byte for byte
+    assert generate.main(argv) == 0
+    assert [p.read_bytes() for p in sorted((out / "images").glob("*.png"))] == first
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sampler", "ddim"], "--sampler ddim does not apply to SD3"),
+        (["--method", "tpso", "--tpso-projection", "none"], "TPSO on SD3's two CLIP encoders"),
+    ],
+)
+def test_generate_refuses_what_sd3_cannot_run(pipe, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as info:
+        generate.main(["--model", pipe.path, "--prompt", "a cat", "--out", str(tmp_path / "o"),
+                       *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err, err
+
+
+def test_generate_refuses_flow_euler_on_an_sd_folder(tmp_path, capsys):
+    folder = Path(tmp_path / "sd")
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(SystemExit) as info:
+        generate.main(["--model", str(folder), "--prompt", "a cat", "--sampler", "flow_euler",
+                       "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not apply to SD 1.x/2.x folders" in err, err
+
+
+def test_omitted_static_keywords_do_not_recompile(pipe):
+    """``encode_prompt(t)`` and ``encode_prompt(t, clip_skip=None)`` share one program (jit
+    keys on the keywords as passed; T5-XXL would otherwise compile twice per batch size)."""
+    from jaxdiv.pipelines.stable_diffusion import _jitted
+
+    jitted = _jitted(pipe.encode_prompt.apply, pipe.encode_prompt.static_argnames)
+    tokens = pipe.tokenize([""])  # the shape load() already compiled for the null embedding
+    before = jitted._cache_size()
+    a = pipe.encode_prompt(tokens)
+    b = pipe.encode_prompt(tokens, clip_skip=None)
+    assert jitted._cache_size() == before
+    np.testing.assert_array_equal(a.prompt_embeds, b.prompt_embeds)
