@@ -37,9 +37,10 @@ def _pairwise(x):
     return d[np.triu_indices(len(x), 1)]
 
 
-@pytest.mark.parametrize("which", ["ddim", "edm"])
-def test_spell_intra_batch_latents_end_at_least_r_apart(pipe, noise, which):
-    sampler = pipe.ddim(10, clean_endpoint=True) if which == "ddim" else pipe.edm(8)
+def test_spell_intra_batch_latents_end_at_least_r_apart(pipe, noise):
+    # one sampler here: the guarantee on every sampler is tests/test_spell.py's and
+    # tests/test_dpmpp*.py's (toys); this checks it survives the SD pipeline
+    sampler = pipe.ddim(10, clean_endpoint=True)
     base = _pairwise(_run(pipe, noise, sampler).latents)
     r = float(np.median(base))  # the radius helper's rule: median distance of an unguided run
     assert base.min() < r  # so the guarantee has work to do

@@ -514,13 +514,16 @@ class UNet2DConditionModel(nnx.Module):
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
-        >>> unet = UNet2DConditionModel({"block_out_channels": [8, 16],
+        >>> config = {"block_out_channels": [32, 64],
         ...     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         ...     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
-        ...     "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 4},
-        ...     rngs=nnx.Rngs(0))
-        >>> eps = jax.jit(lambda x, t, c: unet(x, t, c))  # one compile; eager is slow
-        >>> eps(jnp.zeros((2, 4, 8, 8)), jnp.array([10, 500]), jnp.zeros((2, 7, 16))).shape
+        ...     "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8}
+        >>> # shapes only (random initialisation op by op takes seconds; load_unet fills
+        >>> # the weights of such an abstract model from a checkpoint)
+        >>> from jaxdiv.models.layers import pure
+        >>> unet = pure(nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0))))
+        >>> jax.eval_shape(unet.apply, unet.params, jnp.zeros((2, 4, 8, 8)), jnp.array([10, 500]),
+        ...                jnp.zeros((2, 7, 16))).shape
         (2, 4, 8, 8)
     """
 
