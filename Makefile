@@ -12,9 +12,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 # two pytest workers on two cores: one BLAS/OpenMP thread each, or small eigh calls thrash
 TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-# one XLA compilation cache for the whole run: both workers, the doctests and the CLI
-# subprocesses compile many identical programs (tiny pipelines rebuilt per test folder)
-TEST_ENV += JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2
+# no persistent XLA compilation cache: it saved no measurable time, and workers crashed
+# (SIGSEGV) inside its executable serialisation (jax compilation_cache.put_executable_and_time)
 
 .PHONY: demo test lint bench clean-venv
 
