@@ -58,11 +58,15 @@ knob flag of another method is refused:
   negative CFG branch as in the public code: each image draws one of a pool of
   ``--tpso-null-pool 350`` optimised blank-prompt embeddings (built once per output
   folder, same kappa/lambda/projection, kept in ``tpso_null_pool.npz`` so a rerun reuses
-  it; ``none``: the plain null embedding, the paper's text).
+  it; ``none``: the plain null embedding, the paper's text); SD 1.x/2.x folders only;
+* ``contextual``: contextual-space repulsion inside the MMDiT (SD3 folders only): the text
+  stream after every joint block pushed apart ``--contextual-inner-steps 100`` times with
+  scale ``--contextual-eta`` (required: the paper gives a range, 5e2 .. 5e6 on
+  SD3.5-Large), during the first ``--contextual-tau 4`` steps.
 
 The method and its knobs are settings: a folder made with other knobs is refused, and the
-same command resumes byte-identically. ``spell``, ``particle``, ``gass`` and ``tpso``
-couple the images of a batch: an image then depends on its batch -- rows
+same command resumes byte-identically. ``spell``, ``particle``, ``gass``, ``tpso`` and
+``contextual`` couple the images of a batch: an image then depends on its batch -- rows
 ``b * bs .. (b + 1) * bs - 1`` of its prompt, padding included, fixed by the settings --
 and a batch with a missing image is generated and written whole.
 """
@@ -148,9 +152,15 @@ _KERNELS: dict = {}  # text projections loaded from folders
 # ---------------------------------------------------------------------------------------
 # --method: the diversity methods and their knobs (shared with experiments.sd_methods)
 
-METHODS = ("none", "spell", "particle", "cads", "interval", "gass", "tpso")
+METHODS = ("none", "spell", "particle", "cads", "interval", "gass", "tpso", "contextual")
 # methods whose images depend on the other images of their batch
-COUPLED = ("spell", "particle", "gass", "tpso")
+COUPLED = ("spell", "particle", "gass", "tpso", "contextual")
+# methods that run on one pipeline kind only (see KINDS), and why
+ONLY_ON = {
+    "tpso": ("sd", "TPSO on SD3's two CLIP encoders is not available yet"),
+    "contextual": ("sd3", "it acts inside an MMDiT's joint blocks"),
+    "gass": ("sd", "GASS's CLIP text embedding is not wired for SD3 folders yet"),
+}
 # method -> ((knob, flag, default, kind), ...); the defaults are each paper's for SD
 # (PG publishes no SD strength: --pg-strength has none). ``--clip-projection`` is GASS's
 # text projection and TPSO's unless ``--tpso-projection`` is given.
@@ -186,6 +196,12 @@ METHOD_KNOBS = {
         ("max_steps", "--tpso-max-steps", 50, "count"),
         ("projection", "--tpso-projection", None, "projection"),
         ("null_pool", "--tpso-null-pool", 350, "pool"),
+    ),
+    # the paper gives a range per model (SD3.5-Large 5e2 .. 5e6), not one value
+    "contextual": (
+        ("eta", "--contextual-eta", None, "positive"),
+        ("inner_steps", "--contextual-inner-steps", 100, "count"),
+        ("tau", "--contextual-tau", 4, "count"),
     ),
 }
 KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
@@ -274,6 +290,10 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in ONLY_ON and pipeline_kind(model) != ONLY_ON[method][0]:
+        kind, why = ONLY_ON[method]
+        what = "SD3 / SD3.5" if kind == "sd3" else "SD 1.x/2.x"
+        raise ValueError(f"--method {method} runs on {what} folders only: {why}")
     own = {f for _, f, _, _ in METHOD_KNOBS[method]}
     if method == "tpso":
         own.add("--clip-projection")
@@ -438,6 +458,8 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         term = guidance.spell(radius, intra_batch=True, overcompensation=k["overcompensation"])
     elif method == "particle":
         term = guidance.particle(k["strength"])
+    elif method == "contextual":
+        term = guidance.contextual(k["eta"], k["inner_steps"], tau=k["tau"])
     elif method == "gass":
         term = guidance.gass(generation.gass_encoder(pipe), text_emb, r_dep=k["r_dep"],
                              r_ind=k["r_ind"], lr=k["lr"], max_iters=k["max_iters"],
@@ -472,12 +494,8 @@ def load_pipeline(model: str, dtype: str = "float32", allow_pickle: bool = False
         _LOADED.clear()  # keep at most one model in memory
         kw = dict(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                   allow_pickle=allow_pickle, clip_skip=clip_skip)  # fmt: skip
-        if pipeline_kind(model) == "sd3":
-            if image_encoder not in (None, False):
-                raise ValueError("--image-encoder is not supported with SD3 folders yet")
-            _LOADED[key] = stable_diffusion_3.load(model, **kw)
-        else:
-            _LOADED[key] = stable_diffusion.load(model, image_encoder=image_encoder, **kw)
+        loader = stable_diffusion_3 if pipeline_kind(model) == "sd3" else stable_diffusion
+        _LOADED[key] = loader.load(model, image_encoder=image_encoder, **kw)
     return _LOADED[key]
 
 
@@ -539,9 +557,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{', '.join(runs)}")  # fmt: skip
     args.steps = default_steps if args.steps is None else args.steps
     args.cfg = default_cfg if args.cfg is None else args.cfg
-    if args.kind == "sd3" and args.method == "tpso":
-        p.error("--method tpso runs on SD 1.x/2.x folders; TPSO on SD3's two CLIP encoders "
-                "is not available yet")  # fmt: skip
     for name in ("steps", "n", "batch_size", "height", "width"):
         v = getattr(args, name)
         if v is not None and v < 1:

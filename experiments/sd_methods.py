@@ -7,7 +7,8 @@
 ``FILE`` holds one prompt per line. For each prompt, every applicable method of
 :data:`experiments.generate.METHODS` runs at its paper's defaults for SD (the knob
 defaults of ``experiments.generate``; SPELL's radius is App. D's median pairwise distance
-of the unguided row's final latents) with DDIM (eta 0) and CFG ``--cfg``, on the **same**
+of the unguided row's final latents) with DDIM (eta 0; on an SD3 folder flow Euler, 28
+steps and CFG 7.0 by default) and CFG ``--cfg``, on the **same**
 ``n`` noise latents and the same sampling key; every knob flag of ``experiments.generate``
 sets that method's knob here (a flag for a method not in ``--methods`` is refused).
 Writes, under ``--out``::
@@ -25,7 +26,9 @@ encoder's pooled output through ``--clip-projection`` (or the text encoder's own
 projection). A metric that cannot be computed is ``null`` with its reason in
 ``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
 what they need: GASS an image encoder and a projection, TPSO a projection, PG a
-``--pg-strength`` (no published SD value) and ``--n >= 3``.
+``--pg-strength`` (no published SD value) and ``--n >= 3``, contextual repulsion an SD3
+folder and a ``--contextual-eta``; on SD3 folders GASS and TPSO are skipped (not wired
+yet) and SPP / CLIP score are ``null``.
 
 For real checkpoints: SD 1.5's text encoder is OpenAI CLIP ViT-L/14's text tower, so
 ``--clip-projection`` is that model's folder (``CLIPModel`` or
@@ -72,8 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--n", type=int, default=8, help="images per prompt and method")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (1 = none)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: SD 50 DDIM, SD3 28 flow Euler)")  # fmt: skip
+    p.add_argument("--cfg", type=float, default=None,
+                   help="CFG scale (1 = none; default: SD 7.5, SD3 7.0)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--clip-projection",
@@ -88,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     generate.add_knob_flags(p, "method knobs, as experiments.generate's (defaults: the "
                                "papers'; --pg-strength is required for PG)")  # fmt: skip
     args = p.parse_args(argv)
+    args.kind = generate.pipeline_kind(args.model)
+    _, _, default_steps, default_cfg = generate.KINDS[args.kind]
+    args.steps = default_steps if args.steps is None else args.steps
+    args.cfg = default_cfg if args.cfg is None else args.cfg
     if args.n < 2:
         p.error(f"--n must be >= 2 (the metrics compare images), got {args.n}")
     if args.steps < 1:
@@ -158,6 +167,8 @@ def _metric_text(pipe, args, shape):
     """The prompts' CLIP text embeddings for SPP / CLIP score, or ``(None, why not)``."""
     if pipe.encode_image is None:
         return None, "no image encoder (pass --image-encoder or add <model>/image_encoder)"
+    if args.kind == "sd3":
+        return None, "a CLIP text embedding for SPP / CLIP score is not wired for SD3 folders yet"
     spec = args.clip_projection
     if spec is None:
         if pipe.text_projection is None:
@@ -241,7 +252,12 @@ def run(args: argparse.Namespace) -> dict:
         except generate.RunError as err:
             skipped["gass"] = str(err)
             del knobs["gass"]
-    sampler = pipe.ddim(args.steps, clean_endpoint=True)  # SPELL's guarantee needs sigma = 0
+    # SPELL's guarantee needs a last step onto x0_hat (sigma = 0): DDIM's clean endpoint;
+    # flow Euler's last step always lands there
+    if args.kind == "sd3":
+        sampler = pipe.flow_euler(args.steps)
+    else:
+        sampler = pipe.ddim(args.steps, clean_endpoint=True)
     null = pipe.null_cond
     cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null)
     root = jax.random.key(args.seed)
@@ -254,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "settings": {
             "model": str(Path(args.model).resolve()),
+            "pipeline": args.kind,
             "prompts": args.prompt_list,
             "n": args.n,
             "steps": args.steps,
@@ -280,7 +297,8 @@ def run(args: argparse.Namespace) -> dict:
         noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(root, 7), j),
                                   pipe.noise_shape(args.n))  # fmt: skip
         key = jax.random.fold_in(jax.random.fold_in(root, 8), j)
-        cond = jnp.broadcast_to(prompt_emb[j : j + 1], (args.n,) + prompt_emb.shape[1:])
+        cond = jax.tree.map(lambda a: jnp.broadcast_to(a[j : j + 1], (args.n,) + a.shape[1:]),
+                            prompt_emb)  # fmt: skip
         spp_key = jax.random.fold_in(jax.random.fold_in(root, 9), j)
         rows, per_method, unguided = {}, {}, None
         for method, k in knobs.items():

@@ -103,8 +103,10 @@ class PredictionDenoiser(NamedTuple):
     schedule: object
     prediction_type: str
 
-    def __call__(self, x, t, cond=None):
-        out = self.model(x, t, cond)
+    def __call__(self, x, t, cond=None, *, model_hooks=None):
+        # model hooks (guidance terms acting inside the network) reach models that take them
+        out = self.model(x, t, cond) if model_hooks is None else self.model(
+            x, t, cond, model_hooks=model_hooks)  # fmt: skip
         alpha = self.schedule.alpha(t)
         sigma = self.schedule.sigma(t)
         return _TO_X0[self.prediction_type](out, x, alpha, sigma).astype(x.dtype)

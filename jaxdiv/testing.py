@@ -167,6 +167,41 @@ TINY_MMDIT_SD35_MEDIUM = dict(TINY_MMDIT, dual_attention_layers=(0, 1), qk_norm=
 TINY_MMDIT_SD35_LARGE = dict(TINY_MMDIT, num_layers=2, out_channels=6, qk_norm="rms_norm")
 
 
+def random_mmdit(config: dict[str, Any], seed: int = 0):
+    """An ``SD3Transformer2DModel`` with random NumPy weights, built without an eager init.
+
+    Shapes come from ``nnx.eval_shape`` (as ``load_mmdit`` does); kernels are drawn with
+    standard deviation ``1 / sqrt(fan_in)``, vectors (biases, norm scales) with 0.1. About
+    1 s for :data:`TINY_MMDIT`, where an eager nnx init takes ~10 s on two CPU cores, and no
+    torch: for tests and benchmarks of what happens *around* the model (hooks, overhead),
+    not for parity (that is ``diffusers`` weights through :func:`jaxdiv.models.mmdit.load_mmdit`).
+
+    Example:
+        >>> m = random_mmdit(TINY_MMDIT)
+        >>> type(m).__name__, len(m.transformer_blocks)
+        ('SD3Transformer2DModel', 3)
+    """
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxdiv.models.mmdit import SD3Transformer2DModel
+
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: SD3Transformer2DModel(config, rngs=nnx.Rngs(0)))
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(a):
+        scale = 1.0 / math.sqrt(a.shape[-2]) if len(a.shape) >= 2 else 0.1
+        return jnp.asarray(rng.normal(0.0, scale, a.shape).astype(np.float32), a.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, abstract))
+
+
 def randomize_norms_and_biases(model: Any, seed: int) -> Any:
     """Random norm scales / shifts and biases on a PyTorch model, in place; set eval mode.
 

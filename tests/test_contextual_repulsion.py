@@ -3,7 +3,9 @@
 The batch operation is checked against its contract (identity at eta = 0, ascent of the
 log Vendi score, permutation equivariance, the B = 1 no-op, one compile per structure, an
 identity Jacobian, independent CFG halves); then the hook runs inside a tiny random SD3
-MMDiT (``jaxdiv.testing.TINY_MMDIT``), called directly and through ``jaxdiv.sample``.
+MMDiT (``jaxdiv.testing.TINY_MMDIT``), called directly and through ``jaxdiv.sample``;
+last, the guidance term ``guidance.contextual`` (``hook="model"``) through the SD3
+pipeline's own denoiser, against the hook passed by hand.
 """
 
 import math
@@ -65,6 +67,29 @@ def test_repulsion_raises_log_vendi(case, eta):
     assert gain > (0.1 * headroom if case == "random" else 0.5), (float(before), float(after))
     assert float(after) <= math.log(B) + 1e-5
     assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def _literal_repel(f, eta, m):
+    """The paper's update written out: ``M`` autodiff steps on the flattened streams."""
+    x = f.reshape(f.shape[0], -1).astype(jnp.float32)
+    grad = jax.jit(jax.grad(lambda z: metrics.log_vendi(z, kernel="cosine")))
+    for _ in range(m):
+        x = x + (eta / m) * grad(x)
+    return x.reshape(f.shape)
+
+
+@pytest.mark.parametrize("case, eta", [("random", 2.0), ("near-duplicates", 5.0),
+                                       ("offset", 200.0)])  # fmt: skip
+def test_gram_space_steps_equal_the_literal_autodiff_loop(case, eta):
+    f = {"random": _streams(3), "near-duplicates": _near_duplicates(4),
+         "offset": _streams(5, offset=3.0)}[case]  # fmt: skip
+    got, before, after = _repel(f, eta, inner_steps=M)
+    want = _literal_repel(f, eta, M)
+    assert float(jnp.linalg.norm(want - f)) > 1e-3 * float(jnp.linalg.norm(f))  # it moved
+    scale = float(jnp.abs(want - f).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-3 * scale)
+    np.testing.assert_allclose(float(before), _lv(f), atol=1e-5)
+    np.testing.assert_allclose(float(after), _lv(want), atol=1e-4)
 
 
 def test_exact_duplicates_stay_finite():
@@ -186,35 +211,22 @@ ETA_SD3 = 50.0
 @pytest.fixture(scope="module")
 def sd3():
     """A tiny SD3-Medium-layout MMDiT (``jaxdiv.testing.TINY_MMDIT``, 16 latent channels,
-    3 joint blocks) with random weights, as ``pure(model)``. Shapes come from
-    ``nnx.eval_shape`` (as ``load_mmdit`` does) and the weights from NumPy: about 1 s on
-    two CPU cores, where an eager nnx init took ~10 s and ``example_sd3_pipeline()``
-    (torch, two CLIPs, T5, VAE) ~15 s, over this file's time budget; the hook only needs
-    the transformer."""
-    from flax import nnx
-
+    3 joint blocks) with random weights (:func:`jaxdiv.testing.random_mmdit`: about 1 s,
+    where ``example_sd3_pipeline()`` with torch, two CLIPs, T5 and a VAE takes ~15 s; the
+    hook only needs the transformer)."""
     from jaxdiv.models.layers import pure
-    from jaxdiv.models.mmdit import SD3Transformer2DModel
-    from jaxdiv.testing import TINY_MMDIT
+    from jaxdiv.testing import TINY_MMDIT, random_mmdit
 
     config = dict(TINY_MMDIT, in_channels=16, out_channels=16)  # SD3's latent channels
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: SD3Transformer2DModel(config, rngs=nnx.Rngs(0)))
-    )
-    rng = np.random.default_rng(0)
-
-    def fill(a):  # fan-in scaled kernels, small biases
-        scale = 1.0 / math.sqrt(a.shape[-2]) if len(a.shape) >= 2 else 0.1
-        return jnp.asarray(rng.normal(0.0, scale, a.shape), a.dtype)
-
-    net = pure(nnx.merge(graphdef, jax.tree.map(fill, abstract)))
+    module = random_mmdit(config, seed=0)
+    net = pure(module)
     k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
     # one prompt for the whole batch, as the paper's setting: the text streams differ only
     # through the image tokens they attend to
     prompt = jax.random.normal(k1, (1, 6, config["joint_attention_dim"]))
     pooled = jax.random.normal(k2, (1, config["pooled_projection_dim"]))
     noise = jax.random.normal(k3, (B, 16, 8, 8))
-    return config, net, prompt, pooled, noise
+    return config, net, prompt, pooled, noise, module
 
 
 def _recording_velocity(net):
@@ -235,7 +247,7 @@ def _recording_velocity(net):
 
 
 def test_mmdit_hook_eta_zero_is_exact_and_eta_repels(sd3):
-    config, net, prompt, pooled, noise = sd3
+    config, net, prompt, pooled, noise, _ = sd3
     run = _recording_velocity(net)
     ctx, pool = jnp.broadcast_to(prompt, (B, *prompt.shape[1:])), jnp.repeat(pooled, B, 0)
     t = jnp.float32(800.0)
@@ -268,7 +280,7 @@ def test_sample_with_hook_under_cfg(sd3):
     from jaxdiv.pipelines.stable_diffusion_3 import SD3Cond
     from jaxdiv.predictions import as_denoiser
 
-    config, net, prompt, pooled, noise = sd3
+    config, net, prompt, pooled, noise, _ = sd3
     schedule = schedules.flow(shift=3.0)
 
     def apply(params, x, t, cond):
@@ -293,3 +305,140 @@ def test_sample_with_hook_under_cfg(sd3):
     assert jaxdiv.compile_count() - before == 1
     rel = float(jnp.linalg.norm(x_rep - x_zero) / jnp.linalg.norm(x_zero))
     assert rel > 1e-3, rel
+
+
+# --------------------------------------------------------------------------- the guidance term
+
+ETA_TERM = 50.0
+
+
+@pytest.fixture(scope="module")
+def sd3_den(sd3):
+    """The SD3 pipeline's denoiser (``stable_diffusion_3._mmdit_fn``: timestep ``1000 t``,
+    ``model_hooks`` to the MMDiT's ``context_hook``; velocity -> x0) on the tiny MMDiT."""
+    from jaxdiv import schedules
+    from jaxdiv.pipelines.stable_diffusion_3 import SD3Cond, _mmdit_fn
+    from jaxdiv.predictions import as_denoiser
+
+    config, net, prompt, pooled, noise, module = sd3
+    schedule = schedules.flow(shift=3.0)
+    den = as_denoiser(_mmdit_fn(module, 1000), schedule, "flow")
+    cond = SD3Cond(jnp.broadcast_to(prompt, (B, *prompt.shape[1:])), jnp.repeat(pooled, B, 0))
+    return den, schedule, cond, noise
+
+
+def _sample_sd3(sd3_den, g, steps=3, trace=False, noise=None, cond=None):
+    from jaxdiv import samplers
+
+    den, schedule, cond0, noise0 = sd3_den
+    return jaxdiv.sample(samplers.flow_euler(schedule, steps), den,
+                         noise0 if noise is None else noise, key=jax.random.key(0),
+                         cond=cond0 if cond is None else cond, guidance=g,
+                         trace=trace)  # fmt: skip
+
+
+def test_term_eta_zero_is_the_unguided_run_and_one_program_serves_every_eta_and_tau(sd3_den):
+    cfg = guidance.cfg(4.0)
+    plain = _sample_sd3(sd3_den, cfg).x0
+    before = jaxdiv.compile_count()
+    zero = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(0.0, M_SD3, tau=3), cfg)).x0
+    assert _bits(zero) == _bits(plain)
+    rep = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=2),
+                                              cfg)).x0  # fmt: skip
+    assert jaxdiv.compile_count() - before == 1
+    rel = float(jnp.linalg.norm(rep - plain) / jnp.linalg.norm(plain))
+    assert rel > 1e-3, rel
+
+
+def test_term_equals_the_hook_passed_by_hand_with_cfg_halves(sd3, sd3_den):
+    """Independent plumbing: the term (group = the sampler's batch B, on CFG's 2B model
+    batch) gives bitwise the run where ``contextual_hook(eta, cfg_halves=True)`` is handed
+    to the MMDiT directly through the model's parameters (no ``model_hooks``)."""
+    from jaxdiv.pipelines.stable_diffusion import Bound
+    from jaxdiv.predictions import as_denoiser
+
+    config, net, *_ = sd3
+    den, schedule, cond, noise = sd3_den
+
+    def apply(params, x, t, c):
+        weights, hook = params
+        timestep = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * 1000.0, (x.shape[0],))
+        return net.apply(weights, x, timestep, c.prompt_embeds, c.pooled, context_hook=hook)
+
+    by_hand = as_denoiser(Bound(apply, (net.params, contextual_hook(ETA_TERM, M_SD3,
+                                                                    cfg_halves=True))),
+                          schedule, "flow")  # fmt: skip
+    cfg = guidance.cfg(4.0)
+    want = jaxdiv.sample(_flow(schedule, 3), by_hand, noise, key=jax.random.key(0), cond=cond,
+                         guidance=cfg).x0  # fmt: skip
+    got = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg)).x0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+
+
+def _flow(schedule, n):
+    from jaxdiv import samplers
+
+    return samplers.flow_euler(schedule, n)
+
+
+def test_tau_is_a_step_window_and_the_trace_reports_the_scale(sd3_den):
+    cfg = guidance.cfg(4.0)
+    by_tau = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=2),
+                                                 cfg), trace=True)  # fmt: skip
+    by_window = _sample_sd3(sd3_den, guidance.chain(
+        guidance.window(guidance.contextual(ETA_TERM, M_SD3), steps=[0, 1]), cfg), trace=True)
+    assert _bits(by_tau.x0) == _bits(by_window.x0)
+    np.testing.assert_array_equal(by_tau.trace.info["contextual"].eta, [ETA_TERM, ETA_TERM, 0])
+    np.testing.assert_array_equal(by_window.trace.active["contextual"], [True, True, False])
+    np.testing.assert_array_equal(by_window.trace.info["contextual"].eta, [ETA_TERM, ETA_TERM, 0])
+
+
+def test_composes_with_cfg_and_spell_in_one_chain(sd3_den):
+    """SPELL's intra-batch guarantee (final latents at least r apart: flow Euler's last
+    step lands on the corrected x0_hat) holds with contextual repulsion inside the model."""
+    cfg = guidance.cfg(4.0)
+    base = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg)).x0
+    flat = np.asarray(base, np.float64).reshape(B, -1)
+    d = np.linalg.norm(flat[:, None] - flat[None], axis=-1)[np.triu_indices(B, 1)]
+    r = 1.05 * float(d.max())  # every pair must move
+    g = guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg,
+                       guidance.spell(r, intra_batch=True, overcompensation=1.6))
+    out = _sample_sd3(sd3_den, g, trace=True)
+    flat = np.asarray(out.x0, np.float64).reshape(B, -1)
+    d = np.linalg.norm(flat[:, None] - flat[None], axis=-1)[np.triu_indices(B, 1)]
+    assert d.min() >= r * (1 - 1e-5), (d.min(), r)
+    assert set(out.trace.info) == {"contextual", "cfg", "spell"}
+
+
+def test_one_sample_is_a_no_op(sd3_den):
+    den, schedule, cond, noise = sd3_den
+    one = jax.tree.map(lambda a: a[:1], cond)
+    cfg = guidance.cfg(4.0)
+    plain = _sample_sd3(sd3_den, cfg, noise=noise[:1], cond=one).x0
+    rep = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg),
+                      noise=noise[:1], cond=one).x0  # fmt: skip
+    assert _bits(rep) == _bits(plain)
+
+
+def test_a_denoiser_without_model_hooks_is_refused():
+    from jaxdiv import samplers, schedules
+
+    den = lambda x, t, c: x / (1 + t**2)  # noqa: E731
+    with pytest.raises(TypeError, match=r"\['contextual'\] act inside the model.*model_hooks"):
+        jaxdiv.sample(samplers.ddim(schedules.edm(), 2), den, jnp.ones((2, 3)),
+                      key=jax.random.key(0), guidance=guidance.contextual(1.0))  # fmt: skip
+
+
+def test_term_argument_checks():
+    with pytest.raises(ValueError, match="tau must be an integer >= 1"):
+        guidance.contextual(1.0, tau=0)
+    with pytest.raises(TypeError, match="tau must be an integer"):
+        guidance.contextual(1.0, tau=2.5)
+    with pytest.raises(ValueError, match="eta"):
+        guidance.contextual(-1.0)
+    with pytest.raises(ValueError, match="eta"):
+        guidance.contextual(float("nan"))
+    with pytest.raises(ValueError, match="blocks must name at least one block"):
+        guidance.contextual(1.0, blocks=[])
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 1"):
+        guidance.contextual(1.0, inner_steps=0)

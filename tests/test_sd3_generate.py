@@ -102,15 +102,20 @@ def test_diversity_terms_act_on_the_sd3_condition(pipe):
 # -- experiments.generate on an SD3 folder ----------------------------------------------------
 
 
-def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [["spell", "--spell-radius", "5"],
+                                    ["contextual", "--contextual-eta", "50",
+                                     "--contextual-inner-steps", "10", "--contextual-tau", "1"]])
+def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, method):
     # the folder's pipeline is already loaded: let generate reuse it instead of reloading
     key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
     monkeypatch.setattr(generate, "_LOADED", {key: pipe})
     out = tmp_path / "run"
     argv = ["--model", pipe.path, "--prompt", "a cat", "--n", "2", "--steps", "2", "--cfg", "3",
-            "--method", "spell", "--spell-radius", "5", "--out", str(out)]  # fmt: skip
+            "--method", *method, "--out", str(out)]  # fmt: skip
     assert generate.main(argv) == 0
     meta = json.loads((out / "metadata.json").read_text())
+    if method[0] == "contextual":
+        assert meta["settings"]["method_knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
     assert meta["settings"]["sampler"] == "flow_euler"
     assert meta["pipeline"]["prediction_type"] == "flow"
     assert meta["sampler"]["nfe"] == 2 and meta["pipeline"]["latent_shape"][0] == 16
@@ -127,6 +132,9 @@ def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch):
     [
         (["--sampler", "ddim"], "--sampler ddim does not apply to SD3"),
         (["--method", "tpso", "--tpso-projection", "none"], "TPSO on SD3's two CLIP encoders"),
+        (["--method", "contextual"], "--method contextual needs --contextual-eta"),
+        (["--method", "contextual", "--contextual-eta", "5", "--contextual-tau", "0"],
+         "--contextual-tau must be an integer >= 1"),
     ],
 )
 def test_generate_refuses_what_sd3_cannot_run(pipe, tmp_path, capsys, extra, message):
@@ -137,15 +145,20 @@ def test_generate_refuses_what_sd3_cannot_run(pipe, tmp_path, capsys, extra, mes
     assert info.value.code == 2 and message in err, err
 
 
-def test_generate_refuses_flow_euler_on_an_sd_folder(tmp_path, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "flow_euler"], "does not apply to SD 1.x/2.x folders"),
+    (["--method", "contextual", "--contextual-eta", "5"],
+     "--method contextual runs on SD3 / SD3.5 folders only"),
+])  # fmt: skip
+def test_generate_refuses_what_an_sd_folder_cannot_run(tmp_path, capsys, extra, message):
     folder = Path(tmp_path / "sd")
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(SystemExit) as info:
-        generate.main(["--model", str(folder), "--prompt", "a cat", "--sampler", "flow_euler",
-                       "--out", str(tmp_path / "o")])  # fmt: skip
+        generate.main(["--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "o"),
+                       *extra])  # fmt: skip
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "does not apply to SD 1.x/2.x folders" in err, err
+    assert info.value.code == 2 and message in err, err
 
 
 def test_omitted_static_keywords_do_not_recompile(pipe):
@@ -160,3 +173,44 @@ def test_omitted_static_keywords_do_not_recompile(pipe):
     b = pipe.encode_prompt(tokens, clip_skip=None)
     assert jitted._cache_size() == before
     np.testing.assert_array_equal(a.prompt_embeds, b.prompt_embeds)
+
+
+def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path, monkeypatch):
+    """``experiments.sd_methods`` on an SD3 folder with a CLIP vision tower given by
+    ``--image-encoder``: flow Euler, contextual repulsion in the table, the SD-only methods
+    skipped with their reasons, Vendi / MSS from the image features."""
+    import math
+
+    import transformers
+
+    from experiments import sd_methods
+    from jaxdiv.testing import TINY_VISION
+
+    vision = tmp_path / "vision"
+    config = transformers.CLIPVisionConfig(**TINY_VISION)  # projection width 16
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "out"
+    argv = ["--model", pipe.path, "--prompts", str(prompts), "--n", "3", "--steps", "2",
+            "--cfg", "3", "--out", str(out), "--image-encoder", str(vision),
+            "--pg-strength", "100", "--contextual-eta", "50", "--contextual-inner-steps", "10",
+            "--contextual-tau", "1"]  # fmt: skip
+    assert sd_methods.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["pipeline"] == "sd3" and res["settings"]["sampler"] == "flow_euler"
+    assert set(res["skipped"]) == {"gass", "tpso"}
+    assert "not wired for SD3" in res["skipped"]["gass"]
+    assert "TPSO on SD3's two CLIP encoders" in res["skipped"]["tpso"]
+    assert list(res["methods"]) == ["none", "spell", "particle", "cads", "interval", "contextual"]
+    assert res["methods"]["contextual"]["knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
+    (row,) = res["prompts"]
+    for method, values in row["methods"].items():
+        for name in ("vendi", "mss", "latent_mean_distance"):
+            assert isinstance(values[name], float) and math.isfinite(values[name]), (method, name)
+        assert 1 - 1e-4 <= values["vendi"] <= 3 + 1e-4
+        assert values["spp"] is None and values["clip_score"] is None
+    assert "not wired for SD3" in res["metric_notes"]["null"]
+    # contextual repulsion changed the images (same noise and key as the unguided row)
+    none, ctx = row["methods"]["none"], row["methods"]["contextual"]
+    assert ctx["latent_mean_distance"] != none["latent_mean_distance"]

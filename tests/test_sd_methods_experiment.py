@@ -63,8 +63,10 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
             "--pg-strength", "100", "--tpso-null-pool", "3", "--gass-max-iters", "3"]  # fmt: skip
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["skipped"] == {}
-    assert list(res["methods"]) == list(generate.METHODS)
+    sd_only = [m for m in generate.METHODS if m != "contextual"]  # contextual: SD3 only
+    assert list(res["skipped"]) == ["contextual"]
+    assert "runs on SD3 / SD3.5 folders only" in res["skipped"]["contextual"]
+    assert list(res["methods"]) == sd_only
     assert res["methods"]["spell"]["knobs"] == {"radius": "auto", "overcompensation": 1.6}
     assert res["methods"]["gass"]["knobs"]["projection"] == str(projection.resolve())
     assert res["methods"]["tpso"]["knobs"]["null_pool"] == 3
@@ -74,7 +76,7 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
     (row,) = res["prompts"]
     assert row["prompt"] == "a cat" and row["grid"] == "grid_p000.png"
     metrics = ("vendi", "mss", "spp", "clip_score", "latent_mean_distance", "seconds")
-    for method in generate.METHODS:
+    for method in sd_only:
         values = row["methods"][method]
         for name in metrics:
             assert isinstance(values[name], float) and math.isfinite(values[name]), (method, name)
@@ -86,7 +88,7 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
     from PIL import Image
 
     with Image.open(out / "grid_p000.png") as im:
-        assert im.size == (sd_methods.LABEL_WIDTH + N * 16, len(generate.METHODS) * 16)
+        assert im.size == (sd_methods.LABEL_WIDTH + N * 16, len(sd_only) * 16)
 
 
 def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):

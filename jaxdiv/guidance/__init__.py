@@ -19,7 +19,7 @@ from jaxdiv.guidance.base import (
 )
 from jaxdiv.guidance.cads import CADSInfo, cads, cads_gamma, cads_time
 from jaxdiv.guidance.cfg import CFGInfo, cfg
-from jaxdiv.guidance.contextual import contextual_hook, repel_context
+from jaxdiv.guidance.contextual import ContextualInfo, contextual, contextual_hook, repel_context
 from jaxdiv.guidance.gass import (
     AXES,
     GASSInfo,
@@ -91,7 +91,9 @@ __all__ = [
     "GASSInfo",
     "GramExpectation",
     "AXES",
-    # contextual-space repulsion (an MMDiT context_hook, not a GuidanceTerm yet)
+    # contextual-space repulsion (a hook="model" term for MMDiT pipelines)
+    "contextual",
+    "ContextualInfo",
     "repel_context",
     "contextual_hook",
 ]

@@ -16,10 +16,20 @@ A guidance term is an optax-style NamedTuple of pure functions plus a hook and a
   "condition"   ``arg = cond`` -> the condition             CADS
   "denoiser"    ``arg = denoise(x, cond)`` -> ``x0_hat``    CFG, interval guidance
   "x0"          ``arg = x0_hat`` -> ``x0_hat``              SPELL, particle guidance, GASS
+  "model"       ``arg = None`` -> a model hook              contextual repulsion
   ============  ==========================================  ===========================
 
   ``denoise(x, cond) -> x0_hat`` calls the model at the current time; ``ctx`` is a
   :class:`StepContext`. Terms that couple samples see the whole batch.
+
+  A ``"model"`` term acts *inside* the network's forward pass: its ``apply`` returns a
+  hook, and every model call of that evaluation (both CFG branches included) receives the
+  hooks of all model terms, in chain order, as ``denoiser(x, t, cond, model_hooks=(...))``.
+  A denoiser that can run them takes that keyword (the SD3 pipeline's MMDiT calls each
+  ``hook(block_index, text_stream) -> text_stream`` after every joint block); any other
+  denoiser is refused with a message naming the term. A hook must be a pytree whose
+  numbers are leaves, and must be the identity when every leaf is zero: that is what
+  :func:`window` hands the model where the term is inactive.
 
 **Compile once per structure.** :func:`jaxdiv.sample` traces every array leaf of a term
 and keys its compile cache on everything else. So a factory binds module-level functions
@@ -66,8 +76,8 @@ __all__ = [
     "guided_denoise",
 ]
 
-HOOKS = ("condition", "denoiser", "x0")
-_ARG = {"condition": "cond", "denoiser": "denoise", "x0": "x0_hat"}
+HOOKS = ("condition", "denoiser", "x0", "model")
+_ARG = {"condition": "cond", "denoiser": "denoise", "x0": "x0_hat", "model": "None"}
 
 
 class GuidanceTerm(NamedTuple):
@@ -290,9 +300,11 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     for j, term in enumerate(terms):
         if term.hook == "condition":
             cond = record(term, term.apply(states[term.name], cond, ctx_for(j, cond)))
+    hooks = tuple(record(term, term.apply(states[term.name], None, ctx_for(j, cond)))
+                  for j, term in enumerate(terms) if term.hook == "model")  # fmt: skip
 
     def denoise(xx, cc):
-        out = denoiser(xx, t, cc)
+        out = _call_with_hooks(denoiser, xx, t, cc, hooks, terms) if hooks else denoiser(xx, t, cc)
         if not hasattr(out, "shape") or out.shape != xx.shape:
             raise ValueError(
                 f"denoiser must return x0_hat with the shape of its input x {tuple(xx.shape)}, "
@@ -311,6 +323,20 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
         if term.hook == "x0":
             x0_hat = record(term, term.apply(states[term.name], x0_hat, ctx_for(j, cond)))
     return x0_hat, states, infos, actives
+
+
+def _call_with_hooks(denoiser, x, t, cond, hooks, terms):
+    try:
+        return denoiser(x, t, cond, model_hooks=hooks)
+    except TypeError as e:
+        if "model_hooks" not in str(e):
+            raise
+        names = [term.name for term in terms if term.hook == "model"]
+        raise TypeError(
+            f"guidance term(s) {names} act inside the model (hook='model'), but the denoiser "
+            f"{type(denoiser).__name__} does not take model_hooks=: use a pipeline whose "
+            "model runs them (an MMDiT: jaxdiv.pipelines.stable_diffusion_3)"
+        ) from e
 
 
 def _bounds(value, name):
@@ -339,11 +365,19 @@ def run_if(active, apply, hook, state, arg, ctx):
     """``apply(state, arg, ctx)`` where ``active``, the identity elsewhere (``lax.cond``:
     inactive evaluations skip the term's computation), with :class:`WindowInfo`."""
     on = lambda: apply(state, arg, ctx)
-    zeros_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on)[2])
+    shapes = jax.eval_shape(on)
+
+    def zeros(tree):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
     def off():
-        out = arg(ctx.x, ctx.cond) if hook == "denoiser" else arg
-        return out, state, zeros_info
+        if hook == "denoiser":
+            out = arg(ctx.x, ctx.cond)
+        elif hook == "model":  # a model hook whose leaves are all zero is the identity
+            out = zeros(shapes[0])
+        else:
+            out = arg
+        return out, state, zeros(shapes[2])
 
     out, new_state, info = jax.lax.cond(active, on, off)
     return out, new_state, WindowInfo(active, info)
@@ -491,8 +525,8 @@ def stateless(hook: str, fn: Callable, *, name: str | None = None, info: bool = 
     module-level function (a new lambda each call is a new program).
 
     Args:
-        hook: ``"condition"``, ``"denoiser"`` or ``"x0"`` (see the module docstring for
-            what ``arg`` is).
+        hook: ``"condition"``, ``"denoiser"``, ``"x0"`` or ``"model"`` (see the module
+            docstring for what ``arg`` is).
         fn: ``fn(arg, ctx, **params)``.
         name: the name in traces (default: ``fn.__name__`` without leading underscores).
         info: whether ``fn`` also returns diagnostics.

@@ -512,6 +512,20 @@ def _encode_image_fn(vision, mean, std):
     return Bound(apply, net.params)
 
 
+def load_image_encoder(root: Path, image_encoder, **load_kw) -> tuple[Bound | None, dict | None]:
+    """The pipeline's ``encode_image`` (images NCHW in ``[-1, 1]`` -> CLIP image features,
+    preprocessing included) and its config entry, or ``(None, None)``; shared by the SD and
+    SD3 loaders. ``image_encoder`` as :func:`jaxdiv.pipelines.folder.image_encoder_folder`;
+    ``load_kw`` go to :func:`jaxdiv.models.clip.load_clip_vision`."""
+    enc_folder = image_encoder_folder(root, image_encoder)
+    if enc_folder is None:
+        return None, None
+    vision = load_clip_vision(enc_folder, **load_kw)
+    mean, std, stats_file = image_preprocess_stats(enc_folder, root)
+    config = dict(read_config(enc_folder), _folder=str(enc_folder), _preprocessor=stats_file)
+    return _encode_image_fn(vision, mean, std), config
+
+
 def load(
     path: str | os.PathLike,
     dtype: Any = jnp.float32,
@@ -630,17 +644,11 @@ def load(
         "text_encoder": text_config,
     }
 
-    encode_image = None
-    enc_folder = image_encoder_folder(root, image_encoder)
-    if enc_folder is not None:
-        vision = load_clip_vision(
-            enc_folder, dtype=dtype, attention_implementation=attention_implementation, **kw
-        )
-        mean, std, stats_file = image_preprocess_stats(enc_folder, root)
-        encode_image = _encode_image_fn(vision, mean, std)
-        configs["image_encoder"] = dict(
-            read_config(enc_folder), _folder=str(enc_folder), _preprocessor=stats_file
-        )
+    encode_image, enc_config = load_image_encoder(
+        root, image_encoder, dtype=dtype, attention_implementation=attention_implementation, **kw
+    )
+    if enc_config is not None:
+        configs["image_encoder"] = enc_config
 
     encode_prompt = _encode_prompt_fn(text, clip_skip)
     empty = tokenize(tokenizer, [""], max_length=max_length)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from jaxdiv import samplers, schedules, validation
 from jaxdiv.models.checkpoint import CheckpointError, path_problem, read_config
@@ -50,7 +51,7 @@ from jaxdiv.models.mmdit import load_mmdit
 from jaxdiv.models.t5 import load_t5
 from jaxdiv.models.vae import load_vae
 from jaxdiv.pipelines.folder import check_pipeline_folder, read_scheduler_config
-from jaxdiv.pipelines.stable_diffusion import Bound, _decode_fn, _encode_fn
+from jaxdiv.pipelines.stable_diffusion import Bound, _decode_fn, _encode_fn, load_image_encoder
 from jaxdiv.predictions import PredictionDenoiser, as_denoiser
 
 __all__ = [
@@ -145,6 +146,8 @@ class StableDiffusion3(NamedTuple):
         path: the pipeline folder.
         clip_skip: the default ``clip_skip`` of :attr:`encode_prompt`.
         has_t5: whether ``text_encoder_3`` was loaded (else its tokens are zeros).
+        encode_image: images NCHW in ``[-1, 1]`` -> CLIP image features ``(B, P)``, when
+            an image encoder was loaded (``load(..., image_encoder=...)``), else ``None``.
 
     Example:
         >>> from jaxdiv.testing import example_sd3_pipeline
@@ -380,14 +383,23 @@ def _encode_prompt_fn(clip_l, clip_g, t5, *, joint_dim, t5_length, clip_skip):
     return Bound(apply, params, ("clip_skip",), check)
 
 
+def _run_context_hooks(hooks, block_index, stream):
+    """The guidance terms' model hooks (``hook="model"``), in chain order, after a block."""
+    for hook in hooks:
+        stream = hook(block_index, stream)
+    return stream
+
+
 def _mmdit_fn(transformer, num_train_timesteps):
     net = pure(transformer)
 
-    def apply(params, x, t, cond):
+    def apply(params, x, t, cond, model_hooks=()):
         # diffusers feeds the scheduler's timesteps, sigma * num_train_timesteps
         timestep = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * num_train_timesteps,
                                     (x.shape[0],))  # fmt: skip
-        return net.apply(params, x, timestep, cond.prompt_embeds, cond.pooled)
+        hook = Partial(_run_context_hooks, tuple(model_hooks)) if model_hooks else None
+        return net.apply(params, x, timestep, cond.prompt_embeds, cond.pooled,
+                         context_hook=hook)  # fmt: skip
 
     return Bound(apply, net.params)
 
@@ -431,6 +443,7 @@ def load(
     clip_skip: int | None = None,
     max_sequence_length: int = 256,
     t5: bool = True,
+    image_encoder: str | os.PathLike | bool | None = None,
     attention_implementation: str | None = None,
     check_finite: bool = True,
 ) -> StableDiffusion3:
@@ -453,6 +466,11 @@ def load(
         t5: load ``text_encoder_3`` when the folder has it; ``False`` runs without T5
             (zeros in its place, diffusers' ``text_encoder_3=None``), which saves ~19 GB
             of weights for SD3.
+        image_encoder: a CLIP vision tower for :attr:`StableDiffusion3.encode_image`
+            (GASS features, image metrics), as in
+            :func:`jaxdiv.pipelines.stable_diffusion.load`: ``None`` loads
+            ``<path>/image_encoder`` when present (SD3 releases have none), a path loads
+            that folder, ``False`` skips it.
         attention_implementation: for :func:`jax.nn.dot_product_attention` in the MMDiT
             and CLIP (``None``/``"xla"``, ``"cudnn"``).
         check_finite: refuse weights holding NaN or inf.
@@ -541,6 +559,11 @@ def load(
         configs[name] = read_config(root / name)
     if use_t5:
         configs["text_encoder_3"] = read_config(root / "text_encoder_3")
+    encode_image, enc_config = load_image_encoder(
+        root, image_encoder, dtype=dtype, attention_implementation=attention_implementation, **kw
+    )
+    if enc_config is not None:
+        configs["image_encoder"] = enc_config
     sample_size = cfg.sample_size if cfg.sample_size is not None else 128
     pipe = StableDiffusion3(
         encode_prompt=encode_prompt,
@@ -562,6 +585,7 @@ def load(
         path=str(root),
         clip_skip=clip_skip,
         has_t5=use_t5,
+        encode_image=encode_image,
     )
     # diffusers encodes the negative / empty prompt without clip_skip
     null = encode_prompt(pipe.tokenize([""]), clip_skip=None)
