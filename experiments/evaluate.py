@@ -1,0 +1,439 @@
+"""Folders of generated images -> encoder features -> the tables diversity papers report.
+
+    python -m experiments.evaluate --images DIR [DIR ...] [--reference DIR] \\
+        --encoders clip,dinov2 --clip CLIP_FOLDER --dinov2 DINOV2_FOLDER --out DIR \\
+        [--batch-size 32 --bootstrap 1000 --seed 0]
+
+Each ``--images`` folder is an ``experiments.generate`` output (its ``metadata.json`` lists
+every image with its prompt, and the method with its knobs) or any folder of PNG / JPEG
+images (then all images form one group). ``--reference`` is a folder of real images for
+the fidelity metrics (FD, KID, PRDC, CMMD).
+
+Features: ``clip`` is a CLIP vision tower (``CLIPVisionModel[WithProjection]`` folder;
+its ``image_embeds``, else ``pooler_output``), ``dinov2`` a ``Dinov2Model`` folder (the CLS
+token after the final layernorm, FD-DINOv2's feature). Preprocessing is the encoders' own
+image processors' (PIL bicubic resize of the short side, centre crop, rescale, normalise),
+bit-exact in JAX (:func:`jaxdiv.models.dinov2.dinov2_preprocess`: ``BitImageProcessor``
+for DINOv2 at 256 -> 224, the same steps at the tower's size with CLIP's mean / std for
+``CLIPImageProcessor``). Images stream through fixed-size batches (the last one padded: one
+compiled program per encoder and image size), so memory does not grow with the number of
+images.
+
+Cache: ``<out>/features/<folder>-<hash>/<encoder>-<hash>.npz`` holds each image's SHA-256
+and feature; a rerun, or a run adding a metric, reads them back, and an image whose bytes
+changed is encoded again (as is every image when the encoder folder changes). The cache is
+written atomically every ``--save-every`` batches and at the end, so a killed run resumes.
+``--out`` is locked for the run (one writer).
+
+Writes ``results.json`` (every number, per prompt and pooled), ``table.md`` and
+``table.csv`` (one row per image folder and encoder):
+
+* per prompt (the images of one prompt): Vendi (cosine kernel, q = 1) and MSS;
+* pooled: their mean over prompts with a percentile bootstrap 95% interval (prompts
+  resampled with replacement, ``--bootstrap`` times), and the Vendi of all images;
+* against ``--reference``: FD, KID (mean, std over subsets), precision / recall /
+  density / coverage (k = 5), and CMMD (CLIP features only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from experiments import run_folder
+
+ENCODERS = ("clip", "dinov2")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CLIP_PROCESSOR = dict(mean=(0.48145466, 0.4578275, 0.40821073),
+                      std=(0.26862954, 0.26130258, 0.27577711))  # fmt: skip
+
+
+class EvaluateError(Exception):
+    """A refused input or a failed run, reported in one line."""
+
+
+def log(msg: str) -> None:
+    """Print a progress line prefixed with ``[evaluate]``."""
+    print(f"[evaluate] {msg}", flush=True)
+
+
+class ImageSet(NamedTuple):
+    """One folder of images to evaluate.
+
+    Attributes:
+        name: the folder's name (table row label).
+        folder: the resolved folder.
+        files: image paths.
+        prompts: the prompt of each image (``None`` where unknown).
+        method: ``settings.method`` of a generate folder (``None`` otherwise).
+        knobs: its ``settings.method_knobs``.
+    """
+
+    name: str
+    folder: Path
+    files: tuple
+    prompts: tuple
+    method: str | None
+    knobs: dict
+
+
+def read_image_set(folder) -> ImageSet:
+    """The images of ``folder``: a generate folder's ``metadata.json`` list, else every
+    PNG / JPEG in it (sorted by name). EvaluateError when it holds none."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise EvaluateError(f"{folder} is not a folder")
+    meta_file = folder / "metadata.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            entries = meta["images"]
+            files = tuple(folder / e["file"] for e in entries)
+            prompts = tuple(str(e["prompt"]) for e in entries)
+        except (ValueError, KeyError, TypeError):
+            raise EvaluateError(f"{meta_file} is not a finished experiments.generate run (no "
+                                "valid 'images' list)") from None  # fmt: skip
+        missing = [str(f.relative_to(folder)) for f in files if not f.is_file()]
+        if missing:
+            raise EvaluateError(f"{folder}: {len(missing)} images listed in metadata.json are "
+                                f"missing, e.g. {missing[0]}")  # fmt: skip
+        settings = meta.get("settings", {})
+        return ImageSet(folder.name, folder, files, prompts, settings.get("method"),
+                        settings.get("method_knobs", {}))  # fmt: skip
+    files = tuple(sorted(p for p in folder.iterdir()
+                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))  # fmt: skip
+    if not files:
+        raise EvaluateError(f"{folder} holds no metadata.json and no PNG / JPEG images")
+    return ImageSet(folder.name, folder, files, (None,) * len(files), None, {})
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    """A hash of an encoder folder: its config and the names, sizes and times of its
+    files (a changed checkpoint invalidates the cached features)."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+class Encoder(NamedTuple):
+    """``encode(uint8 NHWC batch) -> (B, D) float32``, with the tag its cache is keyed by."""
+
+    name: str
+    tag: str
+    encode: Any
+
+
+def load_encoder(name: str, folder, batch_size: int) -> Encoder:
+    """A jitted feature extractor for ``name`` in :data:`ENCODERS` from a local folder."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiv.models.dinov2 import dinov2_preprocess, load_dinov2
+    from jaxdiv.models.layers import pure
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise EvaluateError(f"--{name} {str(folder)!r} is not a model folder (no config.json)")
+    if name == "clip":
+        from jaxdiv.models.clip import load_clip_vision
+        from jaxdiv.pipelines.folder import image_preprocess_stats
+
+        model = load_clip_vision(folder)
+        size = model.config.image_size
+        mean, std, _ = image_preprocess_stats(folder, folder)
+        projected = hasattr(model, "visual_projection")
+        net = pure(model)
+
+        def features(params, images):
+            x = dinov2_preprocess(images, size=size, crop_size=size, mean=mean, std=std)
+            out = net.apply(params, x)
+            return out.image_embeds if projected else out.pooler_output
+    else:
+        net = pure(load_dinov2(folder))
+
+        def features(params, images):
+            return net.apply(params, dinov2_preprocess(images)).pooler_output
+
+    run = jax.jit(features)
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        pad = np.zeros((batch_size - n, *images.shape[1:]), np.uint8)
+        out = run(net.params, jnp.asarray(np.concatenate([images, pad])))
+        return np.asarray(out[:n], np.float32)
+
+    return Encoder(name, f"{name}-{_folder_digest(folder)}", encode)
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise EvaluateError(f"{path} is not a readable image ({err})") from None
+
+
+def _cache_path(out: Path, image_set: ImageSet, encoder: Encoder) -> Path:
+    key = hashlib.sha256(str(image_set.folder).encode()).hexdigest()[:8]
+    return out / "features" / f"{image_set.name}-{key}" / f"{encoder.tag}.npz"
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as f:
+            return {str(k): (str(d), v) for k, d, v in zip(f["files"], f["sha256"], f["features"])}
+    except (OSError, ValueError, KeyError):
+        log(f"ignoring an unreadable feature cache {path}")
+        return {}
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    names = sorted(entries)
+    buf = io.BytesIO()
+    np.savez(buf, files=np.array(names), sha256=np.array([entries[n][0] for n in names]),
+             features=np.stack([entries[n][1] for n in names]))  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_folder.atomic_write(path, buf.getvalue())
+
+
+def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: int,
+                save_every: int = 20) -> tuple[np.ndarray, int]:  # fmt: skip
+    """Features of every image of ``image_set`` (in its order), from the cache where the
+    image bytes are unchanged; returns ``(features, number computed now)``."""
+    path = _cache_path(out, image_set, encoder)
+    cached = _read_cache(path)
+    rel = [str(f.relative_to(image_set.folder)) for f in image_set.files]
+    digests = [_digest(f) for f in image_set.files]
+    entries = {r: cached[r] for r, d in zip(rel, digests) if r in cached and cached[r][0] == d}
+    todo = [i for i, r in enumerate(rel) if r not in entries]
+    # images of one size share a batch (one compiled program per size)
+    images = {i: None for i in todo}
+    by_size: dict = {}
+    for i in todo:
+        images[i] = _load_rgb(image_set.files[i])
+        by_size.setdefault(images[i].shape, []).append(i)
+    batches = [ids[k : k + batch_size] for ids in by_size.values()
+               for k in range(0, len(ids), batch_size)]  # fmt: skip
+    t0 = time.perf_counter()
+    for b, ids in enumerate(batches):
+        feats = encoder.encode(np.stack([images[i] for i in ids]))
+        if not np.isfinite(feats).all():
+            raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or inf "
+                                f"(images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip
+        for i, f in zip(ids, feats):
+            entries[rel[i]] = (digests[i], f)
+        if (b + 1) % save_every == 0 or b + 1 == len(batches):
+            _write_cache(path, entries)
+            log(f"{image_set.name} / {encoder.name}: {sum(map(len, batches[: b + 1]))}/"
+                f"{len(todo)} images encoded in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    if not batches and set(entries) != set(cached):
+        _write_cache(path, entries)  # drop entries of images no longer in the folder
+    return np.stack([entries[r][1] for r in rel]), len(todo)
+
+
+def bootstrap_interval(values, num: int, seed: int) -> list[float] | None:
+    """Percentile 95% interval of the mean of ``values`` (resampled with replacement)."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2 or num < 1:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(num, len(v)))
+    means = v[idx].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encoder: str,
+                bootstrap: int, seed: int) -> dict:  # fmt: skip
+    """Per-prompt diversity, pooled diversity with bootstrap intervals, and the fidelity
+    metrics against ``reference`` features."""
+    import jax
+
+    from jaxdiv import metrics
+
+    groups: dict = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    per_prompt = []
+    for p, ids in groups.items():
+        x = feats[ids]
+        row = {"prompt": p, "n": len(ids), "vendi": None, "mss": None}
+        if len(ids) >= 2:
+            row["vendi"] = float(metrics.vendi(x))
+            row["mss"] = float(metrics.mss(x))
+        per_prompt.append(row)
+    pooled: dict = {"n": int(len(feats)), "prompts": len(groups),
+                    "vendi_all": float(metrics.vendi(feats))}  # fmt: skip
+    for name in ("vendi", "mss"):
+        vals = [r[name] for r in per_prompt if r[name] is not None]
+        pooled[f"{name}_mean"] = float(np.mean(vals)) if vals else None
+        pooled[f"{name}_ci95"] = bootstrap_interval(vals, bootstrap, seed)
+    if reference is not None:
+        pooled["fd"] = float(metrics.frechet_distance_from_features(feats, reference))
+        size = min(len(feats), len(reference), 1000)
+        k = metrics.kid(feats, reference, subset_size=size, key=jax.random.key(seed))
+        pooled["kid_mean"], pooled["kid_std"] = float(k.mean), float(k.std)
+        if min(len(feats), len(reference)) > 5:
+            pr = metrics.prdc(reference, feats, k=5)
+            pooled.update(precision=float(pr.precision), recall=float(pr.recall),
+                          density=float(pr.density), coverage=float(pr.coverage))  # fmt: skip
+        if encoder == "clip":
+            pooled["cmmd"] = float(metrics.cmmd(feats, reference))
+    return {"pooled": pooled, "per_prompt": per_prompt}
+
+
+TABLE_COLUMNS = ("set", "method", "encoder", "n", "prompts", "vendi_mean", "vendi_ci95",
+                 "mss_mean", "mss_ci95", "vendi_all", "fd", "kid_mean", "kid_std",
+                 "precision", "recall", "density", "coverage", "cmmd")  # fmt: skip
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return str(v)
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    """``table.md`` and ``table.csv``, one row per set and encoder (atomic)."""
+    md = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    for r in rows:
+        cells = [_cell(r.get(c)) for c in TABLE_COLUMNS]
+        md.append("| " + " | ".join(cells) + " |")
+        writer.writerow(cells)
+    run_folder.atomic_write(out / "table.md", ("\n".join(md) + "\n").encode())
+    run_folder.atomic_write(out / "table.csv", buf.getvalue().encode())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line before any model loads (one line on stderr, exit
+    2 for a bad value)."""
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate",
+                                description=__doc__.split("\n")[0])  # fmt: skip
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
+    p.add_argument("--images", nargs="+", required=True, help="image folders to evaluate")
+    p.add_argument("--reference", default=None, help="folder of reference (real) images")
+    p.add_argument("--encoders", default="clip", help="comma-separated: " + ",".join(ENCODERS))
+    p.add_argument("--clip", default=None, help="CLIP vision model folder (for --encoders clip)")
+    p.add_argument("--dinov2", default=None, help="Dinov2Model folder (for --encoders dinov2)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--save-every", type=int, default=20, help="batches between cache writes")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.encoder_list = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    unknown = [e for e in args.encoder_list if e not in ENCODERS]
+    if unknown or not args.encoder_list:
+        p.error(f"--encoders: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                f"{', '.join(ENCODERS)}")  # fmt: skip
+    for e in args.encoder_list:
+        folder = getattr(args, e)
+        if folder is None:
+            p.error(f"--encoders {e} needs --{e} FOLDER (a local model folder)")
+        if not (Path(folder) / "config.json").is_file():
+            p.error(f"--{e} {folder!r} is not a model folder (no config.json)")
+    for name in ("batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    try:
+        args.sets = [read_image_set(f) for f in args.images]
+        args.ref_set = None if args.reference is None else read_image_set(args.reference)
+    except EvaluateError as err:
+        p.error(str(err))
+    names = [s.name for s in args.sets]
+    if len(set(names)) != len(names):
+        p.error(f"--images: two folders share a name ({names}); the table labels rows by name")
+    try:
+        run_folder.prepare_folder(args.out)
+    except run_folder.FolderError as err:
+        p.error(f"--out {err}")
+    args._parser = p
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Encode (or read back) every set's features and write the tables."""
+    out = Path(args.out)
+    results: dict = {
+        "settings": {"images": [str(s.folder) for s in args.sets],
+                     "reference": None if args.ref_set is None else str(args.ref_set.folder),
+                     "encoders": {e: str(Path(getattr(args, e)).resolve())
+                                  for e in args.encoder_list},
+                     "bootstrap": args.bootstrap, "seed": args.seed},
+        "notes": {"vendi": "cosine kernel, q = 1, per prompt; vendi_all over all images",
+                  "ci95": "percentile bootstrap over prompts of the per-prompt mean",
+                  "kid": "unbiased cubic-polynomial MMD^2, subsets of min(n, n_ref, 1000); "
+                         "two independent samples of one distribution give 0 on average, a "
+                         "set against itself a negative value of order 1 / n",
+                  "cmmd": "CLIP features, RBF sigma 10, x1000 (biased)",
+                  "prdc": "k = 5, reference = real"},
+        "sets": {},
+    }  # fmt: skip
+    rows = []
+    for e in args.encoder_list:
+        encoder = load_encoder(e, getattr(args, e), args.batch_size)
+        reference = None
+        if args.ref_set is not None:
+            reference, _ = features_of(args.ref_set, encoder, out, args.batch_size,
+                                       args.save_every)  # fmt: skip
+        for s in args.sets:
+            feats, computed = features_of(s, encoder, out, args.batch_size, args.save_every)
+            log(f"{s.name} / {e}: {len(feats)} features ({computed} encoded, "
+                f"{len(feats) - computed} from the cache)")  # fmt: skip
+            m = set_metrics(feats, s.prompts, reference, e, args.bootstrap, args.seed)
+            entry = results["sets"].setdefault(s.name, {"folder": str(s.folder),
+                                                        "method": s.method, "knobs": s.knobs,
+                                                        "encoders": {}})  # fmt: skip
+            entry["encoders"][e] = m
+            rows.append({"set": s.name, "method": s.method, "encoder": e, **m["pooled"]})
+    run_folder.write_json(out / "results.json", results)
+    write_tables(out, rows)
+    log(f"wrote {out / 'results.json'}, table.md, table.csv")
+    return results
+
+
+def main(argv=None) -> int:
+    """Run the command line: 0 on success, exit 2 for a refused input, 1 for a failure."""
+    args = parse_args(argv)
+    try:
+        with run_folder.FolderLock(args.out):
+            run(args)
+    except run_folder.FolderError as err:
+        args._parser.error(f"--out {err}")
+    except EvaluateError as err:
+        print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""``experiments.evaluate``: image folders -> CLIP / DINOv2 features -> metric tables.
+
+Tiny random encoders (saved by transformers) and small image folders in
+``experiments.generate``'s layout; the numbers are meaningless, the tests prove the
+machinery and the metrics' defining properties: the CLIP preprocessing equals
+transformers' ``CLIPImageProcessor``; a set evaluated against itself has FD, CMMD ~ 0 and
+the KID its unbiased estimator gives for identical sets (a closed form, negative); a
+planted mode collapse lowers Vendi and raises MSS; the feature cache is reused,
+an edited image alone is encoded again, and a run killed mid-way resumes to the same
+tables byte for byte.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from experiments import evaluate  # noqa: E402
+from experiments.generate import image_name  # noqa: E402
+
+PROMPTS = ("a cat", "a dog")
+N = 4  # images per prompt
+SIZE = (24, 20)  # height, width of the test images
+
+
+def _png(path, pixels):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def _generate_like(folder, pixels, method="spell"):
+    """A folder as ``experiments.generate`` leaves it: images/ and metadata.json."""
+    entries = []
+    for j, prompt in enumerate(PROMPTS):
+        for i in range(N):
+            _png(folder / "images" / image_name(j, i), pixels[j * N + i])
+            entries.append({"file": f"images/{image_name(j, i)}", "prompt_index": j,
+                            "prompt": prompt, "image_index": i})  # fmt: skip
+    meta = {"settings": {"method": method, "method_knobs": {"overcompensation": 1.6}},
+            "images": entries}  # fmt: skip
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    import torch
+    import transformers
+
+    from jaxdiv.testing import TINY_VISION
+
+    torch.manual_seed(0)
+    clip = tmp_path_factory.mktemp("clip_vision")
+    config = transformers.CLIPVisionConfig(**TINY_VISION)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(clip)
+    dino = tmp_path_factory.mktemp("dinov2")
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       patch_size=16, image_size=32)  # fmt: skip
+    transformers.Dinov2Model(config).save_pretrained(dino)
+    return clip, dino
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_sets")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (len(PROMPTS) * N, *SIZE, 3), dtype=np.uint8)
+    diverse = _generate_like(root / "diverse", pixels)
+    collapsed = pixels.copy()
+    collapsed[1::2] = collapsed[0::2]  # half the images duplicate their neighbour
+    collapsed = _generate_like(root / "collapsed", collapsed, method="none")
+    return diverse, collapsed
+
+
+def _argv(encoders, folders, out, *extra):
+    clip, dino = encoders
+    diverse, collapsed = folders
+    return ["--images", str(diverse), str(collapsed), "--reference", str(diverse),
+            "--encoders", "clip,dinov2", "--clip", str(clip), "--dinov2", str(dino),
+            "--out", str(out), "--batch-size", "3", "--bootstrap", "200", *extra]  # fmt: skip
+
+
+def test_clip_preprocessing_is_the_clip_image_processor():
+    """``dinov2_preprocess`` at CLIP's size, mean and std is ``CLIPImageProcessor``
+    (PIL backend: bicubic short side to 224, centre crop, rescale, normalise)."""
+    import transformers
+
+    from jaxdiv.models.dinov2 import dinov2_preprocess
+
+    processor = transformers.CLIPImageProcessor()
+    rng = np.random.default_rng(1)
+    for h, w in ((300, 400), (257, 224), (500, 333)):
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        want = processor(list(images), return_tensors="np")["pixel_values"]  # NCHW
+        got = dinov2_preprocess(images, size=224, crop_size=224, **evaluate.CLIP_PROCESSOR)
+        np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=0,
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(_argv(encoders, folders, out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    first = {f: (out / f).read_bytes() for f in ("results.json", "table.md", "table.csv")}
+    for enc in ("clip", "dinov2"):
+        d = res["sets"]["diverse"]["encoders"][enc]["pooled"]
+        c = res["sets"]["collapsed"]["encoders"][enc]["pooled"]
+        # against itself: FD vanishes; KID's unbiased estimator does not: with every
+        # subset the whole set (m = 8) it is 2 (S / m - D) / (m (m - 1)) < 0 exactly, S the
+        # sum and D the trace of the cubic kernel matrix (x.y / dim + 1)^3
+        assert abs(d["fd"]) < 1e-3
+        (cache,) = (out / "features").glob(f"diverse-*/{enc}-*.npz")
+        with np.load(cache) as f:
+            x = f["features"].astype(np.float64)
+        k = (x @ x.T / x.shape[1] + 1.0) ** 3
+        m = len(x)
+        want = 2 * (k.sum() / m - np.trace(k)) / (m * (m - 1))
+        assert want < 0 and d["kid_mean"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert d["kid_std"] < 1e-4 * abs(want)  # subsets differ only in order: fp32 sums
+        assert d["precision"] == d["recall"] == d["coverage"] == 1.0
+        # the planted collapse: fewer effective samples, more self-similar
+        # (random tiny encoders map noise images to nearly parallel features, so the sizes
+        # of the changes are small; their signs are the property)
+        assert c["vendi_mean"] < d["vendi_mean"] and c["mss_mean"] > d["mss_mean"]
+        lo, hi = d["vendi_ci95"]
+        assert lo <= d["vendi_mean"] <= hi
+        per = res["sets"]["collapsed"]["encoders"][enc]["per_prompt"]
+        assert [p["prompt"] for p in per] == list(PROMPTS) and all(p["n"] == N for p in per)
+        assert all(p["vendi"] <= N / 2 + 1e-3 for p in per)  # two distinct images of four
+    assert abs(res["sets"]["diverse"]["encoders"]["clip"]["pooled"]["cmmd"]) < 1e-3
+    assert res["sets"]["collapsed"]["method"] == "none"
+    assert "| collapsed | none | dinov2 |" in first["table.md"].decode()
+    log = capsys.readouterr().out
+    assert "diverse / clip: 8/8 images encoded" in log  # as the reference, first
+    assert "diverse / clip: 8 features (0 encoded, 8 from the cache)" in log
+
+    # the same command again: every feature from the cache, the same tables
+    assert evaluate.main(_argv(encoders, folders, out)) == 0
+    log = capsys.readouterr().out
+    assert "(0 encoded, 8 from the cache)" in log and " encoded, 0 from" not in log
+    assert {f: (out / f).read_bytes() for f in first} == first
+
+    # an edited image is encoded again, alone
+    edited = folders[1] / "images" / image_name(1, 3)
+    original = edited.read_bytes()
+    try:
+        _png(edited, np.full((*SIZE, 3), 7, np.uint8))
+        assert evaluate.main(_argv(encoders, folders, out)) == 0
+        assert "collapsed / clip: 8 features (1 encoded, 7 from the cache)" in (
+            capsys.readouterr().out)
+    finally:
+        edited.write_bytes(original)
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_path,
+                                                         monkeypatch, capsys):  # fmt: skip
+    clean = tmp_path / "clean"
+    argv = ["--encoders", "clip"]
+    assert evaluate.main(_argv(encoders, folders, clean, "--save-every", "1") + argv) == 0
+    want = {f: (clean / f).read_bytes() for f in ("table.md", "table.csv")}
+
+    real = evaluate.load_encoder
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        enc = real(*a, **k)
+
+        def encode(images):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise KeyboardInterrupt  # killed after two batches were cached
+            return enc.encode(images)
+
+        return enc._replace(encode=encode)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(evaluate, "load_encoder", dying)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(_argv(encoders, folders, out, "--save-every", "1") + argv)
+    assert not (out / "table.md").exists()
+    monkeypatch.setattr(evaluate, "load_encoder", real)
+    capsys.readouterr()
+    assert evaluate.main(_argv(encoders, folders, out, "--save-every", "1") + argv) == 0
+    # two batches of three were cached before the kill: the last two images remain
+    assert "diverse / clip: 2/2 images encoded" in capsys.readouterr().out
+    assert {f: (out / f).read_bytes() for f in want} == want
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--encoders", "clip,inception"], "--encoders: unknown inception"),
+    (["--encoders", "dinov2", "--dinov2", "/nonexistent"], "is not a model folder"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--bootstrap", "-1"], "--bootstrap must be >= 0"),
+    (["--images", "{empty}"], "holds no metadata.json and no PNG / JPEG images"),
+    (["--images", "{broken}"], "images listed in metadata.json are missing"),
+])  # fmt: skip
+def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys, change,
+                                            message):  # fmt: skip
+    clip, _ = encoders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metadata.json").write_text(json.dumps(
+        {"images": [{"file": "images/x.png", "prompt": "a cat"}]}))  # fmt: skip
+    change = [c.replace("{empty}", str(empty)).replace("{broken}", str(broken)) for c in change]
+    argv = ["--images", str(folders[0]), "--clip", str(clip), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(argv + change)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
