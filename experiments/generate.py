@@ -159,7 +159,6 @@ COUPLED = ("spell", "particle", "gass", "tpso", "contextual")
 ONLY_ON = {
     "tpso": ("sd", "TPSO on SD3's two CLIP encoders is not available yet"),
     "contextual": ("sd3", "it acts inside an MMDiT's joint blocks"),
-    "gass": ("sd", "GASS's CLIP text embedding is not wired for SD3 folders yet"),
 }
 # method -> ((knob, flag, default, kind), ...); the defaults are each paper's for SD
 # (PG publishes no SD strength: --pg-strength has none). ``--clip-projection`` is GASS's
@@ -822,12 +821,20 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
 
     if pipe.encode_image is None:
         raise RunError("the pipeline has no image encoder (no image_encoder folder)")
-    kernel = projection_kernel(pipe, projection)
-    width = pipe.token_embedding.shape[1]
-    if kernel.shape[0] != width:
-        raise RunError(f"--clip-projection: its input width {kernel.shape[0]} differs from the "
-                       f"text encoder's hidden size {width}")  # fmt: skip
-    emb = text_embeddings(pipe, prompts, kernel)
+    if hasattr(pipe, "has_t5"):  # SD3: CLIP-L's own projected text_embeds
+        if projection != "text_encoder":
+            raise RunError("--clip-projection is not supported with SD3 folders: their CLIP-L "
+                           "text encoder has its own projection (pair it with the image "
+                           "encoder of the same CLIP, ViT-L/14)")  # fmt: skip
+        width = pipe.configs["text_encoder"]["projection_dim"]
+        emb = pipe.encode_prompt(pipe.tokenize(list(prompts))).pooled[:, :width]
+    else:
+        kernel = projection_kernel(pipe, projection)
+        width = pipe.token_embedding.shape[1]
+        if kernel.shape[0] != width:
+            raise RunError(f"--clip-projection: its input width {kernel.shape[0]} differs from "
+                           f"the text encoder's hidden size {width}")  # fmt: skip
+        emb = text_embeddings(pipe, prompts, kernel)
     probe = jax.ShapeDtypeStruct(shape, jnp.float32)
     dim = jax.eval_shape(generation.gass_encoder(pipe), probe).shape[-1]
     if emb.shape[-1] != dim:

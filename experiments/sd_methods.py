@@ -27,8 +27,9 @@ projection). A metric that cannot be computed is ``null`` with its reason in
 ``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
 what they need: GASS an image encoder and a projection, TPSO a projection, PG a
 ``--pg-strength`` (no published SD value) and ``--n >= 3``, contextual repulsion an SD3
-folder and a ``--contextual-eta``; on SD3 folders GASS and TPSO are skipped (not wired
-yet) and SPP / CLIP score are ``null``.
+folder and a ``--contextual-eta``; on SD3 folders TPSO is skipped (not wired yet), and
+GASS, SPP and the CLIP score use CLIP-L's own projected text embedding (``--image-encoder``
+must then be the vision tower of the same CLIP, ViT-L/14 for the released models).
 
 For real checkpoints: SD 1.5's text encoder is OpenAI CLIP ViT-L/14's text tower, so
 ``--clip-projection`` is that model's folder (``CLIPModel`` or
@@ -167,11 +168,11 @@ def _metric_text(pipe, args, shape):
     """The prompts' CLIP text embeddings for SPP / CLIP score, or ``(None, why not)``."""
     if pipe.encode_image is None:
         return None, "no image encoder (pass --image-encoder or add <model>/image_encoder)"
-    if args.kind == "sd3":
-        return None, "a CLIP text embedding for SPP / CLIP score is not wired for SD3 folders yet"
     spec = args.clip_projection
     if spec is None:
-        if pipe.text_projection is None:
+        if args.kind == "sd3":
+            spec = "text_encoder"  # CLIP-L's own projected text_embeds
+        elif pipe.text_projection is None:
             return None, "no text embedding in CLIP space: pass --clip-projection"
         spec = "text_encoder"
     elif spec != "text_encoder":

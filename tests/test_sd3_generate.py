@@ -177,8 +177,10 @@ def test_omitted_static_keywords_do_not_recompile(pipe):
 
 def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path, monkeypatch):
     """``experiments.sd_methods`` on an SD3 folder with a CLIP vision tower given by
-    ``--image-encoder``: flow Euler, contextual repulsion in the table, the SD-only methods
-    skipped with their reasons, Vendi / MSS from the image features."""
+    ``--image-encoder`` of CLIP-L's projection width: flow Euler, contextual repulsion in
+    the table, TPSO skipped with its reason, every metric finite (SPP and CLIP score on
+    CLIP-L's own projected text embedding). GASS is left out: the tiny CLIP-L's 5-wide
+    embedding leaves 4 directions, fewer than the CLI's 10."""
     import math
 
     import transformers
@@ -187,7 +189,8 @@ def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path,
     from jaxdiv.testing import TINY_VISION
 
     vision = tmp_path / "vision"
-    config = transformers.CLIPVisionConfig(**TINY_VISION)  # projection width 16
+    width = pipe.configs["text_encoder"]["projection_dim"]  # CLIP-L's text_embeds
+    config = transformers.CLIPVisionConfig(**dict(TINY_VISION, projection_dim=width))
     transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
@@ -195,22 +198,22 @@ def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path,
     argv = ["--model", pipe.path, "--prompts", str(prompts), "--n", "3", "--steps", "2",
             "--cfg", "3", "--out", str(out), "--image-encoder", str(vision),
             "--pg-strength", "100", "--contextual-eta", "50", "--contextual-inner-steps", "10",
-            "--contextual-tau", "1"]  # fmt: skip
+            "--contextual-tau", "1", "--methods", "none,spell,particle,cads,interval,tpso,"
+            "contextual"]  # fmt: skip
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["pipeline"] == "sd3" and res["settings"]["sampler"] == "flow_euler"
-    assert set(res["skipped"]) == {"gass", "tpso"}
-    assert "not wired for SD3" in res["skipped"]["gass"]
+    assert set(res["skipped"]) == {"tpso"}
     assert "TPSO on SD3's two CLIP encoders" in res["skipped"]["tpso"]
-    assert list(res["methods"]) == ["none", "spell", "particle", "cads", "interval", "contextual"]
+    assert list(res["methods"]) == ["none", "spell", "particle", "cads", "interval",
+                                    "contextual"]  # fmt: skip
     assert res["methods"]["contextual"]["knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
     (row,) = res["prompts"]
     for method, values in row["methods"].items():
-        for name in ("vendi", "mss", "latent_mean_distance"):
+        for name in ("vendi", "mss", "spp", "clip_score", "latent_mean_distance"):
             assert isinstance(values[name], float) and math.isfinite(values[name]), (method, name)
-        assert 1 - 1e-4 <= values["vendi"] <= 3 + 1e-4
-        assert values["spp"] is None and values["clip_score"] is None
-    assert "not wired for SD3" in res["metric_notes"]["null"]
+        assert 1 - 1e-4 <= values["vendi"] <= 3 + 1e-4 and 0 <= values["clip_score"] <= 100
+    assert res["metric_notes"]["null"] is None
     # contextual repulsion changed the images (same noise and key as the unguided row)
     none, ctx = row["methods"]["none"], row["methods"]["contextual"]
     assert ctx["latent_mean_distance"] != none["latent_mean_distance"]
