@@ -138,6 +138,23 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     assert "diverse / clip: 8/8 images encoded" in log  # as the reference, first
     assert "diverse / clip: 8 features (0 encoded, 8 from the cache)" in log
 
+    # the figures: the diverse folder (FD ~ 0, higher Vendi) alone is on the front
+    from PIL import Image
+
+    from experiments import plot_eval, sd_methods
+
+    assert plot_eval.main([str(out), "--images", "3"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("(front: diverse (spell))") == 2
+    for name in ("pareto_clip.png", "pareto_dinov2.png", "grid_p000.png", "grid_p001.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            if name.startswith("grid"):  # a row per folder, three images of the prompt
+                assert im.size == (sd_methods.LABEL_WIDTH + 3 * SIZE[1], 2 * SIZE[0])
+    with pytest.raises(SystemExit):
+        plot_eval.main([str(out), "--x", "nonsense"])
+    assert "--x must be one of" in capsys.readouterr().err
+
     # the same command again: every feature from the cache, the same tables
     assert evaluate.main(_argv(encoders, folders, out)) == 0
     log = capsys.readouterr().out
