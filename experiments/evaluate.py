@@ -28,7 +28,9 @@ written atomically every ``--save-every`` batches and at the end, so a killed ru
 Writes ``results.json`` (every number, per prompt and pooled), ``table.md`` and
 ``table.csv`` (one row per image folder and encoder):
 
-* per prompt (the images of one prompt): Vendi (cosine kernel, q = 1) and MSS;
+* per prompt (the images of one prompt): Vendi (cosine kernel, q = 1) and MSS; with
+  ``--clip-text`` (the text tower of the ``--clip`` model, and its tokenizer) also the CLIP
+  score (``100 max(cos, 0)``) and GASS's SPP against the prompt's text embedding;
 * pooled: their mean over prompts with a percentile bootstrap 95% interval (prompts
   resampled with replacement, ``--bootstrap`` times), and the Vendi of all images;
 * against ``--reference``: FD, KID (mean, std over subsets), precision / recall /
@@ -181,6 +183,34 @@ def load_encoder(name: str, folder, batch_size: int) -> Encoder:
     return Encoder(name, f"{name}-{_folder_digest(folder)}", encode)
 
 
+def load_text_embedder(folder):
+    """``embed(prompts) -> (n, P)`` CLIP text embeddings (``text_embeds``) from a local
+    ``CLIPTextModelWithProjection`` or ``CLIPModel`` folder and its tokenizer files (in the
+    folder or its ``tokenizer/``)."""
+    import jax
+
+    from jaxdiv.models.checkpoint import CheckpointError
+    from jaxdiv.models.clip import load_clip_text, load_clip_tokenizer, tokenize
+    from jaxdiv.models.layers import pure
+
+    folder = Path(folder)
+    try:
+        model = load_clip_text(folder, with_projection=True)
+        tok_folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+        tokenizer = load_clip_tokenizer(tok_folder)
+    except (CheckpointError, ValueError, TypeError) as err:
+        raise EvaluateError(f"--clip-text {str(folder)!r}: {err}") from None
+    net = pure(model)
+    run = jax.jit(lambda params, ids: net.apply(params, ids).text_embeds)
+    length = model.config.max_position_embeddings
+
+    def embed(prompts):
+        ids = tokenize(tokenizer, list(prompts), max_length=length)
+        return np.asarray(run(net.params, ids), np.float32)
+
+    return embed
+
+
 def _load_rgb(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -262,10 +292,12 @@ def bootstrap_interval(values, num: int, seed: int) -> list[float] | None:
 
 
 def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encoder: str,
-                bootstrap: int, seed: int) -> dict:  # fmt: skip
-    """Per-prompt diversity, pooled diversity with bootstrap intervals, and the fidelity
-    metrics against ``reference`` features."""
+                bootstrap: int, seed: int, text: dict | None = None) -> dict:  # fmt: skip
+    """Per-prompt diversity (and, given ``text`` = {prompt: CLIP text embedding}, CLIP
+    score and SPP), pooled means with bootstrap intervals, and the fidelity metrics
+    against ``reference`` features."""
     import jax
+    import jax.numpy as jnp
 
     from jaxdiv import metrics
 
@@ -273,17 +305,26 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
     per_prompt = []
-    for p, ids in groups.items():
+    for k, (p, ids) in enumerate(groups.items()):
         x = feats[ids]
         row = {"prompt": p, "n": len(ids), "vendi": None, "mss": None}
         if len(ids) >= 2:
             row["vendi"] = float(metrics.vendi(x))
             row["mss"] = float(metrics.mss(x))
+        if text is not None and p in text:
+            t = jnp.asarray(text[p])
+            row["clip_score"] = float(metrics.clip_score(x, t))
+            if len(ids) >= 2:
+                key = jax.random.fold_in(jax.random.key(seed), k)
+                row["spp"] = float(metrics.spp(x, t, key,
+                                               num_directions=min(10, x.shape[1] - 1)).spp)
         per_prompt.append(row)
     pooled: dict = {"n": int(len(feats)), "prompts": len(groups),
                     "vendi_all": float(metrics.vendi(feats))}  # fmt: skip
-    for name in ("vendi", "mss"):
-        vals = [r[name] for r in per_prompt if r[name] is not None]
+    for name in ("vendi", "mss", "clip_score", "spp"):
+        if name in ("clip_score", "spp") and text is None:
+            continue
+        vals = [r[name] for r in per_prompt if r.get(name) is not None]
         pooled[f"{name}_mean"] = float(np.mean(vals)) if vals else None
         pooled[f"{name}_ci95"] = bootstrap_interval(vals, bootstrap, seed)
     if reference is not None:
@@ -301,8 +342,9 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
 
 
 TABLE_COLUMNS = ("set", "method", "encoder", "n", "prompts", "vendi_mean", "vendi_ci95",
-                 "mss_mean", "mss_ci95", "vendi_all", "fd", "kid_mean", "kid_std",
-                 "precision", "recall", "density", "coverage", "cmmd")  # fmt: skip
+                 "mss_mean", "mss_ci95", "vendi_all", "clip_score_mean", "clip_score_ci95",
+                 "spp_mean", "spp_ci95", "fd", "kid_mean", "kid_std", "precision", "recall",
+                 "density", "coverage", "cmmd")  # fmt: skip
 
 
 def _cell(v) -> str:
@@ -340,6 +382,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoders", default="clip", help="comma-separated: " + ",".join(ENCODERS))
     p.add_argument("--clip", default=None, help="CLIP vision model folder (for --encoders clip)")
     p.add_argument("--dinov2", default=None, help="Dinov2Model folder (for --encoders dinov2)")
+    p.add_argument("--clip-text", default=None,
+                   help="CLIP text model with projection of the --clip model (and its "
+                        "tokenizer): adds CLIP score and SPP per prompt")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--save-every", type=int, default=20, help="batches between cache writes")
@@ -357,6 +402,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--encoders {e} needs --{e} FOLDER (a local model folder)")
         if not (Path(folder) / "config.json").is_file():
             p.error(f"--{e} {folder!r} is not a model folder (no config.json)")
+    if args.clip_text is not None:
+        if "clip" not in args.encoder_list:
+            p.error("--clip-text needs --encoders clip (CLIP score and SPP use CLIP features)")
+        if not (Path(args.clip_text) / "config.json").is_file():
+            p.error(f"--clip-text {args.clip_text!r} is not a model folder (no config.json)")
     for name in ("batch_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -399,6 +449,13 @@ def run(args: argparse.Namespace) -> dict:
         "sets": {},
     }  # fmt: skip
     rows = []
+    text = None
+    if args.clip_text is not None:
+        prompts = sorted({p for s in args.sets for p in s.prompts if p is not None})
+        if not prompts:
+            raise EvaluateError("--clip-text: no folder records its prompts (metadata.json)")
+        text = dict(zip(prompts, load_text_embedder(args.clip_text)(prompts)))
+        results["settings"]["clip_text"] = str(Path(args.clip_text).resolve())
     for e in args.encoder_list:
         encoder = load_encoder(e, getattr(args, e), args.batch_size)
         reference = None
@@ -409,7 +466,14 @@ def run(args: argparse.Namespace) -> dict:
             feats, computed = features_of(s, encoder, out, args.batch_size, args.save_every)
             log(f"{s.name} / {e}: {len(feats)} features ({computed} encoded, "
                 f"{len(feats) - computed} from the cache)")  # fmt: skip
-            m = set_metrics(feats, s.prompts, reference, e, args.bootstrap, args.seed)
+            if text is not None and e == "clip":
+                width = len(next(iter(text.values())))
+                if feats.shape[1] != width:
+                    raise EvaluateError(f"--clip-text gives {width}-wide text embeddings but "
+                                        f"the --clip image features are {feats.shape[1]} wide: "
+                                        "use the two towers of one CLIP model")  # fmt: skip
+            m = set_metrics(feats, s.prompts, reference, e, args.bootstrap, args.seed,
+                            text if e == "clip" else None)  # fmt: skip
             entry = results["sets"].setdefault(s.name, {"folder": str(s.folder),
                                                         "method": s.method, "knobs": s.knobs,
                                                         "encoders": {}})  # fmt: skip

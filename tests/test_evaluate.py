@@ -65,6 +65,52 @@ def encoders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def clip_text(tmp_path_factory):
+    """The text tower of the tiny CLIP (projection width 16, as the vision tower's) with a
+    tokenizer."""
+    import transformers
+
+    from jaxdiv.testing import TINY_TEXT, write_tiny_vocab
+
+    folder = tmp_path_factory.mktemp("clip_text")
+    bos, eos = write_tiny_vocab(folder)
+    config = transformers.CLIPTextConfig(**TINY_TEXT, vocab_size=eos + 1, bos_token_id=bos,
+                                         eos_token_id=eos)  # fmt: skip
+    transformers.CLIPTextModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_and_spp_match_their_definitions(encoders, folders, clip_text, tmp_path):
+    """With ``--clip-text``: per prompt, CLIP score = mean of 100 max(cos(image, text), 0)
+    computed here in NumPy from the cached image features and transformers' own text
+    embedding; SPP is present and finite."""
+    import torch
+    import transformers
+
+    out = tmp_path / "eval"
+    argv = ["--images", str(folders[0]), "--encoders", "clip", "--clip", str(encoders[0]),
+            "--clip-text", str(clip_text), "--out", str(out), "--bootstrap", "50"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    (cache,) = (out / "features").glob("diverse-*/clip-*.npz")
+    with np.load(cache) as f:
+        feats = dict(zip(f["files"], f["features"].astype(np.float64)))
+    model = transformers.CLIPTextModelWithProjection.from_pretrained(clip_text).eval()
+    tok = transformers.CLIPTokenizer(str(clip_text / "vocab.json"), str(clip_text / "merges.txt"))
+    per = res["sets"]["diverse"]["encoders"]["clip"]["per_prompt"]
+    for j, row in enumerate(per):
+        ids = tok([row["prompt"]], padding="max_length", max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            t = model(input_ids=ids.input_ids).text_embeds[0].double().numpy()
+        x = np.stack([feats[f"images/{image_name(j, i)}"] for i in range(N)])
+        cos = x @ t / (np.linalg.norm(x, axis=1) * np.linalg.norm(t))
+        assert row["clip_score"] == pytest.approx(np.mean(100 * np.maximum(cos, 0)), abs=1e-3)
+        assert np.isfinite(row["spp"]) and row["spp"] >= 0
+    pooled = res["sets"]["diverse"]["encoders"]["clip"]["pooled"]
+    assert pooled["clip_score_mean"] == pytest.approx(np.mean([r["clip_score"] for r in per]))
+
+
+@pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_sets")
     rng = np.random.default_rng(0)
@@ -214,6 +260,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
     (["--bootstrap", "-1"], "--bootstrap must be >= 0"),
     (["--images", "{empty}"], "holds no metadata.json and no PNG / JPEG images"),
     (["--images", "{broken}"], "images listed in metadata.json are missing"),
+    (["--encoders", "dinov2", "--dinov2", "{clip}", "--clip-text", "{clip}"],
+     "--clip-text needs --encoders clip"),
 ])  # fmt: skip
 def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys, change,
                                             message):  # fmt: skip
@@ -224,7 +272,8 @@ def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys,
     broken.mkdir()
     (broken / "metadata.json").write_text(json.dumps(
         {"images": [{"file": "images/x.png", "prompt": "a cat"}]}))  # fmt: skip
-    change = [c.replace("{empty}", str(empty)).replace("{broken}", str(broken)) for c in change]
+    change = [c.replace("{empty}", str(empty)).replace("{broken}", str(broken))
+              .replace("{clip}", str(clip)) for c in change]  # fmt: skip
     argv = ["--images", str(folders[0]), "--clip", str(clip), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as info:
         evaluate.main(argv + change)
