@@ -211,6 +211,16 @@ def load_text_embedder(folder):
     return embed
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise EvaluateError(f"{path} is not a readable image ({err})") from None
+
+
 def _load_rgb(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -256,17 +266,16 @@ def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: in
     digests = [_digest(f) for f in image_set.files]
     entries = {r: cached[r] for r, d in zip(rel, digests) if r in cached and cached[r][0] == d}
     todo = [i for i, r in enumerate(rel) if r not in entries]
-    # images of one size share a batch (one compiled program per size)
-    images = {i: None for i in todo}
+    # images of one size share a batch (one compiled program per size); only the headers
+    # are read here, the pixels batch by batch, so memory does not grow with the folder
     by_size: dict = {}
     for i in todo:
-        images[i] = _load_rgb(image_set.files[i])
-        by_size.setdefault(images[i].shape, []).append(i)
+        by_size.setdefault(_image_size(image_set.files[i]), []).append(i)
     batches = [ids[k : k + batch_size] for ids in by_size.values()
                for k in range(0, len(ids), batch_size)]  # fmt: skip
     t0 = time.perf_counter()
     for b, ids in enumerate(batches):
-        feats = encoder.encode(np.stack([images[i] for i in ids]))
+        feats = encoder.encode(np.stack([_load_rgb(image_set.files[i]) for i in ids]))
         if not np.isfinite(feats).all():
             raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or inf "
                                 f"(images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip
