@@ -5,22 +5,16 @@ keeps every executable it compiled alive in its caches. A pytest worker that run
 hundreds of tests therefore accumulates mappings (about 400 per SD test, measured with
 /proc/self/maps) until it reaches the kernel's ``vm.max_map_count`` (65530 by default);
 the next compilation's mmap then fails inside LLVM and the worker dies with SIGSEGV.
-Dropping the caches after each module keeps a worker near its start-up count.
+After a test that leaves the worker above half that limit, the caches are dropped (the
+worker keeps its compiled programs until then: clearing after every module would compile
+again what later modules share).
 """
 
 import gc
 
 import pytest
 
-# a module that compiles a great deal on its own is also cleared between its tests
 _MAPS_LIMIT = 30000
-
-
-def _release_compiled():
-    import jax
-
-    jax.clear_caches()
-    gc.collect()
 
 
 def _mapping_count():
@@ -31,14 +25,11 @@ def _mapping_count():
         return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_per_module():
-    yield
-    _release_compiled()
-
-
 @pytest.fixture(autouse=True)
 def _release_compiled_near_the_mapping_limit():
     yield
     if _mapping_count() > _MAPS_LIMIT:
-        _release_compiled()
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
