@@ -152,7 +152,9 @@ def test_nfe_counted(gmm2):
     assert len(calls) == s.nfe
 
 
-@pytest.mark.parametrize("shift", [1.0, 3.0])
+# shift = 1.0 dropped: the shift only changes the time grid fed to the same Heun step
+# (both shifts are checked against diffusers and the NumPy transcription above).
+@pytest.mark.parametrize("shift", [3.0])
 def test_spell_guarantee(shift):
     """The last step is Euler to t = 0, so the output is the last guided x0_hat and
     SPELL's guarantee holds exactly on it."""

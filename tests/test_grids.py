@@ -72,8 +72,14 @@ GRID_CASES = [(m, p) for m in ("karras", "exponential", "uniform") for p in ("vp
               if (m, p) != ("uniform", "edm")]
 
 
+@pytest.fixture(scope="module")
+def exact_sample(gmm2):
+    """20 000 exact draws (key 9), shared by the moment checks below."""
+    return np.asarray(gmm2.sample(jax.random.key(9), 20_000))
+
+
 @pytest.mark.parametrize("make,sch_name", GRID_CASES)
-def test_grids_drive_every_sampler_to_the_exact_mixture(make, sch_name, gmm2):
+def test_grids_drive_every_sampler_to_the_exact_mixture(make, sch_name, gmm2, exact_sample):
     """DPM-Solver++(2M) on each grid reproduces the exact mixture's moments (5 standard
     errors of 2048 exact samples) with 48 steps. Not uniform-in-sigma on EDM: from 80 to
     0.002 in steps of 1.7 the last step alone spans the data scale (measured: variances x3.8
@@ -84,7 +90,7 @@ def test_grids_drive_every_sampler_to_the_exact_mixture(make, sch_name, gmm2):
     noise = jax.random.normal(jax.random.key(2), (2048, 2))
     x = jaxdiv.sample(samplers.dpmpp_2m(sch, times=grid), gmm2.denoiser(sch), noise,
                       key=jax.random.key(7)).x0  # fmt: skip
-    exact = gmm2.sample(jax.random.key(9), 20_000)
+    exact = exact_sample
     se = np.sqrt(np.var(np.asarray(exact), 0) / 2048)
     z = np.abs(np.asarray(x).mean(0) - np.asarray(exact).mean(0)) / se
     assert z.max() < 5, z
@@ -116,9 +122,11 @@ def test_stochastic_flow_equals_diffusers_stochastic_sampling(shift, gmm2, monke
     zs = iter([np.asarray(samplers.per_sample_normal(keys, i, noise)) for i in range(n)])
     monkeypatch.setattr(fm, "randn_tensor", lambda *a, **k: torch.tensor(next(zs)))
     x = torch.tensor(np.asarray(noise))
+    # one compile for the 10 steps instead of eager op dispatch
+    exact_jit = jax.jit(lambda x, t, c: exact(x, t, c))
     for k, t in enumerate(ref.timesteps):
         tk = jnp.float32(ref.sigmas[k].item())
-        x0 = exact(jnp.asarray(x.numpy()), tk, None)
+        x0 = exact_jit(jnp.asarray(x.numpy()), tk, None)
         v = (jnp.asarray(x.numpy()) - x0) / tk
         x = ref.step(torch.tensor(np.asarray(v)), t, x).prev_sample
     theirs = x.numpy()
@@ -142,7 +150,7 @@ def _drawn_noise(s, noise, out):
     return zs
 
 
-def test_stochastic_flow_noise_is_per_sample_and_the_sampler_is_biased(gmm2):
+def test_stochastic_flow_noise_is_per_sample_and_the_sampler_is_biased(gmm2, exact_sample):
     """The re-noising step draws standard normal noise per sample (a sample does not
     depend on its batch). It re-noises the posterior *mean*, so it forgets ``x_t`` and
     under-disperses: on the exact mixture the variances stay at about 0.6 of the true
@@ -151,7 +159,7 @@ def test_stochastic_flow_noise_is_per_sample_and_the_sampler_is_biased(gmm2):
     sampler on flows use ``dpmpp_2m_sde`` or ``ddim(eta=1)``."""
     sch = schedules.flow(3.0)
     noise = jax.random.normal(jax.random.key(2), (2048, 2))
-    exact = np.asarray(gmm2.sample(jax.random.key(9), 20_000))
+    exact = exact_sample
     for n in (64, 256):
         s = samplers.flow_euler(sch, n, stochastic=True)
         out = jaxdiv.sample(s, gmm2.denoiser(sch), noise, key=jax.random.key(7), trace=True)

@@ -40,26 +40,46 @@ def _standard_errors(gm, key, n):
 HIGH_DIM_CASES = ["ddim_vp", "ddpm_vp_eta1", "edm_heun", "edm_churn", "flow_euler"]
 
 
+@pytest.fixture(scope="module")
+def exact_stats(gmm2, gmm16):
+    """The sampler-independent reference quantities, computed once per module (they
+    depend only on the target mixture and fixed keys): standard errors from a 16 N exact
+    sample, and for d = 2 an exact "truth" sample and the null energy distance (max over
+    4 independent exact samples)."""
+    cache = {}
+
+    def get(dim):
+        if dim not in cache:
+            gm = gmm2 if dim == 2 else gmm16
+            se = _standard_errors(gm, jax.random.key(100 + dim), N_SAMPLES)
+            truth = null = None
+            if dim == 2:
+                truth = gm.sample(jax.random.key(11), N_SAMPLES)
+                null = max(float(energy_distance(gm.sample(jax.random.key(20 + i), N_SAMPLES),
+                                                 truth)) for i in range(4))  # fmt: skip
+            cache[dim] = (se, truth, null)
+        return cache[dim]
+
+    return get
+
+
 @pytest.mark.parametrize("case, dim", [(c, 2) for c in CASES] + [(c, 16) for c in HIGH_DIM_CASES])
-def test_sampler_reproduces_gmm(case, dim, gmm2, gmm16):
+def test_sampler_reproduces_gmm(case, dim, gmm2, gmm16, exact_stats):
     gm = gmm2 if dim == 2 else gmm16
     s = CASES[case]()
     noise = jax.random.normal(jax.random.key(dim), (N_SAMPLES, dim))
     x = jaxdiv.sample(s, gm.denoiser(s.schedule), noise, key=jax.random.key(7)).x0
-    se_mean, se_cov = _standard_errors(gm, jax.random.key(100 + dim), N_SAMPLES)
+    (se_mean, se_cov), truth, null = exact_stats(dim)
     # |z| < 5 per entry: Bonferroni over d^2 entries keeps false alarms < 1e-3
     z_mean = jnp.abs(x.mean(0) - gm.mean()) / se_mean
     z_cov = jnp.abs(jnp.cov(x.T, bias=True) - gm.covariance()) / se_cov
     assert float(z_mean.max()) < 5, f"mean z-score {float(z_mean.max()):.2f}"
     assert float(z_cov.max()) < 5, f"covariance z-score {float(z_cov.max()):.2f}"
     if dim == 2:
-        truth = gm.sample(jax.random.key(11), N_SAMPLES)
-        null = max(float(energy_distance(gm.sample(jax.random.key(20 + i), N_SAMPLES), truth))
-                   for i in range(4))  # fmt: skip
         assert float(energy_distance(x, truth)) < 2.5 * null
 
 
-def test_sd_schedule_terminal_snr_biases_samples(gmm16):
+def test_sd_schedule_terminal_snr_biases_samples(gmm16, exact_stats):
     """SD's scaled-linear schedule ends at alpha(999) = 0.068, not 0: starting from pure
     noise there forgets the data mean (Lin et al. 2024, "Common diffusion noise schedules
     and sample steps are flawed"). The same check as above detects that bias, which is why
@@ -69,20 +89,18 @@ def test_sd_schedule_terminal_snr_biases_samples(gmm16):
     s = samplers.edm(sch, 40)
     noise = jax.random.normal(jax.random.key(16), (N_SAMPLES, 16))
     x = jaxdiv.sample(s, gmm16.denoiser(sch), noise, key=jax.random.key(7)).x0
-    se_mean, _ = _standard_errors(gmm16, jax.random.key(116), N_SAMPLES)
+    (se_mean, _), _, _ = exact_stats(16)  # standard errors from key 116, as above
     assert float((jnp.abs(x.mean(0) - gmm16.mean()) / se_mean).max()) > 5
 
 
-def test_distribution_checks_catch_a_wrong_sampler(gmm2):
+def test_distribution_checks_catch_a_wrong_sampler(gmm2, exact_stats):
     """Negative control: the same checks reject samples from a slightly wrong model."""
     s = samplers.edm(schedules.edm(), 40)
     wrong = toy.GaussianMixture(gmm2.means, 1.3 * gmm2.covs, gmm2.weights)
     noise = jax.random.normal(jax.random.key(2), (N_SAMPLES, 2))
     x = jaxdiv.sample(s, wrong.denoiser(s.schedule), noise, key=jax.random.key(7)).x0
-    truth = gmm2.sample(jax.random.key(11), N_SAMPLES)
-    null = max(float(energy_distance(gmm2.sample(jax.random.key(20 + i), N_SAMPLES), truth))
-               for i in range(4))  # fmt: skip
-    _, se_cov = _standard_errors(gmm2, jax.random.key(102), N_SAMPLES)
+    # the same truth sample (key 11), null (keys 20..23) and standard errors (key 102)
+    (_, se_cov), truth, null = exact_stats(2)
     z_cov = jnp.abs(jnp.cov(x.T, bias=True) - gmm2.covariance()) / se_cov
     assert float(z_cov.max()) > 5 or float(energy_distance(x, truth)) > 2.5 * null
 

@@ -60,7 +60,9 @@ def test_guarantee_disjoint_reference_shields(name):
     """Disjoint shields near the data: every guided sample ends >= r from every centre,
     while the unguided run with the same noise lands inside some (non-vacuous)."""
     sch, smp = SAMPLERS[name]
-    for d in (2, 5):
+    # d = 5 only on ddim: the shield projection is the same code in every dimension; edm
+    # and flow (d = 2 here) differ from ddim only in the step that hands over x0_hat
+    for d in (2, 5) if name == "ddim" else (2,):
         gm = _mixture(d, seed=d)
         den = gm.denoiser(sch)
         noise = jax.random.normal(jax.random.key(10 + d), (48, d))
