@@ -420,6 +420,13 @@ def test_one_sample_is_a_no_op(sd3_den):
     assert _bits(rep) == _bits(plain)
 
 
+def test_blocks_the_model_never_hooks_are_refused(sd3_den):
+    # TINY_MMDIT has 3 joint blocks; the last is context_pre_only: hooks after 0 and 1 only
+    cfg = guidance.cfg(4.0)
+    with pytest.raises(ValueError, match=r"runs hooks after blocks 0\.\.1 only"):
+        _sample_sd3(sd3_den, guidance.chain(guidance.contextual(1.0, 2, blocks=[1, 2]), cfg))
+
+
 def test_a_denoiser_without_model_hooks_is_refused():
     from jaxdiv import samplers, schedules
 

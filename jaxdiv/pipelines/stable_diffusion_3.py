@@ -390,10 +390,25 @@ def _run_context_hooks(hooks, block_index, stream):
     return stream
 
 
+def _check_hook_blocks(hooks, num_layers: int) -> None:
+    """Refuse hooks that name joint blocks the MMDiT never runs a hook after (the last
+    block is ``context_pre_only``: its text stream ends there)."""
+    for hook in hooks:
+        blocks = getattr(getattr(hook, "func", None), "blocks", None)
+        if blocks and max(blocks) > num_layers - 2:
+            raise ValueError(
+                f"a model hook names joint blocks {list(blocks)}, but this MMDiT has "
+                f"{num_layers} blocks and runs hooks after blocks 0..{num_layers - 2} only "
+                "(the last one is context_pre_only): it would never act there"
+            )
+
+
 def _mmdit_fn(transformer, num_train_timesteps):
     net = pure(transformer)
+    num_layers = transformer.config.num_layers
 
     def apply(params, x, t, cond, model_hooks=()):
+        _check_hook_blocks(model_hooks, num_layers)
         # diffusers feeds the scheduler's timesteps, sigma * num_train_timesteps
         timestep = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * num_train_timesteps,
                                     (x.shape[0],))  # fmt: skip
