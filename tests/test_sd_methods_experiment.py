@@ -1,8 +1,9 @@
 """``experiments.sd_methods`` and ``experiments.generate --method`` on a tiny random SD folder.
 
 One folder (16x16 images, a CLIP vision tower) and one CLIP text projection serve every
-test; the generate runs use the shapes of the sd_methods run (3 images, 2 DDIM steps, CFG
-3), so in one process they reuse its compiled programs. The numbers are meaningless on a
+test; the generate runs use the shapes and knobs of the sd_methods run (3 images, 2 DDIM
+steps, CFG 3), though generate's DDIM (diffusers' endpoint) is another program than
+sd_methods' (``clean_endpoint=True``). The numbers are meaningless on a
 random model; the tests prove the machinery: every method runs, the JSON holds finite
 metrics, metadata records the knobs, a completed run resumes as a no-op, a coupled batch
 is regenerated whole and byte-identical, other knobs are refused, bad knobs fail before
@@ -138,8 +139,8 @@ METHOD_RUNS = {
     "particle": (["--pg-strength", "100"], ["--pg-strength", "50"]),
     "cads": ([], ["--cads-noise-scale", "0.1"]),
     "interval": ([], ["--interval-lo", "0.1"]),
-    "gass": (["--clip-projection", "{proj}"], ["--gass-r-dep", "0.05"]),
-    "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "4"], ["--tpso-kappa", "0.7"]),
+    "gass": (["--clip-projection", "{proj}", "--gass-max-iters", "3"], ["--gass-r-dep", "0.05"]),
+    "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "3"], ["--tpso-kappa", "0.7"]),
 }
 
 
@@ -193,7 +194,7 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
     assert pool_file.is_file() == (method == "tpso")
     if method == "tpso":  # the negative branch's pool: the public code's blank prompts
         with np.load(pool_file) as f:
-            assert f["hidden"].shape[0] == 4 and int(f["steps"]) >= 1
+            assert f["hidden"].shape[0] == 3 and int(f["steps"]) >= 1
             # moved away from the blank prompt, toward the band (0.8 +- 0.01)
             assert (f["cosine"] < 1 - 1e-3).all() and (f["cosine"] > 0.5).all()
         pool_made = pool_file.stat().st_mtime_ns
@@ -206,7 +207,8 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
         with pytest.raises(SystemExit):
             generate.main(argv)
         assert "'null_pool': 'none'" in capsys.readouterr().err
-        none_argv = [a if a != "4" else "none" for a in argv]
+        none_argv = [a if a != "3" or argv[i - 1] != "--tpso-null-pool" else "none"
+                     for i, a in enumerate(argv)]  # fmt: skip
         assert generate.main(none_argv) == 0 and "already in" in capsys.readouterr().out
         meta_file.write_bytes(saved)
 
