@@ -171,10 +171,11 @@ def random_mmdit(config: dict[str, Any], seed: int = 0):
     """An ``SD3Transformer2DModel`` with random NumPy weights, built without an eager init.
 
     Shapes come from ``nnx.eval_shape`` (as ``load_mmdit`` does); kernels are drawn with
-    standard deviation ``1 / sqrt(fan_in)``, vectors (biases, norm scales) with 0.1. About
-    1 s for :data:`TINY_MMDIT`, where an eager nnx init takes ~10 s on two CPU cores, and no
-    torch: for tests and benchmarks of what happens *around* the model (hooks, overhead),
-    not for parity (that is ``diffusers`` weights through :func:`jaxdiv.models.mmdit.load_mmdit`).
+    standard deviation ``1 / sqrt(fan_in)``, vectors (biases, norm scales) with 0.1. NumPy
+    draws compile nothing, unlike an eager nnx init (one XLA program per initializer shape),
+    and need no torch: for tests and benchmarks of what happens *around* the model (hooks,
+    overhead), not for parity (that is ``diffusers`` weights through
+    :func:`jaxdiv.models.mmdit.load_mmdit`).
 
     Example:
         >>> m = random_mmdit(TINY_MMDIT)

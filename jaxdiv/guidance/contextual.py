@@ -61,7 +61,7 @@ def _ascend_in_gram_space(x0, step, m):
     ``grad_X L = 2 S X`` with ``S = sym(dL/dG)``: every step multiplies ``X`` from the left
     by ``I + 2 step S``, and ``X_k = A_k X_0`` stays in the row span of ``X_0`` with
     ``G_k = A_k G_0 A_k^T``. The loop updates only the B x B matrix ``A``; ``X`` is read
-    twice (``G_0``, then ``A_M X_0``) instead of ~10 times per step, which is what makes the
+    twice (``G_0``, then ``A_M X_0``) instead of several times per step, which is what makes the
     paper's ``M = 100`` cheap on a text stream of ``333 x 1536`` values per sample. Exact
     in exact arithmetic (``tests/test_contextual_repulsion.py`` compares it with the literal
     autodiff loop).
@@ -108,7 +108,7 @@ def repel_context(f, eta, inner_steps: int = 100):
     The ``M`` steps run on ``B x B`` matrices: ``L`` depends on the stream only through its
     Gram matrix, so each step multiplies the batch from the left by ``I + 2 (eta / M) S``
     (``S`` the symmetrised ``dL/dG``), and the stream itself is read twice per call instead
-    of ~10 times per step -- the same iterates as the literal autodiff loop, at a cost
+    of several times per step -- the same iterates as the literal autodiff loop, at a cost
     independent of ``M`` in the stream's size. The computation runs in at least float32
     (a bf16 stream is upcast, and the result cast back). When ``eta == 0`` (a traced
     test) the inner loop is skipped by ``lax.cond`` and ``f`` is returned bitwise
