@@ -15,14 +15,14 @@ TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # no persistent XLA compilation cache: it saved no measurable time, and workers crashed
 # (SIGSEGV) inside its executable serialisation (jax compilation_cache.put_executable_and_time)
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench docs notebooks clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build, never a multi-GB CUDA build pulled in by a range
 	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt
-	$(PY) -m pip install -q -e ".[dev,sd,parity]" -c constraints.txt
+	$(PY) -m pip install -q -e ".[dev,sd,parity,docs]" -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +30,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules --doctest-glob=README.md tests notebooks jaxdiv toy README.md
+
+# re-execute the notebooks in place so their stored outputs and figures are current
+notebooks: $(STAMP)
+	$(TEST_ENV) $(PY) -m experiments.notebooks
+
+# the API reference from the docstrings, warning-free (-W), into docs/_build/html
+docs: $(STAMP)
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests

@@ -56,6 +56,16 @@ def partition(tree):
     Samplers, denoisers and guidance terms are pytrees whose arrays (time grids, GMM
     parameters) must be traced -- so ``jax.grad`` reaches them -- while their functions
     and hyperparameters key the compilation cache: the same objects never recompile.
+
+    Returns ``(dynamic, spec)``: the leaves with ``None`` for static ones, and a hashable
+    spec (tree structure + static leaves) that :func:`combine` inverts.
+
+    >>> import jax.numpy as jnp
+    >>> dynamic, spec = partition({"f": len, "w": jnp.ones(2)})
+    >>> dynamic                                         # leaves in key order: f, w
+    [None, Array([1., 1.], dtype=float32)]
+    >>> spec == partition({"f": len, "w": jnp.zeros(2)})[1]   # new values: same spec
+    True
     """
     leaves, treedef = jax.tree.flatten(tree)
     dynamic = [leaf if _is_dynamic(leaf) else None for leaf in leaves]
@@ -64,7 +74,14 @@ def partition(tree):
 
 
 def combine(dynamic, spec):
-    """Inverse of :func:`partition`."""
+    """Inverse of :func:`partition`: the tree with ``dynamic``'s arrays put back.
+
+    >>> import jax, jax.numpy as jnp
+    >>> dynamic, spec = partition((len, jnp.ones(2)))
+    >>> f, w = jax.jit(lambda d: combine(d, spec)[1] * 2)(dynamic), combine(dynamic, spec)[0]
+    >>> f.tolist(), f is not None and w is len
+    ([2.0, 2.0], True)
+    """
     treedef, static = spec
     leaves = [d if s is None else s.value for d, s in zip(dynamic, static)]
     return jax.tree.unflatten(treedef, leaves)

@@ -1,4 +1,4 @@
-"""The guidance-term protocol, its three hook points, ``chain``, ``window`` and ``stateless``.
+"""The guidance-term protocol, its four hook points, ``chain``, ``window`` and ``stateless``.
 
 A guidance term is an optax-style NamedTuple of pure functions plus a hook and a name::
 

@@ -54,7 +54,14 @@ class Sampler(NamedTuple):
 
 
 def no_state(sampler, x):
-    """``init`` of a sampler without state."""
+    """``init`` of a sampler without state: the empty pytree ``()``.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdiv import samplers, schedules
+    >>> s = samplers.ddim(schedules.vp_linear(), 10)
+    >>> s.init is no_state, s.init(s, jnp.zeros((2, 3)))
+    (True, ())
+    """
     return ()
 
 
@@ -103,7 +110,21 @@ def noise_std(eta, alpha, sigma, alpha_next, sigma_next):
 
 def first_order_step(sampler, i, x, state, denoise, carry, keys):
     """One step of the shared first-order update: DDIM (``options.eta``), and with
-    ``eta = 0`` the Euler step of the probability-flow ODE on every process (flow Euler)."""
+    ``eta = 0`` the Euler step of the probability-flow ODE on every process (flow Euler).
+
+    ``x_{i+1} = alpha_{i+1} x0_hat + sigma_{i+1} eps_hat`` (Song et al. 2021, Eq. 12 with
+    ``sigma_t = 0``); returns ``(x_next, state, carry, (x0_hat, info))``, the sampler step
+    protocol. A custom sampler can reuse it as its ``step``:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiv import samplers, schedules
+    >>> s = samplers.flow_euler(schedules.flow(), times=jnp.array([1.0, 0.5, 0.0]))
+    >>> den = lambda x, t, carry: (jnp.zeros_like(x), carry, None)   # x0_hat = 0
+    >>> x1, _, _, (x0_hat, _) = first_order_step(s, 0, jnp.ones((1, 2)), (), den, None,
+    ...                                          jax.random.split(jax.random.key(0), 1))
+    >>> x1.tolist()                                     # sigma_1 / sigma_0 = 0.5 of x
+    [[0.5, 0.5]]
+    """
     return first_order_to(sampler, i, sampler.times[i + 1], x, state, denoise, carry, keys)
 
 
@@ -129,6 +150,13 @@ def per_sample_normal(keys, i, like):
     """Standard normal of ``like``'s shape, sample ``b`` drawn from ``fold_in(keys[b], i)``.
 
     Per-sample streams keep a sample's noise independent of the batch size.
+
+    >>> import jax, jax.numpy as jnp
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> z3 = per_sample_normal(keys, 5, jnp.zeros((3, 2)))
+    >>> z1 = per_sample_normal(keys[:1], 5, jnp.zeros((1, 2)))
+    >>> bool(jnp.all(z3[:1] == z1))                    # sample 0 ignores the batch size
+    True
     """
     draw = lambda k: jax.random.normal(jax.random.fold_in(k, i), like.shape[1:], like.dtype)
     return jax.vmap(draw)(keys)

@@ -315,8 +315,8 @@ def dpmpp_2m_sde(
         num_steps: ``N`` (default 20, or len(times) - 1).
         eta: noise weight, finite and >= 0 (1: the SDE; 0: the ODE solver).
         s_noise: scale of the injected noise (finite, >= 0; 1 for the SDE).
-        times, solver_type, lower_order_final, allow_noisy_end, **grid_kwargs: as
-            :func:`dpmpp_2m`.
+        times, solver_type, lower_order_final, allow_noisy_end: as :func:`dpmpp_2m`.
+        **grid_kwargs: as :func:`dpmpp_2m`.
 
     Returns:
         A :class:`~jaxdiv.samplers.Sampler` whose state is a :class:`DPMState`.
@@ -361,8 +361,9 @@ def dpmpp_3m(
     :func:`dpmpp_2m`'s. NFE = ``N``.
 
     Args:
-        schedule, num_steps, times, solver_type, lower_order_final, allow_noisy_end,
-            **grid_kwargs: as :func:`dpmpp_2m`.
+        schedule, num_steps, times, solver_type, lower_order_final, allow_noisy_end: as
+            :func:`dpmpp_2m`.
+        **grid_kwargs: as :func:`dpmpp_2m`.
 
     Returns:
         A :class:`~jaxdiv.samplers.Sampler` whose state is a :class:`DPM3State`.
@@ -404,10 +405,11 @@ def dpmpp_3m_sde(
     ``tests/test_dpmpp_sde.py``). Ends as :func:`dpmpp_3m`. NFE = ``N``.
 
     Args:
-        schedule, num_steps, eta, s_noise, times, solver_type, lower_order_final,
-            allow_noisy_end, **grid_kwargs: as :func:`dpmpp_2m_sde`. k-diffusion's 3M SDE
-            is ``solver_type="heun"`` (``phi_2`` on its second-order warm-up step) with
+        schedule, num_steps, eta, s_noise, times, allow_noisy_end: as :func:`dpmpp_2m_sde`.
+        solver_type, lower_order_final: as :func:`dpmpp_2m_sde`. k-diffusion's 3M SDE is
+            ``solver_type="heun"`` (``phi_2`` on its second-order warm-up step) with
             ``lower_order_final=False``.
+        **grid_kwargs: as :func:`dpmpp_2m_sde`.
 
     Returns:
         A :class:`~jaxdiv.samplers.Sampler` whose state is a :class:`DPM3State`.
