@@ -34,8 +34,10 @@ from jaxdiv.guidance.gass import (
 from jaxdiv.guidance.interval import interval
 from jaxdiv.guidance.particle import ParticleInfo, particle
 from jaxdiv.guidance.spell import (
+    ShardedShieldIndex,
     SpellInfo,
     SpellState,
+    build_sharded_index,
     median_pairwise_distance,
     memory_vectors,
     radius_search,
@@ -76,6 +78,8 @@ __all__ = [
     "repulsion_field",
     "repulsion_potential",
     "radius_search",
+    "ShardedShieldIndex",
+    "build_sharded_index",
     # TPSO (its optimisation: from jaxdiv.guidance.tpso import optimize_offsets)
     "tpso",
     "tpso_null",

@@ -119,12 +119,14 @@ def _as_matrix(points, name):
     return points.reshape(points.shape[0], -1).astype(jnp.float32)
 
 
-def build_index(points, block_size: int = DEFAULT_BLOCK_SIZE) -> ShieldIndex:
+def build_index(points, block_size: int = DEFAULT_BLOCK_SIZE, centre=None) -> ShieldIndex:
     """Store ``points`` (``(K, ...)``, flattened per row) as a :class:`ShieldIndex`.
 
     ``block_size`` rows are compared with the queries per ``lax.scan`` iteration (one
     ``(B, block_size)`` matmul); it is clipped to ``K``. The matmul's memory is
-    ``4 * B * block_size`` bytes whatever ``K``.
+    ``4 * B * block_size`` bytes whatever ``K``. ``centre`` (default: the mean of the
+    points) is the origin the blocks are stored around; any finite ``(d,)`` vector gives
+    the same repulsion up to float rounding.
 
     >>> idx = build_index(jnp.arange(10.0).reshape(5, 2), block_size=2)
     >>> idx.points.shape, idx.valid.sum().item()
@@ -138,7 +140,13 @@ def build_index(points, block_size: int = DEFAULT_BLOCK_SIZE) -> ShieldIndex:
     validation.finite_array("points", pts)
     bs = int(min(block_size, k))
     nb = -(-k // bs)
-    centre = jnp.mean(pts, axis=0)
+    if centre is None:
+        centre = jnp.mean(pts, axis=0)
+    else:
+        centre = jnp.asarray(centre, jnp.float32)
+        if centre.shape != (d,):
+            raise ValueError(f"centre must have shape ({d},), got {centre.shape}")
+        validation.finite_array("centre", centre)
     pad = nb * bs - k
     padded = jnp.concatenate([pts - centre, jnp.zeros((pad, d), pts.dtype)], axis=0)
     blocks = padded.reshape(nb, bs, d)
@@ -261,11 +269,26 @@ def repulsion(
     >>> rep.delta.tolist(), rep.count.tolist()   # (2/0.5 - 1) * 0.5 = 1.5; the far one: 0
     ([[1.5, 0.0], [0.0, 0.0]], [1, 0])
     """
+    q, qa, anchor_scale, anchor_blocks = check_repulsion_args(
+        queries, index, query_anchors, shield_anchors
+    )
+    return repulsion_core(q, index, radius, qa, anchor_scale, anchor_blocks, query_ids,
+                          exact_bytes)  # fmt: skip
+
+
+def check_repulsion_args(queries, index, query_anchors, shield_anchors):
+    """Validate :func:`repulsion`'s arguments; ``(q, qa, anchor_scale, anchor_blocks)``
+    as float32 matrices (``index.points`` may be the global shape of a sharded index).
+
+    >>> idx = build_index(jnp.zeros((3, 2)))
+    >>> check_repulsion_args(jnp.ones((4, 2)), idx, None, None)[0].shape
+    (4, 2)
+    """
     q = _as_matrix(queries, "queries")
     if not isinstance(index, ShieldIndex):
         raise TypeError(f"index must be a ShieldIndex (build_index), got {type(index).__name__}")
-    b, d = q.shape
-    nb, bs, dz = index.points.shape
+    d = q.shape[1]
+    dz = index.points.shape[-1]
     if d != dz:
         raise ValueError(f"queries have {d} features per row but the index has {dz}")
     if (query_anchors is None) != (shield_anchors is None):
@@ -285,6 +308,20 @@ def repulsion(
                 f"shield_anchors must be a scalar or shaped like index.points "
                 f"{index.points.shape}, got {sa.shape}"
             )
+    return q, qa, anchor_scale, anchor_blocks
+
+
+def repulsion_core(q, index, radius, qa, anchor_scale, anchor_blocks, query_ids,
+                   exact_bytes=DEFAULT_EXACT_BYTES, block_offset=0) -> Repulsion:
+    """:func:`repulsion` on checked arguments, over blocks numbered from ``block_offset``
+    (a device's shard of a sharded index; flat shield ids are ``block * block_size + j``).
+
+    >>> idx = build_index(jnp.array([[0.0, 0.0], [10.0, 0.0]]))
+    >>> repulsion_core(jnp.array([[0.5, 0.0]]), idx, 2.0, None, None, None, None).count
+    Array([1], dtype=int32)
+    """
+    b, d = q.shape
+    nb, bs, _ = index.points.shape
     radius = jnp.asarray(radius, jnp.float32)
     r2 = radius * radius
     qc = q - index.centre
@@ -328,7 +365,8 @@ def repulsion(
 
     za_in = anchor_blocks if anchor_blocks is not None else jnp.zeros((nb, 0, 0), jnp.float32)
     init = (jnp.zeros((b, d), jnp.float32), jnp.zeros((b,), jnp.int32))
-    xs = (index.points, index.sq_norms, index.valid, jnp.arange(nb, dtype=jnp.int32), za_in)
+    blocks = block_offset + jnp.arange(nb, dtype=jnp.int32)
+    xs = (index.points, index.sq_norms, index.valid, blocks, za_in)
     if nb == 1:  # one block (intra-batch, small sets): no loop to compile
         (delta, count), _ = block(init, jax.tree.map(lambda a: a[0], xs))
     else:

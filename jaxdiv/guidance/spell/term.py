@@ -69,6 +69,8 @@ from jaxdiv.guidance.spell.radius_search import (
     ivf_repulsion,
     repulsion,
 )
+from jaxdiv.guidance.spell.sharded import ShardedShieldIndex
+from jaxdiv.guidance.spell.sharded import repulsion as sharded_repulsion
 
 __all__ = [
     "spell",
@@ -286,6 +288,10 @@ def _spell_apply(p: _SpellParams, state: SpellState, x0_hat, ctx):
         if isinstance(p.reference, IVFIndex):
             rep = ivf_repulsion(qs, p.reference, r, p.nprobe, query_anchors=qa,
                                 anchor_scale=alpha)  # fmt: skip
+        elif isinstance(p.reference, ShardedShieldIndex):
+            rep = sharded_repulsion(qs, p.reference, r, query_anchors=qa,
+                                    shield_anchors=None if qa is None else alpha,
+                                    exact_bytes=p.exact_bytes)  # fmt: skip
         else:
             rep = repulsion(qs, p.reference, r, query_anchors=qa,
                             shield_anchors=None if qa is None else alpha,
@@ -365,7 +371,11 @@ def spell(
             per-sample size as the samples, or as ``feature_map``'s output), a prebuilt
             :class:`~jaxdiv.guidance.radius_search.ShieldIndex`, or an
             :class:`~jaxdiv.guidance.radius_search.IVFIndex` (approximate search probing
-            ``nprobe`` cells, the paper's App. I). Arrays are searched exactly.
+            ``nprobe`` cells, the paper's App. I), or a
+            :class:`~jaxdiv.guidance.spell.sharded.ShardedShieldIndex` (split across
+            devices, searched exactly on each; built by
+            :func:`~jaxdiv.guidance.spell.sharded.build_sharded_index`). Arrays are
+            searched exactly.
         intra_batch: repel from the other batch members' current ``x0_hat`` (Eq. 7).
         overcompensation: finite ``lambda > 0`` (1 exact; the paper uses 1.6 for SD3/LDM).
         memory_size: capacity of the shield memory of earlier batches; 0 disables it.
@@ -407,10 +417,12 @@ def spell(
     exact_bytes = validation.integer("exact_bytes", exact_bytes, 1)
     if feature_map is not None:
         validation.function("feature_map", feature_map, "(x0 batch) -> (B, f)")
-    if reference is not None and not isinstance(reference, (ShieldIndex, IVFIndex)):
+    indexes = (ShieldIndex, IVFIndex, ShardedShieldIndex)
+    if reference is not None and not isinstance(reference, indexes):
         if not hasattr(reference, "shape"):
             raise TypeError(
-                "reference must be an array (K, ...), a ShieldIndex or an IVFIndex, got "
+                "reference must be an array (K, ...), a ShieldIndex, a ShardedShieldIndex or "
+                "an IVFIndex, got "
                 f"{type(reference).__name__}"
             )
         if np.ndim(reference) < 2 or np.shape(reference)[0] < 1:
