@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiv import validation
+from jaxdiv import distributed, validation
 from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
@@ -184,6 +184,7 @@ def sample(
     guidance=None,
     trace: bool = False,
     guidance_state=None,
+    mesh=None,
 ) -> SampleOutput:
     """Run ``sampler`` from ``noise`` to clean samples with optional guidance.
 
@@ -213,6 +214,11 @@ def sample(
             of earlier batches) instead of ``init``-ing the terms. Checked before tracing:
             its structure, shapes and dtypes must be those the terms' ``init`` gives for
             this ``noise``, or the error names the term and the mismatching leaf.
+        mesh: optional :class:`jax.sharding.Mesh` with a ``"data"`` axis
+            (:func:`jaxdiv.distributed.make_mesh`): ``noise`` and ``cond`` are split along
+            it by their leading axis (:func:`jaxdiv.distributed.shard_batch`) and the
+            program runs over its devices; the output equals the single-device run.
+            Weights placed with :func:`jaxdiv.distributed.shard_params` stay split.
 
     Returns:
         :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace``, ``state`` and
@@ -234,6 +240,9 @@ def sample(
     True
     """
     noise = _check_inputs(sampler, denoiser, noise, key, cond)
+    if mesh is not None:
+        placed = distributed.shard_batch({"noise": noise, "cond": cond}, mesh)
+        noise, cond = placed["noise"], placed["cond"]
     terms = as_terms(guidance)
     check_windows(terms, sampler)
     names = sorted(t.name for t in terms)

@@ -15,6 +15,7 @@ RANK = {
     "validation": 0,
     "sphere": 0,
     "pytrees": 0,
+    "distributed": 0,
     "schedules": 1,
     "predictions": 1,
     "metrics": 1,

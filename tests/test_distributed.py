@@ -1,0 +1,174 @@
+"""``jaxdiv.sample(..., mesh=)`` and FSDP weights on 8 host devices equal one device.
+
+Runs in subprocesses (the host device count is fixed when JAX starts). On the toy:
+stochastic, multistep and Heun samplers with a coupled chain (CFG + SPELL intra-batch and
+reference + particle guidance), and GASS, batch split over 8 devices, equal the
+single-device run.
+On the tiny SD pipeline: data-parallel CFG + SPELL equals one device, the compiled
+program gathers nothing larger than the batch's ``x0_hat`` (the UNet's activations and
+weights stay on their devices), and FSDP-split UNet / MMDiT weights give the replicated
+model's outputs with each device holding a fraction of them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiv import distributed
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+TOY = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    import jaxdiv, toy
+    from jaxdiv import distributed, guidance, samplers, schedules
+
+    assert jax.device_count() == 8
+    mesh = distributed.make_mesh()
+    d, b = 4, 16
+    gm = toy.GaussianMixture(jnp.array([[-2.0] * d, [2.0] * d]), jnp.array([0.2, 0.1]))
+    den = lambda x, t, c: gm.posterior_mean(x, 1.0, t) + 0.2 * c
+    noise = jax.random.normal(jax.random.key(0), (b, d))
+    cond = jax.random.normal(jax.random.key(1), (b, d))
+    ref = jax.random.normal(jax.random.key(2), (64, d)) * 2
+    enc = toy.sphere_encoder(jax.random.key(3), d)
+    edm, flow = schedules.edm(), schedules.flow(3.0)
+    coupled = guidance.chain(guidance.cfg(2.0), guidance.spell(0.5, reference=ref,
+                             intra_batch=True), guidance.particle(0.5))
+    # stochastic samplers (per-sample noise streams), multistep state, Heun's two calls;
+    # the chain couples the batch three ways (CFG's doubled batch, SPELL, PG)
+    cases = [(s, coupled) for s in (
+        samplers.ddim(edm, 6, eta=1.0), samplers.edm(edm, 5, s_churn=10.0),
+        samplers.dpmpp_3m_sde(edm, 6), samplers.flow_heun(flow, 4))]
+    cases += [(samplers.ddim(edm, 6), g) for g in (
+        None, guidance.gass(enc, enc.text_emb, lr=0.05, max_iters=3, num_active=3))]
+    for s, g in cases:
+        kw = dict(key=jax.random.key(4), cond=cond, guidance=g)
+        single = jaxdiv.sample(s, den, noise, **kw).x0
+        out = jaxdiv.sample(s, den, noise, mesh=mesh, **kw).x0
+        assert len(out.sharding.device_set) == 8, out.sharding
+        np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=2e-5, atol=2e-5,
+                                   err_msg=f"{s.name} {g}")
+    print("TOY_OK", len(cases))
+    """
+)
+
+SD = textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    import jaxdiv
+    from jaxdiv import distributed, guidance
+    from jaxdiv.models import pure
+    from jaxdiv.testing import TINY_MMDIT, example_pipeline, random_mmdit
+
+    pipe = example_pipeline()
+    b = 8
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat", "a dog"] * (b // 2)))
+    noise = jax.random.normal(jax.random.key(0), pipe.noise_shape(b))
+    g = guidance.chain(guidance.cfg(5.0, null_cond=pipe.null_cond),
+                       guidance.spell(2.0, intra_batch=True))
+    s = pipe.ddim(4, clean_endpoint=True)
+    kw = dict(key=jax.random.key(1), cond=cond, guidance=g)
+    single = jaxdiv.sample(s, pipe.denoiser, noise, **kw).x0
+
+    mesh = distributed.make_mesh()                                   # 8 x 1: data parallel
+    out = jaxdiv.sample(s, pipe.denoiser, noise, mesh=mesh, **kw).x0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5)
+
+    # the compiled data-parallel program: every all-gather is at most the batch's x0_hat
+    placed = distributed.shard_batch({"n": noise, "c": cond}, mesh)
+    from jaxdiv.sampling import _run, as_terms, init_terms
+    from jaxdiv.pytrees import partition
+    terms = as_terms(g)
+    x_init = s.schedule.init_noise_scale(s.times[0]) * placed["n"]
+    st = init_terms(terms, x_init, placed["c"], jax.random.key(2))
+    dyn, spec = partition((s, pipe.denoiser, terms))
+    hlo = _run.lower(spec, False, dyn, placed["n"], jax.random.key(1), placed["c"],
+                     st).compile().as_text()
+    x0_size = int(np.prod(noise.shape))
+    sizes = []
+    for line in hlo.splitlines():
+        if re.search(r"= \\S+ all-gather(-start)?\\(", line):
+            dims = re.findall(r"\\[([0-9,]*)\\]", line.split("=", 1)[1].split("all-gather")[0])
+            sizes += [int(np.prod([int(v) for v in d.split(",") if v])) for d in dims]
+    assert sizes, "the coupled SPELL term should gather x0_hat"
+    assert max(sizes) <= 2 * x0_size, (max(sizes), x0_size)   # CFG's doubled batch at most
+
+    # FSDP: UNet weights split over 4 devices x data over 2 give the same samples
+    mesh2 = distributed.make_mesh(2, 4)
+    den = distributed.shard_params(pipe.denoiser, mesh2, min_size=256)
+    split = [l for l in jax.tree.leaves(den) if hasattr(l, "sharding")
+             and any(a == "fsdp" for a in l.sharding.spec)]
+    assert len(split) > 20, len(split)
+    held = sum(sh.data.nbytes for l in jax.tree.leaves(den) if hasattr(l, "addressable_shards")
+               for sh in l.addressable_shards[:1])
+    full = sum(l.nbytes for l in jax.tree.leaves(den) if hasattr(l, "nbytes"))
+    assert held < 0.5 * full, (held, full)
+    out2 = jaxdiv.sample(s, den, noise, mesh=mesh2, **kw).x0
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(single), rtol=1e-5, atol=1e-5)
+
+    # FSDP on the SD3 MMDiT (the three text / image streams), against the replicated model
+    m = pure(random_mmdit(TINY_MMDIT))
+    args = (jax.random.normal(jax.random.key(3), (2, 4, 8, 8)), jnp.array([500.0, 20.0]),
+            jax.random.normal(jax.random.key(4), (2, 7, 20)),
+            jax.random.normal(jax.random.key(5), (2, 12)))
+    want = jax.jit(m.apply)(m.params, *args)
+    params = distributed.shard_params(m.params, distributed.make_mesh(1, 8), min_size=64)
+    assert any("fsdp" in tuple(l.sharding.spec) for l in jax.tree.leaves(params))
+    got = jax.jit(m.apply)(params, *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    print("SD_OK")
+    """
+)
+
+
+def _run(script: str, marker: str):
+    res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert marker in res.stdout
+
+
+def test_samplers_and_coupled_terms_on_8_devices_equal_one_device():
+    _run(TOY, "TOY_OK")
+
+
+def test_sd_data_parallel_and_fsdp_equal_one_device_and_gather_only_x0_hat():
+    _run(SD, "SD_OK")
+
+
+def test_mesh_helpers_check_their_arguments():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        distributed.make_mesh(4, 4, devices=jax.devices()[:1])
+    mesh = distributed.make_mesh(1, 1)
+    with pytest.raises(ValueError, match="axis 'model' is not an axis of the mesh"):
+        distributed.shard_batch(jnp.ones((2, 2)), mesh, axis="model")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        distributed.shard_params({"w": jnp.ones(4)}, "cpu")
+    placed = distributed.shard_batch({"x": jnp.ones((2, 3)), "s": jnp.float32(1.0), "n": None},
+                                     mesh)  # fmt: skip
+    assert placed["n"] is None and placed["s"].shape == ()
+    assert distributed.param_spec("['w']", (6, 10), 4) == jax.sharding.PartitionSpec()
+    assert distributed.param_spec("['w']", (8, 10), 4) == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_a_batch_the_data_axis_cannot_split_is_refused_by_name():
+    if jax.device_count() > 1:
+        pytest.skip("needs the single-device test process")
+    mesh = distributed.make_mesh(1, 1)
+    ok = distributed.shard_batch({"noise": np.ones((3, 2), np.float32)}, mesh)
+    assert ok["noise"].shape == (3, 2)
+    fake = jax.sharding.Mesh(np.array(jax.devices() * 2).reshape(2, 1), ("data", "fsdp"))
+    with pytest.raises(ValueError, match=r"\['noise'\] has leading size 3, not divisible by "
+                                         r"the 2 devices of mesh axis 'data'"):  # fmt: skip
+        distributed.shard_batch({"noise": jnp.ones((3, 2))}, fake)
