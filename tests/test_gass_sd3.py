@@ -1,0 +1,109 @@
+"""GASS on SD3: the flow x0 formula (against the public code's) and the real encoder chain.
+
+The public GASS code (``L-YeZhu/GASS_T2I``, ``sd3_gass_sampling.py``) reads ``x0_hat`` of
+SD3 with a variance-preserving formula, ``(x_t - s v) / sqrt(1 - s^2)`` (lines 276-278),
+and writes the perturbed ``x0`` back as ``v' = (x_t - x0') / s`` (line 302), the
+rectified-flow inverse. The two do not match: with no perturbation at all the velocity
+changes. jaxdiv reads ``x0_hat = x_t - t v`` (Esser et al. 2024, Eq. 2) and writes back
+through the same relation, so an unperturbed step is the unguided step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiv
+from jaxdiv import guidance, metrics
+from jaxdiv.pipelines import stable_diffusion_3 as sd3
+from jaxdiv.pipelines.generation import gass_encoder
+from jaxdiv.testing import example_sd3_pipeline
+
+
+def _public_x0(x_t, v, s):
+    """``sd3_gass_sampling.py`` lines 276-278: ``alpha_t = (1 - sigma_t**2) ** 0.5``."""
+    return (x_t - s * v) / (1.0 - s**2) ** 0.5
+
+
+def _public_velocity(x_t, x0, s):
+    """``sd3_gass_sampling.py`` line 302: ``noise_pred_new = (x_t - x_0_hat_new) / sigma_t``."""
+    return (x_t - x0) / s
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return example_sd3_pipeline()
+
+
+def test_sd3_denoiser_reads_x0_with_the_flow_formula(pipe):
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat", "a dog"]))
+    x = jax.random.normal(jax.random.key(0), pipe.noise_shape(2))
+    t = 0.6
+    v = pipe.denoiser.model(x, t, cond)                    # the MMDiT's velocity at 1000 t
+    x0 = pipe.denoiser(x, t, cond)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(x - t * v), rtol=1e-6, atol=1e-6)
+    # the public formula is 1 / sqrt(1 - t^2) = 1.25 times the latent it should read
+    np.testing.assert_allclose(np.asarray(_public_x0(x, v, t)), np.asarray(x0) / 0.8, rtol=1e-5)
+
+
+def test_exact_flow_unperturbed_round_trip_is_identity_only_with_the_flow_formula():
+    """A point mass at ``x0*`` has the exact velocity ``v = (x_t - x0*) / t``: the flow read
+    recovers ``x0*``, and writing it back unchanged gives ``v`` again; the public read
+    scales ``x0*`` by ``1 / sqrt(1 - t^2)`` and its write-back then changes the velocity."""
+    x0_star = jnp.array([[1.5, -0.5, 2.0]])
+    eps = jnp.array([[0.3, 1.0, -0.7]])
+    for t in (0.2, 0.5, 0.9):
+        x_t = (1 - t) * x0_star + t * eps
+        v = eps - x0_star
+        ours = jaxdiv.predictions.velocity_to_x0(v, x_t, 1 - t, t)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(x0_star), rtol=1e-6)
+        back = jaxdiv.predictions.x0_to_velocity(ours, x_t, 1 - t, t)
+        np.testing.assert_allclose(np.asarray(back), np.asarray(v), rtol=1e-5, atol=1e-6)
+        public_read = _public_x0(x_t, v, t)
+        np.testing.assert_allclose(np.asarray(public_read),
+                                   np.asarray(x0_star) / (1 - t**2) ** 0.5, rtol=1e-5)  # fmt: skip
+        drift = _public_velocity(x_t, public_read, t) - v
+        assert float(jnp.abs(drift).max()) > 0.02 * float(jnp.abs(v).max()), t
+
+
+def test_gass_through_the_sd3_pipeline_raises_spp(pipe, tmp_path):
+    """VAE-16 decode -> CLIP preprocessing -> CLIP vision (CLIP-L's projection width) on the
+    SD3 pipeline's flow ``x0_hat``: GASS raises SPP of the batch's CLIP embeddings over the
+    unguided run with the same noise, and a new learning rate does not recompile. The text
+    embedding is CLIP-L's own projected ``text_embeds`` (the first part of SD3's pooled
+    vector), as ``experiments.generate`` uses on SD3."""
+    import transformers
+
+    from jaxdiv.testing import TINY_VISION
+
+    width = pipe.configs["text_encoder"]["projection_dim"]
+    vision = tmp_path / "vision"
+    config = transformers.CLIPVisionConfig(**dict(TINY_VISION, projection_dim=width))
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision)
+    p = sd3.load(pipe.path, image_encoder=vision)
+    enc = gass_encoder(p)
+    text = p.encode_prompt(p.tokenize(["a photo of a cat"])).pooled[0, :width]
+    text = text / jnp.linalg.norm(text)
+    b = 6
+    noise = jax.random.normal(jax.random.key(1), p.noise_shape(b))
+    cond = p.encode_prompt(p.tokenize(["a photo of a cat"] * b))
+    cfg = guidance.cfg(4.0, null_cond=p.null_cond)
+    unit = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)  # noqa: E731
+
+    def spp(method):
+        x = jaxdiv.sample(p.flow_euler(6), p.denoiser, noise, key=jax.random.key(2),
+                          cond=cond, guidance=method).x0  # fmt: skip
+        return float(metrics.spp(unit(enc(x)), text, jax.random.key(3), num_directions=3).spp)
+
+    base = spp(cfg)
+    before = jaxdiv.compile_count()
+    # the tiny CLIP-L embedding is 5 wide: 3 random directions besides e_t; targets 0.1 off
+    # the batch (the paper's 0.02 is already met on this random encoder within 4 iterations)
+    got = [spp(guidance.chain(cfg, guidance.gass(enc, text, r_dep=0.1, r_ind=0.1, lr=lr,
+                                                 num_directions=3, num_active=3,
+                                                 max_iters=10)))
+           for lr in (0.003, 0.01)]  # fmt: skip
+    assert jaxdiv.compile_count() - before == 1
+    assert base < got[0] < got[1], (base, got)
