@@ -4,9 +4,10 @@ Mirrors ``transformers.models.clip.modeling_clip`` (transformers 5): pre-LayerNo
 transformer blocks, ``quick_gelu`` / ``gelu`` MLPs, a causal mask for text, the pooled
 text output taken at the EOS token, and a vision tower with a patch-embedding conv, a class
 token, ``pre_layrnorm`` (sic, the checkpoint name) and ``post_layernorm`` on the class token.
-Attention goes through :func:`jax.nn.dot_product_attention`, so GPU backends can pick fused
-kernels. Compute dtype (``dtype``) and storage dtype (``param_dtype``) are separate, so
-bf16 compute works with fp32 or bf16 weights.
+Attention goes through :func:`jaxdiv.models.layers.attention_core` (on GPU
+:func:`jax.nn.dot_product_attention`, so backends can pick fused kernels). Compute dtype
+(``dtype``) and storage dtype (``param_dtype``) are separate, so bf16 compute works with
+fp32 or bf16 weights.
 
 Images are **NHWC** (JAX convention); transformers takes NCHW. Attribute names follow
 transformers', so checkpoints map by the rules of
@@ -23,6 +24,7 @@ from flax import nnx
 
 from jaxdiv.models.clip.config import ACTIVATIONS, CLIPTextConfig, CLIPVisionConfig, _as_config
 from jaxdiv.models.clip.tokenizer import check_token_ids
+from jaxdiv.models.layers import attention_core
 
 __all__ = [
     "CLIPTextModel",
@@ -82,30 +84,12 @@ class CLIPAttention(nnx.Module):
         q = self.q_proj(x).reshape(shape)
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        scale = self.head_dim**-0.5
-        if q.dtype == jnp.float64:
-            # jax.nn.dot_product_attention takes the softmax in float32 whatever the input
-            # dtype; float64 runs (parity and gradient checks) stay float64 throughout
-            out = _attention_float64(q, k, v, mask, is_causal, scale)
-        else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=is_causal, scale=scale,
-                implementation=self.implementation,
-            )  # fmt: skip
+        # float64 runs (parity and gradient checks) stay float64 in attention_core
+        out = attention_core(
+            q, k, v, scale=self.head_dim**-0.5, mask=mask, is_causal=is_causal,
+            implementation=self.implementation,
+        )  # fmt: skip
         return self.out_proj(out.reshape(b, t, -1))
-
-
-def _attention_float64(q, k, v, mask, is_causal, scale):
-    """``softmax(q k^T scale + mask) v`` on (B, T, H, D) arrays, in the inputs' dtype."""
-    logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
-    t, s = logits.shape[-2:]
-    allowed = jnp.ones((t, s), bool)
-    if is_causal:
-        allowed = jnp.tril(allowed)
-    if mask is not None:
-        allowed = allowed & jnp.broadcast_to(mask, logits.shape)
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
 
 
 class CLIPMLP(nnx.Module):
