@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from experiments import run_folder
+from experiments.common import progress_bar, quiet, say
 
 ENCODERS = ("clip", "dinov2")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -64,8 +65,9 @@ class EvaluateError(Exception):
 
 
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[evaluate]``."""
-    print(f"[evaluate] {msg}", flush=True)
+    """Print a progress line prefixed with ``[evaluate]`` (above the progress bar when one
+    is drawn; nothing with ``--quiet``)."""
+    say("evaluate", msg)
 
 
 class ImageSet(NamedTuple):
@@ -274,17 +276,25 @@ def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: in
     batches = [ids[k : k + batch_size] for ids in by_size.values()
                for k in range(0, len(ids), batch_size)]  # fmt: skip
     t0 = time.perf_counter()
-    for b, ids in enumerate(batches):
-        feats = encoder.encode(np.stack([_load_rgb(image_set.files[i]) for i in ids]))
-        if not np.isfinite(feats).all():
-            raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or inf "
-                                f"(images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip
-        for i, f in zip(ids, feats):
-            entries[rel[i]] = (digests[i], f)
-        if (b + 1) % save_every == 0 or b + 1 == len(batches):
-            _write_cache(path, entries)
-            log(f"{image_set.name} / {encoder.name}: {sum(map(len, batches[: b + 1]))}/"
-                f"{len(todo)} images encoded in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    # a bar on a terminal (images, rate, time left); else a line at every cache write
+    bar = progress_bar(total=len(todo), desc=f"{image_set.name} / {encoder.name}", unit="img")
+    try:
+        for b, ids in enumerate(batches):
+            feats = encoder.encode(np.stack([_load_rgb(image_set.files[i]) for i in ids]))
+            if not np.isfinite(feats).all():
+                raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or "
+                                    f"inf (images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip
+            for i, f in zip(ids, feats):
+                entries[rel[i]] = (digests[i], f)
+            bar.update(len(ids))
+            if (b + 1) % save_every == 0 or b + 1 == len(batches):
+                _write_cache(path, entries)
+                if bar.disable:
+                    count = sum(map(len, batches[: b + 1]))
+                    log(f"{image_set.name} / {encoder.name}: {count}/{len(todo)} images "
+                        f"encoded in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    finally:
+        bar.close()
     if not batches and set(entries) != set(cached):
         _write_cache(path, entries)  # drop entries of images no longer in the folder
     return np.stack([entries[r][1] for r in rel]), len(todo)
@@ -380,25 +390,44 @@ def write_tables(out: Path, rows: list[dict]) -> None:
     run_folder.atomic_write(out / "table.csv", buf.getvalue().encode())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argparse.Namespace:
     """Parse and check the command line before any model loads (one line on stderr, exit
-    2 for a bad value)."""
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate",
-                                description=__doc__.split("\n")[0])  # fmt: skip
+    2 for a bad value). ``prog`` names the command in messages."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
-    p.add_argument("--images", nargs="+", required=True, help="image folders to evaluate")
-    p.add_argument("--reference", default=None, help="folder of reference (real) images")
-    p.add_argument("--encoders", default="clip", help="comma-separated: " + ",".join(ENCODERS))
-    p.add_argument("--clip", default=None, help="CLIP vision model folder (for --encoders clip)")
-    p.add_argument("--dinov2", default=None, help="Dinov2Model folder (for --encoders dinov2)")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image folders to evaluate: experiments.generate outputs or folders "
+                        "of PNG / JPEG images (required)")  # fmt: skip
+    p.add_argument("--reference", default=None,
+                   help="folder of reference (real) images for FD, KID, PRDC and CMMD "
+                        "(default: none, diversity metrics only)")  # fmt: skip
+    p.add_argument("--encoders", default="clip",
+                   help="comma-separated feature encoders, from " + ",".join(ENCODERS)
+                   + " (default: clip)")  # fmt: skip
+    p.add_argument("--clip", default=None,
+                   help="CLIP vision model folder (required for --encoders clip; e.g. ViT-L/14, "
+                        "CMMD's paper uses ViT-L/14@336)")  # fmt: skip
+    p.add_argument("--dinov2", default=None,
+                   help="Dinov2Model folder (required for --encoders dinov2; FD-DINOv2 uses "
+                        "ViT-L/14)")  # fmt: skip
     p.add_argument("--clip-text", default=None,
                    help="CLIP text model with projection of the --clip model (and its "
-                        "tokenizer): adds CLIP score and SPP per prompt")  # fmt: skip
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--save-every", type=int, default=20, help="batches between cache writes")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+                        "tokenizer): adds CLIP score and SPP per prompt "
+                        "(default: none)")  # fmt: skip
+    p.add_argument("--out", required=True,
+                   help="output folder: results.json, table.md, table.csv, features/ "
+                        "(required)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per encoder batch (default: 32)")
+    p.add_argument("--save-every", type=int, default=20,
+                   help="batches between writes of the feature cache (default: 20)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the 95%% intervals, 0 = none (default: 1000)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap, KID subsets and SPP directions (default: 0)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress messages; errors only (default: a "
+                        "bar on a terminal, one line per cache write otherwise)")  # fmt: skip
     args = p.parse_args(argv)
     args.encoder_list = [e.strip() for e in args.encoders.split(",") if e.strip()]
     unknown = [e for e in args.encoder_list if e not in ENCODERS]
@@ -494,11 +523,11 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
     """Run the command line: 0 on success, exit 2 for a refused input, 1 for a failure."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
-        with run_folder.FolderLock(args.out):
+        with run_folder.FolderLock(args.out), quiet(getattr(args, "quiet", False)):
             run(args)
     except run_folder.FolderError as err:
         args._parser.error(f"--out {err}")

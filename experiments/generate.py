@@ -85,7 +85,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import run_folder
-from experiments.run_folder import write_json  # not experiments.common: no jax before parsing
+from experiments.common import progress_bar, quiet, say  # no jax: parsing stays fast
+from experiments.run_folder import write_json
 
 SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "flow_euler")
 # pipeline kind -> (samplers it runs, default sampler, default --steps, default --cfg):
@@ -204,6 +205,45 @@ METHOD_KNOBS = {
     ),
 }
 KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
+# what each knob flag sets, and the paper's value (the default, where the paper gives one)
+KNOB_HELP = {
+    "--spell-radius": "SPELL's shield radius r; 'auto': App. D's median pairwise distance of "
+                      "an unguided batch's final latents",
+    "--spell-overcompensation": "SPELL's overcompensation lambda (1 exact; the paper uses 1.6 "
+                                "for SD3 / LDM)",
+    "--pg-strength": "particle guidance strength (required: the paper publishes no SD value)",
+    "--cads-noise-scale": "CADS noise scale s (paper: 0.25)",
+    "--cads-tau1": "CADS tau1: clean condition below it (paper: 0.6; some text-to-image "
+                   "setups 0.3)",
+    "--cads-tau2": "CADS tau2: pure noise above it (paper: 0.9; some text-to-image setups 0.8)",
+    "--cads-psi": "CADS mixing psi of the rescaled and raw noisy condition (paper: 1)",
+    "--interval-lo": "interval guidance: lowest guided noise level, exclusive (SD-XL: 0.28; "
+                     "EDM2: 0.19)",
+    "--interval-hi": "interval guidance: highest guided noise level, inclusive, or inf "
+                     "(SD-XL: 5.42; EDM2: 1.61)",
+    "--gass-r-dep": "GASS target radius along the text direction e_t (paper: 0.02)",
+    "--gass-r-ind": "GASS target radius along u_ind (paper: 0.02)",
+    "--gass-lr": "GASS Adam learning rate on x0_hat (paper: 1e-4)",
+    "--gass-max-iters": "GASS Adam iterations per active step, at most (paper: 60)",
+    "--gass-num-active": "GASS active steps, evenly spread (paper: 20)",
+    "--clip-projection": "CLIP text model folder whose text projection maps into the image "
+                         "encoder's space (GASS; TPSO unless --tpso-projection; default: the "
+                         "text encoder's own projection, where it has one)",
+    "--tpso-ratio": "TPSO schedule ratio r: variants fade out over the first int(r N) steps "
+                    "(paper: 0.4; 0.3 .. 0.5 recommended)",
+    "--tpso-kappa": "TPSO target cosine to the prompt kappa (paper: 0.8)",
+    "--tpso-lambda": "TPSO diversity weight lambda (paper: 1 for SD 1.5 / 2.1, 10 for SD3.5)",
+    "--tpso-max-steps": "TPSO RMSprop steps, at most (public code: 50 for SD 1.5 / 2.1)",
+    "--tpso-projection": "TPSO's CLIP text projection folder, or 'none' for the pooled output "
+                         "(default: --clip-projection, else the text encoder's own)",
+    "--tpso-null-pool": "TPSO negative branch: size of the pool of optimised blank-prompt "
+                        "embeddings, or 'none' for the plain null embedding (public code: 350)",
+    "--contextual-eta": "contextual repulsion scale eta (required: the paper gives a range, "
+                        "5e2 .. 5e6 on SD3.5-Large)",
+    "--contextual-inner-steps": "contextual repulsion inner steps M (paper: 100 on SD3.5)",
+    "--contextual-tau": "contextual repulsion: active for the first tau steps (paper: 4 on "
+                        "SD3.5-Large)",
+}
 
 
 def knob_value(flag: str, text: str, kind: str):
@@ -499,52 +539,76 @@ def load_pipeline(model: str, dtype: str = "float32", allow_pickle: bool = False
 
 
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[generate]``."""
-    print(f"[generate] {msg}", flush=True)
+    """Print a progress line prefixed with ``[generate]`` (above the progress bar when one
+    is drawn; nothing with ``--quiet``)."""
+    say("generate", msg)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argparse.Namespace:
     """Parse and check the command line; a bad value exits 2 with one line on stderr,
     before anything is loaded (``--steps`` is checked against the model's scheduler config).
+    ``prog`` names the command in messages (``jaxdiv generate`` from the console script).
     """
     p = _OneLineParser(
-        prog="python -m experiments.generate",
-        description="Generate images with a local Stable Diffusion folder (diffusers format).",
+        prog=prog,
+        description="Generate images with a local Stable Diffusion folder (diffusers format). "
+        "Resumable: rerunning the same command skips the images already in --out.",
     )
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
-    p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
-    p.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
+    p.add_argument("--model", required=True,
+                   help="diffusers Stable Diffusion folder (SD 1.x/2.x or SD3; required)")
+    p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (required)")
+    p.add_argument("--negative-prompt", default="",
+                   help="prompt of CFG's unconditional branch (default: empty, the empty "
+                        "prompt's embedding)")  # fmt: skip
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: ddim (SD 1.x/2.x), flow_euler (SD3, the only one there)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps N (default: 50; SD3 28)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps N (default: 50; SD3 28, diffusers' defaults)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="CFG scale, 1 = no guidance (default: 7.5; SD3 7.0)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
+                   help="CFG scale w in diffusers' convention, 1 = no guidance (default: 7.5; "
+                        "SD3 7.0, diffusers' defaults)")  # fmt: skip
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta, 0 = deterministic (ddim only; default: 0)")
     p.add_argument(
         "--clean-endpoint",
         action="store_true",
         help="ddim only: end the grid at sigma = 0 (the output is the last guided x0_hat, "
-        "as SPELL's guarantee needs) instead of diffusers' last step to alphas_cumprod[0]",
+        "as SPELL's guarantee needs) instead of diffusers' last step to alphas_cumprod[0] "
+        "(default: off)",
     )
-    p.add_argument("--s-churn", type=float, default=0.0, help="EDM S_churn (edm only)")
+    p.add_argument("--s-churn", type=float, default=0.0,
+                   help="EDM S_churn, 0 = no churn (edm only; default: 0)")
     p.add_argument(
         "--karras",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Karras noise levels (dpmpp_* only; default on)",
+        help="Karras noise levels (dpmpp_* only; default: on)",
     )
-    p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="default: min(n, 4)")
-    p.add_argument("--height", type=int, default=None, help="default: the UNet's sample size")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--clip-skip", type=int, default=None)
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    p.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise and the sampler's key (default: 0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: min(n, 4))")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the model's sample size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels (default: the model's sample size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (default: float32)")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="skip the last N CLIP text layers, as diffusers (default: none)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin weights (default: safetensors only)")
     p.add_argument("--method", choices=METHODS, default="none",
-                   help="diversity method, composed with CFG (default: none)")  # fmt: skip
+                   help="diversity method, composed with CFG (default: none; see "
+                        "`jaxdiv methods`)")  # fmt: skip
     add_knob_flags(p, "method knobs (each for its --method; defaults: the papers')")
-    p.add_argument("--out", default=None, help="output folder (default: results/generate/<slug>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: results/generate/<slug of the first prompt>_"
+                        "<sampler><steps>_cfg<cfg>_seed<seed>[_<method>])")  # fmt: skip
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress messages; errors only (default: a "
+                        "bar on a terminal, one line per batch otherwise)")  # fmt: skip
     args = p.parse_args(argv)
     args.kind = pipeline_kind(args.model)
     runs, default_sampler, default_steps, default_cfg = KINDS[args.kind]
@@ -609,8 +673,13 @@ def add_knob_flags(parser: argparse.ArgumentParser, title: str) -> None:
         if flag in parser._option_string_actions:
             continue
         default = next(d for ks in METHOD_KNOBS.values() for _, f, d, _ in ks if f == flag)
+        methods = [m for m, ks in METHOD_KNOBS.items() if any(f == flag for _, f, _, _ in ks)]
+        methods += ["tpso"] * (flag == "--clip-projection")  # TPSO's unless --tpso-projection
+        text = KNOB_HELP.get(flag, flag.lstrip("-"))
+        if default is not None:
+            text += f" (default: {default})"
         group.add_argument(flag, default=None, metavar="VALUE",
-                           help=f"default: {default}" if default is not None else None)  # fmt: skip
+                           help=f"[{'/'.join(methods)}] {text}")  # fmt: skip
 
 
 def given_knobs(args: argparse.Namespace) -> dict:
@@ -802,10 +871,11 @@ def run(args: argparse.Namespace) -> dict:
     except run_folder.FolderError as err:
         raise RunError(f"--out {err}") from err
     try:
-        if lock.stale_owner:
-            pid, host = lock.stale_owner.get("pid"), lock.stale_owner.get("host")
-            log(f"took over the lock of an earlier run that is gone (pid {pid} on {host})")
-        return _run_locked(args)
+        with quiet(getattr(args, "quiet", False)):
+            if lock.stale_owner:
+                pid, host = lock.stale_owner.get("pid"), lock.stale_owner.get("host")
+                log(f"took over the lock of an earlier run that is gone (pid {pid} on {host})")
+            return _run_locked(args)
     finally:
         lock.release()
 
@@ -1036,66 +1106,75 @@ def _run_locked(args: argparse.Namespace) -> dict:
     }
     # the settings reach the disk before the first image: a rerun of this command resumes
     write_json(out / "metadata.json", meta)
-    for k, (j, b) in enumerate(jobs):
-        idx = list(range(b * bs, (b + 1) * bs))
-        wanted = [i for i in idx if i < args.n]
-        missing = [i for i in wanted if not (img_dir / image_name(j, i)).is_file()]
-        if not missing:
-            skipped += len(wanted)
-            continue
-        radius = spell_radius(j) if method == "spell" else None
-        t1 = time.perf_counter()
-        noise, key_b = batch_noise(b), batch_key(j, b)
-        tpso_key = jax.random.fold_in(jax.random.fold_in(root_key, 2_000_003 + j), b)
-        try:
-            g, cond = method_term(
-                pipe, method, knobs, cfg=args.cfg, null=null, cond=prompt_cond(j),
-                prompt=args.prompt[j], key=tpso_key, radius=radius, cfg_term=term,
-                text_emb=None if text_embs is None else text_embs[j], null_pool=null_pool,
-            )  # fmt: skip
-        except (ValueError, TypeError) as err:
-            raise RunError(f"--method {method}: {err}") from err
-        result = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond, guidance=g)
-        # a coupled method's batch is written whole: its images always come from one run
-        to_write = wanted if coupled else missing
-        decoded = np.asarray(pipe.decode(result.x0), np.float32)
-        latents = np.asarray(result.x0, np.float32)
-        finite_lat = np.isfinite(latents.reshape(bs, -1)).all(axis=1)
-        finite = finite_lat & np.isfinite(decoded.reshape(bs, -1)).all(axis=1)
-        pixels = to_uint8(np.where(np.isfinite(decoded), decoded, 0.0))
-        bad = [i for i in to_write if not finite[i - b * bs]]
-        for i in to_write:
-            if finite[i - b * bs]:  # never an image from NaN / inf
-                save_png_atomic(pixels[i - b * bs], img_dir / image_name(j, i))
-        if bad:
-            rows = [i - b * bs for i in bad]
+    # a bar on a terminal (images, rate, time left); else the one-line messages below
+    bar = progress_bar(total=total, initial=done, desc="generate", unit="img")
+    try:
+        for k, (j, b) in enumerate(jobs):
+            idx = list(range(b * bs, (b + 1) * bs))
+            wanted = [i for i in idx if i < args.n]
+            missing = [i for i in wanted if not (img_dir / image_name(j, i)).is_file()]
+            if not missing:
+                skipped += len(wanted)
+                continue
+            radius = spell_radius(j) if method == "spell" else None
+            t1 = time.perf_counter()
+            noise, key_b = batch_noise(b), batch_key(j, b)
+            tpso_key = jax.random.fold_in(jax.random.fold_in(root_key, 2_000_003 + j), b)
+            try:
+                g, cond = method_term(
+                    pipe, method, knobs, cfg=args.cfg, null=null, cond=prompt_cond(j),
+                    prompt=args.prompt[j], key=tpso_key, radius=radius, cfg_term=term,
+                    text_emb=None if text_embs is None else text_embs[j], null_pool=null_pool,
+                )  # fmt: skip
+            except (ValueError, TypeError) as err:
+                raise RunError(f"--method {method}: {err}") from err
+            result = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond, guidance=g)
+            # a coupled method's batch is written whole: its images always come from one run
+            to_write = wanted if coupled else missing
+            decoded = np.asarray(pipe.decode(result.x0), np.float32)
+            latents = np.asarray(result.x0, np.float32)
+            finite_lat = np.isfinite(latents.reshape(bs, -1)).all(axis=1)
+            finite = finite_lat & np.isfinite(decoded.reshape(bs, -1)).all(axis=1)
+            pixels = to_uint8(np.where(np.isfinite(decoded), decoded, 0.0))
+            bad = [i for i in to_write if not finite[i - b * bs]]
+            for i in to_write:
+                if finite[i - b * bs]:  # never an image from NaN / inf
+                    save_png_atomic(pixels[i - b * bs], img_dir / image_name(j, i))
+            if bad:
+                rows = [i - b * bs for i in bad]
 
-            def rerun_traced(noise=noise, cond=cond, key_b=key_b, g=g, rows=rows):
-                traced = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond,
-                                       guidance=g, trace=True)  # fmt: skip
-                return traced.trace, rows
+                def rerun_traced(noise=noise, cond=cond, key_b=key_b, g=g, rows=rows):
+                    traced = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key_b, cond=cond,
+                                           guidance=g, trace=True)  # fmt: skip
+                    return traced.trace, rows
 
-            meta["images_done"] = done + len([i for i in missing if i not in bad])
-            write_json(out / "metadata.json", meta)
-            names = [f"images/{image_name(j, i)}" for i in bad]
-            raise NonFiniteError(
-                _non_finite_report(args, pipe, names, rerun_traced, not finite_lat[rows].all())
+                meta["images_done"] = done + len([i for i in missing if i not in bad])
+                write_json(out / "metadata.json", meta)
+                names = [f"images/{image_name(j, i)}" for i in bad]
+                raise NonFiniteError(
+                    _non_finite_report(args, pipe, names, rerun_traced, not finite_lat[rows].all())
+                )
+            dt = time.perf_counter() - t1
+            batch_times.append(dt)
+            generated += len(missing)
+            done += len(missing)
+            note = (
+                " (includes compilation)"
+                if len(batch_times) == 1
+                else f", ETA <= {dt * (len(jobs) - k - 1):.0f} s"
             )
-        dt = time.perf_counter() - t1
-        batch_times.append(dt)
-        generated += len(missing)
-        done += len(missing)
-        note = (
-            " (includes compilation)"
-            if len(batch_times) == 1
-            else f", ETA <= {dt * (len(jobs) - k - 1):.0f} s"
-        )
-        log(
-            f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}: "
-            f"{len(missing)} images in {dt:.1f} s{note}; {done}/{total} done"
-        )
-        meta["images_done"] = done
-        write_json(out / "metadata.json", meta)
+            bar.set_postfix_str(f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}",
+                                refresh=False)  # fmt: skip
+            bar.update(len(missing))
+            if bar.disable:  # no bar (not a terminal): one line per batch
+                log(
+                    f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}: "
+                    f"{len(missing)} images in {dt:.1f} s{note}; {done}/{total} done"
+                )
+            meta["images_done"] = done
+            write_json(out / "metadata.json", meta)
+    finally:
+        bar.close()
 
     grid = write_grid(out, files)
     meta["images"] = [
@@ -1112,11 +1191,11 @@ def _run_locked(args: argparse.Namespace) -> dict:
     return meta
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m experiments.generate") -> int:
     """Run the command line; returns 0, or exits with 2 for refused inputs (bad values, a
     folder in use or holding other settings) and returns 1 for a failed run (non-finite
     values, a write error), each with one line on stderr."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         run(args)
     except RunError as err:

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import generate, run_folder
+from experiments.common import progress_bar, quiet, say
 
 LABEL_WIDTH = 72  # pixels of the method-name column of the grids
 
@@ -61,36 +62,48 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[sd_methods]``."""
-    print(f"[sd_methods] {msg}", flush=True)
+    """Print a progress line prefixed with ``[sd_methods]`` (above the progress bar when
+    one is drawn; nothing with ``--quiet``)."""
+    say("sd_methods", msg)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> argparse.Namespace:
     """Parse and check the command line (one line on stderr and exit 2 for a bad value,
-    before the model loads)."""
+    before the model loads). ``prog`` names the command in messages."""
     p = _OneLineParser(
-        prog="python -m experiments.sd_methods",
+        prog=prog,
         description="Every diversity method on one SD model, same noise.",
     )
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--n", type=int, default=8, help="images per prompt and method")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", required=True,
+                   help="diffusers Stable Diffusion folder (SD 1.x/2.x or SD3; required)")
+    p.add_argument("--prompts", required=True,
+                   help="text file, one prompt per line (required)")
+    p.add_argument("--n", type=int, default=8,
+                   help="images per prompt and method, >= 2 (default: 8)")
+    p.add_argument("--out", required=True,
+                   help="output folder: grid_p000.png ..., results.json (required)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: SD 50 DDIM, SD3 28 flow Euler)")  # fmt: skip
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale (1 = none; default: SD 7.5, SD3 7.0)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the shared noise and sampling keys (default: 0)")
     p.add_argument(
         "--clip-projection",
         default=None,
-        help="CLIP text model with projection (GASS, TPSO, SPP, CLIP score)",
+        help="CLIP text model with projection (GASS, TPSO, SPP, CLIP score; default: the "
+        "text encoder's own projection, where it has one)",
     )
     p.add_argument("--image-encoder", default=None,
                    help="CLIP vision tower folder (default: <model>/image_encoder)")  # fmt: skip
     p.add_argument("--methods", default=",".join(generate.METHODS),
-                   help="comma-separated subset of " + ",".join(generate.METHODS))  # fmt: skip
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+                   help="comma-separated subset of " + ",".join(generate.METHODS)
+                   + " (default: all of them)")  # fmt: skip
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin weights (default: safetensors only)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress messages; errors only (default: a "
+                        "bar on a terminal, one line per method otherwise)")  # fmt: skip
     generate.add_knob_flags(p, "method knobs, as experiments.generate's (defaults: the "
                                "papers'; --pg-strength is required for PG)")  # fmt: skip
     args = p.parse_args(argv)
@@ -294,58 +307,72 @@ def run(args: argparse.Namespace) -> dict:
         "shared by every method; sampling key fold_in(fold_in(key(seed), 8), j)",
         "prompts": [],
     }
-    for j, prompt in enumerate(args.prompt_list):
-        noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(root, 7), j),
-                                  pipe.noise_shape(args.n))  # fmt: skip
-        key = jax.random.fold_in(jax.random.fold_in(root, 8), j)
-        cond = jax.tree.map(lambda a: jnp.broadcast_to(a[j : j + 1], (args.n,) + a.shape[1:]),
-                            prompt_emb)  # fmt: skip
-        spp_key = jax.random.fold_in(jax.random.fold_in(root, 9), j)
-        rows, per_method, unguided = {}, {}, None
-        for method, k in knobs.items():
-            t1 = time.perf_counter()
-            radius = None
-            if method == "spell":
-                if k["radius"] != "auto":
-                    radius = k["radius"]
-                else:  # App. D from the unguided row (same noise, same key)
-                    if unguided is None:
-                        unguided = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key,
-                                                 cond=cond, guidance=cfg_term).x0  # fmt: skip
-                    radius = float(guidance.median_pairwise_distance(unguided))
-            g, c = generate.method_term(
-                pipe, method, k, cfg=args.cfg, null=null, cond=cond, prompt=prompt,
-                key=jax.random.fold_in(jax.random.fold_in(root, 10), j), radius=radius,
-                text_emb=gass_embs[j] if method == "gass" else None, cfg_term=cfg_term,
-                null_pool=null_pool,
-            )  # fmt: skip
-            x0 = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key, cond=c, guidance=g).x0
-            images = pipe.decode(x0)
-            images.block_until_ready()
-            seconds = time.perf_counter() - t1
-            if method == "none":
-                unguided = x0
-            if not (np.isfinite(np.asarray(images)).all() and np.isfinite(np.asarray(x0)).all()):
-                per_method[method] = {"error": "non-finite values (NaN or inf) in the output",
-                                      "seconds": seconds}  # fmt: skip
-                continue
-            feats = None if pipe.encode_image is None else pipe.encode_image(images)
-            row = _metrics(feats, x0, None if text_embs is None else text_embs[j], spp_key,
-                           text_note)  # fmt: skip
-            row["seconds"] = seconds
-            if radius is not None:
-                row["spell_radius"] = radius
-            per_method[method] = row
-            rows[method] = generate.to_uint8(images)
-            log(f"prompt {j + 1}/{len(args.prompt_list)} {method}: {seconds:.1f} s"
-                + (f", vendi {row['vendi']:.3f}" if row["vendi"] is not None else ""))  # fmt: skip
-        grid = f"grid_p{j:03d}.png"
-        if rows:
-            write_grid(out / grid, rows)
-        results["prompts"].append({"prompt": prompt, "grid": grid if rows else None,
-                                   "methods": per_method})  # fmt: skip
-        results["mean"] = _means(results["prompts"], knobs)
-        run_folder.write_json(out / "results.json", results)
+    # a bar on a terminal (method runs, rate, time left); else one line per method
+    bar = progress_bar(total=len(args.prompt_list) * len(knobs), desc="sd_methods",
+                       unit="method")  # fmt: skip
+    try:
+        for j, prompt in enumerate(args.prompt_list):
+            noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(root, 7), j),
+                                      pipe.noise_shape(args.n))  # fmt: skip
+            key = jax.random.fold_in(jax.random.fold_in(root, 8), j)
+            cond = jax.tree.map(lambda a: jnp.broadcast_to(a[j : j + 1],
+                                                           (args.n,) + a.shape[1:]),
+                                prompt_emb)  # fmt: skip
+            spp_key = jax.random.fold_in(jax.random.fold_in(root, 9), j)
+            rows, per_method, unguided = {}, {}, None
+            for method, k in knobs.items():
+                t1 = time.perf_counter()
+                radius = None
+                if method == "spell":
+                    if k["radius"] != "auto":
+                        radius = k["radius"]
+                    else:  # App. D from the unguided row (same noise, same key)
+                        if unguided is None:
+                            unguided = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key,
+                                                     cond=cond, guidance=cfg_term).x0  # fmt: skip
+                        radius = float(guidance.median_pairwise_distance(unguided))
+                g, c = generate.method_term(
+                    pipe, method, k, cfg=args.cfg, null=null, cond=cond, prompt=prompt,
+                    key=jax.random.fold_in(jax.random.fold_in(root, 10), j), radius=radius,
+                    text_emb=gass_embs[j] if method == "gass" else None, cfg_term=cfg_term,
+                    null_pool=null_pool,
+                )  # fmt: skip
+                x0 = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key, cond=c,
+                                   guidance=g).x0  # fmt: skip
+                images = pipe.decode(x0)
+                images.block_until_ready()
+                seconds = time.perf_counter() - t1
+                if method == "none":
+                    unguided = x0
+                bar.set_postfix_str(f"prompt {j + 1}/{len(args.prompt_list)} {method}",
+                                    refresh=False)  # fmt: skip
+                bar.update()
+                if not (np.isfinite(np.asarray(images)).all()
+                        and np.isfinite(np.asarray(x0)).all()):  # fmt: skip
+                    per_method[method] = {"error": "non-finite values (NaN or inf) in the "
+                                                   "output", "seconds": seconds}  # fmt: skip
+                    continue
+                feats = None if pipe.encode_image is None else pipe.encode_image(images)
+                row = _metrics(feats, x0, None if text_embs is None else text_embs[j], spp_key,
+                               text_note)  # fmt: skip
+                row["seconds"] = seconds
+                if radius is not None:
+                    row["spell_radius"] = radius
+                per_method[method] = row
+                rows[method] = generate.to_uint8(images)
+                if bar.disable:  # no bar (not a terminal): one line per method
+                    log(f"prompt {j + 1}/{len(args.prompt_list)} {method}: {seconds:.1f} s"
+                        + (f", vendi {row['vendi']:.3f}" if row["vendi"] is not None
+                           else ""))  # fmt: skip
+            grid = f"grid_p{j:03d}.png"
+            if rows:
+                write_grid(out / grid, rows)
+            results["prompts"].append({"prompt": prompt, "grid": grid if rows else None,
+                                       "methods": per_method})  # fmt: skip
+            results["mean"] = _means(results["prompts"], knobs)
+            run_folder.write_json(out / "results.json", results)
+    finally:
+        bar.close()
     log(f"wrote {out / 'results.json'}")
     return results
 
@@ -363,11 +390,12 @@ def _means(prompts: list, knobs: dict) -> dict:
     return means
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m experiments.sd_methods") -> int:
     """Run the command line; exit 2 for refused inputs, 1 for a failed run."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
-        run(args)
+        with quiet(getattr(args, "quiet", False)):
+            run(args)
     except generate.RunError as err:
         args._parser.error(str(err))
     except OSError as err:
