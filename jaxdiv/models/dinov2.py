@@ -439,7 +439,7 @@ class Dinov2Model(nnx.Module):
         dtype: compute dtype (``None``: float32).
         param_dtype: parameter storage dtype (``None``: ``dtype``).
         rngs: initialisation rngs (weights are normally overwritten by a checkpoint).
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`
             (``None``: let JAX choose, ``"xla"``, ``"cudnn"``).
 
     Example:
@@ -535,7 +535,7 @@ def load_dinov2(
         allow_pickle: permit pickled ``.bin`` weights (see
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`.
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
         check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:

@@ -672,7 +672,7 @@ class SD3Transformer2DModel(nnx.Module):
         dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); layer norm and RMS
             statistics, the softmax and the timestep sinusoids stay float32.
         param_dtype: parameter dtype (default: ``dtype``).
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`
             (``None``, ``"xla"`` or ``"cudnn"``).
         rngs: initialisation keys (default ``nnx.Rngs(0)``).
 

@@ -507,7 +507,7 @@ class UNet2DConditionModel(nnx.Module):
             :meth:`UNetConfig.from_dict`).
         dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
         param_dtype: parameter dtype (default: ``dtype``).
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`
             (``None``/``"xla"``, or ``"cudnn"`` for the fused GPU kernel in bf16/fp16).
         rngs: initialisation keys (weights are normally overwritten by :func:`load_unet`).
 

@@ -559,7 +559,7 @@ def load(
             (one cheap pass as the weights are read); ``False`` for a folder you trust.
         clip_skip: use the text encoder layer ``clip_skip`` blocks before the last
             (diffusers' ``clip_skip``); ``None`` uses the last hidden state.
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`
             (``None``/``"xla"``, ``"cudnn"`` for fused GPU kernels in bf16/fp16).
 
     Returns:

@@ -486,7 +486,7 @@ def load(
             :func:`jaxdiv.pipelines.stable_diffusion.load`: ``None`` loads
             ``<path>/image_encoder`` when present (SD3 releases have none), a path loads
             that folder, ``False`` skips it.
-        attention_implementation: for :func:`jax.nn.dot_product_attention` in the MMDiT
+        attention_implementation: for :func:`~jaxdiv.models.layers.attention_core` in the MMDiT
             and CLIP (``None``/``"xla"``, ``"cudnn"``).
         check_finite: refuse weights holding NaN or inf.
 

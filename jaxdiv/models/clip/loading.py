@@ -89,7 +89,7 @@ def load_clip_text(
         allow_pickle: permit pickled ``.bin`` weights (see
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`.
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
         check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:
@@ -144,7 +144,7 @@ def load_clip_vision(
         param_dtype: weight dtype in memory (defaults to ``dtype``).
         allow_pickle: permit pickled ``.bin`` weights.
         variant: weight-file variant such as ``"fp16"``.
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`.
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
         check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
 
     Returns:

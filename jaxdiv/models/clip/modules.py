@@ -216,7 +216,7 @@ class CLIPTextModel(nnx.Module):
         dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
         param_dtype: parameter storage dtype (defaults to ``dtype``).
         rngs: initialisation rngs (weights are normally overwritten by a checkpoint).
-        attention_implementation: passed to :func:`jax.nn.dot_product_attention`
+        attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`
             (``None``: let JAX choose, ``"xla"``, ``"cudnn"``).
 
     Example:
