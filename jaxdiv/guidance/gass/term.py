@@ -259,10 +259,12 @@ def _encode(encoder, text_emb, x):
 def _gass_apply(st: _Settings, text_emb, r_dep, r_ind, lr, tol, state, x0_hat, ctx):
     y = x0_hat if st.write_space is None else st.write_space[0](x0_hat)
     emb = _encode(st.encoder, text_emb, y)
-    t_emb = text_emb.astype(emb.dtype)
+    # targets in >= float32: their QR has no bfloat16 / float16 kernel (CPU LAPACK, cuSolver)
+    wide = jnp.promote_types(emb.dtype, jnp.float32)
     targets, _, u, delta = draw_targets(
-        ctx.key, emb, t_emb, r_dep, r_ind, st.num_directions, st.renormalize, st.axes
-    )
+        ctx.key, emb.astype(wide), text_emb.astype(wide), r_dep, r_ind, st.num_directions,
+        st.renormalize, st.axes,
+    )  # fmt: skip
     targets = jax.lax.stop_gradient(targets)
     loss_fn = lambda x: spp_loss(_encode(st.encoder, text_emb, x), targets)
     y_star, loss0, loss1, iters = adam_write_back(loss_fn, y, lr, st.max_iters, st.patience, tol)

@@ -1,0 +1,174 @@
+"""Smoke tests of ``benchmarks/gpu_suite.py`` at tiny sizes on CPU, so that the first GPU
+run does not fail on a typo: every section runs to status "ok" in some test, the JSON holds
+the fields the README's numbers come from, it is rewritten after every section, and a
+failing section is recorded while the others still run."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from benchmarks import gpu_suite  # noqa: E402
+
+
+def _timing_ok(t, rounds=1):
+    assert set(t) == {"median_s", "min_s", "max_s", "runs_s"}
+    assert len(t["runs_s"]) == rounds
+    assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"]
+
+
+def _common(data, sections):
+    assert data["smoke"] is True and data["suite"] == "benchmarks.gpu_suite"
+    for key in ("command", "started_utc", "finished_utc", "budget_s", "environment", "dtypes",
+                "sizes", "timing", "summary", "elapsed_s"):  # fmt: skip
+        assert key in data, key
+    env = data["environment"]
+    assert env["jax_device_kind"] and env["torch_device"] in ("cpu", "cuda")
+    assert {"jax", "jaxlib", "flax", "torch", "diffusers", "python"} <= set(env["versions"])
+    assert list(data["sections"]) == sections
+    for name in sections:
+        entry = data["sections"][name]
+        assert entry["elapsed_s"] >= 0 and "memory" in entry and "budget_share_s" in entry
+    assert len(data["summary"]) == 1 + len(sections) or len(data["summary"]) > len(sections)
+
+
+def _run(tmp_path, sections):
+    out = tmp_path / "suite.json"
+    result = gpu_suite.main(["--smoke", "--sections", *sections, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result, default=str))
+    _common(data, sections)
+    for name in sections:
+        assert data["sections"][name]["status"] == "ok", data["sections"][name]
+    return data
+
+
+def test_sd21_generate_section(tmp_path, capsys):
+    data = _run(tmp_path, ["sd21_generate"])
+    assert "diffusers/jaxdiv" in capsys.readouterr().out
+    gen = data["sections"]["sd21_generate"]["result"]
+    assert gen["steps"] == 3 and gen["batch"] == 2 and gen["cfg"] == 7.5
+    assert gen["peers"]["diffusers"]["status"] == "ok"
+    for peer in ("jaxdiv", "diffusers"):
+        _timing_ok(gen["times"][peer])
+    assert gen["diffusers_over_jaxdiv"] == pytest.approx(
+        gen["times"]["diffusers"]["median_s"] / gen["times"]["jaxdiv"]["median_s"]
+    )
+    assert gen["jaxdiv_image_finite_fraction"] == 1.0
+    assert 0 <= gen["max_abs_image_diff"] < 0.5  # bf16 vs fp16 of the same tiny pipeline
+    assert gen["jax_compile_s"] > 0 and gen["unet_params"] > 0
+
+
+def test_methods_overhead_section(tmp_path):
+    data = _run(tmp_path, ["methods_overhead"])
+    meth = data["sections"]["methods_overhead"]["result"]
+    names = [row["method"] for row in meth["rows"]]
+    assert names == [
+        "unguided (CFG)", "spell", "particle", "cads", "interval", "tpso (sampling)",
+        "tpso (optimisation, once per prompt)", "gass (pixel write-back)",
+    ]  # fmt: skip
+    assert meth["errors"] == {} and meth["skipped"] == {}
+    base = meth["rows"][0]
+    assert base["ratio_to_unguided"] == 1.0 and base["overhead_per_step_s"] == 0.0
+    for row in meth["rows"]:
+        _timing_ok(row["times"])
+        assert row["first_call_s"] > 0
+    assert meth["tpso_optimizer_steps"] > 0 and meth["spell_radius"] > 0
+
+
+def test_failing_section_is_recorded_and_the_others_run(tmp_path):
+    out = tmp_path / "suite.json"
+    seen = {}
+
+    def boom(suite, deadline):
+        raise RuntimeError("injected failure")
+
+    def spell_after_sd3(suite, deadline):
+        # the JSON on disk already holds the finished sections (written after each one)
+        seen.update(json.loads(out.read_text())["sections"])
+        return gpu_suite.spell_million(suite, deadline)
+
+    sections = ["sd21_generate", "sd3_step", "spell_million"]
+    gpu_suite.main(
+        ["--smoke", "--sections", *sections, "--out", str(out)],
+        functions={"sd21_generate": boom, "spell_million": spell_after_sd3},
+    )
+    data = json.loads(out.read_text())
+    _common(data, sections)
+    assert seen["sd21_generate"]["status"] == "error" and seen["sd3_step"]["status"] == "ok"
+    assert seen["spell_million"]["status"] == "pending"
+
+    err = data["sections"]["sd21_generate"]
+    assert err["status"] == "error"
+    assert err["error"]["type"] == "RuntimeError"
+    assert err["error"]["message"] == "injected failure"
+    assert "boom" in err["error"]["traceback_tail"]
+    assert any("injected failure" in line for line in data["summary"])
+
+    sd3 = data["sections"]["sd3_step"]
+    assert sd3["status"] == "ok", sd3
+    r = sd3["result"]
+    assert r["latent_shape"] == [2, 4, 16, 16] and r["text_tokens"] == 77 + 8
+    assert {"jaxdiv_bf16", "diffusers_bf16"} <= set(r["times"])
+    for t in r["times"].values():
+        _timing_ok(t)
+    assert r["agreement"]["jaxdiv_finite_fraction"] == 1.0
+    assert r["agreement"]["max_abs_output"] > 0.1
+    assert r["agreement"]["rel_max_abs_diff"] < 0.05  # both bf16, same weights
+    assert r["params"] > 0 and r["jax_compile_s"] > 0
+
+    sp = data["sections"]["spell_million"]
+    assert sp["status"] == "ok", sp
+    s = sp["result"]
+    assert s["num_reference"] == 1000 and s["latent_shape"] == [4, 8, 8]
+    assert s["block_size"] < s["num_reference"]  # the blockwise scan is exercised
+    (row,) = s["rows"]
+    assert row["status"] == "ok" and row["batch"] == 3
+    for key in ("times_run_without", "times_run_with", "spell_term_s"):
+        _timing_ok(row[key])
+    assert row["step_s_with"] > 0 and row["overhead_term_over_step"] > 0
+
+
+def test_without_diffusers_the_peer_is_skipped_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "_diffusers", lambda: (None, "diffusers is not importable"))
+    out = tmp_path / "suite.json"
+    gpu_suite.main(["--smoke", "--sections", "sd21_generate", "sd3_step", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["environment"]["diffusers_available"] is False
+    sd21 = data["sections"]["sd21_generate"]
+    assert sd21["status"] == "skipped" and "diffusers is not importable" in sd21["reason"]
+    sd3 = data["sections"]["sd3_step"]
+    assert sd3["status"] == "ok", sd3
+    r = sd3["result"]
+    assert r["peers"]["diffusers"]["status"] == "skipped"
+    assert list(r["times"]) == ["jaxdiv_bf16"] and r["torch_build_s"] is None
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    for bad in (["--rounds", "0"], ["--budget-s", "0"], ["--sections", "nope"]):
+        with pytest.raises(SystemExit):
+            gpu_suite.main(["--smoke", *bad, "--out", str(tmp_path / "x.json")])
+
+
+def test_fused_attention_failure_falls_back_to_xla(tmp_path):
+    """On a GPU the suite asks for cuDNN attention; where it fails (here: no cuDNN on the
+    CPU) the SD pipeline is reloaded and the MMDiT recompiled with the default, recorded."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("needs a backend without cuDNN")
+    out = tmp_path / "suite.json"
+    sections = ["sd21_generate", "sd3_step"]
+    gpu_suite.main(["--smoke", "--attention", "cudnn", "--sections", *sections, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["attention_implementation"] == "cudnn"
+    gen = data["sections"]["sd21_generate"]
+    assert gen["status"] == "ok", gen
+    assert gen["result"]["attention_implementation"] is None
+    assert "cuDNN" in gen["result"]["attention_fallback"]
+    sd3 = data["sections"]["sd3_step"]
+    assert sd3["status"] == "ok", sd3
+    assert sd3["result"]["attention_implementation"] is None
+    assert "cuDNN" in sd3["result"]["peers"]["jaxdiv_attention_fallback"]
