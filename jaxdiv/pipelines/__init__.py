@@ -7,7 +7,8 @@
 * :mod:`jaxdiv.pipelines.generation` -- ``pipe.generate``: prompts to images with any
   diversity method composed with CFG, and the SD pieces methods need (GASS's encoder);
 * :mod:`jaxdiv.pipelines.tpso` -- TPSO on a CLIP-text pipeline (variants, the blank-prompt
-  pool of the negative branch, the guidance).
+  pool of the negative branch, the guidance); :mod:`jaxdiv.pipelines.tpso_sd3` -- its SD3 /
+  SD3.5 form (both CLIP encoders, T5 unchanged), dispatched to by the same functions.
 """
 
 from jaxdiv.pipelines import stable_diffusion

@@ -59,6 +59,7 @@ __all__ = [
     "SD3Cond",
     "SD3Tokens",
     "StableDiffusion3",
+    "assemble_cond",
     "load",
     "load_prompt_embeds",
     "save_prompt_embeds",
@@ -148,6 +149,14 @@ class StableDiffusion3(NamedTuple):
         has_t5: whether ``text_encoder_3`` was loaded (else its tokens are zeros).
         encode_image: images NCHW in ``[-1, 1]`` -> CLIP image features ``(B, P)``, when
             an image encoder was loaded (``load(..., image_encoder=...)``), else ``None``.
+        clip_features: ``(CLIP-L, CLIP-G)``, each ``(ids (B, L), token_embeds (B, L, D) |
+            None) -> (states, pooled)``: the states :attr:`encode_prompt` takes from that
+            encoder (``clip_skip=`` keyword) and its EOS-pooled output before the
+            projection, optionally from given token embeddings (TPSO optimises offsets on
+            them; :func:`assemble_cond` joins the parts).
+        token_embeddings: ``(CLIP-L, CLIP-G)`` ``(vocab, D)`` token-embedding tables.
+        text_projections: ``(CLIP-L, CLIP-G)`` ``(D, P)`` ``text_projection`` kernels
+            (``text_embeds = pooled @ kernel``).
 
     Example:
         >>> from jaxdiv.testing import example_sd3_pipeline
@@ -176,6 +185,9 @@ class StableDiffusion3(NamedTuple):
     clip_skip: int | None = None
     has_t5: bool = True
     encode_image: Bound | None = None
+    clip_features: tuple | None = None
+    token_embeddings: tuple | None = None
+    text_projections: tuple | None = None
 
     def tokenize(self, prompts: str | Sequence[str]) -> SD3Tokens:
         """Token ids for the three encoders, padded and truncated as diffusers does.
@@ -335,12 +347,47 @@ def load_prompt_embeds(path: str | os.PathLike, pipe: StableDiffusion3 | None = 
 # --------------------------------------------------------------------------- functions
 
 
-def _clip_states(model, params, ids, clip_skip):
+def _clip_out(model, params, ids, clip_skip, token_embeds=None):
     # diffusers' SD3 takes hidden_states[-(clip_skip + 2)] *without* the final LayerNorm
-    # (unlike SD 1.x/2.x) and the projected pooled output
-    out = model.apply(params, ids, output_hidden_states=True)
+    # (unlike SD 1.x/2.x), and the EOS-pooled output (projected: text_embeds)
+    out = model.apply(params, ids, output_hidden_states=True, token_embeds=token_embeds)
     k = 0 if clip_skip is None else clip_skip
-    return out.hidden_states[-(k + 2)], out.text_embeds
+    return out.hidden_states[-(k + 2)], out
+
+
+def _clip_states(model, params, ids, clip_skip):
+    hidden, out = _clip_out(model, params, ids, clip_skip)
+    return hidden, out.text_embeds
+
+
+def assemble_cond(clip_l_states, clip_g_states, t5_states, pooled_l, pooled_g) -> SD3Cond:
+    """An :class:`SD3Cond` from its parts, as diffusers' ``encode_prompt`` joins them:
+    CLIP-L and CLIP-G states concatenated on features, zero-padded to T5's width, T5's
+    tokens appended on the sequence; ``pooled = [pooled_l; pooled_g]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = assemble_cond(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 5)), jnp.zeros((2, 6, 12)),
+        ...                   jnp.ones((2, 2)), jnp.ones((2, 3)))
+        >>> c.prompt_embeds.shape, c.pooled.shape, float(c.prompt_embeds[0, 0, 9:].sum())
+        ((2, 9, 12), (2, 5), 0.0)
+    """
+    clip = jnp.concatenate([clip_l_states, clip_g_states], axis=-1)
+    t5_states = jnp.asarray(t5_states).astype(clip.dtype)
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5_states.shape[-1] - clip.shape[-1])))
+    return SD3Cond(jnp.concatenate([clip, t5_states], axis=-2),
+                   jnp.concatenate([pooled_l, pooled_g], axis=-1))  # fmt: skip
+
+
+def _clip_features_fn(model, clip_skip):
+    net = pure(model)
+    default = clip_skip
+
+    def apply(params, ids, token_embeds=None, clip_skip=default):
+        hidden, out = _clip_out(net, params, jnp.asarray(ids), clip_skip, token_embeds)
+        return hidden, out.pooler_output
+
+    return Bound(apply, net.params, ("clip_skip",))
 
 
 def _encode_prompt_fn(clip_l, clip_g, t5, *, joint_dim, t5_length, clip_skip):
@@ -352,14 +399,11 @@ def _encode_prompt_fn(clip_l, clip_g, t5, *, joint_dim, t5_length, clip_skip):
         p_l, p_g, p_t5 = params
         h_l, pooled_l = _clip_states(nets[0], p_l, jnp.asarray(tokens.clip_l), clip_skip)
         h_g, pooled_g = _clip_states(nets[1], p_g, jnp.asarray(tokens.clip_g), clip_skip)
-        clip = jnp.concatenate([h_l, h_g], axis=-1)
         if nets[2] is None:
-            t5_states = jnp.zeros((clip.shape[0], t5_length, joint_dim), clip.dtype)
+            t5_states = jnp.zeros((h_l.shape[0], t5_length, joint_dim), h_l.dtype)
         else:
-            t5_states = nets[2].apply(p_t5, jnp.asarray(tokens.t5)).astype(clip.dtype)
-        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5_states.shape[-1] - clip.shape[-1])))
-        return SD3Cond(jnp.concatenate([clip, t5_states], axis=-2),
-                       jnp.concatenate([pooled_l, pooled_g], axis=-1))  # fmt: skip
+            t5_states = nets[2].apply(p_t5, jnp.asarray(tokens.t5))
+        return assemble_cond(h_l, h_g, t5_states, pooled_l, pooled_g)
 
     vocab = (clip_l.config.vocab_size, clip_g.config.vocab_size,
              None if t5 is None else t5.config.vocab_size)  # fmt: skip
@@ -601,6 +645,10 @@ def load(
         clip_skip=clip_skip,
         has_t5=use_t5,
         encode_image=encode_image,
+        clip_features=tuple(_clip_features_fn(t, clip_skip) for t in texts),
+        token_embeddings=tuple(t.text_model.embeddings.token_embedding.embedding[...]
+                               for t in texts),  # fmt: skip
+        text_projections=tuple(t.text_projection.kernel[...] for t in texts),
     )
     # diffusers encodes the negative / empty prompt without clip_skip
     null = encode_prompt(pipe.tokenize([""]), clip_skip=None)

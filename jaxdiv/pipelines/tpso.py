@@ -63,6 +63,10 @@ class TPSOConditions(NamedTuple):
             or ``None`` (plain null throughout).
         result: the prompts' :class:`~jaxdiv.guidance.tpso.TPSOResult`.
         null_result: the pool rows drawn for the negative branch (or ``None``).
+
+    On SD3 the four conditions are :class:`~jaxdiv.pipelines.stable_diffusion_3.SD3Cond`
+    pytrees and the results :class:`~jaxdiv.pipelines.tpso_sd3.SD3TPSOResult` (one
+    :class:`~jaxdiv.guidance.tpso.TPSOResult` per CLIP encoder).
     """
 
     cond: jax.Array
@@ -129,6 +133,34 @@ def _encoder(pipe, tokens, projection):
     return Partial(_encode, pipe.text_features, tokens, _projection(pipe, projection)), embeds
 
 
+def _is_sd3(pipe) -> bool:
+    # an SD3 record (stable_diffusion_3.load) has per-CLIP feature functions
+    return getattr(pipe, "clip_features", None) is not None
+
+
+def variant_rows(prompts, num_variants, count):
+    """``(prompts, num_variants, rows, count)``: the prompts as a list, each repeated
+    ``num_variants`` times (prompt-major rows), and ``count="words"`` as each row's word
+    count (the trainable tokens; an int or ``None`` passes through).
+
+    Example:
+        >>> variant_rows("a red car", 2, "words")[2:]
+        (['a red car', 'a red car'], array([3, 3]))
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must name at least one prompt, got an empty list")
+    num_variants = validation.integer("num_variants", num_variants, minimum=1)
+    rows = [p for p in prompts for _ in range(num_variants)]
+    if count == "words":
+        count = np.asarray([max(len(p.split()), 1) for p in rows])
+    elif isinstance(count, str):
+        raise ValueError(f"count must be None, 'words' or an int, got {count!r}")
+    return prompts, num_variants, rows, count
+
+
 def _settings(kappa, tolerance, diversity_weight, learning_rate, init_std, optimizer):
     return dict(kappa=kappa, tolerance=tolerance, diversity_weight=diversity_weight,
                 learning_rate=learning_rate, init_std=init_std, optimizer=optimizer)  # fmt: skip
@@ -138,13 +170,13 @@ def tpso_null_pool(
     pipe,
     key,
     *,
-    size: int = 350,
-    group_size: int = 35,
+    size: int | None = None,
+    group_size: int | None = None,
     trainable_tokens: int = 20,
     projection: Any = None,
     kappa=0.8,
     tolerance=0.01,
-    diversity_weight=1.0,
+    diversity_weight=None,
     learning_rate=0.01,
     max_steps: int = 200,
     init_std=1e-4,
@@ -160,6 +192,12 @@ def tpso_null_pool(
     moving until all are in the band (``freeze_converged=False``). Compute it once per
     model and reuse it (its arrays save with ``numpy.savez``).
 
+    ``None`` defaults: ``size`` 350, ``group_size`` 35, ``diversity_weight`` 1 (SD 1.5 /
+    2.1). On an SD3 pipeline this runs
+    :func:`jaxdiv.pipelines.tpso_sd3.tpso_null_pool` (both CLIP encoders; the public
+    SD3.5 protocol: 300 in groups of 30, lambda 0, converged rows frozen) and returns an
+    :class:`~jaxdiv.pipelines.tpso_sd3.SD3TPSOResult`.
+
     Returns:
         A :class:`~jaxdiv.guidance.tpso.TPSOResult` with ``size`` rows (rounded up to
         whole groups).
@@ -172,8 +210,19 @@ def tpso_null_pool(
         >>> pool.hidden.shape
         (4, 16, 32)
     """
-    size = validation.integer("size", size, minimum=1)
-    group_size = validation.integer("group_size", group_size, minimum=1)
+    if _is_sd3(pipe):
+        from jaxdiv.pipelines import tpso_sd3
+
+        return tpso_sd3.tpso_null_pool(
+            pipe, key, size=size, group_size=group_size, trainable_tokens=trainable_tokens,
+            projection=projection, kappa=kappa, tolerance=tolerance,
+            diversity_weight=diversity_weight, learning_rate=learning_rate,
+            max_steps=max_steps, init_std=init_std, optimizer=optimizer,
+        )  # fmt: skip
+    size = validation.integer("size", 350 if size is None else size, minimum=1)
+    group_size = validation.integer("group_size", 35 if group_size is None else group_size,
+                                    minimum=1)  # fmt: skip
+    diversity_weight = 1.0 if diversity_weight is None else diversity_weight
     trainable_tokens = validation.integer("trainable_tokens", trainable_tokens, minimum=1)
     group_size = min(group_size, size)  # a pool smaller than a group is one group
     groups = -(-size // group_size)
@@ -197,9 +246,9 @@ def tpso_conditions(
     count: int | str | None = None,
     kappa=0.8,
     tolerance=0.01,
-    diversity_weight=1.0,
+    diversity_weight=None,
     learning_rate=0.01,
-    max_steps: int = 50,
+    max_steps: int | None = None,
     init_std=1e-4,
     optimizer: str = "rmsprop",
 ) -> TPSOConditions:
@@ -208,6 +257,12 @@ def tpso_conditions(
     Defaults are the paper's for SD 1.5 / 2.1 (kappa 0.80 +- 0.01, lambda 1, RMSprop lr
     0.01, at most 50 steps, offsets ``N(0, 1e-8)``), with the public code's per-variant
     freezing (:func:`~jaxdiv.guidance.tpso.optimize_offsets`).
+
+    On an SD3 / SD3.5 pipeline (:func:`jaxdiv.pipelines.stable_diffusion_3.load`) this
+    runs :func:`jaxdiv.pipelines.tpso_sd3.tpso_conditions`: one optimisation per CLIP
+    encoder, T5 unchanged, conditions as :class:`~jaxdiv.pipelines.stable_diffusion_3.SD3Cond`,
+    defaults from the public SD3.5 config (lambda 10, at most 200 steps); ``projection``
+    is then ``None`` (each encoder's own) or a ``(CLIP-L, CLIP-G)`` pair.
 
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load`).
@@ -236,18 +291,19 @@ def tpso_conditions(
         >>> c.cond.shape, c.optimized.shape, c.null_optimized is None
         ((3, 16, 32), (3, 16, 32), True)
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts must name at least one prompt, got an empty list")
-    num_variants = validation.integer("num_variants", num_variants, minimum=1)
-    rows = [p for p in prompts for _ in range(num_variants)]
+    if _is_sd3(pipe):
+        from jaxdiv.pipelines import tpso_sd3
+
+        return tpso_sd3.tpso_conditions(
+            pipe, prompts, num_variants, key, projection=projection, null_pool=null_pool,
+            count=count, kappa=kappa, tolerance=tolerance, diversity_weight=diversity_weight,
+            learning_rate=learning_rate, max_steps=max_steps, init_std=init_std,
+            optimizer=optimizer,
+        )  # fmt: skip
+    diversity_weight = 1.0 if diversity_weight is None else diversity_weight
+    max_steps = 50 if max_steps is None else max_steps
+    prompts, num_variants, rows, count = variant_rows(prompts, num_variants, count)
     tokens = pipe.tokenize(rows)
-    if count == "words":
-        count = np.asarray([max(len(p.split()), 1) for p in rows])
-    elif isinstance(count, str):
-        raise ValueError(f"count must be None, 'words' or an int, got {count!r}")
     mask = trainable_mask(tokens, pipe.tokenizer.eos_token_id, count=count)
     encode, embeds = _encoder(pipe, tokens, projection)
     k_opt, k_null = jax.random.split(key)

@@ -22,9 +22,12 @@ class TPSOInfo(NamedTuple):
 
 
 def _mix(alpha, optimized, original):
+    # where the optimised condition equals the original (SD3's T5 tokens and padding, which
+    # the public code never mixes), the original is kept bit for bit
     return jax.tree.map(
-        lambda o, c: (alpha * o + (1.0 - alpha) * c).astype(c.dtype), optimized, original
-    )
+        lambda o, c: jnp.where(o == c, c, (alpha * o + (1.0 - alpha) * c).astype(c.dtype)),
+        optimized, original,
+    )  # fmt: skip
 
 
 def _check_like(name, optimized, cond, what):
