@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import run_folder
+from experiments import processes, run_folder
 from experiments.common import progress_bar, quiet, say
 
 ENCODERS = ("clip", "dinov2")
@@ -64,10 +64,15 @@ class EvaluateError(Exception):
     """A refused input or a failed run, reported in one line."""
 
 
+# the prefix of progress lines: "evaluate", or "evaluate 1/2" for process 1 of a job of 2
+_PREFIX = ["evaluate"]
+
+
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[evaluate]`` (above the progress bar when one
-    is drawn; nothing with ``--quiet``)."""
-    say("evaluate", msg)
+    """Print a progress line prefixed with ``[evaluate]`` (``[evaluate i/N]`` in process
+    ``i`` of a job of ``N``; above the progress bar when one is drawn; nothing with
+    ``--quiet``)."""
+    say(_PREFIX[0], msg)
 
 
 class ImageSet(NamedTuple):
@@ -238,6 +243,16 @@ def _cache_path(out: Path, image_set: ImageSet, encoder: Encoder) -> Path:
     return out / "features" / f"{image_set.name}-{key}" / f"{encoder.tag}.npz"
 
 
+def _part_paths(path: Path) -> list[Path]:
+    """The per-process caches of a multi-process job next to the cache ``path``
+    (``<encoder tag>.part-<i>.npz``), merged into ``path`` when the job ends."""
+    return sorted(path.parent.glob(f"{path.stem}.part-*.npz"))
+
+
+def _part_path(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.stem}.part-{index}.npz")
+
+
 def _read_cache(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -247,6 +262,14 @@ def _read_cache(path: Path) -> dict:
     except (OSError, ValueError, KeyError):
         log(f"ignoring an unreadable feature cache {path}")
         return {}
+
+
+def _read_caches(path: Path) -> dict:
+    """The cache ``path`` and the per-process caches a killed job left next to it."""
+    cached = _read_cache(path)
+    for part in _part_paths(path):
+        cached.update(_read_cache(part))
+    return cached
 
 
 def _write_cache(path: Path, entries: dict) -> None:
@@ -259,20 +282,33 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: int,
-                save_every: int = 20) -> tuple[np.ndarray, int]:  # fmt: skip
+                save_every: int = 20, procs: processes.Processes = processes.SINGLE,
+                ) -> tuple[np.ndarray, int]:  # fmt: skip
     """Features of every image of ``image_set`` (in its order), from the cache where the
-    image bytes are unchanged; returns ``(features, number computed now)``."""
+    image bytes are unchanged; returns ``(features, number computed now)``.
+
+    In a job of several processes (``procs``) this is a collective: process ``i`` encodes
+    the images ``k`` with ``k % N == i`` (from the cache where it can), keeps them in its
+    own cache file (``<encoder>.part-<i>.npz``, so a killed job resumes), and the features
+    and SHA-256s are gathered across the processes (padded to equal counts); process 0
+    then writes the merged cache and removes the parts. Every process returns all the
+    features.
+    """
     path = _cache_path(out, image_set, encoder)
-    cached = _read_cache(path)
-    rel = [str(f.relative_to(image_set.folder)) for f in image_set.files]
-    digests = [_digest(f) for f in image_set.files]
+    cached = _read_caches(path)
+    every = [str(f.relative_to(image_set.folder)) for f in image_set.files]
+    mine = processes.share(range(len(every)), procs)  # every index for a single process
+    files = [image_set.files[k] for k in mine]
+    rel = [every[k] for k in mine]
+    digests = [_digest(f) for f in files]
     entries = {r: cached[r] for r, d in zip(rel, digests) if r in cached and cached[r][0] == d}
     todo = [i for i, r in enumerate(rel) if r not in entries]
+    write_to = _part_path(path, procs.index) if procs.multi else path
     # images of one size share a batch (one compiled program per size); only the headers
     # are read here, the pixels batch by batch, so memory does not grow with the folder
     by_size: dict = {}
     for i in todo:
-        by_size.setdefault(_image_size(image_set.files[i]), []).append(i)
+        by_size.setdefault(_image_size(files[i]), []).append(i)
     batches = [ids[k : k + batch_size] for ids in by_size.values()
                for k in range(0, len(ids), batch_size)]  # fmt: skip
     t0 = time.perf_counter()
@@ -280,7 +316,7 @@ def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: in
     bar = progress_bar(total=len(todo), desc=f"{image_set.name} / {encoder.name}", unit="img")
     try:
         for b, ids in enumerate(batches):
-            feats = encoder.encode(np.stack([_load_rgb(image_set.files[i]) for i in ids]))
+            feats = encoder.encode(np.stack([_load_rgb(files[i]) for i in ids]))
             if not np.isfinite(feats).all():
                 raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or "
                                     f"inf (images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip
@@ -288,16 +324,47 @@ def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: in
                 entries[rel[i]] = (digests[i], f)
             bar.update(len(ids))
             if (b + 1) % save_every == 0 or b + 1 == len(batches):
-                _write_cache(path, entries)
+                _write_cache(write_to, entries)
                 if bar.disable:
                     count = sum(map(len, batches[: b + 1]))
                     log(f"{image_set.name} / {encoder.name}: {count}/{len(todo)} images "
                         f"encoded in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     finally:
         bar.close()
-    if not batches and set(entries) != set(cached):
-        _write_cache(path, entries)  # drop entries of images no longer in the folder
-    return np.stack([entries[r][1] for r in rel]), len(todo)
+    if not procs.multi:
+        parts = _part_paths(path)  # a killed job's: merged into this cache
+        if parts or (not batches and set(entries) != set(cached)):
+            _write_cache(path, entries)  # (and drop entries of images no longer there)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        return np.stack([entries[r][1] for r in rel]), len(todo)
+    feats, shas, computed = _gather_features(procs, every, [entries[r] for r in rel], len(todo))
+    if procs.lead:
+        _write_cache(path, {r: (s, f) for r, s, f in zip(every, shas, feats)})
+        for part in _part_paths(path):
+            part.unlink(missing_ok=True)
+    return feats, computed
+
+
+def _gather_features(procs, every: list, mine: list, computed: int):
+    """Every process's ``(sha256, feature)`` entries of its share into the order of
+    ``every``: counts and widths first, then the padded features and digests."""
+    width = len(mine[0][1]) if mine else 0
+    sizes = processes.gather(procs, np.asarray([len(mine), width, computed], np.int64))
+    rows, dim = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    feats = np.zeros((rows, dim), np.float32)
+    shas = np.zeros((rows, 32), np.uint8)
+    for m, (sha, f) in enumerate(mine):
+        feats[m] = f
+        shas[m] = np.frombuffer(bytes.fromhex(sha), np.uint8)
+    all_feats, all_shas = processes.gather(procs, feats), processes.gather(procs, shas)
+    out_feats = np.zeros((len(every), dim), np.float32)
+    out_shas = [""] * len(every)
+    for k in range(len(every)):  # image k is row k // N of process k % N
+        i, m = k % procs.num, k // procs.num
+        out_feats[k] = all_feats[i, m]
+        out_shas[k] = bytes(all_shas[i, m]).hex()
+    return out_feats, out_shas, int(sizes[:, 2].sum())
 
 
 def bootstrap_interval(values, num: int, seed: int) -> list[float] | None:
@@ -428,7 +495,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no progress messages; errors only (default: a "
                         "bar on a terminal, one line per cache write otherwise)")  # fmt: skip
+    processes.add_flags(p)
     args = p.parse_args(argv)
+    processes.from_args(args, p.error)
     args.encoder_list = [e.strip() for e in args.encoders.split(",") if e.strip()]
     unknown = [e for e in args.encoder_list if e not in ENCODERS]
     if unknown or not args.encoder_list:
@@ -469,7 +538,14 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Encode (or read back) every set's features and write the tables."""
+    """Encode (or read back) every set's features and write the tables.
+
+    In a job of several processes (``args.processes``, joined by :func:`main`) every
+    process encodes its share of each folder (:func:`features_of`), and process 0, which
+    then holds every feature, computes the metrics and writes the tables -- the same files
+    as a one-process run; the others return them once written.
+    """
+    procs = getattr(args, "processes", None) or processes.SINGLE
     out = Path(args.out)
     results: dict = {
         "settings": {"images": [str(s.folder) for s in args.sets],
@@ -488,7 +564,7 @@ def run(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     rows = []
     text = None
-    if args.clip_text is not None:
+    if args.clip_text is not None and procs.lead:
         prompts = sorted({p for s in args.sets for p in s.prompts if p is not None})
         if not prompts:
             raise EvaluateError("--clip-text: no folder records its prompts (metadata.json)")
@@ -499,11 +575,14 @@ def run(args: argparse.Namespace) -> dict:
         reference = None
         if args.ref_set is not None:
             reference, _ = features_of(args.ref_set, encoder, out, args.batch_size,
-                                       args.save_every)  # fmt: skip
+                                       args.save_every, procs)  # fmt: skip
         for s in args.sets:
-            feats, computed = features_of(s, encoder, out, args.batch_size, args.save_every)
+            feats, computed = features_of(s, encoder, out, args.batch_size, args.save_every,
+                                          procs)  # fmt: skip
             log(f"{s.name} / {e}: {len(feats)} features ({computed} encoded, "
                 f"{len(feats) - computed} from the cache)")  # fmt: skip
+            if not procs.lead:
+                continue
             if text is not None and e == "clip":
                 width = len(next(iter(text.values())))
                 if feats.shape[1] != width:
@@ -517,24 +596,53 @@ def run(args: argparse.Namespace) -> dict:
                                                         "encoders": {}})  # fmt: skip
             entry["encoders"][e] = m
             rows.append({"set": s.name, "method": s.method, "encoder": e, **m["pooled"]})
+    if not procs.lead:
+        processes.barrier(procs, "jaxdiv-evaluate-written")
+        return json.loads((out / "results.json").read_text())
     run_folder.write_json(out / "results.json", results)
     write_tables(out, rows)
     log(f"wrote {out / 'results.json'}, table.md, table.csv")
+    processes.barrier(procs, "jaxdiv-evaluate-written")
     return results
 
 
 def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
     """Run the command line: 0 on success, exit 2 for a refused input, 1 for a failure."""
     args = parse_args(argv, prog)
+    procs = args.processes
     try:
-        with run_folder.FolderLock(args.out), quiet(getattr(args, "quiet", False)):
-            run(args)
+        processes.initialize(procs)
+    except ValueError as err:
+        args._parser.error(str(err))
+    lock, failure = run_folder.FolderLock(args.out, processes.lock_name(procs)), None
+    try:
+        lock.acquire()
     except run_folder.FolderError as err:
-        args._parser.error(f"--out {err}")
+        failure = f"--out {err}"
+    job = {k: getattr(args, k) for k in ("encoder_list", "clip", "dinov2", "clip_text",
+                                         "batch_size", "save_every", "bootstrap", "seed")}
+    job.update(images=[str(s.folder) for s in args.sets], out=str(Path(args.out).resolve()),
+               reference=None if args.ref_set is None else str(args.ref_set.folder))  # fmt: skip
+    reason = processes.agree(procs, failure is None, processes.fingerprint(job))
+    if failure is not None or reason is not None:
+        lock.release()
+        return _fail(args, failure or reason, 2)
+    if procs.multi:
+        _PREFIX[0] = f"evaluate {procs.index}/{procs.num}"
+    try:
+        with quiet(getattr(args, "quiet", False)):
+            run(args)
     except EvaluateError as err:
-        print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        lock.release()
+        return _fail(args, str(err), 1)
+    finally:
+        _PREFIX[0] = "evaluate"
+        lock.release()
     return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    return processes.fail(args.processes, args._parser, message, code)
 
 
 if __name__ == "__main__":

@@ -77,14 +77,16 @@ import argparse
 import io
 import json
 import math
+import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments import run_folder
+from experiments import processes, run_folder
 from experiments.common import progress_bar, quiet, say  # no jax: parsing stays fast
 from experiments.run_folder import write_json
 
@@ -538,10 +540,15 @@ def load_pipeline(model: str, dtype: str = "float32", allow_pickle: bool = False
     return _LOADED[key]
 
 
+# the prefix of progress lines: "generate", or "generate 1/2" for process 1 of a job of 2
+_PREFIX = ["generate"]
+
+
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[generate]`` (above the progress bar when one
-    is drawn; nothing with ``--quiet``)."""
-    say("generate", msg)
+    """Print a progress line prefixed with ``[generate]`` (``[generate i/N]`` in process
+    ``i`` of a job of ``N``; above the progress bar when one is drawn; nothing with
+    ``--quiet``)."""
+    say(_PREFIX[0], msg)
 
 
 def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argparse.Namespace:
@@ -609,7 +616,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no progress messages; errors only (default: a "
                         "bar on a terminal, one line per batch otherwise)")  # fmt: skip
+    processes.add_flags(p)
     args = p.parse_args(argv)
+    processes.from_args(args, p.error)
     args.kind = pipeline_kind(args.model)
     runs, default_sampler, default_steps, default_cfg = KINDS[args.kind]
     if args.sampler is None:
@@ -780,6 +789,8 @@ def _runs_of(meta: dict) -> list:
     this = {
         k: meta.get(k) for k in ("timings_s", "generated_this_run", "skipped_this_run", "device")
     }
+    if "processes" in meta:  # a job of several processes: theirs
+        this["processes"] = meta["processes"]
     return list(meta.get("previous_runs", [])) + [this]
 
 
@@ -861,22 +872,49 @@ def _likely_cause(args, pipe) -> str:
     return "; ".join(causes)
 
 
+# the flags every process of a job must share (they decide the images and the folder)
+_JOB_KEYS = ("model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "eta",
+             "clean_endpoint", "s_churn", "karras", "n", "seed", "batch_size", "height",
+             "width", "dtype", "clip_skip", "allow_pickle", "method", "method_knobs")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate (or resume) the images; returns the metadata written to ``metadata.json``.
 
-    Holds ``--out``'s :class:`~experiments.run_folder.FolderLock` for the whole run.
+    Holds ``--out``'s :class:`~experiments.run_folder.FolderLock` for the whole run. In a
+    job of several processes (``args.processes``, :mod:`experiments.processes`) this joins
+    ``jax.distributed`` first, each process holds its own lock of ``--out`` and generates
+    its share of the batches; process 0 writes the settings before any image and the grid
+    and the final metadata once every image exists.
     """
+    procs = getattr(args, "processes", None) or processes.SINGLE
     try:
-        lock = run_folder.FolderLock(args.out).acquire()
+        processes.initialize(procs)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    lock, failure = run_folder.FolderLock(args.out, processes.lock_name(procs)), None
+    try:
+        lock.acquire()
     except run_folder.FolderError as err:
-        raise RunError(f"--out {err}") from err
+        failure = RunError(f"--out {err}")
+        if not procs.multi:
+            raise failure from err
+    job = {k: getattr(args, k, None) for k in _JOB_KEYS}
+    job["model"], job["out"] = str(Path(args.model).resolve()), str(Path(args.out).resolve())
+    reason = processes.agree(procs, failure is None, processes.fingerprint(job))
+    if failure is not None or reason is not None:
+        lock.release()
+        raise failure or RunError(reason)
+    if procs.multi:
+        _PREFIX[0] = f"generate {procs.index}/{procs.num}"
     try:
         with quiet(getattr(args, "quiet", False)):
             if lock.stale_owner:
                 pid, host = lock.stale_owner.get("pid"), lock.stale_owner.get("host")
                 log(f"took over the lock of an earlier run that is gone (pid {pid} on {host})")
-            return _run_locked(args)
+            return _run_locked(args, procs)
     finally:
+        _PREFIX[0] = "generate"
         lock.release()
 
 
@@ -914,8 +952,21 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
     return emb
 
 
-def _run_locked(args: argparse.Namespace) -> dict:
-    """The body of :func:`run`, with ``--out`` locked."""
+PROGRESS_DIR = "progress"  # per-process progress files of a multi-process job
+
+
+def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes.SINGLE) -> dict:
+    """The body of :func:`run`, with ``--out`` locked (by every process of the job).
+
+    Several processes: process ``i`` generates the batches ``k`` (prompt-major order)
+    with ``k % N == i``. Process 0 alone removes temp files and writes ``metadata.json``
+    (the settings, before the barrier after which the others write images), the grid and
+    the final metadata (after the barrier where every share is done); each process
+    records its own progress in ``progress/process-<i>.json``. SPELL's automatic radii are
+    computed by the processes in turn (prompt ``j`` by process ``j % N``) and gathered, so
+    every process uses the same values. Every collective below is reached by every process
+    in the same order, whatever the state of the folder.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -923,9 +974,12 @@ def _run_locked(args: argparse.Namespace) -> dict:
     from jaxdiv import guidance, recipes
 
     out = Path(args.out)
-    leftovers = run_folder.remove_temporaries(out) + run_folder.remove_temporaries(out / "images")
-    if leftovers:
-        log(f"removed {len(leftovers)} partial files of an interrupted run")
+    multi, lead = procs.multi, procs.lead
+    if lead:  # the other processes of a job write nothing before the "settings" barrier
+        leftovers = run_folder.remove_temporaries(out) + run_folder.remove_temporaries(
+            out / "images") + run_folder.remove_temporaries(out / PROGRESS_DIR)  # fmt: skip
+        if leftovers:
+            log(f"removed {len(leftovers)} partial files of an interrupted run")
     settings = {
         "model": str(Path(args.model).resolve()),
         "prompts": list(args.prompt),
@@ -951,14 +1005,24 @@ def _run_locked(args: argparse.Namespace) -> dict:
     files = [
         [out / "images" / image_name(j, i) for i in range(args.n)] for j in range(len(args.prompt))
     ]
+    bs = args.batch_size
+    n_batches = math.ceil(args.n / bs)
+    jobs = [(j, b) for j in range(len(args.prompt)) for b in range(n_batches)]
+    mine = processes.share(jobs, procs)  # every job for a single process
+    # this process's images (all of them for a single process)
+    my_files = [files[j][i] for j, b in mine for i in range(b * bs, min((b + 1) * bs, args.n))]
     if previous is not None:
         old = previous["settings"]
         size = (old["width"], old["height"]) if old.get("width") and old.get("height") else None
-        _verify_images(files, size)
-    if previous is not None and all(f.is_file() for row in files for f in row):
+        _verify_images([my_files], size)
+    finished = previous is not None and all(f.is_file() for f in my_files)
+    if processes.all_true(procs, finished):
         # nothing to generate: no need to load the model
-        grid = write_grid(out, files)
-        log(f"all {args.n * len(args.prompt)} images already in {out / 'images'}; wrote {grid}")
+        if lead:
+            grid = write_grid(out, files)
+            log(f"all {args.n * len(args.prompt)} images already in {out / 'images'}; wrote "
+                f"{grid}")  # fmt: skip
+        processes.barrier(procs, "jaxdiv-generate-finished")
         return previous
 
     t0 = time.perf_counter()
@@ -966,7 +1030,6 @@ def _run_locked(args: argparse.Namespace) -> dict:
     try:
         pipe = load_pipeline(args.model, args.dtype, args.allow_pickle, args.clip_skip)
         load_s = time.perf_counter() - t0
-        bs = args.batch_size
         shape = pipe.noise_shape(bs, args.height, args.width)
     # CheckpointError is a ValueError; a wrongly typed config value is a TypeError
     except (ValueError, TypeError) as err:
@@ -1018,16 +1081,13 @@ def _run_locked(args: argparse.Namespace) -> dict:
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     root_key = jax.random.key(args.seed)
-    n_batches = math.ceil(args.n / bs)
-    jobs = [(j, b) for j in range(len(args.prompt)) for b in range(n_batches)]
-    total = len(args.prompt) * args.n
-    done = sum(
-        (img_dir / image_name(j, i)).is_file()
-        for j in range(len(args.prompt))
-        for i in range(args.n)
-    )
+    # the whole run's images, and this process's (the same for a single process)
+    total_all = len(args.prompt) * args.n
+    done_all = sum(f.is_file() for row in files for f in row)
+    total, done = len(my_files), sum(f.is_file() for f in my_files)
     if done:
-        log(f"resuming: {done}/{total} images already in {img_dir}")
+        what = f"of this process's {total}" if multi else f"/{total}"
+        log(f"resuming: {done}{' ' * multi}{what} images already in {img_dir}")
     batch_times, generated, skipped = [], 0, 0
 
     def batch_noise(b):
@@ -1047,7 +1107,8 @@ def _run_locked(args: argparse.Namespace) -> dict:
     # values derived from the settings (SPELL's auto radius): kept from an earlier run
     resolved = dict((previous or {}).get("method_resolved", {}))
     text_embs, null_pool = None, None
-    if method == "tpso" and args.cfg != 1.0 and done < total:
+    # a job's process 0 builds TPSO's pool before the others start; they read it back
+    if method == "tpso" and args.cfg != 1.0 and lead and done_all < total_all:
         null_pool = tpso_null_pool(pipe, knobs, jax.random.fold_in(root_key, 3_000_017),
                                    out / "tpso_null_pool.npz", log)  # fmt: skip
     if method == "gass":
@@ -1072,7 +1133,8 @@ def _run_locked(args: argparse.Namespace) -> dict:
                 )
             radii[str(j)] = r
             log(f"--spell-radius auto for prompt {j + 1}: {r:.6g}")
-            write_json(out / "metadata.json", meta)
+            if not multi:  # a job records the radii once they are gathered
+                write_json(out / "metadata.json", meta)
         return radii[str(j)]
 
     meta = {
@@ -1086,7 +1148,7 @@ def _run_locked(args: argparse.Namespace) -> dict:
         },
         "sampler": {"name": sampler.name, "nfe": sampler.nfe, "times": sampler.times.tolist()},
         "versions": {"jaxdiv": jaxdiv.__version__, "jax": jax.__version__},
-        "device": str(jax.devices()[0]),
+        "device": str(jax.local_devices()[0]),
         "noise": "image i of every prompt: normal(fold_in(key(seed), i), latent_shape)",
         "timings_s": {"load": load_s, "batches": batch_times},
         "previous_runs": [] if previous is None else _runs_of(previous),
@@ -1104,12 +1166,43 @@ def _run_locked(args: argparse.Namespace) -> dict:
         },
         "method_resolved": resolved,
     }
+    if multi:
+        meta["images_done"] = done_all
+        meta["processes"] = {"num_processes": procs.num, "coordinator": procs.coordinator,
+                             "share": "process i generates the batches k (prompt-major) "
+                                      "with k % num_processes == i"}  # fmt: skip
     # the settings reach the disk before the first image: a rerun of this command resumes
-    write_json(out / "metadata.json", meta)
+    if lead:
+        write_json(out / "metadata.json", meta)
+    processes.barrier(procs, "jaxdiv-generate-settings")
+    if multi and not lead:
+        check_existing(out, settings)  # process 0's metadata.json: the same settings
+        if method == "tpso" and args.cfg != 1.0 and done < total:
+            null_pool = tpso_null_pool(pipe, knobs, jax.random.fold_in(root_key, 3_000_017),
+                                       out / "tpso_null_pool.npz", log)  # fmt: skip
+    if multi and method == "spell" and knobs["radius"] == "auto":
+        _share_spell_radii(procs, resolved, len(args.prompt), spell_radius)
+        if lead:
+            write_json(out / "metadata.json", meta)
+    progress_file = out / PROGRESS_DIR / f"process-{procs.index}.json"
+    record = {"process_id": procs.index, "num_processes": procs.num, "pid": os.getpid(),
+              "host": socket.gethostname(), "device": str(jax.local_devices()[0]),
+              "batches": len(mine), "images": total, "images_done": done,
+              "timings_s": {"load": load_s, "batches": batch_times}}  # fmt: skip
+
+    def save_progress(done):
+        if multi:
+            record["images_done"] = done
+            record.update(generated_this_run=generated, skipped_this_run=skipped)
+            write_json(progress_file, record)
+        else:
+            meta["images_done"] = done
+            write_json(out / "metadata.json", meta)
+
     # a bar on a terminal (images, rate, time left); else the one-line messages below
     bar = progress_bar(total=total, initial=done, desc="generate", unit="img")
     try:
-        for k, (j, b) in enumerate(jobs):
+        for k, (j, b) in enumerate(mine):
             idx = list(range(b * bs, (b + 1) * bs))
             wanted = [i for i in idx if i < args.n]
             missing = [i for i in wanted if not (img_dir / image_name(j, i)).is_file()]
@@ -1148,8 +1241,7 @@ def _run_locked(args: argparse.Namespace) -> dict:
                                            guidance=g, trace=True)  # fmt: skip
                     return traced.trace, rows
 
-                meta["images_done"] = done + len([i for i in missing if i not in bad])
-                write_json(out / "metadata.json", meta)
+                save_progress(done + len([i for i in missing if i not in bad]))
                 names = [f"images/{image_name(j, i)}" for i in bad]
                 raise NonFiniteError(
                     _non_finite_report(args, pipe, names, rerun_traced, not finite_lat[rows].all())
@@ -1161,7 +1253,7 @@ def _run_locked(args: argparse.Namespace) -> dict:
             note = (
                 " (includes compilation)"
                 if len(batch_times) == 1
-                else f", ETA <= {dt * (len(jobs) - k - 1):.0f} s"
+                else f", ETA <= {dt * (len(mine) - k - 1):.0f} s"
             )
             bar.set_postfix_str(f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}",
                                 refresh=False)  # fmt: skip
@@ -1171,24 +1263,77 @@ def _run_locked(args: argparse.Namespace) -> dict:
                     f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}: "
                     f"{len(missing)} images in {dt:.1f} s{note}; {done}/{total} done"
                 )
-            meta["images_done"] = done
-            write_json(out / "metadata.json", meta)
+            save_progress(done)
     finally:
         bar.close()
 
+    if multi:
+        save_progress(done)
+        processes.barrier(procs, "jaxdiv-generate-generated")  # every share is done
+        if not lead:
+            processes.barrier(procs, "jaxdiv-generate-finished")
+            return json.loads((out / "metadata.json").read_text())
+        _merge_progress(out, meta, procs, files)
     grid = write_grid(out, files)
     meta["images"] = [
         {"file": f"images/{image_name(j, i)}", "prompt_index": j, "prompt": p, "image_index": i}
         for j, p in enumerate(args.prompt)
         for i in range(args.n)
     ]
-    meta["images_done"] = total
+    meta["images_done"] = total_all
+    if multi:
+        generated = sum(r.get("generated_this_run", 0) for r in meta["processes"]["runs"])
+        skipped = sum(r.get("skipped_this_run", 0) for r in meta["processes"]["runs"])
     meta["generated_this_run"] = generated
     meta["skipped_this_run"] = skipped
     meta["grid"] = grid.name
     write_json(out / "metadata.json", meta)
+    if multi:
+        for f in sorted((out / PROGRESS_DIR).glob("process-*.json")):
+            f.unlink(missing_ok=True)
+        try:
+            (out / PROGRESS_DIR).rmdir()
+        except OSError:  # not empty: files that are not ours
+            pass
     log(f"wrote {grid} and {out / 'metadata.json'} ({generated} new, {skipped} skipped)")
+    processes.barrier(procs, "jaxdiv-generate-finished")
     return meta
+
+
+def _share_spell_radii(procs, resolved: dict, n_prompts: int, spell_radius) -> None:
+    """SPELL's automatic radius of every prompt, the same in every process of a job:
+    prompt ``j`` lacking one is computed by process ``j % N`` (:func:`spell_radius`), and
+    the values are gathered (as exact float64 bytes) into ``resolved``."""
+    radii = resolved.setdefault("spell_radius", {})
+    values = np.full(n_prompts, np.nan)
+    for j in range(n_prompts):
+        if str(j) in radii:
+            values[j] = radii[str(j)]
+        elif j % procs.num == procs.index:
+            values[j] = spell_radius(j)
+    got = processes.gather(procs, values)
+    for j in range(n_prompts):
+        finite = [float(v) for v in got[:, j] if np.isfinite(v)]
+        if not finite or len(set(finite)) != 1:
+            raise RunError(f"--spell-radius auto: the processes disagree on prompt {j}'s "
+                           f"radius ({finite})")  # fmt: skip
+        radii[str(j)] = finite[0]
+
+
+def _merge_progress(out: Path, meta: dict, procs, files) -> None:
+    """Process 0, once every share is done: the progress files of the job's processes
+    into ``meta["processes"]["runs"]``; RunError when an image is still missing."""
+    runs = []
+    for i in range(procs.num):
+        try:
+            runs.append(json.loads((out / PROGRESS_DIR / f"process-{i}.json").read_text()))
+        except (OSError, ValueError):
+            runs.append({"process_id": i, "note": "no progress file"})
+    meta["processes"]["runs"] = runs
+    missing = [f"images/{f.name}" for row in files for f in row if not f.is_file()]
+    if missing:
+        raise RunError(f"{len(missing)} images are missing after every process finished "
+                       f"(e.g. {missing[0]})")  # fmt: skip
 
 
 def main(argv=None, prog: str = "python -m experiments.generate") -> int:
@@ -1199,19 +1344,18 @@ def main(argv=None, prog: str = "python -m experiments.generate") -> int:
     try:
         run(args)
     except RunError as err:
-        args._parser.error(str(err))
+        _fail(args, str(err), 2)
     except NonFiniteError as err:
-        print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return _fail(args, str(err), 1)
     except OSError as err:  # disk full, permissions changed mid-run, ...
-        print(
-            f"{args._parser.prog}: error: {err} (finished images are kept; rerun the same "
-            "command to resume)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(args, f"{err} (finished images are kept; rerun the same command to "
+                           "resume)", 1)  # fmt: skip
     return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    procs = getattr(args, "processes", None) or processes.SINGLE
+    return processes.fail(procs, args._parser, message, code)
 
 
 if __name__ == "__main__":

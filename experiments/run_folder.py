@@ -298,6 +298,9 @@ class FolderLock:
     other host, holds the folder; a dead pid on this host is stale. :meth:`release`
     deletes the file.
 
+    ``name`` is the lock file's name: the processes of one multi-process job each take
+    their own (:func:`experiments.processes.lock_name`; process 0 takes ``.run.lock``).
+
     Attributes:
         folder: the locked folder.
         path: the lock file.
@@ -318,9 +321,9 @@ class FolderLock:
         True
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, name: str = LOCK_NAME):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.stale_owner: dict | None = None
         self._fd: int | None = None
 
