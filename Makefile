@@ -15,7 +15,7 @@ TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # no persistent XLA compilation cache: it saved no measurable time, and workers crashed
 # (SIGSEGV) inside its executable serialisation (jax compilation_cache.put_executable_and_time)
 
-.PHONY: demo test lint bench docs notebooks clean-venv
+.PHONY: demo toy-suite test lint bench docs notebooks figures clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -e ".[dev,sd,parity,docs]" -c constraints.txt
 	touch $(STAMP)
 
+# every diversity method on the ring toy, same noise: a figure, a table and a JSON (results/demo)
 demo: $(STAMP)
+	$(PY) -m experiments.demo
+
+# the samplers against exact toy distributions (results/toy_suite)
+toy-suite: $(STAMP)
 	$(PY) -m experiments.toy_suite
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules --doctest-glob=README.md tests notebooks jaxdiv toy README.md
+	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 --nbmake --doctest-modules --doctest-glob='*.md' tests notebooks jaxdiv toy README.md docs/guide
 
 # re-execute the notebooks in place so their stored outputs and figures are current
 notebooks: $(STAMP)
 	$(TEST_ENV) $(PY) -m experiments.notebooks
+
+# the README's figures, re-created from their experiment scripts into docs/*.png
+figures: $(STAMP)
+	$(TEST_ENV) $(PY) -m experiments.figures
 
 # the API reference from the docstrings, warning-free (-W), into docs/_build/html
 docs: $(STAMP)

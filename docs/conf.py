@@ -18,7 +18,11 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "myst_parser",  # the guide pages are Markdown (moved out of the README)
 ]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+# the guide's headings are Markdown titles, not cross-reference targets
+myst_heading_anchors = 3
 # docstrings are Google style: Args / Returns / Raises / Example sections
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

@@ -1,6 +1,6 @@
 """The toy suite behind `make demo`: every sampler on an exact GMM and on two moons.
 
-    python -m experiments.toy_suite [--out results/demo] [--n 4096]
+    python -m experiments.toy_suite [--out results/toy_suite] [--n 4096]
 
 Writes PNG scatter plots and ``toy_suite.json`` (energy distance to true samples, mean
 log-likelihood under the true density, NFE, wall time) under ``--out`` and prints a table.
@@ -76,7 +76,7 @@ def scatter_grid(results, ref, title, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/demo")
+    ap.add_argument("--out", default="results/toy_suite")
     ap.add_argument("--n", type=int, default=4096)
     args = ap.parse_args(argv)
     out = Path(args.out)

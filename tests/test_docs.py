@@ -79,3 +79,25 @@ def test_every_public_function_has_a_runnable_example():
             if inspect.isfunction(obj) and ">>>" not in (inspect.getdoc(obj) or ""):
                 lacking.append(f"{name}.{attr}")
     assert not lacking, f"public functions without a runnable example: {lacking}"
+
+
+def test_readme_and_guide_links_point_at_files_that_exist():
+    """Relative links and images of the README and the guide resolve (anchors aside)."""
+    broken = []
+    pages = [ROOT / "README.md", *sorted((DOCS / "guide").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_readme_figures_are_small():
+    images = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", (ROOT / "README.md").read_text())
+    assert len(images) >= 3, images
+    for image in images:
+        size_kb = (ROOT / image).stat().st_size / 1024
+        assert size_kb < 250, f"{image}: {size_kb:.0f} KB"
