@@ -378,10 +378,12 @@ def bootstrap_interval(values, num: int, seed: int) -> list[float] | None:
 
 
 def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encoder: str,
-                bootstrap: int, seed: int, text: dict | None = None) -> dict:  # fmt: skip
+                bootstrap: int, seed: int, text: dict | None = None,
+                prdc_k: int = 5) -> dict:  # fmt: skip
     """Per-prompt diversity (and, given ``text`` = {prompt: CLIP text embedding}, CLIP
     score and SPP), pooled means with bootstrap intervals, and the fidelity metrics
-    against ``reference`` features."""
+    against ``reference`` features (PRDC with ``prdc_k`` neighbours, when both sets have
+    more than ``prdc_k`` images)."""
     import jax
     import jax.numpy as jnp
 
@@ -418,8 +420,8 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
         size = min(len(feats), len(reference), 1000)
         k = metrics.kid(feats, reference, subset_size=size, key=jax.random.key(seed))
         pooled["kid_mean"], pooled["kid_std"] = float(k.mean), float(k.std)
-        if min(len(feats), len(reference)) > 5:
-            pr = metrics.prdc(reference, feats, k=5)
+        if min(len(feats), len(reference)) > prdc_k:
+            pr = metrics.prdc(reference, feats, k=prdc_k)
             pooled.update(precision=float(pr.precision), recall=float(pr.recall),
                           density=float(pr.density), coverage=float(pr.coverage))  # fmt: skip
         if encoder == "clip":
@@ -490,6 +492,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
                    help="batches between writes of the feature cache (default: 20)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples of the 95%% intervals, 0 = none (default: 1000)")
+    p.add_argument("--prdc-k", type=int, default=5,
+                   help="neighbours defining the PRDC balls (default: 5, the value of Naeem "
+                        "et al. 2020 and dgm-eval)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the bootstrap, KID subsets and SPP directions (default: 0)")
     p.add_argument("--quiet", action="store_true",
@@ -517,6 +522,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
     for name in ("batch_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prdc_k < 1:
+        p.error(f"--prdc-k must be >= 1, got {args.prdc_k}")
     if args.bootstrap < 0:
         p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if not 0 <= args.seed < 2**32:
@@ -552,14 +559,14 @@ def run(args: argparse.Namespace) -> dict:
                      "reference": None if args.ref_set is None else str(args.ref_set.folder),
                      "encoders": {e: str(Path(getattr(args, e)).resolve())
                                   for e in args.encoder_list},
-                     "bootstrap": args.bootstrap, "seed": args.seed},
+                     "bootstrap": args.bootstrap, "seed": args.seed, "prdc_k": args.prdc_k},
         "notes": {"vendi": "cosine kernel, q = 1, per prompt; vendi_all over all images",
                   "ci95": "percentile bootstrap over prompts of the per-prompt mean",
                   "kid": "unbiased cubic-polynomial MMD^2, subsets of min(n, n_ref, 1000); "
                          "two independent samples of one distribution give 0 on average, a "
                          "set against itself a negative value of order 1 / n",
                   "cmmd": "CLIP features, RBF sigma 10, x1000 (biased)",
-                  "prdc": "k = 5, reference = real"},
+                  "prdc": f"k = {args.prdc_k}, reference = real"},
         "sets": {},
     }  # fmt: skip
     rows = []
@@ -590,7 +597,7 @@ def run(args: argparse.Namespace) -> dict:
                                         f"the --clip image features are {feats.shape[1]} wide: "
                                         "use the two towers of one CLIP model")  # fmt: skip
             m = set_metrics(feats, s.prompts, reference, e, args.bootstrap, args.seed,
-                            text if e == "clip" else None)  # fmt: skip
+                            text if e == "clip" else None, prdc_k=args.prdc_k)  # fmt: skip
             entry = results["sets"].setdefault(s.name, {"folder": str(s.folder),
                                                         "method": s.method, "knobs": s.knobs,
                                                         "encoders": {}})  # fmt: skip
@@ -620,7 +627,8 @@ def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
     except run_folder.FolderError as err:
         failure = f"--out {err}"
     job = {k: getattr(args, k) for k in ("encoder_list", "clip", "dinov2", "clip_text",
-                                         "batch_size", "save_every", "bootstrap", "seed")}
+                                         "batch_size", "save_every", "bootstrap", "seed",
+                                         "prdc_k")}
     job.update(images=[str(s.folder) for s in args.sets], out=str(Path(args.out).resolve()),
                reference=None if args.ref_set is None else str(args.ref_set.folder))  # fmt: skip
     reason = processes.agree(procs, failure is None, processes.fingerprint(job))

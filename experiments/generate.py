@@ -1249,6 +1249,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             dt = time.perf_counter() - t1
             batch_times.append(dt)
             generated += len(missing)
+            skipped += len(wanted) - len(missing)  # a batch cut short by a kill: its survivors
             done += len(missing)
             note = (
                 " (includes compilation)"

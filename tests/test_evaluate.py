@@ -152,6 +152,9 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     assert evaluate.main(_argv(encoders, folders, out)) == 0
     res = json.loads((out / "results.json").read_text())
     first = {f: (out / f).read_bytes() for f in ("results.json", "table.md", "table.csv")}
+    assert evaluate.main(_argv(encoders, folders, tmp_path / "k1", "--prdc-k", "1")) == 0
+    one = json.loads((tmp_path / "k1" / "results.json").read_text())
+    assert one["settings"]["prdc_k"] == 1 and res["settings"]["prdc_k"] == 5
     for enc in ("clip", "dinov2"):
         d = res["sets"]["diverse"]["encoders"][enc]["pooled"]
         c = res["sets"]["collapsed"]["encoders"][enc]["pooled"]
@@ -177,6 +180,14 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         per = res["sets"]["collapsed"]["encoders"][enc]["per_prompt"]
         assert [p["prompt"] for p in per] == list(PROMPTS) and all(p["n"] == N for p in per)
         assert all(p["vendi"] <= N / 2 + 1e-3 for p in per)  # two distinct images of four
+        # the recall / coverage of the collapse, exactly, with --prdc-k 1 (below): every
+        # collapsed image's ball has radius 0 (its duplicate), so no real image lies
+        # strictly inside one (recall 0); the real images it copies contain their copy, and
+        # no other real ball reaches strictly past its own nearest neighbour (coverage 1/2)
+        d1 = one["sets"]["diverse"]["encoders"][enc]["pooled"]
+        c1 = one["sets"]["collapsed"]["encoders"][enc]["pooled"]
+        assert (d1["recall"], d1["coverage"], d1["precision"]) == (1.0, 1.0, 1.0)
+        assert (c1["recall"], c1["coverage"], c1["precision"]) == (0.0, 0.5, 1.0)
     assert abs(res["sets"]["diverse"]["encoders"]["clip"]["pooled"]["cmmd"]) < 1e-3
     assert res["sets"]["collapsed"]["method"] == "none"
     assert "| collapsed | none | dinov2 |" in first["table.md"].decode()

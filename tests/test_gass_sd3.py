@@ -18,8 +18,8 @@ import pytest
 import jaxdiv
 from jaxdiv import guidance, metrics
 from jaxdiv.pipelines import stable_diffusion_3 as sd3
-from jaxdiv.pipelines.generation import gass_encoder
-from jaxdiv.testing import example_sd3_pipeline
+from jaxdiv.pipelines.generation import gass_encoder, gass_setup
+from jaxdiv.testing import example_pipeline, example_sd3_pipeline
 
 
 def _public_x0(x_t, v, s):
@@ -68,24 +68,31 @@ def test_exact_flow_unperturbed_round_trip_is_identity_only_with_the_flow_formul
         assert float(jnp.abs(drift).max()) > 0.02 * float(jnp.abs(v).max()), t
 
 
-def test_gass_through_the_sd3_pipeline_raises_spp(pipe, tmp_path):
-    """VAE-16 decode -> CLIP preprocessing -> CLIP vision (CLIP-L's projection width) on the
-    SD3 pipeline's flow ``x0_hat``: GASS raises SPP of the batch's CLIP embeddings over the
-    unguided run with the same noise, and a new learning rate does not recompile. The text
-    embedding is CLIP-L's own projected ``text_embeds`` (the first part of SD3's pooled
-    vector), as ``experiments.generate`` uses on SD3."""
+@pytest.fixture(scope="module")
+def with_vision(pipe, tmp_path_factory):
+    """The tiny SD3 pipeline with a CLIP vision tower of CLIP-L's projection width, and
+    CLIP-L's unit projected text embedding of the prompt."""
     import transformers
 
     from jaxdiv.testing import TINY_VISION
 
     width = pipe.configs["text_encoder"]["projection_dim"]
-    vision = tmp_path / "vision"
+    vision = tmp_path_factory.mktemp("vision")
     config = transformers.CLIPVisionConfig(**dict(TINY_VISION, projection_dim=width))
     transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision)
     p = sd3.load(pipe.path, image_encoder=vision)
-    enc = gass_encoder(p)
     text = p.encode_prompt(p.tokenize(["a photo of a cat"])).pooled[0, :width]
-    text = text / jnp.linalg.norm(text)
+    return p, text / jnp.linalg.norm(text)
+
+
+def test_gass_through_the_sd3_pipeline_raises_spp(with_vision):
+    """VAE-16 decode -> CLIP preprocessing -> CLIP vision (CLIP-L's projection width) on the
+    SD3 pipeline's flow ``x0_hat``: GASS raises SPP of the batch's CLIP embeddings over the
+    unguided run with the same noise, and a new learning rate does not recompile. The text
+    embedding is CLIP-L's own projected ``text_embeds`` (the first part of SD3's pooled
+    vector), as ``experiments.generate`` uses on SD3."""
+    p, text = with_vision
+    enc = gass_encoder(p)
     b = 6
     noise = jax.random.normal(jax.random.key(1), p.noise_shape(b))
     cond = p.encode_prompt(p.tokenize(["a photo of a cat"] * b))
@@ -107,3 +114,26 @@ def test_gass_through_the_sd3_pipeline_raises_spp(pipe, tmp_path):
            for lr in (0.003, 0.01)]  # fmt: skip
     assert jaxdiv.compile_count() - before == 1
     assert base < got[0] < got[1], (base, got)
+
+
+def test_public_code_setup_acts_at_step_indices_1_to_10(with_vision):
+    """``gass_setup(..., "public_code")``: flow Euler 28 steps, CFG 7.0, 512 px, and GASS
+    active exactly where ``sd3_gass_sampling.py`` line 283 intervenes
+    (``t_idx > 0 and t_idx <= 10``), its Adam (on pixels, then VAE re-encoding) never
+    raising the SPP loss it starts from."""
+    p, text = with_vision
+    s = gass_setup(p, text, "public_code", batch=2, num_directions=3)
+    assert (s.sampler.num_steps, s.cfg, s.height, s.width) == (28, 7.0, 512, 512)
+    g = p.generate("a photo of a cat", 2, key=jax.random.key(0), method=s.method,
+                   sampler=s.sampler, cfg=s.cfg, trace=True)  # tiny size, not 512 px
+    active = np.asarray(g.output.trace.active["gass"])
+    assert np.flatnonzero(active).tolist() == list(range(1, 11))
+    info = g.output.trace.info["gass"]
+    before, after = np.asarray(info.loss_before)[active], np.asarray(info.loss_after)[active]
+    assert np.all(after <= before + 1e-6) and np.all(np.isfinite(np.asarray(g.images)))
+    paper = gass_setup(p, text, "paper", num_directions=3)
+    assert (paper.sampler.num_steps, paper.cfg, paper.height) == (28, 7.0, None)
+    with pytest.raises(ValueError, match="SD3-only"):
+        gass_setup(example_pipeline(image_encoder=True), jnp.ones(16) / 4, "public_code")
+    with pytest.raises(ValueError, match="setup must be one of"):
+        gass_setup(p, text, "public")

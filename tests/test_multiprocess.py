@@ -5,10 +5,10 @@ Two processes with 4 host CPU devices each, on localhost (gloo CPU collectives),
 tiny random SD pipeline (16x16, 2 DDIM steps), compared byte for byte with a
 one-process run made in this process:
 
-* the union of the two processes' images, and the grid, equal the one-process run's;
 * one process SIGKILL-ed mid-run (and the job with it, as a launcher would), then the
   job rerun with the same flags: each process regenerates only the missing part of its
-  own share, and the images equal the one-process run's;
+  own share, and the union of the two processes' images, the grid and the settings equal
+  the one-process run's;
 * evaluate over two processes writes the same results.json, table.md and table.csv (and
   feature cache) as one process;
 * bad values of the flags (and of their environment variables) are refused in one line
@@ -122,23 +122,6 @@ def reference(model, tmp_path_factory):
     return out
 
 
-def test_two_processes_write_the_images_of_one(model, reference, tmp_path):
-    out = tmp_path / "job"
-    results = finish(start_job("experiments.generate", gen_argv(model, out)))
-    for code, _, err in results:
-        assert code == 0, err
-    assert images(out) == images(reference)
-    assert (out / "grid.png").read_bytes() == (reference / "grid.png").read_bytes()
-    meta = json.loads((out / "metadata.json").read_text())
-    assert meta["settings"] == json.loads((reference / "metadata.json").read_text())["settings"]
-    runs = meta["processes"]["runs"]
-    assert [r["process_id"] for r in runs] == [0, 1]
-    assert [r["generated_this_run"] for r in runs] == [N, N]  # half of 2 x N each
-    assert meta["generated_this_run"] == 2 * N and len(meta["images"]) == 2 * N
-    assert "[generate 1/2] prompt 1/2 batch 2/4" in results[1][1]  # process 1: odd batches
-    assert clean(out)
-
-
 def test_killed_process_resumes_its_own_share(model, reference, tmp_path):
     out = tmp_path / "killed"
     job = start_job("experiments.generate", gen_argv(model, out))
@@ -158,12 +141,19 @@ def test_killed_process_resumes_its_own_share(model, reference, tmp_path):
     results = finish(start_job("experiments.generate", gen_argv(model, out)))
     for code, _, err in results:
         assert code == 0, err
+    # the union of the two shares is the one-process run: images, grid and settings
     assert images(out) == ref
-    runs = json.loads((out / "metadata.json").read_text())["processes"]["runs"]
+    assert (out / "grid.png").read_bytes() == (reference / "grid.png").read_bytes()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["settings"] == json.loads((reference / "metadata.json").read_text())["settings"]
+    runs = meta["processes"]["runs"]
+    assert [r["process_id"] for r in runs] == [0, 1] and len(meta["images"]) == 2 * N
     for i, r in enumerate(runs):
         left = share_of(i) - first  # what process i had still to do: that, and no more
         assert r["generated_this_run"] == len(left), (i, r)
         assert r["skipped_this_run"] == len(share_of(i)) - len(left)
+    assert meta["generated_this_run"] == 2 * N - len(first)
+    assert "[generate 1/2] " in results[1][1] and "[generate 0/2] " in results[0][1]
     assert "resuming: " in results[1][1] and "of this process's 8 images" in results[1][1]
     assert "took over the lock of an earlier run" in results[1][1]
     assert clean(out)

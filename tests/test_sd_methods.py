@@ -79,10 +79,13 @@ def test_cads_with_zero_noise_is_the_unguided_run(pipe, noise):
 def test_interval_guidance_on_every_level_is_cfg(pipe, noise):
     sampler = pipe.ddim(6)
     base = np.asarray(_run(pipe, noise, sampler).latents)
-    full = _run(pipe, noise, sampler, guidance.interval(CFG, 0.0, 1e9, pipe.null_cond))
+    before = jaxdiv.compile_count()
+    runs = [_run(pipe, noise, sampler, guidance.interval(CFG, lo, hi, pipe.null_cond),
+                 trace=True) for lo, hi in ((0.0, 1e9), (0.5, 5.0))]  # fmt: skip
+    assert jaxdiv.compile_count() - before == 1  # the interval is a traced leaf
+    full, part = runs
     np.testing.assert_allclose(full.latents, base, rtol=1e-6, atol=1e-6 * np.abs(base).max())
-    part = _run(pipe, noise, sampler, guidance.interval(CFG, 0.5, 5.0, pipe.null_cond),
-                trace=True)
+    assert np.asarray(full.output.trace.active["interval"]).all()
     active = np.asarray(part.output.trace.active["interval"])
     assert active.any() and not active.all()
 

@@ -70,6 +70,8 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
     assert list(res["methods"]) == sd_only
     assert res["methods"]["spell"]["knobs"] == {"radius": "auto", "overcompensation": 1.6}
     assert res["methods"]["gass"]["knobs"]["projection"] == str(projection.resolve())
+    for method in ("cads", "interval"):  # the paper defaults
+        assert res["methods"][method]["knobs"] == generate.method_knobs(method, {}, str(model))
     assert res["methods"]["tpso"]["knobs"]["null_pool"] == 3
     assert res["methods"]["gass"]["knobs"]["max_iters"] == 3
     with np.load(out / "tpso_null_pool.npz") as f:
@@ -132,14 +134,14 @@ def test_sd_methods_bad_values_fail_before_the_model_loads(
 
 # -- experiments.generate --method --------------------------------------------------------
 
-# method -> (its flags, a changed knob that must be refused on resume)
+# method -> (its flags, a changed knob that must be refused on resume). The resume and
+# refusal machinery is one code path for every method: one uncoupled method, two coupled
+# ones (one with a required knob) and TPSO's null pool; cads, interval and gass run
+# through the same generate.method_term in test_sd_methods_runs_every_method_end_to_end
 METHOD_RUNS = {
     "none": ([], ["--method", "cads"]),
     "spell": ([], ["--spell-overcompensation", "1.5"]),
     "particle": (["--pg-strength", "100"], ["--pg-strength", "50"]),
-    "cads": ([], ["--cads-noise-scale", "0.1"]),
-    "interval": ([], ["--interval-lo", "0.1"]),
-    "gass": (["--clip-projection", "{proj}", "--gass-max-iters", "3"], ["--gass-r-dep", "0.05"]),
     "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "3"], ["--tpso-kappa", "0.7"]),
 }
 
@@ -165,11 +167,11 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
     meta = json.loads((out / "metadata.json").read_text())
     knobs = meta["settings"]["method_knobs"]
     assert meta["settings"]["method"] == method
-    if method in ("none", "spell", "cads", "interval"):  # the paper defaults
+    if method in ("none", "spell"):  # the paper defaults
         assert knobs == generate.method_knobs(method, {}, str(model))
     if method == "spell":
         assert meta["method_resolved"]["spell_radius"]["0"] > 0
-    if method in ("gass", "tpso"):
+    if method == "tpso":
         assert knobs["projection"] == str(projection.resolve())
     assert meta["method"]["coupling"].startswith(
         "per batch" if method in generate.COUPLED else "none"

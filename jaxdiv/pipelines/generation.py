@@ -36,7 +36,7 @@ from jaxdiv import guidance as _guidance
 from jaxdiv import validation
 from jaxdiv.sampling import SampleOutput, sample
 
-__all__ = ["Generated", "gass_encoder", "gass_pixel_space", "generate"]
+__all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate"]
 
 
 class Generated(NamedTuple):
@@ -97,6 +97,96 @@ def gass_pixel_space(pipe) -> tuple:
         raise ValueError("GASS in pixel space needs the VAE encoder and an image encoder: "
                          "load the pipeline with image_encoder=<CLIP vision folder>")  # fmt: skip
     return (pipe.decode, pipe.encode)
+
+
+class GASSSetup(NamedTuple):
+    """A GASS run as a paper or public code made it: pass ``method``, ``sampler`` and
+    ``cfg`` (and ``height`` / ``width`` where set) to :func:`generate`.
+
+    Attributes:
+        method: the :func:`jaxdiv.guidance.gass` term.
+        sampler: the sampler of the setup.
+        cfg: its CFG scale.
+        height, width: its image size in pixels, or ``None`` (the pipeline's default).
+        notes: where the setup departs from its source, in words.
+    """
+
+    method: Any
+    sampler: Any
+    cfg: float
+    height: int | None
+    width: int | None
+    notes: str
+
+
+GASS_SETUPS = ("paper", "public_code")
+
+
+def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
+               num_directions: int = 10) -> GASSSetup:
+    """GASS on ``pipe`` with the settings of the paper or of its public code.
+
+    * ``"paper"`` (Zhu et al. 2026, Sec. 4-5): active on 20 uniformly spread steps of the
+      pipeline's default sampler (SD: DDIM 50, CFG 7.5; SD3: flow Euler 28, CFG 7.0), Adam
+      lr ``1e-4`` for at most 60 iterations (patience 4, tolerance ``5e-4``) on the latent
+      ``x0_hat`` through the VAE decoder and the CLIP image tower (:func:`gass_encoder`),
+      ``r_dep = r_ind = r``.
+    * ``"public_code"`` (``L-YeZhu/GASS_T2I``, ``sd3_gass_sampling.py``; SD3 only): flow
+      Euler 28 steps, CFG 7.0, 512x512, active at step indices 1-10 (line 283:
+      ``t_idx > 0 and t_idx <= 10``), Adam on decoded **pixels** with lr ``8e-3`` on
+      ``[0, 1]`` images -- ``1.6e-2`` here, where pixels are in ``[-1, 1]`` -- for at most
+      60 iterations, patience 4, tolerance ``5e-5`` on its loss ``-mean_i cos`` (lines
+      156-214; ``batch * 5e-5`` on this library's ``sum_i (1 - cos)``), then VAE
+      re-encoding (:func:`gass_pixel_space`). Its image tower is CLIP ViT-B/32: load the
+      pipeline with that ``image_encoder`` to match it.
+
+    The public code's departures that are *not* reproduced are listed in ``notes``: its
+    perturbation weights default to 0 (its targets equal the current embeddings; here
+    ``r``), its ``x0_hat`` on the flow is a VP formula (here ``x_t - t v``), it clamps
+    pixels to ``[0, 1]`` after each Adam step and samples the VAE posterior when
+    re-encoding (here the posterior mean).
+
+    Args:
+        pipe: a loaded pipeline with an image encoder (``load(..., image_encoder=...)``).
+        text_emb: ``(P,)`` the prompt's CLIP text embedding in the image tower's space.
+        setup: ``"paper"`` or ``"public_code"``.
+        batch: images per batch (the public code's 10); scales the public tolerance.
+        r: ``r_dep = r_ind`` (the paper's 0.02).
+        num_directions: candidates of the ``u_ind`` search (the paper's 10; at most the
+            embedding width minus one).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxdiv.testing import example_pipeline
+        >>> pipe = example_pipeline(image_encoder=True)
+        >>> s = gass_setup(pipe, jnp.ones(16) / 4.0, "paper")
+        >>> s.sampler.num_steps, s.cfg, (s.height, s.width)
+        (50, 7.5, (None, None))
+    """
+    if setup not in GASS_SETUPS:
+        raise ValueError(f"setup must be one of {GASS_SETUPS}, got {setup!r}")
+    batch = validation.integer("batch", batch, minimum=1)
+    sd3 = hasattr(pipe, "flow_euler")
+    if setup == "paper":
+        term = _guidance.gass(gass_encoder(pipe), text_emb, r_dep=r, r_ind=r, lr=1e-4,
+                              max_iters=60, patience=4, tol=5e-4, steps="uniform",
+                              num_active=20, num_directions=num_directions)  # fmt: skip
+        notes = "latent write-back through the VAE decoder (no VAE round trip)"
+        return GASSSetup(term, pipe.default_sampler(), 7.0 if sd3 else 7.5, None, None, notes)
+    if not sd3:
+        raise ValueError("the public GASS code is SD3-only (its SD2.1 code was withdrawn): "
+                         "use setup='paper' on this pipeline")  # fmt: skip
+    if pipe.encode_image is None:
+        raise ValueError("GASS needs an image encoder: load the pipeline with "
+                         "image_encoder=<CLIP vision folder>")  # fmt: skip
+    term = _guidance.gass(pipe.encode_image, text_emb, r_dep=r, r_ind=r, lr=2 * 8e-3,
+                          max_iters=60, patience=4, tol=batch * 5e-5, steps=list(range(1, 11)),
+                          num_directions=num_directions,
+                          write_space=gass_pixel_space(pipe))  # fmt: skip
+    notes = ("perturbation radius r (the public code's default weights are 0: no spread); "
+             "x0_hat = x_t - t v (the public code's VP formula is wrong on flows); no clamp "
+             "to [0, 1] after each Adam step; VAE posterior mean, not a sample")  # fmt: skip
+    return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes)
 
 
 def _has_cfg(method) -> bool:

@@ -46,12 +46,12 @@ Not reproduced:
 * its T5 sequence is 77 tokens (``T5_MAX_SEQUENCE_LENGTH``, line 25), not diffusers'
   256: load the pipeline with ``max_sequence_length=77`` to match it.
 * the public adapter measures the band through projections loaded from
-``openai/clip-vit-large-patch14`` and LAION ``CLIP-ViT-bigG-14`` (the same towers SD3 ships,
-so the same weights as the folder's own ``text_projection`` up to dtype; pass
-``projection=`` to use other ones), runs the optimisation under fp16/bf16 autocast, and
-samples with a ``FlowMatchEulerDiscreteScheduler`` that adds ``0.03 * N(0, 1)`` after every
-step (``StochasticFlowScheduler``, lines 55-80); it also starts all variants of a prompt
-from one noise (``shared_latents``: ``jnp.repeat(noise, n, axis=0)``).
+  ``openai/clip-vit-large-patch14`` and LAION ``CLIP-ViT-bigG-14`` (the same towers SD3
+  ships, so the same weights as the folder's own ``text_projection`` up to dtype; pass
+  ``projection=`` to use other ones), runs the optimisation under fp16/bf16 autocast, and
+  samples with a ``FlowMatchEulerDiscreteScheduler`` that adds ``0.03 * N(0, 1)`` after
+  every step (``StochasticFlowScheduler``, lines 55-80); it also starts all variants of a
+  prompt from one noise (``shared_latents``: ``jnp.repeat(noise, n, axis=0)``).
 
 Use it through :mod:`jaxdiv.pipelines.tpso`, which dispatches on the pipeline::
 
