@@ -844,38 +844,14 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
 
 
 # ====================================================================== 4. SPELL 10^6
-def _jit_over_arrays(fn, tree):
-    """``fn(tree, *args)`` jitted with ``tree``'s array leaves as arguments (a 16 GB shield
-    index must not become a compile-time constant) and its other leaves static."""
-    import jax
-
-    leaves, treedef = jax.tree.flatten(tree)
-    is_arr = [isinstance(v, jax.Array | np.ndarray) for v in leaves]
-    arrays = [v for v, a in zip(leaves, is_arr) if a]
-    static = [None if a else v for v, a in zip(leaves, is_arr)]
-
-    @jax.jit
-    def run(arrays, *args):
-        it = iter(arrays)
-        rebuilt = jax.tree.unflatten(
-            treedef, [next(it) if a else s for a, s in zip(is_arr, static)]
-        )
-        return fn(rebuilt, *args)
-
-    return lambda *args: run(arrays, *args)
-
-
 def spell_million(suite: Suite, deadline: float) -> dict:
     """Exact SPELL search over 10^6 shields per DDIM step, with vs without the term."""
     import functools
 
     import jax
 
-    import jaxdiv
-    from benchmarks.spell import DenseDummy
-    from benchmarks.timing import interleaved
+    from benchmarks.spell import DenseDummy, time_terms
     from jaxdiv import samplers, schedules
-    from jaxdiv.guidance.base import StepContext
     from jaxdiv.guidance.spell import spell
     from jaxdiv.guidance.spell.radius_search import build_index
 
@@ -911,42 +887,22 @@ def spell_million(suite: Suite, deadline: float) -> dict:
             continue
         noise = jax.random.normal(jax.random.key(1), (b,) + shape)
         g = spell(radius, reference=idx, intra_batch=False, block_size=bs)
-
-        def run(gg, noise=noise):
-            return jaxdiv.sample(smp, den, noise, key=key, guidance=gg).x0.block_until_ready()
-
-        t0 = time.perf_counter()
-        run(None)
-        run(g)
-        first_s = time.perf_counter() - t0
         left = max(1.0, (deadline - time.perf_counter()) / max(1, len(sz["spell_batches"])))
-        timed = interleaved({"without": lambda: run(None), "with": lambda g=g: run(g)},
-                            sz["rounds"], budget_s=left)  # fmt: skip
-        # the term alone, on the x0_hat of the unguided run's middle step
-        tr = jaxdiv.sample(smp, den, noise, key=key, trace=True).trace
-        i = steps // 2
-        x, x0 = tr.x[i], tr.x0_hat[i]
-        tt = smp.times[i]
-        ctx = StepContext(x, tt, sch.alpha(tt), sch.sigma(tt), i, steps, key, None)
-        state = g.init(x, None, key)
-        apply = _jit_over_arrays(lambda tree, x0_: tree[0].apply(tree[1], x0_, tree[2])[0],
-                                 (g, state, ctx))  # fmt: skip
-        alone = interleaved({"term": lambda: apply(x0).block_until_ready()}, sz["rounds"],
-                            budget_s=left / 2)  # fmt: skip
-        base = timed["without"]["median_s"] / steps
-        with_ = timed["with"]["median_s"] / steps
-        term = alone["term"]["median_s"]
+        res = time_terms(smp, sch, den, noise, key, {"with": g}, sz["rounds"], budget_s=left)
+        base = res["step"]["without"]["median_s"]
+        with_ = res["step"]["with"]["median_s"]
+        term = res["alone"]["with"]["median_s"]
         row = {
             "batch": b,
             "status": "ok",
             "step_s_without": base,
             "step_s_with": with_,
-            "times_run_without": _stats(timed["without"]),
-            "times_run_with": _stats(timed["with"]),
-            "spell_term_s": _stats(alone["term"]),
+            "times_step_without": _stats(res["step"]["without"]),
+            "times_step_with": _stats(res["step"]["with"]),
+            "spell_term_s": _stats(res["alone"]["with"]),
             "overhead_term_over_step": term / base,
             "overhead_end_to_end": with_ / base - 1.0,
-            "first_calls_s": first_s,
+            "first_calls_s": sum(res["first_call_s"].values()),
         }
         if "sd21_step_s" in suite.cache:
             row["term_over_sd21_512px_step"] = term / suite.cache["sd21_step_s"]

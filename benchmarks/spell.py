@@ -26,17 +26,15 @@ Writes ``results/spell_benchmark.json``; device: whatever JAX runs on (CPU here)
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 import jaxdiv
 import toy
-from benchmarks.timing import interleaved
+from benchmarks.timing import environment, interleaved, jit_over_arrays
 from experiments.common import write_json
 from jaxdiv import samplers, schedules
 from jaxdiv.guidance.base import StepContext
@@ -60,6 +58,45 @@ class DenseDummy:
         return h.reshape(x.shape)
 
 
+def time_terms(smp, sch, den, noise, key, terms: dict, rounds: int, budget_s: float = 20.0):
+    """Per-step times of ``jaxdiv.sample`` without guidance and with each of ``terms``
+    (``{label: term}``), interleaved in one process (without, a, b, ..., without, a, ...),
+    and each term alone, jitted with its arrays as arguments, on the ``x0_hat`` of the
+    unguided run's middle step (what one guided DDIM step adds).
+
+    Returns ``{"step": {"without": t, label: t, ...}, "alone": {label: t},
+    "first_call_s": {...}}``, each ``t`` the :func:`interleaved` entry (``median_s``,
+    ``min_s``, ``max_s``, ``runs_s``), ``step`` divided by the number of steps.
+    """
+    steps = smp.num_steps
+
+    def run(g):
+        return jaxdiv.sample(smp, den, noise, key=key, guidance=g).x0.block_until_ready()
+
+    fns = {"without": lambda: run(None)} | {k: (lambda g=g: run(g)) for k, g in terms.items()}
+    first = {}
+    for label, fn in fns.items():  # compiles: reported, not timed as steps
+        t0 = time.perf_counter()
+        fn()
+        first[label] = time.perf_counter() - t0
+    timed = interleaved(fns, rounds, budget_s=budget_s)
+    tr = jaxdiv.sample(smp, den, noise, key=key, trace=True).trace
+    i = steps // 2
+    x, x0 = tr.x[i], tr.x0_hat[i]
+    t = smp.times[i]
+    ctx = StepContext(x, t, sch.alpha(t), sch.sigma(t), i, steps, key, None)
+    alone = {}
+    for label, g in terms.items():
+        apply = jit_over_arrays(lambda tree, x0_: tree[0].apply(tree[1], x0_, tree[2])[0],
+                                (g, g.init(x, None, key), ctx))  # fmt: skip
+        alone[label] = lambda apply=apply: apply(x0).block_until_ready()
+    per_step = {k: {"median_s": v["median_s"] / steps, "min_s": v["min_s"] / steps,
+                    "max_s": v["max_s"] / steps, "runs_s": [r / steps for r in v["runs_s"]]}
+                for k, v in timed.items()}  # fmt: skip
+    return {"step": per_step, "alone": interleaved(alone, rounds, budget_s=budget_s / 2),
+            "first_call_s": first}  # fmt: skip
+
+
 def bench(name, den, shape, batches, refs, steps, repeats, radius, ivf_probes=()):
     sch = schedules.vp_linear()
     smp = samplers.ddim(sch, steps)
@@ -69,32 +106,19 @@ def bench(name, den, shape, batches, refs, steps, repeats, radius, ivf_probes=()
 
     def record(kind, b, k, g, label=None):
         noise = jax.random.normal(jax.random.key(1), (b,) + shape)
-        run = lambda gg: jaxdiv.sample(smp, den, noise, key=key, guidance=gg).x0.block_until_ready()
-        # unguided and guided alternate (A B A B) so both see the same machine load
-        timed = interleaved({"without": lambda: run(None), "with": lambda: run(g)}, repeats,
-                            budget_s=20.0)  # fmt: skip
-        base = timed["without"]["median_s"] / steps
-        with_ = timed["with"]["median_s"] / steps
-        # the term alone on realistic inputs: x0_hat of the unguided run's middle step
-        tr = jaxdiv.sample(smp, den, noise, key=key, trace=True).trace
-        i = steps // 2
-        x, x0 = tr.x[i], tr.x0_hat[i]
-        t = smp.times[i]
-        ctx = StepContext(x, t, sch.alpha(t), sch.sigma(t), i, steps, key, None)
-        state = g.init(x, None, key)
-        apply = jax.jit(lambda x0_: g.apply(state, x0_, ctx)[0])
-        alone = interleaved({"term": lambda: apply(x0).block_until_ready()}, repeats, 10.0)
-        term = alone["term"]["median_s"]
+        res = time_terms(smp, sch, den, noise, key, {"with": g}, repeats)
+        without, with_ = res["step"]["without"], res["step"]["with"]
+        base = without["median_s"]
+        term = res["alone"]["with"]["median_s"]
         row = {"denoiser": name, "shields": kind, "batch": b, "num_reference": k,
-               "search": label or "exact", "step_s_without": base, "step_s_with": with_,
-               "step_s_without_min_max": [timed["without"]["min_s"] / steps,
-                                          timed["without"]["max_s"] / steps],
-               "step_s_with_min_max": [timed["with"]["min_s"] / steps,
-                                       timed["with"]["max_s"] / steps],
+               "search": label or "exact", "step_s_without": base,
+               "step_s_with": with_["median_s"],
+               "step_s_without_min_max": [without["min_s"], without["max_s"]],
+               "step_s_with_min_max": [with_["min_s"], with_["max_s"]],
                "spell_s_per_eval": term,
-               "spell_s_min_max": [alone["term"]["min_s"], alone["term"]["max_s"]],
+               "spell_s_min_max": [res["alone"]["with"]["min_s"], res["alone"]["with"]["max_s"]],
                "timing": "interleaved A B A B, median [min-max]", "overhead": term / base,
-               "overhead_end_to_end": with_ / base - 1.0}  # fmt: skip
+               "overhead_end_to_end": with_["median_s"] / base - 1.0}  # fmt: skip
         rows.append(row)
         print(f"{name:10s} {kind:9s} {row['search']:6s} B={b:4d} K={k:8d}  step "
               f"{1e3 * base:9.3f} ms  SPELL {1e3 * term:9.3f} ms  overhead "
@@ -138,12 +162,7 @@ def main(argv=None):
     rows = bench("toy", gm.denoiser(sch), (16,), toy_b, toy_k, a.steps, a.repeats, 0.5, probes)
     dummy = DenseDummy((4, 32, 32), 4, jax.random.key(5))
     rows += bench("unet_dummy", dummy, (4, 32, 32), unet_b, unet_k, a.steps, a.repeats, 20.0)
-    write_json(a.out, {
-        "date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0]),
-        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__},
-        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS")},
-        "cpu_count": os.cpu_count(), "steps": a.steps, "repeats": a.repeats, "rows": rows,
-    })  # fmt: skip
+    write_json(a.out, environment() | {"steps": a.steps, "repeats": a.repeats, "rows": rows})
     print(f"wrote {a.out}")
 
 

@@ -43,3 +43,67 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: flo
                "runs_s": ts}  # fmt: skip
         for name, ts in runs.items()
     }
+
+
+def version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, ``None`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _installed
+
+    try:
+        return _installed(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """What a benchmark JSON records beside its numbers: UTC date, versions, threads and
+    CPU affinity, the JAX devices and the machine's load average when it ran.
+
+    >>> env = environment()
+    >>> sorted(env)
+    ['cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average', 'threads', 'versions']
+    """
+    import datetime
+    import os
+    import platform
+
+    import jax
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {name: version(name) for name in ("jax", "jaxlib", "numpy", "flax")}
+        | {"python": platform.python_version()},
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                     "XLA_FLAGS", "JAX_PLATFORMS")},
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "load_average": list(os.getloadavg()),
+    }  # fmt: skip
+
+
+def jit_over_arrays(fn, tree):
+    """``fn(tree, *args)`` jitted with ``tree``'s array leaves as arguments (a 16 GB shield
+    index must not become a compile-time constant) and its other leaves static.
+
+    >>> import jax.numpy as jnp
+    >>> f = jit_over_arrays(lambda t, x: t["w"] * x + t["n"], {"w": jnp.arange(3.0), "n": 1})
+    >>> f(2.0).tolist()
+    [1.0, 3.0, 5.0]
+    """
+    import jax
+    import numpy as np
+
+    leaves, treedef = jax.tree.flatten(tree)
+    is_arr = [isinstance(v, jax.Array | np.ndarray) for v in leaves]
+    arrays = [v for v, a in zip(leaves, is_arr) if a]
+    static = [None if a else v for v, a in zip(leaves, is_arr)]
+
+    @jax.jit
+    def run(arrays, *args):
+        it = iter(arrays)
+        values = [next(it) if a else s for a, s in zip(is_arr, static)]
+        return fn(jax.tree.unflatten(treedef, values), *args)
+
+    return lambda *args: run(arrays, *args)

@@ -49,8 +49,8 @@ TOY = textwrap.dedent(
     cases = [(s, coupled) for s in (
         samplers.ddim(edm, 6, eta=1.0), samplers.edm(edm, 5, s_churn=10.0),
         samplers.dpmpp_3m_sde(edm, 6), samplers.flow_heun(flow, 4))]
-    cases.append((samplers.ddim(edm, 6),
-                  guidance.gass(enc, enc.text_emb, lr=0.05, max_iters=3, num_active=3)))
+    cases += [(samplers.ddim(edm, 6), g) for g in (
+        None, guidance.gass(enc, enc.text_emb, lr=0.05, max_iters=3, num_active=3))]
     for s, g in cases:
         kw = dict(key=jax.random.key(4), cond=cond, guidance=g)
         single = jaxdiv.sample(s, den, noise, **kw).x0

@@ -5,7 +5,8 @@ the sharded search equals the single-device exact search (same centre; counts ex
 corrections up to float32 summation order), each device holds 1/8 of the shields, the
 compiled program sums corrections (all-reduce) and never gathers the shields, a folder of
 ``.npy`` files streams into the same index, and SPELL through ``jaxdiv.sample`` with the
-sharded reference equals the single-device run and keeps its guarantee.
+sharded reference equals the single-device run and keeps its guarantee; the row of
+``benchmarks.spell_sharded`` on that mesh records both searches.
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ SCRIPT = textwrap.dedent(
     jaxdiv.sample(s, den, noise, key=jax.random.key(1),
                   guidance=guidance.spell(r * 1.1, reference=sidx))
     assert jaxdiv.compile_count() == before, "a new radius recompiled"
+
+    # benchmarks.spell_sharded's row: both searches timed, the same samples, and each
+    # device holding ceil(3000 / (8 * 128)) = 3 blocks of 128 shields (float32, d = 16)
+    from benchmarks.spell_sharded import measure
+    row = measure("toy", 3000, 4, 2, 1, mesh, 128, budget_s=1.0)
+    assert row["devices"] == 8 and row["max_abs_diff_vs_single"] < 1e-4, row
+    assert row["shield_bytes_per_device"] == 3 * 128 * 16 * 4, row
+    for label in ("single", "sharded"):
+        assert row[label]["term_s"] > 0 and np.isfinite(row[label]["overhead"]), row
     print("SHARDED_SPELL_OK")
     """
 )
