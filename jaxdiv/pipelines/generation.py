@@ -176,13 +176,10 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
     if not sd3:
         raise ValueError("the public GASS code is SD3-only (its SD2.1 code was withdrawn): "
                          "use setup='paper' on this pipeline")  # fmt: skip
-    if pipe.encode_image is None:
-        raise ValueError("GASS needs an image encoder: load the pipeline with "
-                         "image_encoder=<CLIP vision folder>")  # fmt: skip
+    write_space = gass_pixel_space(pipe)  # refuses a pipeline without an image encoder
     term = _guidance.gass(pipe.encode_image, text_emb, r_dep=r, r_ind=r, lr=2 * 8e-3,
                           max_iters=60, patience=4, tol=batch * 5e-5, steps=list(range(1, 11)),
-                          num_directions=num_directions,
-                          write_space=gass_pixel_space(pipe))  # fmt: skip
+                          num_directions=num_directions, write_space=write_space)  # fmt: skip
     notes = ("perturbation radius r (the public code's default weights are 0: no spread); "
              "x0_hat = x_t - t v (the public code's VP formula is wrong on flows); no clamp "
              "to [0, 1] after each Adam step; VAE posterior mean, not a sample")  # fmt: skip
