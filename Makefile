@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.spell
 	$(PY) -m benchmarks.sd_step
 	$(PY) -m benchmarks.sd_generate
+	$(PY) -m benchmarks.conv
+	$(PY) -m benchmarks.summary
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,7 +21,10 @@ Sections (each a function of this module, run in this order; ``--sections`` pick
 3. ``sd3_step``: one SD3-Medium-shaped MMDiT forward (24 blocks, 1536 wide, 2.03B
    parameters; ``benchmarks.sd3_step.SD3_MEDIUM``) at 1024x1024 px (latent 128, 4096
    image tokens + 77 CLIP + 256 T5 tokens), CFG batch 2: jaxdiv bf16 vs diffusers bf16 and
-   fp16. The random torch model is built on the device and its state dict converted in
+   fp16; and jaxdiv with contextual-space repulsion (``guidance.contextual_hook``, M = 100
+   inner steps after every joint block, each CFG branch within itself) against without,
+   ``contextual_over_plain`` (the issue's goal: <= 1.10; the paper: +20-30% on Flux-dev).
+   The random torch model is built on the device and its state dict converted in
    memory (:func:`jaxdiv.models.conversion.convert_mmdit_state_dict`), skipping a 4 GB
    save / load; the SD sections go through the folder loader.
 4. ``spell_million``: exact SPELL search over 10^6 reference latents of 4x32x32 (d =
@@ -73,6 +76,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -713,8 +717,12 @@ def _jax_mmdit_random(config: dict, dtype, attention, seed: int):
     return nnx.merge(graphdef, jax.tree.map(fill, abstract))
 
 
+CONTEXTUAL_ETA, CONTEXTUAL_M = 1e3, 100  # SD3.5-Large's M; eta inside the paper's range
+
+
 def sd3_step(suite: Suite, deadline: float) -> dict:
-    """One SD3-Medium-shaped MMDiT forward on a CFG pair: jaxdiv bf16 vs diffusers."""
+    """One SD3-Medium-shaped MMDiT forward on a CFG pair: jaxdiv bf16 vs diffusers, and
+    jaxdiv with contextual-space repulsion (M = 100 after every joint block) vs without."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -746,20 +754,21 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
     x, t, ctx, pooled = make_inputs(config, latent, t5, seed=0)
     args_j = tuple(jnp.asarray(a) for a in (x, t, ctx, pooled))
 
-    def compile_step(model):
+    def compile_step(model, hook=None):
         graphdef, state = nnx.split(model)
 
         @jax.jit
-        def step(state, x, t, ctx, pooled):
-            return nnx.merge(graphdef, state)(x, t, ctx, pooled)
+        def step(state, hook, x, t, ctx, pooled):
+            return nnx.merge(graphdef, state)(x, t, ctx, pooled, context_hook=hook)
 
-        compiled = step.lower(state, *args_j).compile()
-        compiled(state, *args_j).block_until_ready()
-        return state, compiled
+        compiled = step.lower(state, hook, *args_j).compile()
+        run = functools.partial(compiled, state, hook)
+        run(*args_j).block_until_ready()
+        return run
 
     t0 = time.perf_counter()
     try:
-        state, compiled = compile_step(model)
+        compiled = compile_step(model)
     except Exception as err:  # noqa: BLE001 - a fused-attention failure: retry without it
         if attention is None:
             raise
@@ -769,14 +778,21 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
             if isinstance(m, nnx.Module) and hasattr(m, "implementation"):
                 m.implementation = None
         t0 = time.perf_counter()
-        state, compiled = compile_step(model)
+        compiled = compile_step(model)
     compile_s = time.perf_counter() - t0
+    # contextual-space repulsion (issue: <= 10% per step): the paper's M = 100 inner steps
+    # after every joint block, each CFG branch within itself
+    from jaxdiv.guidance import contextual_hook
+
+    with_hook = compile_step(model, contextual_hook(CONTEXTUAL_ETA, CONTEXTUAL_M,
+                                                    cfg_halves=True))  # fmt: skip
     del model
 
     def run_jax():
-        return compiled(state, *args_j).block_until_ready()
+        return compiled(*args_j).block_until_ready()
 
-    fns = {"jaxdiv_bf16": run_jax}
+    fns = {"jaxdiv_bf16": run_jax,
+           "jaxdiv_bf16_contextual": lambda: with_hook(*args_j).block_until_ready()}
     peers["jaxdiv_bf16"] = {"status": "ok"}
     if torch_model is not None:
         import torch
@@ -838,6 +854,13 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
     for peer in ("diffusers_bf16", "diffusers_fp16"):
         if peer in timed:
             out[f"{peer}_over_jaxdiv"] = timed[peer]["median_s"] / timed["jaxdiv_bf16"]["median_s"]
+    out["contextual"] = {"eta": CONTEXTUAL_ETA, "inner_steps": CONTEXTUAL_M,
+                         "blocks": "every joint block but the last (context_pre_only)",
+                         "finite_fraction": _finite_fraction(
+                             np.asarray(with_hook(*args_j), np.float32))}  # fmt: skip
+    if "jaxdiv_bf16_contextual" in timed:
+        out["contextual_over_plain"] = (timed["jaxdiv_bf16_contextual"]["median_s"]
+                                        / timed["jaxdiv_bf16"]["median_s"])  # fmt: skip
     del fns, torch_model
     suite.free_torch()
     return out
@@ -846,7 +869,6 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
 # ====================================================================== 4. SPELL 10^6
 def spell_million(suite: Suite, deadline: float) -> dict:
     """Exact SPELL search over 10^6 shields per DDIM step, with vs without the term."""
-    import functools
 
     import jax
 
@@ -975,6 +997,9 @@ def summary(result: dict) -> list[str]:
                 if peer in t:
                     s += f"  {peer} {_fmt(t[peer], 1e3, 'ms')}"
             lines.append(s)
+            if "contextual_over_plain" in r:
+                lines.append(f"{'':34s}contextual repulsion (M=100, every block) "
+                             f"{r['contextual_over_plain']:.2f}x the plain forward")  # fmt: skip
         elif name == "spell_million":
             for row in r["rows"]:
                 if row["status"] != "ok":

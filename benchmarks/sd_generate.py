@@ -7,9 +7,11 @@ folder (:func:`jaxdiv.testing.save_random_pipeline`) and both sides run
 the same full generation from the same initial latents: prompt encoding, ``--steps``
 DDIM steps (eta 0) with CFG 7.5 (a doubled batch per step), VAE decode. jaxdiv runs it as
 one ``jax.jit`` program (compiled once, compile time reported separately); diffusers runs
-``StableDiffusionPipeline.__call__`` under ``torch.no_grad``. Times are the best of
-``--repeats`` runs after one warm-up; the max abs difference of the two image batches (in
-``[0, 1]``) is reported as a sanity check. Results go to ``results/sd_generate.json``.
+``StableDiffusionPipeline.__call__`` under ``torch.no_grad``. The two alternate, A B A B,
+for ``--repeats`` rounds after one warm-up each (:func:`benchmarks.timing.interleaved`),
+and each is reported as median [min-max]; the max abs difference of the two image batches
+(in ``[0, 1]``) is a sanity check. Results go to ``results/sd_generate.json`` with the
+environment (:func:`benchmarks.timing.environment`: versions, threads, peak RSS).
 
 ``--threads 1`` (default) pins the process to one core, with one torch thread and
 single-threaded Eigen in XLA: a like-for-like comparison that stays meaningful on a
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -166,9 +167,9 @@ def main(argv=None):
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 
-    import jax
     import torch
 
+    from benchmarks.timing import environment, version
     from experiments.common import write_json
 
     if args.threads == 1:
@@ -194,22 +195,13 @@ def main(argv=None):
             f"| {r['config']} | {r['batch']}x{size} | {r['unet_params'] / 1e6:.2f} M | "
             f"{r['jax_s']:.3f} | {r['torch_s']:.3f} | {r['torch_over_jax']:.2f} |"
         )
-    result = {
+    env = environment()
+    env["versions"] |= {"torch": torch.__version__, "diffusers": version("diffusers")}
+    result = env | {
         "benchmark": "full generation: prompt encoding + DDIM (eta 0) with CFG + VAE decode",
         "command": " ".join(["python -m benchmarks.sd_generate"] + list(argv or sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d"),
-        "device": str(jax.devices()[0]),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
         "threads_option": args.threads,
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "versions": {
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
         "rows": rows,
     }
     write_json(args.out, result)

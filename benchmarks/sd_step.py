@@ -27,9 +27,7 @@ Writes ``results/sd_step.json`` (one row per measurement). The rows are produced
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import interleaved
+from benchmarks.timing import environment, interleaved
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -200,17 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.latent <= 0 or args.batch <= 0 or args.repeats <= 0:
         raise ValueError("--latent, --batch and --repeats must be positive")
     rows = collect_rows(args)
-    meta = dict(
-        date=datetime.date.today().isoformat(),
+    meta = environment() | dict(
         command="python -m benchmarks.sd_step "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        jax=jax.__version__,
         torch=torch.__version__,
         diffusers=diffusers.__version__,
-        jax_devices=[str(d) for d in jax.devices()],
         torch_threads=torch.get_num_threads(),
-        env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")},
-        cpu_count=os.cpu_count(),
         machine=platform.machine(),
         processor=platform.processor(),
     )

@@ -58,15 +58,18 @@ def version(dist: str) -> str | None:
 
 def environment() -> dict:
     """What a benchmark JSON records beside its numbers: UTC date, versions, threads and
-    CPU affinity, the JAX devices and the machine's load average when it ran.
+    CPU affinity, the JAX devices, the machine's load average when it ran and the
+    process's peak resident memory so far (call it after the timings).
 
     >>> env = environment()
-    >>> sorted(env)
-    ['cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average', 'threads', 'versions']
+    >>> sorted(env)  # doctest: +NORMALIZE_WHITESPACE
+    ['cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average', 'peak_rss_mb',
+     'threads', 'versions']
     """
     import datetime
     import os
     import platform
+    import resource
 
     import jax
 
@@ -80,6 +83,8 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "jax_devices": [str(d) for d in jax.devices()],
         "load_average": list(os.getloadavg()),
+        # Linux reports ru_maxrss in KiB
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
 
 

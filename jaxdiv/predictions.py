@@ -104,12 +104,15 @@ class PredictionDenoiser(NamedTuple):
     prediction_type: str
 
     def __call__(self, x, t, cond=None, *, model_hooks=None):
-        # model hooks (guidance terms acting inside the network) reach models that take them
-        out = self.model(x, t, cond) if model_hooks is None else self.model(
-            x, t, cond, model_hooks=model_hooks)  # fmt: skip
         alpha = self.schedule.alpha(t)
         sigma = self.schedule.sigma(t)
-        return _TO_X0[self.prediction_type](out, x, alpha, sigma).astype(x.dtype)
+        to_x0 = _TO_X0[self.prediction_type]
+        if not model_hooks:
+            return to_x0(self.model(x, t, cond), x, alpha, sigma).astype(x.dtype)
+        # model hooks (guidance terms acting inside the network) reach models that take
+        # them; such a model returns (prediction, the hooks' reports)
+        out, reports = self.model(x, t, cond, model_hooks=model_hooks)
+        return to_x0(out, x, alpha, sigma).astype(x.dtype), reports
 
 
 def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> PredictionDenoiser:

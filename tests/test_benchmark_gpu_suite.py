@@ -123,7 +123,9 @@ def test_failing_section_is_recorded_and_the_others_run(tmp_path):
     assert sd3["status"] == "ok", sd3
     r = sd3["result"]
     assert r["latent_shape"] == [2, 4, 16, 16] and r["text_tokens"] == 77 + 8
-    assert {"jaxdiv_bf16", "diffusers_bf16"} <= set(r["times"])
+    assert {"jaxdiv_bf16", "jaxdiv_bf16_contextual", "diffusers_bf16"} <= set(r["times"])
+    assert r["contextual"]["inner_steps"] == 100 and r["contextual"]["finite_fraction"] == 1.0
+    assert r["contextual_over_plain"] > 0
     for t in r["times"].values():
         _timing_ok(t)
     assert r["agreement"]["jaxdiv_finite_fraction"] == 1.0
@@ -158,7 +160,8 @@ def test_without_diffusers_the_peer_is_skipped_not_fatal(tmp_path, monkeypatch):
     assert sd3["status"] == "ok", sd3
     r = sd3["result"]
     assert r["peers"]["diffusers"]["status"] == "skipped"
-    assert list(r["times"]) == ["jaxdiv_bf16"] and r["torch_build_s"] is None
+    assert list(r["times"]) == ["jaxdiv_bf16", "jaxdiv_bf16_contextual"]
+    assert r["torch_build_s"] is None
 
 
 def test_bad_arguments_are_refused(tmp_path):

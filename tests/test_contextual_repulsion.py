@@ -381,16 +381,86 @@ def _flow(schedule, n):
     return samplers.flow_euler(schedule, n)
 
 
-def test_tau_is_a_step_window_and_the_trace_reports_the_scale(sd3_den):
+def _numpy_log_vendi(streams):
+    """von Neumann entropy of K / B, K the cosine kernel of the flattened rows (NumPy)."""
+    f = np.asarray(streams, np.float64).reshape(len(streams), -1)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    w = np.clip(np.linalg.eigvalsh(f @ f.T / len(f)), 0, None)
+    return float(-np.sum(w[w > 0] * np.log(w[w > 0])))
+
+
+def _first_call_log_vendi(sd3, x, t, cond):
+    """Log Vendi of the conditional half's text streams before/after each hooked block, for
+    the first model call of a CFG step (batch ``[x; x]``, conditions ``[cond; 0]``), from
+    streams recorded by an eager hook of our own around ``contextual_hook``."""
+    config, net, *_ = sd3
+    hook = contextual_hook(ETA_TERM, M_SD3, cfg_halves=True)
+    seen = []
+
+    def recording(i, s):
+        out = hook(i, s)
+        seen.append((_numpy_log_vendi(s[:B]), _numpy_log_vendi(out[:B])))
+        return out
+
+    both = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros_like(a)]), cond)
+    timestep = jnp.full((2 * B,), 1000.0 * t, jnp.float32)
+    net.apply(net.params, jnp.concatenate([x, x]), timestep, both.prompt_embeds, both.pooled,
+              context_hook=recording)  # fmt: skip
+    return np.asarray(seen)
+
+
+def test_tau_is_a_step_window_and_the_trace_reports_the_scale_and_log_vendi(sd3, sd3_den):
     cfg = guidance.cfg(4.0)
     by_tau = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=2),
                                                  cfg), trace=True)  # fmt: skip
     by_window = _sample_sd3(sd3_den, guidance.chain(
         guidance.window(guidance.contextual(ETA_TERM, M_SD3), steps=[0, 1]), cfg), trace=True)
     assert _bits(by_tau.x0) == _bits(by_window.x0)
-    np.testing.assert_array_equal(by_tau.trace.info["contextual"].eta, [ETA_TERM, ETA_TERM, 0])
+    info = by_tau.trace.info["contextual"]
+    np.testing.assert_array_equal(info.eta, [ETA_TERM, ETA_TERM, 0])
     np.testing.assert_array_equal(by_window.trace.active["contextual"], [True, True, False])
     np.testing.assert_array_equal(by_window.trace.info["contextual"].eta, [ETA_TERM, ETA_TERM, 0])
+    # per step and hooked block (TINY_MMDIT: after blocks 0 and 1), the conditional branch
+    np.testing.assert_array_equal(info.blocks, [[0, 1]] * 3)
+    before, after = np.asarray(info.log_vendi_before), np.asarray(info.log_vendi_after)
+    assert before.shape == after.shape == (3, 2)
+    assert np.all(after[:2] > before[:2] + 0.05), (before, after)
+    np.testing.assert_array_equal(after[2], before[2])  # eta = 0 from step tau on
+    assert np.all(before <= math.log(B) + 1e-5)
+    # step 0 against the streams recorded by hand on the same model call
+    _, _, cond, _ = sd3_den
+    want = _first_call_log_vendi(sd3, by_tau.trace.x[0], float(by_tau.trace.t[0]), cond)
+    np.testing.assert_allclose(np.stack([before[0], after[0]], 1), want, rtol=2e-4)
+    for name in ("log_vendi_before", "log_vendi_after"):
+        np.testing.assert_array_equal(getattr(by_window.trace.info["contextual"], name),
+                                      getattr(info, name))  # fmt: skip
+
+
+def test_log_vendi_reaches_the_trace_through_a_windowed_denoiser_term(sd3_den):
+    """CFG in a step window (interval-style): at step 0 the model sees [cond; uncond], at
+    steps 1, 2 only the conditional batch; the reports leave ``window``'s ``lax.cond``."""
+    g = guidance.chain(guidance.contextual(ETA_TERM, M_SD3),
+                       guidance.window(guidance.cfg(4.0), steps=[0]))  # fmt: skip
+    out = _sample_sd3(sd3_den, g, trace=True)
+    np.testing.assert_array_equal(out.trace.active["cfg"], [True, False, False])
+    info = out.trace.info["contextual"]
+    before, after = np.asarray(info.log_vendi_before), np.asarray(info.log_vendi_after)
+    assert before.shape == (3, 2) and np.all(np.isfinite(before))
+    assert np.all(after > before + 0.05), (before, after)
+
+
+def test_a_denoiser_term_hiding_its_model_call_is_refused(sd3_den):
+    from jaxdiv.guidance.base import GuidanceTerm, no_state
+
+    def apply(state, denoise, ctx):  # the model call inside a lax.cond of its own
+        x0 = jax.lax.cond(ctx.step < 1, lambda: denoise(ctx.x, ctx.cond),
+                          lambda: denoise(ctx.x, ctx.cond))  # fmt: skip
+        return x0, state, ()
+
+    g = guidance.chain(guidance.contextual(ETA_TERM, M_SD3),
+                       GuidanceTerm(no_state, apply, "denoiser", "own"))  # fmt: skip
+    with pytest.raises(ValueError, match="'own' called denoise inside a transformation"):
+        _sample_sd3(sd3_den, g)
 
 
 def test_composes_with_cfg_and_spell_in_one_chain(sd3_den):
@@ -416,8 +486,11 @@ def test_one_sample_is_a_no_op(sd3_den):
     cfg = guidance.cfg(4.0)
     plain = _sample_sd3(sd3_den, cfg, noise=noise[:1], cond=one).x0
     rep = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg),
-                      noise=noise[:1], cond=one).x0  # fmt: skip
-    assert _bits(rep) == _bits(plain)
+                      noise=noise[:1], cond=one, trace=True)  # fmt: skip
+    assert _bits(rep.x0) == _bits(plain)
+    info = rep.trace.info["contextual"]  # one stream: log Vendi 0 before and after
+    np.testing.assert_array_equal(info.log_vendi_before, np.zeros((3, 2)))
+    np.testing.assert_array_equal(info.log_vendi_after, np.zeros((3, 2)))
 
 
 def test_blocks_the_model_never_hooks_are_refused(sd3_den):

@@ -19,7 +19,13 @@ from jaxdiv.guidance.base import (
 )
 from jaxdiv.guidance.cads import CADSInfo, cads, cads_gamma, cads_time
 from jaxdiv.guidance.cfg import CFGInfo, cfg
-from jaxdiv.guidance.contextual import ContextualInfo, contextual, contextual_hook, repel_context
+from jaxdiv.guidance.contextual import (
+    ContextualInfo,
+    ContextualReport,
+    contextual,
+    contextual_hook,
+    repel_context,
+)
 from jaxdiv.guidance.gass import (
     AXES,
     GASSInfo,
@@ -98,6 +104,7 @@ __all__ = [
     # contextual-space repulsion (a hook="model" term for MMDiT pipelines)
     "contextual",
     "ContextualInfo",
+    "ContextualReport",
     "repel_context",
     "contextual_hook",
 ]

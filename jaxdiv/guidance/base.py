@@ -26,10 +26,15 @@ A guidance term is an optax-style NamedTuple of pure functions plus a hook and a
   hook, and every model call of that evaluation (both CFG branches included) receives the
   hooks of all model terms, in chain order, as ``denoiser(x, t, cond, model_hooks=(...))``.
   A denoiser that can run them takes that keyword (the SD3 pipeline's MMDiT calls each
-  ``hook(block_index, text_stream) -> text_stream`` after every joint block); any other
-  denoiser is refused with a message naming the term. A hook must be a pytree whose
-  numbers are leaves, and must be the identity when every leaf is zero: that is what
-  :func:`window` hands the model where the term is inactive.
+  ``hook(block_index, text_stream) -> (text_stream, report)`` after every joint block) and
+  then returns ``(x0_hat, reports)``: per hook, a tuple of its reports after each block
+  (a pytree, ``None`` where it has nothing to say); any other denoiser is refused with a
+  message naming the term. A hook must be a pytree whose numbers are leaves, and must be
+  the identity when every leaf is zero: that is what :func:`window` hands the model where
+  the term is inactive. The reports of an evaluation's first model call (CFG's doubled
+  batch, or the plain call) reach the trace through the term's info: if it has a method
+  ``with_model_report(per_block)``, its result replaces the info (contextual repulsion
+  records the log Vendi of the text stream before and after each block this way).
 
 **Compile once per structure.** :func:`jaxdiv.sample` traces every array leaf of a term
 and keys its compile cache on everything else. So a factory binds module-level functions
@@ -74,6 +79,8 @@ __all__ = [
     "as_terms",
     "init_terms",
     "guided_denoise",
+    "run_if",
+    "ModelCalls",
 ]
 
 HOOKS = ("condition", "denoiser", "x0", "model")
@@ -300,24 +307,35 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     for j, term in enumerate(terms):
         if term.hook == "condition":
             cond = record(term, term.apply(states[term.name], cond, ctx_for(j, cond)))
+    model_terms = [term for term in terms if term.hook == "model"]
     hooks = tuple(record(term, term.apply(states[term.name], None, ctx_for(j, cond)))
                   for j, term in enumerate(terms) if term.hook == "model")  # fmt: skip
 
-    def denoise(xx, cc):
-        out = _call_with_hooks(denoiser, xx, t, cc, hooks, terms) if hooks else denoiser(xx, t, cc)
+    def call(xx, cc):
+        if hooks:
+            out, reports = _call_with_hooks(denoiser, xx, t, cc, hooks, model_terms)
+        else:
+            out, reports = denoiser(xx, t, cc), None
         if not hasattr(out, "shape") or out.shape != xx.shape:
             raise ValueError(
                 f"denoiser must return x0_hat with the shape of its input x {tuple(xx.shape)}, "
                 f"got {getattr(out, 'shape', type(out))}"
             )
-        return out.astype(xx.dtype)
+        return out.astype(xx.dtype), reports
 
+    denoise = ModelCalls(call)
     den = [j for j, term in enumerate(terms) if term.hook == "denoiser"]
     if den:
         term = terms[den[0]]
         x0_hat = record(term, term.apply(states[term.name], denoise, ctx_for(den[0], cond)))
     else:
         x0_hat = denoise(x, cond)
+    if hooks and denoise.reports is not None:
+        _check_same_trace(denoise.reports, terms[den[0]].name if den else None)
+        for term, report in zip(model_terms, denoise.reports, strict=True):
+            with_report = getattr(infos[term.name], "with_model_report", None)
+            if with_report is not None:
+                infos[term.name] = with_report(report)
 
     for j, term in enumerate(terms):
         if term.hook == "x0":
@@ -325,18 +343,72 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     return x0_hat, states, infos, actives
 
 
-def _call_with_hooks(denoiser, x, t, cond, hooks, terms):
+class ModelCalls:
+    """``denoise(x, cond) -> x0_hat`` as a ``"denoiser"`` term receives it; it keeps the
+    model hooks' reports of its first call (``reports``, ``None`` before any call).
+
+    The reports leave the term's ``apply`` by this side door, since ``apply`` returns only
+    ``x0_hat``; :func:`run_if` carries them out of its ``lax.cond`` as an output. A term
+    that calls ``denoise`` inside a transformation of its own (``lax.cond``, ``vmap``)
+    would leak them; :func:`guided_denoise` refuses that with a message.
+    """
+
+    def __init__(self, call):
+        self._call = call
+        self.reports = None
+
+    def __call__(self, x, cond):
+        out, reports = self._call(x, cond)
+        if self.reports is None:
+            self.reports = reports
+        return out
+
+    def collect(self, fn):
+        """``(fn(), reports of the calls fn made)``, leaving the outer ``reports`` alone."""
+        outer, self.reports = self.reports, None
+        try:
+            return fn(), self.reports
+        finally:
+            self.reports = outer
+
+
+def _check_same_trace(reports, term_name) -> None:
+    """Refuse reports created under a transformation that has ended (a leaked tracer)."""
+    from jax._src import core  # the current trace has no public accessor
+
+    current = getattr(getattr(core, "trace_ctx", None), "trace", None)
+    if current is None:
+        return
+    for leaf in jax.tree.leaves(reports):
+        if isinstance(leaf, jax.core.Tracer) and leaf._trace is not current:
+            raise ValueError(
+                f"guidance term {term_name!r} called denoise inside a transformation of its "
+                "own (lax.cond, vmap, ...), so the model hooks' reports cannot reach the "
+                "trace; wrap the conditional part with jaxdiv.guidance.base.run_if, which "
+                "carries them out, or call denoise outside it"
+            )
+
+
+def _call_with_hooks(denoiser, x, t, cond, hooks, model_terms):
+    names = [term.name for term in model_terms]
     try:
-        return denoiser(x, t, cond, model_hooks=hooks)
+        out = denoiser(x, t, cond, model_hooks=hooks)
     except TypeError as e:
         if "model_hooks" not in str(e):
             raise
-        names = [term.name for term in terms if term.hook == "model"]
         raise TypeError(
             f"guidance term(s) {names} act inside the model (hook='model'), but the denoiser "
             f"{type(denoiser).__name__} does not take model_hooks=: use a pipeline whose "
             "model runs them (an MMDiT: jaxdiv.pipelines.stable_diffusion_3)"
         ) from e
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], tuple)
+            and len(out[1]) == len(hooks)):  # fmt: skip
+        raise TypeError(
+            f"a denoiser called with model_hooks= (for guidance term(s) {names}) must return "
+            f"(x0_hat, reports), reports a tuple with one entry per hook ({len(hooks)}), "
+            f"got {type(out).__name__}"
+        )
+    return out
 
 
 def _bounds(value, name):
@@ -365,7 +437,10 @@ def run_if(active, apply, hook, state, arg, ctx):
     """``apply(state, arg, ctx)`` where ``active``, the identity elsewhere (``lax.cond``:
     inactive evaluations skip the term's computation), with :class:`WindowInfo`."""
     on = lambda: apply(state, arg, ctx)
-    shapes = jax.eval_shape(on)
+    reporting = hook == "denoiser" and isinstance(arg, ModelCalls)
+    # the model hooks' reports (if any) leave the cond as an output, not through the closure
+    shapes, on_reports = jax.eval_shape(lambda: arg.collect(on)) if reporting else (
+        jax.eval_shape(on), None)  # fmt: skip
 
     def zeros(tree):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
@@ -379,8 +454,30 @@ def run_if(active, apply, hook, state, arg, ctx):
             out = arg
         return out, state, zeros(shapes[2])
 
-    out, new_state, info = jax.lax.cond(active, on, off)
+    if reporting:
+        out, new_state, info = _cond_with_reports(active, on, off, arg, on_reports)
+    else:
+        out, new_state, info = jax.lax.cond(active, on, off)
     return out, new_state, WindowInfo(active, info)
+
+
+def _cond_with_reports(active, on, off, calls, on_reports):
+    """``lax.cond(active, on, off)`` whose branches call the model through ``calls``: the
+    reports of the taken branch's first call are handed on to ``calls``."""
+    like = on_reports if on_reports is not None else jax.eval_shape(lambda: calls.collect(off))[1]
+    if like is None:
+        return jax.lax.cond(active, on, off)
+
+    def branch(fn):  # a branch without a model call reports NaN
+        out, reports = calls.collect(fn)
+        if reports is None:
+            reports = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), like)
+        return out, reports
+
+    out, reports = jax.lax.cond(active, lambda: branch(on), lambda: branch(off))
+    if calls.reports is None:
+        calls.reports = reports
+    return out
 
 
 def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):

@@ -35,7 +35,14 @@ from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm, no_state
 from jaxdiv.sphere import pow2_inverse_scale
 
-__all__ = ["repel_context", "contextual_hook", "ContextualHook", "contextual", "ContextualInfo"]
+__all__ = [
+    "repel_context",
+    "contextual_hook",
+    "ContextualHook",
+    "contextual",
+    "ContextualInfo",
+    "ContextualReport",
+]
 
 
 def _gram_log_vendi(g: jax.Array) -> jax.Array:
@@ -190,16 +197,27 @@ class ContextualHook:
         group: repel within consecutive groups of this many samples (the sampler's batch
             ``B``: a model call on CFG's doubled batch ``[cond; uncond]`` is two groups);
             ``None``: the whole batch is one group (or two halves with ``cfg_halves``).
+        report: return ``(stream, report)``, the model-hook protocol of guidance terms
+            (:mod:`jaxdiv.guidance.base`): ``report`` is a :class:`ContextualReport` of the
+            first group (the conditional branch under CFG) after a selected block, ``None``
+            after the others.
     """
 
     inner_steps: int
     blocks: tuple[int, ...] | None
     cfg_halves: bool
     group: int | None = None
+    report: bool = False
 
     def __call__(self, eta, block_index, stream):
         if self.blocks is not None and block_index not in self.blocks:
-            return stream
+            return (stream, None) if self.report else stream
+        new, before, after = self._repel(eta, block_index, stream)
+        return (new, ContextualReport(before, after)) if self.report else new
+
+    def _repel(self, eta, block_index, stream):
+        """``repel_context`` group by group: the new stream and the first group's log
+        Vendi before and after."""
         b = stream.shape[0]
         size = b // 2 if self.cfg_halves else (self.group or b)
         if self.cfg_halves and b % 2:
@@ -213,10 +231,10 @@ class ContextualHook:
                 "be repelled group by group"
             )
         if size == b:
-            return repel_context(stream, eta, self.inner_steps)[0]
+            return repel_context(stream, eta, self.inner_steps)
         groups = stream.reshape(b // size, size, *stream.shape[1:])
-        out = jax.vmap(lambda g: repel_context(g, eta, self.inner_steps)[0])(groups)
-        return out.reshape(stream.shape)
+        out, before, after = jax.vmap(lambda g: repel_context(g, eta, self.inner_steps))(groups)
+        return out.reshape(stream.shape), before[0], after[0]
 
 
 def contextual_hook(eta, inner_steps: int = 100, blocks=None, cfg_halves: bool = False):
@@ -282,15 +300,46 @@ def contextual_hook(eta, inner_steps: int = 100, blocks=None, cfg_halves: bool =
     return Partial(ContextualHook(m, blocks, cfg_halves), eta)
 
 
+class ContextualReport(NamedTuple):
+    """What the term's model hook reports after one block: the log Vendi score of the
+    sampler's batch of text streams (the conditional branch under CFG) before and after
+    the repulsion (equal where ``eta`` is 0)."""
+
+    log_vendi_before: Any
+    log_vendi_after: Any
+
+
 class ContextualInfo(NamedTuple):
-    """Per-evaluation diagnostics of :func:`contextual`.
+    """Per-evaluation diagnostics of :func:`contextual`; in the trace every field gains a
+    leading step axis.
 
     Attributes:
         eta: the repulsion scale handed to the model at this evaluation (``0`` from step
             ``tau`` on, where the model runs unchanged).
+        blocks: the joint-block indices the hook acted after, ``(n_blocks,)`` int32.
+        log_vendi_before: log Vendi score (:func:`jaxdiv.metrics.log_vendi`, cosine
+            kernel) of the batch's flattened text streams entering the repulsion after each
+            of ``blocks``, ``(n_blocks,)``: the samples of the sampler's batch, which is
+            CFG's conditional branch (the unconditional branch is repelled too, within
+            itself, but not reported). At most ``log(B)``.
+        log_vendi_after: the same after the ``M`` inner steps (equal to ``before`` where
+            ``eta`` is 0).
     """
 
     eta: Any
+    blocks: Any = None
+    log_vendi_before: Any = None
+    log_vendi_after: Any = None
+
+    def with_model_report(self, per_block) -> ContextualInfo:
+        """This info with the hook's reports after each block filled in (the model-hook
+        protocol of :mod:`jaxdiv.guidance.base`)."""
+        acted = [i for i, r in enumerate(per_block) if r is not None]
+        if not acted:
+            return self
+        before, after = (jnp.stack([per_block[i][k] for i in acted]) for k in (0, 1))
+        return self._replace(blocks=jnp.asarray(acted, jnp.int32), log_vendi_before=before,
+                             log_vendi_after=after)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +354,7 @@ class _ContextualApply:
         if tau is not None:  # the paper's window: the first tau timesteps
             eta = jnp.where(ctx.step < tau, eta, jnp.zeros_like(eta))
         # the sampler's batch is one group; CFG's doubled model batch is two
-        hook = ContextualHook(self.inner_steps, self.blocks, False, ctx.x.shape[0])
+        hook = ContextualHook(self.inner_steps, self.blocks, False, ctx.x.shape[0], True)
         return Partial(hook, eta), state, ContextualInfo(eta)
 
 
@@ -325,10 +374,9 @@ def contextual(eta, inner_steps: int = 100, blocks=None, tau=None) -> GuidanceTe
     :func:`jaxdiv.guidance.window` like any term. ``eta`` and ``tau`` are traced: a sweep
     over either compiles once. A batch of one sample is left unchanged (nothing to repel).
 
-    The trace reports the scale applied at each evaluation (:class:`ContextualInfo`); the
-    log Vendi of the text streams before and after each block is what
-    :func:`repel_context` returns, and can be recorded by calling the MMDiT with a
-    ``context_hook`` of your own (see ``tests/test_contextual_repulsion.py``).
+    The trace (:class:`ContextualInfo`) reports, per step, the scale applied and, after
+    each hooked block, the log Vendi score of the batch's text streams before and after
+    the repulsion (CFG's conditional branch; ``log(B)`` is the maximum).
 
     Args:
         eta: repulsion scale ``>= 0`` (``0``: the model runs bitwise unchanged). The paper
@@ -349,8 +397,15 @@ def contextual(eta, inner_steps: int = 100, blocks=None, tau=None) -> GuidanceTe
         >>> g = pipe.generate("a cat", 2, key=jax.random.key(0), sampler=pipe.flow_euler(3),
         ...                   method=guidance.contextual(50.0, inner_steps=10, tau=2),
         ...                   trace=True)
-        >>> g.output.trace.info["contextual"].eta.tolist()  # steps 0, 1 on; step 2 off
+        >>> info = g.output.trace.info["contextual"]
+        >>> info.eta.tolist()  # steps 0, 1 on; step 2 off
         [50.0, 50.0, 0.0]
+        >>> info.blocks[0].tolist(), info.log_vendi_before.shape  # (steps, hooked blocks)
+        ([0, 1], (3, 2))
+        >>> bool((info.log_vendi_after[:2] > info.log_vendi_before[:2]).all())
+        True
+        >>> bool((info.log_vendi_after[2] == info.log_vendi_before[2]).all())
+        True
     """
     eta = validation.real("eta", eta, lo=0)
     m = validation.integer("inner_steps", inner_steps, minimum=1)

@@ -738,7 +738,8 @@ class SD3Transformer2DModel(nnx.Module):
         pooled_projections: jax.Array,
         *,
         context_hook: ContextHook | None = None,
-    ) -> jax.Array:
+        context_reports: bool = False,
+    ) -> jax.Array | tuple[jax.Array, tuple]:
         """Predict the flow velocity for a batch of latents.
 
         Args:
@@ -756,9 +757,15 @@ class SD3Transformer2DModel(nnx.Module):
                 time under ``jax.jit`` (a Python callable; pass one with a stable
                 identity so it compiles once) and must return the shape it was given.
                 ``None`` (default) leaves the model unchanged.
+            context_reports: the hook returns ``(encoder_hidden_states, report)``, a
+                pytree of diagnostics (``None`` when it has none), and the call returns
+                the reports too; how guidance terms acting inside the model bring their
+                diagnostics into the sampler's trace.
 
         Returns:
-            The velocity, NCHW ``(B, out_channels, H, W)``, in the compute dtype.
+            The velocity, NCHW ``(B, out_channels, H, W)``, in the compute dtype; with
+            ``context_reports=True``, ``(velocity, reports)``, ``reports`` a tuple holding
+            the hook's report after each block it ran after (blocks ``0 .. L - 2``).
 
         Raises:
             ValueError: inputs of the wrong shape (naming the argument).
@@ -805,11 +812,21 @@ class SD3Transformer2DModel(nnx.Module):
         h = self.pos_embed(x)
         temb = self.time_text_embed(t, pooled.astype(self.dtype))
         context = self.context_embedder(context.astype(self.dtype))
+        reports = []
         for i, block in enumerate(self.transformer_blocks):
             context, h = block(h, context, temb)
             if context_hook is not None and context is not None:
                 shape = context.shape
                 context = context_hook(i, context)
+                if context_reports:
+                    if not isinstance(context, tuple) or len(context) != 2:
+                        raise ValueError(
+                            "with context_reports=True, context_hook must return "
+                            f"(text_stream, report), got {type(context).__name__} after "
+                            f"block {i}"
+                        )
+                    context, report = context
+                    reports.append(report)
                 if getattr(context, "shape", None) != shape:
                     raise ValueError(
                         f"context_hook must return the text stream's shape {shape}, got "
@@ -821,7 +838,8 @@ class SD3Transformer2DModel(nnx.Module):
         gh, gw = height // p, width // p
         h = h.reshape(b, gh, gw, p, p, cfg.out_channels)
         h = jnp.transpose(h, (0, 5, 1, 3, 2, 4))
-        return h.reshape(b, cfg.out_channels, height, width)
+        velocity = h.reshape(b, cfg.out_channels, height, width)
+        return (velocity, tuple(reports)) if context_reports else velocity
 
 
 def load_mmdit(

@@ -428,10 +428,19 @@ def _encode_prompt_fn(clip_l, clip_g, t5, *, joint_dim, t5_length, clip_skip):
 
 
 def _run_context_hooks(hooks, block_index, stream):
-    """The guidance terms' model hooks (``hook="model"``), in chain order, after a block."""
+    """The guidance terms' model hooks (``hook="model"``), in chain order, after a block:
+    ``(stream, reports)``, one report per hook."""
+    reports = []
     for hook in hooks:
-        stream = hook(block_index, stream)
-    return stream
+        out = hook(block_index, stream)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError(
+                "a model hook must return (text_stream, report) (report None when it has "
+                f"none), got {type(out).__name__} after block {block_index}"
+            )
+        stream, report = out
+        reports.append(report)
+    return stream, tuple(reports)
 
 
 def _check_hook_blocks(hooks, num_layers: int) -> None:
@@ -456,9 +465,14 @@ def _mmdit_fn(transformer, num_train_timesteps):
         # diffusers feeds the scheduler's timesteps, sigma * num_train_timesteps
         timestep = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * num_train_timesteps,
                                     (x.shape[0],))  # fmt: skip
-        hook = Partial(_run_context_hooks, tuple(model_hooks)) if model_hooks else None
-        return net.apply(params, x, timestep, cond.prompt_embeds, cond.pooled,
-                         context_hook=hook)  # fmt: skip
+        if not model_hooks:
+            return net.apply(params, x, timestep, cond.prompt_embeds, cond.pooled)
+        hook = Partial(_run_context_hooks, tuple(model_hooks))
+        velocity, by_block = net.apply(params, x, timestep, cond.prompt_embeds, cond.pooled,
+                                       context_hook=hook, context_reports=True)  # fmt: skip
+        # the protocol's order: one tuple per hook, holding its report after each block
+        per_hook = tuple(zip(*by_block, strict=True)) if by_block else ((),) * len(model_hooks)
+        return velocity, per_hook
 
     return Bound(apply, net.params)
 

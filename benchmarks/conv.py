@@ -1,0 +1,148 @@
+"""The convolution gap: XLA:CPU 3x3 convolutions against PyTorch's (oneDNN), per XLA flag set.
+
+    OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu python -m benchmarks.conv [--rounds 5]
+        [--flag-sets default,onednn,...] [--shapes sd21]
+
+The UNet ports run their 3x3 convolutions as NHWC ``lax.conv_general_dilated`` (what
+``nnx.Conv`` lowers to); PyTorch runs NCHW ``conv2d`` through oneDNN. This times both on
+the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to
+8 x 8 x 1280, where the spatial size is small and the channel count high. XLA's flags are
+read once per process, so each flag set runs in a child process of its own, where jaxdiv
+and torch alternate round by round (:func:`benchmarks.timing.interleaved`) with one thread
+each; the ratios come from those interleaved rounds. Outputs are checked against each
+other (max abs difference) before timing.
+
+Flag sets (``--flag-sets``, comma-separated names):
+
+* ``default``: no flags beyond single-threaded Eigen.
+* ``onednn``: ``--xla_cpu_use_onednn=true`` (oneDNN thunks for matmul and convolution).
+* ``onednn_custom_call``: ``--xla_cpu_experimental_onednn_custom_call=true``.
+* ``no_xnnpack``: ``--xla_cpu_use_xnnpack=false``.
+* ``fast_runtime``: ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME``.
+
+Writes ``results/benchmarks/conv.json`` (``--out``) with median [min-max] per shape and
+flag set, the torch / jaxdiv ratio per round, the environment and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FLAG_SETS = {
+    "default": "",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "onednn_custom_call": "--xla_cpu_experimental_onednn_custom_call=true",
+    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
+    "fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+}
+_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# (batch, height = width, in channels, out channels): SD 2.1's UNet at latent 64, CFG batch 2
+SHAPES = {
+    "sd21": [(2, 64, 320, 320), (2, 32, 640, 640), (2, 16, 1280, 1280), (2, 8, 1280, 1280)],
+    "tiny": [(1, 8, 8, 8), (1, 4, 16, 16)],
+}
+
+
+def measure(shapes, rounds: int) -> list[dict]:
+    """Time jaxdiv's NHWC convolution and torch's NCHW one on each shape, interleaved, in
+    this process (with whatever ``XLA_FLAGS`` it was started with)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from benchmarks.timing import interleaved
+
+    torch.set_num_threads(1)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+    rows = []
+    for b, hw, cin, cout in shapes:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((b, hw, hw, cin), np.float32)
+        w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+
+        def run_torch(xt=xt, wt=wt):
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(xt, wt, padding=1)
+
+        def run_jax(xj=xj, wj=wj):
+            return conv(xj, wj).block_until_ready()
+
+        diff = float(np.abs(np.asarray(run_jax()).transpose(0, 3, 1, 2)
+                            - run_torch().numpy()).max())  # fmt: skip
+        timed = interleaved({"jaxdiv": run_jax, "torch": run_torch}, rounds)
+        per_round = [t / j for j, t in zip(timed["jaxdiv"]["runs_s"], timed["torch"]["runs_s"],
+                                           strict=True)]  # fmt: skip
+        rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
+                     "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9, "max_abs_diff": diff,
+                     "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
+                     / timed["jaxdiv"]["median_s"],
+                     "per_round_torch_over_jaxdiv": [min(per_round), max(per_round)]})  # fmt: skip
+    return rows
+
+
+def _child(args) -> None:
+    from benchmarks.timing import environment
+
+    rows = measure(SHAPES[args.shapes], args.rounds)
+    print(json.dumps({"rows": rows, "environment": environment()}))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.conv",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flag-sets", default=",".join(FLAG_SETS))
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="sd21")
+    parser.add_argument("--out", default="results/benchmarks/conv.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.child:
+        _child(args)
+        return {}
+    names = [n for n in args.flag_sets.split(",") if n]
+    unknown = sorted(set(names) - set(FLAG_SETS))
+    if unknown or not names:
+        parser.error(f"--flag-sets must name some of {sorted(FLAG_SETS)}, got {unknown or names}")
+    from experiments.common import write_json
+
+    result = {"benchmark": "3x3 convolution, float32, one thread: XLA:CPU NHWC vs torch "
+                           "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
+              "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
+              "flag_sets": {}}  # fmt: skip
+    for name in names:
+        env = dict(os.environ, XLA_FLAGS=f"{FLAG_SETS[name]} {_ONE_THREAD}".strip(),
+                   OMP_NUM_THREADS="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        cmd = [sys.executable, "-m", "benchmarks.conv", "--child", "--rounds",
+               str(args.rounds), "--shapes", args.shapes]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "error",
+                                         "stderr_tail": proc.stderr[-2000:]}  # fmt: skip
+        else:
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "ok", **child}
+        for row in result["flag_sets"][name].get("rows", []):
+            print(f"{name:>18}  {row['batch']}x{row['hw']}x{row['hw']}x{row['in_channels']}"
+                  f"->{row['out_channels']}: jaxdiv "
+                  f"{row['times']['jaxdiv']['median_s'] * 1e3:8.2f} ms  torch "
+                  f"{row['times']['torch']['median_s'] * 1e3:8.2f} ms  torch/jaxdiv "
+                  f"{row['torch_over_jaxdiv']:.2f}", flush=True)  # fmt: skip
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

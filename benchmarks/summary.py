@@ -1,0 +1,96 @@
+"""One screen of every ratio the benchmark JSONs under ``results/`` hold.
+
+    python -m benchmarks.summary [--root results]
+
+``make bench`` runs the CPU benchmarks and then this. Every benchmark writes its own JSON
+layout; the summary reads them all the same way: each number whose key names a ratio
+(``..._over_...``, ``ratio...``, ``speedup...``, ``overhead...``) is printed with the
+row's identifying fields (config, method, sizes), the file's date and its peak resident
+memory, so the figures quoted in the README can be found again without opening files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+_RATIO = re.compile(r"(^|_)(over|ratio|speedup|overhead)(_|$)")
+# fields that tell the rows of one file apart
+_LABELS = ("config", "method", "name", "seq", "latent", "batch", "d", "num_reference",
+           "num_shields", "devices", "threads", "steps")  # fmt: skip
+
+
+def ratios(tree, where: str = "") -> list[tuple[str, str, float]]:
+    """``(row, key, value)`` for every finite number under a ratio-named key of ``tree``
+    (model configurations are skipped: their ``mlp_ratio`` is not a measurement).
+
+    >>> ratios({"rows": [{"config": "tiny", "torch_over_jax": 1.5, "jax_s": 2.0}]})
+    [('rows[0] config=tiny', 'torch_over_jax', 1.5)]
+    """
+    out = []
+    if isinstance(tree, dict):
+        tags = " ".join(f"{k}={tree[k]}" for k in _LABELS
+                        if isinstance(tree.get(k), (str, int, float)))  # fmt: skip
+        here = " ".join(p for p in (where, tags) if p)
+        for key, value in tree.items():
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if is_number and _RATIO.search(key) and math.isfinite(value):
+                out.append((here, key, float(value)))
+            elif isinstance(value, dict) and "config" not in key:
+                out.extend(ratios(value, f"{here} {key}".strip()))
+            elif isinstance(value, list):
+                out.extend(ratios(value, key))
+    elif isinstance(tree, list):
+        for i, item in enumerate(tree):
+            out.extend(ratios(item, f"{where}[{i}]"))
+    return out
+
+
+def _meta(data: dict) -> str:
+    env = data.get("meta", data)  # sd_step keeps its environment under "meta"
+    date = str(env.get("date", "?"))[:10]
+    rss = env.get("peak_rss_mb")
+    if rss is None and env.get("peak_rss_gb") is not None:
+        rss = 1024 * env["peak_rss_gb"]
+    return f"{date}, peak RSS {rss / 1024:.1f} GB" if rss else f"{date}, peak RSS not recorded"
+
+
+def summary(root: Path) -> list[str]:
+    """The lines :func:`main` prints for the JSON files under ``root``: a heading per
+    file, then one line per row with its ratios."""
+    lines = []
+    for path in sorted(Path(root).rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            lines.append(f"{path}: unreadable ({err})")
+            continue
+        found = ratios(data) if isinstance(data, dict) else []
+        if not found:
+            continue
+        lines.append(f"{path.relative_to(root)}  ({_meta(data)})")
+        rows: dict[str, list[str]] = {}
+        for row, key, value in found:
+            rows.setdefault(row, []).append(f"{key} {value:.3g}")
+        lines.extend(f"  {row or '-'}: {', '.join(items)}" for row, items in rows.items())
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--root", default="results", help="folder searched for *.json")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    if not root.is_dir():
+        parser.error(f"--root {str(root)!r} is not a folder (run the benchmarks first)")
+    lines = summary(root) or [f"no benchmark ratios under {root}/ yet"]
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    main()

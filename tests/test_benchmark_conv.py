@@ -1,0 +1,28 @@
+"""``python -m benchmarks.conv``: the convolution gap per XLA flag set, at tiny shapes."""
+
+import json
+
+import pytest
+
+from benchmarks import conv
+
+
+def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
+    out = tmp_path / "conv.json"
+    conv.main(["--shapes", "tiny", "--rounds", "2", "--flag-sets", "default", "--out", str(out)])
+    data = json.loads(out.read_text())
+    entry = data["flag_sets"]["default"]
+    assert entry["status"] == "ok", entry
+    assert "--xla_cpu_multi_thread_eigen=false" in entry["environment"]["threads"]["XLA_FLAGS"]
+    assert entry["environment"]["peak_rss_mb"] > 0
+    assert len(entry["rows"]) == len(conv.SHAPES["tiny"])
+    for row in entry["rows"]:
+        assert row["max_abs_diff"] < 1e-4  # the same convolution
+        assert len(row["times"]["jaxdiv"]["runs_s"]) == 2 and row["torch_over_jaxdiv"] > 0
+        lo, hi = row["per_round_torch_over_jaxdiv"]
+        assert 0 < lo <= hi
+
+
+def test_unknown_flag_sets_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        conv.main(["--flag-sets", "fastest", "--out", str(tmp_path / "x.json")])
