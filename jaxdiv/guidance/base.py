@@ -323,7 +323,7 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
             )
         return out.astype(xx.dtype), reports
 
-    denoise = ModelCalls(call)
+    denoise = ModelCalls(call, reporting=bool(hooks))
     den = [j for j, term in enumerate(terms) if term.hook == "denoiser"]
     if den:
         term = terms[den[0]]
@@ -353,8 +353,9 @@ class ModelCalls:
     would leak them; :func:`guided_denoise` refuses that with a message.
     """
 
-    def __init__(self, call):
+    def __init__(self, call, reporting: bool = True):
         self._call = call
+        self.reporting = reporting  # False: no model hooks, so no reports to carry
         self.reports = None
 
     def __call__(self, x, cond):
@@ -437,7 +438,7 @@ def run_if(active, apply, hook, state, arg, ctx):
     """``apply(state, arg, ctx)`` where ``active``, the identity elsewhere (``lax.cond``:
     inactive evaluations skip the term's computation), with :class:`WindowInfo`."""
     on = lambda: apply(state, arg, ctx)
-    reporting = hook == "denoiser" and isinstance(arg, ModelCalls)
+    reporting = hook == "denoiser" and isinstance(arg, ModelCalls) and arg.reporting
     # the model hooks' reports (if any) leave the cond as an output, not through the closure
     shapes, on_reports = jax.eval_shape(lambda: arg.collect(on)) if reporting else (
         jax.eval_shape(on), None)  # fmt: skip
