@@ -4,9 +4,13 @@
         [--flag-sets default,onednn,...] [--shapes sd21]
 
 The UNet ports run their 3x3 convolutions as NHWC ``lax.conv_general_dilated`` (what
-``nnx.Conv`` lowers to); PyTorch runs NCHW ``conv2d`` through oneDNN. This times both on
-the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to
-8 x 8 x 1280, where the spatial size is small and the channel count high. XLA's flags are
+``nnx.Conv`` lowers to), except on inputs smaller than the kernel, where
+:func:`jaxdiv.models.layers.small_input_conv` multiplies gathered patches instead; PyTorch
+runs NCHW ``conv2d`` through oneDNN. ``--shapes sd21`` times both on the shapes of an
+SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to 8 x 8 x 1280, where
+the spatial size is small and the channel count high. ``--shapes bottom`` times the
+bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4), with plain
+``lax.conv_general_dilated`` as a third row there. XLA's flags are
 read once per process, so each flag set runs in a child process of its own, where jaxdiv
 and torch alternate round by round (:func:`benchmarks.timing.interleaved`) with one thread
 each; the ratios come from those interleaved rounds. Outputs are checked against each
@@ -44,7 +48,9 @@ _ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 # (batch, height = width, in channels, out channels): SD 2.1's UNet at latent 64, CFG batch 2
 SHAPES = {
     "sd21": [(2, 64, 320, 320), (2, 32, 640, 640), (2, 16, 1280, 1280), (2, 8, 1280, 1280)],
-    "tiny": [(1, 8, 8, 8), (1, 4, 16, 16)],
+    # the bottom of a UNet at 128 px (latent 16, CFG batch 4): inputs smaller than the kernel
+    "bottom": [(4, 2, 256, 256), (4, 2, 512, 256), (4, 1, 256, 256), (4, 4, 256, 256)],
+    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16)],
 }
 
 
@@ -57,10 +63,16 @@ def measure(shapes, rounds: int) -> list[dict]:
     import torch
 
     from benchmarks.timing import interleaved
+    from jaxdiv.models.layers import small_input_conv
 
     torch.set_num_threads(1)
-    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+
+    def jitted(fn):
+        return jax.jit(lambda x, w: fn(x, w, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=jax.lax.conv_dimension_numbers(
+                                           x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))))
+
+    conv, lax_conv = jitted(small_input_conv), jitted(jax.lax.conv_general_dilated)
     rows = []
     for b, hw, cin, cout in shapes:
         rng = np.random.default_rng(0)
@@ -77,9 +89,15 @@ def measure(shapes, rounds: int) -> list[dict]:
         def run_jax(xj=xj, wj=wj):
             return conv(xj, wj).block_until_ready()
 
+        def run_lax(xj=xj, wj=wj):
+            return lax_conv(xj, wj).block_until_ready()
+
         diff = float(np.abs(np.asarray(run_jax()).transpose(0, 3, 1, 2)
                             - run_torch().numpy()).max())  # fmt: skip
-        timed = interleaved({"jaxdiv": run_jax, "torch": run_torch}, rounds)
+        fns = {"jaxdiv": run_jax, "torch": run_torch}
+        if hw < 3:  # jaxdiv's layers avoid lax here: time what they avoid
+            fns["lax_conv_general_dilated"] = run_lax
+        timed = interleaved(fns, rounds)
         per_round = [t / j for j, t in zip(timed["jaxdiv"]["runs_s"], timed["torch"]["runs_s"],
                                            strict=True)]  # fmt: skip
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
