@@ -81,6 +81,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -325,6 +326,8 @@ class Suite:
 
     def write(self) -> None:
         self.result["elapsed_s"] = self.elapsed()
+        # Linux reports ru_maxrss in KiB
+        self.result["host_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.result["updated_utc"] = _utc()
         write_json_atomic(self.out, self.result)
 

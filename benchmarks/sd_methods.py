@@ -19,8 +19,6 @@ decode (and, in pixel mode, the VAE encode) inside every Adam iteration dominate
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -138,9 +136,9 @@ def main(argv=None):
     p.add_argument("--out", default="results/sd_methods.json")
     args = p.parse_args(argv)
 
-    import jax
     import torch
 
+    from benchmarks.timing import environment
     from experiments.common import write_json
 
     with tempfile.TemporaryDirectory() as folder:
@@ -161,14 +159,9 @@ def main(argv=None):
         "rounds": args.rounds,
         "gass_max_iters": args.gass_iters,
         "timing": "interleaved A B C ... per round, median [min-max]",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": str(jax.devices()[0]),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "threads": {"xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "torch": torch.get_num_threads()},  # fmt: skip
-        "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},  # fmt: skip
+        **environment(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
         **extra,
         "rows": rows,
     }
