@@ -109,10 +109,15 @@ def measure(shapes, rounds: int) -> list[dict]:
 
 
 def _child(args) -> None:
+    import torch
+
     from benchmarks.timing import environment
 
     rows = measure(SHAPES[args.shapes], args.rounds)
-    print(json.dumps({"rows": rows, "environment": environment()}))
+    env = environment()
+    env["versions"]["torch"] = torch.__version__
+    env["torch_threads"] = torch.get_num_threads()
+    print(json.dumps({"rows": rows, "environment": env}))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
     assert entry["status"] == "ok", entry
     assert "--xla_cpu_multi_thread_eigen=false" in entry["environment"]["threads"]["XLA_FLAGS"]
     assert entry["environment"]["peak_rss_mb"] > 0
+    assert entry["environment"]["versions"]["torch"] and entry["environment"]["date"]
     assert len(entry["rows"]) == len(conv.SHAPES["tiny"])
     for row in entry["rows"]:
         assert row["max_abs_diff"] < 1e-4  # the same convolution
