@@ -52,9 +52,13 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests
 
+# one-thread comparisons pin the process to one core: XLA:CPU ignores its thread flags
+# (sd_step, sd_generate and conv pin themselves)
+ONE_CORE := OMP_NUM_THREADS=1 taskset -c 0
+
 bench: $(STAMP)
-	$(PY) -m benchmarks.toy_sampler
-	$(PY) -m benchmarks.metrics
+	$(ONE_CORE) $(PY) -m benchmarks.toy_sampler
+	$(ONE_CORE) $(PY) -m benchmarks.metrics
 	$(PY) -m benchmarks.spell
 	$(PY) -m benchmarks.sd_step
 	$(PY) -m benchmarks.sd_generate

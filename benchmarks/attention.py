@@ -21,9 +21,9 @@ implementations alternate A B C A B C over ``--rounds`` rounds
 dense-vs-blocked crossover over ``--tune-seqs`` (how ``BLOCKED_KV_BLOCK`` and
 ``BLOCKED_MIN_KEYS`` in :mod:`jaxdiv.models.layers` were chosen).
 
-Run (CPU, one thread per library: steadier on a loaded machine):
-    OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python -m benchmarks.attention \
+Run (CPU, one core for both libraries; ``taskset`` pins the process, since XLA:CPU keeps
+using every core under the ``XLA_FLAGS`` thread settings):
+    OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu taskset -c 0 python -m benchmarks.attention \
     --seq 4096,1024 --rounds 5
 
 ``--smoke`` runs a tiny shape for one round (the test of this script).

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.child:
+        from benchmarks.timing import pin_one_core
+
+        # the flags alone leave XLA:CPU on every core: the child pins itself before JAX starts
+        pin_one_core()
         _child(args)
         return {}
     names = [n for n in args.flag_sets.split(",") if n]

@@ -23,9 +23,10 @@ What is measured, per implementation and case:
   by ``tracemalloc``; ``xla_temp_mib`` (jaxdiv side only): XLA's compiled temp+output
   buffer plan. These explain the RSS numbers; they are not comparable with each other.
 
-Threads: by default everything runs single-threaded (``JAXDIV_BENCH_THREADS=1`` sets
-``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` and XLA's intra-op pool), which is what
-makes timings reproducible on a shared machine; ``JAXDIV_BENCH_THREADS=N`` allows more.
+Threads: by default the BLAS pools run single-threaded (``JAXDIV_BENCH_THREADS=1`` sets
+``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` and XLA's thread flags), which is what makes
+timings reproducible on a shared machine; ``JAXDIV_BENCH_THREADS=N`` allows more. XLA:CPU
+keeps using every core under those flags: for one core, start it under ``taskset -c 0``.
 ``prdc.compute_prdc`` still starts its 8 joblib threads (each using 1 BLAS thread).
 
 Writes ``results/metrics_benchmark.json`` and prints a Markdown table. The machine may

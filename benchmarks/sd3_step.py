@@ -29,10 +29,10 @@ Configs (``--config``):
 Latents are NCHW ``(2, C, --latent, --latent)``; ``--latent 32`` is a 256 px image (256
 image tokens), SD3's native 1024 px is ``--latent 128``.
 
-Run (CPU, one thread per library: steadier on a loaded machine, where PyTorch's OpenMP
-threads spin on oversubscribed cores):
-    OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python -m benchmarks.sd3_step \
+Run (CPU, one core for both libraries: steadier on a loaded machine, where PyTorch's
+OpenMP threads spin on oversubscribed cores; ``taskset`` pins the process, since XLA:CPU
+keeps using every core under the ``XLA_FLAGS`` thread settings):
+    OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu taskset -c 0 python -m benchmarks.sd3_step \
     --config sd3-medium --layers 2 --latent 32 --rounds 3
 
 ``--generate-steps 28`` adds a second row: a full generation (tokenization, prompt

@@ -162,8 +162,9 @@ def main(argv=None):
                    help="1: one core for both libraries; 0: library defaults")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads == 1:
-        # before jax / torch start their thread pools
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from benchmarks.timing import pin_one_core
+
+        pin_one_core()  # before jax / torch start their thread pools
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 

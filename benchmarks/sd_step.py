@@ -10,18 +10,19 @@ Configs:
   * ``sd21``: SD 2.1 sized (block_out_channels (320, 640, 1280, 1280), cross-attention
     1024, heads (5, 10, 20, 20), linear projections, upcast attention; ~866M parameters).
 
-Run (CPU, all cores):
+Run (CPU, one core for every implementation, the default ``--threads 1``: the process is
+pinned to one core, since XLA:CPU keeps using every core under
+``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"``):
     JAX_PLATFORMS=cpu python -m benchmarks.sd_step --configs tiny,sd21 --latent 32 --batch 2
 
-Run (CPU, one thread each; steadier on a loaded machine, where PyTorch's OpenMP threads
-spin on oversubscribed cores):
-    OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python -m benchmarks.sd_step \
-    --out results/sd_step_1thread.json
+Run (CPU, both libraries' default threads on all cores): add ``--threads 0``. Each row
+records ``cores_used`` (CPU time / wall time of one call) per implementation.
 
-Writes ``results/sd_step.json`` (one row per measurement). The rows are produced by
-:func:`collect_rows`; the full-generation timing (50-step DDIM + CFG through
-``jaxdiv.pipelines``) is meant to be added there as further rows.
+Three implementations alternate round by round (A B C A B C): jaxdiv jitted, diffusers
+eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
+drops that peer; a compile failure is recorded in the JSON, not raised). Writes
+``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
+DDIM + CFG generation is ``benchmarks.sd_generate``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import environment, interleaved
+from benchmarks.timing import environment, interleaved, pin_one_core
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -89,10 +92,37 @@ def build_pair(config: dict[str, Any], seed: int = 0):
     return torch_model, model
 
 
+def compiled_peer(torch_model, mode: str, args: tuple) -> tuple[Any, dict[str, Any]]:
+    """``torch.compile`` of the diffusers UNet (``fullgraph=True, dynamic=False``), compiled
+    and checked by one call on ``args``. Returns ``(callable or None, record)``; a failure
+    is recorded (error and traceback tail) instead of raised, so the eager rows still run."""
+    import torch
+
+    record: dict[str, Any] = {"mode": mode, "what": "torch.compile(UNet2DConditionModel, "
+                              "fullgraph=True, dynamic=False), inductor on CPU"}  # fmt: skip
+    if mode == "off":
+        return None, record | {"status": "skipped (--torch-compile off)"}
+    try:
+        compiled = torch.compile(torch_model, mode=mode, fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = compiled(*args).sample.numpy()
+        record.update(status="ok", compile_s=time.perf_counter() - t0)
+        return (lambda: compiled(*args)), record | {"_out": out}
+    except Exception as e:  # noqa: BLE001 -- recorded in the JSON instead of a number
+        return None, record | {
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}"[:2000],
+            "traceback_tail": traceback.format_exc()[-2000:],
+        }
+
+
 def measure_denoiser_step(
-    name: str, *, latent: int, batch: int, repeats: int, seed: int = 0
-) -> dict[str, Any]:
-    """Time one UNet forward (eps prediction) in diffusers (eager) and jaxdiv (jitted).
+    name: str, *, latent: int, batch: int, repeats: int, seed: int = 0,
+    torch_compile: str = "default",
+) -> dict[str, Any]:  # fmt: skip
+    """Time one UNet forward (eps prediction) in diffusers (eager), diffusers under
+    ``torch.compile`` and jaxdiv (jitted), alternating A B C over the rounds.
 
     Args:
         name: key of :data:`CONFIGS`.
@@ -100,6 +130,7 @@ def measure_denoiser_step(
         batch: batch size (2 = one CFG pair).
         repeats: interleaved rounds after one warm-up call each (median [min-max]).
         seed: weight and input seed.
+        torch_compile: ``torch.compile`` mode of the third peer, or ``"off"``.
 
     Returns:
         A result row (times in seconds; ``ratio`` = torch / jax, > 1 means jaxdiv faster).
@@ -132,12 +163,27 @@ def measure_denoiser_step(
     xt, tt, ct = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
     with torch.no_grad():
         out_torch = torch_model(xt, tt, ct).sample.numpy()
-        # A B A B: both implementations see the same machine load
-        timed = interleaved({
-            "jax": lambda: step(state, xj, tj, cj).block_until_ready(),
-            "torch": lambda: torch_model(xt, tt, ct),
-        }, repeats)  # fmt: skip
+    run_compiled, compiled = compiled_peer(torch_model, torch_compile, (xt, tt, ct))
+    fns = {
+        "jax": lambda: step(state, xj, tj, cj).block_until_ready(),
+        "torch": lambda: torch_model(xt, tt, ct),
+    }
+    if run_compiled is not None:
+        fns["torch_compile"] = run_compiled
+        compiled["max_abs_diff_to_eager"] = float(np.abs(compiled.pop("_out") - out_torch).max())
+    with torch.no_grad():
+        # A B C A B C: every implementation sees the same machine load
+        timed = interleaved(fns, repeats)
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
+    with torch.no_grad():
+        cores = {name: cores_used(fn) for name, fn in fns.items()}
+    if run_compiled is not None:
+        tc = timed["torch_compile"]
+        compiled.update(
+            median_s=tc["median_s"], min_max_s=[tc["min_s"], tc["max_s"]], all_s=tc["runs_s"],
+            ratio_torch_compile_over_jax=tc["median_s"] / jax_s,
+            per_round_ratio_min_max=_round_ratios(tc["runs_s"], timed["jax"]["runs_s"]),
+        )  # fmt: skip
 
     return dict(
         benchmark="unet_step",
@@ -158,8 +204,25 @@ def measure_denoiser_step(
         torch_all_s=timed["torch"]["runs_s"],
         timing="interleaved A B A B, median [min-max]",
         ratio_torch_over_jax=torch_s / jax_s,
+        per_round_ratio_min_max=_round_ratios(timed["torch"]["runs_s"], timed["jax"]["runs_s"]),
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
+        torch_compile=compiled,
+        cores_used=cores,
     )
+
+
+def cores_used(fn) -> float:
+    """Process CPU time over wall time of one call of ``fn``: how many cores it kept busy."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+
+
+def _round_ratios(peer: list[float], jax_runs: list[float]) -> list[float]:
+    """[min, max] of peer / jaxdiv over the rounds (each ratio from one round)."""
+    ratios = [p / j for p, j in zip(peer, jax_runs, strict=True)]
+    return [min(ratios), max(ratios)]
 
 
 def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -169,16 +232,25 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         if name not in CONFIGS:
             raise ValueError(f"--configs entries must be in {sorted(CONFIGS)}, got {name!r}")
         row = measure_denoiser_step(
-            name, latent=args.latent, batch=args.batch, repeats=args.repeats
-        )
+            name, latent=args.latent, batch=args.batch, repeats=args.repeats,
+            torch_compile=args.torch_compile,
+        )  # fmt: skip
         print(
             f"{name:>5}  {row['params'] / 1e6:7.1f}M params  latent {args.latent}x{args.latent} "
             f"batch {args.batch}:  jaxdiv {row['jax_s'] * 1e3:9.1f} ms  "
             f"(compile {row['jax_compile_s']:.1f} s)  diffusers {row['torch_s'] * 1e3:9.1f} ms  "
             f"ratio torch/jax {row['ratio_torch_over_jax']:.2f}  "
-            f"max|diff| {row['max_abs_diff']:.1e}",
+            f"max|diff| {row['max_abs_diff']:.1e}  cores used "
+            + ", ".join(f"{k} {v:.2f}" for k, v in row["cores_used"].items()),
             flush=True,
         )
+        tc = row["torch_compile"]
+        if tc["status"] == "ok":
+            print(f"       torch.compile ({tc['mode']}, compile {tc['compile_s']:.0f} s) "
+                  f"{tc['median_s'] * 1e3:9.1f} ms  ratio compile/jax "
+                  f"{tc['ratio_torch_compile_over_jax']:.2f}", flush=True)  # fmt: skip
+        else:
+            print(f"       torch.compile: {tc['status']}", flush=True)
         rows.append(row)
     return rows
 
@@ -193,8 +265,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent height = width")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-compile", default="default",
+                        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "off"),
+                        help="torch.compile mode of the third peer (off: eager diffusers only)")
     parser.add_argument("--out", default="results/sd_step.json")
+    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
+                        help="1: one core for every implementation; 0: library defaults")
     args = parser.parse_args(argv)
+    if args.threads == 1:
+        pin_one_core()  # before jax / torch start their thread pools
+        torch.set_num_threads(1)
     if args.latent <= 0 or args.batch <= 0 or args.repeats <= 0:
         raise ValueError("--latent, --batch and --repeats must be positive")
     rows = collect_rows(args)

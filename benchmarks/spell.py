@@ -4,12 +4,13 @@ reference shields, on the toy and on a UNet-sized dummy denoiser.
     python -m benchmarks.spell              # ~5 min on 2 CPU cores
     python -m benchmarks.spell --quick      # smaller grid, ~1 min
 
-Each configuration runs ``jaxdiv.sample`` (DDIM, ``--steps`` steps) once to compile and
-then ``--repeats`` times; the best wall time divided by the number of steps is the step
-time. The SPELL term alone is timed the same way (jitted, on the ``x0_hat`` of the
-unguided run's middle step). The overhead is ``SPELL time / step time without SPELL``
-(one SPELL evaluation per DDIM step); the end-to-end ratio ``step(with) / step(without)
-- 1`` is printed too but is noisy on a shared CPU. The paper reports ~0.3% for
+Each configuration runs ``jaxdiv.sample`` (DDIM, ``--steps`` steps) without and with the
+term once each to compile, then alternates the two over ``--repeats`` rounds
+(:func:`benchmarks.timing.interleaved`); the median wall time divided by the number of
+steps is the step time. The SPELL term alone is timed the same way (jitted, on the
+``x0_hat`` of the unguided run's middle step). The overhead is ``SPELL time / step time
+without SPELL`` (one SPELL evaluation per DDIM step); the end-to-end ratio ``step(with) /
+step(without) - 1`` is printed too but is noisy on a shared CPU. The paper reports ~0.3% for
 intra-batch SPELL with Simple Diffusion on a V100 (App. G, Table 5). Denoisers:
 
 * ``toy``: the exact denoiser of a 16-component GMM in d = 16 (a few hundred flops per

@@ -58,13 +58,16 @@ def version(dist: str) -> str | None:
 
 def environment() -> dict:
     """What a benchmark JSON records beside its numbers: UTC date, versions, threads and
-    CPU affinity, the JAX devices, the machine's load average when it ran and the
-    process's peak resident memory so far (call it after the timings).
+    CPU affinity, the CPU model and its vector extensions, the JAX devices, the machine's
+    load average when it ran and the process's peak resident memory so far (call it after
+    the timings).
 
     >>> env = environment()
     >>> sorted(env)  # doctest: +NORMALIZE_WHITESPACE
-    ['cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average', 'peak_rss_mb',
-     'threads', 'versions']
+    ['cpu', 'cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average',
+     'peak_rss_mb', 'threads', 'versions']
+    >>> sorted(env["cpu"])
+    ['machine', 'model', 'vector_extensions']
     """
     import datetime
     import os
@@ -81,11 +84,55 @@ def environment() -> dict:
                                                      "XLA_FLAGS", "JAX_PLATFORMS")},
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
         "jax_devices": [str(d) for d in jax.devices()],
         "load_average": list(os.getloadavg()),
         # Linux reports ru_maxrss in KiB
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
+
+
+def cpu_model() -> dict:
+    """The CPU's model name and which wide vector extensions it has (from
+    ``/proc/cpuinfo`` where it exists): relative speeds of XLA:CPU and PyTorch's oneDNN
+    differ between hosts, e.g. with and without AVX-512, so every figure names its CPU.
+
+    >>> info = cpu_model()
+    >>> isinstance(info["model"], str) and isinstance(info["vector_extensions"], list)
+    True
+    """
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:  # every core repeats the same fields: keep the first
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or "unknown"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    wide = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
+            "sve", "asimd")  # fmt: skip
+    return {"model": model, "machine": platform.machine(),
+            "vector_extensions": [f for f in wide if f in flags]}  # fmt: skip
+
+
+def pin_one_core() -> int:
+    """Pin this process to one core (the lowest it may use) for a one-thread comparison,
+    and return it. Call it before JAX or torch start their thread pools (before the first
+    JAX computation); threads created later inherit the pin.
+
+    Only the pin limits XLA:CPU (jax 0.10.2): with ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=
+    false intra_op_parallelism_threads=1"`` a jitted SD2.1-sized UNet step still used 1.7-1.9
+    cores (CPU time / wall time), under ``taskset -c 0`` 1.00 (see the findings page).
+    """
+    import os
+
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
 
 
 def jit_over_arrays(fn, tree):

@@ -24,9 +24,9 @@ Where XLA's time goes: the compiled program of ``jaxdiv.sampling._run`` (what
 while body, per Heun step; with ``--profile`` (default) a ``jax.profiler`` trace of a few
 sampler calls gives each thunk's time per step.
 
-Run (CPU, one thread per library):
-    OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-    intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu python -m benchmarks.toy_sampler \
+Run (CPU, one core for every library; ``taskset`` pins the process, since XLA:CPU keeps
+using every core under the ``XLA_FLAGS`` thread settings):
+    OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu taskset -c 0 python -m benchmarks.toy_sampler \
     --rounds 7
 
 ``--torch-compile`` picks the ``torch.compile`` mode (``max-autotune``, falling back to

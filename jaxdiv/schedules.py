@@ -114,8 +114,7 @@ class VPSchedule(NamedTuple):
         self.check_times(t)
         t = jnp.asarray(t, jnp.float32)
         ext = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod])
-        grid = jnp.arange(-1, self.num_train_timesteps, dtype=jnp.float32)
-        return jnp.interp(t, grid, ext)
+        return _interp_unit_grid(t, -1.0, ext)
 
     def alpha(self, t):
         """``sqrt(alphas_cumprod[t])``, vectorised over ``t``."""
@@ -167,6 +166,27 @@ class VPSchedule(NamedTuple):
         if ts.max() > T - 1:
             raise ValueError(f"steps_offset={steps_offset} pushes timesteps past T-1={T - 1}")
         return jnp.asarray(np.append(ts, -1), jnp.float32)
+
+
+def _interp_unit_grid(x, x0: float, fp):
+    """``jnp.interp(x, x0 + arange(len(fp)), fp)`` for a grid of unit spacing starting at
+    the integer ``x0``, with the
+    same floating-point operations, but the interval found by ``floor`` instead of
+    ``searchsorted``: XLA compiles each ``searchsorted`` as a while loop of its own (one per
+    ``alpha``/``sigma`` call in a sampler step), which lengthens every compile.
+
+    >>> fp = jnp.array([1.0, 0.5, 0.0])
+    >>> _interp_unit_grid(jnp.array([-2.0, -0.5, 0.25, 3.0]), -1.0, fp).tolist()
+    [1.0, 0.75, 0.375, 0.0]
+    """
+    n = fp.shape[0]
+    # jnp.interp's i = searchsorted(xp, x, side="right") clipped to [1, n - 1]; floor(x)
+    # is exact, floor(x - x0) could round across a grid point
+    i = jnp.clip((jnp.floor(x) - x0).astype(jnp.int32) + 1, 1, n - 1)
+    delta = x - (x0 + (i - 1).astype(x.dtype))
+    f = fp[i - 1] + delta * (fp[i] - fp[i - 1])
+    f = jnp.where(x < x0, fp[0], f)
+    return jnp.where(x > x0 + (n - 1), fp[-1], f)
 
 
 def vp_from_betas(betas, name: str = "vp") -> VPSchedule:

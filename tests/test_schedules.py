@@ -90,6 +90,27 @@ def test_vp_interpolates_between_integer_timesteps():
     assert abs(float(sch.alpha(10.5) ** 2) - (a0 + a1) / 2) < 1e-7
 
 
+
+def test_vp_interpolation_equals_numpy_interp_bitwise_on_jnp_interp():
+    """The floor-based lookup behind ``alpha``/``sigma`` (no ``searchsorted`` loop) is
+    NumPy's ``interp`` of the table to float32 rounding, and bitwise ``jnp.interp``: random
+    times, every grid point, its float32 neighbours, and times outside the table."""
+    sch = schedules.vp_scaled_linear()
+    table = np.concatenate([[1.0], np.asarray(sch.alphas_cumprod, np.float64)])
+    grid = np.arange(-1, 1000)
+    rng = np.random.default_rng(0)
+    t = np.concatenate([
+        rng.uniform(-1, 999, 20000), grid, np.nextafter(grid, -np.inf),
+        np.nextafter(grid, np.inf), [-5.0, -1.5, 999.5, 1e6],
+    ]).astype(np.float32)  # fmt: skip
+    ours = np.asarray(jax.jit(sch.alpha)(jnp.asarray(t)), np.float64) ** 2
+    np.testing.assert_allclose(ours, np.interp(t.astype(np.float64), grid, table), rtol=2e-6)
+    ext = jnp.asarray(table, jnp.float32)
+    ref = jax.jit(lambda t: jnp.sqrt(jnp.interp(t, jnp.asarray(grid, jnp.float32), ext)))
+    assert np.array_equal(np.asarray(jax.jit(sch.alpha)(t)), np.asarray(ref(t)))
+    # traced times are not checked (concrete ones outside [-1, 999] are refused): NaN stays NaN
+    assert np.isnan(float(jax.jit(sch.sigma)(jnp.float32(np.nan))))
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="num_steps"):
         schedules.edm().grid(0)

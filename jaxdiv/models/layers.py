@@ -91,8 +91,8 @@ def small_input_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
 
     On such inputs (a UNet's 2 x 2 bottom level at 128 px) XLA:CPU swaps the convolution's
     operands and runs the result on a slow generic path: a 3 x 3, 256-channel convolution
-    of a ``(4, 2, 2, 256)`` batch took 10.95 ms there against 0.78 ms as patches @ kernel
-    (``python -m benchmarks.conv --shapes bottom --flag-sets default --rounds 7``).
+    of a ``(4, 2, 2, 256)`` batch took 9.42 ms there against 0.55 ms as patches @ kernel,
+    on one core (``python -m benchmarks.conv --shapes bottom --flag-sets default --rounds 7``).
     Every other case goes to ``lax.conv_general_dilated`` unchanged.
     ``nnx.Conv(..., conv_general_dilated=...)`` takes it in place of the lax function
     (:func:`conv2d` does).
