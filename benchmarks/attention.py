@@ -35,9 +35,7 @@ time / blocked time (> 1: blocked faster), from the medians.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import resource
 import sys
 from pathlib import Path
@@ -187,38 +185,30 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
             rows.append(dict(kind="tune_crossover", **measure(seq=seq, torch_too=False, **shape)))
             print(_fmt(rows[-1]), flush=True)
 
+    from benchmarks.timing import environment
     from jaxdiv.models import layers
 
+    env = environment()
     result = dict(
         benchmark="multi-head attention, float32 CPU: attention_core blocked vs "
         "jax.nn.dot_product_attention (xla) vs torch scaled_dot_product_attention",
         command=" ".join(
             ["python -m benchmarks.attention"] + list(sys.argv[1:] if argv is None else argv)
         ),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        date=env["date"],
         defaults=dict(
             BLOCKED_KV_BLOCK=layers.BLOCKED_KV_BLOCK, BLOCKED_MIN_KEYS=layers.BLOCKED_MIN_KEYS
         ),
-        versions=dict(
-            jax=jax.__version__,
-            jaxlib=_version("jaxlib"),
-            torch=torch.__version__,
-            numpy=np.__version__,
-            python=platform.python_version(),
-        ),
+        versions=env["versions"] | {"torch": torch.__version__},
         threads=dict(
             torch_threads=torch.get_num_threads(),
-            env={
-                k: os.environ.get(k)
-                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")
-            },
-            cpu_affinity=sorted(os.sched_getaffinity(0)),
-            cpu_count=os.cpu_count(),
+            env=env["threads"] | {"MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS")},
+            cpu_affinity=env["cpu_affinity"],
+            cpu_count=env["cpu_count"],
         ),
-        jax_devices=[str(d) for d in jax.devices()],
-        load_average=list(os.getloadavg()),
-        machine=platform.machine(),
-        processor=platform.processor(),
+        jax_devices=env["jax_devices"],
+        load_average=env["load_average"],
+        cpu=env["cpu"],
         peak_rss_gb=peak_rss_gb(),
         rows=rows,
     )
@@ -228,15 +218,6 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
     write_json(out, result)
     print(f"wrote {out}", flush=True)
     return result
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

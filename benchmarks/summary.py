@@ -5,8 +5,9 @@
 ``make bench`` runs the CPU benchmarks and then this. Every benchmark writes its own JSON
 layout; the summary reads them all the same way: each number whose key names a ratio
 (``..._over_...``, ``ratio...``, ``speedup...``, ``overhead...``) is printed with the
-row's identifying fields (config, method, sizes), the file's date and its peak resident
-memory, so the figures quoted in the README can be found again without opening files.
+row's identifying fields (config, method, sizes), the file's date, its CPU (where
+recorded) and its peak resident memory, so the figures quoted in the README can be found
+again without opening files.
 """
 
 from __future__ import annotations
@@ -50,12 +51,16 @@ def ratios(tree, where: str = "") -> list[tuple[str, str, float]]:
 
 
 def _meta(data: dict) -> str:
-    env = data.get("meta", data)  # sd_step keeps its environment under "meta"
+    # sd_step keeps its environment under "meta", metrics and gpu_suite under "environment"
+    env = data.get("meta") or data.get("environment") or data
     date = str(env.get("date", "?"))[:10]
+    cpu = env.get("cpu", {}).get("model") if isinstance(env.get("cpu"), dict) else None
     rss = env.get("peak_rss_mb")
     if rss is None and env.get("peak_rss_gb") is not None:
         rss = 1024 * env["peak_rss_gb"]
-    return f"{date}, peak RSS {rss / 1024:.1f} GB" if rss else f"{date}, peak RSS not recorded"
+    parts = [date] + ([cpu] if cpu else [])
+    parts.append(f"peak RSS {rss / 1024:.1f} GB" if rss else "peak RSS not recorded")
+    return ", ".join(parts)
 
 
 def summary(root: Path) -> list[str]:

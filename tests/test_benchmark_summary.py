@@ -10,7 +10,7 @@ from benchmarks import summary
 def test_ratios_of_every_layout_are_listed_with_their_rows(tmp_path, capsys):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "a.json").write_text(json.dumps({
-        "date": "2026-12-03T10:00:00+00:00", "peak_rss_mb": 2048.0,
+        "date": "2026-12-03T10:00:00+00:00", "peak_rss_mb": 2048.0, "cpu": {"model": "AMD EPYC"},
         "rows": [{"config": "tiny", "torch_over_jax": 1.25, "jax_s": 0.5,
                   "model_config": {"mlp_ratio": 4.0}},
                  {"config": "big", "torch_over_jax": float("nan")}]}))  # fmt: skip
@@ -23,7 +23,7 @@ def test_ratios_of_every_layout_are_listed_with_their_rows(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == lines
     assert lines[0].startswith("b.json  (2026-12-02, peak RSS not recorded)")
     assert lines[1] == "  rows[0] latent=64: ratio_torch_over_jax 1.14"
-    assert lines[2] == "benchmarks/a.json  (2026-12-03, peak RSS 2.0 GB)"
+    assert lines[2] == "benchmarks/a.json  (2026-12-03, AMD EPYC, peak RSS 2.0 GB)"
     # the NaN row and the model configuration's mlp_ratio are left out
     assert lines[3] == "  rows[0] config=tiny: torch_over_jax 1.25"
     assert any("broken.json: unreadable" in line for line in lines)

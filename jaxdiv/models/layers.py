@@ -539,15 +539,15 @@ def attention_core(
     they never go through :func:`jax.nn.dot_product_attention`, whose softmax is float32);
     the output has the dtype of ``q``.
 
-    The defaults were measured on a 2-core x86 CPU, 1 thread, B=2, 5 heads, D=64, float32,
-    median of 3 interleaved rounds (``OMP_NUM_THREADS=1
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    python -m benchmarks.attention --seq 4096 --rounds 3 --tune --tune-blocks
-    256,512,1024,2048 --tune-seqs 512,1024,2048``, written to
-    ``results/benchmarks/attention_tune.json``): at T=S=4096 ``kv_block`` 256 / 512 /
-    1024 / 2048 took 418 / 356 / 401 / 513 ms (``BLOCKED_KV_BLOCK = 512``); blocked vs
-    :func:`jax.nn.dot_product_attention` took 7.0 vs 7.0 ms at T=S=512, 28 vs 76 ms at
-    1024 and 121 vs 241 ms at 2048 (``BLOCKED_MIN_KEYS = 1024``).
+    The defaults come from a sweep on one pinned core of a 2-core AMD EPYC (Zen 3, AVX2),
+    B=2, 5 heads, D=64, float32, median of 3 interleaved rounds (``OMP_NUM_THREADS=1
+    taskset -c 0 python -m benchmarks.attention --seq 4096 --rounds 3 --tune
+    --tune-blocks 256,512,1024,2048 --tune-seqs 512,1024,2048 --out
+    results/benchmarks/attention_tune.json``, 2026-12-03): at T=S=4096 ``kv_block`` 256 /
+    512 / 1024 / 2048 took 1181 / 1140 / 1112 / 1360 ms (256-1024 within the rounds'
+    spread; ``BLOCKED_KV_BLOCK = 512``); blocked vs :func:`jax.nn.dot_product_attention`
+    took 22.5 vs 25.6 ms at T=S=512, 66 vs 190 ms at 1024 and 311 vs 728 ms at 2048
+    (``BLOCKED_MIN_KEYS = 1024``).
 
     Args:
         q: queries ``(B, T, H, D)``.
