@@ -307,11 +307,14 @@ def test_particle_guidance_on_every_sampler_finds_more_modes(name, unguided_ring
     assert on_mode(pg, gm.means) > 0.8
     # chain(cfg, particle): the ring's denoiser ignores the condition, so CFG is the
     # identity and the chain must give the particle run exactly; a particle term that saw
-    # CFG's doubled batch (20 particles) would not
+    # CFG's doubled batch (20 particles) would not. CFG at w = 3 is the identity only up to
+    # rounding (u + 3 (c - u)), which the repulsion carries through the steps: 3.5e-5 at
+    # most on an AMD EPYC host, against the O(0.1) moves of the repulsion itself
     g = guidance.chain(guidance.cfg(3.0), particle(0.1, **X0_VARIANT))
     chained = jax.vmap(lambda z, k: jaxdiv.sample(s, den, z, key=k, cond=jnp.ones((10, 1)),
                                                   guidance=g).x0)(noise[:8], keys[:8])  # fmt: skip
-    np.testing.assert_allclose(chained, pg[:8], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chained, pg[:8], rtol=1e-4, atol=1e-4)
+    assert float(np.abs(pg[:8] - iid[:8]).max()) > 1e-2  # the repulsion moves far more
 
 
 @pytest.mark.parametrize("name", ["ddim", "edm", "flow_euler"])

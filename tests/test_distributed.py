@@ -115,7 +115,10 @@ SD = textwrap.dedent(
     full = sum(l.nbytes for l in jax.tree.leaves(den) if hasattr(l, "nbytes"))
     assert held < 0.5 * full, (held, full)
     out2 = jaxdiv.sample(s, den, noise, mesh=mesh2, **kw).x0
-    np.testing.assert_allclose(np.asarray(out2), np.asarray(single), rtol=1e-5, atol=1e-5)
+    # split contractions sum in another order: rounding scales with the samples' magnitude
+    # (up to ~15), not each element's (an element of 0.02 was off by 1.3e-5 on an AMD EPYC)
+    scale = float(np.abs(np.asarray(single)).max())
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(single), rtol=1e-5, atol=1e-5 * scale)
 
     # FSDP on the SD3 MMDiT (the three text / image streams), against the replicated model
     m = pure(random_mmdit(TINY_MMDIT))

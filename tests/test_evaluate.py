@@ -169,7 +169,10 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         m = len(x)
         want = 2 * (k.sum() / m - np.trace(k)) / (m * (m - 1))
         assert want < 0 and d["kid_mean"] == pytest.approx(want, rel=1e-4, abs=1e-6)
-        assert d["kid_std"] < 1e-4 * abs(want)  # subsets differ only in order: fp32 sums
+        # subsets differ only in order: the std is fp32 rounding of sums whose terms are
+        # ~1 while their result cancels to ~3e-3 (1.1e-4 |want| on an AMD EPYC host), not
+        # sampling spread, which would be of the order of |want|
+        assert d["kid_std"] < 1e-3 * abs(want)
         assert d["precision"] == d["recall"] == d["coverage"] == 1.0
         # the planted collapse: fewer effective samples, more self-similar
         # (random tiny encoders map noise images to nearly parallel features, so the sizes

@@ -402,8 +402,13 @@ def contextual(eta, inner_steps: int = 100, blocks=None, tau=None) -> GuidanceTe
         [50.0, 50.0, 0.0]
         >>> info.blocks[0].tolist(), info.log_vendi_before.shape  # (steps, hooked blocks)
         ([0, 1], (3, 2))
-        >>> bool((info.log_vendi_after[:2] > info.log_vendi_before[:2]).all())
-        True
+        >>> after, before = info.log_vendi_after, info.log_vendi_before
+        >>> bool((after[:2, 1] > before[:2, 1]).all()), bool((after[:2] >= before[:2]).all())
+        (True, True)
+
+        (After block 0 this tiny random model's two contexts are equal to float precision,
+        log-Vendi ~1e-7, where the repulsion's gradient vanishes by symmetry, so there it
+        may stay put; after block 1 it rises at both steps.)
         >>> bool((info.log_vendi_after[2] == info.log_vendi_before[2]).all())
         True
     """
