@@ -62,7 +62,7 @@ def measure(shapes, rounds: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from benchmarks.timing import interleaved
+    from benchmarks.timing import interleaved, round_ratio_range
     from jaxdiv.models.layers import small_input_conv
 
     torch.set_num_threads(1)
@@ -98,13 +98,12 @@ def measure(shapes, rounds: int) -> list[dict]:
         if hw < 3:  # jaxdiv's layers avoid lax here: time what they avoid
             fns["lax_conv_general_dilated"] = run_lax
         timed = interleaved(fns, rounds)
-        per_round = [t / j for j, t in zip(timed["jaxdiv"]["runs_s"], timed["torch"]["runs_s"],
-                                           strict=True)]  # fmt: skip
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
                      "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9, "max_abs_diff": diff,
                      "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
                      / timed["jaxdiv"]["median_s"],
-                     "per_round_torch_over_jaxdiv": [min(per_round), max(per_round)]})  # fmt: skip
+                     "per_round_torch_over_jaxdiv":
+                         round_ratio_range(timed, "torch", "jaxdiv")})  # fmt: skip
     return rows
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.sd3_step import _version, peak_rss_gb
-from benchmarks.timing import interleaved
+from benchmarks.timing import interleaved, round_ratio_range
 
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                 num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
@@ -104,7 +104,6 @@ def measure(name: str, *, batch: int, image: int, rounds: int, seed: int = 0) ->
     scale = float(np.abs(ref).max())
     timed = interleaved({"jax": run_jax, "torch": run_torch}, rounds)  # A B A B
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
-    per_round = [b / a for a, b in zip(timed["jax"]["runs_s"], timed["torch"]["runs_s"])]
     return dict(
         config=name, encoder=kind, model_config=config, params=int(params), batch=batch,
         image_px=image, rounds=rounds, jax_s=jax_s, torch_s=torch_s,
@@ -113,7 +112,8 @@ def measure(name: str, *, batch: int, image: int, rounds: int, seed: int = 0) ->
         jax_runs_s=timed["jax"]["runs_s"], torch_runs_s=timed["torch"]["runs_s"],
         jax_s_per_1000_images=jax_s * 1000 / batch,
         torch_s_per_1000_images=torch_s * 1000 / batch,
-        ratio_torch_over_jax=torch_s / jax_s, ratio_min_max=[min(per_round), max(per_round)],
+        ratio_torch_over_jax=torch_s / jax_s,
+        ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_diff=diff, max_abs_output=scale,
         timing="interleaved A B A B after one warm-up each, median [min-max]; both include "
         "preprocessing from uint8 images",

@@ -454,7 +454,7 @@ def sd21_generate(suite: Suite, deadline: float) -> dict:
     import torch
 
     import jaxdiv
-    from benchmarks.timing import interleaved
+    from benchmarks.timing import interleaved, round_ratio_range
     from jaxdiv import guidance
 
     sz = suite.sz
@@ -543,9 +543,7 @@ def sd21_generate(suite: Suite, deadline: float) -> dict:
     if "diffusers" in timed:
         d = timed["diffusers"]["median_s"] / timed["jaxdiv"]["median_s"]
         out["diffusers_over_jaxdiv"] = d
-        per_round = [t / j for j, t in zip(timed["jaxdiv"]["runs_s"],
-                                            timed["diffusers"]["runs_s"])]  # fmt: skip
-        out["ratio_min_max"] = [min(per_round), max(per_round)]
+        out["ratio_min_max"] = round_ratio_range(timed, "diffusers", "jaxdiv")
         theirs = np.asarray(run_torch(), np.float32)
         ours01 = np.clip(ours.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
         out["max_abs_image_diff"] = float(np.abs(ours01 - theirs).max())

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import interleaved
+from benchmarks.timing import interleaved, round_ratio_range
 from jaxdiv.models.mmdit import load_mmdit
 from jaxdiv.testing import TINY_MMDIT, randomize_norms_and_biases
 
@@ -178,7 +178,6 @@ def measure_step(
         timed = interleaved({"jax": run_jax, "torch": run_torch}, rounds)  # A B A B
     rss["end_gb"] = peak_rss_gb()
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
-    per_round = [b / a for a, b in zip(timed["jax"]["runs_s"], timed["torch"]["runs_s"])]
     return dict(
         benchmark="mmdit_step",
         config=name,
@@ -207,7 +206,7 @@ def measure_step(
         torch_runs_s=timed["torch"]["runs_s"],
         timing="interleaved A B A B after one warm-up each, median [min-max]",
         ratio_torch_over_jax=torch_s / jax_s,
-        ratio_min_max=[min(per_round), max(per_round)],
+        ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_diff=diff,
         max_abs_output=scale,
         rel_max_abs_diff=diff / scale if scale else float("nan"),
@@ -302,7 +301,6 @@ def measure_generation(*, steps: int, rounds: int, seed: int = 0) -> dict[str, A
     diff = float(np.abs(ours - run_torch()).max())
     timed = interleaved({"jax": run_jax, "torch": run_torch}, rounds)  # A B A B
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
-    per_round = [b / a for a, b in zip(timed["jax"]["runs_s"], timed["torch"]["runs_s"])]
     return dict(
         benchmark="generation",
         config="tiny random SD3 pipeline (jaxdiv.testing.save_random_sd3_pipeline)",
@@ -326,7 +324,7 @@ def measure_generation(*, steps: int, rounds: int, seed: int = 0) -> dict[str, A
         timing="interleaved A B A B after one warm-up each, median [min-max]; both include "
         "tokenization, prompt encoding, sampling and VAE decode",
         ratio_torch_over_jax=torch_s / jax_s,
-        ratio_min_max=[min(per_round), max(per_round)],
+        ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_image_diff=diff,
         peak_rss_gb={"end_gb": peak_rss_gb()},
     )

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import environment, interleaved, pin_one_core
+from benchmarks.timing import environment, interleaved, pin_one_core, round_ratio_range
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -182,7 +182,7 @@ def measure_denoiser_step(
         compiled.update(
             median_s=tc["median_s"], min_max_s=[tc["min_s"], tc["max_s"]], all_s=tc["runs_s"],
             ratio_torch_compile_over_jax=tc["median_s"] / jax_s,
-            per_round_ratio_min_max=_round_ratios(tc["runs_s"], timed["jax"]["runs_s"]),
+            per_round_ratio_min_max=round_ratio_range(timed, "torch_compile", "jax"),
         )  # fmt: skip
 
     return dict(
@@ -204,7 +204,7 @@ def measure_denoiser_step(
         torch_all_s=timed["torch"]["runs_s"],
         timing="interleaved A B A B, median [min-max]",
         ratio_torch_over_jax=torch_s / jax_s,
-        per_round_ratio_min_max=_round_ratios(timed["torch"]["runs_s"], timed["jax"]["runs_s"]),
+        per_round_ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
         torch_compile=compiled,
         cores_used=cores,
@@ -217,12 +217,6 @@ def cores_used(fn) -> float:
     fn()
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
     return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
-
-
-def _round_ratios(peer: list[float], jax_runs: list[float]) -> list[float]:
-    """[min, max] of peer / jaxdiv over the rounds (each ratio from one round)."""
-    ratios = [p / j for p, j in zip(peer, jax_runs, strict=True)]
-    return [min(ratios), max(ratios)]
 
 
 def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

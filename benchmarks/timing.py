@@ -56,6 +56,17 @@ def version(dist: str) -> str | None:
         return None
 
 
+def round_ratio_range(timed: dict, num: str, den: str) -> list[float]:
+    """``[min, max]`` over the rounds of ``num``'s time / ``den``'s time, each ratio taken
+    within one round of :func:`interleaved`'s result ``timed`` (so both saw the same load).
+
+    >>> round_ratio_range({"a": {"runs_s": [2.0, 3.0]}, "b": {"runs_s": [1.0, 2.0]}}, "a", "b")
+    [1.5, 2.0]
+    """
+    ratios = [n / d for n, d in zip(timed[num]["runs_s"], timed[den]["runs_s"], strict=True)]
+    return [min(ratios), max(ratios)]
+
+
 def environment() -> dict:
     """What a benchmark JSON records beside its numbers: UTC date, versions, threads and
     CPU affinity, the CPU model and its vector extensions, the JAX devices, the machine's
@@ -125,8 +136,9 @@ def pin_one_core() -> int:
     JAX computation); threads created later inherit the pin.
 
     Only the pin limits XLA:CPU (jax 0.10.2): with ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=
-    false intra_op_parallelism_threads=1"`` a jitted SD2.1-sized UNet step still used 1.7-1.9
-    cores (CPU time / wall time), under ``taskset -c 0`` 1.00 (see the findings page).
+    false intra_op_parallelism_threads=1"`` a jitted SD2.1-sized UNet step still used 1.70
+    cores (CPU time / wall time), under ``taskset -c 0`` 1.00 (``benchmarks.sd_step``'s
+    ``cores_used``; see the findings page).
     """
     import os
 

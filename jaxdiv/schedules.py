@@ -169,11 +169,10 @@ class VPSchedule(NamedTuple):
 
 
 def _interp_unit_grid(x, x0: float, fp):
-    """``jnp.interp(x, x0 + arange(len(fp)), fp)`` for a grid of unit spacing starting at
-    the integer ``x0``, with the
-    same floating-point operations, but the interval found by ``floor`` instead of
-    ``searchsorted``: XLA compiles each ``searchsorted`` as a while loop of its own (one per
-    ``alpha``/``sigma`` call in a sampler step), which lengthens every compile.
+    """``jnp.interp(x, x0 + arange(len(fp)), fp)`` on a unit grid starting at the integer
+    ``x0``, with the same floating-point operations but the interval found by ``floor``
+    instead of ``searchsorted``: XLA compiles each ``searchsorted`` as a while loop of its
+    own (one per ``alpha``/``sigma`` call in a sampler step), which lengthens every compile.
 
     >>> fp = jnp.array([1.0, 0.5, 0.0])
     >>> _interp_unit_grid(jnp.array([-2.0, -0.5, 0.25, 3.0]), -1.0, fp).tolist()
