@@ -584,6 +584,18 @@ def save_random_sd3_pipeline(
 _EXAMPLE_CACHE: dict = {}
 
 
+def _temporary_folder(prefix: str) -> str:
+    """A fresh temporary folder, removed when the process exits (the loaded weights live
+    in memory; the files are only needed while loading)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def example_pipeline(image_encoder: bool = False) -> StableDiffusion:
     """A tiny random pipeline (:func:`save_random_pipeline` defaults), loaded once per process.
 
@@ -604,11 +616,9 @@ def example_pipeline(image_encoder: bool = False) -> StableDiffusion:
     """
     name = "pipe_with_image_encoder" if image_encoder else "pipe"
     if name not in _EXAMPLE_CACHE:
-        import tempfile
-
         from jaxdiv.pipelines.stable_diffusion import load
 
-        folder = tempfile.mkdtemp(prefix="jaxdiv_sd_example_")
+        folder = _temporary_folder("jaxdiv_sd_example_")
         save_random_pipeline(folder, image_encoder=bool(image_encoder))
         _EXAMPLE_CACHE[name] = load(folder)
     return _EXAMPLE_CACHE[name]
@@ -628,11 +638,9 @@ def example_sd3_pipeline():
         ((2, 16, 8, 8), True)
     """
     if "sd3" not in _EXAMPLE_CACHE:
-        import tempfile
-
         from jaxdiv.pipelines.stable_diffusion_3 import load
 
-        folder = tempfile.mkdtemp(prefix="jaxdiv_sd3_example_")
+        folder = _temporary_folder("jaxdiv_sd3_example_")
         save_random_sd3_pipeline(folder)
         _EXAMPLE_CACHE["sd3"] = load(folder)
     return _EXAMPLE_CACHE["sd3"]

@@ -24,7 +24,12 @@ import pytest
 
 from jaxdiv import distributed
 
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+# appended to XLA_FLAGS: the test session's codegen flags (conftest.py) carry over
+ENV = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+)
 
 TOY = textwrap.dedent(
     """

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
     HF_HUB_OFFLINE="1",
     OPENBLAS_NUM_THREADS="1",
     OMP_NUM_THREADS="1",
