@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.sd_step
 	$(PY) -m benchmarks.sd_generate
 	$(PY) -m benchmarks.conv
+	$(PY) -m benchmarks.compile_flags
 	$(PY) -m benchmarks.summary
 
 clean-venv:

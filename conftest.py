@@ -15,20 +15,18 @@ import os
 
 import pytest
 
+from benchmarks.compile_flags import TEST_SUITE_FLAGS
+
 # XLA:CPU compiles with cheaper codegen in the test processes (and in every subprocess and
-# notebook kernel they start, which inherit the environment): LLVM at -O1 instead of the
-# default, and the legacy elemental emitters instead of the MLIR fusion emitters. Most of
-# the suite's time is XLA compilation (176 of 208 s in tests/test_dpmpp_sde.py, 557
-# compiles); on a 2-core AMD EPYC host these two flags took that file from 201 s to 92 s and
-# tests/test_pipeline_sd.py + test_sd_methods.py from 258 s to 197 s, all tests passing.
-# What is tested is the same program; only its machine code differs (at float rounding).
-# Run with JAXDIV_TEST_XLA_DEFAULTS=1 to test under XLA's default codegen. A flag already in
-# XLA_FLAGS comes later in the string and wins.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
-if os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") != "1" and TEST_XLA_FLAGS not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+# notebook kernel they start, which inherit the environment): LLVM at -O1 and the legacy
+# elemental emitters instead of the MLIR fusion emitters. Most of the suite's time is XLA
+# compilation; `python -m benchmarks.compile_flags` measures what the flags save in compile
+# time and cost in run time (docs/guide/benchmarks.md). What is tested is the same program;
+# only its machine code differs (at float rounding). JAXDIV_TEST_XLA_DEFAULTS=1 tests under
+# XLA's default codegen. A flag already in XLA_FLAGS comes later in the string and wins.
+_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") != "1" and TEST_SUITE_FLAGS not in _flags:
+    os.environ["XLA_FLAGS"] = f"{TEST_SUITE_FLAGS} {_flags}".strip()
 
 _MAPS_LIMIT = 30000
 

@@ -42,6 +42,18 @@ def _bits(x):
     return np.asarray(x).tobytes()
 
 
+def _equal_to_rounding(got, want):
+    """Two *different* compiled programs (with and without a hook whose eta is 0) agree to
+    a few float32 ulps of the output's largest magnitude: XLA may fuse and vectorise them
+    differently (bitwise equal under XLA's default codegen on the hosts tried, not under the
+    test suite's cheaper codegen, conftest.py), so bitwise equality there is a property of
+    the compiler, not of the hook."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bound = 8 * np.finfo(np.float32).eps * np.abs(want).max()
+    diff = np.abs(got - want).max()
+    assert diff <= bound, (diff, bound)
+
+
 # --------------------------------------------------------------------------- repel_context
 
 
@@ -246,14 +258,14 @@ def _recording_velocity(net):
     return jax.jit(run)
 
 
-def test_mmdit_hook_eta_zero_is_exact_and_eta_repels(sd3):
+def test_mmdit_hook_eta_zero_is_the_plain_run_and_eta_repels(sd3):
     config, net, prompt, pooled, noise, _ = sd3
     run = _recording_velocity(net)
     ctx, pool = jnp.broadcast_to(prompt, (B, *prompt.shape[1:])), jnp.repeat(pooled, B, 0)
     t = jnp.float32(800.0)
     v_plain, _ = run(net.params, noise, t, ctx, pool, None)
     v_zero, lv_zero = run(net.params, noise, t, ctx, pool, contextual_hook(0.0, M_SD3))
-    assert _bits(v_zero) == _bits(v_plain)
+    _equal_to_rounding(v_zero, v_plain)
     v_rep, lv_rep = run(net.params, noise, t, ctx, pool, contextual_hook(ETA_SD3, M_SD3))
     assert run._cache_size() == 2  # no hook, and one program for every eta
     num_layers = config["num_layers"]
@@ -271,7 +283,7 @@ def test_sample_with_hook_under_cfg(sd3):
     """Through ``jaxdiv.sample`` with CFG (batch [cond; uncond], ``cfg_halves=True``) and
     the SD3 denoiser path (velocity -> x0 via ``as_denoiser(..., "flow")``, timestep
     ``1000 t``, shift 3, as ``pipelines.stable_diffusion_3``): one compile for every eta and
-    a positive eta changes the final latents (eta = 0 equals no hook bitwise: the
+    a positive eta changes the final latents (eta = 0 equals no hook to float rounding: the
     velocity test above). Whether it spreads them further apart is a property of trained
     weights: with random tiny MMDiTs the mean pairwise distance of the final latents
     changes by < 1.5%, up or down depending on the seed and eta, so it is not asserted."""
@@ -342,7 +354,7 @@ def test_term_eta_zero_is_the_unguided_run_and_one_program_serves_every_eta_and_
     plain = _sample_sd3(sd3_den, cfg).x0
     before = jaxdiv.compile_count()
     zero = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(0.0, M_SD3, tau=3), cfg)).x0
-    assert _bits(zero) == _bits(plain)
+    _equal_to_rounding(zero, plain)
     rep = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=2),
                                               cfg)).x0  # fmt: skip
     assert jaxdiv.compile_count() - before == 1

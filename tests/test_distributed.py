@@ -88,7 +88,11 @@ SD = textwrap.dedent(
 
     mesh = distributed.make_mesh()                                   # 8 x 1: data parallel
     out = jaxdiv.sample(s, pipe.denoiser, noise, mesh=mesh, **kw).x0
-    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5)
+    # one sample per device is another program than eight on one: rounding scales with the
+    # samples' magnitude (up to ~15), not each element's (an element of 0.02 was off by
+    # 1.4e-5 under the test suite's codegen flags, conftest.py)
+    scale = float(np.abs(np.asarray(single)).max())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5 * scale)
 
     # the compiled data-parallel program: every all-gather is at most the batch's x0_hat
     placed = distributed.shard_batch({"n": noise, "c": cond}, mesh)
@@ -120,9 +124,8 @@ SD = textwrap.dedent(
     full = sum(l.nbytes for l in jax.tree.leaves(den) if hasattr(l, "nbytes"))
     assert held < 0.5 * full, (held, full)
     out2 = jaxdiv.sample(s, den, noise, mesh=mesh2, **kw).x0
-    # split contractions sum in another order: rounding scales with the samples' magnitude
-    # (up to ~15), not each element's (an element of 0.02 was off by 1.3e-5 on an AMD EPYC)
-    scale = float(np.abs(np.asarray(single)).max())
+    # split contractions sum in another order (an element of 0.02 was off by 1.3e-5 on an
+    # AMD EPYC): the same magnitude-relative bound
     np.testing.assert_allclose(np.asarray(out2), np.asarray(single), rtol=1e-5, atol=1e-5 * scale)
 
     # FSDP on the SD3 MMDiT (the three text / image streams), against the replicated model

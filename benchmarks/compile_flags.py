@@ -1,0 +1,244 @@
+"""XLA:CPU compile time against run time, per codegen flag set: what the test suite's flags buy.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.compile_flags [--rounds 3]
+        [--flag-sets default,tests,...] [--workloads toy,sd_tiny,unet]
+
+On CPU most of a short program's first call is XLA compilation: of ``tests/test_dpmpp_sde.py``'s
+208 s, 176 s were spent in 557 XLA compilations (``JAX_LOG_COMPILES=1``, one run). Two flags
+trade machine-code quality for compile speed; this benchmark measures both sides, on:
+
+* ``toy``: nine toy sampler programs (a 2-D Gaussian mixture's exact denoiser, x64, batch
+  256: ``dpmpp_3m``, ``dpmpp_2m_sde`` and ``ddim`` at 32, 64 and 128 steps), each a
+  distinct ``jaxdiv.sample`` program: the summed first calls (trace + compile + run) and
+  the summed second calls (run only);
+* ``sd_tiny``: the tiny random SD pipeline of the tests (:func:`jaxdiv.testing.example_pipeline`):
+  4-step DDIM + CFG on a batch of 2, first and second call;
+* ``unet``: one SD2.1-sized UNet forward (random weights, latent 32, CFG batch 2): first
+  call, then the median of 3 calls: the run-time cost of the flags on a real-sized model.
+
+Flag sets (``--flag-sets``, comma-separated names):
+
+* ``default``: XLA's defaults.
+* ``tests``: :data:`TEST_SUITE_FLAGS`, what ``conftest.py`` sets for ``make test``.
+* ``no_fusion_emitters``: ``--xla_cpu_use_fusion_emitters=false`` alone.
+* ``llvm_o1``: ``--xla_backend_optimization_level=1`` alone.
+* ``llvm_o0``: the fusion emitters off and LLVM at -O0.
+
+XLA reads its flags once per process, so every (round, flag set) runs in a fresh child
+process pinned to one core (:func:`benchmarks.timing.pin_one_core`); the flag sets
+alternate within each round (A B C A B C ...), so each sees the machine's load of the same
+moment, and each round's ratio to ``default`` is recorded beside the medians. The children
+compile nothing in common (no persistent compilation cache). Writes
+``results/benchmarks/compile_flags.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: XLA:CPU flags of the test sessions (``conftest.py``): LLVM at -O1 instead of the default
+#: -O2, and the legacy elemental emitters instead of the MLIR fusion emitters.
+TEST_SUITE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+
+FLAG_SETS = {
+    "default": "",
+    "tests": TEST_SUITE_FLAGS,
+    "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
+    "llvm_o1": "--xla_backend_optimization_level=1",
+    "llvm_o0": "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0",
+}
+WORKLOADS = ("toy", "sd_tiny", "unet")
+_SMOKE_UNET = "tiny"  # --smoke: the parity tests' UNet instead of the SD2.1-sized one
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def toy() -> dict:
+    """First and second calls of nine distinct toy sampler programs, summed."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxdiv
+    import toy as toys
+    from jaxdiv import samplers, schedules
+
+    with jax.enable_x64(True):
+        gm = toys.GaussianMixture(jnp.array([[-2.0, 0.0], [2.0, 1.0]]), jnp.array([0.2, 0.1]))
+        sch = schedules.edm()
+        den = gm.denoiser(sch)
+        noise = jax.random.normal(jax.random.key(3), (256, 2), jnp.float64)
+        first = second = 0.0
+        for n in (32, 64, 128):
+            for make in (samplers.dpmpp_3m, samplers.dpmpp_2m_sde, samplers.ddim):
+                s = make(sch, n)
+
+                def call(s=s):
+                    jaxdiv.sample(s, den, noise, key=jax.random.key(0)).x0.block_until_ready()
+
+                first += _timed(call)
+                second += _timed(call)
+    return {"programs": 9, "first_call_s": first, "second_call_s": second}
+
+
+def sd_tiny() -> dict:
+    """The tiny random SD pipeline: 4-step DDIM + CFG, batch 2, first and second call."""
+    import jax
+
+    import jaxdiv
+    from jaxdiv import guidance
+    from jaxdiv.testing import example_pipeline
+
+    pipe = example_pipeline()
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat", "a dog"]))
+    noise = jax.random.normal(jax.random.key(0), pipe.noise_shape(2))
+    g = guidance.cfg(5.0, null_cond=pipe.null_cond)
+    s = pipe.ddim(4)
+
+    def call():
+        jaxdiv.sample(s, pipe.denoiser, noise, key=jax.random.key(1), cond=cond,
+                      guidance=g).x0.block_until_ready()  # fmt: skip
+
+    return {"first_call_s": _timed(call), "second_call_s": _timed(call)}
+
+
+def unet(config: str = "sd21") -> dict:
+    """One UNet forward at latent 32, CFG batch 2 (random weights): first call and the
+    median of 3 calls after it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.sd_step import CONFIGS, TEXT_TOKENS, build_pair
+
+    _, model = build_pair(CONFIGS[config])
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 32, 32)), jnp.float32)  # NCHW, as diffusers
+    t = jnp.full((2,), 500, jnp.int32)
+    width = CONFIGS[config]["cross_attention_dim"]
+    ctx = jnp.asarray(rng.standard_normal((2, TEXT_TOKENS, width)), jnp.float32)
+    step = jax.jit(lambda st, x, t, c: nnx.merge(graphdef, st)(x, t, c))
+
+    def call():
+        step(state, x, t, ctx).block_until_ready()
+
+    first = _timed(call)
+    runs = [_timed(call) for _ in range(3)]
+    return {"config": config, "first_call_s": first, "run_s": statistics.median(runs),
+            "runs_s": runs}  # fmt: skip
+
+
+def _child(workloads: list[str], smoke: bool) -> None:
+    from benchmarks.timing import environment
+
+    out = {}
+    for name in workloads:
+        if name == "unet":
+            out[name] = unet(_SMOKE_UNET if smoke else "sd21")
+        else:
+            out[name] = {"toy": toy, "sd_tiny": sd_tiny}[name]()
+    print(json.dumps({"workloads": out, "environment": environment()}))
+
+
+def _summarise(runs: dict[str, list[dict]], names: list[str], workloads: list[str]) -> dict:
+    """Median [min-max] per flag set and workload; the ratio to ``default`` per round."""
+    keys = {"toy": ("first_call_s", "second_call_s"), "sd_tiny": ("first_call_s", "second_call_s"),
+            "unet": ("first_call_s", "run_s")}  # fmt: skip
+    table: dict = {}
+    for w in workloads:
+        table[w] = {}
+        for name in names:
+            ok = [r["workloads"][w] for r in runs[name] if "workloads" in r]
+            row: dict = {}
+            for k in keys[w]:
+                vals = [o[k] for o in ok]
+                if not vals:
+                    continue
+                row[k] = {"median_s": statistics.median(vals), "min_s": min(vals),
+                          "max_s": max(vals), "runs_s": vals}  # fmt: skip
+                if name != "default" and "default" in names:
+                    base = [r["workloads"][w][k] if "workloads" in r else None
+                            for r in runs["default"]]  # fmt: skip
+                    this = [r["workloads"][w][k] if "workloads" in r else None for r in runs[name]]
+                    ratios = [b / t for b, t in zip(base, this) if b and t]
+                    if ratios:
+                        row[k]["default_over_this_per_round"] = [min(ratios), max(ratios)]
+                        row[k]["default_over_this"] = statistics.median(ratios)
+            table[w][name] = row
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_flags",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flag-sets", default="default,tests,no_fusion_emitters,llvm_o1")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiny UNet instead of the SD2.1-sized one (tests)")
+    parser.add_argument("--out", default="results/benchmarks/compile_flags.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    workloads = [w for w in args.workloads.split(",") if w]
+    bad = sorted(set(workloads) - set(WORKLOADS))
+    if bad or not workloads:
+        parser.error(f"--workloads must name some of {list(WORKLOADS)}, got {bad or workloads}")
+    if args.child:
+        from benchmarks.timing import pin_one_core
+
+        pin_one_core()  # before JAX starts its thread pools
+        _child(workloads, args.smoke)
+        return {}
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    names = [n for n in args.flag_sets.split(",") if n]
+    unknown = sorted(set(names) - set(FLAG_SETS))
+    if unknown or not names:
+        parser.error(f"--flag-sets must name some of {sorted(FLAG_SETS)}, got {unknown or names}")
+    from experiments.common import write_json
+
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    cmd = [sys.executable, "-m", "benchmarks.compile_flags", "--child",
+           "--workloads", ",".join(workloads)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    for r in range(args.rounds):
+        for name in names:
+            env = dict(os.environ, XLA_FLAGS=FLAG_SETS[name],
+                       JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))  # fmt: skip
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                runs[name].append({"status": "error", "stderr_tail": proc.stderr[-2000:]})
+                print(f"round {r} {name}: error", flush=True)
+                continue
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[name].append({"status": "ok", **child})
+            print(f"round {r} {name:>20}: " + "  ".join(
+                f"{w} " + " / ".join(f"{v:.2f}" for k, v in child["workloads"][w].items()
+                                     if isinstance(v, float))
+                for w in workloads), flush=True)  # fmt: skip
+    result = {
+        "benchmark": "XLA:CPU compile and run time per codegen flag set, one fresh process "
+                     "per round and flag set, pinned to one core, flag sets alternating",
+        "command": " ".join(["python -m benchmarks.compile_flags"] + list(argv or sys.argv[1:])),
+        "flag_sets": {n: FLAG_SETS[n] for n in names},
+        "table": _summarise(runs, names, workloads),
+        "runs": runs,
+    }  # fmt: skip
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
