@@ -227,12 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{w} " + " / ".join(f"{v:.2f}" for k, v in child["workloads"][w].items()
                                      if isinstance(v, float))
                 for w in workloads), flush=True)  # fmt: skip
+    children = [r["environment"] for rs in runs.values() for r in rs if "environment" in r]
+    # for benchmarks.summary: the first child's date, versions and CPU, the largest peak
+    # RSS; each child's own environment (its XLA_FLAGS among them) stays under "runs"
+    environment = {}
+    if children:
+        environment = children[0] | {"peak_rss_mb": max(c["peak_rss_mb"] for c in children)}
     result = {
         "benchmark": "XLA:CPU compile and run time per codegen flag set, one fresh process "
                      "per round and flag set, pinned to one core, flag sets alternating",
         "command": " ".join(["python -m benchmarks.compile_flags"] + list(argv or sys.argv[1:])),
         "flag_sets": {n: FLAG_SETS[n] for n in names},
         "table": _summarise(runs, names, workloads),
+        "environment": environment,
         "runs": runs,
     }  # fmt: skip
     write_json(Path(args.out), result)

@@ -8,11 +8,10 @@ import pytest
 from benchmarks import compile_flags
 
 
-def test_the_test_session_compiles_with_the_suites_flags():
-    # conftest.py puts them in the environment before JAX starts (unless opted out)
-    if os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") == "1":
-        pytest.skip("the suite runs under XLA's default codegen")
-    assert compile_flags.TEST_SUITE_FLAGS in os.environ["XLA_FLAGS"]
+def test_the_test_session_compiles_with_the_suites_flags_unless_opted_out():
+    # conftest.py puts them in the environment before JAX starts
+    wanted = os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") != "1"
+    assert (compile_flags.TEST_SUITE_FLAGS in os.environ.get("XLA_FLAGS", "")) == wanted
 
 
 def test_each_round_and_flag_set_runs_in_its_own_process(tmp_path):
@@ -33,6 +32,10 @@ def test_each_round_and_flag_set_runs_in_its_own_process(tmp_path):
     lo, hi = row["default_over_this_per_round"]
     assert 0 < lo == hi == row["default_over_this"]  # one round: one ratio
     assert "default_over_this" not in data["table"]["toy"]["default"]["first_call_s"]
+    env = data["environment"]  # what benchmarks.summary reads: date, CPU, the largest child
+    assert env["date"] and env["versions"]["jax"] and env["cpu"]["model"]
+    assert env["peak_rss_mb"] == max(r["environment"]["peak_rss_mb"]
+                                     for runs in data["runs"].values() for r in runs)  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", [["--flag-sets", "fastest"], ["--workloads", "sd3"],
