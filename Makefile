@@ -63,6 +63,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.sd_step
 	$(PY) -m benchmarks.sd_generate
 	$(PY) -m benchmarks.conv
+	$(PY) -m benchmarks.conv --shapes vae_decoder_256 --pass input_grad --flag-sets default \
+		--rounds 3 --out results/benchmarks/conv_input_grad.json
 	$(PY) -m benchmarks.compile_flags
 	$(PY) -m benchmarks.summary
 

@@ -8,9 +8,9 @@ On CPU most of a short program's first call is XLA compilation: of ``tests/test_
 trade machine-code quality for compile speed; this benchmark measures both sides, on:
 
 * ``toy``: nine toy sampler programs (a 2-D Gaussian mixture's exact denoiser, x64, batch
-  256: ``dpmpp_3m``, ``dpmpp_2m_sde`` and ``ddim`` at 32, 64 and 128 steps), each a
-  distinct ``jaxdiv.sample`` program: the summed first calls (trace + compile + run) and
-  the summed second calls (run only);
+  256: ``dpmpp_3m``, ``dpmpp_2m_sde`` and ``ddim`` at 32, 64 and 128 steps; ``--smoke``:
+  32 steps only), each a distinct ``jaxdiv.sample`` program: the summed first calls
+  (trace + compile + run) and the summed second calls (run only);
 * ``sd_tiny``: the tiny random SD pipeline of the tests (:func:`jaxdiv.testing.example_pipeline`):
   4-step DDIM + CFG on a batch of 2, first and second call;
 * ``unet``: one SD2.1-sized UNet forward (random weights, latent 32, CFG batch 2): first
@@ -56,6 +56,7 @@ FLAG_SETS = {
 }
 WORKLOADS = ("toy", "sd_tiny", "unet")
 _SMOKE_UNET = "tiny"  # --smoke: the parity tests' UNet instead of the SD2.1-sized one
+_STEP_COUNTS, _SMOKE_STEP_COUNTS = (32, 64, 128), (32,)  # --smoke: three toy programs
 
 
 def _timed(fn) -> float:
@@ -64,8 +65,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def toy() -> dict:
-    """First and second calls of nine distinct toy sampler programs, summed."""
+def toy(step_counts=_STEP_COUNTS) -> dict:
+    """First and second calls of distinct toy sampler programs (three samplers at each of
+    ``step_counts``: nine by default), summed."""
     import jax
     import jax.numpy as jnp
 
@@ -79,7 +81,7 @@ def toy() -> dict:
         den = gm.denoiser(sch)
         noise = jax.random.normal(jax.random.key(3), (256, 2), jnp.float64)
         first = second = 0.0
-        for n in (32, 64, 128):
+        for n in step_counts:
             for make in (samplers.dpmpp_3m, samplers.dpmpp_2m_sde, samplers.ddim):
                 s = make(sch, n)
 
@@ -88,7 +90,7 @@ def toy() -> dict:
 
                 first += _timed(call)
                 second += _timed(call)
-    return {"programs": 9, "first_call_s": first, "second_call_s": second}
+    return {"programs": 3 * len(step_counts), "first_call_s": first, "second_call_s": second}
 
 
 def sd_tiny() -> dict:
@@ -147,8 +149,10 @@ def _child(workloads: list[str], smoke: bool) -> None:
     for name in workloads:
         if name == "unet":
             out[name] = unet(_SMOKE_UNET if smoke else "sd21")
+        elif name == "toy":
+            out[name] = toy(_SMOKE_STEP_COUNTS if smoke else _STEP_COUNTS)
         else:
-            out[name] = {"toy": toy, "sd_tiny": sd_tiny}[name]()
+            out[name] = sd_tiny()
     print(json.dumps({"workloads": out, "environment": environment()}))
 
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--flag-sets", default="default,tests,no_fusion_emitters,llvm_o1")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--smoke", action="store_true",
-                        help="the tiny UNet instead of the SD2.1-sized one (tests)")
+                        help="the tiny UNet and three toy programs (tests)")
     parser.add_argument("--out", default="results/benchmarks/compile_flags.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,11 +1,12 @@
 """The convolution gap: XLA:CPU 3x3 convolutions against PyTorch's (oneDNN), per XLA flag set.
 
     OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu python -m benchmarks.conv [--rounds 5]
-        [--flag-sets default,onednn,...] [--shapes sd21]
+        [--flag-sets default,onednn,...] [--shapes sd21] [--pass forward|input_grad]
 
-The UNet ports run their 3x3 convolutions as NHWC ``lax.conv_general_dilated`` (what
-``nnx.Conv`` lowers to), except on inputs smaller than the kernel, where
-:func:`jaxdiv.models.layers.small_input_conv` multiplies gathered patches instead; PyTorch
+The UNet ports run their 3x3 convolutions through
+:func:`jaxdiv.models.layers.conv_general_dilated`: NHWC ``lax.conv_general_dilated`` (what
+``nnx.Conv`` lowers to), except on inputs smaller than the kernel, where it multiplies
+gathered patches instead; PyTorch
 runs NCHW ``conv2d`` through oneDNN. ``--shapes sd21`` times both on the shapes of an
 SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to 8 x 8 x 1280, where
 the spatial size is small and the channel count high. ``--shapes bottom`` times the
@@ -15,6 +16,11 @@ read once per process, so each flag set runs in a child process of its own, wher
 and torch alternate round by round (:func:`benchmarks.timing.interleaved`) with one thread
 each; the ratios come from those interleaved rounds. Outputs are checked against each
 other (max abs difference) before timing.
+
+``--pass input_grad`` times gradient steps on a convolution's input inside a ``lax.scan``
+(:func:`measure_input_grad`), where XLA:CPU left JAX's own input gradient as a naive loop
+nest; jaxdiv's layer, plain ``lax.conv_general_dilated`` and torch autograd alternate
+(``--shapes vae_decoder_256``: the levels of SD's VAE decoder at 256 px).
 
 Flag sets (``--flag-sets``, comma-separated names):
 
@@ -50,20 +56,39 @@ SHAPES = {
     "sd21": [(2, 64, 320, 320), (2, 32, 640, 640), (2, 16, 1280, 1280), (2, 8, 1280, 1280)],
     # the bottom of a UNet at 128 px (latent 16, CFG batch 4): inputs smaller than the kernel
     "bottom": [(4, 2, 256, 256), (4, 2, 512, 256), (4, 1, 256, 256), (4, 4, 256, 256)],
+    # SD's VAE decoder levels at 256 px output, batch 1 (GASS differentiates through them)
+    "vae_decoder_256": [(1, 32, 512, 512), (1, 64, 512, 512), (1, 128, 256, 256),
+                        (1, 256, 128, 128)],
     "tiny": [(1, 8, 8, 8), (1, 2, 16, 16)],
 }
+
+
+def _operands(b, hw, cin, cout):
+    """A random NHWC input and HWIO 3x3 kernel, and a target of the output's shape, each
+    as ``(jax, torch)`` with the torch side in NCHW / OIHW."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, hw, hw, cin), np.float32)
+    w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    c = rng.standard_normal((b, hw, hw, cout), np.float32)
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return ((jnp.asarray(x), jnp.asarray(w)),
+            (nchw(x), torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))),
+            (jnp.asarray(c), nchw(c)))  # fmt: skip
 
 
 def measure(shapes, rounds: int) -> list[dict]:
     """Time jaxdiv's NHWC convolution and torch's NCHW one on each shape, interleaved, in
     this process (with whatever ``XLA_FLAGS`` it was started with)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
 
     from benchmarks.timing import interleaved, round_ratio_range
-    from jaxdiv.models.layers import small_input_conv
+    from jaxdiv.models.layers import conv_general_dilated
 
     torch.set_num_threads(1)
 
@@ -72,15 +97,10 @@ def measure(shapes, rounds: int) -> list[dict]:
                                        dimension_numbers=jax.lax.conv_dimension_numbers(
                                            x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))))
 
-    conv, lax_conv = jitted(small_input_conv), jitted(jax.lax.conv_general_dilated)
+    conv, lax_conv = jitted(conv_general_dilated), jitted(jax.lax.conv_general_dilated)
     rows = []
     for b, hw, cin, cout in shapes:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((b, hw, hw, cin), np.float32)
-        w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-        xj, wj = jnp.asarray(x), jnp.asarray(w)
-        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+        (xj, wj), (xt, wt), _ = _operands(b, hw, cin, cout)
 
         def run_torch(xt=xt, wt=wt):
             with torch.no_grad():
@@ -107,12 +127,75 @@ def measure(shapes, rounds: int) -> list[dict]:
     return rows
 
 
+def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
+    """Time ``steps`` gradient steps on the input of one 3x3 convolution,
+    ``x <- x - 0.01 d/dx |conv(x, w) - c|^2 / 2`` (a forward and an input-gradient
+    convolution per step), in a ``lax.scan`` (where a guidance term's
+    gradient runs): jaxdiv's layer, plain ``lax.conv_general_dilated`` under JAX's own
+    transpose rule, and torch autograd in a Python loop; interleaved, in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from benchmarks.timing import interleaved, round_ratio_range
+    from jaxdiv.models.layers import conv_general_dilated
+
+    torch.set_num_threads(1)
+
+    def descent(fn):
+        def run(x, w, c):
+            dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+            energy = lambda x: 0.5 * jnp.sum((fn(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                                  dimension_numbers=dn) - c) ** 2)  # fmt: skip
+            step = lambda x, _: (x - 0.01 * jax.grad(energy)(x), None)  # noqa: E731
+            return jax.lax.scan(step, x, None, length=steps)[0]
+
+        return jax.jit(run)
+
+    ours, lax_conv = descent(conv_general_dilated), descent(jax.lax.conv_general_dilated)
+    rows = []
+    for b, hw, cin, cout in shapes:
+        (xj, wj), (xt, wt), (cj, ct) = _operands(b, hw, cin, cout)
+
+        def run_torch(xt=xt, wt=wt, ct=ct):
+            x = xt
+            for _ in range(steps):
+                x = x.detach().requires_grad_(True)
+                (0.5 * ((torch.nn.functional.conv2d(x, wt, padding=1) - ct) ** 2).sum()).backward()
+                x = x.detach() - 0.01 * x.grad
+            return x
+
+        def run_jax(xj=xj, wj=wj, cj=cj):
+            return ours(xj, wj, cj).block_until_ready()
+
+        def run_lax(xj=xj, wj=wj, cj=cj):
+            return lax_conv(xj, wj, cj).block_until_ready()
+
+        want = run_torch().numpy().transpose(0, 2, 3, 1)
+        diff = float(np.abs(np.asarray(run_jax()) - want).max())
+        diff_lax = float(np.abs(np.asarray(run_lax()) - want).max())
+        timed = interleaved({"jaxdiv": run_jax, "torch": run_torch,
+                             "lax_conv_general_dilated": run_lax}, rounds)  # fmt: skip
+        rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
+                     "steps": steps, "max_abs_diff": diff, "max_abs_diff_lax": diff_lax,
+                     "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
+                     / timed["jaxdiv"]["median_s"],
+                     "per_round_torch_over_jaxdiv": round_ratio_range(timed, "torch", "jaxdiv"),
+                     "lax_over_jaxdiv": timed["lax_conv_general_dilated"]["median_s"]
+                     / timed["jaxdiv"]["median_s"],
+                     "per_round_lax_over_jaxdiv": round_ratio_range(
+                         timed, "lax_conv_general_dilated", "jaxdiv")})  # fmt: skip
+    return rows
+
+
 def _child(args) -> None:
     import torch
 
     from benchmarks.timing import environment
 
-    rows = measure(SHAPES[args.shapes], args.rounds)
+    measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
+    rows = measure_fn(SHAPES[args.shapes], args.rounds)
     env = environment()
     env["versions"]["torch"] = torch.__version__
     env["torch_threads"] = torch.get_num_threads()
@@ -125,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flag-sets", default=",".join(FLAG_SETS))
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="sd21")
+    parser.add_argument("--pass", dest="pass_", choices=("forward", "input_grad"),
+                        default="forward",
+                        help="input_grad: gradient steps on the input in a lax.scan")
     parser.add_argument("--out", default="results/benchmarks/conv.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -143,15 +229,18 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--flag-sets must name some of {sorted(FLAG_SETS)}, got {unknown or names}")
     from experiments.common import write_json
 
-    result = {"benchmark": "3x3 convolution, float32, one thread: XLA:CPU NHWC vs torch "
+    what = ("3x3 convolution" if args.pass_ == "forward" else
+            "gradient steps on the input of a 3x3 convolution in a lax.scan")  # fmt: skip
+    result = {"benchmark": f"{what}, float32, one thread: XLA:CPU NHWC vs torch "
                            "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
+              "pass": args.pass_,
               "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
               "flag_sets": {}}  # fmt: skip
     for name in names:
         env = dict(os.environ, XLA_FLAGS=f"{FLAG_SETS[name]} {_ONE_THREAD}".strip(),
                    OMP_NUM_THREADS="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         cmd = [sys.executable, "-m", "benchmarks.conv", "--child", "--rounds",
-               str(args.rounds), "--shapes", args.shapes]  # fmt: skip
+               str(args.rounds), "--shapes", args.shapes, "--pass", args.pass_]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "error",

@@ -65,7 +65,27 @@ def build_methods(pipe, noise, steps, gass_iters):
     }  # fmt: skip
 
 
-def bench(config, steps, batch, rounds, gass_iters, folder):
+def _with_jax_conv_vjp(compile_fn):
+    """``compile_fn()`` traced and compiled with JAX's own VJP for the ports' convolutions
+    instead of :func:`jaxdiv.models.layers.conv_general_dilated`'s (the layout XLA:CPU
+    runs as a loop nest inside loop bodies): the "before" of that fix, for comparison.
+    JAX's trace caches are cleared on both sides so that neither program reuses the
+    other's trace."""
+    import jax
+
+    from jaxdiv.models import layers
+
+    original = layers._conv_library_layout_grad
+    jax.clear_caches()
+    layers._conv_library_layout_grad = layers._lax_conv
+    try:
+        return compile_fn()
+    finally:
+        layers._conv_library_layout_grad = original
+        jax.clear_caches()
+
+
+def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
     import jax
 
     import jaxdiv
@@ -106,6 +126,16 @@ def bench(config, steps, batch, rounds, gass_iters, folder):
         run()
         compile_s[name] = time.perf_counter() - t0
         fns[name] = run
+    if jax_conv_vjp:  # both sides compiled ahead of time, outside jaxdiv.sample's dispatch
+        for name in ("gass (latent write-back)", "gass (pixel write-back)"):
+            program = jax.jit(lambda noise, c, g=methods[name]: jaxdiv.sample(
+                sampler, pipe.denoiser, noise, key=jax.random.key(2), cond=c, guidance=g).x0)
+            for vjp, build in (("jaxdiv", lambda f: f()), ("JAX's", _with_jax_conv_vjp)):
+                row = f"{name}, {vjp} conv VJP, AOT"
+                t0 = time.perf_counter()
+                compiled = build(lambda p=program: p.lower(noise, cond).compile())
+                compile_s[row] = time.perf_counter() - t0
+                fns[row] = lambda compiled=compiled: compiled(noise, cond).block_until_ready()
     fns["tpso (optimisation, once per prompt)"] = optimise
     timed = interleaved(fns, rounds)
     base = timed["unguided (CFG)"]["median_s"]
@@ -133,6 +163,10 @@ def main(argv=None):
     p.add_argument("--gass-iters", type=int, default=60,
                    help="GASS's max Adam iterations per step (paper: 60; each runs the VAE "
                    "decoder and CLIP forward and backward)")
+    p.add_argument("--jax-conv-vjp", action="store_true",
+                   help="also time both GASS methods as ahead-of-time compiled programs, "
+                   "with layers.conv_general_dilated's convolution VJP and with JAX's own "
+                   "(before it), interleaved with the rest")
     p.add_argument("--out", default="results/sd_methods.json")
     args = p.parse_args(argv)
 
@@ -143,7 +177,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as folder:
         rows, extra = bench(args.config, args.steps, args.batch, args.rounds, args.gass_iters,
-                            folder)
+                            folder, jax_conv_vjp=args.jax_conv_vjp)
     print("| method | s / image, median [min-max] | x unguided |")
     print("|---|---|---|")
     for r in rows:
@@ -158,6 +192,7 @@ def main(argv=None):
         "batch": args.batch,
         "rounds": args.rounds,
         "gass_max_iters": args.gass_iters,
+        "jax_conv_vjp_rows": args.jax_conv_vjp,
         "timing": "interleaved A B C ... per round, median [min-max]",
         **environment(),
         "torch_threads": torch.get_num_threads(),

@@ -26,7 +26,7 @@ def test_each_round_and_flag_set_runs_in_its_own_process(tmp_path):
         assert run["environment"]["threads"]["XLA_FLAGS"] == flags
         assert len(run["environment"]["cpu_affinity"]) == 1  # pinned
         toy = run["workloads"]["toy"]
-        assert toy["programs"] == 9 and toy["first_call_s"] > toy["second_call_s"] > 0
+        assert toy["programs"] == 3 and toy["first_call_s"] > toy["second_call_s"] > 0
         assert run["workloads"]["unet"]["config"] == "tiny"
     row = data["table"]["toy"]["tests"]["first_call_s"]
     lo, hi = row["default_over_this_per_round"]

@@ -27,3 +27,18 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
 def test_unknown_flag_sets_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         conv.main(["--flag-sets", "fastest", "--out", str(tmp_path / "x.json")])
+
+
+def test_input_gradient_pass_times_three_implementations_that_agree(tmp_path):
+    out = tmp_path / "conv_grad.json"
+    conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default", "--pass",
+               "input_grad", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["pass"] == "input_grad"
+    entry = data["flag_sets"]["default"]
+    assert entry["status"] == "ok", entry
+    for row in entry["rows"]:
+        assert row["steps"] == 2
+        assert row["max_abs_diff"] < 1e-4 and row["max_abs_diff_lax"] < 1e-4  # same steps
+        assert set(row["times"]) == {"jaxdiv", "torch", "lax_conv_general_dilated"}
+        assert row["lax_over_jaxdiv"] > 0 and row["torch_over_jaxdiv"] > 0

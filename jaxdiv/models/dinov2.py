@@ -39,7 +39,7 @@ from flax import nnx
 from jaxdiv import validation
 from jaxdiv.models.clip.config import ACTIVATIONS
 from jaxdiv.models.conversion import convert_dinov2_state_dict
-from jaxdiv.models.layers import attention_core
+from jaxdiv.models.layers import attention_core, conv_general_dilated
 
 __all__ = [
     "DINOV2_MEAN",
@@ -282,7 +282,8 @@ class Dinov2PatchEmbeddings(nnx.Module):
     def __init__(self, cfg: Dinov2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.projection = nnx.Conv(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_hw,
                                    strides=cfg.patch_hw, padding="VALID", dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+                                   param_dtype=param_dtype, rngs=rngs,
+                                   conv_general_dilated=conv_general_dilated)  # fmt: skip
 
     def __call__(self, x):
         return self.projection(x)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxdiv.models.clip.config import ACTIVATIONS, CLIPTextConfig, CLIPVisionConfig, _as_config
 from jaxdiv.models.clip.tokenizer import check_token_ids
-from jaxdiv.models.layers import attention_core
+from jaxdiv.models.layers import attention_core, conv_general_dilated
 
 __all__ = [
     "CLIPTextModel",
@@ -486,6 +486,7 @@ class CLIPVisionEmbeddings(nnx.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
+            conv_general_dilated=conv_general_dilated,
             rngs=rngs,
         )
         self.position_embedding = nnx.Embed(
