@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.sd3_step import CLIP_TOKENS, SD3_MEDIUM, _version, peak_rss_gb
-from benchmarks.timing import interleaved
+from benchmarks.sd3_step import CLIP_TOKENS, SD3_MEDIUM, peak_rss_gb
+from benchmarks.timing import interleaved, version
 
 CONFIGS: dict[str, dict[str, Any]] = {"sd3-medium": SD3_MEDIUM}
 DEFAULT_LATENT = {"tiny": 16, "sd3-medium": 32}
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          + list(sys.argv[1:] if argv is None else argv)),  # fmt: skip
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         paper="+20-30% (Flux-dev 10.3 -> 12.8 s per image, Dahary et al. 2026)",
-        versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=_version("flax"),
+        versions=dict(jax=jax.__version__, jaxlib=version("jaxlib"), flax=version("flax"),
                       numpy=np.__version__, python=platform.python_version()),  # fmt: skip
         threads=dict(
             env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")},

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.sd3_step import _version, peak_rss_gb
-from benchmarks.timing import interleaved, round_ratio_range
+from benchmarks.sd3_step import peak_rss_gb
+from benchmarks.timing import interleaved, round_ratio_range, version
 
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                 num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         command=" ".join(["python -m benchmarks.evaluate_encoders"]
                          + list(sys.argv[1:] if argv is None else argv)),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=_version("flax"),
+        versions=dict(jax=jax.__version__, jaxlib=version("jaxlib"), flax=version("flax"),
                       torch=torch.__version__, transformers=transformers.__version__,
                       numpy=np.__version__, python=platform.python_version()),
         threads=dict(torch_threads=torch.get_num_threads(),

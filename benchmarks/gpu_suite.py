@@ -91,6 +91,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.timing import version
+
 SECTIONS = ("sd21_generate", "methods_overhead", "sd3_step", "spell_million")
 # share of the remaining budget each section may use (unused time passes on)
 WEIGHTS = {"sd21_generate": 0.30, "methods_overhead": 0.30, "sd3_step": 0.25,
@@ -98,14 +100,6 @@ WEIGHTS = {"sd21_generate": 0.30, "methods_overhead": 0.30, "sd3_step": 0.25,
 CFG = 7.5
 PROMPTS = ["a photo of a cat", "a red dog"]
 
-# SD2.1-base-shaped pipeline (512 px, latent 64); the UNet is sd_step's "sd21".
-SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-                 projection_dim=512)  # fmt: skip
-SD21_VAE = dict(block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=512)  # fmt: skip
 # GASS's CLIP vision tower: ViT-L/14 at 224 px
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
@@ -114,7 +108,8 @@ VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
 
 def sizes(smoke: bool) -> dict[str, Any]:
     """Every size of the run: full (GPU) or tiny (``--smoke``, CPU)."""
-    from benchmarks import sd3_step, sd_step
+    from benchmarks import sd3_step
+    from benchmarks.sd_generate import CONFIGS as SD_CONFIGS
 
     if smoke:
         return dict(
@@ -124,10 +119,8 @@ def sizes(smoke: bool) -> dict[str, Any]:
             spell_shape=(4, 8, 8), spell_refs=1000, spell_batches=(3,), spell_steps=2,
             spell_block=256, spell_radius=5.0, spell_depth=2, rounds=1,
         )  # fmt: skip
-    unet = dict(sd_step.CONFIGS["sd21"], sample_size=64)
     return dict(
-        sd_config=dict(prediction_type="epsilon", unet=unet, vae=SD21_VAE,
-                       text_encoder=SD21_TEXT),
+        sd_config=dict(SD_CONFIGS["sd21"]),
         sd_vision=VIT_L14, sd_px=512, sd_steps=50, prompts=PROMPTS,
         methods_steps=10, methods_batch=4, gass_iters=10,
         sd3_config=dict(sd3_step.SD3_MEDIUM), sd3_latent=128, sd3_t5_tokens=256,
@@ -176,15 +169,6 @@ def _diffusers():
             "wheel, see the benchmarks.gpu_suite docstring",
         )
     return diffusers, ""
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def _sync():
@@ -285,12 +269,12 @@ class Suite:
             "versions": {
                 "python": platform.python_version(),
                 "jax": jax.__version__,
-                "jaxlib": _version("jaxlib"),
-                "flax": _version("flax"),
+                "jaxlib": version("jaxlib"),
+                "flax": version("flax"),
                 "numpy": np.__version__,
-                "torch": _version("torch"),
+                "torch": version("torch"),
                 "diffusers": getattr(self.diffusers, "__version__", None),
-                "transformers": _version("transformers"),
+                "transformers": version("transformers"),
             },
             "env": {k: os.environ.get(k) for k in (
                 "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",

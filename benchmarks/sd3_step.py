@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import interleaved, round_ratio_range
+from benchmarks.timing import interleaved, round_ratio_range, version
 from jaxdiv.models.mmdit import load_mmdit
 from jaxdiv.testing import TINY_MMDIT, randomize_norms_and_biases
 
@@ -445,8 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         versions=dict(
             jax=jax.__version__,
-            jaxlib=getattr(jax.lib, "__version__", None) or _version("jaxlib"),
-            flax=_version("flax"),
+            jaxlib=getattr(jax.lib, "__version__", None) or version("jaxlib"),
+            flax=version("flax"),
             torch=torch.__version__,
             diffusers=diffusers.__version__,
             numpy=np.__version__,
@@ -475,15 +475,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out, result)
     print(f"wrote {out}", flush=True)
     return result
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Full Stable Diffusion generation, jaxdiv (one jitted program) vs diffusers PyTorch, on CPU.
 
     python -m benchmarks.sd_generate [--configs tiny sd21-small] [--steps 50] [--repeats 3]
+                                     [--threads 1] [--no-warmup]
 
 For each configuration a random diffusers ``StableDiffusionPipeline`` is saved to a temp
 folder (:func:`jaxdiv.testing.save_random_pipeline`) and both sides run
@@ -9,8 +10,10 @@ DDIM steps (eta 0) with CFG 7.5 (a doubled batch per step), VAE decode. jaxdiv r
 one ``jax.jit`` program (compiled once, compile time reported separately); diffusers runs
 ``StableDiffusionPipeline.__call__`` under ``torch.no_grad``. The two alternate, A B A B,
 for ``--repeats`` rounds after one warm-up each (:func:`benchmarks.timing.interleaved`),
-and each is reported as median [min-max]; the max abs difference of the two image batches
-(in ``[0, 1]``) is a sanity check. Results go to ``results/sd_generate.json`` with the
+and each is reported as median [min-max]; the max abs difference of the two libraries'
+last image batches (in ``[0, 1]``) is a sanity check. ``--no-warmup`` drops the warm-up
+calls (jaxdiv's program is compiled ahead of time either way), for the 512 px
+configuration, where one call takes minutes on CPU. Results go to ``results/sd_generate.json`` with the
 environment (:func:`benchmarks.timing.environment`: versions, threads, peak RSS).
 
 ``--threads 1`` (default) pins the process to one core, with one torch thread and
@@ -26,6 +29,9 @@ Configurations:
   ``block_out_channels`` (64, 128, 256, 256), 64-wide heads, linear projections,
   ``upcast_attention``, cross-attention width 1024 from a 2-layer 1024-wide text encoder
   (77 tokens), a 4-level VAE (scale factor 8), v-prediction; 16x16 latents (128x128 px).
+* ``sd21`` -- SD 2.1-base's shapes at full size (not in the default run): the 866M-parameter
+  UNet of :mod:`benchmarks.sd_step`, the 23-layer 1024-wide text encoder, the
+  (128, 256, 512, 512) VAE, epsilon prediction; 64x64 latents (512x512 px).
 """  # noqa: E501
 
 from __future__ import annotations
@@ -38,6 +44,16 @@ import time
 
 import numpy as np
 
+from benchmarks.sd_step import CONFIGS as UNET_CONFIGS
+
+# SD2.1-base's text encoder (OpenCLIP-H's text tower, penultimate layer) and VAE
+SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                 projection_dim=512)  # fmt: skip
+SD21_VAE = dict(block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512)  # fmt: skip
 CONFIGS = {
     "tiny": {},
     "sd21-small": dict(
@@ -73,11 +89,14 @@ CONFIGS = {
         ),
     ),
 }
+CONFIGS["sd21"] = dict(prediction_type="epsilon", unet=dict(UNET_CONFIGS["sd21"], sample_size=64),
+                       vae=SD21_VAE, text_encoder=SD21_TEXT)  # fmt: skip
+DEFAULT_CONFIGS = ("tiny", "sd21-small")
 PROMPTS = ["a photo of a cat", "a red dog"]
 CFG = 7.5
 
 
-def bench_config(name, steps, repeats, folder):
+def bench_config(name, steps, repeats, folder, warmup=True):
     import jax
     import jax.numpy as jnp
     import torch
@@ -110,12 +129,14 @@ def bench_config(name, steps, repeats, folder):
     compiled = jax.jit(generate).lower(params, tokens, jnp.asarray(noise)).compile()
     compile_s = time.perf_counter() - t0
 
+    last = {}  # each side's latest images: the parity check needs no extra call
+
     def run_jax():
-        return compiled(params, tokens, jnp.asarray(noise)).block_until_ready()
+        last["jax"] = compiled(params, tokens, jnp.asarray(noise)).block_until_ready()
 
     def run_torch():
         with torch.no_grad():
-            return torch_pipe(
+            last["torch"] = torch_pipe(
                 PROMPTS,
                 num_inference_steps=steps,
                 guidance_scale=CFG,
@@ -126,10 +147,10 @@ def bench_config(name, steps, repeats, folder):
                 output_type="np",
             ).images
 
-    timed = interleaved({"jax": run_jax, "torch": run_torch}, repeats)  # A B A B
+    timed = interleaved({"jax": run_jax, "torch": run_torch}, repeats, warmup=warmup)  # A B A B
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
-    ours = np.clip(np.asarray(run_jax()).transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-    diff = float(np.abs(ours - run_torch()).max())
+    ours = np.clip(np.asarray(last["jax"]).transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    diff = float(np.abs(ours - last["torch"]).max())
     n_unet = sum(p.numel() for p in torch_pipe.unet.parameters())
     return {
         "config": name,
@@ -148,19 +169,25 @@ def bench_config(name, steps, repeats, folder):
         "jax_runs_s": timed["jax"]["runs_s"],
         "torch_runs_s": timed["torch"]["runs_s"],
         "timing": "interleaved A B A B, median [min-max]",
+        "warmup": warmup,
         "max_abs_image_diff": diff,
     }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.sd_generate")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/sd_generate.json")
     p.add_argument("--threads", type=int, choices=(0, 1), default=1,
                    help="1: one core for both libraries; 0: library defaults")  # fmt: skip
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time from the first call (jaxdiv is compiled ahead of time anyway)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        raise ValueError(f"--steps and --repeats must be >= 1, got {args.steps} and "
+                         f"{args.repeats}")  # fmt: skip
     if args.threads == 1:
         from benchmarks.timing import pin_one_core
 
@@ -179,7 +206,8 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         with tempfile.TemporaryDirectory() as folder:
-            row = bench_config(name, args.steps, args.repeats, folder)
+            row = bench_config(name, args.steps, args.repeats, folder,
+                               warmup=not args.no_warmup)  # fmt: skip
         rows.append(row)
         print(
             f"{name:>11}: jaxdiv {row['jax_s']:.3f} s (compile {row['jax_compile_s']:.1f} s)  "

@@ -1,7 +1,8 @@
 """Per-image overhead of each diversity method over the unguided (CFG-only) run, on CPU.
 
     python -m benchmarks.sd_methods [--config sd21-small] [--steps 10] [--batch 4] [--rounds 3]
-                                    [--gass-iters 60]
+                                    [--gass-iters 60] [--jax-conv-vjp]
+                                    [--methods spell,particle,cads,interval,gass,tpso]
 
 A random pipeline of :data:`benchmarks.sd_generate.CONFIGS` (default ``sd21-small``: SD
 2.1's architecture at reduced width, 128x128 px) plus a tiny CLIP vision tower for GASS is
@@ -10,7 +11,13 @@ with DDIM (clean endpoint) and CFG 7.5, each as one compiled program (compile ti
 reported apart); the methods alternate within every round (A B C ... A B C ...) and each
 is reported as median [min-max] seconds per image and as a ratio to the unguided median
 of the same rounds. TPSO's prompt optimisation (run once per prompt, before sampling) is
-timed as its own row. Results go to ``results/sd_methods.json``.
+timed as its own row. ``--methods`` times a subset (the CFG-only run always runs: it is
+the ratios' base). Results go to ``results/sd_methods.json``.
+
+``--jax-conv-vjp`` adds both GASS programs compiled ahead of time twice, with
+:func:`jaxdiv.models.layers.conv_general_dilated`'s convolution VJP and with JAX's own,
+and records whether each pair compiled to the same optimised HLO (source locations aside):
+a pair that did tells how far two copies of one program can measure apart.
 
 The CLIP vision tower is tiny (16x16 input), so GASS's figures are a lower bound: the VAE
 decode (and, in pixel mode, the VAE encode) inside every Adam iteration dominates there.
@@ -27,6 +34,8 @@ import numpy as np
 
 PROMPT = "a photo of a cat"
 CFG = 7.5
+# what --methods selects from; the unguided CFG run is always timed (the ratios' base)
+METHODS = ("spell", "particle", "cads", "interval", "gass", "tpso")
 
 
 def build_methods(pipe, noise, steps, gass_iters):
@@ -85,7 +94,19 @@ def _with_jax_conv_vjp(compile_fn):
         jax.clear_caches()
 
 
-def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
+def _hlo_without_locations(compiled) -> str:
+    """The optimised HLO of a compiled program without its source locations (which differ
+    between two traces of the same code), to tell whether two compilations are the same
+    program."""
+    import re
+
+    text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
+    text = re.sub(r"stack_frame_id=\d+", "", text)
+    return "\n".join(line for line in text.splitlines() if not re.match(r"^\d+ [{\"]", line))
+
+
+def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False,
+          methods_run=METHODS):  # fmt: skip
     import jax
 
     import jaxdiv
@@ -99,6 +120,8 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
     pipe = sd.load(folder)
     noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(batch))
     cond, r, methods = build_methods(pipe, noise, steps, gass_iters)
+    methods = {name: g for name, g in methods.items()
+               if name == "unguided (CFG)" or name.split()[0] in methods_run}  # fmt: skip
     sampler = pipe.ddim(steps, clean_endpoint=True)
 
     width = pipe.token_embedding.shape[1]
@@ -108,12 +131,14 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
         c = tpso_conditions(pipe, [PROMPT], batch, jax.random.key(0), projection=kernel)
         return c.optimized.block_until_ready(), c
 
-    t0 = time.perf_counter()
-    _, tpso_c = optimise()
-    tpso_compile_s = time.perf_counter() - t0
-    methods["tpso (sampling)"] = tpso_guidance(tpso_c, CFG)
+    tpso_c, tpso_compile_s = None, None
+    if "tpso" in methods_run:
+        t0 = time.perf_counter()
+        _, tpso_c = optimise()
+        tpso_compile_s = time.perf_counter() - t0
+        methods["tpso (sampling)"] = tpso_guidance(tpso_c, CFG)
 
-    fns, compile_s = {}, {}
+    fns, compile_s, same_hlo = {}, {}, {}
     for name, g in methods.items():
         c = tpso_c.cond if name.startswith("tpso") else cond
 
@@ -130,13 +155,17 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
         for name in ("gass (latent write-back)", "gass (pixel write-back)"):
             program = jax.jit(lambda noise, c, g=methods[name]: jaxdiv.sample(
                 sampler, pipe.denoiser, noise, key=jax.random.key(2), cond=c, guidance=g).x0)
+            hlo = []
             for vjp, build in (("jaxdiv", lambda f: f()), ("JAX's", _with_jax_conv_vjp)):
                 row = f"{name}, {vjp} conv VJP, AOT"
                 t0 = time.perf_counter()
                 compiled = build(lambda p=program: p.lower(noise, cond).compile())
                 compile_s[row] = time.perf_counter() - t0
                 fns[row] = lambda compiled=compiled: compiled(noise, cond).block_until_ready()
-    fns["tpso (optimisation, once per prompt)"] = optimise
+                hlo.append(_hlo_without_locations(compiled))
+            same_hlo[name] = hlo[0] == hlo[1]
+    if tpso_c is not None:
+        fns["tpso (optimisation, once per prompt)"] = optimise
     timed = interleaved(fns, rounds)
     base = timed["unguided (CFG)"]["median_s"]
     rows = []
@@ -149,9 +178,13 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False):
             "first_call_s": compile_s.get(name, tpso_compile_s),
             "runs_s": t["runs_s"],
         })  # fmt: skip
-    tpso_steps = int(tpso_c.result.steps)
-    return rows, {"spell_radius": r, "tpso_optimizer_steps": tpso_steps,
-                  "latent_shape": list(noise.shape[1:])}  # fmt: skip
+    extra = {"methods": list(methods_run), "spell_radius": r,
+             "latent_shape": list(noise.shape[1:])}  # fmt: skip
+    if tpso_c is not None:
+        extra["tpso_optimizer_steps"] = int(tpso_c.result.steps)
+    if jax_conv_vjp:
+        extra["same_optimized_hlo_with_either_conv_vjp"] = same_hlo
+    return rows, extra
 
 
 def main(argv=None):
@@ -167,8 +200,17 @@ def main(argv=None):
                    help="also time both GASS methods as ahead-of-time compiled programs, "
                    "with layers.conv_general_dilated's convolution VJP and with JAX's own "
                    "(before it), interleaved with the rest")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (CFG alone always runs)")
     p.add_argument("--out", default="results/sd_methods.json")
     args = p.parse_args(argv)
+    methods_run = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(methods_run) - set(METHODS))
+    if unknown or not methods_run:
+        raise ValueError(f"--methods entries must be in {list(METHODS)}, got {args.methods!r}")
+    if args.jax_conv_vjp and "gass" not in methods_run:
+        raise ValueError("--jax-conv-vjp times the GASS programs: --methods must include gass, "
+                         f"got {args.methods!r}")
 
     import torch
 
@@ -177,13 +219,16 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as folder:
         rows, extra = bench(args.config, args.steps, args.batch, args.rounds, args.gass_iters,
-                            folder, jax_conv_vjp=args.jax_conv_vjp)
+                            folder, jax_conv_vjp=args.jax_conv_vjp, methods_run=methods_run)
     print("| method | s / image, median [min-max] | x unguided |")
     print("|---|---|---|")
     for r in rows:
         lo, hi = r["per_image_min_max_s"]
         print(f"| {r['method']} | {r['per_image_s']:.3f} [{lo:.3f}-{hi:.3f}] | "
               f"{r['ratio_to_unguided']:.2f} |")  # fmt: skip
+    for name, same in extra.get("same_optimized_hlo_with_either_conv_vjp", {}).items():
+        print(f"{name}: {'the same' if same else 'a different'} optimised program with "
+              "JAX's convolution VJP")  # fmt: skip
     result = {
         "benchmark": "per-image cost of each method vs CFG only (DDIM, clean endpoint)",
         "command": " ".join(["python -m benchmarks.sd_methods"] + list(argv or sys.argv[1:])),

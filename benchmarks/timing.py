@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = float("inf")):
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = float("inf"),
+                warmup: bool = True):  # fmt: skip
     """Time each callable once per round, in the same order every round (A B A B ...),
-    after one warm-up call each. Stops early (after at least 3 rounds) once ``budget_s``
+    after one warm-up call each (``warmup=False`` skips it, for calls that take minutes
+    and are already compiled). Stops early (after at least 3 rounds) once ``budget_s``
     seconds have been spent.
 
     Returns ``{name: {"median_s", "min_s", "max_s", "runs_s"}}``.
@@ -25,7 +27,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: flo
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()  # compile / warm up
     runs = {name: [] for name in fns}
     spent = 0.0
