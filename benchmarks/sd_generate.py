@@ -14,7 +14,8 @@ and each is reported as median [min-max]; the max abs difference of the two libr
 last image batches (in ``[0, 1]``) is a sanity check. ``--no-warmup`` drops the warm-up
 calls (jaxdiv's program is compiled ahead of time either way), for the 512 px
 configuration, where one call takes minutes on CPU. Results go to
-``results/sd_generate.json`` with the environment (:func:`benchmarks.timing.environment`: versions, threads, peak RSS).
+``results/sd_generate.json`` with the environment (:func:`benchmarks.timing.environment`:
+versions, threads, peak RSS).
 
 ``--threads 1`` (default) pins the process to one core, with one torch thread and
 single-threaded Eigen in XLA: a like-for-like comparison that stays meaningful on a
