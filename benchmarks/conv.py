@@ -4,18 +4,22 @@
         [--flag-sets default,onednn,...] [--shapes sd21] [--pass forward|input_grad]
 
 The UNet ports run their 3x3 convolutions through
-:func:`jaxdiv.models.layers.conv_general_dilated`: NHWC ``lax.conv_general_dilated`` (what
-``nnx.Conv`` lowers to), except on inputs smaller than the kernel, where it multiplies
-gathered patches instead; PyTorch
-runs NCHW ``conv2d`` through oneDNN. ``--shapes sd21`` times both on the shapes of an
-SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to 8 x 8 x 1280, where
-the spatial size is small and the channel count high. ``--shapes bottom`` times the
-bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4), with plain
-``lax.conv_general_dilated`` as a third row there. XLA's flags are
-read once per process, so each flag set runs in a child process of its own, where jaxdiv
-and torch alternate round by round (:func:`benchmarks.timing.interleaved`) with one thread
-each; the ratios come from those interleaved rounds. Outputs are checked against each
-other (max abs difference) before timing.
+:func:`jaxdiv.models.convolution.conv_general_dilated`: Winograd F(2 x 2, 3 x 3) on enough
+output tiles, a product of gathered patches on inputs smaller than the kernel, NHWC
+``lax.conv_general_dilated`` (XLA's direct convolution, what ``nnx.Conv`` lowers to)
+otherwise; PyTorch runs NCHW ``conv2d`` through oneDNN. Each row names the path jaxdiv
+took (``path``) and times all three -- jaxdiv, plain ``lax.conv_general_dilated`` and
+torch -- with each one's max abs error to a float64 PyTorch convolution. ``--shapes sd21``
+uses the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to
+8 x 8 x 1280, where the spatial size is small and the channel count high. ``--shapes
+bottom`` times the bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4).
+XLA's flags are read once per process, so each flag set runs in a child process of its
+own, where the implementations alternate round by round
+(:func:`benchmarks.timing.interleaved`), on one pinned core with one thread each
+(``--threads 1``, the default) or with every library's default threads on all cores
+(``--threads 0``); the ratios come from those interleaved rounds. ``--winograd-min-tiles
+0`` forces jaxdiv's Winograd path on every shape it can take (how
+:data:`~jaxdiv.models.convolution.WINOGRAD_MIN_TILES` was chosen).
 
 ``--pass input_grad`` times gradient steps on a convolution's input inside a ``lax.scan``
 (:func:`measure_input_grad`), where XLA:CPU left JAX's own input gradient as a naive loop
@@ -59,7 +63,7 @@ SHAPES = {
     # SD's VAE decoder levels at 256 px output, batch 1 (GASS differentiates through them)
     "vae_decoder_256": [(1, 32, 512, 512), (1, 64, 512, 512), (1, 128, 256, 256),
                         (1, 256, 128, 128)],
-    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16)],
+    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8)],  # direct, patches, Winograd
 }
 
 
@@ -81,16 +85,15 @@ def _operands(b, hw, cin, cout):
 
 
 def measure(shapes, rounds: int) -> list[dict]:
-    """Time jaxdiv's NHWC convolution and torch's NCHW one on each shape, interleaved, in
-    this process (with whatever ``XLA_FLAGS`` it was started with)."""
+    """Time jaxdiv's NHWC convolution, XLA's direct one and torch's NCHW one on each shape,
+    interleaved, in this process (with whatever ``XLA_FLAGS`` and threads it was started
+    with); each one's max abs error to a float64 PyTorch convolution of the same inputs."""
     import jax
     import numpy as np
     import torch
 
     from benchmarks.timing import interleaved, round_ratio_range
-    from jaxdiv.models.layers import conv_general_dilated
-
-    torch.set_num_threads(1)
+    from jaxdiv.models.convolution import conv_general_dilated
 
     def jitted(fn):
         return jax.jit(lambda x, w: fn(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -112,18 +115,27 @@ def measure(shapes, rounds: int) -> list[dict]:
         def run_lax(xj=xj, wj=wj):
             return lax_conv(xj, wj).block_until_ready()
 
-        diff = float(np.abs(np.asarray(run_jax()).transpose(0, 3, 1, 2)
-                            - run_torch().numpy()).max())  # fmt: skip
-        fns = {"jaxdiv": run_jax, "torch": run_torch}
-        if hw < 3:  # jaxdiv's layers avoid lax here: time what they avoid
-            fns["lax_conv_general_dilated"] = run_lax
+        with torch.no_grad():
+            truth = torch.nn.functional.conv2d(xt.double(), wt.double(), padding=1).numpy()
+        errors = {name: float(np.abs(np.asarray(out, np.float64) - truth).max()) for name, out in (
+            ("jaxdiv", np.asarray(run_jax()).transpose(0, 3, 1, 2)),
+            ("lax_conv_general_dilated", np.asarray(run_lax()).transpose(0, 3, 1, 2)),
+            ("torch", run_torch().numpy()))}  # fmt: skip
+        jaxpr = str(jax.make_jaxpr(conv)(xj, wj))
+        path = "direct" if "conv_general_dilated" in jaxpr else "patches" if hw < 3 else "winograd"
+        fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
         timed = interleaved(fns, rounds)
+        jax_s = timed["jaxdiv"]["median_s"]
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
-                     "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9, "max_abs_diff": diff,
-                     "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
-                     / timed["jaxdiv"]["median_s"],
-                     "per_round_torch_over_jaxdiv":
-                         round_ratio_range(timed, "torch", "jaxdiv")})  # fmt: skip
+                     "path": path, "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9,
+                     "max_abs_diff": float(np.abs(
+                         np.asarray(run_jax()).transpose(0, 3, 1, 2) - run_torch().numpy()).max()),
+                     "max_abs_error_to_float64": errors, "times": timed,
+                     "torch_over_jaxdiv": timed["torch"]["median_s"] / jax_s,
+                     "per_round_torch_over_jaxdiv": round_ratio_range(timed, "torch", "jaxdiv"),
+                     "lax_over_jaxdiv": timed["lax_conv_general_dilated"]["median_s"] / jax_s,
+                     "per_round_lax_over_jaxdiv": round_ratio_range(
+                         timed, "lax_conv_general_dilated", "jaxdiv")})  # fmt: skip
     return rows
 
 
@@ -139,7 +151,7 @@ def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
     import torch
 
     from benchmarks.timing import interleaved, round_ratio_range
-    from jaxdiv.models.layers import conv_general_dilated
+    from jaxdiv.models.convolution import conv_general_dilated
 
     torch.set_num_threads(1)
 
@@ -194,6 +206,12 @@ def _child(args) -> None:
 
     from benchmarks.timing import environment
 
+    if args.threads == 1:
+        torch.set_num_threads(1)
+    if args.winograd_min_tiles is not None:
+        from jaxdiv.models import convolution
+
+        convolution.WINOGRAD_MIN_TILES = args.winograd_min_tiles
     measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
     rows = measure_fn(SHAPES[args.shapes], args.rounds)
     env = environment()
@@ -211,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pass", dest="pass_", choices=("forward", "input_grad"),
                         default="forward",
                         help="input_grad: gradient steps on the input in a lax.scan")
+    parser.add_argument("--winograd-min-tiles", type=float, default=None,
+                        help="override jaxdiv.models.convolution.WINOGRAD_MIN_TILES "
+                             "(0: Winograd wherever it can run)")
+    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
+                        help="1: one pinned core, one thread each; 0: library defaults")
     parser.add_argument("--out", default="results/benchmarks/conv.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.timing import pin_one_core
 
         # the flags alone leave XLA:CPU on every core: the child pins itself before JAX starts
-        pin_one_core()
+        if args.threads == 1:
+            pin_one_core()
         _child(args)
         return {}
     names = [n for n in args.flag_sets.split(",") if n]
@@ -231,16 +255,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     what = ("3x3 convolution" if args.pass_ == "forward" else
             "gradient steps on the input of a 3x3 convolution in a lax.scan")  # fmt: skip
-    result = {"benchmark": f"{what}, float32, one thread: XLA:CPU NHWC vs torch "
+    threads = "one pinned thread" if args.threads == 1 else "library default threads"
+    result = {"benchmark": f"{what}, float32, {threads}: XLA:CPU NHWC vs torch "
                            "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
+              "threads": args.threads, "winograd_min_tiles": args.winograd_min_tiles,
               "pass": args.pass_,
               "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
               "flag_sets": {}}  # fmt: skip
     for name in names:
-        env = dict(os.environ, XLA_FLAGS=f"{FLAG_SETS[name]} {_ONE_THREAD}".strip(),
-                   OMP_NUM_THREADS="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        one = args.threads == 1
+        env = dict(os.environ, XLA_FLAGS=f"{FLAG_SETS[name]} {_ONE_THREAD if one else ''}".strip(),
+                   JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        if one:
+            env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "benchmarks.conv", "--child", "--rounds",
-               str(args.rounds), "--shapes", args.shapes, "--pass", args.pass_]  # fmt: skip
+               str(args.rounds), "--shapes", args.shapes, "--pass", args.pass_,
+               "--threads", str(args.threads)]  # fmt: skip
+        if args.winograd_min_tiles is not None:
+            cmd += ["--winograd-min-tiles", str(args.winograd_min_tiles)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "error",
@@ -250,10 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "ok", **child}
         for row in result["flag_sets"][name].get("rows", []):
             print(f"{name:>18}  {row['batch']}x{row['hw']}x{row['hw']}x{row['in_channels']}"
-                  f"->{row['out_channels']}: jaxdiv "
+                  f"->{row['out_channels']} ({row.get('path', 'grad')}): jaxdiv "
                   f"{row['times']['jaxdiv']['median_s'] * 1e3:8.2f} ms  torch "
                   f"{row['times']['torch']['median_s'] * 1e3:8.2f} ms  torch/jaxdiv "
-                  f"{row['torch_over_jaxdiv']:.2f}", flush=True)  # fmt: skip
+                  f"{row['torch_over_jaxdiv']:.2f}"
+                  + (f"  lax/jaxdiv {row['lax_over_jaxdiv']:.2f}" if "lax_over_jaxdiv" in row
+                     else ""), flush=True)  # fmt: skip
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")
     return result

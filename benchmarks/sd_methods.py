@@ -15,7 +15,7 @@ timed as its own row. ``--methods`` times a subset (the CFG-only run always runs
 the ratios' base). Results go to ``results/sd_methods.json``.
 
 ``--jax-conv-vjp`` adds both GASS programs compiled ahead of time twice, with
-:func:`jaxdiv.models.layers.conv_general_dilated`'s convolution VJP and with JAX's own,
+:func:`jaxdiv.models.convolution.conv_general_dilated`'s convolution VJP and with JAX's own,
 and records whether each pair compiled to the same optimised HLO (source locations aside):
 a pair that did tells how far two copies of one program can measure apart.
 
@@ -76,7 +76,7 @@ def build_methods(pipe, noise, steps, gass_iters):
 
 def _with_jax_conv_vjp(compile_fn):
     """``compile_fn()`` traced and compiled with JAX's own VJP for the ports' convolutions
-    instead of :func:`jaxdiv.models.layers.conv_general_dilated`'s (the layout XLA:CPU
+    instead of :func:`jaxdiv.models.convolution.conv_general_dilated`'s (the layout XLA:CPU
     runs as a loop nest inside loop bodies): the "before" of that fix, for comparison.
     JAX's trace caches are cleared on both sides so that neither program reuses the
     other's trace."""
@@ -198,7 +198,7 @@ def main(argv=None):
                    "decoder and CLIP forward and backward)")
     p.add_argument("--jax-conv-vjp", action="store_true",
                    help="also time both GASS methods as ahead-of-time compiled programs, "
-                   "with layers.conv_general_dilated's convolution VJP and with JAX's own "
+                   "with convolution.conv_general_dilated's convolution VJP and with JAX's own "
                    "(before it), interleaved with the rest")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (CFG alone always runs)")

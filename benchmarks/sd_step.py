@@ -20,7 +20,9 @@ records ``cores_used`` (CPU time / wall time of one call) per implementation.
 
 Three implementations alternate round by round (A B C A B C): jaxdiv jitted, diffusers
 eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
-drops that peer; a compile failure is recorded in the JSON, not raised). Writes
+drops that peer; a compile failure is recorded in the JSON, not raised).
+``--direct-conv-peer`` adds a fourth: jaxdiv traced with its Winograd 3 x 3 convolutions
+off (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES`), i.e. XLA's direct ones. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
 DDIM + CFG generation is ``benchmarks.sd_generate``.
 """
@@ -42,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.timing import environment, interleaved, pin_one_core, round_ratio_range
+from jaxdiv.models import convolution
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -119,7 +122,7 @@ def compiled_peer(torch_model, mode: str, args: tuple) -> tuple[Any, dict[str, A
 
 def measure_denoiser_step(
     name: str, *, latent: int, batch: int, repeats: int, seed: int = 0,
-    torch_compile: str = "default",
+    torch_compile: str = "default", direct_conv: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Time one UNet forward (eps prediction) in diffusers (eager), diffusers under
     ``torch.compile`` and jaxdiv (jitted), alternating A B C over the rounds.
@@ -131,6 +134,9 @@ def measure_denoiser_step(
         repeats: interleaved rounds after one warm-up call each (median [min-max]).
         seed: weight and input seed.
         torch_compile: ``torch.compile`` mode of the third peer, or ``"off"``.
+        direct_conv: also time jaxdiv traced with Winograd convolutions off
+            (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES` infinite: every 3 x 3
+            convolution is XLA's direct one), as the row's ``direct_conv``.
 
     Returns:
         A result row (times in seconds; ``ratio`` = torch / jax, > 1 means jaxdiv faster).
@@ -171,19 +177,34 @@ def measure_denoiser_step(
     if run_compiled is not None:
         fns["torch_compile"] = run_compiled
         compiled["max_abs_diff_to_eager"] = float(np.abs(compiled.pop("_out") - out_torch).max())
+    direct: dict[str, Any] = {"status": "skipped (no --direct-conv-peer)"}
+    if direct_conv:
+        # a new function object: jit's trace cache is keyed on it, so this traces again
+        step_direct = jax.jit(lambda *args: step.__wrapped__(*args))
+        saved, convolution.WINOGRAD_MIN_TILES = convolution.WINOGRAD_MIN_TILES, float("inf")
+        try:
+            out_direct = step_direct(state, xj, tj, cj).block_until_ready()
+        finally:
+            convolution.WINOGRAD_MIN_TILES = saved
+        fns["jax_direct_conv"] = lambda: step_direct(state, xj, tj, cj).block_until_ready()
+        direct = {"status": "ok", "max_abs_diff_to_jax": float(np.abs(out_direct - out_jax).max()),
+                  "max_abs_diff_to_torch": float(np.abs(np.asarray(out_direct) - out_torch).max())}
     with torch.no_grad():
         # A B C A B C: every implementation sees the same machine load
         timed = interleaved(fns, repeats)
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
     with torch.no_grad():
         cores = {name: cores_used(fn) for name, fn in fns.items()}
+    def peer_summary(key: str, ratio_name: str) -> dict[str, Any]:
+        t = timed[key]
+        return {"median_s": t["median_s"], "min_max_s": [t["min_s"], t["max_s"]],
+                "all_s": t["runs_s"], ratio_name: t["median_s"] / jax_s,
+                "per_round_ratio_min_max": round_ratio_range(timed, key, "jax")}  # fmt: skip
+
+    if direct_conv:
+        direct.update(peer_summary("jax_direct_conv", "ratio_direct_over_jax"))
     if run_compiled is not None:
-        tc = timed["torch_compile"]
-        compiled.update(
-            median_s=tc["median_s"], min_max_s=[tc["min_s"], tc["max_s"]], all_s=tc["runs_s"],
-            ratio_torch_compile_over_jax=tc["median_s"] / jax_s,
-            per_round_ratio_min_max=round_ratio_range(timed, "torch_compile", "jax"),
-        )  # fmt: skip
+        compiled.update(peer_summary("torch_compile", "ratio_torch_compile_over_jax"))
 
     return dict(
         benchmark="unet_step",
@@ -207,6 +228,7 @@ def measure_denoiser_step(
         per_round_ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
         torch_compile=compiled,
+        direct_conv=direct,
         cores_used=cores,
     )
 
@@ -227,7 +249,7 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise ValueError(f"--configs entries must be in {sorted(CONFIGS)}, got {name!r}")
         row = measure_denoiser_step(
             name, latent=args.latent, batch=args.batch, repeats=args.repeats,
-            torch_compile=args.torch_compile,
+            torch_compile=args.torch_compile, direct_conv=args.direct_conv_peer,
         )  # fmt: skip
         print(
             f"{name:>5}  {row['params'] / 1e6:7.1f}M params  latent {args.latent}x{args.latent} "
@@ -245,6 +267,10 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                   f"{tc['ratio_torch_compile_over_jax']:.2f}", flush=True)  # fmt: skip
         else:
             print(f"       torch.compile: {tc['status']}", flush=True)
+        if row["direct_conv"]["status"] == "ok":
+            dc = row["direct_conv"]
+            print(f"       jaxdiv, direct 3x3 convolutions {dc['median_s'] * 1e3:9.1f} ms  "
+                  f"ratio direct/Winograd {dc['ratio_direct_over_jax']:.2f}", flush=True)
         rows.append(row)
     return rows
 
@@ -262,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-compile", default="default",
                         choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "off"),
                         help="torch.compile mode of the third peer (off: eager diffusers only)")
+    parser.add_argument("--direct-conv-peer", action="store_true",
+                        help="also time jaxdiv with Winograd convolutions off")
     parser.add_argument("--out", default="results/sd_step.json")
     parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
                         help="1: one core for every implementation; 0: library defaults")

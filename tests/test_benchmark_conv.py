@@ -17,11 +17,15 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
     assert entry["environment"]["peak_rss_mb"] > 0
     assert entry["environment"]["versions"]["torch"] and entry["environment"]["date"]
     assert len(entry["rows"]) == len(conv.SHAPES["tiny"])
+    assert [row["path"] for row in entry["rows"]] == ["direct", "patches", "winograd"]
     for row in entry["rows"]:
         assert row["max_abs_diff"] < 1e-4  # the same convolution
+        assert set(row["max_abs_error_to_float64"]) == set(row["times"])
+        assert all(e < 1e-4 for e in row["max_abs_error_to_float64"].values())
         assert len(row["times"]["jaxdiv"]["runs_s"]) == 2 and row["torch_over_jaxdiv"] > 0
-        lo, hi = row["per_round_torch_over_jaxdiv"]
-        assert 0 < lo <= hi
+        for ratio in ("per_round_torch_over_jaxdiv", "per_round_lax_over_jaxdiv"):
+            lo, hi = row[ratio]
+            assert 0 < lo <= hi
 
 
 def test_unknown_flag_sets_are_refused(tmp_path):
@@ -42,3 +46,12 @@ def test_input_gradient_pass_times_three_implementations_that_agree(tmp_path):
         assert row["max_abs_diff"] < 1e-4 and row["max_abs_diff_lax"] < 1e-4  # same steps
         assert set(row["times"]) == {"jaxdiv", "torch", "lax_conv_general_dilated"}
         assert row["lax_over_jaxdiv"] > 0 and row["torch_over_jaxdiv"] > 0
+
+
+def test_winograd_can_be_forced_on_every_shape_it_can_take(tmp_path):
+    out = tmp_path / "conv_forced.json"
+    conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default",
+               "--winograd-min-tiles", "0", "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["flag_sets"]["default"]["rows"]
+    assert [row["path"] for row in rows] == ["winograd", "patches", "winograd"]
+    assert all(row["max_abs_diff"] < 1e-4 for row in rows)

@@ -43,7 +43,7 @@ def test_jax_conv_vjp_changes_only_programs_that_differentiate_a_convolution():
     """What ``same_optimized_hlo_with_either_conv_vjp`` reports: a convolution that only
     runs forward in a scan compiles to the same program either way; its input gradient
     does not (JAX's rule gives the kernel the ``01oi`` labels)."""
-    from jaxdiv.models.layers import conv_general_dilated
+    from jaxdiv.models.convolution import conv_general_dilated
 
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
     w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))

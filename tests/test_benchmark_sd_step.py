@@ -1,6 +1,6 @@
 """``python -m benchmarks.sd_step`` in-process on the tiny UNet: the row holds interleaved
-times, the parity of the two ports, the cores each implementation kept busy, and a
-skipped ``torch.compile`` peer is recorded as such."""
+times, the parity of the two ports, the cores each implementation kept busy, the
+direct-convolution peer, and a skipped ``torch.compile`` peer is recorded as such."""
 
 import json
 
@@ -14,15 +14,19 @@ from benchmarks import sd_step  # noqa: E402
 def test_tiny_row_and_json(tmp_path):
     out = tmp_path / "sd_step.json"
     # --threads 0: pinning would bind the test worker to one core for good
-    sd_step.main(["--configs", "tiny", "--latent", "8", "--batch", "2", "--repeats", "2",
-                  "--torch-compile", "off", "--threads", "0", "--out", str(out)])  # fmt: skip
+    sd_step.main(["--configs", "tiny", "--latent", "16", "--batch", "2", "--repeats", "2",
+                  "--torch-compile", "off", "--threads", "0", "--direct-conv-peer",
+                  "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert row["config"] == "tiny" and row["max_abs_diff"] < 1e-4
     assert len(row["jax_all_s"]) == len(row["torch_all_s"]) == 2
     lo, hi = row["per_round_ratio_min_max"]  # over 2 rounds the ratio of medians lies between
     assert 0 < lo * (1 - 1e-9) <= row["ratio_torch_over_jax"] <= hi * (1 + 1e-9)
-    assert set(row["cores_used"]) == {"jax", "torch"}
+    assert set(row["cores_used"]) == {"jax", "torch", "jax_direct_conv"}
+    direct = row["direct_conv"]  # latent 16: 2 x 8 x 8 output tiles, Winograd in the jax row
+    assert direct["status"] == "ok" and 0 < direct["max_abs_diff_to_jax"]
+    assert direct["max_abs_diff_to_torch"] < 1e-4 and len(direct["all_s"]) == 2
     assert all(0 < c < 64 for c in row["cores_used"].values())
     assert row["torch_compile"]["status"] == "skipped (--torch-compile off)"
     assert data["meta"]["cpu_affinity"] and "peak_rss_mb" in data["meta"]

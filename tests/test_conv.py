@@ -1,4 +1,4 @@
-"""``layers.conv_general_dilated``: the ports' convolution, its values and gradients against
+"""``convolution.conv_general_dilated``: the ports' convolution, its values and gradients against
 PyTorch's, and an input gradient XLA:CPU runs in its library layout inside a loop body."""
 
 import re
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiv.models.layers import conv_general_dilated
+from jaxdiv.models import convolution
+from jaxdiv.models.convolution import conv_general_dilated
 
 torch = pytest.importorskip("torch")
 
@@ -21,6 +22,7 @@ CASES = {
     "dilated": ((2, 9, 9, 4), (3, 3, 4, 3), 1, 2, 2, 1),
     "groups_2": ((2, 6, 6, 6), (3, 3, 3, 4), 1, 1, 1, 2),
     "input_smaller_than_kernel": ((3, 2, 2, 8), (3, 3, 8, 4), 1, 1, 1, 1),  # patch product
+    "3x3_winograd": ((2, 17, 16, 6), (3, 3, 6, 5), 1, 1, 1, 1),  # 2 x 9 x 8 output tiles
 }
 
 
@@ -99,3 +101,70 @@ def test_forward_mode_is_refused_by_jax():
     x, w = _inputs("3x3")
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda x: _ours("3x3")(x, w), (x,), (x,))
+
+
+def _torch_float64(x, w, padding):
+    """The NHWC stride-1 convolution in float64 PyTorch (explicit, possibly uneven padding)."""
+    (top, bottom), (left, right) = padding
+    xt = torch.nn.functional.pad(torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64),
+                                 (left, right, top, bottom))  # fmt: skip
+    wt = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64)
+    return torch.nn.functional.conv2d(xt, wt).numpy().transpose(0, 2, 3, 1)
+
+
+def _direct_conv_count(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+
+
+def test_winograd_takes_3x3_stride_1_float_convolutions_with_enough_tiles():
+    x, w = _inputs("3x3_winograd")
+    assert _direct_conv_count(_ours("3x3_winograd"), x, w) == 0
+    assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 1  # 2 x 4 x 4 tiles: direct
+    assert _direct_conv_count(_ours("downsample_stride_2"), *_inputs("downsample_stride_2")) == 1
+    half = x.astype(jnp.float16), w.astype(jnp.float16)
+    assert _direct_conv_count(_ours("3x3_winograd"), *half) == 1
+
+
+def test_winograd_threshold_is_read_at_trace_time(monkeypatch):
+    x, w = _inputs("3x3_winograd")
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", float("inf"))
+    assert _direct_conv_count(_ours("3x3_winograd"), x, w) == 1
+
+
+@pytest.mark.parametrize("padding", [((0, 2), (1, 0)), ((0, 0), (0, 0)), ((2, 1), (0, 3))])
+@pytest.mark.parametrize("shape", [(1, 20, 20, 3), (4, 9, 11, 4)])
+def test_winograd_matches_a_float64_direct_convolution_for_any_padding(shape, padding):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((3, 3, shape[-1], 5)).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)  # noqa: E731
+    assert _direct_conv_count(ours, x, w) == 0
+    got = np.asarray(ours(x, w), np.float64)
+    want = _torch_float64(x, w, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_winograd_is_as_accurate_as_the_direct_float32_convolution():
+    # the transforms only add, subtract and halve (Lavin & Gray 2016, F(2, 3)): the error
+    # to a float64 reference stays at the direct convolution's level
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 32, 32, 64)).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 64, 64)) / 24).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    truth = _torch_float64(x, w, args[1])
+    err = lambda conv: np.abs(np.asarray(conv(x, w, *args, dimension_numbers=dn)) - truth).max()  # noqa: E731,E501
+    assert err(conv_general_dilated) <= 2 * err(jax.lax.conv_general_dilated)
+
+
+def test_winograd_supports_forward_mode():
+    x, w = _inputs("3x3_winograd")
+    t = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    f = lambda conv: lambda x: jnp.tanh(conv(x, w, *args, dimension_numbers=dn))  # noqa: E731
+    _, got = jax.jvp(f(conv_general_dilated), (x,), (t,))
+    _, want = jax.jvp(f(jax.lax.conv_general_dilated), (x,), (t,))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

@@ -39,7 +39,8 @@ from flax import nnx
 from jaxdiv import validation
 from jaxdiv.models.clip.config import ACTIVATIONS
 from jaxdiv.models.conversion import convert_dinov2_state_dict
-from jaxdiv.models.layers import attention_core, conv_general_dilated
+from jaxdiv.models.convolution import conv_general_dilated
+from jaxdiv.models.layers import attention_core
 
 __all__ = [
     "DINOV2_MEAN",

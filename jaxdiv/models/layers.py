@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.convolution import conv_general_dilated
 
 __all__ = [
     "GEGLU",
@@ -42,7 +42,6 @@ __all__ = [
     "Upsample2D",
     "attention_core",
     "conv2d",
-    "conv_general_dilated",
     "get_activation",
     "pure",
     "timestep_embedding",
@@ -79,166 +78,6 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
         0.0
     """
     return ACTIVATIONS[validation.choice("activation", name, sorted(ACTIVATIONS))]
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, preferred_element_type=None, **kwargs):  # fmt: skip
-    """``lax.conv_general_dilated`` as the ports' convolution layers run it on XLA:CPU:
-    same values, three slow paths avoided.
-
-    * **Non-overlapping patches** (NHWC, stride equal to the kernel, no padding: the CLIP,
-      DINOv2 and MMDiT patch embeddings, and 1 x 1 convolutions): a reshape and one matrix
-      product, whose gradients are matrix products too (XLA:CPU compiles the input
-      gradient of such a convolution, a dilated one with a reversed kernel, to a slower
-      generic form).
-    * **Inputs smaller than the kernel** (an NHWC stride-1 convolution, e.g. a UNet's
-      2 x 2 bottom level at 128 px): computed as one matrix product over gathered
-      patches. XLA:CPU swaps such a convolution's operands and runs it on a slow generic
-      path: a 3 x 3, 256-channel convolution of a ``(4, 2, 2, 256)`` batch took 9.42 ms
-      there against 0.55 ms as patches @ kernel, on one core
-      (``python -m benchmarks.conv --shapes bottom --flag-sets default --rounds 7``).
-    * **The gradient with respect to the input.** JAX's transpose rule convolves the
-      cotangent with the flipped kernel under swapped kernel labels (``01oi``); XLA:CPU
-      rewrites that to its library layout only in a program's entry computation, so inside
-      a ``lax.scan`` or ``while`` body -- every guidance term that backpropagates through
-      the VAE or CLIP (GASS) runs there -- it became a naive loop nest, slow to compile and
-      to run (jax-ml/jax#12868). A custom VJP here transposes the kernel explicitly so that
-      the input gradient is a convolution in the library layout wherever it runs
-      (``python -m benchmarks.conv --pass input_grad`` times both). The weight gradient
-      is JAX's own. Reverse mode only: ``jax.jvp`` / ``jax.jacfwd`` through these layers
-      raise JAX's custom-VJP ``TypeError``; ``jax.grad`` of ``jax.grad`` works.
-
-    ``nnx.Conv(..., conv_general_dilated=...)`` takes it in place of the lax function
-    (:func:`conv2d` and the CLIP / DINOv2 patch embeddings do). Implements
-    ``y[b, i, j, o] = sum_{u, v, c} x[b, s i + u, s j + v, c] w[u, v, c, o]`` and its
-    general dilated, grouped form.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> x = jax.random.normal(jax.random.key(0), (2, 2, 2, 8))
-        >>> w = jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
-        >>> dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        >>> args = ((1, 1), ((1, 1), (1, 1)))
-        >>> a = conv_general_dilated(x, w, *args, dimension_numbers=dn)
-        >>> b = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
-        >>> a.shape, bool(jnp.allclose(a, b, atol=1e-5))
-        ((2, 2, 2, 4), True)
-        >>> x = jax.random.normal(jax.random.key(2), (2, 6, 6, 8))
-        >>> loss = lambda conv: lambda x: (conv(x, w, *args, dimension_numbers=dn) ** 2).sum()
-        >>> ga = jax.grad(loss(conv_general_dilated))(x)
-        >>> gb = jax.grad(loss(jax.lax.conv_general_dilated))(x)
-        >>> bool(jnp.allclose(ga, gb, rtol=1e-5, atol=1e-4))
-        True
-    """
-    static = _ConvSettings(
-        tuple(window_strides),
-        padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
-        None if lhs_dilation is None else tuple(lhs_dilation),
-        None if rhs_dilation is None else tuple(rhs_dilation),
-        dimension_numbers, feature_group_count, precision, preferred_element_type,
-        tuple(sorted(kwargs.items())))  # fmt: skip
-    if not isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
-        static = static._replace(dimension_numbers=jax.lax.conv_dimension_numbers(
-            lhs.shape, rhs.shape, dimension_numbers))  # fmt: skip
-    if _is_plain_nhwc(lhs, rhs, static):
-        kh, kw = rhs.shape[:2]
-        if static.window_strides == (kh, kw) and _no_padding(static.padding):
-            return _patchify(lhs, rhs, static)
-        small = lhs.shape[1] < kh or lhs.shape[2] < kw
-        if static.window_strides == (1, 1) and small and not isinstance(static.padding, str):
-            return _small_input_patches(lhs, rhs, static)
-    return _conv_library_layout_grad(lhs, rhs, static)
-
-
-class _ConvSettings(NamedTuple):
-    window_strides: tuple
-    padding: Any
-    lhs_dilation: Any
-    rhs_dilation: Any
-    dimension_numbers: Any
-    feature_group_count: int
-    precision: Any
-    preferred_element_type: Any
-    kwargs: tuple
-
-
-def _lax_conv(lhs, rhs, s: _ConvSettings, dimension_numbers=None):
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, s.window_strides, s.padding, s.lhs_dilation, s.rhs_dilation,
-        s.dimension_numbers if dimension_numbers is None else dimension_numbers,
-        s.feature_group_count, precision=s.precision,
-        preferred_element_type=s.preferred_element_type, **dict(s.kwargs))  # fmt: skip
-
-
-def _is_plain_nhwc(lhs, rhs, s: _ConvSettings) -> bool:
-    """An NHWC / HWIO convolution without dilation or groups, on one device."""
-    if lhs.ndim != 4 or rhs.ndim != 4 or dict(s.kwargs).get("out_sharding"):
-        return False
-    return (s.feature_group_count == 1
-            and all(d is None or d == (1, 1) for d in (s.lhs_dilation, s.rhs_dilation))
-            and s.dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                                       _NHWC))  # fmt: skip
-
-
-def _no_padding(padding) -> bool:
-    if isinstance(padding, str):
-        return padding.upper() == "VALID"
-    return all(p == (0, 0) for p in padding)
-
-
-def _patches_at_kernel(patches, rhs, s: _ConvSettings):
-    return jnp.matmul(patches, rhs.reshape(-1, rhs.shape[-1]), precision=s.precision,
-                      preferred_element_type=s.preferred_element_type)  # fmt: skip
-
-
-def _small_input_patches(lhs, rhs, s: _ConvSettings):
-    kh, kw = rhs.shape[:2]
-    (top, bottom), (left, right) = s.padding
-    xp = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    patches = jnp.concatenate([xp[:, i:i + oh, j:j + ow, :] for i in range(kh)
-                               for j in range(kw)], axis=-1)  # fmt: skip
-    return _patches_at_kernel(patches, rhs, s)
-
-
-def _patchify(lhs, rhs, s: _ConvSettings):
-    # non-overlapping patches are a reshape: rows and columns past the last whole patch drop
-    b, h, w, c = lhs.shape
-    kh, kw = rhs.shape[:2]
-    oh, ow = h // kh, w // kw
-    patches = (lhs[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, c)
-               .transpose(0, 1, 3, 2, 4, 5).reshape(b, oh, ow, kh * kw * c))  # fmt: skip
-    return _patches_at_kernel(patches, rhs, s)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_library_layout_grad(lhs, rhs, s: _ConvSettings):
-    return _lax_conv(lhs, rhs, s)
-
-
-def _conv_fwd(lhs, rhs, s: _ConvSettings):
-    return _lax_conv(lhs, rhs, s), (lhs, rhs)
-
-
-def _conv_bwd(s: _ConvSettings, residuals, g):
-    lhs, rhs = residuals
-    dn = s.dimension_numbers
-    out_axis, in_axis = dn.rhs_spec[:2]
-    # The same convolution of a kernel stored with its two feature axes swapped (an
-    # explicit transpose XLA keeps): JAX transposes it with the labels swapped back, i.e.
-    # in the library layout.
-    swapped = jnp.swapaxes(rhs, out_axis, in_axis)
-    dn_swapped = dn._replace(rhs_spec=(in_axis, out_axis, *dn.rhs_spec[2:]))
-    (d_lhs,) = jax.linear_transpose(lambda l: _lax_conv(l, swapped, s, dn_swapped), lhs)(g)
-    (d_swapped,) = jax.linear_transpose(lambda r: _lax_conv(lhs, r, s, dn_swapped), swapped)(g)
-    return d_lhs, jnp.swapaxes(d_swapped, out_axis, in_axis)
-
-
-_conv_library_layout_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv2d(

@@ -24,7 +24,8 @@ from flax import nnx
 
 from jaxdiv.models.clip.config import ACTIVATIONS, CLIPTextConfig, CLIPVisionConfig, _as_config
 from jaxdiv.models.clip.tokenizer import check_token_ids
-from jaxdiv.models.layers import attention_core, conv_general_dilated
+from jaxdiv.models.convolution import conv_general_dilated
+from jaxdiv.models.layers import attention_core
 
 __all__ = [
     "CLIPTextModel",

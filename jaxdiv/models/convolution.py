@@ -1,0 +1,264 @@
+"""The ports' convolution: ``lax.conv_general_dilated``'s values, computed the way XLA:CPU
+runs fastest for each case (Winograd, patch products, a kernel-layout VJP).
+
+:func:`conv_general_dilated` takes ``lax.conv_general_dilated``'s arguments and is what
+every convolution layer of the ports (:func:`jaxdiv.models.layers.conv2d`, the CLIP and
+DINOv2 patch embeddings) runs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["WINOGRAD_MIN_TILES", "conv_general_dilated"]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None, **kwargs):  # fmt: skip
+    """``lax.conv_general_dilated`` as the ports' convolution layers run it on XLA:CPU:
+    same values, four slow paths avoided.
+
+    * **3 x 3, stride 1 on the CPU backend** (every UNet / VAE resnet convolution): Winograd
+      F(2 x 2, 3 x 3) (Lavin & Gray 2016, Eq. 8: ``Y = A^T [(G g G^T) * (B^T d B)] A``) when
+      the output has at least :data:`WINOGRAD_MIN_TILES` 2 x 2 tiles (batch included) and
+      the dtype is float32 or float64. 16 matrix products over 4 x 4 input tiles replace
+      the 36 multiplications per 2 x 2 outputs of the direct form by 16 (2.25x fewer).
+      The transforms add, subtract and halve only, so the result is as accurate as a
+      direct convolution: on SD 2.1's shapes the max abs error to a float64 PyTorch
+      convolution was 3.9e-6 to 8.1e-6, XLA's direct one 5.0e-6 to 9.5e-6, PyTorch's
+      float32 one 1.3e-5 to 2.0e-5; one core ran it 1.4-1.7x faster than PyTorch and
+      1.6-1.9x faster than XLA's direct convolution (2-core AMD EPYC, Zen 2, AVX2;
+      ``python -m benchmarks.conv --rounds 3 --flag-sets default``, 2026-12-04). Plain JAX
+      operations: forward and reverse mode both work, the gradients are matrix products.
+    * **Non-overlapping patches** (NHWC, stride equal to the kernel, no padding: the CLIP,
+      DINOv2 and MMDiT patch embeddings, and 1 x 1 convolutions): a reshape and one matrix
+      product, whose gradients are matrix products too (XLA:CPU compiles the input
+      gradient of such a convolution, a dilated one with a reversed kernel, to a slower
+      generic form).
+    * **Inputs smaller than the kernel** (an NHWC stride-1 convolution, e.g. a UNet's
+      2 x 2 bottom level at 128 px): computed as one matrix product over gathered
+      patches. XLA:CPU swaps such a convolution's operands and runs it on a slow generic
+      path: a 3 x 3, 256-channel convolution of a ``(4, 2, 2, 256)`` batch took 9.42 ms
+      there against 0.55 ms as patches @ kernel, on one core
+      (``python -m benchmarks.conv --shapes bottom --flag-sets default --rounds 7``).
+    * **The gradient with respect to the input** of every other convolution (XLA's
+      own). JAX's transpose rule convolves the cotangent with the flipped kernel under
+      swapped kernel labels (``01oi``); XLA:CPU rewrites that to its library layout only
+      in a program's entry computation, so inside a ``lax.scan`` or ``while`` body --
+      every guidance term that backpropagates through the VAE or CLIP (GASS) runs there --
+      it became a naive loop nest, slow to compile and to run (jax-ml/jax#12868). A custom
+      VJP here transposes the kernel explicitly so that the input gradient is a
+      convolution in the library layout wherever it runs (``python -m benchmarks.conv
+      --pass input_grad`` times both). The weight gradient is JAX's own. Reverse mode
+      only: ``jax.jvp`` / ``jax.jacfwd`` through such a convolution raise JAX's
+      custom-VJP ``TypeError``; ``jax.grad`` of ``jax.grad`` works.
+
+    ``nnx.Conv(..., conv_general_dilated=...)`` takes it in place of the lax function
+    (:func:`jaxdiv.models.layers.conv2d` and the CLIP / DINOv2 patch embeddings do).
+    Implements ``y[b, i, j, o] = sum_{u, v, c} x[b, s i + u, s j + v, c] w[u, v, c, o]``
+    and its general dilated, grouped form.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x = jax.random.normal(jax.random.key(0), (2, 2, 2, 8))
+        >>> w = jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
+        >>> dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        >>> args = ((1, 1), ((1, 1), (1, 1)))
+        >>> a = conv_general_dilated(x, w, *args, dimension_numbers=dn)
+        >>> b = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+        >>> a.shape, bool(jnp.allclose(a, b, atol=1e-5))
+        ((2, 2, 2, 4), True)
+        >>> x = jax.random.normal(jax.random.key(2), (2, 6, 6, 8))
+        >>> loss = lambda conv: lambda x: (conv(x, w, *args, dimension_numbers=dn) ** 2).sum()
+        >>> ga = jax.grad(loss(conv_general_dilated))(x)
+        >>> gb = jax.grad(loss(jax.lax.conv_general_dilated))(x)
+        >>> bool(jnp.allclose(ga, gb, rtol=1e-5, atol=1e-4))
+        True
+        >>> x = jax.random.normal(jax.random.key(3), (2, 17, 16, 8))  # 2 x 9 x 8 tiles: Winograd
+        >>> a = conv_general_dilated(x, w, *args, dimension_numbers=dn)
+        >>> b = jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+        >>> a.shape, bool(jnp.allclose(a, b, atol=1e-4))
+        ((2, 17, 16, 4), True)
+    """
+    static = _ConvSettings(
+        tuple(window_strides),
+        padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
+        None if lhs_dilation is None else tuple(lhs_dilation),
+        None if rhs_dilation is None else tuple(rhs_dilation),
+        dimension_numbers, feature_group_count, precision, preferred_element_type,
+        tuple(sorted(kwargs.items())))  # fmt: skip
+    if not isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+        static = static._replace(dimension_numbers=jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers))  # fmt: skip
+    if _is_plain_nhwc(lhs, rhs, static):
+        kh, kw = rhs.shape[:2]
+        if static.window_strides == (kh, kw) and _no_padding(static.padding):
+            return _patchify(lhs, rhs, static)
+        small = lhs.shape[1] < kh or lhs.shape[2] < kw
+        if static.window_strides == (1, 1) and small and not isinstance(static.padding, str):
+            return _small_input_patches(lhs, rhs, static)
+        if _winograd_applies(lhs, rhs, static):
+            return _winograd_f2x2_3x3(lhs, rhs, static)
+    return _conv_library_layout_grad(lhs, rhs, static)
+
+
+class _ConvSettings(NamedTuple):
+    window_strides: tuple
+    padding: Any
+    lhs_dilation: Any
+    rhs_dilation: Any
+    dimension_numbers: Any
+    feature_group_count: int
+    precision: Any
+    preferred_element_type: Any
+    kwargs: tuple
+
+
+def _lax_conv(lhs, rhs, s: _ConvSettings, dimension_numbers=None):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, s.window_strides, s.padding, s.lhs_dilation, s.rhs_dilation,
+        s.dimension_numbers if dimension_numbers is None else dimension_numbers,
+        s.feature_group_count, precision=s.precision,
+        preferred_element_type=s.preferred_element_type, **dict(s.kwargs))  # fmt: skip
+
+
+def _is_plain_nhwc(lhs, rhs, s: _ConvSettings) -> bool:
+    """An NHWC / HWIO convolution without dilation or groups, on one device."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or dict(s.kwargs).get("out_sharding"):
+        return False
+    return (s.feature_group_count == 1
+            and all(d is None or d == (1, 1) for d in (s.lhs_dilation, s.rhs_dilation))
+            and s.dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                                       _NHWC))  # fmt: skip
+
+
+def _no_padding(padding) -> bool:
+    if isinstance(padding, str):
+        return padding.upper() == "VALID"
+    return all(p == (0, 0) for p in padding)
+
+
+def _patches_at_kernel(patches, rhs, s: _ConvSettings):
+    return jnp.matmul(patches, rhs.reshape(-1, rhs.shape[-1]), precision=s.precision,
+                      preferred_element_type=s.preferred_element_type)  # fmt: skip
+
+
+def _small_input_patches(lhs, rhs, s: _ConvSettings):
+    kh, kw = rhs.shape[:2]
+    (top, bottom), (left, right) = s.padding
+    xp = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    patches = jnp.concatenate([xp[:, i:i + oh, j:j + ow, :] for i in range(kh)
+                               for j in range(kw)], axis=-1)  # fmt: skip
+    return _patches_at_kernel(patches, rhs, s)
+
+
+def _patchify(lhs, rhs, s: _ConvSettings):
+    # non-overlapping patches are a reshape: rows and columns past the last whole patch drop
+    b, h, w, c = lhs.shape
+    kh, kw = rhs.shape[:2]
+    oh, ow = h // kh, w // kw
+    patches = (lhs[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, c)
+               .transpose(0, 1, 3, 2, 4, 5).reshape(b, oh, ow, kh * kw * c))  # fmt: skip
+    return _patches_at_kernel(patches, rhs, s)
+
+
+#: Winograd F(2 x 2, 3 x 3) runs when the output has at least this many 2 x 2 tiles (batch
+#: included); below, the 16 small matrix products and the kernel transform cost more than
+#: the multiplications saved. Read at trace time (set it to ``float("inf")`` to trace
+#: direct convolutions only). Forced onto every shape, on one core of a 2-core AMD EPYC
+#: (Zen 2, AVX2), Winograd was 0.96x XLA's direct convolution at 8 x 8 x 1280 channels with
+#: a CFG batch of 2 (32 tiles) and 1.56x at 16 x 16 (128 tiles) (2026-12-04, ``python -m
+#: benchmarks.conv --rounds 3 --flag-sets default --winograd-min-tiles 0``).
+WINOGRAD_MIN_TILES = 64
+
+# Lavin & Gray (2016), Sec. 4.1: F(2, 3) input (B^T), kernel (G) and output (A^T) transforms
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _winograd_applies(lhs, rhs, s: _ConvSettings) -> bool:
+    """A 3 x 3 stride-1 convolution with explicit non-negative padding, float32/64, on
+    the CPU backend, with enough output tiles (see :data:`WINOGRAD_MIN_TILES`)."""
+    if rhs.shape[:2] != (3, 3) or s.window_strides != (1, 1) or isinstance(s.padding, str):
+        return False
+    if any(p < 0 for pair in s.padding for p in pair) or s.preferred_element_type is not None:
+        return False
+    if jnp.result_type(lhs, rhs) not in (jnp.float32, jnp.float64):
+        return False
+    (top, bottom), (left, right) = s.padding
+    oh, ow = lhs.shape[1] + top + bottom - 2, lhs.shape[2] + left + right - 2
+    tiles = lhs.shape[0] * -(-oh // 2) * -(-ow // 2)
+    return oh > 0 and ow > 0 and tiles >= WINOGRAD_MIN_TILES and jax.default_backend() == "cpu"
+
+
+def _transform(matrix, xs):
+    """``[sum_a matrix[i][a] xs[a] for i]`` as elementwise operations with constant
+    coefficients, which XLA fuses into the neighbouring slices; a dot with a 4 x 4
+    constant compiles to a slow matrix product of inner dimension 4."""
+    out = []
+    for row in matrix:
+        terms = [x if c == 1 else -x if c == -1 else c * x for c, x in zip(row, xs) if c]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        out.append(total)
+    return out
+
+
+def _winograd_f2x2_3x3(lhs, rhs, s: _ConvSettings):
+    """Winograd F(2 x 2, 3 x 3) of an NHWC input with an HWIO 3 x 3 kernel, stride 1."""
+    (top, bottom), (left, right) = s.padding
+    b, h, w, c = lhs.shape
+    oh, ow = h + top + bottom - 2, w + left + right - 2
+    th, tw = -(-oh // 2), -(-ow // 2)  # tiles; the last row / column may overhang
+    x = jnp.pad(lhs, ((0, 0), (top, bottom + 2 * th - oh), (left, right + 2 * tw - ow), (0, 0)))
+    # d[a][e] = the (a, e) entry of every 4 x 4 input tile, tiles at stride 2
+    rows = _transform(_WINOGRAD_BT, [x[:, a:a + 2 * th:2] for a in range(4)])
+    tiles = [_transform(_WINOGRAD_BT, [r[:, :, e:e + 2 * tw:2] for e in range(4)]) for r in rows]
+    v = jnp.stack([t for row in tiles for t in row]).reshape(16, b * th * tw, c)
+    # G g G^T of every (in, out) channel pair as one product with a constant (16, 9)
+    # matrix: one memory-bound pass over the kernel, where elementwise sums made several
+    gg = np.einsum("iu,jv->ijuv", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9)
+    u = jnp.matmul(jnp.asarray(gg, rhs.dtype), rhs.reshape(9, -1),
+                   precision=jax.lax.Precision.HIGHEST).reshape(16, *rhs.shape[2:])  # fmt: skip
+    m = jnp.einsum("kpc,kco->kpo", v, u, precision=s.precision).reshape(4, 4, b, th, tw, -1)
+    cols = [_transform(_WINOGRAD_AT, [m[i, j] for i in range(4)]) for j in range(4)]
+    y = jnp.stack([jnp.stack(_transform(_WINOGRAD_AT, [cols[j][p] for j in range(4)]), axis=-2)
+                   for p in range(2)], axis=2)  # (B, th, 2, tw, 2, O)
+    return y.reshape(b, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_library_layout_grad(lhs, rhs, s: _ConvSettings):
+    return _lax_conv(lhs, rhs, s)
+
+
+def _conv_fwd(lhs, rhs, s: _ConvSettings):
+    return _lax_conv(lhs, rhs, s), (lhs, rhs)
+
+
+def _conv_bwd(s: _ConvSettings, residuals, g):
+    lhs, rhs = residuals
+    dn = s.dimension_numbers
+    out_axis, in_axis = dn.rhs_spec[:2]
+    # The same convolution of a kernel stored with its two feature axes swapped (an
+    # explicit transpose XLA keeps): JAX transposes it with the labels swapped back, i.e.
+    # in the library layout.
+    swapped = jnp.swapaxes(rhs, out_axis, in_axis)
+    dn_swapped = dn._replace(rhs_spec=(in_axis, out_axis, *dn.rhs_spec[2:]))
+    (d_lhs,) = jax.linear_transpose(lambda l: _lax_conv(l, swapped, s, dn_swapped), lhs)(g)
+    (d_swapped,) = jax.linear_transpose(lambda r: _lax_conv(lhs, r, s, dn_swapped), swapped)(g)
+    return d_lhs, jnp.swapaxes(d_swapped, out_axis, in_axis)
+
+
+_conv_library_layout_grad.defvjp(_conv_fwd, _conv_bwd)
