@@ -82,15 +82,15 @@ def _with_jax_conv_vjp(compile_fn):
     other's trace."""
     import jax
 
-    from jaxdiv.models import layers
+    from jaxdiv.models import convolution
 
-    original = layers._conv_library_layout_grad
+    original = convolution._conv_library_layout_grad
     jax.clear_caches()
-    layers._conv_library_layout_grad = layers._lax_conv
+    convolution._conv_library_layout_grad = convolution._lax_conv
     try:
         return compile_fn()
     finally:
-        layers._conv_library_layout_grad = original
+        convolution._conv_library_layout_grad = original
         jax.clear_caches()
 
 

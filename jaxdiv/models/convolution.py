@@ -203,8 +203,8 @@ def _winograd_applies(lhs, rhs, s: _ConvSettings) -> bool:
 
 def _transform(matrix, xs):
     """``[sum_a matrix[i][a] xs[a] for i]`` as elementwise operations with constant
-    coefficients, which XLA fuses into the neighbouring slices; a dot with a 4 x 4
-    constant compiles to a slow matrix product of inner dimension 4."""
+    coefficients, which XLA fuses with the slices they read; a dot with a 4 x 4 constant
+    compiles to a slow matrix product of inner dimension 4."""
     out = []
     for row in matrix:
         terms = [x if c == 1 else -x if c == -1 else c * x for c, x in zip(row, xs) if c]
@@ -222,7 +222,7 @@ def _winograd_f2x2_3x3(lhs, rhs, s: _ConvSettings):
     oh, ow = h + top + bottom - 2, w + left + right - 2
     th, tw = -(-oh // 2), -(-ow // 2)  # tiles; the last row / column may overhang
     x = jnp.pad(lhs, ((0, 0), (top, bottom + 2 * th - oh), (left, right + 2 * tw - ow), (0, 0)))
-    # d[a][e] = the (a, e) entry of every 4 x 4 input tile, tiles at stride 2
+    # B^T d B of every 4 x 4 input tile d (tiles at stride 2): rows, then columns
     rows = _transform(_WINOGRAD_BT, [x[:, a:a + 2 * th:2] for a in range(4)])
     tiles = [_transform(_WINOGRAD_BT, [r[:, :, e:e + 2 * tw:2] for e in range(4)]) for r in rows]
     v = jnp.stack([t for row in tiles for t in row]).reshape(16, b * th * tw, c)
