@@ -1,6 +1,6 @@
 """GPU suite: jaxdiv vs diffusers PyTorch on one large GPU, all in one run, one JSON.
 
-    PYTHONPATH=. python3 -m benchmarks.gpu_suite --out $OUT/gpu_suite.json   # ~8 min, H200
+    PYTHONPATH=. python3 -m benchmarks.gpu_suite --out $OUT/gpu_suite.json   # H200: ~6 min
     python -m benchmarks.gpu_suite --smoke --out /tmp/gpu_suite_smoke.json   # CPU, tiny
 
 Sections (each a function of this module, run in this order; ``--sections`` picks some):
@@ -64,6 +64,10 @@ and on the GPU machine (``carry`` ``.whl``) start the command with::
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
     PYTHONPATH=.:$PYTHONPATH python3 -m benchmarks.gpu_suite --out $OUT/gpu_suite.json
+
+``benchmarks/gpu_run.sh`` wraps this for one device call (the wheel, versions, a time
+limit); on 2026-12-04 the four sections took 343 s together on one H200 (82.5 + 179.3 +
+35.2 + 45.6 s; ``benchmarks/runs/h200_2026-12-04/``).
 
 Without diffusers the suite still runs: the diffusers peer is recorded as skipped with the
 reason; ``sd3_step`` and ``spell_million`` time jaxdiv alone (random NumPy weights), and

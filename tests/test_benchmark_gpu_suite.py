@@ -168,3 +168,37 @@ def test_bad_arguments_are_refused(tmp_path):
     for bad in (["--rounds", "0"], ["--budget-s", "0"], ["--sections", "nope"]):
         with pytest.raises(SystemExit):
             gpu_suite.main(["--smoke", *bad, "--out", str(tmp_path / "x.json")])
+
+
+def test_recorded_h200_run_holds_the_figures_the_docs_quote():
+    # benchmarks/runs/h200_2026-12-04: the one GPU run; the README and the benchmarks guide
+    # quote these numbers, rounded
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = root / "benchmarks" / "runs" / "h200_2026-12-04"
+    a, b, c = (json.loads((run / f"gpu_suite_{t}.json").read_text()) for t in "abc")
+    for data in (a, b, c):
+        assert data["smoke"] is False
+        assert data["environment"]["jax_device_kind"] == "NVIDIA H200"
+        assert all(e["status"] == "ok" for e in data["sections"].values())
+    sd = a["sections"]["sd21_generate"]["result"]
+    assert sd["steps"] == 50 and sd["image_px"] == [512, 512] and sd["batch"] == 2
+    assert round(sd["times"]["jaxdiv"]["median_s"], 3) == 0.539
+    assert round(sd["times"]["diffusers"]["median_s"], 3) == 1.900
+    assert round(sd["diffusers_over_jaxdiv"], 2) == 3.53
+    sd3 = b["sections"]["sd3_step"]["result"]
+    assert sd3["image_px"] == 1024 and sd3["params"] > 2e9
+    assert round(sd3["times"]["jaxdiv_bf16"]["median_s"] * 1e3, 1) == 42.0
+    assert round(sd3["times"]["diffusers_bf16"]["median_s"] * 1e3, 1) == 53.9
+    assert round(sd3["diffusers_bf16_over_jaxdiv"], 2) == 1.28
+    assert round(sd3["contextual_over_plain"], 2) == 1.01
+    methods = c["sections"]["methods_overhead"]["result"]
+    assert methods["errors"] == {} and methods["skipped"] == {}
+    ratios = {r["method"]: round(r["ratio_to_unguided"], 2) for r in methods["rows"]}
+    assert ratios["spell"] == ratios["particle"] == ratios["cads"] == 1.01
+    assert ratios["tpso (sampling)"] == 1.01 and ratios["gass (pixel write-back)"] == 6.28
+    spell = {r["batch"]: r for r in b["sections"]["spell_million"]["result"]["rows"]}
+    assert b["sections"]["spell_million"]["result"]["num_reference"] == 10**6
+    assert round((spell[8]["step_s_with"] - spell[8]["step_s_without"]) * 1e3, 1) == 20.1
+    assert round((spell[64]["step_s_with"] - spell[64]["step_s_without"]) * 1e3, 1) == 27.0

@@ -16,6 +16,7 @@ the timestep sinusoids are always computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -481,6 +482,10 @@ def attention_core(
       scan body is rematerialised (:func:`jax.checkpoint`), so the backward pass also
       keeps only per-block carries. Differentiable like any JAX code.
 
+    With ``"cudnn"`` and an odd number of queries or keys (CLIP's 77 tokens, ViT-L/14's
+    257), the forward pass stays cuDNN's and the gradient is XLA's (JAX's cuDNN rule
+    refuses odd lengths when differentiated, which TPSO and GASS do).
+
     ``implementation=None`` picks ``"blocked"`` when the default backend is the CPU and
     there are at least ``BLOCKED_MIN_KEYS`` keys (and as many queries), otherwise
     :func:`jax.nn.dot_product_attention`'s own default. Logits, softmax and the running
@@ -555,9 +560,46 @@ def attention_core(
         )  # fmt: skip
     if wide:
         return _dense_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
+    if implementation == "cudnn" and (t % 2 or s % 2):
+        # JAX's cuDNN attention refuses odd lengths in its differentiable rule (jax 0.10-0.11:
+        # "Unsupported sequence length Q 77, KV 77"), which attention_core cannot foresee
+        return _fused_forward_xla_gradient(q, k, v, mask, scale, is_causal, implementation)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_forward_xla_gradient(q, k, v, mask, scale, is_causal, implementation):
+    """:func:`jax.nn.dot_product_attention` with ``implementation`` forward, XLA's backward.
+
+    The backward pass recomputes the attention with ``implementation="xla"`` and takes its
+    VJP, so the gradient is the exact one of the same function (to the fused kernel's
+    rounding). Used for cuDNN at odd sequence lengths (CLIP's 77 text tokens, 257 ViT
+    tokens, UNet cross-attention over 77 keys).
+    """
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
+def _fused_forward_fwd(q, k, v, mask, scale, is_causal, implementation):
+    out = _fused_forward_xla_gradient(q, k, v, mask, scale, is_causal, implementation)
+    return out, (q, k, v, mask)
+
+
+def _fused_forward_bwd(scale, is_causal, implementation, res, g):
+    q, k, v, mask = res
+    _, vjp = jax.vjp(
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation="xla"
+        ),
+        q, k, v,
+    )  # fmt: skip
+    return (*vjp(g), None)
+
+
+_fused_forward_xla_gradient.defvjp(_fused_forward_fwd, _fused_forward_bwd)
 
 
 def _allowed(mask, is_causal, shape, q_pos, k_pos):
