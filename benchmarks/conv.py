@@ -117,10 +117,11 @@ def measure(shapes, rounds: int) -> list[dict]:
 
         with torch.no_grad():
             truth = torch.nn.functional.conv2d(xt.double(), wt.double(), padding=1).numpy()
-        errors = {name: float(np.abs(np.asarray(out, np.float64) - truth).max()) for name, out in (
-            ("jaxdiv", np.asarray(run_jax()).transpose(0, 3, 1, 2)),
-            ("lax_conv_general_dilated", np.asarray(run_lax()).transpose(0, 3, 1, 2)),
-            ("torch", run_torch().numpy()))}  # fmt: skip
+        outs = {"jaxdiv": np.asarray(run_jax()).transpose(0, 3, 1, 2),
+                "lax_conv_general_dilated": np.asarray(run_lax()).transpose(0, 3, 1, 2),
+                "torch": run_torch().numpy()}  # fmt: skip
+        errors = {name: float(np.abs(out.astype(np.float64) - truth).max())
+                  for name, out in outs.items()}  # fmt: skip
         jaxpr = str(jax.make_jaxpr(conv)(xj, wj))
         path = "direct" if "conv_general_dilated" in jaxpr else "patches" if hw < 3 else "winograd"
         fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
@@ -128,8 +129,7 @@ def measure(shapes, rounds: int) -> list[dict]:
         jax_s = timed["jaxdiv"]["median_s"]
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
                      "path": path, "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9,
-                     "max_abs_diff": float(np.abs(
-                         np.asarray(run_jax()).transpose(0, 3, 1, 2) - run_torch().numpy()).max()),
+                     "max_abs_diff": float(np.abs(outs["jaxdiv"] - outs["torch"]).max()),
                      "max_abs_error_to_float64": errors, "times": timed,
                      "torch_over_jaxdiv": timed["torch"]["median_s"] / jax_s,
                      "per_round_torch_over_jaxdiv": round_ratio_range(timed, "torch", "jaxdiv"),

@@ -77,7 +77,7 @@ def environment() -> dict:
 
     >>> env = environment()
     >>> sorted(env)  # doctest: +NORMALIZE_WHITESPACE
-    ['cpu', 'cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average',
+    ['cpu', 'cpu_affinity', 'cpu_count', 'date', 'jax_devices', 'load_average', 'memory',
      'peak_rss_mb', 'threads', 'versions']
     >>> sorted(env["cpu"])
     ['machine', 'model', 'vector_extensions']
@@ -100,9 +100,33 @@ def environment() -> dict:
         "cpu": cpu_model(),
         "jax_devices": [str(d) for d in jax.devices()],
         "load_average": list(os.getloadavg()),
+        "memory": memory_settings(),
         # Linux reports ru_maxrss in KiB
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
+
+
+def memory_settings() -> dict:
+    """How the process gets its memory: ``GLIBC_TUNABLES`` (``glibc.malloc.hugetlb=1``
+    backs large allocations with transparent huge pages) and the kernel's transparent huge
+    page modes. Both libraries allocate fresh buffers for large temporaries on every call,
+    and on a host with ``madvise`` THP the page faults of those buffers cost as much as
+    the arithmetic of memory-bound operations (the benchmarks guide, "Page faults").
+
+    >>> sorted(memory_settings())
+    ['glibc_tunables', 'thp_defrag', 'thp_enabled']
+    """
+    import os
+
+    def thp(name):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "thp_enabled": thp("enabled"),
+            "thp_defrag": thp("defrag")}  # fmt: skip
 
 
 def cpu_model() -> dict:
