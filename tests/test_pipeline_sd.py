@@ -8,6 +8,7 @@ initial latents. Then: the loader's errors for broken folders, and
 """
 
 import json
+import re
 import shutil
 
 import jax
@@ -219,6 +220,33 @@ def test_grid_is_diffusers_ddim_timesteps(num_steps, spacing, offset):
     times = np.asarray(samplers.ddim(sch, num_steps, **grid_kwargs).times)
     np.testing.assert_array_equal(times[:-1], ref.timesteps.numpy())
     assert times[-1] == -1.0  # set_alpha_to_one: the last step lands on alpha = 1
+
+
+def test_winograd_kernel_transforms_are_computed_once_per_sampling_call(tiny):
+    """The UNet's Winograd convolutions transform their kernels (G g G^T) on every call of
+    the model, but inside ``jaxdiv.sample``'s loop the kernels are loop-invariant: XLA
+    computes the transforms once, before the loop (read off the compiled module)."""
+    _, _, pipe = tiny
+    noise = jnp.asarray(initial_noise(pipe, 2))  # CFG batch 4 x 4 x 4 tiles: Winograd
+    smp = samplers.ddim(pipe.schedule, STEPS, **pipe.grid_kwargs)
+    cond = pipe.encode_prompt(pipe.tokenize(PROMPTS))
+
+    def generate(unet, noise):
+        den = pipe.denoiser._replace(model=pipe.denoiser.model._replace(params=unet))
+        return jaxdiv.sample(smp, den, noise, key=jax.random.key(0), cond=cond,
+                             guidance=guidance.cfg(CFG, null_cond=pipe.null_cond)).x0  # fmt: skip
+
+    text = jax.jit(generate).lower(pipe.denoiser.model.params, noise).compile().as_text()
+    bodies = set(re.findall(r"body=%([\w.\-]+)", text))
+    assert bodies  # the sampling loop is a while loop
+    where, computation = [], None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):  # a computation's header
+            computation = line.removeprefix("ENTRY ").lstrip("%").split(" ")[0]
+        # the kernel transform: a (16, Cin * Cout) product (jaxdiv.models.convolution)
+        if re.search(r"= f32\[16,\d+\]\S* (fusion|dot)\(", line) and "dot_general" in line:
+            where.append(computation in bodies)
+    assert where and not any(where), where
 
 
 @pytest.mark.parametrize(
