@@ -63,7 +63,11 @@ SHAPES = {
     # SD's VAE decoder levels at 256 px output, batch 1 (GASS differentiates through them)
     "vae_decoder_256": [(1, 32, 512, 512), (1, 64, 512, 512), (1, 128, 256, 256),
                         (1, 256, 128, 128)],
-    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8)],  # direct, patches, Winograd
+    # outputs with fewer 2 x 2 tiles than WINOGRAD_MIN_TILES: SD 2.1's 8 x 8 level at latent
+    # 64 (batch 2 and CFG batch 4, the 2560-channel input of the first up block), and 4 x 4
+    "small_output": [(2, 8, 1280, 1280), (2, 8, 2560, 1280), (4, 8, 1280, 1280),
+                     (2, 4, 1280, 1280)],
+    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8)],  # patches, patches, Winograd
 }
 
 
@@ -93,7 +97,7 @@ def measure(shapes, rounds: int) -> list[dict]:
     import torch
 
     from benchmarks.timing import interleaved, round_ratio_range
-    from jaxdiv.models.convolution import conv_general_dilated
+    from jaxdiv.models.convolution import conv_general_dilated, conv_path
 
     def jitted(fn):
         return jax.jit(lambda x, w: fn(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -122,8 +126,7 @@ def measure(shapes, rounds: int) -> list[dict]:
                 "torch": run_torch().numpy()}  # fmt: skip
         errors = {name: float(np.abs(out.astype(np.float64) - truth).max())
                   for name, out in outs.items()}  # fmt: skip
-        jaxpr = str(jax.make_jaxpr(conv)(xj, wj))
-        path = "direct" if "conv_general_dilated" in jaxpr else "patches" if hw < 3 else "winograd"
+        path = conv_path(xj, wj, (1, 1), ((1, 1), (1, 1)))
         fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
         timed = interleaved(fns, rounds)
         jax_s = timed["jaxdiv"]["median_s"]
@@ -208,10 +211,12 @@ def _child(args) -> None:
 
     if args.threads == 1:
         torch.set_num_threads(1)
-    if args.winograd_min_tiles is not None:
-        from jaxdiv.models import convolution
+    from jaxdiv.models import convolution
 
+    if args.winograd_min_tiles is not None:
         convolution.WINOGRAD_MIN_TILES = args.winograd_min_tiles
+    if args.small_output_tiles is not None:
+        convolution.SMALL_OUTPUT_TILES = args.small_output_tiles
     measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
     rows = measure_fn(SHAPES[args.shapes], args.rounds)
     env = environment()
@@ -232,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--winograd-min-tiles", type=float, default=None,
                         help="override jaxdiv.models.convolution.WINOGRAD_MIN_TILES "
                              "(0: Winograd wherever it can run)")
+    parser.add_argument("--small-output-tiles", type=float, default=None,
+                        help="override jaxdiv.models.convolution.SMALL_OUTPUT_TILES "
+                             "(0: XLA's convolution below the Winograd threshold)")
     parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
                         help="1: one pinned core, one thread each; 0: library defaults")
     parser.add_argument("--out", default="results/benchmarks/conv.json")
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": f"{what}, float32, {threads}: XLA:CPU NHWC vs torch "
                            "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
               "threads": args.threads, "winograd_min_tiles": args.winograd_min_tiles,
+              "small_output_tiles": args.small_output_tiles,
               "pass": args.pass_,
               "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
               "flag_sets": {}}  # fmt: skip
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
                "--threads", str(args.threads)]  # fmt: skip
         if args.winograd_min_tiles is not None:
             cmd += ["--winograd-min-tiles", str(args.winograd_min_tiles)]
+        if args.small_output_tiles is not None:
+            cmd += ["--small-output-tiles", str(args.small_output_tiles)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "error",

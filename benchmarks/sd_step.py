@@ -22,7 +22,8 @@ Three implementations alternate round by round (A B C A B C): jaxdiv jitted, dif
 eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
 drops that peer; a compile failure is recorded in the JSON, not raised).
 ``--direct-conv-peer`` adds a fourth: jaxdiv traced with its Winograd 3 x 3 convolutions
-off (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES`), i.e. XLA's direct ones. Writes
+off and its small-output patch products off (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES`,
+``SMALL_OUTPUT_TILES``), i.e. XLA's direct ones. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
 DDIM + CFG generation is ``benchmarks.sd_generate``.
 """
@@ -135,8 +136,9 @@ def measure_denoiser_step(
         seed: weight and input seed.
         torch_compile: ``torch.compile`` mode of the third peer, or ``"off"``.
         direct_conv: also time jaxdiv traced with Winograd convolutions off
-            (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES` infinite: every 3 x 3
-            convolution is XLA's direct one), as the row's ``direct_conv``.
+            (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES` infinite and
+            ``SMALL_OUTPUT_TILES`` 0: every 3 x 3 convolution is XLA's direct one), as the
+            row's ``direct_conv``.
 
     Returns:
         A result row (times in seconds; ``ratio`` = torch / jax, > 1 means jaxdiv faster).
@@ -181,11 +183,12 @@ def measure_denoiser_step(
     if direct_conv:
         # a new function object: jit's trace cache is keyed on it, so this traces again
         step_direct = jax.jit(lambda *args: step.__wrapped__(*args))
-        saved, convolution.WINOGRAD_MIN_TILES = convolution.WINOGRAD_MIN_TILES, float("inf")
+        saved = convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES
+        convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES = float("inf"), 0
         try:
             out_direct = step_direct(state, xj, tj, cj).block_until_ready()
         finally:
-            convolution.WINOGRAD_MIN_TILES = saved
+            convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES = saved
         fns["jax_direct_conv"] = lambda: step_direct(state, xj, tj, cj).block_until_ready()
         direct = {"status": "ok", "max_abs_diff_to_jax": float(np.abs(out_direct - out_jax).max()),
                   "max_abs_diff_to_torch": float(np.abs(np.asarray(out_direct) - out_torch).max())}

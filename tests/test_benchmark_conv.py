@@ -17,7 +17,8 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
     assert entry["environment"]["peak_rss_mb"] > 0
     assert entry["environment"]["versions"]["torch"] and entry["environment"]["date"]
     assert len(entry["rows"]) == len(conv.SHAPES["tiny"])
-    assert [row["path"] for row in entry["rows"]] == ["direct", "patches", "winograd"]
+    paths = [row["path"] for row in entry["rows"]]
+    assert paths == ["gathered_patches", "gathered_patches", "winograd"]
     for row in entry["rows"]:
         assert row["max_abs_diff"] < 1e-4  # the same convolution
         assert set(row["max_abs_error_to_float64"]) == set(row["times"])
@@ -53,5 +54,15 @@ def test_winograd_can_be_forced_on_every_shape_it_can_take(tmp_path):
     conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default",
                "--winograd-min-tiles", "0", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["flag_sets"]["default"]["rows"]
-    assert [row["path"] for row in rows] == ["winograd", "patches", "winograd"]
+    assert [row["path"] for row in rows] == ["winograd", "gathered_patches", "winograd"]
     assert all(row["max_abs_diff"] < 1e-4 for row in rows)
+
+
+def test_small_outputs_can_be_left_to_xla(tmp_path):
+    out = tmp_path / "conv_direct.json"
+    conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default",
+               "--small-output-tiles", "0", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["small_output_tiles"] == 0
+    rows = data["flag_sets"]["default"]["rows"]
+    assert [row["path"] for row in rows] == ["direct", "gathered_patches", "winograd"]

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 # name: (input NHWC, kernel HWIO, stride, padding per side or "VALID", dilation, groups)
 CASES = {
-    "3x3": ((2, 8, 8, 6), (3, 3, 6, 5), 1, 1, 1, 1),
+    "3x3": ((2, 8, 8, 6), (3, 3, 6, 5), 1, 1, 1, 1),  # 2 x 4 x 4 tiles: gathered patches
     "downsample_stride_2": ((2, 8, 8, 6), (3, 3, 6, 5), 2, 1, 1, 1),
     "1x1": ((2, 5, 5, 6), (1, 1, 6, 4), 1, 0, 1, 1),
     "patchify_4x4_stride_4": ((2, 8, 8, 3), (4, 4, 3, 5), 4, "VALID", 1, 1),
@@ -69,9 +69,10 @@ def test_value_and_both_gradients_match_torch(case):
 
 
 @pytest.mark.parametrize("case", ["3x3", "downsample_stride_2", "dilated", "groups_2"])
-def test_input_gradient_in_a_scan_body_keeps_the_library_kernel_layout(case):
+def test_input_gradient_in_a_scan_body_keeps_the_library_kernel_layout(case, monkeypatch):
     # XLA:CPU moves a convolution to its library layout (kernel labels 01io) only in the
     # entry computation; JAX's own transpose rule leaves 01oi there, run as a loop nest
+    monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", 0)  # "3x3": XLA's convolution
     x, w = _inputs(case)
     conv = _ours(case)
     energy = lambda x: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
@@ -85,7 +86,11 @@ def test_input_gradient_in_a_scan_body_keeps_the_library_kernel_layout(case):
     assert {kernel for _, kernel in labels} == {"01io"}, labels
 
 
-def test_second_order_gradient_matches_jax_autodiff_of_the_lax_convolution():
+@pytest.mark.parametrize("small_output_tiles", [0, 64])  # direct (custom VJP), patches
+def test_second_order_gradient_matches_jax_autodiff_of_the_lax_convolution(
+    small_output_tiles, monkeypatch
+):
+    monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", small_output_tiles)
     x, w = _inputs("3x3")
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
 
@@ -97,7 +102,8 @@ def test_second_order_gradient_matches_jax_autodiff_of_the_lax_convolution():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
-def test_forward_mode_is_refused_by_jax():
+def test_forward_mode_is_refused_by_jax(monkeypatch):
+    monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", 0)  # XLA's convolution, custom VJP
     x, w = _inputs("3x3")
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda x: _ours("3x3")(x, w), (x,), (x,))
@@ -116,19 +122,41 @@ def _direct_conv_count(fn, *args):
     return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
 
 
+def _path(case, x=None, w=None):
+    xs, ws, stride, pad, dil, groups = CASES[case]
+    x, w = _inputs(case) if x is None else (x, w)
+    padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
+    return convolution.conv_path(x, w, (stride, stride), padding, rhs_dilation=(dil, dil),
+                                 feature_group_count=groups)  # fmt: skip
+
+
 def test_winograd_takes_3x3_stride_1_float_convolutions_with_enough_tiles():
     x, w = _inputs("3x3_winograd")
     assert _direct_conv_count(_ours("3x3_winograd"), x, w) == 0
-    assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 1  # 2 x 4 x 4 tiles: direct
-    assert _direct_conv_count(_ours("downsample_stride_2"), *_inputs("downsample_stride_2")) == 1
+    assert _path("3x3_winograd") == "winograd"
+    # 2 x 4 x 4 tiles: one product over gathered patches, no convolution left
+    assert _path("3x3") == "gathered_patches"
+    assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 0
+    assert _path("input_smaller_than_kernel") == "gathered_patches"
+    assert _path("patchify_4x4_stride_4") == _path("1x1") == "patchify"
+    for case in ("downsample_stride_2", "dilated", "groups_2"):
+        assert _path(case) == "direct"
+        assert _direct_conv_count(_ours(case), *_inputs(case)) == 1
     half = x.astype(jnp.float16), w.astype(jnp.float16)
+    assert _path("3x3_winograd", *half) == "direct"
     assert _direct_conv_count(_ours("3x3_winograd"), *half) == 1
 
 
-def test_winograd_threshold_is_read_at_trace_time(monkeypatch):
+def test_thresholds_are_read_at_trace_time(monkeypatch):
     x, w = _inputs("3x3_winograd")
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", float("inf"))
     assert _direct_conv_count(_ours("3x3_winograd"), x, w) == 1
+    assert _path("3x3_winograd") == "direct"  # 144 tiles >= SMALL_OUTPUT_TILES
+    monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", 0)
+    assert _path("3x3") == "direct"
+    assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 1
+    monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", 1000)
+    assert _path("3x3_winograd") == "gathered_patches"
 
 
 @pytest.mark.parametrize("padding", [((0, 2), (1, 0)), ((0, 0), (0, 0)), ((2, 1), (0, 3))])
