@@ -139,6 +139,9 @@ def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: in
             "jax_gflops": flops / t["jax"]["median_s"] / 1e9,
             "torch_gflops": flops / t["torch"]["median_s"] / 1e9,
             "jax_s": t["jax"]["median_s"], "torch_s": t["torch"]["median_s"],
+            "jax_min_max_s": [t["jax"]["min_s"], t["jax"]["max_s"]],
+            "torch_min_max_s": [t["torch"]["min_s"], t["torch"]["max_s"]],
+            "rounds": rounds,
             "torch_over_jax": t["torch"]["median_s"] / t["jax"]["median_s"],
         })  # fmt: skip
     return rows
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.threads == 1:
             torch.set_num_threads(1)
         result["gemm_peers"] = gemm_peers(shapes, args.rounds)
+        result["torch_version"] = torch.__version__
+        result["timing"] = "gemm_peers: jax and torch alternating, median [min-max] of rounds"
     result["threads"] = args.threads
     result["environment"] = environment()
     out = Path(args.out)

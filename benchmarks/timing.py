@@ -109,9 +109,8 @@ def environment() -> dict:
 def memory_settings() -> dict:
     """How the process gets its memory: ``GLIBC_TUNABLES`` (``glibc.malloc.hugetlb=1``
     backs large allocations with transparent huge pages) and the kernel's transparent huge
-    page modes. Both libraries allocate fresh buffers for large temporaries on every call,
-    and on a host with ``madvise`` THP the page faults of those buffers cost as much as
-    the arithmetic of memory-bound operations (the benchmarks guide, "Page faults").
+    page modes, both read once at process start. Recorded because they change how fast
+    memory-bound operations run, for both libraries of a comparison.
 
     >>> sorted(memory_settings())
     ['glibc_tunables', 'thp_defrag', 'thp_enabled']

@@ -15,8 +15,9 @@ from benchmarks import profile_step  # noqa: E402
 def test_tiny_profile(tmp_path):
     out = tmp_path / "p.json"
     # --threads 0: pinning would bind the test worker to one core for good
-    r = profile_step.main(["--config", "tiny", "--latent", "32", "--batch", "2", "--threads",
-                           "0", "--gemm-peers", "2", "--rounds", "1", "--out", str(out)])  # fmt: skip
+    argv = ["--config", "tiny", "--latent", "32", "--batch", "2", "--threads", "0",
+            "--gemm-peers", "2", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    r = profile_step.main(argv)
     assert json.loads(out.read_text())["groups"] == r["groups"]
     assert set(r["groups"]) == set(profile_step.GROUPS)
     assert abs(sum(g["share"] for g in r["groups"].values()) - 1) < 1e-9
@@ -27,6 +28,9 @@ def test_tiny_profile(tmp_path):
     assert len(r["gemm_peers"]) == 2
     for row in r["gemm_peers"]:
         assert row["lhs"][-1] == row["rhs"][-2] and row["jax_gflops"] > 0
+        lo, hi = row["jax_min_max_s"]
+        assert 0 < lo <= row["jax_s"] <= hi and row["rounds"] == 1
+    assert r["torch_version"] and r["environment"]["date"] and "threads" in r
     assert r["top"] and r["environment"]["cpu"]
 
 

@@ -584,7 +584,9 @@ def _fused_forward_xla_gradient(q, k, v, mask, scale, is_causal, implementation)
 
 
 def _fused_forward_fwd(q, k, v, mask, scale, is_causal, implementation):
-    out = _fused_forward_xla_gradient(q, k, v, mask, scale, is_causal, implementation)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
+    )
     return out, (q, k, v, mask)
 
 
