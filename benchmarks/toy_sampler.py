@@ -1,16 +1,17 @@
 """EDM Heun on an exact GMM (d=2, K=8, B=4096, 64 steps): jaxdiv vs PyTorch and NumPy,
 against this machine's exp floor.
 
-The same algorithm (Karras Alg. 2 without churn, exact full-covariance posterior mean)
-in one process: jaxdiv (one jitted ``lax.scan`` via :func:`jaxdiv.sample`); the same
-with the einsum ``_stats`` of ``toy/gmm.py`` that the elementwise tiny-d path replaced
-(``jaxdiv, einsum _stats``); ``torch.compile`` of one Heun step built on the
-component-major fused denoiser; PyTorch eager written naively (a Python loop over
-components), fused in the ``(B, K, d)`` layout and in jaxdiv's component-major
-``(K, d, B)`` layout; NumPy fused. All outputs are checked against jaxdiv's before
-timing, then every implementation runs once per round, in the same order each round
-(:func:`benchmarks.timing.interleaved`, after one warm-up call each): median [min-max]
-and the per-round ratio of each peer to jaxdiv.
+The same algorithm (Karras Alg. 2 without churn, exact full-covariance posterior mean) in
+one process: jaxdiv (one jitted ``lax.scan`` via :func:`jaxdiv.sample`); the same with the
+einsum ``_stats`` of ``toy/gmm.py`` that the elementwise tiny-d path replaced (``jaxdiv,
+einsum _stats``); ``torch.compile`` of one Heun step built on the component-major fused
+denoiser, and on the same denoiser written as d ``(K, B)`` elementwise arrays (the goal is
+against the faster of the two); PyTorch eager written naively (a Python loop over
+components), fused in the ``(B, K, d)`` layout, in jaxdiv's component-major ``(K, d, B)``
+layout and as d ``(K, B)`` arrays; NumPy fused. All outputs are checked against jaxdiv's
+before timing, then every implementation runs once per round, in the same order each round
+(:func:`benchmarks.timing.interleaved`, after one warm-up call each): median [min-max] and
+the per-round ratio of each peer to jaxdiv.
 
 The floor: the exact denoiser needs ``B K`` exps per call (its ``d x d`` solves are
 diagonal in the eigenbasis), so the sampler needs ``B K NFE`` exps. The same rounds time
@@ -68,6 +69,9 @@ from jaxdiv.pytrees import combine, partition
 JAXDIV = "jaxdiv (jit, lax.scan)"
 JAXDIV_EINSUM = "jaxdiv, einsum _stats (before)"
 TORCH_COMPILE = "torch.compile, Heun step (K,d,B)"
+TORCH_COMPILE_ELEMENTWISE = "torch.compile, Heun step, d x (K,B)"
+# each torch.compile peer and the Fused layout it compiles
+TORCH_COMPILE_LAYOUTS = {TORCH_COMPILE: "component_major", TORCH_COMPILE_ELEMENTWISE: "elementwise"}
 DEN_ONLY = "denoiser only x NFE (jit, fori_loop)"
 DEN_ONLY_EINSUM = "denoiser only x NFE, einsum _stats"
 FLOOR_PREFIX = "floor: "
@@ -127,7 +131,10 @@ class Fused:
     """Eigenbasis formulation batched over components, in one of two layouts.
 
     ``layout="component_major"`` keeps arrays as ``(K, d, B)`` (what toy.GaussianMixture
-    does; reductions over K and d vectorise across the batch) -- the careful version;
+    does for d > 3; reductions over K and d vectorise across the batch) -- the careful
+    version; ``"elementwise"`` holds d ``(K, B)`` arrays, rotations written elementwise (as
+    toy.GaussianMixture's ``_stats`` does for d <= 3) and the softmax normalised once per
+    output coordinate (faster under ``torch.compile``; in JAX the same form was slower);
     ``"batch_major"`` is the ``(B, K, d)`` layout one writes first. ``s`` may be a float
     or a 0-d tensor (what ``torch.compile`` is given, so one graph serves every sigma).
     """
@@ -154,6 +161,8 @@ class Fused:
 
         L = torch if self.lib == "torch" else np
         var = self.lam + s * s
+        if self.layout == "elementwise":
+            return self._elementwise(L, x, var)
         if self.layout == "batch_major":
             z = L.einsum("bd,kde->bke", x, self.u) - self.pm
             logits = self.lw - 0.5 * L.log(var).sum(-1) - 0.5 * (z * z / var).sum(-1)
@@ -167,6 +176,30 @@ class Fused:
         r = self._softmax(logits, 0)
         w = r[:, None, :] * (self.lam / var)[:, :, None] * z
         return (self.m.T @ r + L.einsum("kde,keb->db", self.u, w)).T
+
+    def _elementwise(self, L, x, var):
+        # d (K, B) arrays (the rotations as toy.GaussianMixture's _stats writes them for
+        # d <= 3), sums over the leading K axis, the softmax normalised once per coordinate
+        d = x.shape[1]
+        zs = []
+        for e in range(d):
+            y = self.u[:, 0, e, None] * x[:, 0]
+            for j in range(1, d):
+                y = y + self.u[:, j, e, None] * x[:, j]
+            zs.append(y - self.pm[:, e, None])
+        logits = (self.lw - 0.5 * L.log(var).sum(-1))[:, None]
+        for e in range(d):
+            logits = logits - 0.5 * zs[e] * zs[e] / var[:, e, None]
+        p = L.exp(logits - L.amax(logits, 0))
+        total = p.sum(0)
+        ws = [(self.lam[:, e] / var[:, e])[:, None] * zs[e] for e in range(d)]
+        outs = []
+        for i in range(d):
+            c = self.m[:, i, None] + self.u[:, i, 0, None] * ws[0]
+            for e in range(1, d):
+                c = c + self.u[:, i, e, None] * ws[e]
+            outs.append((p * c).sum(0) / total)
+        return L.stack(outs, -1)
 
 
 def torch_compiled_sampler(den, sigmas, mode):
@@ -400,34 +433,42 @@ def _run(args, argv) -> dict[str, Any]:
     if not args.no_eager:
         naive, fused_bm = TorchNaive(means, covs, w), Fused(means, covs, w, "torch", "batch_major")
         fused_np = Fused(means, covs, w, "numpy")
+        fused_el = Fused(means, covs, w, "torch", "elementwise")
         peers = {
             "torch eager, naive": lambda: heun_loop(naive, x_t(), sigmas),
             "torch eager, fused (B,K,d)": lambda: heun_loop(fused_bm, x_t(), sigmas),
             **peers,
+            "torch eager, d x (K,B)": lambda: heun_loop(fused_el, x_t(), sigmas),
             "numpy, fused (K,d,B)": lambda: heun_loop(fused_np, x_init, sigmas),
         }
     tc: dict[str, Any] = {
         "what": "torch.compile(fullgraph=True, dynamic=False) of one Heun step (two calls "
-        "of the fused component-major (K,d,B) denoiser and the update) and of the final "
-        "Euler step; a Python loop over the steps passes sigma as 0-d tensors (one graph "
-        "for every sigma)"
+        "of the fused denoiser and the update) and of the final Euler step; a Python loop "
+        "over the steps passes sigma as 0-d tensors (one graph for every sigma). Two "
+        "denoiser formulations: component-major (K,d,B) arrays with einsums, and d (K,B) "
+        "arrays with elementwise rotations and sums over K (Fused layout 'elementwise'); "
+        "the goal is taken against the faster",
+        "peers": {},
     }
-    if args.torch_compile == "off":
-        tc["status"] = "skipped (--torch-compile off)"
-    else:
+    for name, layout in TORCH_COMPILE_LAYOUTS.items():
+        entry = tc["peers"][name] = {"layout": layout}
+        if args.torch_compile == "off":
+            entry["status"] = "skipped (--torch-compile off)"
+            continue
+        den_t = Fused(means, covs, w, "torch", layout)
         modes = [args.torch_compile] + (["default"] if args.torch_compile != "default" else [])
         for mode in modes:
             try:
                 t0 = time.perf_counter()
-                run_c = torch_compiled_sampler(fused_t, sigmas, mode)
+                run_c = torch_compiled_sampler(den_t, sigmas, mode)
                 with torch.no_grad():
-                    outs[TORCH_COMPILE] = np.asarray(run_c(x_t()))
-                compile_s[TORCH_COMPILE] = time.perf_counter() - t0
-                tc.update(status="ok", mode=mode)
-                peers[TORCH_COMPILE] = lambda run_c=run_c: run_c(x_t())
+                    outs[name] = np.asarray(run_c(x_t()))
+                compile_s[name] = time.perf_counter() - t0
+                entry.update(status="ok", mode=mode)
+                peers[name] = lambda run_c=run_c: run_c(x_t())
                 break
             except Exception as e:  # noqa: BLE001 -- recorded in the JSON instead of a number
-                tc.setdefault("failures", []).append(
+                entry.setdefault("failures", []).append(
                     {
                         "mode": mode,
                         "error": f"{type(e).__name__}: {e}"[:2000],
@@ -435,7 +476,9 @@ def _run(args, argv) -> dict[str, Any]:
                     }  # fmt: skip
                 )
         else:
-            tc["status"] = "failed"
+            entry["status"] = "failed"
+    ok = [n for n, e in tc["peers"].items() if e["status"] == "ok"]
+    tc["status"] = "ok" if ok else tc["peers"][TORCH_COMPILE]["status"]
     with torch.no_grad():
         for name, fn in peers.items():
             if name not in outs:
@@ -543,11 +586,16 @@ def _run(args, argv) -> dict[str, Any]:
         },
         **_ratio("jaxdiv_speedup_over_einsum_stats", timed[JAXDIV_EINSUM]["runs_s"], jax_runs),
     }
-    if TORCH_COMPILE in by:
-        summary.update(
-            _ratio("torch_compile_over_jaxdiv", timed[TORCH_COMPILE]["runs_s"], jax_runs)
-        )
-    tc_ratio = summary.get("torch_compile_over_jaxdiv")
+    compiled = [n for n in TORCH_COMPILE_LAYOUTS if n in by]
+    for name in compiled:
+        key_ = "torch_compile_over_jaxdiv" + ("" if name == TORCH_COMPILE else "_elementwise")
+        summary.update(_ratio(key_, timed[name]["runs_s"], jax_runs))
+    tc_ratio = None
+    if compiled:  # the goal is against the faster torch.compile formulation
+        best = min(compiled, key=lambda n: timed[n]["median_s"])
+        summary.update(_ratio("fastest_torch_compile_over_jaxdiv", timed[best]["runs_s"], jax_runs))
+        summary["fastest_torch_compile"] = best
+        tc_ratio = summary["fastest_torch_compile_over_jaxdiv"]
     goals = {
         "jaxdiv_within_3x_floor": summary["floor"]["jaxdiv_over_floor"] <= 3.0,
         "jaxdiv_2x_faster_than_torch_compile": None if tc_ratio is None else tc_ratio >= 2.0,

@@ -34,10 +34,11 @@ def test_posterior_mean_equals_monte_carlo(kind):
     assert bool(jnp.all(err < tol)), (err, tol)
 
 
+@pytest.mark.parametrize("d", [2, 5])  # the elementwise tiny-d path and the general one
 @pytest.mark.parametrize("kind", ["full", "diag", "iso"])
-def test_score_tweedie_and_autodiff(kind):
-    gm = random_gmm(jax.random.key(5), k=4, d=5, kind=kind)
-    x = 2 * jax.random.normal(jax.random.key(6), (7, 5))
+def test_score_tweedie_and_autodiff(kind, d):
+    gm = random_gmm(jax.random.key(5), k=4, d=d, kind=kind)
+    x = 2 * jax.random.normal(jax.random.key(6), (7, d))
     @jax.jit
     def all_three(gm, alpha, sigma):
         score = gm.score(x, alpha, sigma)
