@@ -25,7 +25,8 @@ drops that peer; a compile failure is recorded in the JSON, not raised).
 off and its small-output patch products off (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES`,
 ``SMALL_OUTPUT_TILES``), i.e. XLA's direct ones. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
-DDIM + CFG generation is ``benchmarks.sd_generate``.
+DDIM + CFG generation is ``benchmarks.sd_generate``; its 2 prompts run the UNet at CFG
+batch 4 (``--batch 4`` here), twice this script's default batch.
 """
 
 from __future__ import annotations
