@@ -2,6 +2,7 @@
 
     python -m benchmarks.sd_generate [--configs tiny sd21-small] [--steps 50] [--repeats 3]
                                      [--threads 1] [--no-warmup]
+                                     [--malloc reuse]
 
 For each configuration a random diffusers ``StableDiffusionPipeline`` is saved to a temp
 folder (:func:`jaxdiv.testing.save_random_pipeline`) and both sides run
@@ -21,7 +22,9 @@ versions, threads, peak RSS).
 single-threaded Eigen in XLA: a like-for-like comparison that stays meaningful on a
 shared machine (torch's default thread pool collapses when the cores are oversubscribed:
 3 tiny DDIM steps took 16.7 s instead of 0.2 s). ``--threads 0`` keeps both libraries'
-defaults.
+defaults. ``--malloc reuse`` restarts the process under
+:data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` (glibc keeps freed memory for reuse instead of
+mapping XLA:CPU's buffers afresh every call); both libraries run under it.
 
 Configurations:
 
@@ -46,6 +49,7 @@ import time
 import numpy as np
 
 from benchmarks.sd_step import CONFIGS as UNET_CONFIGS
+from benchmarks.timing import MALLOC_CHOICES, use_malloc
 
 # SD2.1-base's text encoder (OpenCLIP-H's text tower, penultimate layer) and VAE
 SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
@@ -183,9 +187,19 @@ def main(argv=None):
     p.add_argument("--out", default="results/sd_generate.json")
     p.add_argument("--threads", type=int, choices=(0, 1), default=1,
                    help="1: one core for both libraries; 0: library defaults")  # fmt: skip
-    p.add_argument("--no-warmup", action="store_true",
-                   help="time from the first call (jaxdiv is compiled ahead of time anyway)")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time from the first call (jaxdiv is compiled ahead of time anyway)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=MALLOC_CHOICES,
+        default="default",
+        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY",
+    )
     args = p.parse_args(argv)
+    use_malloc(args.malloc, argv, "benchmarks.sd_generate")
     if args.steps < 1 or args.repeats < 1:
         raise ValueError(f"--steps and --repeats must be >= 1, got {args.steps} and "
                          f"{args.repeats}")  # fmt: skip
@@ -231,6 +245,7 @@ def main(argv=None):
         "benchmark": "full generation: prompt encoding + DDIM (eta 0) with CFG + VAE decode",
         "command": " ".join(["python -m benchmarks.sd_generate"] + list(argv or sys.argv[1:])),
         "threads_option": args.threads,
+        "malloc": args.malloc,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }

@@ -16,7 +16,11 @@ pinned to one core, since XLA:CPU keeps using every core under
     JAX_PLATFORMS=cpu python -m benchmarks.sd_step --configs tiny,sd21 --latent 32 --batch 2
 
 Run (CPU, both libraries' default threads on all cores): add ``--threads 0``. Each row
-records ``cores_used`` (CPU time / wall time of one call) per implementation.
+records ``cores_used`` (CPU time / wall time of one call) per implementation, and
+``call_usage``: that call's system CPU seconds and minor page faults.
+``--malloc reuse`` restarts the process under :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY`
+(glibc keeps freed memory for reuse, so XLA:CPU's per-call buffers stop page-faulting);
+every implementation runs under it.
 
 Three implementations alternate round by round (A B C A B C): jaxdiv jitted, diffusers
 eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
@@ -45,7 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import environment, interleaved, pin_one_core, round_ratio_range
+from benchmarks.timing import (
+    MALLOC_CHOICES,
+    environment,
+    interleaved,
+    pin_one_core,
+    round_ratio_range,
+    use_malloc,
+)
 from jaxdiv.models import convolution
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
@@ -191,14 +202,18 @@ def measure_denoiser_step(
         finally:
             convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES = saved
         fns["jax_direct_conv"] = lambda: step_direct(state, xj, tj, cj).block_until_ready()
-        direct = {"status": "ok", "max_abs_diff_to_jax": float(np.abs(out_direct - out_jax).max()),
-                  "max_abs_diff_to_torch": float(np.abs(np.asarray(out_direct) - out_torch).max())}
+        direct = {
+            "status": "ok",
+            "max_abs_diff_to_jax": float(np.abs(out_direct - out_jax).max()),
+            "max_abs_diff_to_torch": float(np.abs(np.asarray(out_direct) - out_torch).max()),
+        }
     with torch.no_grad():
         # A B C A B C: every implementation sees the same machine load
         timed = interleaved(fns, repeats)
     jax_s, torch_s = timed["jax"]["median_s"], timed["torch"]["median_s"]
     with torch.no_grad():
-        cores = {name: cores_used(fn) for name, fn in fns.items()}
+        usage = {name: call_usage(fn) for name, fn in fns.items()}
+
     def peer_summary(key: str, ratio_name: str) -> dict[str, Any]:
         t = timed[key]
         return {"median_s": t["median_s"], "min_max_s": [t["min_s"], t["max_s"]],
@@ -233,16 +248,27 @@ def measure_denoiser_step(
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
         torch_compile=compiled,
         direct_conv=direct,
-        cores_used=cores,
+        cores_used={name: u["cores_used"] for name, u in usage.items()},
+        call_usage=usage,
     )
 
 
-def cores_used(fn) -> float:
-    """Process CPU time over wall time of one call of ``fn``: how many cores it kept busy."""
+def call_usage(fn) -> dict[str, float]:
+    """What one call of ``fn`` cost the process: ``cores_used`` (CPU time over wall time:
+    how many cores it kept busy), ``system_s`` (CPU seconds in the kernel) and
+    ``minor_faults`` (pages mapped on first touch; XLA:CPU's fresh buffers take them).
+
+    >>> sorted(call_usage(lambda: bytearray(1 << 20)))
+    ['cores_used', 'minor_faults', 'system_s']
+    """
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fn()
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
-    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+    return {
+        "cores_used": (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall,
+        "system_s": r1.ru_stime - r0.ru_stime,
+        "minor_faults": r1.ru_minflt - r0.ru_minflt,
+    }
 
 
 def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -261,7 +287,9 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"(compile {row['jax_compile_s']:.1f} s)  diffusers {row['torch_s'] * 1e3:9.1f} ms  "
             f"ratio torch/jax {row['ratio_torch_over_jax']:.2f}  "
             f"max|diff| {row['max_abs_diff']:.1e}  cores used "
-            + ", ".join(f"{k} {v:.2f}" for k, v in row["cores_used"].items()),
+            + ", ".join(f"{k} {v:.2f}" for k, v in row["cores_used"].items())
+            + "  minor page faults per call "
+            + ", ".join(f"{k} {u['minor_faults']}" for k, u in row["call_usage"].items()),
             flush=True,
         )
         tc = row["torch_compile"]
@@ -273,31 +301,52 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"       torch.compile: {tc['status']}", flush=True)
         if row["direct_conv"]["status"] == "ok":
             dc = row["direct_conv"]
-            print(f"       jaxdiv, direct 3x3 convolutions {dc['median_s'] * 1e3:9.1f} ms  "
-                  f"ratio direct/Winograd {dc['ratio_direct_over_jax']:.2f}", flush=True)
+            print(
+                f"       jaxdiv, direct 3x3 convolutions {dc['median_s'] * 1e3:9.1f} ms  "
+                f"ratio direct/Winograd {dc['ratio_direct_over_jax']:.2f}",
+                flush=True,
+            )
         rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run :func:`collect_rows`, write the JSON."""
-    import diffusers
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,sd21", help="comma-separated CONFIGS keys")
     parser.add_argument("--latent", type=int, default=32, help="latent height = width")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch-compile", default="default",
-                        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "off"),
-                        help="torch.compile mode of the third peer (off: eager diffusers only)")
-    parser.add_argument("--direct-conv-peer", action="store_true",
-                        help="also time jaxdiv with Winograd convolutions off")
+    parser.add_argument(
+        "--torch-compile",
+        default="default",
+        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "off"),
+        help="torch.compile mode of the third peer (off: eager diffusers only)",
+    )
+    parser.add_argument(
+        "--direct-conv-peer",
+        action="store_true",
+        help="also time jaxdiv with Winograd convolutions off",
+    )
     parser.add_argument("--out", default="results/sd_step.json")
-    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
-                        help="1: one core for every implementation; 0: library defaults")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: one core for every implementation; 0: library defaults",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=MALLOC_CHOICES,
+        default="default",
+        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY",
+    )
     args = parser.parse_args(argv)
+    use_malloc(args.malloc, argv, "benchmarks.sd_step")
+    import diffusers
+    import torch
+
     if args.threads == 1:
         pin_one_core()  # before jax / torch start their thread pools
         torch.set_num_threads(1)

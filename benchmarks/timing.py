@@ -107,10 +107,11 @@ def environment() -> dict:
 
 
 def memory_settings() -> dict:
-    """How the process gets its memory: ``GLIBC_TUNABLES`` (``glibc.malloc.hugetlb=1``
-    backs large allocations with transparent huge pages) and the kernel's transparent huge
-    page modes, both read once at process start. Recorded because they change how fast
-    memory-bound operations run, for both libraries of a comparison.
+    """How the process gets its memory: ``GLIBC_TUNABLES``
+    (:data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` keeps freed memory for reuse;
+    ``glibc.malloc.hugetlb=1`` backs large allocations with transparent huge pages) and the
+    kernel's transparent huge page modes, both read once at process start. Recorded because
+    they change how fast memory-bound operations run, for both libraries of a comparison.
 
     >>> sorted(memory_settings())
     ['glibc_tunables', 'thp_defrag', 'thp_enabled']
@@ -126,6 +127,44 @@ def memory_settings() -> dict:
 
     return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "thp_enabled": thp("enabled"),
             "thp_defrag": thp("defrag")}  # fmt: skip
+
+
+MALLOC_CHOICES = ("default", "reuse")
+
+
+def use_malloc(choice: str, argv: list[str] | None, module: str) -> None:
+    """Put a benchmark under its ``--malloc`` choice before it starts JAX or PyTorch.
+
+    ``"default"`` leaves the process as it is. ``"reuse"`` needs
+    :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` from process start: from the command line
+    (``argv`` is ``None``) the benchmark starts again under it
+    (:func:`jaxdiv.host_memory.restart_with_reused_memory`); called in-process with an
+    explicit ``argv`` it raises instead, since replacing the caller's process is not its to
+    do. Both libraries of a comparison run in that one process, so both get the setting.
+
+    >>> use_malloc("default", ["--repeats", "1"], "benchmarks.sd_step")
+    >>> use_malloc("reuse", ["--repeats", "1"], "benchmarks.sd_step")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: --malloc reuse needs GLIBC_TUNABLES=glibc.malloc.arena_max=1:... at process start...
+    """
+    from jaxdiv.host_memory import (
+        REUSE_FREED_MEMORY,
+        restart_with_reused_memory,
+        reusing_freed_memory,
+    )
+
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, got {choice!r}")
+    if choice == "default" or reusing_freed_memory():
+        return
+    if argv is not None:
+        raise ValueError(
+            f"--malloc reuse needs GLIBC_TUNABLES={REUSE_FREED_MEMORY} at process start; run "
+            f"`python -m {module}` from the command line (it restarts itself with it) or set "
+            "the variable before Python starts"
+        )
+    if not restart_with_reused_memory():
+        raise ValueError("--malloc reuse: this system has no glibc, whose settings it sets")
 
 
 def cpu_model() -> dict:

@@ -11,6 +11,11 @@ Each command but ``methods`` is a thin wrapper: its arguments go unchanged to th
 the module is imported only when its command runs, and its exit status is the command's.
 An unknown command exits 2 with one line on stderr.
 
+From the console (``argv`` not given), a command that runs models first starts itself again
+under :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` (glibc malloc keeps freed memory for
+reuse: XLA:CPU's per-call buffers stop page-faulting; see :mod:`jaxdiv.host_memory`);
+``JAXDIV_REUSE_MEMORY=0`` in the environment keeps the process as it started.
+
 ``jaxdiv methods`` reads the factories of :mod:`jaxdiv.guidance` themselves: the knobs
 and their defaults come from the signatures, the hook from a term built with placeholder
 arguments, and the command-line flags of ``jaxdiv generate`` from
@@ -270,9 +275,33 @@ def _version() -> str:
         return "unknown"
 
 
+def restarts_for_memory(command: str, from_console: bool, env=None) -> bool:
+    """Whether ``jaxdiv COMMAND`` starts itself again under reused host memory: from the
+    console, for every command but ``methods`` (which runs no model), unless
+    ``JAXDIV_REUSE_MEMORY=0`` or the setting is already in place.
+
+    >>> restarts_for_memory("generate", True, {}), restarts_for_memory("methods", True, {})
+    (True, False)
+    >>> restarts_for_memory("generate", True, {"JAXDIV_REUSE_MEMORY": "0"})
+    False
+    """
+    import os
+
+    from jaxdiv.host_memory import OPT_OUT_VARIABLE, reusing_freed_memory
+
+    env = os.environ if env is None else env
+    return (
+        from_console
+        and COMMANDS.get(command, (None,))[0] is not None
+        and env.get(OPT_OUT_VARIABLE, "1") != "0"
+        and not reusing_freed_memory(env)
+    )
+
+
 def main(argv=None) -> int:
     """Run ``jaxdiv COMMAND ARGS...``; returns the command's exit status (a command that
     exits, e.g. on ``--help`` or a bad value, raises ``SystemExit`` as it would alone)."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
     if not argv:
@@ -284,6 +313,10 @@ def main(argv=None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         p.exit(2, f"{PROG}: error: unknown command {args.command!r} (choose from "
                   f"{', '.join(COMMANDS)}){hint}\n")  # fmt: skip
+    if restarts_for_memory(args.command, from_console):
+        from jaxdiv.host_memory import restart_with_reused_memory
+
+        restart_with_reused_memory()  # returns only where there is no glibc
     prog = f"{PROG} {args.command}"
     module_name = COMMANDS[args.command][0]
     if module_name is None:

@@ -28,6 +28,8 @@ def test_tiny_row_and_json(tmp_path):
     assert direct["status"] == "ok" and 0 < direct["max_abs_diff_to_jax"]
     assert direct["max_abs_diff_to_torch"] < 1e-4 and len(direct["all_s"]) == 2
     assert all(0 < c < 64 for c in row["cores_used"].values())
+    assert set(row["call_usage"]) == set(row["cores_used"])
+    assert all(u["minor_faults"] >= 0 and u["system_s"] >= 0 for u in row["call_usage"].values())
     assert row["torch_compile"]["status"] == "skipped (--torch-compile off)"
     assert data["meta"]["cpu_affinity"] and "peak_rss_mb" in data["meta"]
 

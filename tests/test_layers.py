@@ -16,6 +16,7 @@ RANK = {
     "sphere": 0,
     "pytrees": 0,
     "distributed": 0,
+    "host_memory": 0,
     "schedules": 1,
     "predictions": 1,
     "metrics": 1,
