@@ -15,18 +15,20 @@ from jaxdiv.host_memory import REUSE_FREED_MEMORY, _has_glibc, reusing_freed_mem
 
 glibc = pytest.mark.skipif(not _has_glibc(), reason="glibc tunables")
 
-# 64 MiB of float32 in, fresh buffers of it per call: under glibc's defaults every call
-# maps them anew (> 16k minor faults of 4 KiB pages; fewer where huge pages back them).
-# Under the setting the heap grows for a few calls (freed blocks are not yet where the next
-# call's fit) and then stops: here from the sixth call on.
-_PROGRAM = textwrap.dedent("""
+# 64 MiB of float32 in, a fresh 64 MiB buffer out per call. Under glibc's defaults every
+# call maps its buffer anew (16,384 minor faults of 4 KiB pages; fewer where huge pages back
+# them). Under the setting the heap grows for a while (a freed block is not always where the
+# next call's fits: on the hosts measured, for 4 to 13 calls) and then the buffers reuse
+# pages already mapped, with an occasional call that grows the heap again.
+_CALLS, _TAIL = 40, 20
+_PROGRAM = textwrap.dedent(f"""
     import resource, jax, jax.numpy as jnp
     f = jax.jit(lambda x: jnp.tanh(x * 3.0) + jnp.sin(x) * x)
     x = jnp.ones((16, 1024, 1024))
-    for _ in range(10):
+    for _ in range({_CALLS}):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
 
 
@@ -39,12 +41,19 @@ def _run(args, tunables=None, cwd=None, extra_path=()):
                           text=True, timeout=300)  # fmt: skip
 
 
+def _tail_faults(tunables):
+    out = _run(["-c", _PROGRAM], tunables)
+    assert out.returncode == 0, out.stderr
+    return [int(n) for n in out.stdout.split()[-_TAIL:]]
+
+
 @glibc
 def test_reused_memory_takes_no_fresh_pages():
-    out = _run(["-c", _PROGRAM], REUSE_FREED_MEMORY)
-    assert out.returncode == 0, out.stderr
-    # the tenth call of the same program finds its buffers' pages already mapped
-    assert int(out.stdout.split()[-1]) < 1000
+    reused, default = _tail_faults(REUSE_FREED_MEMORY), _tail_faults(None)
+    # once the heap has grown, most calls find their buffer's pages already mapped ...
+    assert sum(n < 1000 for n in reused) >= _TAIL * 3 // 4, reused
+    # ... where the default maps every call's buffer again
+    assert sum(default) >= 5 * sum(reused), (default, reused)
 
 
 _SCRIPT = textwrap.dedent("""
