@@ -1,30 +1,38 @@
 """Attention kernel on CPU: jaxdiv's blocked ``attention_core`` vs ``jax.nn.dot_product_attention``
 vs PyTorch ``scaled_dot_product_attention``.
 
-Multi-head self-attention ``softmax(Q K^T / sqrt(D)) V`` on random float32 ``(B, T, H, D)``
-arrays, the shape of Stable Diffusion's UNet self-attention: ``--seq 4096`` is the first
-down block at 512 px (64 x 64 latent pixels, 5 heads x 64 in SD 2.1), ``--seq 1024`` the
-second. Three implementations, each jitted (JAX) or eager (PyTorch) and given the same
-inputs:
+Multi-head attention ``softmax(Q K^T / sqrt(D)) V`` on random float32 ``(B, T, H, D)``
+arrays, the shapes of Stable Diffusion's UNet: ``--seq 4096`` is the first down block's
+self-attention at 512 px (64 x 64 latent pixels, 5 heads x 64 in SD 2.1), ``--seq 1024`` the
+second's, ``--seq 4096x77`` the first block's cross-attention to 77 text tokens. Five
+implementations, each jitted (JAX) or eager (PyTorch) and given the same inputs:
 
   * ``blocked``: :func:`jaxdiv.models.layers.attention_core` with
-    ``implementation="blocked"`` (online softmax over key blocks, plain JAX);
-  * ``xla``: :func:`jax.nn.dot_product_attention` (what ``attention_core`` used before;
-    it materialises the ``T x S`` logits);
+    ``implementation="blocked"`` (online softmax over key blocks, plain JAX; on CPU one
+    (batch, head) pair after another);
+  * ``looped`` / ``vmapped``: the same blocked computation with the (batch, head) pairs
+    forced to run one after another / vmapped, i.e. every product batched over the pairs
+    (what the blocked path did before; ``blocked`` loops on CPU over several key blocks);
+  * ``xla``: :func:`jax.nn.dot_product_attention` (``attention_core``'s choice below the
+    threshold; it materialises the ``T x S`` logits);
   * ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` (diffusers' kernel).
 
 Outputs are compared before timing (max abs difference of each to ``blocked``); then the
-implementations alternate A B C A B C over ``--rounds`` rounds
+implementations alternate A B C D E A B C D E over ``--rounds`` rounds
 (:func:`benchmarks.timing.interleaved`, after one warm-up call each): median [min-max].
 
 ``--tune`` adds rows sweeping the blocked path's ``kv_block`` at every ``--seq`` and the
-dense-vs-blocked crossover over ``--tune-seqs`` (how ``BLOCKED_KV_BLOCK`` and
-``BLOCKED_MIN_KEYS`` in :mod:`jaxdiv.models.layers` were chosen).
+blocked-vs-xla crossover over ``--tune-seqs`` (how ``BLOCKED_KV_BLOCK`` and
+``BLOCKED_MIN_LOGITS`` in :mod:`jaxdiv.models.layers` were chosen).
 
 Run (CPU, one core for both libraries; ``taskset`` pins the process, since XLA:CPU keeps
 using every core under the ``XLA_FLAGS`` thread settings):
     OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu taskset -c 0 python -m benchmarks.attention \
-    --seq 4096,1024 --rounds 5
+    --seq 4096,1024,4096x77 --rounds 5
+
+``--malloc reuse`` restarts the process under :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY`
+(glibc keeps freed memory, so neither library's calls page-fault fresh buffers; without it
+identical programs timed one after another differed by 11-18% here).
 
 ``--smoke`` runs a tiny shape for one round (the test of this script).
 
@@ -35,6 +43,7 @@ time / blocked time (> 1: blocked faster), from the medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -45,7 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import interleaved
+from benchmarks.timing import MALLOC_CHOICES, interleaved, use_malloc
+from jaxdiv.models import layers
 from jaxdiv.models.layers import attention_core
 
 
@@ -54,9 +64,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _inputs(batch: int, seq: int, heads: int, dim: int, seed: int):
+def _inputs(batch: int, seq_q: int, seq_kv: int, heads: int, dim: int, seed: int):
     rng = np.random.default_rng(seed)
-    return tuple(rng.standard_normal((batch, seq, heads, dim)).astype(np.float32) for _ in "qkv")
+    q = rng.standard_normal((batch, seq_q, heads, dim)).astype(np.float32)
+    return (q, *(rng.standard_normal((batch, seq_kv, heads, dim)).astype(np.float32) for _ in "kv"))
 
 
 def _summary(timed: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
@@ -66,26 +77,34 @@ def _summary(timed: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 def measure(
-    *, batch: int, seq: int, heads: int, dim: int, rounds: int, kv_block: int | None = None,
-    torch_too: bool = True, seed: int = 0,
+    *, batch: int, seq: tuple[int, int], heads: int, dim: int, rounds: int,
+    kv_block: int | None = None, torch_too: bool = True, heads_too: bool = False, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Time blocked vs xla (vs torch) attention on one shape; returns a result row."""
-    q, k, v = _inputs(batch, seq, heads, dim, seed)
+    """Time blocked vs xla (vs looped / vmapped heads, vs torch) on one (T, S); a result row."""
+    q, k, v = _inputs(batch, *seq, heads, dim, seed)
     qj, kj, vj = (jnp.asarray(x) for x in (q, k, v))
-    blocked = jax.jit(
-        lambda q, k, v: attention_core(q, k, v, implementation="blocked", kv_block=kv_block)
-    )
-    xla = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
-    out_b = np.asarray(blocked(qj, kj, vj))
-    out_x = np.asarray(xla(qj, kj, vj))
-    fns = {
-        "blocked": lambda: blocked(qj, kj, vj).block_until_ready(),
-        "xla": lambda: xla(qj, kj, vj).block_until_ready(),
+    jitted = {
+        "blocked": lambda q, k, v: attention_core(
+            q, k, v, implementation="blocked", kv_block=kv_block
+        ),
+        "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     }
+    if heads_too:  # the blocked path with the (batch, head) pairs forced looped / vmapped
+        for name, loop in (("looped", True), ("vmapped", False)):
+            jitted[name] = functools.partial(
+                layers._blocked_attention, scale=dim**-0.5, mask=None, is_causal=False,
+                kv_block=kv_block or layers.BLOCKED_KV_BLOCK, loop_heads=loop,
+            )  # fmt: skip
+    jitted = {name: jax.jit(f) for name, f in jitted.items()}
+    outs = {name: np.asarray(f(qj, kj, vj)) for name, f in jitted.items()}
+    fns = {name: functools.partial(_call, f, qj, kj, vj) for name, f in jitted.items()}
     row: dict[str, Any] = dict(
-        batch=batch, seq_q=seq, seq_kv=seq, heads=heads, head_dim=dim, dtype="float32",
-        kv_block=kv_block, rounds=rounds, max_abs_diff_xla=float(np.abs(out_x - out_b).max()),
+        batch=batch, seq_q=seq[0], seq_kv=seq[1], heads=heads, head_dim=dim, dtype="float32",
+        kv_block=kv_block, rounds=rounds,
     )  # fmt: skip
+    for name in outs:
+        if name != "blocked":
+            row[f"max_abs_diff_{name}"] = float(np.abs(outs[name] - outs["blocked"]).max())
     if torch_too:
         import torch
         import torch.nn.functional as F
@@ -94,7 +113,7 @@ def measure(
         qt, kt, vt = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
         with torch.no_grad():
             out_t = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).numpy()
-        row["max_abs_diff_torch"] = float(np.abs(out_t - out_b).max())
+        row["max_abs_diff_torch"] = float(np.abs(out_t - outs["blocked"]).max())
 
         def run_torch():
             with torch.no_grad():
@@ -112,15 +131,19 @@ def measure(
     return row
 
 
+def _call(f, *args):
+    return f(*args).block_until_ready()
+
+
 def _fmt(row: dict[str, Any]) -> str:
     def ms(name):
         lo, hi = row[f"{name}_min_max_s"]
         return f"{name} {row[f'{name}_s'] * 1e3:8.1f} ms [{lo * 1e3:.1f}-{hi * 1e3:.1f}]"
 
-    names = [n for n in ("blocked", "xla", "torch") if f"{n}_s" in row]
+    names = [n for n in ("blocked", "looped", "vmapped", "xla", "torch") if f"{n}_s" in row]
     ratios = "  ".join(f"{n}/blocked {row[f'ratio_{n}_over_blocked']:.2f}" for n in names[1:])
     return (
-        f"T=S={row['seq_q']:5d} kv_block={row['kv_block']}:  "
+        f"T={row['seq_q']:5d} S={row['seq_kv']:5d} kv_block={row['kv_block']}:  "
         + "  ".join(ms(n) for n in names)
         + f"  {ratios}  max|diff xla| {row['max_abs_diff_xla']:.1e}"
     )
@@ -130,6 +153,11 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _seqs(text: str) -> list[tuple[int, int]]:
+    """``"4096,4096x77"`` -> ``[(4096, 4096), (4096, 77)]``: T = S, or T x S."""
+    return [(int(x.split("x")[0]), int(x.split("x")[-1])) for x in text.split(",") if x]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, measure, write the JSON; returns the written dict."""
     import torch
@@ -137,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.attention", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--seq", default="4096,1024", help="comma-separated T = S")
+    parser.add_argument(
+        "--seq", default="4096,1024", help="comma-separated T (= S) or TxS (cross-attention)"
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=5)
     parser.add_argument("--dim", type=int, default=64, help="head dim")
@@ -145,18 +175,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true", help="add kv_block / crossover sweeps")
     parser.add_argument("--tune-blocks", default="128,256,512,1024,2048")
-    parser.add_argument("--tune-seqs", default="256,512,1024,2048")
+    parser.add_argument("--tune-seqs", default="64,77,128,256,1024x77", help="as --seq")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 1 round")
+    parser.add_argument(
+        "--malloc",
+        choices=MALLOC_CHOICES,
+        default="default",
+        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY",
+    )
     parser.add_argument("--out", default="results/benchmarks/attention.json")
     args = parser.parse_args(argv)
+    use_malloc(args.malloc, argv, "benchmarks.attention")
     try:
-        seqs, blocks, tune_seqs = _ints(args.seq), _ints(args.tune_blocks), _ints(args.tune_seqs)
+        seqs, blocks, tune_seqs = _seqs(args.seq), _ints(args.tune_blocks), _seqs(args.tune_seqs)
     except ValueError as e:
-        parser.error(f"--seq, --tune-blocks and --tune-seqs are comma-separated ints ({e})")
+        parser.error(f"--seq, --tune-seqs take T or TxS, --tune-blocks ints, comma-separated ({e})")
     if args.smoke:
-        seqs, args.rounds, args.batch, args.heads, args.dim = [40], 1, 2, 2, 8
-        blocks, tune_seqs = [16], [24]
-    if min([args.batch, args.heads, args.dim, args.rounds, args.torch_threads] + seqs) < 1:
+        seqs, args.rounds, args.batch, args.heads, args.dim = [(40, 40)], 1, 2, 2, 8
+        blocks, tune_seqs = [16], [(24, 24)]
+    sizes = [args.batch, args.heads, args.dim, args.rounds, args.torch_threads, *blocks]
+    if min(sizes + [n for pair in seqs + tune_seqs for n in pair]) < 1:
         parser.error("--batch, --heads, --dim, --rounds, --torch-threads, --seq must be >= 1")
     torch_threads_before = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
@@ -173,7 +211,7 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
 
     rows = []
     for seq in seqs:
-        rows.append(dict(kind="compare", **measure(seq=seq, **shape)))
+        rows.append(dict(kind="compare", **measure(seq=seq, heads_too=True, **shape)))
         print(_fmt(rows[-1]), flush=True)
     if args.tune:
         for seq in seqs:
@@ -182,11 +220,11 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
                 rows.append(dict(kind="tune_kv_block", **row))
                 print(_fmt(rows[-1]), flush=True)
         for seq in tune_seqs:
-            rows.append(dict(kind="tune_crossover", **measure(seq=seq, torch_too=False, **shape)))
+            row = measure(seq=seq, torch_too=False, heads_too=True, **shape)
+            rows.append(dict(kind="tune_crossover", **row))
             print(_fmt(rows[-1]), flush=True)
 
     from benchmarks.timing import environment
-    from jaxdiv.models import layers
 
     env = environment()
     result = dict(
@@ -196,8 +234,10 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
             ["python -m benchmarks.attention"] + list(sys.argv[1:] if argv is None else argv)
         ),
         date=env["date"],
+        malloc=args.malloc,
         defaults=dict(
-            BLOCKED_KV_BLOCK=layers.BLOCKED_KV_BLOCK, BLOCKED_MIN_KEYS=layers.BLOCKED_MIN_KEYS
+            BLOCKED_KV_BLOCK=layers.BLOCKED_KV_BLOCK,
+            BLOCKED_MIN_LOGITS=layers.BLOCKED_MIN_LOGITS,
         ),
         versions=env["versions"] | {"torch": torch.__version__},
         threads=dict(

@@ -25,9 +25,12 @@ every implementation runs under it.
 Three implementations alternate round by round (A B C A B C): jaxdiv jitted, diffusers
 eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
 drops that peer; a compile failure is recorded in the JSON, not raised).
-``--direct-conv-peer`` adds a fourth: jaxdiv traced with its Winograd 3 x 3 convolutions
-off and its small-output patch products off (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES`,
-``SMALL_OUTPUT_TILES``), i.e. XLA's direct ones. Writes
+``--jax-variants`` adds jaxdiv itself traced again with some of its tuning constants
+changed, one more implementation per entry of :data:`JAX_VARIANTS` (``direct_conv``: XLA's
+direct 3 x 3 convolutions instead of Winograd and the small-output patch products;
+``vmapped_heads``: the blocked attention's (batch, head) pairs vmapped instead of looped;
+``xla_attention``: :func:`jax.nn.dot_product_attention` for every attention);
+``--direct-conv-peer`` is ``--jax-variants direct_conv``. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
 DDIM + CFG generation is ``benchmarks.sd_generate``; its 2 prompts run the UNet at CFG
 batch 4 (``--batch 4`` here), twice this script's default batch.
@@ -36,6 +39,7 @@ batch 4 (``--batch 4`` here), twice this script's default batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -57,7 +61,7 @@ from benchmarks.timing import (
     round_ratio_range,
     use_malloc,
 )
-from jaxdiv.models import convolution
+from jaxdiv.models import convolution, layers
 from jaxdiv.models.checkpoint import assign_params
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.unet import UNet2DConditionModel, UNetConfig
@@ -89,6 +93,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 TEXT_TOKENS = 77
+
+#: ``--jax-variants``: name -> (what changes, the module constants set while tracing it)
+JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...]]] = {
+    "direct_conv": (
+        "3 x 3 convolutions by XLA's direct convolution (Winograd and patch products off)",
+        ((convolution, "WINOGRAD_MIN_TILES", float("inf")), (convolution, "SMALL_OUTPUT_TILES", 0)),
+    ),
+    "vmapped_heads": (
+        "blocked attention with the (batch, head) pairs vmapped instead of looped",
+        ((layers, "BLOCKED_LOOP_HEADS", False),),
+    ),
+    "xla_attention": (
+        "jax.nn.dot_product_attention for every attention (blocked attention off)",
+        ((layers, "BLOCKED_MIN_LOGITS", float("inf")),),
+    ),
+}
 
 
 def build_pair(config: dict[str, Any], seed: int = 0):
@@ -135,7 +155,7 @@ def compiled_peer(torch_model, mode: str, args: tuple) -> tuple[Any, dict[str, A
 
 def measure_denoiser_step(
     name: str, *, latent: int, batch: int, repeats: int, seed: int = 0,
-    torch_compile: str = "default", direct_conv: bool = False,
+    torch_compile: str = "default", variants: tuple[str, ...] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """Time one UNet forward (eps prediction) in diffusers (eager), diffusers under
     ``torch.compile`` and jaxdiv (jitted), alternating A B C over the rounds.
@@ -147,10 +167,9 @@ def measure_denoiser_step(
         repeats: interleaved rounds after one warm-up call each (median [min-max]).
         seed: weight and input seed.
         torch_compile: ``torch.compile`` mode of the third peer, or ``"off"``.
-        direct_conv: also time jaxdiv traced with Winograd convolutions off
-            (:data:`jaxdiv.models.convolution.WINOGRAD_MIN_TILES` infinite and
-            ``SMALL_OUTPUT_TILES`` 0: every 3 x 3 convolution is XLA's direct one), as the
-            row's ``direct_conv``.
+        variants: keys of :data:`JAX_VARIANTS`: also time jaxdiv traced with those
+            constants, each as ``jax_variants[name]`` of the row (and ``jax_<name>`` in
+            ``cores_used`` / ``call_usage``).
 
     Returns:
         A result row (times in seconds; ``ratio`` = torch / jax, > 1 means jaxdiv faster).
@@ -191,21 +210,27 @@ def measure_denoiser_step(
     if run_compiled is not None:
         fns["torch_compile"] = run_compiled
         compiled["max_abs_diff_to_eager"] = float(np.abs(compiled.pop("_out") - out_torch).max())
-    direct: dict[str, Any] = {"status": "skipped (no --direct-conv-peer)"}
-    if direct_conv:
+    jax_variants: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        description, settings = JAX_VARIANTS[variant]
         # a new function object: jit's trace cache is keyed on it, so this traces again
-        step_direct = jax.jit(lambda *args: step.__wrapped__(*args))
-        saved = convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES
-        convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES = float("inf"), 0
+        step_variant = jax.jit(lambda *args: step.__wrapped__(*args))
+        saved = [getattr(module, attr) for module, attr, _ in settings]
+        for module, attr, value in settings:
+            setattr(module, attr, value)
         try:
-            out_direct = step_direct(state, xj, tj, cj).block_until_ready()
+            out_variant = step_variant(state, xj, tj, cj).block_until_ready()
         finally:
-            convolution.WINOGRAD_MIN_TILES, convolution.SMALL_OUTPUT_TILES = saved
-        fns["jax_direct_conv"] = lambda: step_direct(state, xj, tj, cj).block_until_ready()
-        direct = {
-            "status": "ok",
-            "max_abs_diff_to_jax": float(np.abs(out_direct - out_jax).max()),
-            "max_abs_diff_to_torch": float(np.abs(np.asarray(out_direct) - out_torch).max()),
+            for (module, attr, _), value in zip(settings, saved):
+                setattr(module, attr, value)
+        fns[f"jax_{variant}"] = functools.partial(_ready, step_variant, state, xj, tj, cj)
+        jax_variants[variant] = {
+            "description": description,
+            "settings": {
+                f"{module.__name__}.{attr}": _json_number(value) for module, attr, value in settings
+            },  # fmt: skip
+            "max_abs_diff_to_jax": float(np.abs(out_variant - out_jax).max()),
+            "max_abs_diff_to_torch": float(np.abs(np.asarray(out_variant) - out_torch).max()),
         }
     with torch.no_grad():
         # A B C A B C: every implementation sees the same machine load
@@ -220,8 +245,8 @@ def measure_denoiser_step(
                 "all_s": t["runs_s"], ratio_name: t["median_s"] / jax_s,
                 "per_round_ratio_min_max": round_ratio_range(timed, key, "jax")}  # fmt: skip
 
-    if direct_conv:
-        direct.update(peer_summary("jax_direct_conv", "ratio_direct_over_jax"))
+    for variant in variants:
+        jax_variants[variant].update(peer_summary(f"jax_{variant}", "ratio_variant_over_jax"))
     if run_compiled is not None:
         compiled.update(peer_summary("torch_compile", "ratio_torch_compile_over_jax"))
 
@@ -247,10 +272,18 @@ def measure_denoiser_step(
         per_round_ratio_min_max=round_ratio_range(timed, "torch", "jax"),
         max_abs_diff=float(np.abs(np.asarray(out_jax) - out_torch).max()),
         torch_compile=compiled,
-        direct_conv=direct,
+        jax_variants=jax_variants,
         cores_used={name: u["cores_used"] for name, u in usage.items()},
         call_usage=usage,
     )
+
+
+def _json_number(value):
+    return str(value) if value in (float("inf"), float("-inf")) else value
+
+
+def _ready(fn, *args):
+    return fn(*args).block_until_ready()
 
 
 def call_usage(fn) -> dict[str, float]:
@@ -279,7 +312,7 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise ValueError(f"--configs entries must be in {sorted(CONFIGS)}, got {name!r}")
         row = measure_denoiser_step(
             name, latent=args.latent, batch=args.batch, repeats=args.repeats,
-            torch_compile=args.torch_compile, direct_conv=args.direct_conv_peer,
+            torch_compile=args.torch_compile, variants=tuple(args.jax_variants),
         )  # fmt: skip
         print(
             f"{name:>5}  {row['params'] / 1e6:7.1f}M params  latent {args.latent}x{args.latent} "
@@ -299,11 +332,11 @@ def collect_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                   f"{tc['ratio_torch_compile_over_jax']:.2f}", flush=True)  # fmt: skip
         else:
             print(f"       torch.compile: {tc['status']}", flush=True)
-        if row["direct_conv"]["status"] == "ok":
-            dc = row["direct_conv"]
+        for variant, v in row["jax_variants"].items():
             print(
-                f"       jaxdiv, direct 3x3 convolutions {dc['median_s'] * 1e3:9.1f} ms  "
-                f"ratio direct/Winograd {dc['ratio_direct_over_jax']:.2f}",
+                f"       jaxdiv {variant} ({v['description']}) {v['median_s'] * 1e3:9.1f} ms  "
+                f"ratio {variant}/jaxdiv {v['ratio_variant_over_jax']:.2f}  "
+                f"max|diff| to diffusers {v['max_abs_diff_to_torch']:.1e}",
                 flush=True,
             )
         rows.append(row)
@@ -324,9 +357,14 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.compile mode of the third peer (off: eager diffusers only)",
     )
     parser.add_argument(
+        "--jax-variants",
+        default="",
+        help=f"comma-separated jaxdiv variants to time too, of {sorted(JAX_VARIANTS)}",
+    )
+    parser.add_argument(
         "--direct-conv-peer",
         action="store_true",
-        help="also time jaxdiv with Winograd convolutions off",
+        help="the same as adding direct_conv to --jax-variants",
     )
     parser.add_argument("--out", default="results/sd_step.json")
     parser.add_argument(
@@ -343,6 +381,12 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY",
     )
     args = parser.parse_args(argv)
+    args.jax_variants = [v for v in args.jax_variants.split(",") if v]
+    unknown = sorted(set(args.jax_variants) - set(JAX_VARIANTS))
+    if unknown:
+        raise ValueError(f"--jax-variants entries must be in {sorted(JAX_VARIANTS)}, got {unknown}")
+    if args.direct_conv_peer and "direct_conv" not in args.jax_variants:
+        args.jax_variants.append("direct_conv")
     use_malloc(args.malloc, argv, "benchmarks.sd_step")
     import diffusers
     import torch

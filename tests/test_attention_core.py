@@ -102,6 +102,50 @@ def test_blocked_gradients_match_dense(causal):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("loop_heads", [True, False])
+def test_looped_and_vmapped_heads_match_reference_in_value_and_gradient(loop_heads):
+    # the CPU path runs (batch, head) pairs one by one, other backends vmap them: both forms
+    # must give the float64 reference under a per-head mask plus causal, ragged blocks
+    b, t, h, d = 2, 29, 3, 8
+    q, k, v = qkv(b, t, t, h, d, seed=12)
+    rng = np.random.default_rng(13)
+    mask = rng.random((b, h, t, t)) < 0.7
+    mask[..., 0] = True
+
+    def attend(q, k, v):
+        return layers._blocked_attention(
+            q, k, v, scale=0.3, mask=jnp.asarray(mask), is_causal=True, kv_block=8,
+            loop_heads=loop_heads,
+        )  # fmt: skip
+
+    want = reference(q, k, v, 0.3, mask, True)
+    np.testing.assert_allclose(attend(q, k, v), want, atol=1e-5, rtol=0)
+    w = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(w * attend(*a)), argnums=(0, 1, 2)))(q, k, v)
+    dense = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=0.3, mask=jnp.asarray(mask), is_causal=True
+    )
+    ref = jax.grad(lambda *a: jnp.sum(w * dense(*a)), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=0)
+
+
+def test_heads_are_looped_on_cpu_only_when_keys_span_several_blocks():
+    q, k, v = qkv(2, 24, 24, 3, 4, seed=14)
+
+    def scans(kv_block):  # the pair loop is a scan around the key-block scan
+        jaxpr = jax.make_jaxpr(
+            lambda q, k, v: layers._blocked_attention(
+                q, k, v, scale=0.5, mask=None, is_causal=False, kv_block=kv_block
+            )
+        )(q, k, v)
+        return str(jaxpr).count("scan[")
+
+    cpu = jax.default_backend() == "cpu"
+    assert scans(8) == (2 if cpu else 1)  # three blocks
+    assert scans(24) == 1  # one block: the pairs are vmapped
+
+
 @pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
 def test_fused_forward_xla_gradient_equals_jax_attention(causal, masked):
     # odd lengths (CLIP's 77, ViT's 257 are odd): value and gradient as JAX's own attention
@@ -172,7 +216,7 @@ def test_float64_stays_float64():
         assert g(q).dtype == jnp.float64
 
 
-def test_automatic_choice_is_blocked_only_for_long_sequences_on_cpu(monkeypatch):
+def test_automatic_choice_is_blocked_only_for_many_logits_on_cpu(monkeypatch):
     calls = []
     real = layers._blocked_attention
 
@@ -181,12 +225,12 @@ def test_automatic_choice_is_blocked_only_for_long_sequences_on_cpu(monkeypatch)
         return real(*a, **kw)
 
     monkeypatch.setattr(layers, "_blocked_attention", spy)
-    monkeypatch.setattr(layers, "BLOCKED_MIN_KEYS", 32)
+    monkeypatch.setattr(layers, "BLOCKED_MIN_LOGITS", 40 * 40)
     q, k, v = qkv(1, 40, 40, 1, 4, seed=7)
     attention_core(q, k, v)
     assert calls == ([layers.BLOCKED_KV_BLOCK] if jax.default_backend() == "cpu" else [])
     calls.clear()
-    attention_core(q, k[:, :20], v[:, :20])  # cross-attention to few keys: dense
+    attention_core(q, k[:, :39], v[:, :39])  # 40 x 39 logits per head: dense
     attention_core(q, k, v, implementation="xla")  # an explicit choice is kept
     assert calls == []
 

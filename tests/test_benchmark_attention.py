@@ -24,8 +24,9 @@ def test_smoke_benchmark_writes_agreeing_timed_json(tmp_path, capsys):
     assert kinds == ["compare", "tune_kv_block", "tune_crossover"]
     row = data["rows"][0]
     assert row["rounds"] == 1 and row["seq_q"] == row["seq_kv"] == 40
-    assert row["max_abs_diff_xla"] < 1e-5 and row["max_abs_diff_torch"] < 1e-5
-    for name in ("blocked", "xla", "torch"):
+    for name in ("xla", "torch", "looped", "vmapped"):
+        assert row[f"max_abs_diff_{name}"] < 1e-5, name
+    for name in ("blocked", "xla", "torch", "looped", "vmapped"):
         lo, hi = row[f"{name}_min_max_s"]
         assert 0 < lo <= row[f"{name}_s"] <= hi and len(row[f"{name}_runs_s"]) == 1
     assert row["ratio_torch_over_blocked"] == pytest.approx(row["torch_s"] / row["blocked_s"])

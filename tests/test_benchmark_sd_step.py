@@ -16,6 +16,7 @@ def test_tiny_row_and_json(tmp_path):
     # --threads 0: pinning would bind the test worker to one core for good
     sd_step.main(["--configs", "tiny", "--latent", "16", "--batch", "2", "--repeats", "2",
                   "--torch-compile", "off", "--threads", "0", "--direct-conv-peer",
+                  "--jax-variants", "vmapped_heads,xla_attention",
                   "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     (row,) = data["rows"]
@@ -23,10 +24,19 @@ def test_tiny_row_and_json(tmp_path):
     assert len(row["jax_all_s"]) == len(row["torch_all_s"]) == 2
     lo, hi = row["per_round_ratio_min_max"]  # over 2 rounds the ratio of medians lies between
     assert 0 < lo * (1 - 1e-9) <= row["ratio_torch_over_jax"] <= hi * (1 + 1e-9)
-    assert set(row["cores_used"]) == {"jax", "torch", "jax_direct_conv"}
-    direct = row["direct_conv"]  # latent 16: 2 x 8 x 8 output tiles, Winograd in the jax row
-    assert direct["status"] == "ok" and 0 < direct["max_abs_diff_to_jax"]
-    assert direct["max_abs_diff_to_torch"] < 1e-4 and len(direct["all_s"]) == 2
+    variants = ("vmapped_heads", "xla_attention", "direct_conv")
+    assert set(row["cores_used"]) == {"jax", "torch"} | {f"jax_{v}" for v in variants}
+    assert list(row["jax_variants"]) == list(variants)
+    direct = row["jax_variants"]["direct_conv"]  # latent 16: 2 x 8 x 8 tiles, Winograd in jax
+    assert 0 < direct["max_abs_diff_to_jax"] and len(direct["all_s"]) == 2
+    assert direct["settings"]["jaxdiv.models.convolution.SMALL_OUTPUT_TILES"] == 0
+    for v in row["jax_variants"].values():
+        assert v["max_abs_diff_to_torch"] < 1e-4
+        lo, hi = v["per_round_ratio_min_max"]
+        assert 0 < lo * (1 - 1e-9) <= v["ratio_variant_over_jax"] <= hi * (1 + 1e-9)
+    # the tiny UNet's 16 x 16 self-attention takes the blocked path in one key block on
+    # CPU, so no pairs are looped; dense attention still changes the rounding
+    assert row["jax_variants"]["xla_attention"]["max_abs_diff_to_jax"] > 0
     assert all(0 < c < 64 for c in row["cores_used"].values())
     assert set(row["call_usage"]) == set(row["cores_used"])
     assert all(u["minor_faults"] >= 0 and u["system_s"] >= 0 for u in row["call_usage"].values())
@@ -39,3 +49,7 @@ def test_bad_values_are_refused(tmp_path):
         sd_step.main(["--configs", "sd99", "--threads", "0", "--out", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="must be positive"):
         sd_step.main(["--latent", "0", "--threads", "0", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="--jax-variants entries must be in"):
+        sd_step.main(
+            ["--jax-variants", "fast", "--threads", "0", "--out", str(tmp_path / "x.json")]
+        )

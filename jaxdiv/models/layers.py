@@ -454,7 +454,8 @@ ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 # Blocked (online-softmax) attention on CPU, tuned with benchmarks/attention.py --tune
 # (attention_core's docstring gives the command and the measurements).
 BLOCKED_KV_BLOCK = 512
-BLOCKED_MIN_KEYS = 1024
+BLOCKED_MIN_LOGITS = 64 * 64
+BLOCKED_LOOP_HEADS = True
 
 
 def attention_core(
@@ -480,28 +481,42 @@ def attention_core(
       JAX, a :func:`jax.lax.scan` over blocks of ``kv_block`` keys carrying the running
       max, sum and weighted values, so only ``T x kv_block`` logits exist at a time. The
       scan body is rematerialised (:func:`jax.checkpoint`), so the backward pass also
-      keeps only per-block carries. Differentiable like any JAX code.
+      keeps only per-block carries. Differentiable like any JAX code. On the CPU backend,
+      when the keys span more than one block, the ``B x H`` (batch, head) pairs run one
+      after another (a :func:`jax.lax.map`, ``BLOCKED_LOOP_HEADS``): XLA:CPU runs each
+      pair's 2-D products faster than the same products batched over the pairs. Elsewhere
+      the pairs are vmapped.
 
     With ``"cudnn"`` and an odd number of queries or keys (CLIP's 77 tokens, ViT-L/14's
     257), the forward pass stays cuDNN's and the gradient is XLA's (JAX's cuDNN rule
     refuses odd lengths when differentiated, which TPSO and GASS do).
 
     ``implementation=None`` picks ``"blocked"`` when the default backend is the CPU and
-    there are at least ``BLOCKED_MIN_KEYS`` keys (and as many queries), otherwise
+    each head has at least ``BLOCKED_MIN_LOGITS`` logits (``T * S``), otherwise
     :func:`jax.nn.dot_product_attention`'s own default. Logits, softmax and the running
     statistics are float32 (float64 for float64 inputs, which stay float64 throughout:
     they never go through :func:`jax.nn.dot_product_attention`, whose softmax is float32);
     the output has the dtype of ``q``.
 
-    The defaults come from a sweep on one pinned core of a 2-core AMD EPYC (Zen 3, AVX2),
-    B=2, 5 heads, D=64, float32, median of 3 interleaved rounds (``OMP_NUM_THREADS=1
-    taskset -c 0 python -m benchmarks.attention --seq 4096 --rounds 3 --tune
-    --tune-blocks 256,512,1024,2048 --tune-seqs 512,1024,2048 --out
-    results/benchmarks/attention_tune.json``, 2026-12-03): at T=S=4096 ``kv_block`` 256 /
-    512 / 1024 / 2048 took 1181 / 1140 / 1112 / 1360 ms (256-1024 within the rounds'
-    spread; ``BLOCKED_KV_BLOCK = 512``); blocked vs :func:`jax.nn.dot_product_attention`
-    took 22.5 vs 25.6 ms at T=S=512, 66 vs 190 ms at 1024 and 311 vs 728 ms at 2048
-    (``BLOCKED_MIN_KEYS = 1024``).
+    The defaults come from sweeps on a 2-core Intel Xeon (AVX-512), B=2, 5 heads, D=64,
+    float32, median of 5 interleaved rounds under ``--malloc reuse``, one pinned core
+    (``OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.attention --seq
+    4096,1024,4096x77 --rounds 5 --tune --tune-blocks 256,512,1024,2048 --tune-seqs
+    32,64,77,128,256,512,1024x77 --malloc reuse --out
+    results/benchmarks/xeon/attention_tune_1core.json``, 2026-12-05). At T=S=4096,
+    ``kv_block`` 256 / 512 / 1024 / 2048 took 447 / 439 / 449 / 465 ms
+    (``BLOCKED_KV_BLOCK = 512``). Looping the pairs took 428 ms against 575 ms vmapped at
+    T=S=4096 and 31 against 39 ms at 1024; on two threads (the same command with
+    ``--torch-threads 2``, no ``taskset``, ``attention_tune_2threads.json``) 256 against
+    321 ms at 4096 and, within the rounds' spread, 22 against 21 ms at 1024. With a single
+    key block (T=S <= 512, or 77 keys) looping was slower in 15 of the 16 rows of the two
+    runs (1.02-1.58x the vmapped time; faster only at T=S=512 on one core, 0.86x), hence
+    the loop only over several blocks. Blocked against
+    :func:`jax.nn.dot_product_attention` (xla time / blocked time, one core): 1.16 at
+    T=S=32, 1.28 at 64, 1.53 at 77, 1.64 at 256, 2.53 at 1024, 3.12 at 4096, 1.41 at
+    4096 x 77; on two threads 0.94 at 32 and 1.29-2.80 from 64 up. So
+    ``BLOCKED_MIN_LOGITS = 64 * 64``: every measured shape from 64 x 64 up (below it a
+    call takes about 0.1 ms either way).
 
     Args:
         q: queries ``(B, T, H, D)``.
@@ -549,9 +564,7 @@ def attention_core(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     wide = jnp.promote_types(q.dtype, jnp.float32) == jnp.float64
     t, s = q.shape[1], k.shape[1]
-    if implementation is None and (
-        jax.default_backend() == "cpu" and min(t, s) >= BLOCKED_MIN_KEYS
-    ):
+    if implementation is None and (jax.default_backend() == "cpu" and t * s >= BLOCKED_MIN_LOGITS):
         implementation = "blocked"
     if implementation == "blocked":
         return _blocked_attention(
@@ -626,31 +639,54 @@ def _dense_attention(q, k, v, *, scale, mask, is_causal):
     return jnp.einsum("bhts,bshd->bthd", probs, v.astype(acc)).astype(q.dtype)
 
 
-def _blocked_attention(q, k, v, *, scale, mask, is_causal, kv_block):
-    """Online-softmax attention over key blocks (see :func:`attention_core`)."""
+def _blocked_attention(q, k, v, *, scale, mask, is_causal, kv_block, loop_heads=None):
+    """Online-softmax attention over key blocks (see :func:`attention_core`).
+
+    ``loop_heads`` runs the (batch, head) pairs one after another in a :func:`jax.lax.map`
+    instead of vmapping them; ``None`` loops on the CPU backend when the keys span more
+    than one block, where XLA:CPU runs each pair's products faster than the same products
+    batched over the pairs (``attention_core`` gives the measurements).
+    """
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    b, t, h, d = q.shape
+    b, t, h, _ = q.shape
     s = k.shape[1]
     n_blocks = -(-s // min(kv_block, s))
+    if loop_heads is None:
+        loop_heads = BLOCKED_LOOP_HEADS and jax.default_backend() == "cpu" and n_blocks > 1
+
+    def pairs(x):  # (B, L, H, D) -> (B * H, L, D)
+        return x.astype(acc).transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[3])
+
+    xs = [pairs(q) * scale, pairs(k), pairs(v)]
+    if mask is not None:
+        xs.append(jnp.broadcast_to(jnp.asarray(mask, bool), (b, h, t, s)).reshape(b * h, t, s))
+    head = functools.partial(_online_softmax_head, is_causal=is_causal, n_blocks=n_blocks)
+    if loop_heads:
+        out = jax.lax.map(lambda x: head(*x), tuple(xs))
+    else:
+        out = jax.vmap(head)(*xs)
+    return out.reshape(b, h, t, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _online_softmax_head(q, k, v, mask=None, *, is_causal, n_blocks):
+    """One head: ``q`` (T, D) already scaled, ``k`` (S, D), ``v`` (S, Dv), ``mask`` (T, S)."""
+    t, s = q.shape[0], k.shape[0]
     block = -(-s // n_blocks)  # the same number of blocks with the least padding
     pad = n_blocks * block - s
-    qs = (q.astype(acc) * scale).transpose(0, 2, 1, 3)  # (B, H, T, D)
 
-    def split(x):  # (B, S, H, D) -> (n_blocks, B, H, block, D)
-        x = jnp.pad(x.astype(acc), ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return x.reshape(b, n_blocks, block, h, d).transpose(1, 0, 3, 2, 4)
+    def split(x):  # (S, ...) -> (n_blocks, block, ...), padded with zeros
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(n_blocks, block, *x.shape[1:])
 
     xs = {"k": split(k), "v": split(v), "start": jnp.arange(n_blocks) * block}
     if mask is not None:
-        m = jnp.broadcast_to(jnp.asarray(mask, bool), (b, h, t, s))
-        m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, pad)))
-        xs["mask"] = m.reshape(b, h, t, n_blocks, block).transpose(3, 0, 1, 2, 4)
+        xs["mask"] = split(mask.T).transpose(0, 2, 1)  # (n_blocks, T, block)
     q_pos = jnp.arange(t)
 
     @jax.checkpoint
     def body(carry, x):
         m_prev, l_prev, o_prev = carry
-        logits = jnp.einsum("bhtd,bhsd->bhts", qs, x["k"])
+        logits = q @ x["k"].T
         k_pos = x["start"] + jnp.arange(block)
         keep = _allowed(x.get("mask"), is_causal, logits.shape, q_pos, k_pos)
         if pad:
@@ -660,20 +696,19 @@ def _blocked_attention(q, k, v, *, scale, mask, is_causal, kv_block):
             logits = jnp.where(keep, logits, -jnp.inf)
         m_new = jnp.maximum(m_prev, logits.max(axis=-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no key kept yet: no NaN
-        p = jnp.exp(logits - m_safe[..., None])
+        p = jnp.exp(logits - m_safe[:, None])
         corr = jnp.exp(m_prev - m_safe)
         l_new = l_prev * corr + p.sum(axis=-1)
-        o_new = o_prev * corr[..., None] + jnp.einsum("bhts,bhsd->bhtd", p, x["v"])
+        o_new = o_prev * corr[:, None] + p @ x["v"]
         return (m_new, l_new, o_new), None
 
     init = (
-        jnp.full((b, h, t), -jnp.inf, acc),
-        jnp.zeros((b, h, t), acc),
-        jnp.zeros((b, h, t, d), acc),
+        jnp.full((t,), -jnp.inf, q.dtype),
+        jnp.zeros((t,), q.dtype),
+        jnp.zeros((t, v.shape[-1]), q.dtype),
     )
     (_, l_sum, out), _ = jax.lax.scan(body, init, xs)
-    out = out / l_sum[..., None]
-    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+    return out / l_sum[:, None]
 
 
 class Attention(nnx.Module):
@@ -681,8 +716,8 @@ class Attention(nnx.Module):
 
     ``softmax(Q K^T / sqrt(d_head)) V`` per head (Vaswani et al. 2017, Eq. 1), computed by
     :func:`attention_core` (:func:`jax.nn.dot_product_attention`, so GPU backends may use
-    a fused kernel; on CPU a blocked online softmax for long sequences; logits and softmax
-    are float32 in every implementation).
+    a fused kernel; on CPU a blocked online softmax from 64 x 64 logits per head; logits
+    and softmax are float32 in every implementation).
 
     With ``norm_num_groups`` this is the VAE's single-head spatial attention block: a
     GroupNorm on the input, a residual connection and ``rescale_output_factor`` (the
