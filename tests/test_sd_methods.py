@@ -67,10 +67,16 @@ def test_particle_guidance_raises_the_mean_pairwise_distance(pipe, noise):
 def test_cads_with_zero_noise_is_the_unguided_run(pipe, noise):
     sampler = pipe.dpmpp_2m(8)
     base = np.asarray(_run(pipe, noise, sampler).latents)
+    # this pipeline's float32 rounding floor: the unguided run from noise moved by one ulp
+    # (measured 6.1e-5 to 7.6e-5 against max |base| 62, i.e. about 1e-6 of it)
+    ulp = np.finfo(np.float32).eps
+    floor = np.abs(np.asarray(_run(pipe, noise * (1 + ulp), sampler).latents) - base).max()
+    assert 0 < floor < 1e-5 * np.abs(base).max()
     before = jaxdiv.compile_count()
     same = np.asarray(_run(pipe, noise, sampler, guidance.cads(noise_scale=0.0)).latents)
-    # the rescaling undoes sqrt(gamma) up to float32 rounding of the embedding statistics
-    np.testing.assert_allclose(same, base, rtol=0, atol=1e-6 * np.abs(base).max())
+    # the rescaling undoes sqrt(gamma) up to float32 rounding of the embedding statistics:
+    # the difference stays at the rounding floor (6.5e-5 here)
+    assert np.abs(same - base).max() <= 2 * floor
     noisy = np.asarray(_run(pipe, noise, sampler, guidance.cads(noise_scale=0.25)).latents)
     assert jaxdiv.compile_count() - before == 1
     assert np.abs(noisy - base).max() > 1e-2 * np.abs(base).max()
