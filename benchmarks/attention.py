@@ -32,7 +32,7 @@ using every core under the ``XLA_FLAGS`` thread settings):
 
 ``--malloc reuse`` restarts the process under :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY`
 (glibc keeps freed memory, so neither library's calls page-fault fresh buffers; without it
-identical programs timed one after another differed by 11-18% here).
+identical programs timed one after another differed by 10-18% here).
 
 ``--smoke`` runs a tiny shape for one round (the test of this script).
 
@@ -155,7 +155,10 @@ def _ints(text: str) -> list[int]:
 
 def _seqs(text: str) -> list[tuple[int, int]]:
     """``"4096,4096x77"`` -> ``[(4096, 4096), (4096, 77)]``: T = S, or T x S."""
-    return [(int(x.split("x")[0]), int(x.split("x")[-1])) for x in text.split(",") if x]
+    pairs = [[int(n) for n in x.split("x")] for x in text.split(",") if x]
+    if any(len(p) > 2 for p in pairs):
+        raise ValueError(f"each entry is T or TxS, got {text!r}")
+    return [(p[0], p[-1]) for p in pairs]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -38,3 +38,5 @@ def test_bad_arguments_are_refused(tmp_path):
         attention.main(["--rounds", "0", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         attention.main(["--seq", "4096,abc", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        attention.main(["--seq", "64x64x64", "--out", str(tmp_path / "x.json")])
