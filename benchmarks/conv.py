@@ -9,9 +9,13 @@ output tiles, a product of gathered patches on inputs smaller than the kernel, N
 ``lax.conv_general_dilated`` (XLA's direct convolution, what ``nnx.Conv`` lowers to)
 otherwise; PyTorch runs NCHW ``conv2d`` through oneDNN. Each row names the path jaxdiv
 took (``path``) and times all three -- jaxdiv, plain ``lax.conv_general_dilated`` and
-torch -- with each one's max abs error to a float64 PyTorch convolution. ``--shapes sd21``
-uses the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x 64 x 320 down to
-8 x 8 x 1280, where the spatial size is small and the channel count high. ``--shapes
+torch -- with each one's max abs error to a float64 PyTorch convolution. On a Winograd
+shape a fourth implementation, :data:`OTHER_PRODUCTS`, is jaxdiv with Winograd's 16
+products in the form it did not choose (``winograd_products``: ``unrolled`` into 16 2-D
+products or ``batched``; :data:`~jaxdiv.models.convolution.WINOGRAD_UNROLL_MIN_TILES`).
+``--shapes sd21`` uses the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x
+64 x 320 down to 8 x 8 x 1280, where the spatial size is small and the channel count high
+(``winograd_tiles``: its Winograd shapes at CFG batch 2 and 4, 128 to 2048 tiles). ``--shapes
 bottom`` times the bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4).
 XLA's flags are read once per process, so each flag set runs in a child process of its
 own, where the implementations alternate round by round
@@ -33,6 +37,13 @@ Flag sets (``--flag-sets``, comma-separated names):
 * ``onednn_custom_call``: ``--xla_cpu_experimental_onednn_custom_call=true``.
 * ``no_xnnpack``: ``--xla_cpu_use_xnnpack=false``.
 * ``fast_runtime``: ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME``.
+* ``no_ynn``: ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK fusions: products,
+  and the elementwise work YNNPACK would fuse with them, by XLA's own emitters and
+  library calls).
+
+``--pass matmul`` times plain ``jnp.matmul`` against ``torch.matmul`` instead, on
+:data:`MATMUL_SHAPES` (``--shapes sd21`` or ``tiny``), per flag set: whether XLA:CPU's
+products run at PyTorch's rate (:func:`benchmarks.profile_step.gemm_peers`).
 
 Writes ``results/benchmarks/conv.json`` (``--out``) with median [min-max] per shape and
 flag set, the torch / jaxdiv ratio per round, the environment and peak RSS.
@@ -53,7 +64,20 @@ FLAG_SETS = {
     "onednn_custom_call": "--xla_cpu_experimental_onednn_custom_call=true",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
 }
+#: ``--pass matmul``: the largest products of an SD 2.1 UNet step at latent 64, CFG batch 2
+#: (``python -m benchmarks.profile_step --gemm-peers 6``): linear layers, and one batched
+#: Winograd product of the 64 x 64 level
+MATMUL_SHAPES = {
+    "sd21": [((8192, 320), (320, 2560)), ((8192, 320), (320, 320)), ((2048, 640), (640, 640)),
+             ((512, 1280), (1280, 1280)), ((16, 2048, 320), (16, 320, 320)),
+             ((2048, 640), (640, 5120))],
+    "tiny": [((64, 32), (32, 48)), ((4, 16, 32), (4, 32, 8))],
+}
+#: the row of a Winograd-path shape that times jaxdiv with Winograd's 16 products in their
+#: other form (batched where jaxdiv unrolls them, unrolled where it batches them)
+OTHER_PRODUCTS = "jaxdiv_other_winograd_products"
 _ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # (batch, height = width, in channels, out channels): SD 2.1's UNet at latent 64, CFG batch 2
 SHAPES = {
@@ -67,6 +91,10 @@ SHAPES = {
     # 64 (batch 2 and CFG batch 4, the 2560-channel input of the first up block), and 4 x 4
     "small_output": [(2, 8, 1280, 1280), (2, 8, 2560, 1280), (4, 8, 1280, 1280),
                      (2, 4, 1280, 1280)],
+    # Winograd shapes of SD 2.1's UNet at latent 64 with 128 to 2048 output tiles (CFG batch
+    # 2 and 4): where WINOGRAD_UNROLL_MIN_TILES splits batched from unrolled products
+    "winograd_tiles": [(2, 16, 1280, 1280), (4, 16, 1280, 1280), (4, 16, 2560, 1280),
+                       (2, 32, 640, 640), (4, 32, 640, 640), (2, 64, 320, 320)],
     "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8)],  # patches, patches, Winograd
 }
 
@@ -96,7 +124,8 @@ def measure(shapes, rounds: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from benchmarks.timing import interleaved, round_ratio_range
+    from benchmarks.timing import interleaved, module_constants, round_ratio_range
+    from jaxdiv.models import convolution
     from jaxdiv.models.convolution import conv_general_dilated, conv_path
 
     def jitted(fn):
@@ -128,10 +157,30 @@ def measure(shapes, rounds: int) -> list[dict]:
                   for name, out in outs.items()}  # fmt: skip
         path = conv_path(xj, wj, (1, 1), ((1, 1), (1, 1)))
         fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
+        products = None
+        if path == "winograd":  # also time the other form of Winograd's 16 products
+            tiles = b * (-(-hw // 2)) ** 2
+            products = "unrolled" if tiles >= convolution.WINOGRAD_UNROLL_MIN_TILES else "batched"
+            other = jitted(conv_general_dilated)
+            flip = 0 if products == "batched" else float("inf")
+
+            def run_other(xj=xj, wj=wj, other=other):
+                return other(xj, wj).block_until_ready()
+
+            with module_constants([(convolution, "WINOGRAD_UNROLL_MIN_TILES", flip)]):
+                outs[OTHER_PRODUCTS] = np.asarray(run_other()).transpose(0, 3, 1, 2)
+            errors[OTHER_PRODUCTS] = float(np.abs(outs[OTHER_PRODUCTS] - truth).max())
+            fns[OTHER_PRODUCTS] = run_other
         timed = interleaved(fns, rounds)
         jax_s = timed["jaxdiv"]["median_s"]
+        if products is not None:
+            other_ratio = {"other_products_over_jaxdiv": timed[OTHER_PRODUCTS]["median_s"] / jax_s,
+                           "per_round_other_products_over_jaxdiv": round_ratio_range(
+                               timed, OTHER_PRODUCTS, "jaxdiv")}  # fmt: skip
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
                      "path": path, "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9,
+                     "winograd_products": products,
+                     **(other_ratio if products is not None else {}),
                      "max_abs_diff": float(np.abs(outs["jaxdiv"] - outs["torch"]).max()),
                      "max_abs_error_to_float64": errors, "times": timed,
                      "torch_over_jaxdiv": timed["torch"]["median_s"] / jax_s,
@@ -217,8 +266,13 @@ def _child(args) -> None:
         convolution.WINOGRAD_MIN_TILES = args.winograd_min_tiles
     if args.small_output_tiles is not None:
         convolution.SMALL_OUTPUT_TILES = args.small_output_tiles
-    measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
-    rows = measure_fn(SHAPES[args.shapes], args.rounds)
+    if args.pass_ == "matmul":
+        from benchmarks.profile_step import gemm_peers
+
+        rows = gemm_peers(MATMUL_SHAPES[args.shapes], args.rounds)
+    else:
+        measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
+        rows = measure_fn(SHAPES[args.shapes], args.rounds)
     env = environment()
     env["versions"]["torch"] = torch.__version__
     env["torch_threads"] = torch.get_num_threads()
@@ -231,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flag-sets", default=",".join(FLAG_SETS))
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="sd21")
-    parser.add_argument("--pass", dest="pass_", choices=("forward", "input_grad"),
+    parser.add_argument("--pass", dest="pass_", choices=("forward", "input_grad", "matmul"),
                         default="forward",
-                        help="input_grad: gradient steps on the input in a lax.scan")
+                        help="input_grad: gradient steps on the input in a lax.scan; "
+                             "matmul: the UNet step's largest matrix products")
     parser.add_argument("--winograd-min-tiles", type=float, default=None,
                         help="override jaxdiv.models.convolution.WINOGRAD_MIN_TILES "
                              "(0: Winograd wherever it can run)")
@@ -255,14 +310,17 @@ def main(argv: list[str] | None = None) -> dict:
             pin_one_core()
         _child(args)
         return {}
+    if args.pass_ == "matmul" and args.shapes not in MATMUL_SHAPES:
+        parser.error(f"--pass matmul takes --shapes {sorted(MATMUL_SHAPES)}, got {args.shapes}")
     names = [n for n in args.flag_sets.split(",") if n]
     unknown = sorted(set(names) - set(FLAG_SETS))
     if unknown or not names:
         parser.error(f"--flag-sets must name some of {sorted(FLAG_SETS)}, got {unknown or names}")
     from experiments.common import write_json
 
-    what = ("3x3 convolution" if args.pass_ == "forward" else
-            "gradient steps on the input of a 3x3 convolution in a lax.scan")  # fmt: skip
+    what = {"forward": "3x3 convolution",
+            "input_grad": "gradient steps on the input of a 3x3 convolution in a lax.scan",
+            "matmul": "matrix products (jnp.matmul vs torch.matmul)"}[args.pass_]  # fmt: skip
     threads = "one pinned thread" if args.threads == 1 else "library default threads"
     result = {"benchmark": f"{what}, float32, {threads}: XLA:CPU NHWC vs torch "
                            "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
@@ -292,12 +350,20 @@ def main(argv: list[str] | None = None) -> dict:
             child = json.loads(proc.stdout.strip().splitlines()[-1])
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "ok", **child}
         for row in result["flag_sets"][name].get("rows", []):
+            if args.pass_ == "matmul":
+                print(f"{name:>18}  {row['lhs']} @ {row['rhs']}: jax {row['jax_gflops']:6.1f} "
+                      f"GFLOP/s  torch {row['torch_gflops']:6.1f} GFLOP/s  torch/jax time "
+                      f"{row['torch_over_jax']:.2f}", flush=True)  # fmt: skip
+                continue
             print(f"{name:>18}  {row['batch']}x{row['hw']}x{row['hw']}x{row['in_channels']}"
                   f"->{row['out_channels']} ({row.get('path', 'grad')}): jaxdiv "
                   f"{row['times']['jaxdiv']['median_s'] * 1e3:8.2f} ms  torch "
                   f"{row['times']['torch']['median_s'] * 1e3:8.2f} ms  torch/jaxdiv "
                   f"{row['torch_over_jaxdiv']:.2f}"
                   + (f"  lax/jaxdiv {row['lax_over_jaxdiv']:.2f}" if "lax_over_jaxdiv" in row
+                     else "")
+                  + (f"  {row['winograd_products']}; other products/jaxdiv "
+                     f"{row['other_products_over_jaxdiv']:.2f}" if row.get("winograd_products")
                      else ""), flush=True)  # fmt: skip
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

@@ -25,10 +25,14 @@ every implementation runs under it.
 Three implementations alternate round by round (A B C A B C): jaxdiv jitted, diffusers
 eager and diffusers under ``torch.compile`` (``--torch-compile`` picks the mode; ``off``
 drops that peer; a compile failure is recorded in the JSON, not raised).
-``--jax-variants`` adds jaxdiv itself traced again with some of its tuning constants
-changed, one more implementation per entry of :data:`JAX_VARIANTS` (``direct_conv``: XLA's
-direct 3 x 3 convolutions instead of Winograd and the small-output patch products;
+``--jax-variants`` adds jaxdiv itself traced again with some of its tuning constants or
+XLA compiler options changed, one more implementation per entry of :data:`JAX_VARIANTS`
+(``direct_conv``: XLA's direct 3 x 3 convolutions instead of Winograd and the
+small-output patch products;
 ``vmapped_heads``: the blocked attention's (batch, head) pairs vmapped instead of looped;
+``batched_winograd``: Winograd's 16 products always as one batched product;
+``no_ynn``: compiled with the XLA option ``xla_cpu_experimental_ynn_fusion_type=""``, i.e.
+without YNNPACK's fusions;
 ``xla_attention``: :func:`jax.nn.dot_product_attention` for every attention);
 ``--direct-conv-peer`` is ``--jax-variants direct_conv``. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
@@ -57,6 +61,7 @@ from benchmarks.timing import (
     MALLOC_CHOICES,
     environment,
     interleaved,
+    module_constants,
     pin_one_core,
     round_ratio_range,
     use_malloc,
@@ -94,19 +99,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 TEXT_TOKENS = 77
 
-#: ``--jax-variants``: name -> (what changes, the module constants set while tracing it)
-JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...]]] = {
+#: ``--jax-variants``: name -> (what changes, the module constants set while tracing it,
+#: XLA compiler options of its ``jax.jit``)
+JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...], dict[str, str]]] = {
     "direct_conv": (
         "3 x 3 convolutions by XLA's direct convolution (Winograd and patch products off)",
         ((convolution, "WINOGRAD_MIN_TILES", float("inf")), (convolution, "SMALL_OUTPUT_TILES", 0)),
+        {},
     ),
     "vmapped_heads": (
         "blocked attention with the (batch, head) pairs vmapped instead of looped",
         ((layers, "BLOCKED_LOOP_HEADS", False),),
+        {},
+    ),
+    "batched_winograd": (
+        "Winograd's 16 products as one batched product everywhere (never 16 2-D products)",
+        ((convolution, "WINOGRAD_UNROLL_MIN_TILES", float("inf")),),
+        {},
+    ),
+    "no_ynn": (
+        "XLA:CPU without YNNPACK fusions (products and the elementwise work fused with them by "
+        "XLA's own emitters and library calls)",
+        (),
+        {"xla_cpu_experimental_ynn_fusion_type": ""},
     ),
     "xla_attention": (
         "jax.nn.dot_product_attention for every attention (blocked attention off)",
         ((layers, "BLOCKED_MIN_LOGITS", float("inf")),),
+        {},
     ),
 }
 
@@ -212,23 +232,18 @@ def measure_denoiser_step(
         compiled["max_abs_diff_to_eager"] = float(np.abs(compiled.pop("_out") - out_torch).max())
     jax_variants: dict[str, dict[str, Any]] = {}
     for variant in variants:
-        description, settings = JAX_VARIANTS[variant]
+        description, settings, options = JAX_VARIANTS[variant]
         # a new function object: jit's trace cache is keyed on it, so this traces again
-        step_variant = jax.jit(lambda *args: step.__wrapped__(*args))
-        saved = [getattr(module, attr) for module, attr, _ in settings]
-        for module, attr, value in settings:
-            setattr(module, attr, value)
-        try:
+        step_variant = jax.jit(lambda *args: step.__wrapped__(*args), compiler_options=options)
+        with module_constants(settings):
             out_variant = step_variant(state, xj, tj, cj).block_until_ready()
-        finally:
-            for (module, attr, _), value in zip(settings, saved):
-                setattr(module, attr, value)
         fns[f"jax_{variant}"] = functools.partial(_ready, step_variant, state, xj, tj, cj)
         jax_variants[variant] = {
             "description": description,
             "settings": {
                 f"{module.__name__}.{attr}": _json_number(value) for module, attr, value in settings
             },  # fmt: skip
+            "compiler_options": options,
             "max_abs_diff_to_jax": float(np.abs(out_variant - out_jax).max()),
             "max_abs_diff_to_torch": float(np.abs(np.asarray(out_variant) - out_torch).max()),
         }

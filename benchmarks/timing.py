@@ -7,6 +7,7 @@ ratio is a result.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -235,3 +236,26 @@ def jit_over_arrays(fn, tree):
         return fn(jax.tree.unflatten(treedef, values), *args)
 
     return lambda *args: run(arrays, *args)
+
+
+@contextlib.contextmanager
+def module_constants(settings):
+    """Set ``(module, name, value)`` triples for the duration of a ``with`` block and restore
+    them after: jaxdiv reads its tuning constants when a function is traced, so a jitted
+    function first called inside the block is compiled with the changed ones.
+
+    >>> import math
+    >>> with module_constants([(math, "tau", 1.0)]):
+    ...     math.tau
+    1.0
+    >>> round(math.tau, 2)
+    6.28
+    """
+    saved = [getattr(module, attr) for module, attr, _ in settings]
+    for module, attr, value in settings:
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for (module, attr, _), value in zip(settings, saved):
+            setattr(module, attr, value)

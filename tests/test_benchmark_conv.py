@@ -27,6 +27,14 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
         for ratio in ("per_round_torch_over_jaxdiv", "per_round_lax_over_jaxdiv"):
             lo, hi = row[ratio]
             assert 0 < lo <= hi
+    # 2 x 8 x 8 = 128 tiles: batched products; the unrolled ones are timed beside them
+    *others, winograd = entry["rows"]
+    assert [row["winograd_products"] for row in others] == [None, None]
+    assert all(conv.OTHER_PRODUCTS not in row["times"] for row in others)
+    assert winograd["winograd_products"] == "batched"
+    assert len(winograd["times"][conv.OTHER_PRODUCTS]["runs_s"]) == 2
+    lo, hi = winograd["per_round_other_products_over_jaxdiv"]
+    assert 0 < lo <= hi and winograd["other_products_over_jaxdiv"] > 0
 
 
 def test_unknown_flag_sets_are_refused(tmp_path):
@@ -66,3 +74,22 @@ def test_small_outputs_can_be_left_to_xla(tmp_path):
     assert data["small_output_tiles"] == 0
     rows = data["flag_sets"]["default"]["rows"]
     assert [row["path"] for row in rows] == ["direct", "gathered_patches", "winograd"]
+
+
+def test_matmul_pass_times_products_per_flag_set(tmp_path):
+    out = tmp_path / "conv_matmul.json"
+    conv.main(["--pass", "matmul", "--shapes", "tiny", "--rounds", "1", "--flag-sets",
+               "default,no_ynn", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    for name in ("default", "no_ynn"):
+        entry = data["flag_sets"][name]
+        assert entry["status"] == "ok", entry
+        assert [(row["lhs"], row["rhs"]) for row in entry["rows"]] == [
+            (list(a), list(b)) for a, b in conv.MATMUL_SHAPES["tiny"]
+        ]
+        assert all(row["jax_gflops"] > 0 and row["torch_gflops"] > 0 for row in entry["rows"])
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in (
+        data["flag_sets"]["no_ynn"]["environment"]["threads"]["XLA_FLAGS"]
+    )
+    with pytest.raises(SystemExit):
+        conv.main(["--pass", "matmul", "--shapes", "bottom", "--out", str(tmp_path / "x.json")])

@@ -16,7 +16,7 @@ def test_tiny_row_and_json(tmp_path):
     # --threads 0: pinning would bind the test worker to one core for good
     sd_step.main(["--configs", "tiny", "--latent", "16", "--batch", "2", "--repeats", "2",
                   "--torch-compile", "off", "--threads", "0", "--direct-conv-peer",
-                  "--jax-variants", "vmapped_heads,xla_attention",
+                  "--jax-variants", "vmapped_heads,xla_attention,no_ynn",
                   "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     (row,) = data["rows"]
@@ -24,12 +24,15 @@ def test_tiny_row_and_json(tmp_path):
     assert len(row["jax_all_s"]) == len(row["torch_all_s"]) == 2
     lo, hi = row["per_round_ratio_min_max"]  # over 2 rounds the ratio of medians lies between
     assert 0 < lo * (1 - 1e-9) <= row["ratio_torch_over_jax"] <= hi * (1 + 1e-9)
-    variants = ("vmapped_heads", "xla_attention", "direct_conv")
+    variants = ("vmapped_heads", "xla_attention", "no_ynn", "direct_conv")
     assert set(row["cores_used"]) == {"jax", "torch"} | {f"jax_{v}" for v in variants}
     assert list(row["jax_variants"]) == list(variants)
     direct = row["jax_variants"]["direct_conv"]  # latent 16: 2 x 8 x 8 tiles, Winograd in jax
     assert 0 < direct["max_abs_diff_to_jax"] and len(direct["all_s"]) == 2
     assert direct["settings"]["jaxdiv.models.convolution.SMALL_OUTPUT_TILES"] == 0
+    assert row["jax_variants"]["no_ynn"]["compiler_options"] == {
+        "xla_cpu_experimental_ynn_fusion_type": ""
+    }
     for v in row["jax_variants"].values():
         assert v["max_abs_diff_to_torch"] < 1e-4
         lo, hi = v["per_round_ratio_min_max"]
@@ -53,3 +56,11 @@ def test_bad_values_are_refused(tmp_path):
         sd_step.main(
             ["--jax-variants", "fast", "--threads", "0", "--out", str(tmp_path / "x.json")]
         )
+
+
+def test_every_variant_changes_an_existing_constant_or_a_compiler_option():
+    for name, (description, settings, options) in sd_step.JAX_VARIANTS.items():
+        assert description and (settings or options), name
+        for module, attr, value in settings:
+            assert hasattr(module, attr), (name, module.__name__, attr)
+            assert getattr(module, attr) != value, (name, attr)  # the default differs

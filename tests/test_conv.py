@@ -43,6 +43,29 @@ def _ours(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_value_and_both_gradients_match_torch(case):
+    _assert_value_and_both_gradients_match_torch(case)
+
+
+@pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])  # 16 2-D products / batched
+def test_winograd_products_unrolled_or_batched_match_torch(unroll_min_tiles, monkeypatch):
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
+    x, w = _inputs("3x3_winograd")
+    # the kernel transform is one product; Winograd's 16 are one batched or 16 separate
+    products = str(jax.make_jaxpr(_ours("3x3_winograd"))(x, w)).count("dot_general")
+    assert products == (17 if unroll_min_tiles == 0 else 2)
+    _assert_value_and_both_gradients_match_torch("3x3_winograd")
+
+
+def test_winograd_unrolls_its_products_from_the_tile_threshold(monkeypatch):
+    x, w = _inputs("3x3_winograd")  # 2 x 9 x 8 = 144 output tiles
+    count = lambda: str(jax.make_jaxpr(_ours("3x3_winograd"))(x, w)).count("dot_general")  # noqa: E731,E501
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", 145)
+    assert count() == 2
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", 144)
+    assert count() == 17
+
+
+def _assert_value_and_both_gradients_match_torch(case):
     _, _, stride, pad, dil, groups = CASES[case]
     x, w = _inputs(case)
     weights = np.random.default_rng(1).standard_normal(
@@ -159,9 +182,13 @@ def test_thresholds_are_read_at_trace_time(monkeypatch):
     assert _path("3x3_winograd") == "gathered_patches"
 
 
+@pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])
 @pytest.mark.parametrize("padding", [((0, 2), (1, 0)), ((0, 0), (0, 0)), ((2, 1), (0, 3))])
 @pytest.mark.parametrize("shape", [(1, 20, 20, 3), (4, 9, 11, 4)])
-def test_winograd_matches_a_float64_direct_convolution_for_any_padding(shape, padding):
+def test_winograd_matches_a_float64_direct_convolution_for_any_padding(
+    shape, padding, unroll_min_tiles, monkeypatch
+):
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal((3, 3, shape[-1], 5)).astype(np.float32)

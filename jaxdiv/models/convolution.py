@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["WINOGRAD_MIN_TILES", "conv_general_dilated"]
+__all__ = [
+    "SMALL_OUTPUT_TILES",
+    "WINOGRAD_MIN_TILES",
+    "WINOGRAD_UNROLL_MIN_TILES",
+    "conv_general_dilated",
+]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -30,7 +35,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       F(2 x 2, 3 x 3) (Lavin & Gray 2016, Eq. 8: ``Y = A^T [(G g G^T) * (B^T d B)] A``) when
       the output has at least :data:`WINOGRAD_MIN_TILES` 2 x 2 tiles (batch included) and
       the dtype is float32 or float64. 16 matrix products over 4 x 4 input tiles replace
-      the 36 multiplications per 2 x 2 outputs of the direct form by 16 (2.25x fewer).
+      the 36 multiplications per 2 x 2 outputs of the direct form by 16 (2.25x fewer);
+      from :data:`WINOGRAD_UNROLL_MIN_TILES` tiles on they run as 16 separate 2-D products,
+      below as one batched product.
       The transforms add, subtract and halve only, so the result is as accurate as a
       direct convolution: on SD 2.1's shapes the max abs error to a float64 PyTorch
       convolution was 3.9e-6 to 8.1e-6, XLA's direct one 5.0e-6 to 9.5e-6, PyTorch's
@@ -240,6 +247,19 @@ WINOGRAD_MIN_TILES = 64
 #: time; ``0`` keeps XLA's convolution.
 SMALL_OUTPUT_TILES = 64
 
+#: From this many 2 x 2 output tiles (batch included) on, Winograd's 16 products run as 16
+#: separate two-dimensional matrix products, each on its transformed tiles in place; below,
+#: as one product batched over the 16 (the tiles stacked first). XLA:CPU (YNNPACK) runs a
+#: large 2-D product faster than the same products batched, and the unstacked tiles save a
+#: copy four times the input's size; few rows per product favour the batched one. Same
+#: values either way. On SD 2.1's Winograd shapes (CFG batch 2 and 4), on a 2-core Intel
+#: Xeon (AVX-512), the batched products took 1.05-1.23x the unrolled ones' time from 512
+#: tiles up (one core; 1.13-1.21x on two threads); at 256 tiles the unrolled took 0.95-1.03x
+#: the batched time, at 128 tiles 1.02x (1.10x on two threads) (2026-12-05, ``python -m
+#: benchmarks.conv --shapes winograd_tiles --flag-sets default --rounds 5 [--threads 0]``).
+#: Read at trace time (``float("inf")``: always batched).
+WINOGRAD_UNROLL_MIN_TILES = 512
+
 # Lavin & Gray (2016), Sec. 4.1: F(2, 3) input (B^T), kernel (G) and output (A^T) transforms
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
@@ -287,14 +307,19 @@ def _winograd_f2x2_3x3(lhs, rhs, s: _ConvSettings):
     # B^T d B of every 4 x 4 input tile d (tiles at stride 2): rows, then columns
     rows = _transform(_WINOGRAD_BT, [x[:, a:a + 2 * th:2] for a in range(4)])
     tiles = [_transform(_WINOGRAD_BT, [r[:, :, e:e + 2 * tw:2] for e in range(4)]) for r in rows]
-    v = jnp.stack([t for row in tiles for t in row]).reshape(16, b * th * tw, c)
     # G g G^T of every (in, out) channel pair as one product with a constant (16, 9)
     # matrix: one memory-bound pass over the kernel, where elementwise sums made several
     gg = np.einsum("iu,jv->ijuv", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9)
     u = jnp.matmul(jnp.asarray(gg, rhs.dtype), rhs.reshape(9, -1),
                    precision=jax.lax.Precision.HIGHEST).reshape(16, *rhs.shape[2:])  # fmt: skip
-    m = jnp.einsum("kpc,kco->kpo", v, u, precision=s.precision).reshape(4, 4, b, th, tw, -1)
-    cols = [_transform(_WINOGRAD_AT, [m[i, j] for i in range(4)]) for j in range(4)]
+    if b * th * tw >= WINOGRAD_UNROLL_MIN_TILES:
+        # 16 two-dimensional products, each reading its transformed tiles where they lie
+        m = [[jnp.matmul(tiles[i][j].reshape(-1, c), u[4 * i + j], precision=s.precision)
+              .reshape(b, th, tw, -1) for j in range(4)] for i in range(4)]  # fmt: skip
+    else:
+        v = jnp.stack([t for row in tiles for t in row]).reshape(16, b * th * tw, c)
+        m = jnp.einsum("kpc,kco->kpo", v, u, precision=s.precision).reshape(4, 4, b, th, tw, -1)
+    cols = [_transform(_WINOGRAD_AT, [m[i][j] for i in range(4)]) for j in range(4)]
     y = jnp.stack([jnp.stack(_transform(_WINOGRAD_AT, [cols[j][p] for j in range(4)]), axis=-2)
                    for p in range(2)], axis=2)  # (B, th, 2, tw, 2, O)
     return y.reshape(b, 2 * th, 2 * tw, -1)[:, :oh, :ow]
