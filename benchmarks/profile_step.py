@@ -9,8 +9,9 @@ One call of the compiled step (random weights, batch 2, pinned to one core unles
 the HLO instruction it ran (``hlo_op``), which is joined with the compiled module's text:
 its shape and JAX name stack (``op_name``) say what it is. Groups:
 
-* ``winograd_gemm``: the 16 batched products of :mod:`jaxdiv.models.convolution`'s
-  Winograd path (einsum ``kpc,kco->kpo``);
+* ``winograd_gemm``: the 16 products of :mod:`jaxdiv.models.convolution`'s Winograd path
+  (its ``winograd_products`` name scope: one batched einsum ``kpc,kco->kpo`` or 16 2-D
+  products);
 * ``winograd_kernel_transform``: its ``G g G^T`` of each kernel (a ``(16, Cin * Cout)``
   product), recomputed on every call since the kernel is an argument;
 * ``attention``: every product and fusion under the blocked attention's scan or an
@@ -84,11 +85,14 @@ def group_of(inst: dict[str, Any]) -> str:
     >>> group_of({"opcode": "fusion", "kind": "kCustom", "shape": [16, 2048, 320],
     ...           "op_name": "jit(f)/kpc,kco->kpo/dot_general"})
     'winograd_gemm'
+    >>> group_of({"opcode": "fusion", "kind": "kCustom", "shape": [2048, 320],
+    ...           "op_name": "jit(f)/winograd_products/dot_general"})
+    'winograd_gemm'
     >>> group_of({"opcode": "fusion", "kind": "kLoop", "shape": [2, 64], "op_name": "add"})
     'elementwise'
     """
     op, opcode, shape = inst["op_name"], inst["opcode"], inst["shape"]
-    if "kpc,kco->kpo" in op:
+    if "winograd_products" in op or "kpc,kco->kpo" in op:
         return "winograd_gemm"
     if "dot_general" in op and len(shape) == 2 and shape[0] == 16:
         return "winograd_kernel_transform"

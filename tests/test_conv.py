@@ -56,6 +56,17 @@ def test_winograd_products_unrolled_or_batched_match_torch(unroll_min_tiles, mon
     _assert_value_and_both_gradients_match_torch("3x3_winograd")
 
 
+@pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])
+def test_winograd_products_are_named_in_the_compiled_program(unroll_min_tiles, monkeypatch):
+    # benchmarks.profile_step attributes time to them by this name scope
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
+    x, w = _inputs("3x3_winograd")
+    text = jax.jit(_ours("3x3_winograd")).lower(x, w).compile().as_text()
+    named = re.findall(r" dot\(.*op_name=\"[^\"]*winograd_products", text)
+    assert len(named) == (16 if unroll_min_tiles == 0 else 1)
+    assert len(re.findall(r" dot\(", text)) == len(named) + 1  # and the kernel transform
+
+
 def test_winograd_unrolls_its_products_from_the_tile_threshold(monkeypatch):
     x, w = _inputs("3x3_winograd")  # 2 x 9 x 8 = 144 output tiles
     count = lambda: str(jax.make_jaxpr(_ours("3x3_winograd"))(x, w)).count("dot_general")  # noqa: E731,E501
