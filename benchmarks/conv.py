@@ -320,10 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     what = {"forward": "3x3 convolution",
             "input_grad": "gradient steps on the input of a 3x3 convolution in a lax.scan",
-            "matmul": "matrix products (jnp.matmul vs torch.matmul)"}[args.pass_]  # fmt: skip
+            "matmul": "matrix products"}[args.pass_]  # fmt: skip
+    peers = ("jnp.matmul vs torch.matmul" if args.pass_ == "matmul"
+             else "XLA:CPU NHWC vs torch conv2d NCHW (oneDNN)")  # fmt: skip
     threads = "one pinned thread" if args.threads == 1 else "library default threads"
-    result = {"benchmark": f"{what}, float32, {threads}: XLA:CPU NHWC vs torch "
-                           "conv2d NCHW (oneDNN), per XLA flag set, interleaved",
+    result = {"benchmark": f"{what}, float32, {threads}: {peers}, per XLA flag set, "
+                           "interleaved",
               "threads": args.threads, "winograd_min_tiles": args.winograd_min_tiles,
               "small_output_tiles": args.small_output_tiles,
               "pass": args.pass_,

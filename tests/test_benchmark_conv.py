@@ -81,6 +81,7 @@ def test_matmul_pass_times_products_per_flag_set(tmp_path):
     conv.main(["--pass", "matmul", "--shapes", "tiny", "--rounds", "1", "--flag-sets",
                "default,no_ynn", "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
+    assert "jnp.matmul vs torch.matmul" in data["benchmark"]
     for name in ("default", "no_ynn"):
         entry = data["flag_sets"][name]
         assert entry["status"] == "ok", entry
