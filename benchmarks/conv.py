@@ -40,6 +40,9 @@ Flag sets (``--flag-sets``, comma-separated names):
 * ``no_ynn``: ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK fusions: products,
   and the elementwise work YNNPACK would fuse with them, by XLA's own emitters and
   library calls).
+* ``ynn_dot_only`` / ``ynn_no_dot``: YNNPACK for the product fusions alone
+  (``--xla_cpu_experimental_ynn_fusion_type=dot``) / for elementwise work and reductions
+  alone (``=eltwise,reduce``).
 
 ``--pass matmul`` times plain ``jnp.matmul`` against ``torch.matmul`` instead, on
 :data:`MATMUL_SHAPES` (``--shapes sd21`` or ``tiny``), per flag set: whether XLA:CPU's
@@ -65,6 +68,8 @@ FLAG_SETS = {
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
     "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=dot",
+    "ynn_no_dot": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
 }
 #: ``--pass matmul``: the largest products of an SD 2.1 UNet step at latent 64, CFG batch 2
 #: (``python -m benchmarks.profile_step --gemm-peers 6``): linear layers, and one batched
@@ -155,12 +160,11 @@ def measure(shapes, rounds: int) -> list[dict]:
                 "torch": run_torch().numpy()}  # fmt: skip
         errors = {name: float(np.abs(out.astype(np.float64) - truth).max())
                   for name, out in outs.items()}  # fmt: skip
-        path = conv_path(xj, wj, (1, 1), ((1, 1), (1, 1)))
+        path = conv_path(xj, wj, (1, 1), ((1, 1), (1, 1)), products=True)
         fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
         products = None
-        if path == "winograd":  # also time the other form of Winograd's 16 products
-            tiles = b * (-(-hw // 2)) ** 2
-            products = "unrolled" if tiles >= convolution.WINOGRAD_UNROLL_MIN_TILES else "batched"
+        if path.startswith("winograd"):  # also time the other form of Winograd's 16 products
+            path, products = path.split("_")
             other = jitted(conv_general_dilated)
             flip = 0 if products == "batched" else float("inf")
 

@@ -32,7 +32,8 @@ small-output patch products;
 ``vmapped_heads``: the blocked attention's (batch, head) pairs vmapped instead of looped;
 ``batched_winograd``: Winograd's 16 products always as one batched product;
 ``no_ynn``: compiled with the XLA option ``xla_cpu_experimental_ynn_fusion_type=""``, i.e.
-without YNNPACK's fusions;
+without YNNPACK's fusions; ``ynn_dot_only`` / ``ynn_no_dot``: YNNPACK for the product
+fusions alone / for the elementwise and reduction fusions alone;
 ``xla_attention``: :func:`jax.nn.dot_product_attention` for every attention);
 ``--direct-conv-peer`` is ``--jax-variants direct_conv``. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
@@ -122,6 +123,18 @@ JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...], dict[str, s
         "XLA's own emitters and library calls)",
         (),
         {"xla_cpu_experimental_ynn_fusion_type": ""},
+    ),
+    # compiler_options take the enum's proto names (XLA_FLAGS takes ``dot``, ``eltwise``)
+    "ynn_dot_only": (
+        "XLA:CPU with YNNPACK fusing the products alone (elementwise and reductions by XLA)",
+        (),
+        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    ),
+    "ynn_no_dot": (
+        "XLA:CPU with YNNPACK fusing elementwise work and reductions alone (products by XLA)",
+        (),
+        {"xla_cpu_experimental_ynn_fusion_type":
+             "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
     ),
     "xla_attention": (
         "jax.nn.dot_product_attention for every attention (blocked attention off)",

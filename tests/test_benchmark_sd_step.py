@@ -64,3 +64,25 @@ def test_every_variant_changes_an_existing_constant_or_a_compiler_option():
         for module, attr, value in settings:
             assert hasattr(module, attr), (name, module.__name__, attr)
             assert getattr(module, attr) != value, (name, attr)  # the default differs
+
+
+def test_every_variants_compiler_options_compile_and_set_ynnpacks_fusions():
+    """XLA rejects an option value only when compiling: each variant's options compile a
+    product followed by elementwise work, and YNNPACK fuses exactly what was asked."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((64, 64), jnp.float32)
+    f = lambda a: jnp.tanh(a @ a) * 2.0  # noqa: E731
+
+    def ynn_ops(options):  # the op each YNNPACK fusion was made from
+        hlo = jax.jit(f, compiler_options=options).lower(x).compile().as_text()
+        return {m.split("/")[-1] for m in re.findall(r"%ynn_fusion[^\n]*op_name=\"([^\"]+)", hlo)}
+
+    got = {name: ynn_ops(opts) for name, (_, _, opts) in sd_step.JAX_VARIANTS.items()}
+    assert "dot_general" in ynn_ops({})  # XLA's default: YNNPACK runs the product
+    assert got["no_ynn"] == set()
+    assert got["ynn_dot_only"] == {"dot_general"}
+    assert got["ynn_no_dot"] and "dot_general" not in got["ynn_no_dot"]

@@ -76,6 +76,16 @@ def test_winograd_unrolls_its_products_from_the_tile_threshold(monkeypatch):
     assert count() == 17
 
 
+@pytest.mark.parametrize("unroll_min_tiles", [144, 145])
+def test_conv_path_names_the_form_of_the_products_the_program_has(unroll_min_tiles, monkeypatch):
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
+    x, w = _inputs("3x3_winograd")  # 144 output tiles
+    products = str(jax.make_jaxpr(_ours("3x3_winograd"))(x, w)).count("dot_general") - 1
+    form = _path("3x3_winograd", products=True)
+    assert form == {16: "winograd_unrolled", 1: "winograd_batched"}[products]
+    assert _path("3x3_winograd") == "winograd"
+
+
 def _assert_value_and_both_gradients_match_torch(case):
     _, _, stride, pad, dil, groups = CASES[case]
     x, w = _inputs(case)
@@ -156,12 +166,12 @@ def _direct_conv_count(fn, *args):
     return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
 
 
-def _path(case, x=None, w=None):
+def _path(case, x=None, w=None, products=False):
     xs, ws, stride, pad, dil, groups = CASES[case]
     x, w = _inputs(case) if x is None else (x, w)
     padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
     return convolution.conv_path(x, w, (stride, stride), padding, rhs_dilation=(dil, dil),
-                                 feature_group_count=groups)  # fmt: skip
+                                 feature_group_count=groups, products=products)  # fmt: skip
 
 
 def test_winograd_takes_3x3_stride_1_float_convolutions_with_enough_tiles():

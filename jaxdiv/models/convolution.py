@@ -113,16 +113,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def conv_path(lhs, rhs, window_strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-              **kwargs) -> str:
+              *, products: bool = False, **kwargs) -> str:
     """Which computation :func:`conv_general_dilated` picks for these operands (arrays or
     shape-dtype structs): ``"winograd"``, ``"patchify"`` (a reshape and one product),
     ``"gathered_patches"`` (one product over gathered shifted copies) or ``"direct"``
-    (XLA's convolution, with the library-layout input gradient).
+    (XLA's convolution, with the library-layout input gradient). With ``products=True``
+    Winograd says how it runs its 16 products: ``"winograd_unrolled"`` (16 2-D products,
+    from :data:`WINOGRAD_UNROLL_MIN_TILES` output tiles on) or ``"winograd_batched"``.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.zeros((3, 3, 8, 8))
     >>> [conv_path(jnp.zeros((2, n, n, 8)), w, (1, 1), ((1, 1), (1, 1))) for n in (2, 8, 16)]
     ['gathered_patches', 'gathered_patches', 'winograd']
+    >>> [conv_path(jnp.zeros((b, 32, 32, 8)), w, (1, 1), ((1, 1), (1, 1)), products=True)
+    ...  for b in (1, 2)]  # 256 and 512 output tiles
+    ['winograd_batched', 'winograd_unrolled']
     >>> conv_path(jnp.zeros((2, 8, 8, 8)), w, (2, 2), ((1, 1), (1, 1)))
     'direct'
     """
@@ -130,7 +135,11 @@ def conv_path(lhs, rhs, window_strides, padding, dimension_numbers=("NHWC", "HWI
                        kwargs.pop("rhs_dilation", None), dimension_numbers,
                        kwargs.pop("feature_group_count", 1), kwargs.pop("precision", None),
                        kwargs.pop("preferred_element_type", None), kwargs)  # fmt: skip
-    return _path(lhs, rhs, static)
+    path = _path(lhs, rhs, static)
+    if products and path == "winograd":
+        unrolled = _unrolled_products(_winograd_tiles(lhs, rhs, static))
+        return "winograd_unrolled" if unrolled else "winograd_batched"
+    return path
 
 
 def _settings(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -283,6 +292,11 @@ def _winograd_tiles(lhs, rhs, s: _ConvSettings) -> int | None:
     return lhs.shape[0] * -(-oh // 2) * -(-ow // 2)
 
 
+def _unrolled_products(tiles: int) -> bool:
+    """Whether Winograd over this many output tiles runs 16 2-D products (threshold read now)."""
+    return tiles >= WINOGRAD_UNROLL_MIN_TILES
+
+
 def _transform(matrix, xs):
     """``[sum_a matrix[i][a] xs[a] for i]`` as elementwise operations with constant
     coefficients, which XLA fuses with the slices they read; a dot with a 4 x 4 constant
@@ -314,7 +328,7 @@ def _winograd_f2x2_3x3(lhs, rhs, s: _ConvSettings):
                    precision=jax.lax.Precision.HIGHEST).reshape(16, *rhs.shape[2:])  # fmt: skip
     # the scope names the products in the compiled HLO (benchmarks.profile_step groups them)
     with jax.named_scope("winograd_products"):
-        if b * th * tw >= WINOGRAD_UNROLL_MIN_TILES:
+        if _unrolled_products(b * th * tw):
             # 16 two-dimensional products, each reading its transformed tiles where they lie
             m = [[jnp.matmul(tiles[i][j].reshape(-1, c), u[4 * i + j], precision=s.precision)
                   .reshape(b, th, tw, -1) for j in range(4)] for i in range(4)]  # fmt: skip
