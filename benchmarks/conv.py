@@ -16,7 +16,9 @@ products or ``batched``; :data:`~jaxdiv.models.convolution.WINOGRAD_UNROLL_MIN_T
 ``--shapes sd21`` uses the shapes of an SD 2.1 UNet at latent 64 (CFG batch 2): from 64 x
 64 x 320 down to 8 x 8 x 1280, where the spatial size is small and the channel count high
 (``winograd_tiles``: its Winograd shapes at CFG batch 2 and 4, 128 to 2048 tiles). ``--shapes
-bottom`` times the bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4).
+bottom`` times the bottom of a UNet at 128 px (2 x 2 and 1 x 1 inputs, CFG batch 4);
+``--shapes downsample`` SD 2.1's three stride-2 downsamplers at CFG batch 2 and 4 (a
+:data:`SHAPES` entry's optional fifth number is the stride).
 XLA's flags are read once per process, so each flag set runs in a child process of its
 own, where the implementations alternate round by round
 (:func:`benchmarks.timing.interleaved`), on one pinned core with one thread each
@@ -74,6 +76,11 @@ FLAG_SETS = {
 #: ``--pass matmul``: the largest products of an SD 2.1 UNet step at latent 64, CFG batch 2
 #: (``python -m benchmarks.profile_step --gemm-peers 6``): linear layers, and one batched
 #: Winograd product of the 64 x 64 level
+#: command-line overrides of :mod:`jaxdiv.models.convolution`'s thresholds, set in the child
+THRESHOLDS = {"winograd_min_tiles": "WINOGRAD_MIN_TILES",
+              "small_output_tiles": "SMALL_OUTPUT_TILES",
+              "small_strided_output_tiles": "SMALL_STRIDED_OUTPUT_TILES"}  # fmt: skip
+
 MATMUL_SHAPES = {
     "sd21": [((8192, 320), (320, 2560)), ((8192, 320), (320, 320)), ((2048, 640), (640, 640)),
              ((512, 1280), (1280, 1280)), ((16, 2048, 320), (16, 320, 320)),
@@ -100,13 +107,24 @@ SHAPES = {
     # 2 and 4): where WINOGRAD_UNROLL_MIN_TILES splits batched from unrolled products
     "winograd_tiles": [(2, 16, 1280, 1280), (4, 16, 1280, 1280), (4, 16, 2560, 1280),
                        (2, 32, 640, 640), (4, 32, 640, 640), (2, 64, 320, 320)],
-    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8)],  # patches, patches, Winograd
+    # SD 2.1's three UNet downsamplers (stride 2) at CFG batch 2 and 4 (a fifth entry is
+    # the stride, 1 when absent)
+    "downsample": [(2, 64, 320, 320, 2), (2, 32, 640, 640, 2), (2, 16, 1280, 1280, 2),
+                   (4, 32, 640, 640, 2), (4, 16, 1280, 1280, 2)],
+    # patches, patches, Winograd, strided patches
+    "tiny": [(1, 8, 8, 8), (1, 2, 16, 16), (2, 16, 8, 8), (2, 8, 8, 8, 2)],
 }
 
 
-def _operands(b, hw, cin, cout):
-    """A random NHWC input and HWIO 3x3 kernel, and a target of the output's shape, each
-    as ``(jax, torch)`` with the torch side in NCHW / OIHW."""
+def _shape(entry):
+    """``(batch, size, in, out, stride)`` of a :data:`SHAPES` entry (stride 1 when absent)."""
+    b, hw, cin, cout, *stride = entry
+    return b, hw, cin, cout, stride[0] if stride else 1
+
+
+def _operands(b, hw, cin, cout, stride=1):
+    """A random NHWC input and HWIO 3x3 kernel, and a target of the output's shape (padding
+    1), each as ``(jax, torch)`` with the torch side in NCHW / OIHW."""
     import jax.numpy as jnp
     import numpy as np
     import torch
@@ -114,7 +132,8 @@ def _operands(b, hw, cin, cout):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, hw, hw, cin), np.float32)
     w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    c = rng.standard_normal((b, hw, hw, cout), np.float32)
+    out = (hw - 1) // stride + 1
+    c = rng.standard_normal((b, out, out, cout), np.float32)
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
     return ((jnp.asarray(x), jnp.asarray(w)),
             (nchw(x), torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))),
@@ -133,19 +152,21 @@ def measure(shapes, rounds: int) -> list[dict]:
     from jaxdiv.models import convolution
     from jaxdiv.models.convolution import conv_general_dilated, conv_path
 
-    def jitted(fn):
-        return jax.jit(lambda x, w: fn(x, w, (1, 1), ((1, 1), (1, 1)),
+    def jitted(fn, stride):
+        return jax.jit(lambda x, w: fn(x, w, (stride, stride), ((1, 1), (1, 1)),
                                        dimension_numbers=jax.lax.conv_dimension_numbers(
                                            x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))))
 
-    conv, lax_conv = jitted(conv_general_dilated), jitted(jax.lax.conv_general_dilated)
     rows = []
-    for b, hw, cin, cout in shapes:
-        (xj, wj), (xt, wt), _ = _operands(b, hw, cin, cout)
+    for entry in shapes:
+        b, hw, cin, cout, stride = _shape(entry)
+        conv = jitted(conv_general_dilated, stride)
+        lax_conv = jitted(jax.lax.conv_general_dilated, stride)
+        (xj, wj), (xt, wt), _ = _operands(b, hw, cin, cout, stride)
 
-        def run_torch(xt=xt, wt=wt):
+        def run_torch(xt=xt, wt=wt, stride=stride):
             with torch.no_grad():
-                return torch.nn.functional.conv2d(xt, wt, padding=1)
+                return torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)
 
         def run_jax(xj=xj, wj=wj):
             return conv(xj, wj).block_until_ready()
@@ -154,18 +175,19 @@ def measure(shapes, rounds: int) -> list[dict]:
             return lax_conv(xj, wj).block_until_ready()
 
         with torch.no_grad():
-            truth = torch.nn.functional.conv2d(xt.double(), wt.double(), padding=1).numpy()
+            truth = torch.nn.functional.conv2d(xt.double(), wt.double(), stride=stride,
+                                               padding=1).numpy()  # fmt: skip
         outs = {"jaxdiv": np.asarray(run_jax()).transpose(0, 3, 1, 2),
                 "lax_conv_general_dilated": np.asarray(run_lax()).transpose(0, 3, 1, 2),
                 "torch": run_torch().numpy()}  # fmt: skip
         errors = {name: float(np.abs(out.astype(np.float64) - truth).max())
                   for name, out in outs.items()}  # fmt: skip
-        path = conv_path(xj, wj, (1, 1), ((1, 1), (1, 1)), products=True)
+        path = conv_path(xj, wj, (stride, stride), ((1, 1), (1, 1)), products=True)
         fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
         products = None
         if path.startswith("winograd"):  # also time the other form of Winograd's 16 products
             path, products = path.split("_")
-            other = jitted(conv_general_dilated)
+            other = jitted(conv_general_dilated, stride)
             flip = 0 if products == "batched" else float("inf")
 
             def run_other(xj=xj, wj=wj, other=other):
@@ -181,8 +203,10 @@ def measure(shapes, rounds: int) -> list[dict]:
             other_ratio = {"other_products_over_jaxdiv": timed[OTHER_PRODUCTS]["median_s"] / jax_s,
                            "per_round_other_products_over_jaxdiv": round_ratio_range(
                                timed, OTHER_PRODUCTS, "jaxdiv")}  # fmt: skip
+        out = (hw - 1) // stride + 1
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
-                     "path": path, "gflop": 2 * b * hw * hw * 9 * cin * cout / 1e9,
+                     "stride": stride, "path": path,
+                     "gflop": 2 * b * out * out * 9 * cin * cout / 1e9,
                      "winograd_products": products,
                      **(other_ratio if products is not None else {}),
                      "max_abs_diff": float(np.abs(outs["jaxdiv"] - outs["torch"]).max()),
@@ -211,26 +235,29 @@ def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
 
     torch.set_num_threads(1)
 
-    def descent(fn):
+    def descent(fn, stride):
         def run(x, w, c):
             dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-            energy = lambda x: 0.5 * jnp.sum((fn(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+            energy = lambda x: 0.5 * jnp.sum((fn(x, w, (stride, stride), ((1, 1), (1, 1)),  # noqa: E731,E501
                                                   dimension_numbers=dn) - c) ** 2)  # fmt: skip
             step = lambda x, _: (x - 0.01 * jax.grad(energy)(x), None)  # noqa: E731
             return jax.lax.scan(step, x, None, length=steps)[0]
 
         return jax.jit(run)
 
-    ours, lax_conv = descent(conv_general_dilated), descent(jax.lax.conv_general_dilated)
     rows = []
-    for b, hw, cin, cout in shapes:
-        (xj, wj), (xt, wt), (cj, ct) = _operands(b, hw, cin, cout)
+    for entry in shapes:
+        b, hw, cin, cout, stride = _shape(entry)
+        ours = descent(conv_general_dilated, stride)
+        lax_conv = descent(jax.lax.conv_general_dilated, stride)
+        (xj, wj), (xt, wt), (cj, ct) = _operands(b, hw, cin, cout, stride)
 
-        def run_torch(xt=xt, wt=wt, ct=ct):
+        def run_torch(xt=xt, wt=wt, ct=ct, stride=stride):
             x = xt
             for _ in range(steps):
                 x = x.detach().requires_grad_(True)
-                (0.5 * ((torch.nn.functional.conv2d(x, wt, padding=1) - ct) ** 2).sum()).backward()
+                y = torch.nn.functional.conv2d(x, wt, stride=stride, padding=1)
+                (0.5 * ((y - ct) ** 2).sum()).backward()
                 x = x.detach() - 0.01 * x.grad
             return x
 
@@ -246,7 +273,8 @@ def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
         timed = interleaved({"jaxdiv": run_jax, "torch": run_torch,
                              "lax_conv_general_dilated": run_lax}, rounds)  # fmt: skip
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
-                     "steps": steps, "max_abs_diff": diff, "max_abs_diff_lax": diff_lax,
+                     "stride": stride, "steps": steps, "max_abs_diff": diff,
+                     "max_abs_diff_lax": diff_lax,
                      "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
                      / timed["jaxdiv"]["median_s"],
                      "per_round_torch_over_jaxdiv": round_ratio_range(timed, "torch", "jaxdiv"),
@@ -266,10 +294,9 @@ def _child(args) -> None:
         torch.set_num_threads(1)
     from jaxdiv.models import convolution
 
-    if args.winograd_min_tiles is not None:
-        convolution.WINOGRAD_MIN_TILES = args.winograd_min_tiles
-    if args.small_output_tiles is not None:
-        convolution.SMALL_OUTPUT_TILES = args.small_output_tiles
+    for option, constant in THRESHOLDS.items():
+        if getattr(args, option) is not None:
+            setattr(convolution, constant, getattr(args, option))
     if args.pass_ == "matmul":
         from benchmarks.profile_step import gemm_peers
 
@@ -299,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small-output-tiles", type=float, default=None,
                         help="override jaxdiv.models.convolution.SMALL_OUTPUT_TILES "
                              "(0: XLA's convolution below the Winograd threshold)")
+    parser.add_argument("--small-strided-output-tiles", type=float, default=None,
+                        help="override jaxdiv.models.convolution.SMALL_STRIDED_OUTPUT_TILES "
+                             "(0: XLA's convolution for every strided one; inf: patches)")
     parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
                         help="1: one pinned core, one thread each; 0: library defaults")
     parser.add_argument("--out", default="results/benchmarks/conv.json")
@@ -330,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = "one pinned thread" if args.threads == 1 else "library default threads"
     result = {"benchmark": f"{what}, float32, {threads}: {peers}, per XLA flag set, "
                            "interleaved",
-              "threads": args.threads, "winograd_min_tiles": args.winograd_min_tiles,
-              "small_output_tiles": args.small_output_tiles,
+              "threads": args.threads, **{option: getattr(args, option) for option in THRESHOLDS},
               "pass": args.pass_,
               "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
               "flag_sets": {}}  # fmt: skip
@@ -344,10 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
         cmd = [sys.executable, "-m", "benchmarks.conv", "--child", "--rounds",
                str(args.rounds), "--shapes", args.shapes, "--pass", args.pass_,
                "--threads", str(args.threads)]  # fmt: skip
-        if args.winograd_min_tiles is not None:
-            cmd += ["--winograd-min-tiles", str(args.winograd_min_tiles)]
-        if args.small_output_tiles is not None:
-            cmd += ["--small-output-tiles", str(args.small_output_tiles)]
+        for option in THRESHOLDS:
+            if getattr(args, option) is not None:
+                cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             result["flag_sets"][name] = {"flags": FLAG_SETS[name], "status": "error",

@@ -28,7 +28,7 @@ drops that peer; a compile failure is recorded in the JSON, not raised).
 ``--jax-variants`` adds jaxdiv itself traced again with some of its tuning constants or
 XLA compiler options changed, one more implementation per entry of :data:`JAX_VARIANTS`
 (``direct_conv``: XLA's direct 3 x 3 convolutions instead of Winograd and the
-small-output patch products;
+small-output patch products; ``direct_strided``: the same for the strided ones alone;
 ``vmapped_heads``: the blocked attention's (batch, head) pairs vmapped instead of looped;
 ``batched_winograd``: Winograd's 16 products always as one batched product;
 ``no_ynn``: compiled with the XLA option ``xla_cpu_experimental_ynn_fusion_type=""``, i.e.
@@ -105,7 +105,17 @@ TEXT_TOKENS = 77
 JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...], dict[str, str]]] = {
     "direct_conv": (
         "3 x 3 convolutions by XLA's direct convolution (Winograd and patch products off)",
-        ((convolution, "WINOGRAD_MIN_TILES", float("inf")), (convolution, "SMALL_OUTPUT_TILES", 0)),
+        (
+            (convolution, "WINOGRAD_MIN_TILES", float("inf")),
+            (convolution, "SMALL_OUTPUT_TILES", 0),
+            (convolution, "SMALL_STRIDED_OUTPUT_TILES", 0),
+        ),
+        {},
+    ),
+    "direct_strided": (
+        "the strided (downsampling) 3 x 3 convolutions by XLA's direct convolution, never "
+        "as a product over gathered patches",
+        ((convolution, "SMALL_STRIDED_OUTPUT_TILES", 0),),
         {},
     ),
     "vmapped_heads": (

@@ -18,7 +18,9 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
     assert entry["environment"]["versions"]["torch"] and entry["environment"]["date"]
     assert len(entry["rows"]) == len(conv.SHAPES["tiny"])
     paths = [row["path"] for row in entry["rows"]]
-    assert paths == ["gathered_patches", "gathered_patches", "winograd"]
+    assert paths == ["gathered_patches", "gathered_patches", "winograd", "gathered_patches"]
+    assert [row["stride"] for row in entry["rows"]] == [1, 1, 1, 2]
+    assert entry["rows"][3]["gflop"] == 2 * 2 * 4 * 4 * 9 * 8 * 8 / 1e9  # the 4 x 4 output
     for row in entry["rows"]:
         assert row["max_abs_diff"] < 1e-4  # the same convolution
         assert set(row["max_abs_error_to_float64"]) == set(row["times"])
@@ -28,8 +30,9 @@ def test_each_flag_set_runs_in_its_own_process_and_agrees_with_torch(tmp_path):
             lo, hi = row[ratio]
             assert 0 < lo <= hi
     # 2 x 8 x 8 = 128 tiles: batched products; the unrolled ones are timed beside them
-    *others, winograd = entry["rows"]
-    assert [row["winograd_products"] for row in others] == [None, None]
+    winograd = entry["rows"][2]
+    others = [row for row in entry["rows"] if row is not winograd]
+    assert [row["winograd_products"] for row in others] == [None, None, None]
     assert all(conv.OTHER_PRODUCTS not in row["times"] for row in others)
     assert winograd["winograd_products"] == "batched"
     assert len(winograd["times"][conv.OTHER_PRODUCTS]["runs_s"]) == 2
@@ -62,7 +65,9 @@ def test_winograd_can_be_forced_on_every_shape_it_can_take(tmp_path):
     conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default",
                "--winograd-min-tiles", "0", "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["flag_sets"]["default"]["rows"]
-    assert [row["path"] for row in rows] == ["winograd", "gathered_patches", "winograd"]
+    # the stride-2 shape stays on the patches: Winograd takes stride 1 only
+    paths = ["winograd", "gathered_patches", "winograd", "gathered_patches"]
+    assert [row["path"] for row in rows] == paths
     assert all(row["max_abs_diff"] < 1e-4 for row in rows)
 
 
@@ -73,7 +78,9 @@ def test_small_outputs_can_be_left_to_xla(tmp_path):
     data = json.loads(out.read_text())
     assert data["small_output_tiles"] == 0
     rows = data["flag_sets"]["default"]["rows"]
-    assert [row["path"] for row in rows] == ["direct", "gathered_patches", "winograd"]
+    # the strided one has its own threshold (SMALL_STRIDED_OUTPUT_TILES)
+    paths = ["direct", "gathered_patches", "winograd", "gathered_patches"]
+    assert [row["path"] for row in rows] == paths
 
 
 def test_matmul_pass_times_products_per_flag_set(tmp_path):

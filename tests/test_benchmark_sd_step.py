@@ -30,6 +30,7 @@ def test_tiny_row_and_json(tmp_path):
     direct = row["jax_variants"]["direct_conv"]  # latent 16: 2 x 8 x 8 tiles, Winograd in jax
     assert 0 < direct["max_abs_diff_to_jax"] and len(direct["all_s"]) == 2
     assert direct["settings"]["jaxdiv.models.convolution.SMALL_OUTPUT_TILES"] == 0
+    assert direct["settings"]["jaxdiv.models.convolution.SMALL_STRIDED_OUTPUT_TILES"] == 0
     assert row["jax_variants"]["no_ynn"]["compiler_options"] == {
         "xla_cpu_experimental_ynn_fusion_type": ""
     }

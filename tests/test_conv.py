@@ -16,7 +16,10 @@ torch = pytest.importorskip("torch")
 # name: (input NHWC, kernel HWIO, stride, padding per side or "VALID", dilation, groups)
 CASES = {
     "3x3": ((2, 8, 8, 6), (3, 3, 6, 5), 1, 1, 1, 1),  # 2 x 4 x 4 tiles: gathered patches
-    "downsample_stride_2": ((2, 8, 8, 6), (3, 3, 6, 5), 2, 1, 1, 1),
+    "downsample_stride_2": ((2, 8, 8, 6), (3, 3, 6, 5), 2, 1, 1, 1),  # 2 x 2 x 2 tiles: patches
+    "downsample_stride_2_odd": ((3, 9, 7, 4), (3, 3, 4, 5), 2, 1, 1, 1),  # 5 x 4 output
+    "downsample_stride_3": ((2, 10, 10, 4), (3, 3, 4, 3), 3, 2, 1, 1),
+    "downsample_stride_2_direct": ((2, 66, 34, 3), (3, 3, 3, 4), 2, 1, 1, 1),  # 2 x 17 x 9 tiles
     "1x1": ((2, 5, 5, 6), (1, 1, 6, 4), 1, 0, 1, 1),
     "patchify_4x4_stride_4": ((2, 8, 8, 3), (4, 4, 3, 5), 4, "VALID", 1, 1),
     "dilated": ((2, 9, 9, 4), (3, 3, 4, 3), 1, 2, 2, 1),
@@ -112,7 +115,7 @@ def _assert_value_and_both_gradients_match_torch(case):
     np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=scale(want_dw))
 
 
-@pytest.mark.parametrize("case", ["3x3", "downsample_stride_2", "dilated", "groups_2"])
+@pytest.mark.parametrize("case", ["3x3", "downsample_stride_2_direct", "dilated", "groups_2"])
 def test_input_gradient_in_a_scan_body_keeps_the_library_kernel_layout(case, monkeypatch):
     # XLA:CPU moves a convolution to its library layout (kernel labels 01io) only in the
     # entry computation; JAX's own transpose rule leaves 01oi there, run as a loop nest
@@ -183,7 +186,10 @@ def test_winograd_takes_3x3_stride_1_float_convolutions_with_enough_tiles():
     assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 0
     assert _path("input_smaller_than_kernel") == "gathered_patches"
     assert _path("patchify_4x4_stride_4") == _path("1x1") == "patchify"
-    for case in ("downsample_stride_2", "dilated", "groups_2"):
+    for case in ("downsample_stride_2", "downsample_stride_2_odd", "downsample_stride_3"):
+        assert _path(case) == "gathered_patches"  # strided, few output tiles
+        assert _direct_conv_count(_ours(case), *_inputs(case)) == 0
+    for case in ("downsample_stride_2_direct", "dilated", "groups_2"):
         assert _path(case) == "direct"
         assert _direct_conv_count(_ours(case), *_inputs(case)) == 1
     half = x.astype(jnp.float16), w.astype(jnp.float16)
@@ -201,6 +207,15 @@ def test_thresholds_are_read_at_trace_time(monkeypatch):
     assert _direct_conv_count(_ours("3x3"), *_inputs("3x3")) == 1
     monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", 1000)
     assert _path("3x3_winograd") == "gathered_patches"
+    # strided convolutions have their own threshold (306 tiles here)
+    assert _path("downsample_stride_2") == "gathered_patches"
+    monkeypatch.setattr(convolution, "SMALL_STRIDED_OUTPUT_TILES", 0)
+    assert _path("downsample_stride_2") == "direct"
+    assert _direct_conv_count(_ours("downsample_stride_2"), *_inputs("downsample_stride_2")) == 1
+    monkeypatch.setattr(convolution, "SMALL_STRIDED_OUTPUT_TILES", 307)
+    assert _path("downsample_stride_2_direct") == "gathered_patches"
+    monkeypatch.setattr(convolution, "SMALL_STRIDED_OUTPUT_TILES", 306)
+    assert _path("downsample_stride_2_direct") == "direct"
 
 
 @pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])

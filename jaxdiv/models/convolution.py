@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "SMALL_OUTPUT_TILES",
+    "SMALL_STRIDED_OUTPUT_TILES",
     "WINOGRAD_MIN_TILES",
     "WINOGRAD_UNROLL_MIN_TILES",
     "conv_general_dilated",
@@ -59,7 +60,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     * **Small outputs** (3 x 3 stride-1 convolutions on the CPU backend with fewer than
       :data:`SMALL_OUTPUT_TILES` 2 x 2 output tiles, too few for Winograd: a UNet's 8 x 8
       level at 512 px): the same product over the 9 gathered shifted copies (im2col),
-      1.4-3.3x faster than XLA's direct convolution there.
+      1.4-3.3x faster than XLA's direct convolution there. Strided 3 x 3 convolutions
+      with fewer than :data:`SMALL_STRIDED_OUTPUT_TILES` output tiles (a UNet's last
+      downsampler) gather strided copies the same way.
     * **The gradient with respect to the input** of every other convolution (XLA's
       own). JAX's transpose rule convolves the cotangent with the flipped kernel under
       swapped kernel labels (``01oi``); XLA:CPU rewrites that to its library layout only
@@ -108,7 +111,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if path == "patchify":
         return _patchify(lhs, rhs, static)
     if path == "gathered_patches":
-        return _small_input_patches(lhs, rhs, static)
+        return _gathered_patches(lhs, rhs, static)
     return _conv_library_layout_grad(lhs, rhs, static)
 
 
@@ -116,7 +119,7 @@ def conv_path(lhs, rhs, window_strides, padding, dimension_numbers=("NHWC", "HWI
               *, products: bool = False, **kwargs) -> str:
     """Which computation :func:`conv_general_dilated` picks for these operands (arrays or
     shape-dtype structs): ``"winograd"``, ``"patchify"`` (a reshape and one product),
-    ``"gathered_patches"`` (one product over gathered shifted copies) or ``"direct"``
+    ``"gathered_patches"`` (one product over gathered shifted, or strided, copies) or ``"direct"``
     (XLA's convolution, with the library-layout input gradient). With ``products=True``
     Winograd says how it runs its 16 products: ``"winograd_unrolled"`` (16 2-D products,
     from :data:`WINOGRAD_UNROLL_MIN_TILES` output tiles on) or ``"winograd_batched"``.
@@ -128,8 +131,8 @@ def conv_path(lhs, rhs, window_strides, padding, dimension_numbers=("NHWC", "HWI
     >>> [conv_path(jnp.zeros((b, 32, 32, 8)), w, (1, 1), ((1, 1), (1, 1)), products=True)
     ...  for b in (1, 2)]  # 256 and 512 output tiles
     ['winograd_batched', 'winograd_unrolled']
-    >>> conv_path(jnp.zeros((2, 8, 8, 8)), w, (2, 2), ((1, 1), (1, 1)))
-    'direct'
+    >>> [conv_path(jnp.zeros((2, n, n, 8)), w, (2, 2), ((1, 1), (1, 1))) for n in (8, 64)]
+    ['gathered_patches', 'direct']
     """
     static = _settings(lhs, rhs, window_strides, padding, kwargs.pop("lhs_dilation", None),
                        kwargs.pop("rhs_dilation", None), dimension_numbers,
@@ -137,7 +140,7 @@ def conv_path(lhs, rhs, window_strides, padding, dimension_numbers=("NHWC", "HWI
                        kwargs.pop("preferred_element_type", None), kwargs)  # fmt: skip
     path = _path(lhs, rhs, static)
     if products and path == "winograd":
-        unrolled = _unrolled_products(_winograd_tiles(lhs, rhs, static))
+        unrolled = _unrolled_products(_output_tiles(lhs, rhs, static))
         return "winograd_unrolled" if unrolled else "winograd_batched"
     return path
 
@@ -167,12 +170,14 @@ def _path(lhs, rhs, static: _ConvSettings) -> str:
     small = lhs.shape[1] < kh or lhs.shape[2] < kw
     if static.window_strides == (1, 1) and small and not isinstance(static.padding, str):
         return "gathered_patches"
-    tiles = _winograd_tiles(lhs, rhs, static)
-    if tiles is not None and tiles >= WINOGRAD_MIN_TILES:
+    tiles = _output_tiles(lhs, rhs, static)
+    if tiles is None:
+        return "direct"
+    if static.window_strides != (1, 1):
+        return "gathered_patches" if tiles < SMALL_STRIDED_OUTPUT_TILES else "direct"
+    if tiles >= WINOGRAD_MIN_TILES:
         return "winograd"
-    if tiles is not None and tiles < SMALL_OUTPUT_TILES:
-        return "gathered_patches"
-    return "direct"
+    return "gathered_patches" if tiles < SMALL_OUTPUT_TILES else "direct"
 
 
 class _ConvSettings(NamedTuple):
@@ -216,13 +221,14 @@ def _patches_at_kernel(patches, rhs, s: _ConvSettings):
                       preferred_element_type=s.preferred_element_type)  # fmt: skip
 
 
-def _small_input_patches(lhs, rhs, s: _ConvSettings):
+def _gathered_patches(lhs, rhs, s: _ConvSettings):
     kh, kw = rhs.shape[:2]
+    sh, sw = s.window_strides
     (top, bottom), (left, right) = s.padding
     xp = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    patches = jnp.concatenate([xp[:, i:i + oh, j:j + ow, :] for i in range(kh)
-                               for j in range(kw)], axis=-1)  # fmt: skip
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    patches = jnp.concatenate([xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                               for i in range(kh) for j in range(kw)], axis=-1)  # fmt: skip
     return _patches_at_kernel(patches, rhs, s)
 
 
@@ -256,6 +262,19 @@ WINOGRAD_MIN_TILES = 64
 #: time; ``0`` keeps XLA's convolution.
 SMALL_OUTPUT_TILES = 64
 
+#: Below this many 2 x 2 output tiles (batch included), a strided 3 x 3 convolution (same
+#: conditions otherwise: float32/64, explicit padding, CPU backend; a UNet's or VAE's
+#: downsampler) runs as one matrix product over its 9 gathered strided copies of the input.
+#: XLA:CPU's direct strided convolution is slow at such sizes: on SD 2.1's downsamplers on a
+#: 2-core Intel Xeon (AVX-512) the patch product was 2.14x / 2.24x faster than it at 16 x 16
+#: x 1280 channels (32 / 64 output tiles, CFG batch 2 / 4) and 1.25x at 32 x 32 x 640 (128
+#: tiles) on one core (3.07x / 2.42x / 1.39x on two threads), level at 256 tiles (1.02x /
+#: 1.08x) and 0.76x / 0.79x at 512 (2026-12-05, ``python -m benchmarks.conv --shapes
+#: downsample --flag-sets default --rounds 7 --small-strided-output-tiles inf [--threads
+#: 0]``, ``results/benchmarks/xeon/conv_downsample_patches_*.json``). Read at trace time;
+#: ``0`` keeps XLA's convolution.
+SMALL_STRIDED_OUTPUT_TILES = 256
+
 #: From this many 2 x 2 output tiles (batch included) on, Winograd's 16 products run as 16
 #: separate two-dimensional matrix products, each on its transformed tiles in place; below,
 #: as one product batched over the 16 (the tiles stacked first). XLA:CPU (YNNPACK) runs a
@@ -275,19 +294,21 @@ _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
-def _winograd_tiles(lhs, rhs, s: _ConvSettings) -> int | None:
-    """The number of 2 x 2 output tiles (batch included) of a 3 x 3 stride-1 convolution
-    with explicit non-negative padding, float32/64, on the CPU backend; ``None`` for any
-    other convolution (see :data:`WINOGRAD_MIN_TILES`, :data:`SMALL_OUTPUT_TILES`)."""
-    if rhs.shape[:2] != (3, 3) or s.window_strides != (1, 1) or isinstance(s.padding, str):
+def _output_tiles(lhs, rhs, s: _ConvSettings) -> int | None:
+    """The number of 2 x 2 output tiles (batch included) of a 3 x 3 convolution with
+    explicit non-negative padding, float32/64, on the CPU backend; ``None`` for any other
+    convolution (see :data:`WINOGRAD_MIN_TILES`, :data:`SMALL_OUTPUT_TILES`,
+    :data:`SMALL_STRIDED_OUTPUT_TILES`)."""
+    if rhs.shape[:2] != (3, 3) or isinstance(s.padding, str):
         return None
     if any(p < 0 for pair in s.padding for p in pair) or s.preferred_element_type is not None:
         return None
     if jnp.result_type(lhs, rhs) not in (jnp.float32, jnp.float64):
         return None
     (top, bottom), (left, right) = s.padding
-    oh, ow = lhs.shape[1] + top + bottom - 2, lhs.shape[2] + left + right - 2
-    if oh <= 0 or ow <= 0 or jax.default_backend() != "cpu":
+    (sh, sw), (h, w) = s.window_strides, lhs.shape[1:3]
+    oh, ow = (h + top + bottom - 3) // sh + 1, (w + left + right - 3) // sw + 1
+    if h + top + bottom < 3 or w + left + right < 3 or jax.default_backend() != "cpu":
         return None
     return lhs.shape[0] * -(-oh // 2) * -(-ow // 2)
 
