@@ -34,6 +34,12 @@ using every core under the ``XLA_FLAGS`` thread settings):
 (glibc keeps freed memory, so neither library's calls page-fault fresh buffers; without it
 identical programs timed one after another differed by 10-18% here).
 
+``--backward`` times one forward and one backward pass instead (the output and its
+gradients with respect to ``q``, ``k`` and ``v`` at a random cotangent, ``jax.vjp`` against
+torch autograd), as when GASS and TPSO backpropagate through CLIP's attention (CLIP
+ViT-H/14: ``--seq 257 --heads 16 --dim 80``; its text encoder ``--seq 77 --heads 16``); the
+gradients are compared too.
+
 ``--smoke`` runs a tiny shape for one round (the test of this script).
 
 Writes ``results/benchmarks/attention.json`` (``--out`` to change); ``ratio_*`` fields are
@@ -76,12 +82,28 @@ def _summary(timed: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
             f"{name}_runs_s": t["runs_s"]}  # fmt: skip
 
 
+def _vjp(f, cotangent):
+    """``(q, k, v) -> (out, (dq, dk, dv))`` of ``f`` at a fixed cotangent of its output: one
+    forward and one backward pass, as a guidance term backpropagating through attention."""
+
+    def both(q, k, v):
+        out, pullback = jax.vjp(f, q, k, v)
+        return out, pullback(cotangent)
+
+    return both
+
+
 def measure(
     *, batch: int, seq: tuple[int, int], heads: int, dim: int, rounds: int,
     kv_block: int | None = None, torch_too: bool = True, heads_too: bool = False, seed: int = 0,
+    backward: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Time blocked vs xla (vs looped / vmapped heads, vs torch) on one (T, S); a result row."""
+    """Time blocked vs xla (vs looped / vmapped heads, vs torch) on one (T, S); a result row.
+    ``backward``: time the output and the gradients with respect to ``q``, ``k`` and ``v``
+    at a random cotangent instead, and compare the gradients too."""
     q, k, v = _inputs(batch, *seq, heads, dim, seed)
+    ct = np.random.default_rng(seed + 1).standard_normal(q.shape[:3] + v.shape[3:])
+    ct = ct.astype(np.float32)
     qj, kj, vj = (jnp.asarray(x) for x in (q, k, v))
     jitted = {
         "blocked": lambda q, k, v: attention_core(
@@ -95,30 +117,42 @@ def measure(
                 layers._blocked_attention, scale=dim**-0.5, mask=None, is_causal=False,
                 kv_block=kv_block or layers.BLOCKED_KV_BLOCK, loop_heads=loop,
             )  # fmt: skip
+    if backward:
+        jitted = {name: _vjp(f, jnp.asarray(ct)) for name, f in jitted.items()}
     jitted = {name: jax.jit(f) for name, f in jitted.items()}
-    outs = {name: np.asarray(f(qj, kj, vj)) for name, f in jitted.items()}
+    # the output, then (backward) the three gradients, each as one flat array
+    outs = {name: [np.asarray(a) for a in jax.tree.leaves(f(qj, kj, vj))]
+            for name, f in jitted.items()}  # fmt: skip
     fns = {name: functools.partial(_call, f, qj, kj, vj) for name, f in jitted.items()}
     row: dict[str, Any] = dict(
         batch=batch, seq_q=seq[0], seq_kv=seq[1], heads=heads, head_dim=dim, dtype="float32",
-        kv_block=kv_block, rounds=rounds,
+        kv_block=kv_block, rounds=rounds, backward=backward,
     )  # fmt: skip
+
+    def max_diff(got):
+        return float(max(np.abs(a - b).max() for a, b in zip(got, outs["blocked"], strict=True)))
+
     for name in outs:
         if name != "blocked":
-            row[f"max_abs_diff_{name}"] = float(np.abs(outs[name] - outs["blocked"]).max())
+            row[f"max_abs_diff_{name}"] = max_diff(outs[name])
     if torch_too:
         import torch
         import torch.nn.functional as F
 
         # torch SDPA takes (B, H, T, D)
         qt, kt, vt = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
-        with torch.no_grad():
-            out_t = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).numpy()
-        row["max_abs_diff_torch"] = float(np.abs(out_t - outs["blocked"]).max())
+        ct_t = torch.from_numpy(ct).transpose(1, 2).contiguous()
 
         def run_torch():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(qt, kt, vt)
+            if not backward:
+                with torch.no_grad():
+                    return [F.scaled_dot_product_attention(qt, kt, vt)]
+            leaves = [x.detach().requires_grad_(True) for x in (qt, kt, vt)]
+            out = F.scaled_dot_product_attention(*leaves)
+            out.backward(ct_t)
+            return [out.detach(), *(x.grad for x in leaves)]
 
+        row["max_abs_diff_torch"] = max_diff([a.transpose(1, 2).numpy() for a in run_torch()])
         fns["torch"] = run_torch
     timed = interleaved(fns, rounds)  # A B C A B C: the same machine load for all
     for name in fns:
@@ -132,7 +166,7 @@ def measure(
 
 
 def _call(f, *args):
-    return f(*args).block_until_ready()
+    return jax.block_until_ready(f(*args))
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -179,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tune", action="store_true", help="add kv_block / crossover sweeps")
     parser.add_argument("--tune-blocks", default="128,256,512,1024,2048")
     parser.add_argument("--tune-seqs", default="64,77,128,256,1024x77", help="as --seq")
+    parser.add_argument("--backward", action="store_true",
+                        help="time the output and its gradients (q, k, v) at a random "
+                             "cotangent: GASS and TPSO backpropagate through CLIP's attention")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 1 round")
     parser.add_argument(
         "--malloc",
@@ -210,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
     import torch
 
-    shape = dict(batch=args.batch, heads=args.heads, dim=args.dim, rounds=args.rounds)
+    shape = dict(batch=args.batch, heads=args.heads, dim=args.dim, rounds=args.rounds,
+                 backward=args.backward)  # fmt: skip
 
     rows = []
     for seq in seqs:

@@ -40,3 +40,14 @@ def test_bad_arguments_are_refused(tmp_path):
         attention.main(["--seq", "4096,abc", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         attention.main(["--seq", "64x64x64", "--out", str(tmp_path / "x.json")])
+
+
+def test_backward_smoke_compares_the_gradients_of_every_implementation(tmp_path):
+    out = tmp_path / "attention_backward.json"
+    result = attention.main(["--smoke", "--tune", "--backward", "--out", str(out)])
+    compare, block_16, _ = result["rows"]
+    assert compare["backward"] and block_16["kv_block"] == 16  # 40 keys: three blocks
+    for name in ("xla", "torch", "looped", "vmapped"):  # output and dq, dk, dv
+        assert compare[f"max_abs_diff_{name}"] < 1e-5, name
+    assert block_16["max_abs_diff_xla"] < 1e-5
+    assert compare["blocked_s"] > 0 and compare["ratio_torch_over_blocked"] > 0
