@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import environment, interleaved, pin_one_core
+from benchmarks.timing import environment, interleaved, pin_one_core, round_ratio_range
 
 GROUPS = ("winograd_gemm", "winograd_kernel_transform", "attention", "direct_conv", "matmul",
           "elementwise", "other")  # fmt: skip
@@ -147,6 +147,7 @@ def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: in
             "torch_min_max_s": [t["torch"]["min_s"], t["torch"]["max_s"]],
             "rounds": rounds,
             "torch_over_jax": t["torch"]["median_s"] / t["jax"]["median_s"],
+            "per_round_torch_over_jax": round_ratio_range(t, "torch", "jax"),
         })  # fmt: skip
     return rows
 

@@ -95,7 +95,10 @@ def test_matmul_pass_times_products_per_flag_set(tmp_path):
         assert [(row["lhs"], row["rhs"]) for row in entry["rows"]] == [
             (list(a), list(b)) for a, b in conv.MATMUL_SHAPES["tiny"]
         ]
-        assert all(row["jax_gflops"] > 0 and row["torch_gflops"] > 0 for row in entry["rows"])
+        for row in entry["rows"]:
+            assert row["jax_gflops"] > 0 and row["torch_gflops"] > 0
+            lo, hi = row["per_round_torch_over_jax"]  # one round: the median's own ratio
+            assert lo == hi == pytest.approx(row["torch_over_jax"])
     assert "--xla_cpu_experimental_ynn_fusion_type=" in (
         data["flag_sets"]["no_ynn"]["environment"]["threads"]["XLA_FLAGS"]
     )
