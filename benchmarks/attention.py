@@ -270,7 +270,8 @@ def _run(args, seqs, blocks, tune_seqs, argv) -> dict[str, Any]:
     env = environment()
     result = dict(
         benchmark="multi-head attention, float32 CPU: attention_core blocked vs "
-        "jax.nn.dot_product_attention (xla) vs torch scaled_dot_product_attention",
+        "jax.nn.dot_product_attention (xla) vs torch scaled_dot_product_attention"
+        + (", forward and gradients (q, k, v)" if args.backward else ""),
         command=" ".join(
             ["python -m benchmarks.attention"] + list(sys.argv[1:] if argv is None else argv)
         ),

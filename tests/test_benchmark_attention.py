@@ -45,6 +45,7 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_backward_smoke_compares_the_gradients_of_every_implementation(tmp_path):
     out = tmp_path / "attention_backward.json"
     result = attention.main(["--smoke", "--tune", "--backward", "--out", str(out)])
+    assert result["benchmark"].endswith("forward and gradients (q, k, v)")
     compare, block_16, _ = result["rows"]
     assert compare["backward"] and block_16["kv_block"] == 16  # 40 keys: three blocks
     for name in ("xla", "torch", "looped", "vmapped"):  # output and dq, dk, dv
