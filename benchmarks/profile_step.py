@@ -21,6 +21,10 @@ its shape and JAX name stack (``op_name``) say what it is. Groups:
 * ``elementwise``: loop fusions (normalisations, activations, the Winograd transforms);
 * ``other``: the rest (copies, concatenates, reductions outside fusions).
 
+``--malloc reuse`` starts the process again under
+:data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` (as ``benchmarks.sd_step``), so the traced
+call does not page-fault fresh buffers.
+
 ``--gemm-peers N`` then times the N most expensive distinct product shapes of the
 ``matmul`` and ``winograd_gemm`` groups as plain ``jnp.matmul`` against ``torch.matmul``,
 alternating round by round, and reports each one's GFLOP/s: whether XLA:CPU's products
@@ -44,7 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import environment, interleaved, pin_one_core, round_ratio_range
+from benchmarks.timing import (
+    MALLOC_CHOICES,
+    environment,
+    interleaved,
+    pin_one_core,
+    round_ratio_range,
+    use_malloc,
+)
 
 GROUPS = ("winograd_gemm", "winograd_kernel_transform", "attention", "direct_conv", "matmul",
           "elementwise", "other")  # fmt: skip
@@ -254,8 +265,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gemm-peers", type=int, default=5,
                         help="time this many product shapes against torch (0: none)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
+                        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY "
+                             "(no fresh-page faults in the traced call)")  # fmt: skip
     parser.add_argument("--out", default="results/benchmarks/profile_step.json")
     args = parser.parse_args(argv)
+    use_malloc(args.malloc, argv, "benchmarks.profile_step")
     from benchmarks.sd_step import CONFIGS
 
     if args.config not in CONFIGS:
@@ -280,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["torch_version"] = torch.__version__
         result["timing"] = "gemm_peers: jax and torch alternating, median [min-max] of rounds"
     result["threads"] = args.threads
+    result["malloc"] = args.malloc
     result["environment"] = environment()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,3 +39,12 @@ def test_bad_values_are_refused(tmp_path):
         profile_step.main(["--config", "sd99", "--threads", "0", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--latent must be"):
         profile_step.main(["--latent", "12", "--threads", "0", "--out", str(tmp_path / "x")])
+
+
+def test_malloc_reuse_is_taken_before_anything_runs(tmp_path, monkeypatch):
+    # in-process, with no command line to start again under the setting, it refuses
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with pytest.raises(ValueError, match="--malloc reuse needs GLIBC_TUNABLES"):
+        profile_step.main(["--config", "tiny", "--threads", "0", "--malloc", "reuse",
+                           "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert not (tmp_path / "x.json").exists()
