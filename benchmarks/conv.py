@@ -73,14 +73,13 @@ FLAG_SETS = {
     "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "ynn_no_dot": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
 }
-#: ``--pass matmul``: the largest products of an SD 2.1 UNet step at latent 64, CFG batch 2
-#: (``python -m benchmarks.profile_step --gemm-peers 6``): linear layers, and one batched
-#: Winograd product of the 64 x 64 level
 #: command-line overrides of :mod:`jaxdiv.models.convolution`'s thresholds, set in the child
 THRESHOLDS = {"winograd_min_tiles": "WINOGRAD_MIN_TILES",
               "small_output_tiles": "SMALL_OUTPUT_TILES",
               "small_strided_output_tiles": "SMALL_STRIDED_OUTPUT_TILES"}  # fmt: skip
-
+#: ``--pass matmul``: the largest products of an SD 2.1 UNet step at latent 64, CFG batch 2
+#: (``python -m benchmarks.profile_step --gemm-peers 6``): linear layers, and one batched
+#: Winograd product of the 64 x 64 level
 MATMUL_SHAPES = {
     "sd21": [((8192, 320), (320, 2560)), ((8192, 320), (320, 320)), ((2048, 640), (640, 640)),
              ((512, 1280), (1280, 1280)), ((16, 2048, 320), (16, 320, 320)),
@@ -122,6 +121,11 @@ def _shape(entry):
     return b, hw, cin, cout, stride[0] if stride else 1
 
 
+def _out_size(hw, stride):
+    """Output height (= width) of the 3x3 convolution with padding 1 on ``hw`` pixels."""
+    return (hw - 1) // stride + 1
+
+
 def _operands(b, hw, cin, cout, stride=1):
     """A random NHWC input and HWIO 3x3 kernel, and a target of the output's shape (padding
     1), each as ``(jax, torch)`` with the torch side in NCHW / OIHW."""
@@ -132,7 +136,7 @@ def _operands(b, hw, cin, cout, stride=1):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, hw, hw, cin), np.float32)
     w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    out = (hw - 1) // stride + 1
+    out = _out_size(hw, stride)
     c = rng.standard_normal((b, out, out, cout), np.float32)
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
     return ((jnp.asarray(x), jnp.asarray(w)),
@@ -203,7 +207,7 @@ def measure(shapes, rounds: int) -> list[dict]:
             other_ratio = {"other_products_over_jaxdiv": timed[OTHER_PRODUCTS]["median_s"] / jax_s,
                            "per_round_other_products_over_jaxdiv": round_ratio_range(
                                timed, OTHER_PRODUCTS, "jaxdiv")}  # fmt: skip
-        out = (hw - 1) // stride + 1
+        out = _out_size(hw, stride)
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
                      "stride": stride, "path": path,
                      "gflop": 2 * b * out * out * 9 * cin * cout / 1e9,
