@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiv.guidance.spell.sharded import ShieldRows, build_sharded_index, repulsion
+from jaxdiv.guidance.spell.sharded import ShieldRows, build_sharded_index, nearest, repulsion
 
 SCRIPT = textwrap.dedent(
     """
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     import jaxdiv
     from jaxdiv import guidance, samplers, schedules
     from jaxdiv.guidance.spell import radius_search as rs
-    from jaxdiv.guidance.spell.sharded import build_sharded_index, repulsion
+    from jaxdiv.guidance.spell.sharded import build_sharded_index, nearest, repulsion
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
@@ -75,6 +75,22 @@ SCRIPT = textwrap.dedent(
     gathers = re.findall(r"all-gather[^\\n]*", hlo)
     assert not any(str(sidx.index.points.shape[0]) in g for g in gathers), gathers
 
+    # exact nearest shields: each device's k nearest, gathered and merged, are the
+    # single-device ones (ids are rows of the source), also with an id excluded per query
+    for kk, excl in ((1, None), (3, None), (3, qids)):
+        got_nb = nearest(q, sidx, k=kk, exclude_ids=excl)
+        ref_nb = rs.nearest(q, single, k=kk, exclude_ids=excl)
+        np.testing.assert_array_equal(np.asarray(got_nb.indices), np.asarray(ref_nb.indices))
+        np.testing.assert_allclose(np.asarray(got_nb.distances), np.asarray(ref_nb.distances),
+                                   rtol=1e-6, atol=1e-6)
+    near = np.asarray(nearest(q, sidx, k=1).indices[:, 0])
+    assert (near[8:12] == ids[:4]).all() and len(set(near[:8].tolist())) == 8, near
+    excl_first = np.asarray(nearest(q[8:12], sidx, k=1, exclude_ids=ids[:4]).distances)
+    assert excl_first.min() > 0, excl_first  # the exact hits' own rows were skipped
+    hlo = jax.jit(lambda q: nearest(q, sidx, k=3).distances).lower(q).compile().as_text()
+    gathered = re.findall(r"(\\w+\\[[0-9,]*\\])\\S* all-gather(?:-start)?\\(", hlo)
+    assert gathered and set(gathered) <= {"f32[14,24]", "s32[14,24]"}, gathered  # B x 8 k
+
     # a folder of .npy files streams into the same index
     with tempfile.TemporaryDirectory() as tmp:
         for i, (a, b) in enumerate([(0, 1000), (1000, 1001), (1001, k)]):
@@ -101,7 +117,7 @@ SCRIPT = textwrap.dedent(
                                    guidance=guidance.spell(r, reference=reference)).x0
     np.testing.assert_allclose(np.asarray(outs["sharded"]), np.asarray(outs["single"]),
                                rtol=1e-5, atol=1e-5)
-    dist = rs.nearest(outs["sharded"], single, k=1).distances[:, 0]
+    dist = nearest(outs["sharded"], sidx, k=1).distances[:, 0]
     assert float(dist.min()) >= r * (1 - 1e-4), float(dist.min())
     unguided = jaxdiv.sample(s, den, noise, key=jax.random.key(1)).x0
     assert float(rs.nearest(unguided, single, k=1).distances.min()) < r  # guidance acted
@@ -178,6 +194,14 @@ def test_build_and_search_refuse_bad_arguments():
         repulsion(jnp.ones((2, 3)), idx, 1.0)
     with pytest.raises(TypeError, match="ShardedShieldIndex"):
         repulsion(jnp.ones((2, 4)), pts, 1.0)
+    with pytest.raises(ValueError, match="k must be at most the number of shields 4, got 5"):
+        nearest(jnp.ones((2, 4)), idx, k=5)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        nearest(jnp.ones((2, 4)), idx, k=0)
+    with pytest.raises(ValueError, match=r"exclude_ids must be integer ids of shape \(2,\)"):
+        nearest(jnp.ones((2, 4)), idx, exclude_ids=jnp.zeros(3, jnp.int32))
+    with pytest.raises(TypeError, match="ShardedShieldIndex"):
+        nearest(jnp.ones((2, 4)), pts)
 
 
 def test_one_device_sharded_index_is_the_exact_search():

@@ -3,8 +3,9 @@
 * :mod:`~jaxdiv.guidance.spell.term`: the ``x0``-hook term :func:`spell` and Eq. 5/7;
 * :mod:`~jaxdiv.guidance.spell.radius_search`: exact blockwise radius search over large
   shield sets (and an IVF index for comparison with the paper's App. I);
-* :mod:`~jaxdiv.guidance.spell.sharded`: the same exact search over shields split across
-  devices (``shard_map`` + ``psum``), filled from files one device's rows at a time;
+* :mod:`~jaxdiv.guidance.spell.sharded`: the same exact search (and exact nearest
+  shields) over shields split across devices (``shard_map`` + ``psum`` / a gather of each
+  device's nearest), filled from files one device's rows at a time;
 * :mod:`~jaxdiv.guidance.spell.memory`: the previous-batch memory, read back.
 
 Loops over :func:`jaxdiv.sample` (``spell_batched``, ``radius_from_unguided``) live a

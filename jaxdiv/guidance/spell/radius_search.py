@@ -395,15 +395,38 @@ def nearest(queries, index: ShieldIndex, k: int = 1, *, exclude_ids=None) -> Nea
     q = _as_matrix(queries, "queries")
     if not isinstance(index, ShieldIndex):
         raise TypeError(f"index must be a ShieldIndex (build_index), got {type(index).__name__}")
-    nb, bs, d = index.points.shape
+    exclude_ids = check_nearest_args(q, index, k, exclude_ids)
+    distances, indices = nearest_core(q - index.centre, index, k, exclude_ids)
+    return Nearest(distances, indices)
+
+
+def check_nearest_args(q, index: ShieldIndex, k, exclude_ids):
+    """Validate :func:`nearest`'s arguments (shared with the sharded search); returns
+    ``exclude_ids`` as an int32 ``(B,)`` array or ``None``."""
+    d = index.points.shape[2]
     if q.shape[1] != d:
         raise ValueError(f"queries have {q.shape[1]} features per row but the index has {d}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if exclude_ids is None:
+        return None
+    exclude_ids = jnp.asarray(exclude_ids)
+    if exclude_ids.shape != (q.shape[0],) or not jnp.issubdtype(exclude_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"exclude_ids must be integer ids of shape ({q.shape[0]},) (one per query), got "
+            f"{exclude_ids.dtype} {exclude_ids.shape}"
+        )
+    return exclude_ids.astype(jnp.int32)
+
+
+def nearest_core(qc, index: ShieldIndex, k: int, exclude_ids=None, id_offset=0):
+    """:func:`nearest` on centred queries ``qc`` without checks: ``(distances, indices)``,
+    each ``(B, min(k, rows))``. Shield ids are ``id_offset`` + the flat row in ``index``
+    (the sharded search passes each device's first global row)."""
+    nb, bs, d = index.points.shape
     total = nb * bs
     kc = int(min(k + 8, total))
-    b = q.shape[0]
-    qc = q - index.centre
+    b = qc.shape[0]
     qcsq = jnp.sum(qc * qc, axis=-1)
     local_ids = jnp.arange(bs, dtype=jnp.int32)
 
@@ -411,7 +434,7 @@ def nearest(queries, index: ShieldIndex, k: int = 1, *, exclude_ids=None) -> Nea
         best_d, best_i = carry
         z, zsq, valid, blk = inp
         d2a = qcsq[:, None] + zsq[None, :] - 2.0 * _dot_rows(qc, z)
-        ids = blk * bs + local_ids
+        ids = id_offset + blk * bs + local_ids
         ok = valid[None, :]
         if exclude_ids is not None:
             ok = ok & (exclude_ids[:, None] != ids[None, :])
@@ -424,11 +447,11 @@ def nearest(queries, index: ShieldIndex, k: int = 1, *, exclude_ids=None) -> Nea
     init = (jnp.full((b, kc), jnp.inf, jnp.float32), jnp.zeros((b, kc), jnp.int32))
     xs = (index.points, index.sq_norms, index.valid, jnp.arange(nb, dtype=jnp.int32))
     (cand_d, cand_i), _ = lax.scan(block, init, xs)
-    pts = index.points.reshape(-1, d)[cand_i]  # centred, like qc
+    pts = index.points.reshape(-1, d)[cand_i - id_offset]  # centred, like qc
     exact = jnp.sqrt(jnp.sum((qc[:, None, :] - pts) ** 2, axis=-1))
     exact = jnp.where(jnp.isfinite(cand_d), exact, jnp.inf)
     neg, pos = lax.top_k(-exact, int(min(k, kc)))
-    return Nearest(-neg, jnp.take_along_axis(cand_i, pos, axis=1))
+    return -neg, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
 class IVFIndex(NamedTuple):
