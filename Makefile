@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # every diversity method on the ring toy, same noise: a figure, a table and a JSON (results/demo)
 demo: $(STAMP)
-	$(PY) -m experiments.demo
+	$(VENV)/bin/jaxdiv demo
 
 # the samplers against exact toy distributions (results/toy_suite)
 toy-suite: $(STAMP)

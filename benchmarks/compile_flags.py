@@ -14,7 +14,8 @@ trade machine-code quality for compile speed; this benchmark measures both sides
 * ``sd_tiny``: the tiny random SD pipeline of the tests (:func:`jaxdiv.testing.example_pipeline`):
   4-step DDIM + CFG on a batch of 2, first and second call;
 * ``unet``: one SD2.1-sized UNet forward (random weights, latent 32, CFG batch 2): first
-  call, then the median of 3 calls: the run-time cost of the flags on a real-sized model.
+  call (also in its parts: trace and lower, compile, first run), then the median of 3
+  calls: the run-time cost of the flags on a real-sized model.
 
 Flag sets (``--flag-sets``, comma-separated names):
 
@@ -132,13 +133,21 @@ def unet(config: str = "sd21") -> dict:
     width = CONFIGS[config]["cross_attention_dim"]
     ctx = jnp.asarray(rng.standard_normal((2, TEXT_TOKENS, width)), jnp.float32)
     step = jax.jit(lambda st, x, t, c: nnx.merge(graphdef, st)(x, t, c))
+    # the first call in its parts: trace and lower, compile (or load from a persistent
+    # cache), and the first run, which on XLA:CPU costs more than the runs after it
+    t0 = time.perf_counter()
+    lowered = step.lower(state, x, t, ctx)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
 
     def call():
-        step(state, x, t, ctx).block_until_ready()
+        compiled(state, x, t, ctx).block_until_ready()
 
-    first = _timed(call)
+    first_run = _timed(call)
     runs = [_timed(call) for _ in range(3)]
-    return {"config": config, "first_call_s": first, "run_s": statistics.median(runs),
+    return {"config": config, "first_call_s": t2 - t0 + first_run, "lower_s": t1 - t0,
+            "compile_s": t2 - t1, "first_run_s": first_run, "run_s": statistics.median(runs),
             "runs_s": runs}  # fmt: skip
 
 
@@ -182,6 +191,19 @@ def _summarise(runs: dict[str, list[dict]], names: list[str], workloads: list[st
                         row[k]["default_over_this"] = statistics.median(ratios)
             table[w][name] = row
     return table
+
+
+def children_environment(children: list[dict]) -> dict:
+    """For :mod:`benchmarks.summary`: the first child process's date, versions and CPU, and
+    the largest peak RSS of them all (``{}`` without children); each child's own
+    environment (its XLA_FLAGS among them) stays with its run.
+
+    >>> children_environment([{"date": "d", "peak_rss_mb": 1.0}, {"date": "e", "peak_rss_mb": 3.0}])
+    {'date': 'd', 'peak_rss_mb': 3.0}
+    """
+    if not children:
+        return {}
+    return children[0] | {"peak_rss_mb": max(c["peak_rss_mb"] for c in children)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,12 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{w} " + " / ".join(f"{v:.2f}" for k, v in child["workloads"][w].items()
                                      if isinstance(v, float))
                 for w in workloads), flush=True)  # fmt: skip
-    children = [r["environment"] for rs in runs.values() for r in rs if "environment" in r]
-    # for benchmarks.summary: the first child's date, versions and CPU, the largest peak
-    # RSS; each child's own environment (its XLA_FLAGS among them) stays under "runs"
-    environment = {}
-    if children:
-        environment = children[0] | {"peak_rss_mb": max(c["peak_rss_mb"] for c in children)}
+    environment = children_environment(
+        [r["environment"] for rs in runs.values() for r in rs if "environment" in r])
     result = {
         "benchmark": "XLA:CPU compile and run time per codegen flag set, one fresh process "
                      "per round and flag set, pinned to one core, flag sets alternating",

@@ -14,7 +14,11 @@ An unknown command exits 2 with one line on stderr.
 From the console (``argv`` not given), a command that runs models first starts itself again
 under :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` (glibc malloc keeps freed memory for
 reuse: XLA:CPU's per-call buffers stop page-faulting; see :mod:`jaxdiv.host_memory`);
-``JAXDIV_REUSE_MEMORY=0`` in the environment keeps the process as it started.
+``JAXDIV_REUSE_MEMORY=0`` in the environment keeps the process as it started. Those
+commands also keep their compiled XLA programs on disk for the next run
+(:mod:`jaxdiv.compilation_cache`: ``~/.cache/jaxdiv/xla`` by default,
+``JAXDIV_COMPILATION_CACHE=<folder>`` picks another, ``JAXDIV_COMPILATION_CACHE=0`` turns it
+off).
 
 ``jaxdiv methods`` reads the factories of :mod:`jaxdiv.guidance` themselves: the knobs
 and their defaults come from the signatures, the hook from a term built with placeholder
@@ -298,6 +302,19 @@ def restarts_for_memory(command: str, from_console: bool, env=None) -> bool:
     )
 
 
+def uses_compilation_cache(command: str, from_console: bool) -> bool:
+    """Whether ``jaxdiv COMMAND`` keeps compiled programs on disk: from the console, for
+    every command but ``methods`` (:func:`jaxdiv.compilation_cache.from_environment`
+    decides the folder, or none).
+
+    >>> uses_compilation_cache("generate", True), uses_compilation_cache("methods", True)
+    (True, False)
+    >>> uses_compilation_cache("generate", False)  # main(argv) from Python: its caller's choice
+    False
+    """
+    return from_console and COMMANDS.get(command, (None,))[0] is not None
+
+
 def main(argv=None) -> int:
     """Run ``jaxdiv COMMAND ARGS...``; returns the command's exit status (a command that
     exits, e.g. on ``--help`` or a bad value, raises ``SystemExit`` as it would alone)."""
@@ -317,6 +334,13 @@ def main(argv=None) -> int:
         from jaxdiv.host_memory import restart_with_reused_memory
 
         restart_with_reused_memory()  # returns only where there is no glibc
+    if uses_compilation_cache(args.command, from_console):
+        from jaxdiv import compilation_cache
+
+        try:
+            compilation_cache.from_environment()
+        except ValueError as err:
+            p.exit(2, f"{PROG}: error: {err}\n")
     prog = f"{PROG} {args.command}"
     module_name = COMMANDS[args.command][0]
     if module_name is None:
