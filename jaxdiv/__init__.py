@@ -5,8 +5,7 @@
 ['guidance', 'predictions', 'samplers', 'schedules']
 """
 
-from jaxdiv import guidance, predictions, recipes, samplers, schedules, validation
-from jaxdiv.sampling import SampleOutput, Trace, compile_count, sample
+import importlib
 
 __version__ = "0.1.0"
 
@@ -23,12 +22,28 @@ __all__ = [
     "validation",
 ]
 
+_FROM_SAMPLING = ("sample", "compile_count", "SampleOutput", "Trace")
+_SUBMODULES = (
+    "compilation_cache", "distributed", "guidance", "host_memory", "metrics", "models",
+    "pipelines", "predictions", "pytrees", "recipes", "samplers", "sampling", "schedules",
+    "sphere", "testing", "validation",
+)  # fmt: skip
+
 
 def __getattr__(name):
-    # metrics, models, pipelines and test fixtures import heavier dependencies: load them
-    # on first use (`import jaxdiv` must stay light; tests/test_layers.py checks it)
-    if name in ("metrics", "models", "pipelines", "testing"):
-        import importlib
+    # Every public name loads on first use, so `import jaxdiv` imports no JAX: a process can
+    # set itself up before JAX starts (the console command's restart under
+    # jaxdiv.host_memory's malloc setting; JAX's import would otherwise run twice), and metrics,
+    # models and pipelines (heavier dependencies) load only when used (tests/test_layers.py).
+    if name in _FROM_SAMPLING:
+        value = getattr(importlib.import_module("jaxdiv.sampling"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"jaxdiv.{name}")
+    else:
+        raise AttributeError(f"module 'jaxdiv' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return importlib.import_module(f"jaxdiv.{name}")
-    raise AttributeError(f"module 'jaxdiv' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_FROM_SAMPLING) | set(_SUBMODULES))

@@ -94,6 +94,17 @@ def test_import_jaxdiv_loads_no_metrics_optax_or_models():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_import_jaxdiv_imports_no_jax_until_a_name_is_used():
+    # the console command's restart (jaxdiv.host_memory) happens before JAX loads
+    code = ("import sys, jaxdiv, jaxdiv.host_memory\n"
+            "before = 'jax' in sys.modules\n"
+            "sample = jaxdiv.sample\n"
+            "print(before, 'jax' in sys.modules, sample.__module__, 'sampling' in dir(jaxdiv))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})  # fmt: skip
+    assert out.stdout.split() == ["False", "True", "jaxdiv.sampling", "True"], out.stdout
+
+
 def test_lazy_submodules_still_load_on_use():
     code = "import jaxdiv\nprint(jaxdiv.metrics.vendi.__name__)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
