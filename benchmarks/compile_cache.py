@@ -6,7 +6,7 @@
 :mod:`jaxdiv.compilation_cache` keeps compiled XLA programs on disk for the next process
 (the ``jaxdiv`` console command turns it on by itself). Every round runs each workload in
 two fresh processes, alternating: **cold**, with an empty cache folder (it compiles and
-writes every program), and **warm**, with a folder an untimed run filled before the rounds
+writes every program), and **warm**, with the folder the workload's first cold run filled
 (it loads them). Each process is pinned to one core and runs under
 :data:`jaxdiv.host_memory.REUSE_FREED_MEMORY` (what the console command does).
 
@@ -143,21 +143,20 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict = {w: {s: [] for s in SETTINGS} for w in workloads}
     folders: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        warm = Path(tmp) / "warm"
-        for w in workloads:  # fill the warm folder once, untimed
-            primed = run_workload(w, warm, args.smoke, args.min_compile_time)
-            if primed["status"] != "ok":
-                raise RuntimeError(f"priming {w} failed: {primed['stderr_tail']}")
-        folders["warm"] = _folder_size(warm)
+        # round 0's cold run of each workload fills that workload's warm folder
+        warm = {w: Path(tmp) / f"warm_{w}" for w in workloads}
         for r in range(args.rounds):
             for w in workloads:
                 for setting in SETTINGS:
-                    folder = warm if setting == "warm" else Path(tmp) / f"cold_{r}_{w}"
+                    fresh = Path(tmp) / f"cold_{r}_{w}" if r else warm[w]
+                    folder = warm[w] if setting == "warm" else fresh
                     res = run_workload(w, folder, args.smoke, args.min_compile_time)
                     runs[w][setting].append(res)
                     shown = f"{res[_KEYS[w][0]]:.2f} s" if res["status"] == "ok" else "error"
                     print(f"round {r} {w:>8} {setting}: {_KEYS[w][0]} {shown}", flush=True)
-        folders["warm_after"] = _folder_size(warm)
+                if r == 0:
+                    folders.setdefault("warm", {})[w] = _folder_size(warm[w])
+        folders["warm_after"] = {w: _folder_size(warm[w]) for w in workloads}
     # the children's (pinned) environment; this process's where only the demo ran
     env = children_environment([r["environment"] for w in runs.values() for rs in w.values()
                                 for r in rs if "environment" in r]) or environment()  # fmt: skip

@@ -1038,8 +1038,13 @@ def main(argv: list[str] | None = None, functions: dict | None = None) -> dict:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
-    if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    if args.compilation_cache:  # JAX's 1 s threshold: the suite's programs are large
+        from jaxdiv import compilation_cache
+
+        try:
+            compilation_cache.enable(args.compilation_cache, min_compile_time_s=None)
+        except ValueError as err:
+            p.error(f"--compilation-cache: {err}")
     # smoke: the same programs, compiled without XLA's slow optimisation passes (CPU test)
     optimisations_off = jax.config.read("jax_disable_most_optimizations")
     if args.smoke:

@@ -78,9 +78,9 @@ def enable(folder: str | os.PathLike | None = None, *, min_compile_time_s: float
             (JAX's ``jax_persistent_cache_min_compile_time_secs``; ``None`` leaves JAX's
             setting, 1 s by default). 0 keeps every program: a toy script compiles many
             programs of well under a second, and together they are most of its start-up
-            (``jaxdiv demo`` warm: 4.5 s at 0, 7.2 s at 0.2, 12.2 s at 1, against 23-25 s
+            (``jaxdiv demo`` warm: 4.3 s at 0, 7.2 s at 0.2, 13.2 s at 1, against 24.5-24.9 s
             cold; ``python -m benchmarks.compile_cache --workloads demo --min-compile-time
-            ...``, medians of 3 rounds on one core).
+            ...``, medians of 3 rounds on one core of the Intel Xeon host).
         env: the environment :func:`default_folder` reads (default: this process's).
 
     Returns:

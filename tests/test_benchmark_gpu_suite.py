@@ -164,10 +164,15 @@ def test_without_diffusers_the_peer_is_skipped_not_fatal(tmp_path, monkeypatch):
     assert r["torch_build_s"] is None
 
 
-def test_bad_arguments_are_refused(tmp_path):
-    for bad in (["--rounds", "0"], ["--budget-s", "0"], ["--sections", "nope"]):
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for bad in (["--rounds", "0"], ["--budget-s", "0"], ["--sections", "nope"],
+                ["--compilation-cache", str(a_file)]):  # fmt: skip
         with pytest.raises(SystemExit):
             gpu_suite.main(["--smoke", *bad, "--out", str(tmp_path / "x.json")])
+    assert "--compilation-cache: compilation cache folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_recorded_h200_run_holds_the_figures_the_docs_quote():
