@@ -11,7 +11,8 @@ themselves. What it saves is measured by ``python -m benchmarks.compile_cache`` 
 
 JAX keys every entry on the program, the jax/jaxlib versions, the backend and the XLA flags,
 and XLA:CPU refuses an entry compiled for a CPU with other features (it compiles anew), so
-one folder may serve several hosts and versions. The folder is not pruned (JAX's
+one folder may serve several hosts and versions (on some CPUs that check refuses every
+entry and the cache saves nothing: jax-ml/jax#38445). The folder is not pruned (JAX's
 ``jax_compilation_cache_max_size`` bounds it, with the ``filelock`` package).
 """
 
@@ -93,9 +94,11 @@ def enable(folder: str | os.PathLike | None = None, *, min_compile_time_s: float
     Example::
 
         import jaxdiv.compilation_cache
+        from jaxdiv.pipelines import stable_diffusion
 
         jaxdiv.compilation_cache.enable()  # ~/.cache/jaxdiv/xla
-        pipe = jaxdiv.pipelines.sd.load("path/to/sd2-1")  # its programs compile once
+        pipe = stable_diffusion.load("path/to/stable-diffusion-2-1-base")
+        # ... its programs compile in the first process and load in the next
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
