@@ -215,3 +215,24 @@ def test_one_device_sharded_index_is_the_exact_search():
     got = repulsion(q, idx, 1.0)
     np.testing.assert_array_equal(np.asarray(got.count), np.asarray(ref.count))
     np.testing.assert_allclose(np.asarray(got.delta), np.asarray(ref.delta), rtol=1e-6, atol=1e-6)
+
+
+def test_repeated_nearest_searches_compile_once():
+    """Leak counts call the search once per batch, eagerly: new queries of the same shape
+    (and the same k) must not compile again, sharded or not."""
+    from jaxdiv.guidance.spell import radius_search as rs
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None)
+    pts = np.random.default_rng(2).normal(size=(200, 8)).astype(np.float32)
+    sidx = build_sharded_index(pts, _mesh(), block_size=32)
+    single = rs.build_index(pts, 32)
+    queries = [jnp.asarray(np.random.default_rng(s).normal(size=(4, 8)), jnp.float32)
+               for s in range(3)]  # fmt: skip
+    for search in (lambda q: nearest(q, sidx, k=2), lambda q: rs.nearest(q, single, k=2)):
+        search(queries[0]).distances.block_until_ready()
+        before = len(compiles)
+        for q in queries[1:]:
+            search(q).distances.block_until_ready()
+        assert len(compiles) == before, compiles[before:]

@@ -396,7 +396,7 @@ def nearest(queries, index: ShieldIndex, k: int = 1, *, exclude_ids=None) -> Nea
     if not isinstance(index, ShieldIndex):
         raise TypeError(f"index must be a ShieldIndex (build_index), got {type(index).__name__}")
     exclude_ids = check_nearest_args(q, index, k, exclude_ids)
-    distances, indices = nearest_core(q - index.centre, index, k, exclude_ids)
+    distances, indices = _nearest_program(q - index.centre, index, int(k), exclude_ids)
     return Nearest(distances, indices)
 
 
@@ -452,6 +452,10 @@ def nearest_core(qc, index: ShieldIndex, k: int, exclude_ids=None, id_offset=0):
     exact = jnp.where(jnp.isfinite(cand_d), exact, jnp.inf)
     neg, pos = lax.top_k(-exact, int(min(k, kc)))
     return -neg, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+# one compile per (shapes, k): eager calls (leak counts per batch) otherwise re-trace the scan
+_nearest_program = jax.jit(nearest_core, static_argnames=("k",))
 
 
 class IVFIndex(NamedTuple):

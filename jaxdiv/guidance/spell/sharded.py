@@ -19,6 +19,7 @@ multi-process run each process reads only the rows of its own devices.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -309,13 +310,20 @@ def nearest(queries, index: ShardedShieldIndex, k: int = 1, *, exclude_ids=None)
     exclude_ids = check_nearest_args(q, index.index, k, exclude_ids)
     if k > index.num_shields:
         raise ValueError(f"k must be at most the number of shields {index.num_shields}, got {k}")
+    distances, indices = _nearest_program(q - index.index.centre, exclude_ids, index, int(k))
+    return Nearest(distances, indices)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _nearest_program(qc, exclude_ids, index: ShardedShieldIndex, k: int):
+    """:func:`nearest`'s program: one compile per (shapes, ``k``, mesh) -- an eager
+    ``shard_map`` of a fresh closure would compile anew on every call."""
     axis, rep = index.axis, P()
-    excl = exclude_ids if exclude_ids is not None else ()
+    excluded = exclude_ids is not None
 
     def local(qc, excl, shard):
         offset = lax.axis_index(axis) * shard.points.shape[0] * shard.points.shape[1]
-        dist, ids = nearest_core(qc, shard, k, excl if exclude_ids is not None else None,
-                                 offset)  # fmt: skip
+        dist, ids = nearest_core(qc, shard, k, excl if excluded else None, offset)
         # (B, n k') from every device's k' = min(k, rows per device) nearest
         dist = lax.all_gather(dist, axis, axis=1, tiled=True)
         ids = lax.all_gather(ids, axis, axis=1, tiled=True)
@@ -325,5 +333,4 @@ def nearest(queries, index: ShardedShieldIndex, k: int = 1, *, exclude_ids=None)
     specs = (rep, rep, ShieldIndex(P(axis), P(axis), P(axis), rep))
     run = jax.shard_map(local, mesh=index.mesh, in_specs=specs, out_specs=(rep, rep),
                         check_vma=False)  # fmt: skip
-    distances, indices = run(q - index.index.centre, excl, index.index)
-    return Nearest(distances, indices)
+    return run(qc, exclude_ids if excluded else (), index.index)
