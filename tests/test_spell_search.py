@@ -149,5 +149,12 @@ def test_bad_inputs():
     ivf = build_ivf(jnp.arange(6.0).reshape(3, 2), 2, key=jax.random.key(0))
     with pytest.raises(ValueError, match="nprobe"):
         ivf_repulsion(jnp.zeros((1, 2)), ivf, 1.0, 3)
+    with pytest.raises(ValueError, match="query_anchors and anchor_scale"):
+        ivf_repulsion(jnp.zeros((1, 2)), ivf, 1.0, 1, query_anchors=jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="query_anchors and anchor_scale"):
+        ivf_repulsion(jnp.zeros((1, 2)), ivf, 1.0, 1, anchor_scale=0.5)
+    with pytest.raises(ValueError, match=r"query_anchors must have shape \(1, 2\)"):
+        ivf_repulsion(jnp.zeros((1, 2)), ivf, 1.0, 1, query_anchors=jnp.zeros((2, 2)),
+                      anchor_scale=0.5)  # fmt: skip
     with pytest.raises(ValueError, match="k must"):
         nearest(jnp.zeros((1, 2)), idx, k=0)

@@ -217,9 +217,10 @@ def test_one_device_sharded_index_is_the_exact_search():
     np.testing.assert_allclose(np.asarray(got.delta), np.asarray(ref.delta), rtol=1e-6, atol=1e-6)
 
 
-def test_repeated_nearest_searches_compile_once():
-    """Leak counts call the search once per batch, eagerly: new queries of the same shape
-    (and the same k) must not compile again, sharded or not."""
+def test_repeated_searches_compile_once():
+    """Leak counts call the search once per batch, eagerly, and a notebook computes
+    repulsion fields the same way: new queries of the same shape (and the same k / radius
+    form) must not compile again, sharded or not."""
     from jaxdiv.guidance.spell import radius_search as rs
 
     compiles = []
@@ -228,11 +229,19 @@ def test_repeated_nearest_searches_compile_once():
     pts = np.random.default_rng(2).normal(size=(200, 8)).astype(np.float32)
     sidx = build_sharded_index(pts, _mesh(), block_size=32)
     single = rs.build_index(pts, 32)
+    ivf = rs.build_ivf(pts, 4, key=jax.random.key(0))
     queries = [jnp.asarray(np.random.default_rng(s).normal(size=(4, 8)), jnp.float32)
                for s in range(3)]  # fmt: skip
-    for search in (lambda q: nearest(q, sidx, k=2), lambda q: rs.nearest(q, single, k=2)):
-        search(queries[0]).distances.block_until_ready()
+    searches = [lambda q, r: nearest(q, sidx, k=2).distances,
+                lambda q, r: rs.nearest(q, single, k=2).distances,
+                lambda q, r: repulsion(q, sidx, r, query_ids=jnp.arange(4) - 1).delta,
+                lambda q, r: rs.repulsion(q, single, r, query_anchors=q,
+                                          shield_anchors=0.5).delta,
+                lambda q, r: rs.ivf_repulsion(q, ivf, r, 2, query_anchors=q,
+                                              anchor_scale=0.5).delta]  # fmt: skip
+    for i, search in enumerate(searches):
+        search(queries[0], 1.5).block_until_ready()
         before = len(compiles)
-        for q in queries[1:]:
-            search(q).distances.block_until_ready()
-        assert len(compiles) == before, compiles[before:]
+        for r, q in zip((1.7, 1.9), queries[1:]):
+            search(q, r).block_until_ready()
+        assert len(compiles) == before, (i, compiles[before:])

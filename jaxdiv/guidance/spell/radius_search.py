@@ -31,6 +31,7 @@ end ``2r`` apart after the correction instead of staying on top of each other.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -272,8 +273,8 @@ def repulsion(
     q, qa, anchor_scale, anchor_blocks = check_repulsion_args(
         queries, index, query_anchors, shield_anchors
     )
-    return repulsion_core(q, index, radius, qa, anchor_scale, anchor_blocks, query_ids,
-                          exact_bytes)  # fmt: skip
+    return _repulsion_program(q, index, radius, qa, anchor_scale, anchor_blocks, query_ids,
+                              int(exact_bytes))  # fmt: skip
 
 
 def check_repulsion_args(queries, index, query_anchors, shield_anchors):
@@ -454,8 +455,10 @@ def nearest_core(qc, index: ShieldIndex, k: int, exclude_ids=None, id_offset=0):
     return -neg, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
-# one compile per (shapes, k): eager calls (leak counts per batch) otherwise re-trace the scan
+# one compile per (shapes, k): eager calls (leak counts per batch, a notebook's repulsion
+# fields) would otherwise re-trace the scans on every call; inside a trace they inline
 _nearest_program = jax.jit(nearest_core, static_argnames=("k",))
+_repulsion_program = jax.jit(repulsion_core, static_argnames=("exact_bytes",))
 
 
 class IVFIndex(NamedTuple):
@@ -550,15 +553,25 @@ def ivf_repulsion(
         raise TypeError(f"nprobe must be an int, got {nprobe!r}")
     if not 1 <= nprobe <= c:
         raise ValueError(f"nprobe must be in [1, num_cells={c}], got {nprobe}")
+    if (query_anchors is None) != (anchor_scale is None):
+        raise ValueError("pass both query_anchors and anchor_scale, or neither")
+    qa = None if query_anchors is None else _as_matrix(query_anchors, "query_anchors")
+    if qa is not None and qa.shape != q.shape:
+        raise ValueError(f"query_anchors must have shape {q.shape}, got {qa.shape}")
+    return _ivf_repulsion_program(q, ivf, radius, qa, anchor_scale, int(nprobe))
+
+
+@partial(jax.jit, static_argnames=("nprobe",))
+def _ivf_repulsion_program(q, ivf: IVFIndex, radius, qa, anchor_scale, nprobe: int):
+    """:func:`ivf_repulsion` on checked arguments, one compile per (shapes, ``nprobe``)."""
     radius = jnp.asarray(radius, jnp.float32)
     r2 = radius * radius
-    qa = None if query_anchors is None else _as_matrix(query_anchors, "query_anchors")
     d2c = (
         jnp.sum(q * q, -1)[:, None]
         + jnp.sum(ivf.centroids**2, -1)[None, :]
         - 2.0 * jnp.dot(q, ivf.centroids.T, precision=_HI)
     )
-    _, probes = lax.top_k(-d2c, int(nprobe))
+    _, probes = lax.top_k(-d2c, nprobe)
 
     def probe(carry, p):
         cell = probes[:, p]
@@ -579,5 +592,5 @@ def ivf_repulsion(
         return (carry[0] + delta, carry[1] + jnp.sum(inside, -1, dtype=jnp.int32)), None
 
     init = (jnp.zeros_like(q), jnp.zeros((q.shape[0],), jnp.int32))
-    (delta, count), _ = lax.scan(probe, init, jnp.arange(int(nprobe)))
+    (delta, count), _ = lax.scan(probe, init, jnp.arange(nprobe))
     return Repulsion(delta, count)

@@ -244,17 +244,24 @@ def repulsion(
     q, qa, anchor_scale, anchor_blocks = check_repulsion_args(
         queries, index.index, query_anchors, shield_anchors
     )
+    return _repulsion_program(q, qa, jnp.asarray(radius, jnp.float32), anchor_scale,
+                              anchor_blocks, query_ids, index, int(exact_bytes))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("exact_bytes",))
+def _repulsion_program(q, qa, radius, anchor_scale, anchor_blocks, query_ids,
+                       index: ShardedShieldIndex, exact_bytes: int) -> Repulsion:  # fmt: skip
+    """:func:`repulsion`'s program: one compile per (shapes, optional arguments given,
+    ``exact_bytes``, mesh) -- an eager ``shard_map`` of a fresh closure compiles anew on
+    every call."""
     axis = index.axis
     rep_spec, shard_spec = P(), P(axis)
     # optional arguments travel as () so shard_map sees a fixed argument structure
-    args = (q, qa if qa is not None else (), jnp.asarray(radius, jnp.float32),
-            anchor_scale if anchor_scale is not None else (),
-            anchor_blocks if anchor_blocks is not None else (),
-            query_ids if query_ids is not None else (), index.index)  # fmt: skip
+    given = [a is not None for a in (qa, anchor_scale, anchor_blocks, query_ids)]
+    args = (q, qa if given[0] else (), radius, anchor_scale if given[1] else (),
+            anchor_blocks if given[2] else (), query_ids if given[3] else (), index.index)  # fmt: skip
     specs = (rep_spec, rep_spec, rep_spec, rep_spec, shard_spec, rep_spec,
              ShieldIndex(shard_spec, shard_spec, shard_spec, rep_spec))  # fmt: skip
-
-    given = [a is not None for a in (qa, anchor_scale, anchor_blocks, query_ids)]
     opt = lambda a, i: a if given[i] else None  # noqa: E731
 
     def local(q, qa, radius, scale, blocks_a, qids, shard):

@@ -287,7 +287,7 @@ def _spell_apply(p: _SpellParams, state: SpellState, x0_hat, ctx):
     if p.reference is not None:
         if isinstance(p.reference, IVFIndex):
             rep = ivf_repulsion(qs, p.reference, r, p.nprobe, query_anchors=qa,
-                                anchor_scale=alpha)  # fmt: skip
+                                anchor_scale=None if qa is None else alpha)  # fmt: skip
         elif isinstance(p.reference, ShardedShieldIndex):
             rep = sharded_repulsion(qs, p.reference, r, query_anchors=qa,
                                     shield_anchors=None if qa is None else alpha,
