@@ -258,8 +258,9 @@ def _repulsion_program(q, qa, radius, anchor_scale, anchor_blocks, query_ids,
     rep_spec, shard_spec = P(), P(axis)
     # optional arguments travel as () so shard_map sees a fixed argument structure
     given = [a is not None for a in (qa, anchor_scale, anchor_blocks, query_ids)]
-    args = (q, qa if given[0] else (), radius, anchor_scale if given[1] else (),
-            anchor_blocks if given[2] else (), query_ids if given[3] else (), index.index)  # fmt: skip
+    qa, scale, blocks_a, qids = (a if g else () for a, g in zip(
+        (qa, anchor_scale, anchor_blocks, query_ids), given))  # fmt: skip
+    args = (q, qa, radius, scale, blocks_a, qids, index.index)
     specs = (rep_spec, rep_spec, rep_spec, rep_spec, shard_spec, rep_spec,
              ShieldIndex(shard_spec, shard_spec, shard_spec, rep_spec))  # fmt: skip
     opt = lambda a, i: a if given[i] else None  # noqa: E731
