@@ -48,7 +48,9 @@ Flag sets (``--flag-sets``, comma-separated names):
 
 ``--pass matmul`` times plain ``jnp.matmul`` against ``torch.matmul`` instead, on
 :data:`MATMUL_SHAPES` (``--shapes sd21`` or ``tiny``), per flag set: whether XLA:CPU's
-products run at PyTorch's rate (:func:`benchmarks.profile_step.gemm_peers`).
+products run at PyTorch's rate (:func:`benchmarks.profile_step.gemm_peers`); ``--dtype
+bfloat16`` times them in bfloat16 (PyTorch's oneDNN runs those on AMX / AVX-512 BF16 units
+where the CPU has them).
 
 Writes ``results/benchmarks/conv.json`` (``--out``) with median [min-max] per shape and
 flag set, the torch / jaxdiv ratio per round, the environment and peak RSS.
@@ -304,7 +306,7 @@ def _child(args) -> None:
     if args.pass_ == "matmul":
         from benchmarks.profile_step import gemm_peers
 
-        rows = gemm_peers(MATMUL_SHAPES[args.shapes], args.rounds)
+        rows = gemm_peers(MATMUL_SHAPES[args.shapes], args.rounds, args.dtype)
     else:
         measure_fn = measure_input_grad if args.pass_ == "input_grad" else measure
         rows = measure_fn(SHAPES[args.shapes], args.rounds)
@@ -324,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
                         default="forward",
                         help="input_grad: gradient steps on the input in a lax.scan; "
                              "matmul: the UNet step's largest matrix products")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--pass matmul only: the operands' dtype (bfloat16: whether "
+                             "XLA:CPU uses the CPU's bfloat16 units as PyTorch does)")
     parser.add_argument("--winograd-min-tiles", type=float, default=None,
                         help="override jaxdiv.models.convolution.WINOGRAD_MIN_TILES "
                              "(0: Winograd wherever it can run)")
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
             pin_one_core()
         _child(args)
         return {}
+    if args.dtype != "float32" and args.pass_ != "matmul":
+        parser.error(f"--dtype {args.dtype} is taken by --pass matmul only, got --pass "
+                     f"{args.pass_}")  # fmt: skip
     if args.pass_ == "matmul" and args.shapes not in MATMUL_SHAPES:
         parser.error(f"--pass matmul takes --shapes {sorted(MATMUL_SHAPES)}, got {args.shapes}")
     names = [n for n in args.flag_sets.split(",") if n]
@@ -362,9 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
     peers = ("jnp.matmul vs torch.matmul" if args.pass_ == "matmul"
              else "XLA:CPU NHWC vs torch conv2d NCHW (oneDNN)")  # fmt: skip
     threads = "one pinned thread" if args.threads == 1 else "library default threads"
-    result = {"benchmark": f"{what}, float32, {threads}: {peers}, per XLA flag set, "
+    result = {"benchmark": f"{what}, {args.dtype}, {threads}: {peers}, per XLA flag set, "
                            "interleaved",
-              "threads": args.threads, **{option: getattr(args, option) for option in THRESHOLDS},
+              "threads": args.threads, "dtype": args.dtype,
+              **{option: getattr(args, option) for option in THRESHOLDS},
               "pass": args.pass_,
               "command": " ".join(["python -m benchmarks.conv"] + list(argv or sys.argv[1:])),
               "flag_sets": {}}  # fmt: skip
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
             env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "benchmarks.conv", "--child", "--rounds",
                str(args.rounds), "--shapes", args.shapes, "--pass", args.pass_,
-               "--threads", str(args.threads)]  # fmt: skip
+               "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
         for option in THRESHOLDS:
             if getattr(args, option) is not None:
                 cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]

@@ -132,8 +132,11 @@ def thunk_seconds(trace_dir: str) -> dict[str, float]:
     return dict(out)
 
 
-def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: int) -> list:
-    """``jnp.matmul`` vs ``torch.matmul`` on each ``(lhs shape, rhs shape)``, interleaved."""
+def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: int,
+               dtype: str = "float32") -> list:  # fmt: skip
+    """``jnp.matmul`` vs ``torch.matmul`` on each ``(lhs shape, rhs shape)`` in ``dtype``
+    (``"float32"`` or ``"bfloat16"``), interleaved; each one's max abs error to the float64
+    product of the same (rounded) operands, relative to that product's largest entry."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -141,16 +144,23 @@ def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: in
     rng = np.random.default_rng(0)
     rows = []
     for sa, sb in shapes:
-        a = rng.standard_normal(sa).astype(np.float32)
-        b = rng.standard_normal(sb).astype(np.float32)
-        aj, bj, at, bt = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        aj = jnp.asarray(rng.standard_normal(sa), jnp.float32).astype(dtype)
+        bj = jnp.asarray(rng.standard_normal(sb), jnp.float32).astype(dtype)
+        a64 = np.asarray(aj.astype(jnp.float32), np.float64)
+        b64 = np.asarray(bj.astype(jnp.float32), np.float64)
+        at = torch.from_numpy(a64).to(getattr(torch, dtype))
+        bt = torch.from_numpy(b64).to(getattr(torch, dtype))
         f = jax.jit(jnp.matmul)
-        f(aj, bj).block_until_ready()
+        truth = np.matmul(a64, b64)
+        scale = float(np.abs(truth).max())
+        errors = {name: float(np.abs(np.asarray(out, np.float64) - truth).max()) / scale
+                  for name, out in (("jax", f(aj, bj).astype(jnp.float32)),
+                                    ("torch", torch.matmul(at, bt).float().numpy()))}  # fmt: skip
         flops = 2.0 * float(np.prod(sa)) * sb[-1]
         t = interleaved({"jax": lambda f=f, aj=aj, bj=bj: f(aj, bj).block_until_ready(),
                          "torch": lambda at=at, bt=bt: torch.matmul(at, bt)}, rounds)  # fmt: skip
         rows.append({
-            "lhs": list(sa), "rhs": list(sb),
+            "lhs": list(sa), "rhs": list(sb), "dtype": dtype,
             "jax_gflops": flops / t["jax"]["median_s"] / 1e9,
             "torch_gflops": flops / t["torch"]["median_s"] / 1e9,
             "jax_s": t["jax"]["median_s"], "torch_s": t["torch"]["median_s"],
@@ -159,6 +169,7 @@ def gemm_peers(shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], rounds: in
             "rounds": rounds,
             "torch_over_jax": t["torch"]["median_s"] / t["jax"]["median_s"],
             "per_round_torch_over_jax": round_ratio_range(t, "torch", "jax"),
+            "max_rel_error_to_float64": errors,
         })  # fmt: skip
     return rows
 

@@ -104,3 +104,19 @@ def test_matmul_pass_times_products_per_flag_set(tmp_path):
     )
     with pytest.raises(SystemExit):
         conv.main(["--pass", "matmul", "--shapes", "bottom", "--out", str(tmp_path / "x.json")])
+
+
+def test_matmul_pass_in_bfloat16_records_both_errors(tmp_path):
+    out = tmp_path / "bf16.json"
+    conv.main(["--pass", "matmul", "--shapes", "tiny", "--rounds", "1", "--flag-sets",
+               "default", "--dtype", "bfloat16", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16" and "bfloat16" in data["benchmark"]
+    for row in data["flag_sets"]["default"]["rows"]:
+        assert row["dtype"] == "bfloat16"
+        # both round to bfloat16 outputs (8 bits): errors above float32's, below 2^-6
+        errors = row["max_rel_error_to_float64"]
+        assert set(errors) == {"jax", "torch"}
+        assert all(1e-6 < e < 2**-6 for e in errors.values()), errors
+    with pytest.raises(SystemExit):
+        conv.main(["--dtype", "bfloat16", "--out", str(tmp_path / "x.json")])
