@@ -50,7 +50,7 @@ docs: $(STAMP)
 	@echo "open docs/_build/html/index.html"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests
+	$(VENV)/bin/ruff check jaxdiv toy experiments benchmarks tests notebooks
 
 # one-thread comparisons pin the process to one core: XLA:CPU ignores its thread flags
 # (sd_step, sd_generate and conv pin themselves)
