@@ -21,7 +21,17 @@ from pathlib import Path
 _RATIO = re.compile(r"(^|_)(over|ratio|speedup|overhead)(_|$)")
 # fields that tell the rows of one file apart
 _LABELS = ("config", "method", "name", "seq", "latent", "batch", "d", "num_reference",
-           "num_shields", "devices", "threads", "steps")  # fmt: skip
+           "num_shields", "devices", "threads", "steps", "dtype", "lhs", "rhs", "hw",
+           "in_channels", "out_channels", "stride", "path")  # fmt: skip
+
+
+def _label(value) -> str | None:
+    """A row field as it is printed: numbers and strings as they are, shapes as ``8x320``."""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    return None
 
 
 def ratios(tree, where: str = "") -> list[tuple[str, str, float]]:
@@ -33,8 +43,9 @@ def ratios(tree, where: str = "") -> list[tuple[str, str, float]]:
     """
     out = []
     if isinstance(tree, dict):
-        tags = " ".join(f"{k}={tree[k]}" for k in _LABELS
-                        if isinstance(tree.get(k), (str, int, float)))  # fmt: skip
+        # a field already named on the way down (the file's own dtype, say) is not repeated
+        tags = " ".join(tag for k in _LABELS if k in tree and _label(tree[k]) is not None
+                        if (tag := f"{k}={_label(tree[k])}") not in where.split())  # fmt: skip
         here = " ".join(p for p in (where, tags) if p)
         for key, value in tree.items():
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -43,16 +54,27 @@ def ratios(tree, where: str = "") -> list[tuple[str, str, float]]:
             elif isinstance(value, dict) and "config" not in key:
                 out.extend(ratios(value, f"{here} {key}".strip()))
             elif isinstance(value, list):
-                out.extend(ratios(value, key))
+                out.extend(ratios(value, f"{here} {key}".strip()))
     elif isinstance(tree, list):
         for i, item in enumerate(tree):
             out.extend(ratios(item, f"{where}[{i}]"))
     return out
 
 
+def _environment(data: dict) -> dict:
+    """Where a JSON keeps its environment: sd_step under "meta", metrics and gpu_suite under
+    "environment", benchmarks.conv in each flag set's child result (the first one here)."""
+    env = data.get("meta") or data.get("environment")
+    if env or "date" in data:
+        return env or data
+    for value in data.values():
+        if isinstance(value, dict) and (found := _environment(value)) is not value:
+            return found
+    return data
+
+
 def _meta(data: dict) -> str:
-    # sd_step keeps its environment under "meta", metrics and gpu_suite under "environment"
-    env = data.get("meta") or data.get("environment") or data
+    env = _environment(data)
     date = str(env.get("date", "?"))[:10]
     cpu = env.get("cpu", {}).get("model") if isinstance(env.get("cpu"), dict) else None
     rss = env.get("peak_rss_mb")
