@@ -539,6 +539,15 @@ def ivf_repulsion(
     are missed, so the correction may leave samples inside a shield. With ``nprobe`` equal
     to the number of cells it is exact.
 
+    Args:
+        queries: ``(B, d)`` points.
+        ivf: the shields, from :func:`build_ivf`.
+        radius: shield radius ``r > 0`` (scalar, may be traced).
+        nprobe: how many cells, nearest first, each query searches (a Python int).
+        query_anchors: optional ``(B, d)`` anchors for the fallback direction when a query
+            sits exactly on a shield; with ``anchor_scale`` ``s`` (shield anchor ``s z``).
+            Give both or neither.
+
     >>> import jax
     >>> pts = jnp.array([[0.0], [0.1], [5.0], [5.1]])
     >>> ivf = build_ivf(pts, 2, key=jax.random.key(0))
