@@ -10,6 +10,7 @@ import pytest
 
 import jaxdiv
 from jaxdiv import guidance, samplers, schedules
+from jaxdiv.guidance.spell.radius_search import build_index, build_ivf
 from toy.encoder import sphere_encoder
 
 EDM = schedules.edm()
@@ -18,6 +19,11 @@ HEUN = samplers.edm(EDM, 5)
 NOISE = jax.random.normal(jax.random.key(0), (6, 2))
 COND = jnp.linspace(-1.0, 1.0, 12).reshape(6, 2)
 ENC = sphere_encoder(jax.random.key(3), 2)
+# SPELL's reference searches (exact blockwise and IVF) run as their own jitted programs
+# inside the sampler's trace: a new radius must still be a traced leaf there
+_SHIELDS = jax.random.normal(jax.random.key(4), (40, 2))
+EXACT_INDEX = build_index(_SHIELDS, block_size=16)
+IVF_INDEX = build_ivf(_SHIELDS, 4, key=jax.random.key(5))
 
 
 def gaussian_den(x, t, c):
@@ -51,6 +57,12 @@ SWEEPS = {
                  [0.1, 0.2, 0.3, 0.5, 0.7], COND),
     "particle": (lambda s: guidance.particle(s), [0.01, 0.02, 0.05, 0.1, 0.2], None),
     "spell": (lambda r: guidance.spell(radius=r), [0.5, 1.0, 1.5, 2.0, 3.0], None),
+    "spell_reference": (lambda r: guidance.spell(radius=r, reference=EXACT_INDEX,
+                                                 intra_batch=False),
+                        [0.5, 1.0, 1.5, 2.0, 3.0], None),
+    "spell_ivf": (lambda r: guidance.spell(radius=r, reference=IVF_INDEX, nprobe=2,
+                                           intra_batch=False),
+                  [0.5, 1.0, 1.5, 2.0, 3.0], None),
     "spell_lambda": (lambda lam: guidance.spell(radius=1.5, overcompensation=lam),
                      [1.0, 1.2, 1.4, 1.6, 2.0], None),
     "gass": (lambda r: guidance.gass(ENC, ENC.text_emb, r_dep=r, r_ind=r, lr=0.05, max_iters=3,
