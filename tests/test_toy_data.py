@@ -115,3 +115,66 @@ def test_trained_mlp_samples_two_moons(make):
 def test_missing_mlp_params_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_two_moons_mlp"):
         toy.load_two_moons_mlp(schedules.edm(), path=tmp_path / "nope.safetensors")
+
+
+def _corrupt(params, change):
+    p = {k: np.array(v) for k, v in params.items()}  # writable copies
+    change(p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p.pop("b1"), r"missing \['b1'\], unexpected none"),
+        (lambda p: p.update(w9=p["w0"]), r"missing \['w4', 'b4', .*'b9'\]"),
+        (lambda p: p.update(scale=np.ones(2, np.float32)), r"unexpected \['scale'\]"),
+        (lambda p: p.update(w1=p["w1"][:, :5]), r"b1 must have shape \(5,\), got \(16,\)"),
+        (lambda p: p.update(w2=p["w2"][:7]), r"w2 must have shape \(16, out\), got \(7, 16\)"),
+        (lambda p: p.update(b0=p["b0"].astype(np.int32)), "b0 must be a floating tensor"),
+        (lambda p: p["w1"].__setitem__((0, 3), np.nan), "w1 has 1 NaN or inf values of 256"),
+        (lambda p: p.update(w0=p["w0"][2:]), r"w0 must take the 2 data coordinates and 16 "),
+    ],
+)
+def test_a_corrupt_mlp_file_is_refused_naming_the_tensor(tmp_path, change, message):
+    from safetensors.numpy import save_file
+
+    from toy.mlp import init_mlp, load_mlp
+
+    params = init_mlp(jax.random.key(0), hidden=16, depth=3)
+    path = tmp_path / "mlp.safetensors"
+    save_file(_corrupt(params, change), str(path), metadata={"sigma_data": "0.5"})
+    with pytest.raises(ValueError, match=message) as err:
+        load_mlp(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match=message):  # nothing of the kind is ever written
+        toy.mlp.save_mlp(tmp_path / "again.safetensors", _corrupt(params, change), 0.5)
+    assert not (tmp_path / "again.safetensors").exists()
+
+
+@pytest.mark.parametrize("metadata", [None, {"sigma_data": "nan"}, {"sigma_data": "-1"},
+                                      {"sigma_data": "half"}])  # fmt: skip
+def test_mlp_file_without_a_positive_sigma_data_is_refused(tmp_path, metadata):
+    from safetensors.numpy import save_file
+
+    from toy.mlp import init_mlp, load_mlp
+
+    params = {k: np.asarray(v) for k, v in init_mlp(jax.random.key(0), hidden=8).items()}
+    path = tmp_path / "mlp.safetensors"
+    save_file(params, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="sigma_data must be a"):
+        load_mlp(path)
+    with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
+        toy.mlp.save_mlp(path, params, float("nan"))
+
+
+@pytest.mark.parametrize("schedule", [schedules.edm(), schedules.vp_linear(), schedules.flow()])
+def test_mlp_denoiser_is_the_identity_at_zero_noise(schedule):
+    # c_skip = 1, c_out = 0 at sigma = 0; the noise embedding there was log(0) = -inf
+    den = toy.load_two_moons_mlp(schedule)
+    x = jnp.array([[0.3, -1.2], [2.0, 0.5]])
+    t0 = float(schedule.grid(4)[-1])
+    assert float(schedule.sigma(t0)) == 0.0
+    np.testing.assert_array_equal(np.asarray(den(x, t0)), np.asarray(x))
+    jac = jax.jacobian(lambda v: den(v[None], t0)[0])(x[0])
+    np.testing.assert_allclose(np.asarray(jac), np.eye(2), atol=1e-6)
