@@ -71,6 +71,12 @@ class VPSchedule(NamedTuple):
 
     ``alpha(t)^2 = alphas_cumprod[t]``; fractional ``t`` interpolates ``alphas_cumprod``
     linearly (exact at integers); ``t = -1`` is the clean endpoint (``alpha = 1``).
+
+    >>> s = vp_linear()                                  # Stable Diffusion's is scaled_linear
+    >>> s.num_train_timesteps, float(s.alpha(-1)), float(s.sigma(-1))
+    (1000, 1.0, 0.0)
+    >>> bool(abs(s.alpha(10) ** 2 - s.alphas_cumprod[10]) < 1e-7)
+    True
     """
 
     alphas_cumprod: jax.Array
@@ -264,7 +270,12 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho):
 
 
 class EDMSchedule(NamedTuple):
-    """Variance-exploding process of Karras et al. (2022): ``alpha = 1``, ``sigma = t``."""
+    """Variance-exploding process of Karras et al. (2022): ``alpha = 1``, ``sigma = t``.
+
+    >>> s = edm()
+    >>> float(s.alpha(3.0)), float(s.sigma(3.0)), round(float(s.grid(4)[0]), 3)  # sigma_max
+    (1.0, 3.0, 80.0)
+    """
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -348,7 +359,12 @@ def _check_karras_range(sigma_min: float, sigma_max: float, rho: float) -> None:
 
 
 class FlowSchedule(NamedTuple):
-    """Rectified flow: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``."""
+    """Rectified flow: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``.
+
+    >>> s = flow()
+    >>> float(s.alpha(0.25)), float(s.sigma(0.25))
+    (0.75, 0.25)
+    """
 
     shift: float = 1.0
     num_train_timesteps: int = 1000

@@ -40,6 +40,12 @@ class SphereEncoder(NamedTuple):
         anchor: scalar ``a``: larger means a tighter cap around ``e_t``.
         center: ``(d,)`` data centre ``c``.
         scale: scalar data length scale ``s``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> enc = sphere_encoder(jax.random.key(0), dim_in=2)    # S^15
+    >>> z = enc(jnp.ones((3, 2)))
+    >>> z.shape, bool(jnp.allclose(jnp.linalg.norm(z, axis=-1), 1.0))
+    ((3, 16), True)
     """
 
     w_in: jax.Array

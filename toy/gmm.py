@@ -269,7 +269,15 @@ class GaussianMixture:
 
 
 class GMMDenoiser(NamedTuple):
-    """The exact posterior-mean denoiser of a :class:`GaussianMixture` (a pytree)."""
+    """The exact posterior-mean denoiser of a :class:`GaussianMixture` (a pytree).
+
+    For ``N(0, 1)`` data on the EDM process ``D(x, sigma) = x / (1 + sigma^2)``:
+
+    >>> from jaxdiv import schedules
+    >>> gm = GaussianMixture(jnp.zeros((1, 1)), jnp.ones((1,)))
+    >>> GMMDenoiser(gm, schedules.edm())(jnp.array([[3.0]]), 2.0).tolist()
+    [[0.6000000238418579]]
+    """
 
     mixture: GaussianMixture
     schedule: object

@@ -25,7 +25,17 @@ def _concat_batch(a, b):
 
 
 def needs_cond(name):
-    """An ``init`` that refuses a run without a condition (CFG and CADS need one)."""
+    """An ``init`` that refuses a run without a condition (CFG and CADS need one).
+
+    >>> import jax, jax.numpy as jnp
+    >>> init = needs_cond("my_term")
+    >>> init(jnp.zeros((2, 3)), jnp.ones((2, 4)), jax.random.key(0))
+    ()
+    >>> init(jnp.zeros((2, 3)), None, jax.random.key(0))
+    Traceback (most recent call last):
+    ...
+    ValueError: my_term needs a condition: pass cond= to jaxdiv.sample
+    """
     return Partial(_require_cond, name)
 
 

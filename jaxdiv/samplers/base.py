@@ -24,6 +24,14 @@ __all__ = [
 class Sampler(NamedTuple):
     """A sampler: a time grid plus pure ``init``/``step`` functions run by ``lax.scan``.
 
+    Built by the factories of :mod:`jaxdiv.samplers`; Heun's last step to ``sigma = 0``
+    takes one evaluation, the others two:
+
+    >>> from jaxdiv import samplers, schedules
+    >>> s = samplers.edm(schedules.edm(), 10)
+    >>> s.name, s.num_steps, s.times.shape, s.nfe
+    ('edm', 10, (11,), 19)
+
     Attributes:
         name: the factory's name (for reports; nothing switches on it).
         schedule: the process (a pytree, so schedule parameters can be differentiated).
@@ -167,6 +175,14 @@ def check_times(times, schedule, name: str = "times", clean_end: bool = True):
 
     With ``clean_end=False`` the grid may end at a noisy time (``sigma > 0``, e.g.
     diffusers' ``final_sigmas_type="sigma_min"``); the output then keeps that noise.
+
+    >>> from jaxdiv import schedules
+    >>> check_times([10.0, 1.0, 0.0], schedules.edm()).tolist()
+    [10.0, 1.0, 0.0]
+    >>> check_times([1.0, 10.0, 0.0], schedules.edm())
+    Traceback (most recent call last):
+    ...
+    ValueError: times must be strictly decreasing, got [1.0, 10.0, 0.0]
     """
     if isinstance(times, jax.core.Tracer):
         return jnp.asarray(times, _grid_dtype(times))

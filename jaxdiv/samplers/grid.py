@@ -13,7 +13,16 @@ __all__ = ["default_grid", "exponential_grid", "karras_grid", "uniform_grid"]
 
 def default_grid(schedule, num_steps, times, grid_kwargs, default_steps):
     """``times`` if given (its length fixes ``num_steps``), else ``schedule.grid(num_steps)``
-    with ``num_steps`` defaulting to ``default_steps``."""
+    with ``num_steps`` defaulting to ``default_steps``.
+
+    >>> from jaxdiv import schedules
+    >>> default_grid(schedules.edm(), None, None, {}, 18).shape      # the default: 18 steps
+    (19,)
+    >>> default_grid(schedules.edm(), 3, [5.0, 1.0, 0.0], {}, 18)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_steps=3 but times has 3 entries (needs N + 1)
+    """
     if times is not None:
         if grid_kwargs:
             raise ValueError(f"pass either times= or grid options {sorted(grid_kwargs)}, not both")

@@ -28,7 +28,15 @@ class _AdamCarry(NamedTuple):
 def adam_write_back(loss_fn, x0, lr, max_iters, patience, tol):
     """Adam on ``x0`` inside ``lax.while_loop``; stops after ``max_iters`` iterations or when
     the loss has not improved on its reference by more than ``tol`` for ``patience``
-    iterations in a row. Returns the lowest-loss iterate, its loss and the iteration count."""
+    iterations in a row. Returns ``(x, loss0, loss, iterations)``: the lowest-loss iterate,
+    the loss at ``x0``, the lowest loss and the iteration count.
+
+    >>> import jax.numpy as jnp
+    >>> x, loss0, loss, iters = adam_write_back(lambda x: jnp.sum((x - 3.0) ** 2),
+    ...     jnp.zeros(2), lr=0.05, max_iters=1000, patience=20, tol=1e-6)
+    >>> [round(v, 2) for v in x.tolist()], float(loss0), float(loss) < 1e-5, int(iters) < 1000
+    ([3.0, 3.0], 18.0, True, True)
+    """
     import optax  # here, not at module level: `import jaxdiv` must not load optax
 
     opt = optax.adam(lr)

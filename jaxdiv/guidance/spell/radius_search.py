@@ -74,6 +74,13 @@ class ShieldIndex(NamedTuple):
         sq_norms: ``(num_blocks, block_size)`` ``|z - centre|^2``.
         valid: ``(num_blocks, block_size)`` False on padding rows.
         centre: ``(d,)`` the mean of the centres.
+
+    Built by :func:`build_index`; five centres in blocks of two leave one padding row:
+
+    >>> import jax.numpy as jnp
+    >>> idx = build_index(jnp.arange(10.0).reshape(5, 2), block_size=2)
+    >>> idx.dim, idx.block_size, idx.valid.tolist(), idx.centre.tolist()
+    (2, 2, [[True, True], [True, True], [True, False]], [4.0, 5.0])
     """
 
     points: jax.Array
