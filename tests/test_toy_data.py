@@ -32,6 +32,23 @@ def test_empirical_denoiser_equals_brute_force(block_size):
     np.testing.assert_array_equal(np.asarray(den.data), np.asarray(data))
 
 
+@pytest.mark.parametrize("block_size", [7, 10_000])
+@pytest.mark.parametrize("schedule", [schedules.edm(), schedules.vp_linear(), schedules.flow()])
+def test_empirical_denoiser_at_zero_noise_is_the_nearest_point(schedule, block_size):
+    # the limit sigma -> 0 of the softmax weights; 1 / (2 sigma^2) = inf made NaN before
+    data = jax.random.normal(jax.random.key(1), (50, 3))
+    den = toy.EmpiricalDenoiser(data, schedule, block_size=block_size)
+    x = jax.random.normal(jax.random.key(2), (9, 3))
+    t0 = float(schedule.grid(4)[-1])
+    assert float(schedule.sigma(t0)) == 0.0 and float(schedule.alpha(t0)) == 1.0
+    dist = np.linalg.norm(np.asarray(x)[:, None] - np.asarray(data)[None], axis=-1)
+    nearest = np.asarray(data)[dist.argmin(1)]
+    np.testing.assert_array_equal(np.asarray(den(x, t0)), nearest)
+    np.testing.assert_array_equal(np.asarray(den.posterior_mean(x, 1.0, 1e-30)), nearest)
+    jac = jax.jacobian(lambda v: den(v[None], t0)[0])(x[0])  # piecewise constant: zero
+    np.testing.assert_array_equal(np.asarray(jac), np.zeros((3, 3)))
+
+
 def test_empirical_denoiser_memorises():
     data = toy.two_moons(jax.random.key(3), 300)
     sch = schedules.edm()

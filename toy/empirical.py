@@ -15,7 +15,7 @@ class EmpiricalDenoiser:
 
     The optimal denoiser of the empirical distribution of ``data``: it reproduces training
     points (Kadkhodaie et al. 2024), which makes it the toy for data-protection
-    experiments. Computed blockwise over the data with an online (streaming) softmax, so
+    experiments. At ``sigma = 0`` it returns the limit, the nearest point of ``alpha y``. Computed blockwise over the data with an online (streaming) softmax, so
     memory is ``O(B * block_size)`` and 10^5-10^6 points fit.
 
     Args:
@@ -70,18 +70,19 @@ class EmpiricalDenoiser:
                 f"x must have {self.blocks.shape[-1]} features per sample, got shape {shape}"
             )
         alpha = jnp.asarray(alpha, xf.dtype)
-        inv = 1.0 / (2.0 * jnp.asarray(sigma, xf.dtype) ** 2)
+        # finite at sigma = 0, where the weights become the nearest point's (the limit)
+        inv = 0.5 / jnp.maximum(jnp.asarray(sigma, xf.dtype) ** 2, jnp.finfo(xf.dtype).tiny)
         b, d = xf.shape
 
         def block(carry, inputs):
             m, l, acc = carry
             y, ok = inputs
-            # -|x - a y|^2 / 2s^2 up to the per-row constant |x|^2
-            logits = (2 * alpha * xf @ y.T - alpha**2 * jnp.sum(y * y, -1)) * inv
-            logits = jnp.where(ok, logits, -jnp.inf)
-            m_new = jnp.maximum(m, logits.max(-1))
-            scale = jnp.exp(m - m_new)
-            p = jnp.exp(logits - m_new[:, None])
+            # -|x - a y|^2 up to the per-row constant |x|^2; the running max m is taken
+            # before the scaling by 1 / 2 sigma^2, so a huge scale cannot make inf - inf
+            e = jnp.where(ok, 2 * alpha * xf @ y.T - alpha**2 * jnp.sum(y * y, -1), -jnp.inf)
+            m_new = jnp.maximum(m, e.max(-1))
+            scale = jnp.exp((m - m_new) * inv)
+            p = jnp.exp((e - m_new[:, None]) * inv)
             return (m_new, l * scale + p.sum(-1), acc * scale[:, None] + p @ y), None
 
         init = (jnp.full((b,), -jnp.inf, xf.dtype), jnp.zeros((b,), xf.dtype),
