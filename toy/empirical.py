@@ -15,8 +15,9 @@ class EmpiricalDenoiser:
 
     The optimal denoiser of the empirical distribution of ``data``: it reproduces training
     points (Kadkhodaie et al. 2024), which makes it the toy for data-protection
-    experiments. At ``sigma = 0`` it returns the limit, the nearest point of ``alpha y``. Computed blockwise over the data with an online (streaming) softmax, so
-    memory is ``O(B * block_size)`` and 10^5-10^6 points fit.
+    experiments. At ``sigma = 0`` it returns the limit, the nearest point of ``alpha y``.
+    Computed blockwise over the data with an online (streaming) softmax, so memory is
+    ``O(B * block_size)`` and 10^5-10^6 points fit.
 
     Args:
         data: ``(n, d)`` training points.
