@@ -144,7 +144,8 @@ def _corrupt(params, change):
     "change, message",
     [
         (lambda p: p.pop("b1"), r"missing \['b1'\], unexpected none"),
-        (lambda p: p.update(w9=p["w0"]), r"missing \['w4', 'b4', .*'b9'\]"),
+        (lambda p: p.update(w5=p["w0"]), r"missing \['w4', 'b4', 'b5'\], unexpected none"),
+        (lambda p: p.update(w999999999=p["w0"]), "reach layer 999999999 but the file holds"),
         (lambda p: p.update(scale=np.ones(2, np.float32)), r"unexpected \['scale'\]"),
         (lambda p: p.update(w1=p["w1"][:, :5]), r"b1 must have shape \(5,\), got \(16,\)"),
         (lambda p: p.update(w2=p["w2"][:7]), r"w2 must have shape \(16, out\), got \(7, 16\)"),

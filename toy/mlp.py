@@ -157,6 +157,11 @@ def _check_mlp(arrays: dict, sigma_data: float, where: str) -> None:
         raise ValueError(f"{where}: sigma_data must be a finite number > 0, got {sigma_data}")
     layers = [int(m.group(1)) for m in map(re.compile(r"[wb](\d+)").fullmatch, arrays) if m]
     n = max(layers, default=-1) + 1
+    if n > len(arrays):  # a stray large index: say so rather than list its gap
+        raise ValueError(
+            f"{where}: tensor names reach layer {n - 1} but the file holds only "
+            f"{len(arrays)} tensors (one pair w<i>, b<i> per layer, i = 0, 1, ...)"
+        )
     expected = {f"{p}{i}" for i in range(n) for p in "wb"}
     missing = sorted(expected - set(arrays), key=_layer_order)
     unexpected = sorted(set(arrays) - expected)
