@@ -131,8 +131,8 @@ def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(f"{pipe.path}/vae").eval()
-    images = np.asarray(jax.random.uniform(jax.random.key(4), (2, 3, 16, 16), minval=-1,
-                                           maxval=1))  # fmt: skip
+    images = np.array(jax.random.uniform(jax.random.key(4), (2, 3, 16, 16), minval=-1,
+                                         maxval=1))  # fmt: skip  (a writable copy for torch)
     with torch.no_grad():
         mean = vae.encode(torch.from_numpy(images)).latent_dist.mean.numpy()
     want = (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
