@@ -128,6 +128,15 @@ def load_mlp(path):
     A file whose tensors :func:`mlp_apply` could not run (missing, unexpected, mis-shaped
     or non-floating tensors), or with NaN/inf values or a missing or non-positive
     ``sigma_data``, is refused with a ``ValueError`` naming the file and the tensor.
+
+    >>> import tempfile
+    >>> from safetensors.numpy import save_file
+    >>> path = Path(tempfile.mkdtemp()) / "half.safetensors"
+    >>> save_file({"w0": np.ones((18, 2), np.float32)}, str(path), {"sigma_data": "0.5"})
+    >>> load_mlp(path)
+    Traceback (most recent call last):
+    ...
+    ValueError: '...half.safetensors': expected one pair ... missing ['b0'], unexpected none
     """
     from safetensors import safe_open
 
