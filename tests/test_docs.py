@@ -81,6 +81,27 @@ def test_every_public_function_has_a_runnable_example():
     assert not lacking, f"public functions without a runnable example: {lacking}"
 
 
+def test_every_function_a_submodule_exports_has_a_runnable_example():
+    """The same for every module of ``jaxdiv`` and ``toy``, documented pages or not (names a
+    submodule lists in ``__all__`` are public even where its package does not re-export
+    them, e.g. ``jaxdiv.guidance.base.guided_denoise``)."""
+    import pkgutil
+
+    import jaxdiv
+    import toy
+
+    lacking = []
+    for pkg in (jaxdiv, toy):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            mod = importlib.import_module(info.name)
+            for attr in getattr(mod, "__all__", []):
+                obj = getattr(mod, attr)
+                if (inspect.isfunction(obj) and obj.__module__ == mod.__name__
+                        and ">>>" not in (inspect.getdoc(obj) or "")):  # fmt: skip
+                    lacking.append(f"{info.name}.{attr}")
+    assert not lacking, f"public functions without a runnable example: {lacking}"
+
+
 def test_readme_and_guide_links_point_at_files_that_exist():
     """Relative links and images of the README and the guide resolve (anchors aside)."""
     broken = []
