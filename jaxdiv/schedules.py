@@ -72,7 +72,7 @@ class VPSchedule(NamedTuple):
     ``alpha(t)^2 = alphas_cumprod[t]``; fractional ``t`` interpolates ``alphas_cumprod``
     linearly (exact at integers); ``t = -1`` is the clean endpoint (``alpha = 1``).
 
-    >>> s = vp_linear()                                  # Stable Diffusion's is scaled_linear
+    >>> s = vp_linear()                      # DDPM's; Stable Diffusion's: vp_scaled_linear()
     >>> s.num_train_timesteps, float(s.alpha(-1)), float(s.sigma(-1))
     (1000, 1.0, 0.0)
     >>> bool(abs(s.alpha(10) ** 2 - s.alphas_cumprod[10]) < 1e-7)
