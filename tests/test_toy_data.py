@@ -196,3 +196,14 @@ def test_mlp_denoiser_is_the_identity_at_zero_noise(schedule):
     np.testing.assert_array_equal(np.asarray(den(x, t0)), np.asarray(x))
     jac = jax.jacobian(lambda v: den(v[None], t0)[0])(x[0])
     np.testing.assert_allclose(np.asarray(jac), np.eye(2), atol=1e-6)
+
+
+def test_save_mlp_leaves_only_the_file(tmp_path):
+    from toy.mlp import init_mlp, load_mlp, save_mlp
+
+    params = init_mlp(jax.random.key(0), hidden=8)
+    for scale in (1.0, 2.0):  # the second save replaces the first in place
+        save_mlp(tmp_path / "mlp.safetensors", {k: scale * v for k, v in params.items()}, 0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.safetensors"]
+    loaded, _ = load_mlp(tmp_path / "mlp.safetensors")
+    np.testing.assert_array_equal(np.asarray(loaded["w0"]), 2.0 * np.asarray(params["w0"]))

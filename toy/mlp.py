@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -116,10 +117,14 @@ def save_mlp(path, params, sigma_data: float):
     _check_mlp({k: np.asarray(v) for k, v in params.items()}, sigma_data, "params")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # one temp name per process: two writers never interleave their bytes in one file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     arrays = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    save_file(arrays, str(tmp), metadata={"sigma_data": repr(float(sigma_data))})
-    tmp.replace(path)
+    try:
+        save_file(arrays, str(tmp), metadata={"sigma_data": repr(float(sigma_data))})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_mlp(path):
