@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import distributed, validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
@@ -81,7 +82,7 @@ def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
     sampler, denoiser, terms = combine(dynamic, spec)
     # the grid in the run's precision: float32, float64 for a float64 run (x64 mode)
-    run_dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(noise.dtype, jnp.float32))
+    run_dtype = working_dtype(noise)
     sampler = sampler._replace(times=sampler.times.astype(run_dtype))
     n = sampler.num_steps
     times = sampler.times

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
+from jaxdiv.dtypes import as_float, working_dtype
 
 __all__ = [
     "VPSchedule",
@@ -51,19 +52,6 @@ __all__ = [
 def _is_abstract(t) -> bool:
     """True for a shape-only stand-in (``jax.eval_shape``) whose values do not exist."""
     return isinstance(t, jax.ShapeDtypeStruct)
-
-
-def _default_float():
-    """float32, or float64 in x64 mode: grids built under x64 keep float64 precision."""
-    return jnp.result_type(float)
-
-
-def _real(t):
-    """``t`` as a float array in at least float32, keeping float64 (x64 runs)."""
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        return t.astype(_default_float())
-    return t.astype(jnp.promote_types(t.dtype, jnp.float32))
 
 
 class VPSchedule(NamedTuple):
@@ -261,12 +249,12 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho):
     """
     validation.integer("num_steps", num_steps, minimum=1)
     if num_steps == 1:
-        return jnp.reshape(_real(sigma_max), (1,))
-    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=_default_float())
-    inv_rho = 1.0 / _real(rho)
-    lo = _real(sigma_min) ** inv_rho
-    hi = _real(sigma_max) ** inv_rho
-    return (hi + ramp * (lo - hi)) ** _real(rho)
+        return jnp.reshape(as_float(sigma_max), (1,))
+    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=working_dtype(float))
+    inv_rho = 1.0 / as_float(rho)
+    lo = as_float(sigma_min) ** inv_rho
+    hi = as_float(sigma_max) ** inv_rho
+    return (hi + ramp * (lo - hi)) ** as_float(rho)
 
 
 class EDMSchedule(NamedTuple):
@@ -288,19 +276,19 @@ class EDMSchedule(NamedTuple):
 
     def alpha(self, t):
         """``1``, vectorised over ``t``."""
-        return jnp.ones_like(_real(t))
+        return jnp.ones_like(as_float(t))
 
     def sigma(self, t):
         """``t``, vectorised."""
-        return _real(t)
+        return as_float(t)
 
     def noise_level(self, t):
         """``sigma / alpha = t``."""
-        return _real(t)
+        return as_float(t)
 
     def t_of_noise_level(self, level):
         """Identity: the EDM time is the noise level."""
-        return _real(level)
+        return as_float(level)
 
     def init_noise_scale(self, t):
         """``sigma(t_0)``: Karras Alg. 2 line 1, ``x_0 ~ N(0, sigma_max^2 I)``."""
@@ -376,20 +364,20 @@ class FlowSchedule(NamedTuple):
 
     def alpha(self, t):
         """``1 - t``."""
-        return 1.0 - _real(t)
+        return 1.0 - as_float(t)
 
     def sigma(self, t):
         """``t``."""
-        return _real(t)
+        return as_float(t)
 
     def noise_level(self, t):
         """``t / (1 - t)``."""
-        t = _real(t)
+        t = as_float(t)
         return t / (1.0 - t)
 
     def t_of_noise_level(self, level):
         """``t = level / (1 + level)``."""
-        level = _real(level)
+        level = as_float(level)
         return level / (1.0 + level)
 
     def init_noise_scale(self, t):
@@ -399,7 +387,7 @@ class FlowSchedule(NamedTuple):
 
     def apply_shift(self, s):
         """SD3 time shift ``s' = k s / (1 + (k - 1) s)`` (Esser et al. 2024, Eq. 23)."""
-        k = _real(self.shift)
+        k = as_float(self.shift)
         return k * s / (1.0 + (k - 1.0) * s)
 
     def grid(self, num_steps: int):
@@ -413,9 +401,9 @@ class FlowSchedule(NamedTuple):
         [0.11091, 0.00893, 0.0]
         """
         validation.integer("num_steps", num_steps, minimum=1)
-        smin = self.apply_shift(_real(1.0 / self.num_train_timesteps))
-        smax = self.apply_shift(_real(1.0))
-        s = jnp.linspace(smax, smin, num_steps, dtype=_default_float())
+        smin = self.apply_shift(as_float(1.0 / self.num_train_timesteps))
+        smax = self.apply_shift(as_float(1.0))
+        s = jnp.linspace(smax, smin, num_steps, dtype=working_dtype(float))
         s = self.apply_shift(s)
         return jnp.concatenate([s, jnp.zeros((1,), s.dtype)])
 

@@ -10,9 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "jaxdiv"
 
 # DESIGN.md: schedules, predictions, metrics, models < samplers, guidance < sample < recipes
-# < pipelines; validation and sphere sit at the bottom, testing at the top.
+# < pipelines; validation, dtypes and sphere sit at the bottom, testing at the top.
 RANK = {
     "validation": 0,
+    "dtypes": 0,
     "sphere": 0,
     "pytrees": 0,
     "distributed": 0,

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import as_float
 from toy.gmm import GaussianMixture
 
 __all__ = ["ConditionalGaussianMixture", "ConditionalGMMDenoiser", "ring_of_classes"]
@@ -66,11 +67,11 @@ class ConditionalGaussianMixture:
     """
 
     def __init__(self, means, covs, labels, class_embeddings, weights=None, temperature=1.0):
-        means = jnp.asarray(means, jnp.float32)
+        means = as_float(means)
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d), got {means.shape}")
         k, d = means.shape
-        covs = jnp.asarray(covs, jnp.float32)
+        covs = as_float(covs)
         if covs.shape == (k,):
             covs_diag = jnp.broadcast_to(covs[:, None], (k, d))
         elif covs.shape == (k, d):
@@ -86,12 +87,12 @@ class ConditionalGaussianMixture:
                 f"labels must be an integer array of shape (K,)=({k},), got "
                 f"{labels.dtype} {labels.shape}"
             )
-        class_embeddings = jnp.asarray(class_embeddings, jnp.float32)
+        class_embeddings = as_float(class_embeddings)
         if class_embeddings.ndim != 2:
             raise ValueError(
                 f"class_embeddings must have shape (C, m), got {class_embeddings.shape}"
             )
-        weights = jnp.full((k,), 1.0 / k) if weights is None else jnp.asarray(weights, jnp.float32)
+        weights = jnp.full((k,), 1.0 / k) if weights is None else as_float(weights)
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape (K,)=({k},), got {weights.shape}")
         if isinstance(temperature, jax.core.Tracer) or not float(temperature) > 0:
@@ -153,10 +154,10 @@ class ConditionalGaussianMixture:
         >>> ring_of_classes().null_condition(3).shape
         (3, 4)
         """
-        return jnp.zeros((n, self.cond_dim), jnp.float32)
+        return jnp.zeros((n, self.cond_dim), self.class_embeddings.dtype)
 
     def _check_y(self, y):
-        y = jnp.asarray(y, jnp.float32)
+        y = as_float(y)
         if y.ndim < 1 or y.shape[-1] != self.cond_dim:
             raise ValueError(
                 f"condition y must have last dimension m={self.cond_dim}, got shape {y.shape}"

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import as_float
+
 __all__ = ["EmpiricalDenoiser"]
 
 
@@ -32,7 +34,7 @@ class EmpiricalDenoiser:
     """
 
     def __init__(self, data, schedule, block_size: int = 4096):
-        data = jnp.asarray(data, jnp.float32)
+        data = as_float(data)
         if data.ndim != 2 or data.shape[0] < 1:
             raise ValueError(f"data must have shape (n, d) with n >= 1, got {data.shape}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

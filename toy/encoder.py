@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import as_float
+
 __all__ = ["SphereEncoder", "sphere_encoder"]
 
 
@@ -135,10 +137,10 @@ def sphere_encoder(
     for name, v in (("anchor", anchor), ("frequency", frequency)):
         if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    center = jnp.zeros((dim_in,)) if center is None else jnp.asarray(center, jnp.float32)
+    center = jnp.zeros((dim_in,)) if center is None else as_float(center)
     if center.shape != (dim_in,):
         raise ValueError(f"center must have shape (dim_in,)=({dim_in},), got {center.shape}")
-    scale = jnp.asarray(scale, jnp.float32)
+    scale = as_float(scale)
     if scale.ndim != 0 or not bool(scale > 0):
         raise ValueError(f"scale must be a scalar > 0, got {scale}")
     k_in, k_b, k_out, k_t = jax.random.split(key, 4)
@@ -147,4 +149,4 @@ def sphere_encoder(
     w_out = jax.random.normal(k_out, (hidden, dim_out)) / math.sqrt(hidden * dim_out)
     e_t = jax.random.normal(k_t, (dim_out,))
     e_t = e_t / jnp.linalg.norm(e_t)
-    return SphereEncoder(w_in, b_in, w_out, e_t, jnp.float32(anchor), center, scale)
+    return SphereEncoder(w_in, b_in, w_out, e_t, as_float(anchor), center, scale)

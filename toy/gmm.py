@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import as_float
+
 __all__ = ["GaussianMixture", "GMMDenoiser"]
 
 _COV_KINDS = ("full", "diag", "iso")
@@ -50,11 +52,11 @@ class GaussianMixture:
     """
 
     def __init__(self, means, covs, weights=None):
-        means = jnp.asarray(means, jnp.float32)
+        means = as_float(means)
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d), got {means.shape}")
         k, d = means.shape
-        covs = jnp.asarray(covs, jnp.float32)
+        covs = as_float(covs)
         if covs.shape == (k, d, d):
             kind = "full"
         elif covs.shape == (k, d):
@@ -66,7 +68,7 @@ class GaussianMixture:
                 f"covs must have shape (K, d, d)=({k}, {d}, {d}) full, (K, d)=({k}, {d}) "
                 f"diagonal or (K,)=({k},) isotropic, got {covs.shape}"
             )
-        weights = jnp.full((k,), 1.0 / k) if weights is None else jnp.asarray(weights, jnp.float32)
+        weights = jnp.full((k,), 1.0 / k) if weights is None else as_float(weights)
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape (K,)=({k},), got {weights.shape}")
         if _concrete(means, covs, weights):

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import working_dtype
+
 __all__ = ["MLPDenoiser", "init_mlp", "mlp_apply", "load_two_moons_mlp", "save_mlp", "load_mlp"]
 
 TWO_MOONS_PARAMS = Path(__file__).parent / "params" / "two_moons_mlp.safetensors"
@@ -99,7 +101,8 @@ class MLPDenoiser(NamedTuple):
 
 
 def save_mlp(path, params, sigma_data: float):
-    """Write parameters to a safetensors file (atomically: temp file, then rename).
+    """Write parameters to a safetensors file (atomically: temp file, then rename), in
+    float32, or float64 where they are float64 (x64 mode).
 
     Parameters :func:`mlp_apply` could not run, or NaN/inf in them or in ``sigma_data``,
     are refused before anything is written.
@@ -114,12 +117,14 @@ def save_mlp(path, params, sigma_data: float):
     """
     from safetensors.numpy import save_file
 
-    _check_mlp({k: np.asarray(v) for k, v in params.items()}, sigma_data, "params")
+    arrays = {k: np.asarray(v) for k, v in params.items()}
+    _check_mlp(arrays, sigma_data, "params")
+    # float32, or float64 for float64 parameters (x64): a reload returns what was saved
+    arrays = {k: a.astype(working_dtype(a), copy=False) for k, a in arrays.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # one temp name per process: two writers never interleave their bytes in one file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    arrays = {k: np.asarray(v, np.float32) for k, v in params.items()}
     try:
         save_file(arrays, str(tmp), metadata={"sigma_data": repr(float(sigma_data))})
         tmp.replace(path)

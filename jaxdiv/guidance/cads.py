@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import GuidanceTerm
 from jaxdiv.guidance.cfg import needs_cond
 
@@ -33,8 +34,9 @@ def cads_gamma(t, tau1, tau2):
     >>> [round(float(cads_gamma(t, 0.6, 0.9)), 4) for t in (0.5, 0.6, 0.75, 0.84, 0.9, 1.0)]
     [1.0, 1.0, 0.5, 0.2, 0.0, 0.0]
     """
-    t = jnp.asarray(t, jnp.float32)
-    return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0).astype(jnp.float32)
+    t = jnp.asarray(t)
+    t = t.astype(working_dtype(t))  # float32, float64 in an x64 run
+    return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0).astype(t.dtype)
 
 
 def cads_time(ctx, time="progress"):
@@ -55,13 +57,16 @@ def cads_time(ctx, time="progress"):
     (0.75, 0.75)
     """
     if callable(time):
-        return jnp.asarray(time(ctx), jnp.float32)
-    if time == "progress":
-        return jnp.asarray(ctx.progress, jnp.float32)
-    if time == "flow":
+        t = time(ctx)
+    elif time == "progress":
+        t = ctx.progress
+    elif time == "flow":
         # sigma / (alpha + sigma) = lambda / (1 + lambda), finite at alpha = 0 (flow t = 1)
-        return jnp.asarray(ctx.sigma / (ctx.alpha + ctx.sigma), jnp.float32)
-    raise ValueError(f"time must be one of {_TIME_MODES} or a callable ctx -> t, got {time!r}")
+        t = ctx.sigma / (ctx.alpha + ctx.sigma)
+    else:
+        raise ValueError(f"time must be one of {_TIME_MODES} or a callable ctx -> t, got {time!r}")
+    t = jnp.asarray(t)
+    return t.astype(working_dtype(t))
 
 
 def _stats(y):

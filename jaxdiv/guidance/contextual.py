@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import GuidanceTerm, no_state
 from jaxdiv.sphere import pow2_inverse_scale
 
@@ -158,7 +159,7 @@ def repel_context(f, eta, inner_steps: int = 100):
     if not jnp.issubdtype(f.dtype, jnp.floating):
         raise TypeError(f"f must be a floating array, got dtype {f.dtype}")
     b = f.shape[0]
-    work = jnp.promote_types(f.dtype, jnp.float32)
+    work = working_dtype(f)
     if b < 2:  # one sample: nothing to repel from
         zero = jnp.zeros((), work)
         return f, zero, zero

@@ -18,14 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import working_dtype
+
 # one definition for the whole library; metric modules reach it as ``_checks.is_concrete``
 from jaxdiv.validation import is_concrete
-
-
-def float_dtype(x) -> np.dtype:
-    """Working dtype: at least float32 (eigh and friends have no half-precision kernels),
-    float64 only when x64 is enabled (the same rule as ``jnp.asarray``)."""
-    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
 def as_float_array(x, name: str):
@@ -42,7 +38,7 @@ def as_float_array(x, name: str):
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
             or arr.dtype == np.bool_ or arr.dtype == jnp.bfloat16):
         raise TypeError(f"`{name}` must have a real numeric dtype; got dtype {arr.dtype}.")
-    dtype = float_dtype(arr)
+    dtype = working_dtype(arr)
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
@@ -111,7 +107,7 @@ def check_features(x, name: str, *, min_rows: int = 1, why: str = "",
 
 def common_dtype(*arrays) -> np.dtype:
     """The floating dtype all ``arrays`` are promoted to."""
-    return float_dtype(jnp.result_type(*[a.dtype for a in arrays]))
+    return working_dtype(jnp.result_type(*[a.dtype for a in arrays]))
 
 
 def check_int(value, name: str, minimum: int) -> int:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.metrics import _checks
 
 
@@ -54,7 +55,7 @@ def _resolve_dtype(dtype, *arrays):
     if dtype is None:
         # Same rule as jnp.asarray: float64 inputs become float32 unless x64 is enabled.
         return jax.dtypes.canonicalize_dtype(
-            jnp.result_type(*[_checks.float_dtype(a) for a in arrays]))
+            jnp.result_type(*[working_dtype(a) for a in arrays]))
     dt = jnp.dtype(dtype)
     if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 4:
         raise ValueError(f"`dtype` must be float32 or float64; got {dt}.")

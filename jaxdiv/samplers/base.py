@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv.dtypes import working_dtype
+
 __all__ = [
     "Sampler",
     "FirstOrderOptions",
@@ -185,7 +187,7 @@ def check_times(times, schedule, name: str = "times", clean_end: bool = True):
     ValueError: times must be strictly decreasing, got [1.0, 10.0, 0.0]
     """
     if isinstance(times, jax.core.Tracer):
-        return jnp.asarray(times, _grid_dtype(times))
+        return jnp.asarray(times, working_dtype(times))
     arr = np.asarray(times, np.float64)
     if arr.ndim != 1 or arr.shape[0] < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {arr.shape}")
@@ -201,12 +203,4 @@ def check_times(times, schedule, name: str = "times", clean_end: bool = True):
             f"{name} must end at the clean endpoint t={schedule.t_clean} (sigma=0), "
             f"got t={arr[-1]} with sigma={end_sigma}"
         )
-    return jnp.asarray(times, _grid_dtype(times))
-
-
-def _grid_dtype(times):
-    """float32, or float64 for a float64 grid in x64 mode (the run keeps its precision)."""
-    dtype = times.dtype if hasattr(times, "dtype") else np.asarray(times).dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.result_type(float)
-    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+    return jnp.asarray(times, working_dtype(times))

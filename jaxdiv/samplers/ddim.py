@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.samplers.base import (
     FirstOrderOptions,
     Sampler,
@@ -71,7 +72,7 @@ def _check_targets(times, targets, schedule):
     lo = getattr(schedule, "t_clean", None)
     if lo is not None and np.any(g < lo):
         raise ValueError(f"targets must be >= the clean endpoint {lo}, got {g.tolist()}")
-    dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(np.asarray(times).dtype, jnp.float32))
+    dtype = working_dtype(np.asarray(times))
     return jnp.asarray(times, dtype), jnp.asarray(targets, dtype)
 
 

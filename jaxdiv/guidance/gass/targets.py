@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.sphere import principal_direction, unit
 
 __all__ = ["AXES", "gass_targets", "spherical_targets", "spp_loss"]
@@ -42,7 +43,7 @@ def _check_emb(emb, text_emb):
             raise ValueError("emb and text_emb must be finite (got NaN or inf)")
         if not np.any(t_np != 0):
             raise ValueError("text_emb has zero norm; it must define a direction")
-    dtype = jnp.promote_types(jnp.promote_types(emb.dtype, text_emb.dtype), jnp.float32)
+    dtype = working_dtype(jnp.promote_types(emb.dtype, text_emb.dtype))
     return emb.astype(dtype), text_emb.astype(dtype)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import GuidanceTerm, run_if, step_indices, window
 from jaxdiv.guidance.gass.targets import (
     check_axes,
@@ -260,7 +261,7 @@ def _gass_apply(st: _Settings, text_emb, r_dep, r_ind, lr, tol, state, x0_hat, c
     y = x0_hat if st.write_space is None else st.write_space[0](x0_hat)
     emb = _encode(st.encoder, text_emb, y)
     # targets in >= float32: their QR has no bfloat16 / float16 kernel (CPU LAPACK, cuSolver)
-    wide = jnp.promote_types(emb.dtype, jnp.float32)
+    wide = working_dtype(emb)
     targets, _, u, delta = draw_targets(
         ctx.key, emb.astype(wide), text_emb.astype(wide), r_dep, r_ind, st.num_directions,
         st.renormalize, st.axes,

@@ -197,7 +197,10 @@ def _tie_directions(qid, zid, d, symmetric):
     base = jax.random.key(_TIE_SEED)
 
     def one(i, k):
-        v = jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, i), k), (d,))
+        # float32 whatever jax_enable_x64 says: the search is float32 (a float64 draw
+        # would change the directions and break the lax.cond branches' types)
+        v = jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, i), k), (d,),
+                              jnp.float32)
         return v * lax.rsqrt(jnp.maximum(jnp.sum(v * v), jnp.finfo(v.dtype).tiny))
 
     u = jax.vmap(jax.vmap(one))(a, b)

@@ -59,6 +59,7 @@ from jax import lax
 from jax.tree_util import Partial
 
 from jaxdiv import validation
+from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import GuidanceTerm
 from jaxdiv.guidance.spell.radius_search import (
     DEFAULT_BLOCK_SIZE,
@@ -320,9 +321,12 @@ def _spell_apply(p: _SpellParams, state: SpellState, x0_hat, ctx):
         feats_new = p.feature_map(x_new).reshape(b, -1).astype(jnp.float32)
         residual = jnp.where(active, _norm(feats_new - target), 0.0)
     else:
-        # where(): rows outside every shield keep x0_hat bit for bit (sparsity)
-        x_new = jnp.where(active[:, None], x0f + lam * delta, x0f)
-        x_new = x_new.astype(x0_hat.dtype).reshape(x0_hat.shape)
+        # where(): rows outside every shield keep x0_hat bit for bit (sparsity); the shift
+        # is added at float32 or x0_hat's precision, whichever is wider (float64 under x64)
+        wide = working_dtype(x0_hat)
+        x_flat = x0_hat.reshape(b, -1)
+        moved_rows = (x_flat.astype(wide) + lam * delta.astype(wide)).astype(x0_hat.dtype)
+        x_new = jnp.where(active[:, None], moved_rows, x_flat).reshape(x0_hat.shape)
         feats_new = None
 
     if p.memory_size:

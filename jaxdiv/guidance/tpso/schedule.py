@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxdiv.dtypes import as_float
+
 __all__ = ["tpso_alpha", "tpso_alphas"]
 
 
@@ -18,8 +20,7 @@ def tpso_alpha(step, num_steps, ratio):
     >>> [round(float(tpso_alpha(i, 10, 0.4)), 4) for i in range(5)]
     [1.0, 0.6667, 0.3333, 0.0, 0.0]
     """
-    step = jnp.asarray(step, jnp.float32)
-    ratio = jnp.asarray(ratio, jnp.float32)
+    step, ratio = as_float(step), as_float(ratio)
     n = jnp.floor(jnp.abs(ratio) * num_steps)
     i = jnp.where(ratio < 0, num_steps - 1 - step, step)
     ramp = jnp.where(n > 1, 1.0 - i / jnp.maximum(n - 1.0, 1.0), 1.0)
