@@ -70,9 +70,17 @@ def cads_time(ctx, time="progress"):
 
 
 def _stats(y):
-    """Per-sample mean and (population) std over all non-batch axes."""
+    """Per-sample mean and (population) std over all non-batch axes.
+
+    The std of a constant sample is 0 with gradient 0 (``jnp.std``'s is NaN there: sqrt'(0)
+    = inf times 0), so ``jax.grad`` through CADS stays finite for a condition that is
+    constant per sample, e.g. every one-dimensional condition.
+    """
     axes = tuple(range(1, y.ndim))
-    return jnp.mean(y, axes, keepdims=True), jnp.std(y, axes, keepdims=True)
+    mean = jnp.mean(y, axes, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axes, keepdims=True)
+    pos = var > 0
+    return mean, jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
 
 
 def _anneal(y, z, gamma, noise_scale, psi, rescale):
