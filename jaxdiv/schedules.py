@@ -106,7 +106,7 @@ class VPSchedule(NamedTuple):
 
     def _abar(self, t):
         self.check_times(t)
-        t = jnp.asarray(t, jnp.float32)
+        t = as_float(t)
         ext = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod])
         return _interp_unit_grid(t, -1.0, ext)
 
@@ -124,8 +124,9 @@ class VPSchedule(NamedTuple):
 
     def t_of_noise_level(self, level):
         """Inverse of :meth:`noise_level` (piecewise linear between integer timesteps)."""
-        grid = jnp.arange(-1, self.num_train_timesteps, dtype=jnp.float32)
-        return jnp.interp(jnp.asarray(level, jnp.float32), self.noise_level(grid), grid)
+        level = as_float(level)
+        grid = jnp.arange(-1, self.num_train_timesteps, dtype=level.dtype)
+        return jnp.interp(level, self.noise_level(grid), grid)
 
     def init_noise_scale(self, t):
         """Scale of the initial noise: 1, as in diffusers (``x_T = noise``)."""
@@ -159,7 +160,7 @@ class VPSchedule(NamedTuple):
             )
         if ts.max() > T - 1:
             raise ValueError(f"steps_offset={steps_offset} pushes timesteps past T-1={T - 1}")
-        return jnp.asarray(np.append(ts, -1), jnp.float32)
+        return as_float(np.append(ts, -1).astype(np.float64))
 
 
 def _interp_unit_grid(x, x0: float, fp):
@@ -194,8 +195,8 @@ def vp_from_betas(betas, name: str = "vp") -> VPSchedule:
     if not np.all((betas > 0) & (betas < 1)):
         raise ValueError("betas must lie in (0, 1)")
     # float64 cumprod then float32, as diffusers does (torch.cumprod on float32 betas
-    # differs only in the last ulp; we match the float64 value).
-    return VPSchedule(jnp.asarray(np.cumprod(1.0 - betas), jnp.float32), name)
+    # differs only in the last ulp; we match the float64 value); float64 kept under x64
+    return VPSchedule(as_float(np.cumprod(1.0 - betas)), name)
 
 
 def vp_linear(beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000) -> VPSchedule:

@@ -166,3 +166,21 @@ def test_cads_schedule_in_float64():
         g = cads_gamma(0.75, 0.6, 0.9)
         assert g.dtype == jnp.float64
         assert float(g) == pytest.approx((0.9 - 0.75) / (0.9 - 0.6), abs=1e-15)
+
+
+def test_vp_schedule_in_float64_and_float32_runs_stay_float32():
+    # SD's scaled-linear betas, float32 as in diffusers; their cumulative product in float64
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float32) ** 2
+    abar = np.cumprod(1.0 - betas.astype(np.float64))
+    with jax.enable_x64(True):
+        sch = schedules.vp_scaled_linear()
+        assert sch.alphas_cumprod.dtype == jnp.float64 and sch.grid(4).dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(sch.alpha(10.5)),
+                                   np.sqrt(0.5 * (abar[10] + abar[11])), rtol=1e-14)  # fmt: skip
+        assert float(sch.t_of_noise_level(sch.noise_level(123.0))) == pytest.approx(123.0, 1e-9)
+        gm = toy.GaussianMixture(_ring(), np.full(8, 0.05))
+        for dtype in (jnp.float32, jnp.float64):
+            out = jaxdiv.sample(samplers.dpmpp_2m(sch, 5), gm.denoiser(sch),
+                                jnp.ones((3, 2), dtype), key=jax.random.key(0))  # fmt: skip
+            assert out.x0.dtype == dtype
+    assert schedules.vp_scaled_linear().alphas_cumprod.dtype == jnp.float32
