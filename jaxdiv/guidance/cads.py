@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from jaxdiv import validation
-from jaxdiv.dtypes import working_dtype
+from jaxdiv.dtypes import as_float
 from jaxdiv.guidance.base import GuidanceTerm
 from jaxdiv.guidance.cfg import needs_cond
 
@@ -34,8 +34,7 @@ def cads_gamma(t, tau1, tau2):
     >>> [round(float(cads_gamma(t, 0.6, 0.9)), 4) for t in (0.5, 0.6, 0.75, 0.84, 0.9, 1.0)]
     [1.0, 1.0, 0.5, 0.2, 0.0, 0.0]
     """
-    t = jnp.asarray(t)
-    t = t.astype(working_dtype(t))  # float32, float64 in an x64 run
+    t = as_float(t)  # float32, float64 in an x64 run
     return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0).astype(t.dtype)
 
 
@@ -65,8 +64,7 @@ def cads_time(ctx, time="progress"):
         t = ctx.sigma / (ctx.alpha + ctx.sigma)
     else:
         raise ValueError(f"time must be one of {_TIME_MODES} or a callable ctx -> t, got {time!r}")
-    t = jnp.asarray(t)
-    return t.astype(working_dtype(t))
+    return as_float(t)
 
 
 def _stats(y):
