@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import MALLOC_CHOICES, interleaved, use_malloc
+from benchmarks.timing import MALLOC_CHOICES, interleaved, ready, use_malloc
 from jaxdiv.models import layers
 from jaxdiv.models.layers import attention_core
 
@@ -123,7 +123,7 @@ def measure(
     # the output, then (backward) the three gradients, each as one flat array
     outs = {name: [np.asarray(a) for a in jax.tree.leaves(f(qj, kj, vj))]
             for name, f in jitted.items()}  # fmt: skip
-    fns = {name: functools.partial(_call, f, qj, kj, vj) for name, f in jitted.items()}
+    fns = {name: functools.partial(ready, f, qj, kj, vj) for name, f in jitted.items()}
     row: dict[str, Any] = dict(
         batch=batch, seq_q=seq[0], seq_kv=seq[1], heads=heads, head_dim=dim, dtype="float32",
         kv_block=kv_block, rounds=rounds, backward=backward,
@@ -163,10 +163,6 @@ def measure(
     row["timing"] = "interleaved A B C, median [min-max]"
     row["peak_rss_gb"] = peak_rss_gb()
     return row
-
-
-def _call(f, *args):
-    return jax.block_until_ready(f(*args))
 
 
 def _fmt(row: dict[str, Any]) -> str:

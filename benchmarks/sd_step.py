@@ -64,6 +64,7 @@ from benchmarks.timing import (
     interleaved,
     module_constants,
     pin_one_core,
+    ready,
     round_ratio_range,
     use_malloc,
 )
@@ -260,7 +261,7 @@ def measure_denoiser_step(
         step_variant = jax.jit(lambda *args: step.__wrapped__(*args), compiler_options=options)
         with module_constants(settings):
             out_variant = step_variant(state, xj, tj, cj).block_until_ready()
-        fns[f"jax_{variant}"] = functools.partial(_ready, step_variant, state, xj, tj, cj)
+        fns[f"jax_{variant}"] = functools.partial(ready, step_variant, state, xj, tj, cj)
         jax_variants[variant] = {
             "description": description,
             "settings": {
@@ -318,10 +319,6 @@ def measure_denoiser_step(
 
 def _json_number(value):
     return str(value) if value in (float("inf"), float("-inf")) else value
-
-
-def _ready(fn, *args):
-    return fn(*args).block_until_ready()
 
 
 def call_usage(fn) -> dict[str, float]:

@@ -48,6 +48,19 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: flo
     }
 
 
+def ready(fn, *args):
+    """``fn(*args)``, returned once every output array has been computed (JAX dispatches
+    asynchronously: a timed call must wait for its results).
+
+    >>> import jax.numpy as jnp
+    >>> float(ready(jnp.add, 1.0, 2.0))
+    3.0
+    """
+    import jax
+
+    return jax.block_until_ready(fn(*args))
+
+
 def version(dist: str) -> str | None:
     """The installed version of distribution ``dist``, ``None`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError
