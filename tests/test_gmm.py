@@ -138,3 +138,26 @@ def test_bad_input_errors():
         toy.GaussianMixture(m, jnp.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="last dimension"):
         toy.GaussianMixture(m, jnp.ones(2)).posterior_mean(jnp.ones((3, 5)), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("covs", [
+    np.array([0.0, 1.0]),                                   # isotropic, one point mass
+    np.array([[0.0, 0.0], [1.0, 0.5]]),                     # diagonal
+    np.array([np.zeros((2, 2)), [[1.0, 0.3], [0.3, 0.5]]]),  # full
+])  # fmt: skip
+def test_point_mass_components_at_zero_noise(covs):
+    """A zero-variance component (allowed) made the posterior mean 0 / 0 = NaN at exactly
+    ``sigma = 0``. There ``x_t = alpha x0`` determines ``x0``: ``D = x / alpha``, with
+    Jacobian ``I / alpha``, and the values just above ``sigma = 0`` approach it."""
+    gm = toy.GaussianMixture(np.array([[0.0, 0.0], [2.0, 1.0]]), covs)
+    x = jnp.array([[0.0, 0.0], [0.5, 0.3], [2.0, 1.0], [-1.0, 4.0]])  # incl. both means
+    for alpha in (1.0, 0.8):
+        out = np.asarray(gm.posterior_mean(x, alpha, 0.0))
+        np.testing.assert_array_equal(out, np.asarray(x) / alpha)
+        jac = jax.jacfwd(lambda v, a=alpha: gm.posterior_mean(v[None], a, 0.0)[0])(x[1])
+        np.testing.assert_allclose(jac, np.eye(2) / alpha, rtol=1e-6)
+        # continuity: the Gaussian components move D by O(sigma^2 |x / alpha - mu| / lam)
+        near = np.asarray(gm.posterior_mean(x, alpha, 1e-4))
+        np.testing.assert_allclose(near, out, atol=1e-5)
+    grad = jax.grad(lambda s: jnp.sum(gm.posterior_mean(x, 1.0, s)))(0.0)
+    assert np.isfinite(float(grad))

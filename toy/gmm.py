@@ -235,9 +235,20 @@ class GaussianMixture:
         return jax.nn.softmax(logits, 0).T.reshape(shape[:-1] + (self.num_components,))
 
     def posterior_mean(self, x, alpha, sigma):
-        """Exact ``E[x0 | x_t = x]`` (see module docstring), shape of ``x``."""
+        """Exact ``E[x0 | x_t = x]`` (see module docstring), shape of ``x``.
+
+        At ``sigma = 0`` it is ``x / alpha`` (``x_t`` determines ``x0``), also where a
+        component has a zero variance (a point mass), whose formula is 0 / 0 there.
+
+        >>> gm = GaussianMixture(jnp.array([[0.0], [2.0]]), jnp.array([0.0, 1.0]))
+        >>> gm.posterior_mean(jnp.array([[0.0], [0.5]]), 1.0, 0.0).tolist()
+        [[0.0], [0.5]]
+        """
         xf, shape = self._flat(x)
-        logits, z, var = self._stats(xf, alpha, sigma)
+        clean = jnp.asarray(sigma, xf.dtype) == 0
+        # the formula at sigma = 1 where sigma = 0: no 0 / 0 in the discarded branch or in
+        # its gradient
+        logits, z, var = self._stats(xf, alpha, jnp.where(clean, 1.0, sigma))
         r = jax.nn.softmax(logits, 0)  # (K, B)
         alpha = jnp.asarray(alpha, xf.dtype)
         gain = alpha * self.eigvals / var  # (K, d) or (K,)
@@ -245,7 +256,7 @@ class GaussianMixture:
             out = self.means.T @ (r * (1 - alpha * gain)[:, None]) + (gain @ r)[None] * xf.T
         else:
             out = self.means.T @ r + self._rotate_back(r[:, None, :] * gain[:, :, None] * z)
-        return out.T.reshape(shape)
+        return jnp.where(clean, xf.T / alpha, out).T.reshape(shape)
 
     def score(self, x, alpha, sigma):
         """Exact score ``-sum_k p(k|x) (alpha^2 C_k + sigma^2 I)^{-1} (x - alpha mu_k)``."""
