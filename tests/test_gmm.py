@@ -161,3 +161,6 @@ def test_point_mass_components_at_zero_noise(covs):
         np.testing.assert_allclose(near, out, atol=1e-5)
     grad = jax.grad(lambda s: jnp.sum(gm.posterior_mean(x, 1.0, s)))(0.0)
     assert np.isfinite(float(grad))
+    # a flow's noisy end (alpha = 0, sigma = 1) keeps a finite gradient in alpha too
+    grad = jax.grad(lambda a: jnp.sum(gm.posterior_mean(x, a, 1.0)))(0.0)
+    assert np.isfinite(float(grad))

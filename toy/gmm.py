@@ -256,7 +256,10 @@ class GaussianMixture:
             out = self.means.T @ (r * (1 - alpha * gain)[:, None]) + (gain @ r)[None] * xf.T
         else:
             out = self.means.T @ r + self._rotate_back(r[:, None, :] * gain[:, :, None] * z)
-        return jnp.where(clean, xf.T / alpha, out).T.reshape(shape)
+        # x / alpha only where sigma = 0 (alpha > 0 there); alpha = 0 (a flow's noisy end)
+        # must not reach the division, or its gradient is 0 * inf = NaN
+        clean_x0 = xf.T / jnp.where(clean, alpha, 1.0)
+        return jnp.where(clean, clean_x0, out).T.reshape(shape)
 
     def score(self, x, alpha, sigma):
         """Exact score ``-sum_k p(k|x) (alpha^2 C_k + sigma^2 I)^{-1} (x - alpha mu_k)``."""
