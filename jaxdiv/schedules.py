@@ -160,7 +160,7 @@ class VPSchedule(NamedTuple):
             )
         if ts.max() > T - 1:
             raise ValueError(f"steps_offset={steps_offset} pushes timesteps past T-1={T - 1}")
-        return as_float(np.append(ts, -1).astype(np.float64))
+        return as_float(np.append(ts, -1))
 
 
 def _interp_unit_grid(x, x0: float, fp):

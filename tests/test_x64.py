@@ -184,3 +184,28 @@ def test_vp_schedule_in_float64_and_float32_runs_stay_float32():
                                 jnp.ones((3, 2), dtype), key=jax.random.key(0))  # fmt: skip
             assert out.x0.dtype == dtype
     assert schedules.vp_scaled_linear().alphas_cumprod.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("make, values", [
+    # rescale=False: the toy denoiser reads the condition's mean, which rescaling restores
+    (lambda s: G.chain(G.cads(noise_scale=s, rescale=False), G.cfg(2.0)), [0.1, 0.25, 0.5]),
+    (lambda r: G.spell(r), [0.5, 1.0, 2.0]),
+    (lambda a: G.chain(G.tpso(np.ones((B, M)), ratio=a), G.cfg(2.0)), [0.3, 0.5, 0.8]),
+])  # fmt: skip
+def test_a_float64_sweep_compiles_once(make, values):
+    """The terms' numbers stay traced leaves in x64 mode: a new value never recompiles."""
+    with jax.enable_x64(True):
+        _, sch, den, noise, cond = _setup()
+        s = samplers.ddim(sch, 6)
+
+        def run(v):
+            out = jaxdiv.sample(s, den, jnp.asarray(noise), key=jax.random.key(1),
+                                cond=jnp.asarray(cond), guidance=make(v))  # fmt: skip
+            return np.asarray(out.x0)
+
+        first = run(values[0])
+        before = jaxdiv.compile_count()
+        rest = [run(v) for v in values[1:]]
+        assert jaxdiv.compile_count() == before
+        assert all(r.dtype == np.float64 for r in rest)
+        assert all(np.abs(r - first).max() > 0 for r in rest)  # each value acts

@@ -72,7 +72,7 @@ def _check_targets(times, targets, schedule):
     lo = getattr(schedule, "t_clean", None)
     if lo is not None and np.any(g < lo):
         raise ValueError(f"targets must be >= the clean endpoint {lo}, got {g.tolist()}")
-    dtype = working_dtype(np.asarray(times))
+    dtype = working_dtype(times)
     return jnp.asarray(times, dtype), jnp.asarray(targets, dtype)
 
 
