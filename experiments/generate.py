@@ -58,17 +58,21 @@ knob flag of another method is refused:
   negative CFG branch as in the public code: each image draws one of a pool of
   ``--tpso-null-pool 350`` optimised blank-prompt embeddings (built once per output
   folder, same kappa/lambda/projection, kept in ``tpso_null_pool.npz`` so a rerun reuses
-  it; ``none``: the plain null embedding, the paper's text); SD 1.x/2.x folders only;
+  it; ``none``: the plain null embedding, the paper's text). On SD3 folders both CLIP
+  encoders are optimised, each measured through its own projection (the projection flags
+  are refused), with the public SD3.5 defaults: ``--tpso-lambda 10``,
+  ``--tpso-max-steps 200``, a pool of 300 optimised with lambda 0;
 * ``contextual``: contextual-space repulsion inside the MMDiT (SD3 folders only): the text
   stream after every joint block pushed apart ``--contextual-inner-steps 100`` times with
   scale ``--contextual-eta`` (required: the paper gives a range, 5e2 .. 5e6 on
   SD3.5-Large), during the first ``--contextual-tau 4`` steps.
 
 The method and its knobs are settings: a folder made with other knobs is refused, and the
-same command resumes byte-identically. ``spell``, ``particle``, ``gass``, ``tpso`` and
-``contextual`` couple the images of a batch: an image then depends on its batch -- rows
-``b * bs .. (b + 1) * bs - 1`` of its prompt, padding included, fixed by the settings --
-and a batch with a missing image is generated and written whole.
+same command resumes byte-identically. So is ``--batch-size``: without the flag a rerun
+takes the folder's (a larger ``--n`` then adds images to it). ``spell``, ``particle``,
+``gass``, ``tpso`` and ``contextual`` couple the images of a batch: an image then depends
+on its batch -- rows ``b * bs .. (b + 1) * bs - 1`` of its prompt, padding included, fixed
+by the settings -- and a batch with a missing image is generated and written whole.
 """
 
 from __future__ import annotations
@@ -160,7 +164,6 @@ METHODS = ("none", "spell", "particle", "cads", "interval", "gass", "tpso", "con
 COUPLED = ("spell", "particle", "gass", "tpso", "contextual")
 # methods that run on one pipeline kind only (see KINDS), and why
 ONLY_ON = {
-    "tpso": ("sd", "TPSO on SD3's two CLIP encoders is not available yet"),
     "contextual": ("sd3", "it acts inside an MMDiT's joint blocks"),
 }
 # method -> ((knob, flag, default, kind), ...); the defaults are each paper's for SD
@@ -234,12 +237,16 @@ KNOB_HELP = {
     "--tpso-ratio": "TPSO schedule ratio r: variants fade out over the first int(r N) steps "
                     "(paper: 0.4; 0.3 .. 0.5 recommended)",
     "--tpso-kappa": "TPSO target cosine to the prompt kappa (paper: 0.8)",
-    "--tpso-lambda": "TPSO diversity weight lambda (paper: 1 for SD 1.5 / 2.1, 10 for SD3.5)",
-    "--tpso-max-steps": "TPSO RMSprop steps, at most (public code: 50 for SD 1.5 / 2.1)",
+    "--tpso-lambda": "TPSO diversity weight lambda (paper: 1 for SD 1.5 / 2.1; SD3 folders: "
+                     "10, SD3.5's)",
+    "--tpso-max-steps": "TPSO RMSprop steps, at most (public code: 50 for SD 1.5 / 2.1; SD3 "
+                        "folders: 200, SD3.5's)",
     "--tpso-projection": "TPSO's CLIP text projection folder, or 'none' for the pooled output "
-                         "(default: --clip-projection, else the text encoder's own)",
+                         "(default: --clip-projection, else the text encoder's own; SD 1.x/2.x "
+                         "only: on SD3 each CLIP encoder's own)",
     "--tpso-null-pool": "TPSO negative branch: size of the pool of optimised blank-prompt "
-                        "embeddings, or 'none' for the plain null embedding (public code: 350)",
+                        "embeddings, or 'none' for the plain null embedding (public code: 350 "
+                        "for SD 1.5 / 2.1; SD3 folders: 300, SD3.5's)",
     "--contextual-eta": "contextual repulsion scale eta (required: the paper gives a range, "
                         "5e2 .. 5e6 on SD3.5-Large)",
     "--contextual-inner-steps": "contextual repulsion inner steps M (paper: 100 on SD3.5)",
@@ -303,6 +310,23 @@ def _text_encoder_has_projection(model: str) -> bool:
     return any("WithProjection" in a for a in archs or () if isinstance(a, str))
 
 
+def kind_defaults(method: str, kind: str) -> dict:
+    """Knob defaults that differ on ``kind``'s folders from :data:`METHOD_KNOBS` (the SD
+    1.x/2.x values): TPSO on SD3 takes the public SD3.5 configuration
+    (:data:`jaxdiv.pipelines.tpso_sd3.DEFAULTS` and ``NULL_POOL_DEFAULTS``).
+
+    Example:
+        >>> kind_defaults("tpso", "sd3")
+        {'diversity_weight': 10.0, 'max_steps': 200, 'null_pool': 300}
+    """
+    if (method, kind) != ("tpso", "sd3"):
+        return {}
+    from jaxdiv.pipelines.tpso_sd3 import DEFAULTS, NULL_POOL_DEFAULTS
+
+    return {"diversity_weight": DEFAULTS["diversity_weight"], "max_steps": DEFAULTS["max_steps"],
+            "null_pool": NULL_POOL_DEFAULTS["size"]}  # fmt: skip
+
+
 def method_knobs(method: str, given: dict, model: str, batch_size: int | None = None,
                  image_encoder: bool | None = None) -> dict:  # fmt: skip
     """Check ``method``'s knobs and fill in the defaults, before any model loads.
@@ -319,8 +343,10 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
 
     Returns:
         ``{knob: value}``: numbers, ``"auto"`` for SPELL's radius, and for a projection
-        an absolute folder, ``"text_encoder"`` (the model's own) or ``"none"`` (TPSO on
-        the pooled output).
+        an absolute folder, ``"text_encoder"`` (the model's own; on SD3 each CLIP
+        encoder's own) or ``"none"`` (TPSO on the pooled output). Defaults are the SD
+        1.x/2.x values of :data:`METHOD_KNOBS`, except where :func:`kind_defaults` gives
+        the SD3 folder's.
 
     Raises:
         ValueError: with a one-line message naming the flag.
@@ -331,13 +357,22 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method in ONLY_ON and pipeline_kind(model) != ONLY_ON[method][0]:
+    folder_kind = pipeline_kind(model)
+    if method in ONLY_ON and folder_kind != ONLY_ON[method][0]:
         kind, why = ONLY_ON[method]
         what = "SD3 / SD3.5" if kind == "sd3" else "SD 1.x/2.x"
         raise ValueError(f"--method {method} runs on {what} folders only: {why}")
     own = {f for _, f, _, _ in METHOD_KNOBS[method]}
-    if method == "tpso":
+    own_projection = method == "tpso" and folder_kind == "sd3"
+    if method == "tpso" and not own_projection:
         own.add("--clip-projection")
+    if own_projection:
+        for flag in ("--tpso-projection", "--clip-projection"):
+            if flag in given:
+                raise ValueError(f"{flag} applies to SD 1.x/2.x folders: on SD3 TPSO measures "
+                                 "each CLIP encoder's band through that encoder's own "
+                                 "text_projection")  # fmt: skip
+    defaults = kind_defaults(method, folder_kind)
     for flag in given:
         if flag not in own:
             users = [m for m, ks in METHOD_KNOBS.items() if any(f == flag for _, f, _, _ in ks)]
@@ -346,11 +381,14 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
                              f"not to --method {method}")  # fmt: skip
     knobs = {}
     for knob, flag, default, kind in METHOD_KNOBS[method]:
+        default = defaults.get(knob, default)
         text = given.get(flag)
         if text is None and flag == "--tpso-projection":
             text = given.get("--clip-projection")
         if text is not None:
             knobs[knob] = knob_value(flag, text, kind)
+        elif own_projection and kind == "projection":
+            knobs[knob] = "text_encoder"  # each CLIP encoder's own (tpso_sd3)
         elif kind == "projection":
             if not _text_encoder_has_projection(model):
                 raise ValueError(
@@ -423,28 +461,40 @@ def tpso_null_pool(pipe, knobs: dict, key, path: Path, log=lambda msg: None):
 
     from jaxdiv.guidance.tpso import TPSOResult
     from jaxdiv.pipelines import tpso
+    from jaxdiv.pipelines.tpso_sd3 import ENCODERS, SD3TPSOResult
 
     if knobs["null_pool"] == "none":
         return None
+    sd3 = is_sd3(pipe)
     # what the pool depends on besides the model: a file made otherwise is rebuilt
     made_with = json.dumps({**knobs, "key": np.asarray(jax.random.key_data(key)).tolist()},
                            sort_keys=True)  # fmt: skip
+    # an SD3 pool holds one TPSOResult per CLIP encoder: "clip_l.hidden", ...
+    prefixes = [f"{name}." for name in ENCODERS] if sd3 else [""]
     if path.is_file():
         with np.load(path) as f:
             if "made_with" in f and str(f["made_with"]) == made_with:
-                return TPSOResult(*(jnp.asarray(f[name]) for name in TPSOResult._fields))
+                parts = [TPSOResult(*(jnp.asarray(f[p + name]) for name in TPSOResult._fields))
+                         for p in prefixes]  # fmt: skip
+                return SD3TPSOResult(*parts) if sd3 else parts[0]
     t0 = time.perf_counter()
-    pool = tpso.tpso_null_pool(
-        pipe, key, size=knobs["null_pool"], projection=projection_kernel(pipe, knobs["projection"]),
-        kappa=knobs["kappa"], diversity_weight=knobs["diversity_weight"],
-    )  # fmt: skip
+    if sd3:  # the public SD3.5 protocol: each encoder's own projection, lambda 0
+        projection, weight = None, None
+    else:  # the public SD 1.5 / 2.1 protocol: the conditional kappa and lambda
+        projection = projection_kernel(pipe, knobs["projection"])
+        weight = knobs["diversity_weight"]
+    pool = tpso.tpso_null_pool(pipe, key, size=knobs["null_pool"], projection=projection,
+                               kappa=knobs["kappa"], diversity_weight=weight)  # fmt: skip
+    parts = pool if sd3 else [pool]
+    arrays = {p + name: np.asarray(v) for p, part in zip(prefixes, parts, strict=True)
+              for name, v in part._asdict().items()}  # fmt: skip
     buf = io.BytesIO()
-    np.savez(buf, made_with=np.asarray(made_with),
-             **{name: np.asarray(v) for name, v in pool._asdict().items()})
+    np.savez(buf, made_with=np.asarray(made_with), **arrays)
     run_folder.atomic_write(path, buf.getvalue())
-    log(f"--tpso-null-pool: {pool.hidden.shape[0]} blank-prompt embeddings optimised in "
-        f"{time.perf_counter() - t0:.1f} s ({int(pool.steps)} steps, "
-        f"{int(np.sum(pool.converged))} in the band); saved to {path}")  # fmt: skip
+    steps = "/".join(str(int(part.steps)) for part in parts)
+    log(f"--tpso-null-pool: {parts[0].hidden.shape[0]} blank-prompt embeddings optimised in "
+        f"{time.perf_counter() - t0:.1f} s ({steps} steps, {int(np.sum(pool.converged))} in "
+        f"the band); saved to {path}")  # fmt: skip
     return pool
 
 
@@ -472,6 +522,8 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     Returns:
         ``(guidance or None, cond)``.
     """
+    import jax
+
     from jaxdiv import guidance
     from jaxdiv.pipelines import generation, tpso
 
@@ -483,10 +535,13 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     if method == "interval":
         return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null), cond
     if method == "tpso":
+        # on SD3 each CLIP encoder's own projection (method_knobs refuses a folder there)
+        sd3 = is_sd3(pipe)
+        projection = None if sd3 else projection_kernel(pipe, k["projection"])
+        rows = jax.tree.leaves(cond)[0].shape[0]  # SD3's condition is an SD3Cond
         c = tpso.tpso_conditions(
-            pipe, [prompt], cond.shape[0], key, projection=projection_kernel(pipe, k["projection"]),
-            kappa=k["kappa"], diversity_weight=k["diversity_weight"], max_steps=k["max_steps"],
-            null_pool=null_pool,
+            pipe, [prompt], rows, key, projection=projection, kappa=k["kappa"],
+            diversity_weight=k["diversity_weight"], max_steps=k["max_steps"], null_pool=null_pool,
         )  # fmt: skip
         if cfg == 1.0:  # no CFG: the negative branch is never evaluated
             return guidance.tpso(c.optimized, k["ratio"]), c.cond
@@ -508,6 +563,11 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     else:
         raise ValueError(f"unknown method {method!r}")
     return (term if cfg_term is None else guidance.chain(cfg=cfg_term, **{method: term})), cond
+
+
+def is_sd3(pipe) -> bool:
+    """Whether a loaded pipeline is an SD3 / SD3.5 record (``stable_diffusion_3.load``)."""
+    return hasattr(pipe, "has_t5")
 
 
 def pipeline_kind(model: str) -> str:
@@ -651,6 +711,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         )
     if any(not s.strip() for s in args.prompt):
         p.error("--prompt: prompts must be non-empty")
+    # a defaulted batch size gives way to an earlier run's in --out (images depend on it)
+    args.batch_size_given = args.batch_size is not None
     if args.batch_size is None:
         args.batch_size = min(args.n, 4)
     given = given_knobs(args)
@@ -782,6 +844,16 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
             "choose another --out or delete the folder"
         )
     return meta
+
+
+def _earlier_batch_size(out: Path) -> int | None:
+    """The ``batch_size`` setting of the run recorded in ``out/metadata.json``, if any
+    (:func:`check_existing` reports an unreadable file)."""
+    try:
+        size = json.loads((out / "metadata.json").read_text())["settings"]["batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
 
 def _runs_of(meta: dict) -> list:
@@ -929,7 +1001,7 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
 
     if pipe.encode_image is None:
         raise RunError("the pipeline has no image encoder (no image_encoder folder)")
-    if hasattr(pipe, "has_t5"):  # SD3: CLIP-L's own projected text_embeds
+    if is_sd3(pipe):  # CLIP-L's own projected text_embeds
         if projection != "text_encoder":
             raise RunError("--clip-projection is not supported with SD3 folders: their CLIP-L "
                            "text encoder has its own projection (pair it with the image "
@@ -975,6 +1047,11 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
 
     out = Path(args.out)
     multi, lead = procs.multi, procs.lead
+    earlier = _earlier_batch_size(out)
+    if not getattr(args, "batch_size_given", True) and earlier not in (None, args.batch_size):
+        log(f"--batch-size {earlier}: the batch size {out} was made with (not given; the "
+            f"default min(n, 4) would be {args.batch_size})")  # fmt: skip
+        args.batch_size = earlier
     if lead:  # the other processes of a job write nothing before the "settings" barrier
         leftovers = run_folder.remove_temporaries(out) + run_folder.remove_temporaries(
             out / "images") + run_folder.remove_temporaries(out / PROGRESS_DIR)  # fmt: skip

@@ -27,9 +27,10 @@ projection). A metric that cannot be computed is ``null`` with its reason in
 ``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
 what they need: GASS an image encoder and a projection, TPSO a projection, PG a
 ``--pg-strength`` (no published SD value) and ``--n >= 3``, contextual repulsion an SD3
-folder and a ``--contextual-eta``; on SD3 folders TPSO is skipped (not wired yet), and
-GASS, SPP and the CLIP score use CLIP-L's own projected text embedding (``--image-encoder``
-must then be the vision tower of the same CLIP, ViT-L/14 for the released models).
+folder and a ``--contextual-eta``; on SD3 folders TPSO optimises both CLIP encoders with
+the public SD3.5 defaults, and GASS, SPP and the CLIP score use CLIP-L's own projected
+text embedding (``--image-encoder`` must then be the vision tower of the same CLIP,
+ViT-L/14 for the released models).
 
 For real checkpoints: SD 1.5's text encoder is OpenAI CLIP ViT-L/14's text tower, so
 ``--clip-projection`` is that model's folder (``CLIPModel`` or

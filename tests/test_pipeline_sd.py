@@ -394,6 +394,20 @@ def test_generate_end_to_end_and_resume(tiny, tmp_path, capsys):
     assert (out / "images" / "p001_i0003.png").is_file()
     assert json.loads((out / "metadata.json").read_text())["generated_this_run"] == 2
 
+    # without --batch-size the folder's batch size is used (the default min(n, 4) = 4 is
+    # another setting); one given explicitly must match it
+    at = argv.index("--batch-size")
+    defaulted = with_option(argv[:at] + argv[at + 2 :], "--n", "5")
+    capsys.readouterr()
+    assert generate.main(defaulted) == 0
+    assert "--batch-size 2: the batch size" in capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["settings"]["batch_size"] == 2 and meta["generated_this_run"] == 2
+    assert (out / "images" / "p000_i0002.png").read_bytes() == kept
+    with pytest.raises(SystemExit):
+        generate.main(defaulted + ["--batch-size", "4"])
+    assert "different settings (batch_size: 2 -> 4)" in capsys.readouterr().err
+
     # other settings in the same folder, or a broken model folder: a clear usage error
     with pytest.raises(SystemExit) as exit_info:
         generate.main(with_option(argv, "--cfg", "4"))

@@ -104,7 +104,8 @@ def test_diversity_terms_act_on_the_sd3_condition(pipe):
 
 @pytest.mark.parametrize("method", [["spell", "--spell-radius", "5"],
                                     ["contextual", "--contextual-eta", "50",
-                                     "--contextual-inner-steps", "10", "--contextual-tau", "1"]])
+                                     "--contextual-inner-steps", "10", "--contextual-tau", "1"],
+                                    ["tpso", "--tpso-max-steps", "4", "--tpso-null-pool", "2"]])
 def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, method):
     # the folder's pipeline is already loaded: let generate reuse it instead of reloading
     key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
@@ -116,6 +117,12 @@ def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, me
     meta = json.loads((out / "metadata.json").read_text())
     if method[0] == "contextual":
         assert meta["settings"]["method_knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
+    if method[0] == "tpso":  # the public SD3.5 lambda; each CLIP encoder's own projection
+        assert meta["settings"]["method_knobs"] == {
+            "ratio": 0.4, "kappa": 0.8, "diversity_weight": 10.0, "max_steps": 4,
+            "projection": "text_encoder", "null_pool": 2}  # fmt: skip
+        with np.load(out / "tpso_null_pool.npz") as f:  # one pool per CLIP encoder
+            assert f["clip_l.hidden"].shape[0] == f["clip_g.hidden"].shape[0] == 2
     assert meta["settings"]["sampler"] == "flow_euler"
     assert meta["pipeline"]["prediction_type"] == "flow"
     assert meta["sampler"]["nfe"] == 2 and meta["pipeline"]["latent_shape"][0] == 16
@@ -127,11 +134,37 @@ def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, me
     assert [p.read_bytes() for p in sorted((out / "images").glob("*.png"))] == first
 
 
+def test_tpso_null_pool_file_keeps_both_encoders(pipe, tmp_path):
+    """``generate.tpso_null_pool`` on SD3: the public SD3.5 pool (each encoder's own
+    projection, lambda 0 whatever the conditional lambda) saved with both encoders' results
+    and read back bit for bit; other knobs rebuild it."""
+    from jaxdiv.pipelines import tpso
+
+    knobs = generate.method_knobs("tpso", {"--tpso-max-steps": "3", "--tpso-null-pool": "2"},
+                                  pipe.path)  # fmt: skip
+    key, path = jax.random.key(5), tmp_path / "pool.npz"
+    built = generate.tpso_null_pool(pipe, knobs, key, path)
+    stamp = path.stat().st_mtime_ns
+    loaded = generate.tpso_null_pool(pipe, knobs, key, path)
+    assert path.stat().st_mtime_ns == stamp  # read, not rebuilt
+    direct = tpso.tpso_null_pool(pipe, key, size=2)  # SD3.5 protocol: lambda 0
+    for a, b, c in zip(jax.tree.leaves(built), jax.tree.leaves(loaded), jax.tree.leaves(direct),
+                       strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert type(loaded).__name__ == "SD3TPSOResult"
+    generate.tpso_null_pool(pipe, {**knobs, "kappa": 0.7}, key, path)
+    assert path.stat().st_mtime_ns != stamp
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--sampler", "ddim"], "--sampler ddim does not apply to SD3"),
-        (["--method", "tpso", "--tpso-projection", "none"], "TPSO on SD3's two CLIP encoders"),
+        (["--method", "tpso", "--tpso-projection", "none"],
+         "--tpso-projection applies to SD 1.x/2.x folders"),
+        (["--method", "tpso", "--clip-projection", "."],
+         "--clip-projection applies to SD 1.x/2.x folders"),
         (["--method", "contextual"], "--method contextual needs --contextual-eta"),
         (["--method", "contextual", "--contextual-eta", "5", "--contextual-tau", "0"],
          "--contextual-tau must be an integer >= 1"),
@@ -177,8 +210,8 @@ def test_omitted_static_keywords_do_not_recompile(pipe):
 
 def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path, monkeypatch):
     """``experiments.sd_methods`` on an SD3 folder with a CLIP vision tower given by
-    ``--image-encoder`` of CLIP-L's projection width: flow Euler, contextual repulsion in
-    the table, TPSO skipped with its reason, every metric finite (SPP and CLIP score on
+    ``--image-encoder`` of CLIP-L's projection width: flow Euler, contextual repulsion and
+    TPSO (both CLIP encoders) in the table, every metric finite (SPP and CLIP score on
     CLIP-L's own projected text embedding). GASS is left out: the tiny CLIP-L's 5-wide
     embedding leaves 4 directions, fewer than the CLI's 10."""
     import math
@@ -198,16 +231,17 @@ def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path,
     argv = ["--model", pipe.path, "--prompts", str(prompts), "--n", "3", "--steps", "2",
             "--cfg", "3", "--out", str(out), "--image-encoder", str(vision),
             "--contextual-eta", "50", "--contextual-inner-steps", "10",
-            "--contextual-tau", "1", "--methods", "none,spell,tpso,contextual"]  # fmt: skip
+            "--contextual-tau", "1", "--tpso-max-steps", "3", "--tpso-null-pool", "3",
+            "--methods", "none,spell,tpso,contextual"]  # fmt: skip
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["pipeline"] == "sd3" and res["settings"]["sampler"] == "flow_euler"
-    assert set(res["skipped"]) == {"tpso"}
-    assert "TPSO on SD3's two CLIP encoders" in res["skipped"]["tpso"]
+    assert res["skipped"] == {}
     # SPELL and CADS on the SD3 condition: test_diversity_terms_act_on_the_sd3_condition;
     # PG and interval guidance are the generic terms of tests/test_sd_methods.py. Here: the
     # flow sampler, the SD3 condition per prompt, the model term, the metrics on SD3
-    assert list(res["methods"]) == ["none", "spell", "contextual"]
+    assert list(res["methods"]) == ["none", "spell", "tpso", "contextual"]
+    assert res["methods"]["tpso"]["knobs"]["diversity_weight"] == 10.0  # SD3.5's lambda
     assert res["methods"]["contextual"]["knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
     (row,) = res["prompts"]
     for method, values in row["methods"].items():
