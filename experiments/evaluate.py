@@ -382,8 +382,8 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
                 prdc_k: int = 5) -> dict:  # fmt: skip
     """Per-prompt diversity (and, given ``text`` = {prompt: CLIP text embedding}, CLIP
     score and SPP), pooled means with bootstrap intervals, and the fidelity metrics
-    against ``reference`` features (PRDC with ``prdc_k`` neighbours, when both sets have
-    more than ``prdc_k`` images)."""
+    against ``reference`` features (PRDC with ``prdc_k`` neighbours when both sets have
+    more than ``prdc_k`` images; otherwise ``None`` and the reason in ``prdc_skipped``)."""
     import jax
     import jax.numpy as jnp
 
@@ -424,6 +424,11 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
             pr = metrics.prdc(reference, feats, k=prdc_k)
             pooled.update(precision=float(pr.precision), recall=float(pr.recall),
                           density=float(pr.density), coverage=float(pr.coverage))  # fmt: skip
+        else:  # a k-NN ball needs k other points in its own set
+            pooled.update(precision=None, recall=None, density=None, coverage=None)
+            pooled["prdc_skipped"] = (f"PRDC needs more than --prdc-k {prdc_k} images in both "
+                                      f"sets; this set has {len(feats)}, the reference "
+                                      f"{len(reference)}")  # fmt: skip
         if encoder == "clip":
             pooled["cmmd"] = float(metrics.cmmd(feats, reference))
     return {"pooled": pooled, "per_prompt": per_prompt}
@@ -602,6 +607,8 @@ def run(args: argparse.Namespace) -> dict:
                                                         "method": s.method, "knobs": s.knobs,
                                                         "encoders": {}})  # fmt: skip
             entry["encoders"][e] = m
+            if "prdc_skipped" in m["pooled"]:
+                log(f"{s.name} / {e}: {m['pooled']['prdc_skipped']}")
             rows.append({"set": s.name, "method": s.method, "encoder": e, **m["pooled"]})
     if not procs.lead:
         processes.barrier(procs, "jaxdiv-evaluate-written")

@@ -193,6 +193,7 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         assert (c1["recall"], c1["coverage"], c1["precision"]) == (0.0, 0.5, 1.0)
     assert abs(res["sets"]["diverse"]["encoders"]["clip"]["pooled"]["cmmd"]) < 1e-3
     assert res["sets"]["collapsed"]["method"] == "none"
+    assert "prdc_skipped" not in res["sets"]["collapsed"]["encoders"]["clip"]["pooled"]
     assert "| collapsed | none | dinov2 |" in first["table.md"].decode()
     log = capsys.readouterr().out
     assert "diverse / clip: 8/8 images encoded" in log  # as the reference, first
@@ -231,6 +232,15 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
             capsys.readouterr().out)
     finally:
         edited.write_bytes(original)
+    # with k as large as a set, no ball has k other points: PRDC is null, with the reason
+    capsys.readouterr()
+    assert evaluate.main(_argv(encoders, folders, tmp_path / "k8", "--prdc-k", str(N * 2))) == 0
+    big = json.loads((tmp_path / "k8" / "results.json").read_text())
+    pooled = big["sets"]["collapsed"]["encoders"]["clip"]["pooled"]
+    assert pooled["precision"] is pooled["coverage"] is None and pooled["fd"] is not None
+    why = f"PRDC needs more than --prdc-k {N * 2} images in both sets; this set has {N * 2}"
+    assert pooled["prdc_skipped"].startswith(why)
+    assert why in capsys.readouterr().out
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_path,
