@@ -162,9 +162,11 @@ def plot(rows, samples, ref, path):
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.demo") -> int:
+    """Run the demo from the command line (``jaxdiv demo``); exit 2 for a bad value."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
     p.add_argument("--out", type=Path, default=Path("results/demo"),
                    help="folder for demo.json and demo.png")  # fmt: skip
     p.add_argument("--batches", type=int, default=8, help="batches per method")
@@ -182,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, exact_row, samples, ref, setting = run(args.batches, args.batch, args.seed)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "demo.json", dict(
-            command="python -m experiments.demo " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:]),
+            command=f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             versions=dict(jaxdiv=jaxdiv.__version__, jax=jax.__version__,
                           numpy=np.__version__, python=platform.python_version()),

@@ -163,6 +163,12 @@ def test_generate_errors_name_the_console_command(tmp_path, capsys):
     assert err == "jaxdiv generate: error: --n must be >= 1, got 0\n"
 
 
+def test_demo_errors_name_the_console_command(capsys):
+    code, _, err = _exit_code(["demo", "--batch", "1"], capsys)
+    assert code == 2
+    assert err == "jaxdiv demo: error: --batch must be >= 2, got 1\n"
+
+
 def test_a_missing_command_module_is_reported(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "demo", ("experiments.no_such_module", "x"))
     assert cli.main(["demo"]) == 1
