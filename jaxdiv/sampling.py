@@ -136,6 +136,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
     validation.finite_array("noise", noise)
     if key is None:
         raise TypeError("key is required: pass key=jax.random.key(seed)")
+    validation.prng_key("key", key)
     b = noise.shape[0]
     for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
         shape = np.shape(leaf)

@@ -35,6 +35,7 @@ __all__ = [
     "choice",
     "function",
     "finite_array",
+    "prng_key",
 ]
 
 
@@ -214,3 +215,28 @@ def finite_array(name: str, value, ndim: int | None = None, min_ndim: int | None
         raise ValueError(f"{name} must have >= {min_ndim} dimensions, got shape "
                          f"{tuple(arr.shape)}")  # fmt: skip
     return arr
+
+
+def prng_key(name: str, value):
+    """``value`` if it is one PRNG key: a typed key of shape ``()`` (``jax.random.key``) or
+    the raw ``uint32`` data of one (``jax.random.PRNGKey``); a seed or a batch of keys is
+    refused.
+
+    >>> prng_key("key", jax.random.key(0)).shape
+    ()
+    >>> prng_key("key", jax.random.split(jax.random.key(0), 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: key must be one PRNG key (jax.random.key(seed)), got a batch of keys of shape (4,)
+    """
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if value.shape != ():
+            raise ValueError(f"{name} must be one PRNG key (jax.random.key(seed)), got a batch "
+                             f"of keys of shape {tuple(value.shape)}")  # fmt: skip
+        return value
+    if dtype is not None and dtype == jnp.uint32 and jnp.ndim(value) == 1:
+        return value  # raw key data; its length is the PRNG implementation's
+    what = f"{type(value).__name__} {value!r}" if dtype is None else (
+        f"an array of dtype {dtype} and shape {tuple(jnp.shape(value))}")  # fmt: skip
+    raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got {what}")

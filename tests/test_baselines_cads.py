@@ -116,7 +116,7 @@ def test_pytree_conditions_and_degenerate_rows():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="tau1 < tau2"):
+    with pytest.raises(ValueError, match=r"need tau1 < tau2, got tau1=0.9, tau2=0.6$"):  # as given
         cads(tau1=0.9, tau2=0.6)
     with pytest.raises(ValueError, match=r"psi must be a finite number >= 0 and <= 1, got 1.5"):
         cads(psi=1.5)

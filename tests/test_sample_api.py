@@ -117,6 +117,14 @@ def test_bad_input_errors(gmm2):
         jaxdiv.sample(s, den, jnp.zeros(()), key=k)
     with pytest.raises(TypeError, match="key is required"):
         jaxdiv.sample(s, den, noise, key=None)
+    with pytest.raises(TypeError, match=r"key must be a PRNG key \(jax.random.key\(seed\)\), "
+                                        r"got int 0"):  # fmt: skip
+        jaxdiv.sample(s, den, noise, key=0)
+    with pytest.raises(ValueError, match=r"key must be one PRNG key .* batch of keys of shape "
+                                         r"\(4,\)"):  # fmt: skip
+        jaxdiv.sample(s, den, noise, key=jax.random.split(k, 4))
+    raw = jaxdiv.sample(s, den, noise, key=jax.random.PRNGKey(0)).x0  # the legacy key data
+    np.testing.assert_array_equal(raw, jaxdiv.sample(s, den, noise, key=k).x0)
     with pytest.raises(TypeError, match="sampler must be"):
         jaxdiv.sample("ddim", den, noise, key=k)
     with pytest.raises(TypeError, match="denoiser must be callable"):

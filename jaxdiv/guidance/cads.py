@@ -142,7 +142,7 @@ def cads(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, rescale=True, time="prog
     tau1 = validation.real("tau1", tau1, lo=0, hi=1)
     tau2 = validation.real("tau2", tau2, lo=0, hi=1)
     if validation.is_concrete(tau1, tau2) and not float(tau2) > float(tau1):
-        raise ValueError(f"need tau1 < tau2, got tau1={float(tau1)}, tau2={float(tau2)}")
+        raise ValueError(f"need tau1 < tau2, got tau1={float(tau1):g}, tau2={float(tau2):g}")
     noise_scale = validation.real("noise_scale", noise_scale, lo=0)
     psi = validation.real("psi", psi, lo=0, hi=1)
     rescale = validation.boolean("rescale", rescale)

@@ -44,6 +44,6 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
     lo = validation.real("sigma_lo", sigma_lo, lo=0)
     hi = validation.real("sigma_hi", sigma_hi, lo=0, allow_inf=True)
     if validation.is_concrete(lo, hi) and not float(hi) > float(lo):
-        raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={float(lo)}, "
-                         f"sigma_hi={float(hi)}")  # fmt: skip
+        raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={float(lo):g}, "
+                         f"sigma_hi={float(hi):g}")  # fmt: skip
     return window(cfg(scale, null_cond), noise_level=(lo, hi))._replace(name="interval")

@@ -78,7 +78,7 @@ def _ends(schedule, space, high, low):
     high = d_hi if high is None else validation.real("high", high, lo=0, lo_open=True)
     low = d_lo if low is None else validation.real("low", low, lo=0, lo_open=True)
     if validation.is_concrete(high, low) and not float(high) > float(low):
-        raise ValueError(f"need high > low, got high={float(high)}, low={float(low)}")
+        raise ValueError(f"need high > low, got high={float(high):g}, low={float(low):g}")
     return high, low
 
 
