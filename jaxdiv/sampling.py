@@ -11,6 +11,7 @@ import numpy as np
 from jaxdiv import distributed, validation
 from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
+from jaxdiv.predictions import PredictionDenoiser
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
 
@@ -117,6 +118,38 @@ def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
 _run = jax.jit(_run_impl, static_argnums=(0, 1))
 
 
+def _check_process(sampler, denoiser):
+    """A wrapped network (:func:`~jaxdiv.predictions.as_denoiser`, every pipeline's
+    ``denoiser``) reads ``t`` on its own schedule: the sampler's schedule must give the
+    same ``alpha(t)`` and ``sigma(t)`` at the sampler's times, or every step would move
+    ``x`` on one process while the network denoises another (a silent wrong answer).
+    The grid may differ (a flow ``shift`` only moves the times)."""
+    if not isinstance(denoiser, PredictionDenoiser):
+        return
+    mine, theirs = denoiser.schedule, sampler.schedule
+    if mine is theirs or not validation.is_concrete(sampler.times, mine, theirs):
+        return
+    t = np.asarray(sampler.times, np.float64)
+    names = (f"{getattr(theirs, 'name', type(theirs).__name__)!r}",
+             f"{getattr(mine, 'name', type(mine).__name__)!r}")  # fmt: skip
+    fix = ("build the sampler on the denoiser's schedule (pipe.ddim(N), pipe.edm(N), ... or "
+           "samplers.ddim(denoiser.schedule, N))")
+    try:
+        pairs = [(np.asarray(f(mine)(t), np.float64), np.asarray(f(theirs)(t), np.float64))
+                 for f in (lambda s: s.alpha, lambda s: s.sigma)]  # fmt: skip
+    except ValueError as err:  # the sampler's times lie outside the network's schedule
+        raise ValueError(f"sampler: its schedule {names[0]} has times the denoiser's schedule "
+                         f"{names[1]} does not ({err}); {fix}") from None  # fmt: skip
+    for (want, got), what in zip(pairs, ("alpha", "sigma"), strict=True):
+        if not np.allclose(got, want, rtol=1e-5, atol=1e-7):
+            i = int(np.argmax(np.abs(got - want)))
+            raise ValueError(
+                f"sampler: its schedule {names[0]} is not the process the denoiser reads t on "
+                f"({names[1]}): at t = {t[i]:.6g} {what} is {got[i]:.6g} for the sampler and "
+                f"{want[i]:.6g} for the denoiser; {fix}"
+            )
+
+
 def _check_inputs(sampler, denoiser, noise, key, cond):
     if not isinstance(sampler, Sampler):
         raise TypeError(
@@ -126,6 +159,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
         )
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable (x, t, cond) -> x0_hat, got {type(denoiser)}")
+    _check_process(sampler, denoiser)
     if not hasattr(noise, "shape") or not hasattr(noise, "dtype"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")
     noise = jnp.asarray(noise)

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -53,3 +55,36 @@ def test_as_denoiser_errors():
     # at the clean end (alpha=1, sigma=0) x0_hat = (x - 0 * eps) / 1 is x itself, exactly
     assert float(P.eps_to_x0(0.0, 1.0, 1.0, 0.0)) == 1.0
     assert float(P.eps_to_x0(5.0, -2.5, 1.0, 0.0)) == -2.5
+
+
+def test_sample_refuses_a_sampler_on_another_process_than_the_wrapped_network():
+    """A wrapped network reads t on its own schedule; a sampler on another process would
+    move x on one process while the network denoises another. jaxdiv.sample refuses it,
+    naming both schedules and where alpha differs; the same process (rebuilt, or a flow
+    with another shift, which only moves the grid) runs."""
+    import jax.numpy as jnp
+
+    import jaxdiv
+    from jaxdiv import samplers
+
+    sd = schedules.vp_scaled_linear()
+    den = P.as_denoiser(lambda x, t, c: jnp.zeros_like(x), sd, "epsilon")
+    noise, key = jnp.ones((2, 3)), jax.random.key(0)
+    with pytest.raises(ValueError, match=r"its schedule 'edm' is not the process the denoiser "
+                                         r"reads t on \('vp_scaled_linear'\): at t = 80 alpha "
+                                         r"is 1 for the sampler and 0\.958"):  # fmt: skip
+        jaxdiv.sample(samplers.edm(schedules.edm(), 4), den, noise, key=key)
+    # DDPM's linear betas against SD's scaled-linear ones: same times, other alphas
+    with pytest.raises(ValueError) as info:
+        jaxdiv.sample(samplers.ddim(schedules.vp_linear(), 4), den, noise, key=key)
+    t, got, want = map(float, re.search(r"at t = (\S+) alpha is (\S+) for the sampler and "
+                                        r"(\S+) for the denoiser", str(info.value)).groups())
+    assert got == pytest.approx(float(schedules.vp_linear().alpha(t)), rel=1e-5)
+    assert want == pytest.approx(float(sd.alpha(t)), rel=1e-5) and abs(got - want) > 0.1
+    ok = jaxdiv.sample(samplers.ddim(schedules.vp_scaled_linear(), 4), den, noise, key=key).x0
+    np.testing.assert_array_equal(ok, jaxdiv.sample(samplers.ddim(sd, 4), den, noise, key=key).x0)
+    flow = P.as_denoiser(lambda x, t, c: -x, schedules.flow(shift=3.0), "flow")
+    x0 = jaxdiv.sample(samplers.flow_euler(schedules.flow(), 4), flow, noise, key=key).x0
+    assert np.isfinite(np.asarray(x0)).all()
+    with pytest.raises(ValueError, match=r"its schedule 'vp_scaled_linear' .* \('flow'\)"):
+        jaxdiv.sample(samplers.ddim(sd, 4), flow, noise, key=key)
