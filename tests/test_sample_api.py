@@ -140,3 +140,43 @@ def test_bad_input_errors(gmm2):
     with pytest.raises(ValueError, match=r"guidance_state .* dict with keys \['cfg'\], got \(\)"):
         jaxdiv.sample(s, den, noise, key=k, guidance=guidance.cfg(2.0), guidance_state=(),
                       cond=jnp.zeros((4, 1)))  # fmt: skip
+
+
+def _key_takers():
+    import toy
+    from jaxdiv import metrics
+    from jaxdiv.pipelines import tpso
+    from jaxdiv.testing import example_pipeline
+    from toy.mlp import init_mlp
+
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    ring, gmm = toy.ring_of_classes(), toy.GaussianMixture(jnp.eye(2), jnp.ones(2))
+    return {
+        "GaussianMixture.sample": ("key", lambda k: gmm.sample(k, 3)),
+        "ConditionalGaussianMixture.sample": ("key",
+                                              lambda k: ring.sample(k, 3, ring.condition(0))),
+        "two_moons": ("key", lambda k: toy.two_moons(k, 3)),
+        "init_mlp": ("key", lambda k: init_mlp(k, hidden=4, depth=1)),
+        "metrics.kid": ("`key`", lambda k: metrics.kid(x, x, subset_size=3, key=k)),
+        "metrics.spp": ("`key`", lambda k: metrics.spp(x, x[0], k, num_directions=2)),
+        "pipe.generate": ("key", lambda k: example_pipeline().generate("a", key=k)),
+        "tpso_conditions": ("key", lambda k: tpso.tpso_conditions(
+            example_pipeline(), ["a"], 2, k, projection=False, max_steps=1)),
+        "tpso_null_pool": ("key", lambda k: tpso.tpso_null_pool(
+            example_pipeline(), k, size=2, projection=False, max_steps=1)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["GaussianMixture.sample", "ConditionalGaussianMixture.sample",
+                                  "two_moons", "init_mlp", "metrics.kid", "metrics.spp",
+                                  "pipe.generate", "tpso_conditions", "tpso_null_pool"])
+def test_public_functions_name_a_bad_key(name):
+    """A seed or a batch of keys where one key is expected: an error naming the argument,
+    before any work (JAX's own says 'invalid PRNG key data' or 'fold_in accepts a single
+    key')."""
+    arg, call = _key_takers()[name]
+    with pytest.raises(TypeError, match=rf"^{arg} must be a PRNG key \(jax.random.key\(seed\)\), "
+                                        r"got int 3$"):  # fmt: skip
+        call(3)
+    with pytest.raises(ValueError, match=rf"^{arg} must be one PRNG key .* shape \(2,\)$"):
+        call(jax.random.split(jax.random.key(0), 2))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 from jaxdiv.dtypes import as_float
 from toy.gmm import GaussianMixture
 
@@ -213,7 +214,7 @@ class ConditionalGaussianMixture:
                              f"got {y.shape}")  # fmt: skip
         if y.ndim > 2:
             raise ValueError(f"y must have shape (m,) or (n, m), got {y.shape}")
-        k_lab, k_eps = jax.random.split(key)
+        k_lab, k_eps = jax.random.split(validation.prng_key("key", key))
         logw = jnp.broadcast_to(self.log_weights_given(y), (n, self.num_components))
         comp = jax.random.categorical(k_lab, logw, axis=-1)
         eps = jax.random.normal(k_eps, (n, self.dim))

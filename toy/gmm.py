@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 from jaxdiv.dtypes import as_float
 
 __all__ = ["GaussianMixture", "GMMDenoiser"]
@@ -139,7 +140,7 @@ class GaussianMixture:
         >>> gm.sample(jax.random.key(0), 5).shape
         (5, 3)
         """
-        k_lab, k_eps = jax.random.split(key)
+        k_lab, k_eps = jax.random.split(validation.prng_key("key", key))
         labels = jax.random.categorical(k_lab, jnp.log(self.weights), shape=(n,))
         eps = jax.random.normal(k_eps, (n, self.dim))
         scale = jnp.sqrt(self.eigvals)

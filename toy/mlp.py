@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiv import validation
 from jaxdiv.dtypes import working_dtype
 
 __all__ = ["MLPDenoiser", "init_mlp", "mlp_apply", "load_two_moons_mlp", "save_mlp", "load_mlp"]
@@ -27,6 +28,7 @@ def init_mlp(key, dim: int = 2, hidden: int = 128, depth: int = 3):
     >>> [tuple(params[f"w{i}"].shape) for i in range(3)]   # 2 + 16 noise features in
     [(18, 16), (16, 16), (16, 2)]
     """
+    key = validation.prng_key("key", key)
     sizes = [dim + 2 * NUM_FREQS] + [hidden] * depth + [dim]
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):

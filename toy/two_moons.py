@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdiv import validation
+
 __all__ = ["two_moons"]
 
 
@@ -18,6 +20,7 @@ def two_moons(key, n: int, noise: float = 0.05):
     >>> two_moons(jax.random.key(0), 6).shape
     (6, 2)
     """
+    validation.prng_key("key", key)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if not noise >= 0:

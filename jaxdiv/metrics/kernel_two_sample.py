@@ -260,6 +260,7 @@ def _kid_inputs(X, Y, *, num_subsets=100, subset_size=1000, key=None, degree=3,
     if key is None:
         raise ValueError("`key` is required to draw the random subsets (or pass explicit "
                          "`subsets`).")
+    validation.prng_key("`key`", key)
     num_subsets = _checks.check_int(num_subsets, "num_subsets", 1)
     subset_size = _checks.check_int(subset_size, "subset_size", 2)
     if subset_size > min(n, m):

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdiv import validation
 from jaxdiv.metrics import _checks
 from jaxdiv.sphere import principal_direction, unit
 
@@ -94,7 +95,7 @@ def principal_residual_direction(key, emb, text_emb, num_directions: int = 10) -
       (True, 1.0)
     """
     e, t, num_directions = _check_inputs(emb, text_emb, num_directions)
-    return _direction_core(key, e, t, num_directions=num_directions)
+    return _direction_core(validation.prng_key("`key`", key), e, t, num_directions=num_directions)
 
 
 def spp(emb, text_emb, key, num_directions: int = 10) -> SPPResult:
@@ -126,7 +127,7 @@ def spp(emb, text_emb, key, num_directions: int = 10) -> SPPResult:
       1.0
     """
     e, t, num_directions = _check_inputs(emb, text_emb, num_directions)
-    return _spp_core(e, t, key, num_directions=num_directions)
+    return _spp_core(e, t, validation.prng_key("`key`", key), num_directions=num_directions)
 
 
 def _spp_inputs(emb, text_emb, key=None, num_directions: int = 10):

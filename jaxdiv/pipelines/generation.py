@@ -245,6 +245,7 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
+    validation.prng_key("key", key)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)

@@ -210,6 +210,7 @@ def tpso_null_pool(
         >>> pool.hidden.shape
         (4, 16, 32)
     """
+    validation.prng_key("key", key)
     if _is_sd3(pipe):
         from jaxdiv.pipelines import tpso_sd3
 
@@ -291,6 +292,7 @@ def tpso_conditions(
         >>> c.cond.shape, c.optimized.shape, c.null_optimized is None
         ((3, 16, 32), (3, 16, 32), True)
     """
+    validation.prng_key("key", key)
     if _is_sd3(pipe):
         from jaxdiv.pipelines import tpso_sd3
 
