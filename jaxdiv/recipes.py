@@ -90,6 +90,7 @@ def spell_batched(
     if not hasattr(noise, "shape"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")
     n = noise.shape[0] if np.ndim(noise) >= 1 else 0
+    validation.prng_key("key", key)
     batch_size = validation.integer("batch_size", batch_size, 1)
     if n < 1 or n % batch_size:
         raise ValueError(

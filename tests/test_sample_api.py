@@ -144,7 +144,7 @@ def test_bad_input_errors(gmm2):
 
 def _key_takers():
     import toy
-    from jaxdiv import metrics
+    from jaxdiv import metrics, recipes
     from jaxdiv.pipelines import tpso
     from jaxdiv.testing import example_pipeline
     from toy.mlp import init_mlp
@@ -162,6 +162,9 @@ def _key_takers():
         "pipe.generate": ("key", lambda k: example_pipeline().generate("a", key=k)),
         "tpso_conditions": ("key", lambda k: tpso.tpso_conditions(
             example_pipeline(), ["a"], 2, k, projection=False, max_steps=1)),
+        "spell_batched": ("key", lambda k: recipes.spell_batched(
+            samplers.ddim(schedules.edm(), 2), lambda x, t, c: x, x, key=k, radius=1.0,
+            batch_size=3)),
         "tpso_null_pool": ("key", lambda k: tpso.tpso_null_pool(
             example_pipeline(), k, size=2, projection=False, max_steps=1)),
     }  # fmt: skip
@@ -169,7 +172,8 @@ def _key_takers():
 
 @pytest.mark.parametrize("name", ["GaussianMixture.sample", "ConditionalGaussianMixture.sample",
                                   "two_moons", "init_mlp", "metrics.kid", "metrics.spp",
-                                  "pipe.generate", "tpso_conditions", "tpso_null_pool"])
+                                  "pipe.generate", "tpso_conditions", "tpso_null_pool",
+                                  "spell_batched"])
 def test_public_functions_name_a_bad_key(name):
     """A seed or a batch of keys where one key is expected: an error naming the argument,
     before any work (JAX's own says 'invalid PRNG key data' or 'fold_in accepts a single
