@@ -132,8 +132,8 @@ def _check_process(sampler, denoiser):
     t = np.asarray(sampler.times, np.float64)
     names = (f"{getattr(theirs, 'name', type(theirs).__name__)!r}",
              f"{getattr(mine, 'name', type(mine).__name__)!r}")  # fmt: skip
-    fix = ("build the sampler on the denoiser's schedule (pipe.ddim(N), pipe.edm(N), ... or "
-           "samplers.ddim(denoiser.schedule, N))")
+    fix = ("build the sampler on the denoiser's schedule (a pipeline's own pipe.ddim(N), "
+           "pipe.flow_euler(N), ..., or samplers.<name>(denoiser.schedule, N))")
     try:
         pairs = [(np.asarray(f(mine)(t), np.float64), np.asarray(f(theirs)(t), np.float64))
                  for f in (lambda s: s.alpha, lambda s: s.sigma)]  # fmt: skip
