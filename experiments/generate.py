@@ -391,10 +391,12 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
             knobs[knob] = "text_encoder"  # each CLIP encoder's own (tpso_sd3)
         elif kind == "projection":
             if not _text_encoder_has_projection(model):
+                pooled = (", or --tpso-projection none to measure cosines on the pooled "
+                          "output" if method == "tpso" else "")  # fmt: skip
                 raise ValueError(
                     f"--method {method} needs {flag} PATH: a CLIP text model with projection "
                     "(e.g. openai/clip-vit-large-patch14 for SD 1.5, LAION CLIP-ViT-H-14 for "
-                    "SD 2.1), since the model's text encoder has no text_projection"
+                    f"SD 2.1), since the model's text encoder has no text_projection{pooled}"
                 )
             knobs[knob] = "text_encoder"
         elif default is None:

@@ -260,6 +260,8 @@ BAD_KNOBS = {
                    "--gass-max-iters must be an integer >= 1, got 0"),
     "gass-no-projection": (["--method", "gass"], "--method gass needs --clip-projection PATH"),
     "tpso-no-projection": (["--method", "tpso"], "--method tpso needs --tpso-projection PATH"),
+    "tpso-pooled-option": (["--method", "tpso"], "text_projection, or --tpso-projection none "
+                           "to measure cosines on the pooled output\n"),
     "tpso-bad-folder": (["--method", "tpso", "--tpso-projection", "/nonexistent"],
                         "is not a CLIP text model folder"),
     "tpso-kappa": (["--method", "tpso", "--tpso-kappa", "1", "--tpso-projection", "none"],
