@@ -124,6 +124,14 @@ def test_generate_checks_its_inputs(pipe, noise):
         pipe.generate("a", 0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="scale must be a finite number"):
         pipe.generate("a", 1, key=jax.random.key(0), cfg=float("nan"))
+    # a CFG-like term without null_cond would guide away from a zero embedding, not from
+    # the empty prompt's: refused, alone, windowed (interval guidance) or chained
+    for method in (guidance.interval(CFG, 0.5, 5.0), guidance.cfg(CFG),
+                   guidance.chain(guidance.cads(), guidance.interval(CFG, 0.5, 5.0))):
+        with pytest.raises(ValueError, match=r"^method: its '(interval|cfg)' term was built "
+                                             r"without null_cond, .* pass "
+                                             r"null_cond=pipe.null_cond"):  # fmt: skip
+            pipe.generate("a", 1, key=jax.random.key(0), method=method)
 
 
 def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):

@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
 
-__all__ = ["cfg", "CFGInfo", "needs_cond"]
+__all__ = ["cfg", "CFGInfo", "needs_cond", "zero_null"]
 
 
 class CFGInfo(NamedTuple):
@@ -128,3 +128,19 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
         )
     return GuidanceTerm(Partial(_cfg_init, null_cond), Partial(_cfg_apply, scale, null_cond),
                         "denoiser", "cfg")  # fmt: skip
+
+
+def zero_null(term: GuidanceTerm) -> bool:
+    """Whether ``term`` is CFG -- alone or windowed, as interval guidance is -- built
+    without ``null_cond``, so that its unconditional branch is zeros shaped like the
+    condition (right for the toys, wrong for a text encoder's null embedding).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdiv import guidance
+    >>> zero_null(cfg(2.0)), zero_null(guidance.interval(2.0, 0.1, 1.0))
+    (True, True)
+    >>> zero_null(cfg(2.0, null_cond=jnp.ones(3))), zero_null(guidance.cads())
+    (False, False)
+    """
+    init = term.init  # window() wraps only apply
+    return isinstance(init, Partial) and init.func is _cfg_init and init.args[0] is None

@@ -34,6 +34,7 @@ from jax.tree_util import Partial
 
 from jaxdiv import guidance as _guidance
 from jaxdiv import validation
+from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate"]
@@ -211,8 +212,9 @@ def generate(
     it is chained with ``guidance.cfg(cfg, null_cond=pipe.null_cond)`` -- condition terms
     first, then CFG, then ``x0`` terms (:func:`jaxdiv.guidance.chain`). ``cfg=None`` runs
     the conditional model alone. A method that brings its own combination brings its own
-    null too: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)`` (without it the
-    null is a zero embedding, as on the toys).
+    null too: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)``; one built
+    without ``null_cond`` is refused (its null would be a zero embedding, as on the toys,
+    not the empty prompt's).
 
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
@@ -249,6 +251,14 @@ def generate(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
+    for term in () if method is None else _guidance.as_terms(method):
+        if zero_null(term):
+            raise ValueError(
+                f"method: its {term.name!r} term was built without null_cond, so its "
+                "unconditional branch would be a zero embedding, not the empty prompt's; pass "
+                "null_cond=pipe.null_cond (e.g. guidance.interval(w, lo, hi, "
+                "null_cond=pipe.null_cond))"
+            )
     rows = tuple(p for p in prompts for _ in range(n))
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
