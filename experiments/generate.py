@@ -546,7 +546,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
             diversity_weight=k["diversity_weight"], max_steps=k["max_steps"], null_pool=null_pool,
         )  # fmt: skip
         if cfg == 1.0:  # no CFG: the negative branch is never evaluated
-            return guidance.tpso(c.optimized, k["ratio"]), c.cond
+            return guidance.tpso(c.optimized, k["ratio"], original=c.cond), c.cond
         return tpso.tpso_guidance(c, scale=cfg, ratio=k["ratio"]), c.cond
     if method == "cads":
         term = guidance.cads(tau1=k["tau1"], tau2=k["tau2"], noise_scale=k["noise_scale"],

@@ -413,6 +413,23 @@ def test_schedule_on_the_pipeline_both_branches(pipe, pooled_conditions):
     assert jaxdiv.compile_count() - before == 1
 
 
+def test_guidance_refuses_another_prompts_condition(pipe, pooled_conditions):
+    """tpso_guidance knows the condition its variants came from: pipe.generate with the
+    same prompts and n runs (its own encoding of them, equal up to float rounding); other
+    prompts would mix the variants of one prompt into another's embedding and are refused."""
+    _, c = pooled_conditions
+    g = tpso_guidance(c, scale=3.0)
+    key, sampler = jax.random.key(4), pipe.ddim(2)
+    out = pipe.generate(["a photo of a cat", "a dog"], 3, key=key, sampler=sampler, method=g)
+    assert np.all(np.isfinite(out.latents))
+    with pytest.raises(ValueError, match=r"^tpso: cond is not the condition its variants were "
+                                         r"optimised from \(its largest difference is "):
+        pipe.generate(["a dog", "a photo of a cat"], 3, key=key, sampler=sampler, method=g)
+    # a bare term without original= cannot tell (the toys' use)
+    bare = guidance.chain(tpso=guidance.tpso(c.optimized), cfg=guidance.cfg(3.0, pipe.null_cond))
+    pipe.generate(["a dog", "a photo of a cat"], 3, key=key, sampler=sampler, method=bare)
+
+
 _SEEN = []
 
 

@@ -361,5 +361,5 @@ def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4) -> guidance.
     null = c.null_cond
     if c.null_optimized is not None:
         null = guidance.tpso_null(c.null_optimized, c.null_cond, ratio)
-    return guidance.chain(tpso=guidance.tpso(c.optimized, ratio),
+    return guidance.chain(tpso=guidance.tpso(c.optimized, ratio, original=c.cond),
                           cfg=guidance.cfg(scale, null_cond=null))  # fmt: skip

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
@@ -37,11 +38,23 @@ def _check_like(name, optimized, cond, what):
         raise ValueError(f"{name} must have the shape of {what} {want}, got {shapes}")
 
 
-def _tpso_init(optimized, x, cond, key):
+def _tpso_init(optimized, original, x, cond, key):
     if cond is None:
         raise ValueError("tpso needs a condition: pass the prompts' original embedding as "
                          "cond= to jaxdiv.sample")  # fmt: skip
     _check_like("tpso's optimized condition", optimized, cond, "cond")
+    if original is not None and validation.is_concrete(original, cond):
+        _check_like("tpso's original condition", original, cond, "cond")
+        for o, c in zip(jax.tree.leaves(original), jax.tree.leaves(cond), strict=True):
+            o, c = np.asarray(o, np.float64), np.asarray(c, np.float64)
+            # the same prompts give the same embedding up to float rounding; another
+            # prompt differs by O(1) at its content tokens
+            if not np.allclose(c, o, rtol=1e-3, atol=1e-3 * max(np.abs(o).max(), 1e-30)):
+                raise ValueError(
+                    "tpso: cond is not the condition its variants were optimised from (its "
+                    f"largest difference is {np.abs(c - o).max():.3g}): pass the "
+                    "TPSOConditions' own cond (or the same prompts and n to pipe.generate)"
+                )
     return ()
 
 
@@ -54,7 +67,7 @@ def _finite_tree(name, tree):
     return jax.tree.map(lambda a: validation.finite_array(name, a), tree)
 
 
-def tpso(optimized, ratio=0.4) -> GuidanceTerm:
+def tpso(optimized, ratio=0.4, original=None) -> GuidanceTerm:
     """TPSO's condition schedule: ``c_t = alpha_t c' + (1 - alpha_t) c`` (Eq. 10-11).
 
     ``c'`` is the optimised condition (``TPSOResult.hidden``, one row per variant) and ``c``
@@ -70,6 +83,10 @@ def tpso(optimized, ratio=0.4) -> GuidanceTerm:
         optimized: the optimised condition, shaped like ``cond`` (a pytree of arrays).
         ratio: the schedule ratio ``r`` (0.4; the paper recommends 0.3-0.5, a negative
             value injects late). A traced leaf: a sweep compiles once.
+        original: the condition the variants were optimised from
+            (:attr:`~jaxdiv.pipelines.tpso.TPSOConditions.cond`), optional; given, a run
+            whose ``cond`` differs from it beyond float rounding is refused (variants of
+            one prompt mixed into another prompt's embedding).
 
     Returns:
         A "condition"-hook :class:`~jaxdiv.guidance.GuidanceTerm` named ``"tpso"`` with
@@ -85,9 +102,11 @@ def tpso(optimized, ratio=0.4) -> GuidanceTerm:
     [1.0, 0.667, 0.333, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     """
     optimized = _finite_tree("optimized", optimized)
+    if original is not None:
+        original = _finite_tree("original", original)
     ratio = validation.real("ratio", ratio, lo=-1, hi=1)
-    return GuidanceTerm(Partial(_tpso_init, optimized), Partial(_tpso_apply, optimized, ratio),
-                        "condition", "tpso")  # fmt: skip
+    return GuidanceTerm(Partial(_tpso_init, optimized, original),
+                        Partial(_tpso_apply, optimized, ratio), "condition", "tpso")  # fmt: skip
 
 
 def _null_at(optimized, null_cond, ratio, ctx):
