@@ -636,21 +636,22 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale w in diffusers' convention, 1 = no guidance (default: 7.5; "
                         "SD3 7.0, diffusers' defaults)")  # fmt: skip
-    p.add_argument("--eta", type=float, default=0.0,
+    p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta, 0 = deterministic (ddim only; default: 0)")
     p.add_argument(
         "--clean-endpoint",
         action="store_true",
+        default=None,
         help="ddim only: end the grid at sigma = 0 (the output is the last guided x0_hat, "
         "as SPELL's guarantee needs) instead of diffusers' last step to alphas_cumprod[0] "
         "(default: off)",
     )
-    p.add_argument("--s-churn", type=float, default=0.0,
+    p.add_argument("--s-churn", type=float, default=None,
                    help="EDM S_churn, 0 = no churn (edm only; default: 0)")
     p.add_argument(
         "--karras",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="Karras noise levels (dpmpp_* only; default: on)",
     )
     p.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")
@@ -689,6 +690,14 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         what = "SD3 (a rectified flow)" if args.kind == "sd3" else "SD 1.x/2.x folders"
         p.error(f"--sampler {args.sampler} does not apply to {what}; choose from "
                 f"{', '.join(runs)}")  # fmt: skip
+    # a sampler's own flag given with another sampler could never take effect
+    for flag, dest, default, owners in _SAMPLER_FLAGS:
+        value = getattr(args, dest)
+        if value is not None and args.sampler not in owners:
+            p.error(f"{flag} applies to --sampler {' / '.join(owners)} only, not to --sampler "
+                    f"{args.sampler}")  # fmt: skip
+        if value is None:
+            setattr(args, dest, default)
     args.steps = default_steps if args.steps is None else args.steps
     args.cfg = default_cfg if args.cfg is None else args.cfg
     for name in ("steps", "n", "batch_size", "height", "width"):
@@ -713,6 +722,12 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         )
     if any(not s.strip() for s in args.prompt):
         p.error("--prompt: prompts must be non-empty")
+    if args.negative_prompt and args.cfg == 1.0:
+        p.error("--negative-prompt has no effect with --cfg 1 (no unconditional branch)")
+    if args.negative_prompt and args.method == "tpso":
+        p.error("--negative-prompt does not apply to --method tpso: its negative branch is "
+                "the pool of optimised blank prompts (--tpso-null-pool), or the empty "
+                "prompt's embedding with --tpso-null-pool none")  # fmt: skip
     # a defaulted batch size gives way to an earlier run's in --out (images depend on it)
     args.batch_size_given = args.batch_size is not None
     if args.batch_size is None:
@@ -731,6 +746,16 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
             args.out += f"_{args.method}"
     args._parser = p
     return args
+
+
+# flags of one sampler family: (flag, attribute, default, the samplers it applies to)
+_DPMPP = tuple(s for s in SAMPLERS if s.startswith("dpmpp"))
+_SAMPLER_FLAGS = (
+    ("--eta", "eta", 0.0, ("ddim",)),
+    ("--clean-endpoint", "clean_endpoint", False, ("ddim",)),
+    ("--s-churn", "s_churn", 0.0, ("edm",)),
+    ("--karras / --no-karras", "karras", True, _DPMPP),
+)
 
 
 def _dest(flag: str) -> str:

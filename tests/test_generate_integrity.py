@@ -421,7 +421,21 @@ BAD = {
     "eta-negative": (["--eta", "-0.5"], "--eta and --s-churn must be >= 0"),
     "cfg-nan": (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
     "cfg-inf": (["--cfg=-inf"], "--cfg must be a finite number, got -inf"),
-    "s-churn-nan": (["--s-churn", "nan"], "--s-churn must be a finite number"),
+    "s-churn-nan": (["--sampler", "edm", "--s-churn", "nan"], "--s-churn must be a finite number"),
+    # a sampler's own flag with another sampler, a negative prompt without a negative
+    # branch: settings that could never take effect
+    "eta-with-edm": (["--sampler", "edm", "--eta", "0.5"],
+                     "--eta applies to --sampler ddim only, not to --sampler edm"),
+    "s-churn-with-ddim": (["--s-churn", "1"], "--s-churn applies to --sampler edm only"),
+    "karras-with-ddim": (["--no-karras"], "--karras / --no-karras applies to --sampler "
+                                          "dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde only"),
+    "clean-endpoint-with-dpmpp": (["--sampler", "dpmpp_2m", "--clean-endpoint"],
+                                  "--clean-endpoint applies to --sampler ddim only"),
+    "negative-prompt-cfg-1": (["--cfg", "1", "--negative-prompt", "blurry"],
+                              "--negative-prompt has no effect with --cfg 1"),
+    "negative-prompt-tpso": (["--method", "tpso", "--tpso-projection", "none",
+                              "--negative-prompt", "blurry"],
+                             "--negative-prompt does not apply to --method tpso"),
     "steps-beyond": (["--steps", "2000"], "--steps 2000 is beyond the model's schedule (1000"),
     "steps-zero": (["--steps", "0"], "--steps must be >= 1, got 0"),
     "seed-float": (["--seed", "1e20"], "argument --seed: invalid int value: '1e20'"),
