@@ -497,7 +497,7 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
                    help="batches between writes of the feature cache (default: 20)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples of the 95%% intervals, 0 = none (default: 1000)")
-    p.add_argument("--prdc-k", type=int, default=5,
+    p.add_argument("--prdc-k", type=int, default=None,
                    help="neighbours defining the PRDC balls (default: 5, the value of Naeem "
                         "et al. 2020 and dgm-eval)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
@@ -527,6 +527,11 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
     for name in ("batch_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # a setting that could never take effect (an unused --clip / --dinov2 folder is fine:
+    # scripts keep both and switch --encoders)
+    if args.prdc_k is not None and args.reference is None:
+        p.error("--prdc-k needs --reference (PRDC compares with reference images)")
+    args.prdc_k = 5 if args.prdc_k is None else args.prdc_k
     if args.prdc_k < 1:
         p.error(f"--prdc-k must be >= 1, got {args.prdc_k}")
     if args.bootstrap < 0:

@@ -286,6 +286,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
     (["--images", "{broken}"], "images listed in metadata.json are missing"),
     (["--encoders", "dinov2", "--dinov2", "{clip}", "--clip-text", "{clip}"],
      "--clip-text needs --encoders clip"),
+    (["--prdc-k", "3"], "--prdc-k needs --reference"),  # it could never take effect
 ])  # fmt: skip
 def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys, change,
                                             message):  # fmt: skip
