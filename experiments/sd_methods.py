@@ -19,6 +19,10 @@ Writes, under ``--out``::
                     pairwise latent distance and the seconds (the first prompt's include
                     compilation); means over prompts
 
+``--out`` is locked for the run (:class:`experiments.run_folder.FolderLock`); a folder
+whose ``results.json`` holds other settings is refused before the model loads, so the grids
+of two comparisons never mix (the same settings run again and rewrite the same files).
+
 Features are ``pipe.encode_image`` of the decoded images (the folder's ``image_encoder``
 or ``--image-encoder``): Vendi (cosine kernel, q = 1) and MSS need only them; SPP and the
 CLIP score (``100 * max(cos, 0)``) need a text embedding in the same space -- the text
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import sys
 import time
@@ -253,6 +258,9 @@ def run(args: argparse.Namespace) -> dict:
     from jaxdiv import guidance
 
     knobs, skipped = plan(args)
+    out = Path(args.out)
+    settings = _settings(args)
+    _check_folder(out, settings)  # before the (slow) model load
     t0 = time.perf_counter()
     pipe = generate.load_pipeline(args.model, allow_pickle=args.allow_pickle,
                                   image_encoder=args.image_encoder)  # fmt: skip
@@ -277,24 +285,12 @@ def run(args: argparse.Namespace) -> dict:
     cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null)
     root = jax.random.key(args.seed)
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt_list))
-    out = Path(args.out)
     null_pool = None
     if "tpso" in knobs and cfg_term is not None:
         null_pool = generate.tpso_null_pool(pipe, knobs["tpso"], jax.random.fold_in(root, 11),
                                             out / "tpso_null_pool.npz", log)  # fmt: skip
     results = {
-        "settings": {
-            "model": str(Path(args.model).resolve()),
-            "pipeline": args.kind,
-            "prompts": args.prompt_list,
-            "n": args.n,
-            "steps": args.steps,
-            "sampler": sampler.name,
-            "cfg": args.cfg,
-            "seed": args.seed,
-            "clip_projection": args.clip_projection,
-            "image_encoder": args.image_encoder or "<model>/image_encoder",
-        },  # fmt: skip
+        "settings": settings,
         "methods": {m: {"knobs": k} for m, k in knobs.items()},
         "skipped": skipped,
         "metric_notes": {
@@ -378,6 +374,49 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """What decides this comparison's files: the model, prompts, sampling settings, the
+    methods asked for and the knob flags given (``results.json``'s ``settings``)."""
+    return {
+        "model": str(Path(args.model).resolve()),
+        "pipeline": args.kind,
+        "prompts": args.prompt_list,
+        "n": args.n,
+        "steps": args.steps,
+        # SPELL's guarantee needs a last step onto x0_hat: DDIM's clean endpoint
+        "sampler": "flow_euler" if args.kind == "sd3" else "ddim",
+        "cfg": args.cfg,
+        "seed": args.seed,
+        "clip_projection": args.clip_projection,
+        "image_encoder": args.image_encoder or "<model>/image_encoder",
+        "methods": list(args.methods),
+        "knob_flags": generate.given_knobs(args),
+    }
+
+
+def _check_folder(out: Path, settings: dict) -> None:
+    """Refuse an ``--out`` that holds another comparison: its grids and this run's would
+    mix (a rerun with the same settings rewrites the same files)."""
+    path = out / "results.json"
+    if not path.is_file():
+        if any(out.glob("grid_p*.png")):
+            raise generate.RunError(f"--out {str(out)!r} holds grids but no results.json; "
+                                    "refusing to mix runs (choose another --out or delete "
+                                    "the folder)")  # fmt: skip
+        return
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise generate.RunError(f"--out {str(out)!r}: unreadable results.json ({err})") from err
+    # a folder from before "methods" / "knob_flags" were recorded: the keys it has
+    diffs = [f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items()
+             if k in old and old[k] != v]  # fmt: skip
+    if diffs:
+        raise generate.RunError(f"--out {str(out)!r} holds a comparison with different "
+                                f"settings ({'; '.join(diffs)}); choose another --out or "
+                                "delete the folder")  # fmt: skip
+
+
 def _means(prompts: list, knobs: dict) -> dict:
     """Per method and metric, the mean over the prompts where it is a number."""
     means = {}
@@ -395,10 +434,11 @@ def main(argv=None, prog: str = "python -m experiments.sd_methods") -> int:
     """Run the command line; exit 2 for refused inputs, 1 for a failed run."""
     args = parse_args(argv, prog)
     try:
-        with quiet(getattr(args, "quiet", False)):
+        with quiet(getattr(args, "quiet", False)), run_folder.FolderLock(args.out):
             run(args)
-    except generate.RunError as err:
-        args._parser.error(str(err))
+    except (generate.RunError, run_folder.FolderError) as err:
+        prefix = "--out " if isinstance(err, run_folder.FolderError) else ""
+        args._parser.error(prefix + str(err))
     except OSError as err:
         print(f"{args._parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1

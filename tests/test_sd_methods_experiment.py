@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import generate, sd_methods
+from experiments import generate, run_folder, sd_methods
 from jaxdiv.pipelines import stable_diffusion
 
 pytest.importorskip("diffusers")  # the random folder is built by diffusers / transformers
@@ -130,6 +130,36 @@ def test_sd_methods_bad_values_fail_before_the_model_loads(
                          "--out", str(tmp_path / "o"), *extra])  # fmt: skip
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_sd_methods_locks_its_folder_and_refuses_another_comparison(
+    model, tmp_path, monkeypatch, capsys
+):
+    """Two comparisons never share --out (their grids would mix): a folder holding other
+    settings is refused before the model loads, as is one another run holds; the same
+    settings run again."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "o"
+    base = ["--model", str(model), "--prompts", str(prompts), "--n", "2", "--steps", "2",
+            "--methods", "none,cads", "--out", str(out), "--quiet"]  # fmt: skip
+    assert sd_methods.main(base) == 0
+    assert sd_methods.main(base) == 0
+    assert not (out / ".run.lock").exists()
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    for extra, diff in ((["--steps", "3"], "steps: 2 -> 3"),
+                        (["--methods", "none,interval"], "methods: ['none', 'cads'] -> "
+                                                         "['none', 'interval']"),
+                        (["--cads-noise-scale", "0.1"], "knob_flags: {} -> "
+                                                        "{'--cads-noise-scale': '0.1'}")):
+        with pytest.raises(SystemExit):
+            sd_methods.main(base + extra)
+        err = capsys.readouterr().err
+        assert f"holds a comparison with different settings ({diff})" in err, err
+    with run_folder.FolderLock(out):
+        with pytest.raises(SystemExit):
+            sd_methods.main(base)
+    assert "is in use by another run" in capsys.readouterr().err
 
 
 # -- experiments.generate --method --------------------------------------------------------
