@@ -724,6 +724,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         p.error("--prompt: prompts must be non-empty")
     if args.negative_prompt and args.cfg == 1.0:
         p.error("--negative-prompt has no effect with --cfg 1 (no unconditional branch)")
+    if args.method == "interval" and args.cfg == 1.0:
+        p.error("--method interval with --cfg 1 guides nowhere: interval guidance is CFG at "
+                "scale --cfg inside the interval and the conditional model (scale 1) outside")
     if args.negative_prompt and args.method == "tpso":
         p.error("--negative-prompt does not apply to --method tpso: its negative branch is "
                 "the pool of optimised blank prompts (--tpso-null-pool), or the empty "

@@ -176,6 +176,10 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
         given = {f: v for f, v in generate.given_knobs(args).items() if f in own}
         if method == "tpso" and args.clip_projection is not None:
             given["--clip-projection"] = args.clip_projection
+        if method == "interval" and args.cfg == 1.0:
+            skipped[method] = ("--cfg 1: interval guidance (CFG at scale --cfg inside the "
+                               "interval) would be the unguided run")  # fmt: skip
+            continue
         try:
             knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder)
         except ValueError as err:

@@ -433,6 +433,8 @@ BAD = {
                                   "--clean-endpoint applies to --sampler ddim only"),
     "negative-prompt-cfg-1": (["--cfg", "1", "--negative-prompt", "blurry"],
                               "--negative-prompt has no effect with --cfg 1"),
+    "interval-cfg-1": (["--cfg", "1", "--method", "interval"],
+                       "--method interval with --cfg 1 guides nowhere"),
     "negative-prompt-tpso": (["--method", "tpso", "--tpso-projection", "none",
                               "--negative-prompt", "blurry"],
                              "--negative-prompt does not apply to --method tpso"),

@@ -106,6 +106,8 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
     assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
     args.pg_strength = "1"
     assert "--batch-size >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2
+    args.cfg = 1.0  # interval guidance at scale 1 is the unguided run
+    assert "would be the unguided run" in sd_methods.plan(args)[1]["interval"]
 
 
 @pytest.mark.parametrize(
