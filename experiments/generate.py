@@ -567,6 +567,19 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     return (term if cfg_term is None else guidance.chain(cfg=cfg_term, **{method: term})), cond
 
 
+def log_truncated(pipe, prompts, negative_prompt: str = "", say=None) -> None:
+    """Log each prompt a text encoder cuts (:func:`jaxdiv.pipelines.generation.
+    truncated_prompts`): the dropped words never reach the model."""
+    from jaxdiv.pipelines.generation import truncated_prompts
+
+    say = log if say is None else say
+    texts = list(prompts) + ([negative_prompt] if negative_prompt else [])
+    for j, encoder, tokens, kept in truncated_prompts(pipe, texts):
+        what = f"prompt {j + 1}" if j < len(prompts) else "the negative prompt"
+        say(f"{what} has {tokens} {encoder} tokens; it reads the first {kept} (BOS and EOS "
+            "included) and drops the rest, as diffusers does")  # fmt: skip
+
+
 def is_sd3(pipe) -> bool:
     """Whether a loaded pipeline is an SD3 / SD3.5 record (``stable_diffusion_3.load``)."""
     return hasattr(pipe, "has_t5")
@@ -1148,6 +1161,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         f"loaded {args.model} in {load_s:.1f} s ({getattr(pipe, 'prediction_type', 'flow')}, "
         f"{pipe.schedule.name}, {height}x{width}, latents {shape[1:]})"
     )
+    log_truncated(pipe, args.prompt, args.negative_prompt)
 
     if args.sampler == "flow_euler":
         sampler = pipe.flow_euler(args.steps)

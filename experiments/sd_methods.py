@@ -269,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe = generate.load_pipeline(args.model, allow_pickle=args.allow_pickle,
                                   image_encoder=args.image_encoder)  # fmt: skip
     log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    generate.log_truncated(pipe, args.prompt_list, say=log)
     text_embs, text_note = _metric_text(pipe, args, pipe.noise_shape(args.n))
     gass_embs = None
     if "gass" in knobs:

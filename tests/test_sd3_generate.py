@@ -252,3 +252,24 @@ def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path,
     # contextual repulsion changed the images (same noise and key as the unguided row)
     none, ctx = row["methods"]["none"], row["methods"]["contextual"]
     assert ctx["latent_mean_distance"] != none["latent_mean_distance"]
+
+
+def test_truncated_prompts_names_each_encoder_and_what_it_drops(pipe):
+    """A prompt longer than an encoder reads is reported per encoder (CLIP-L, CLIP-G, T5)
+    with its full token count; what tokenization keeps is its first kept - 1 tokens and
+    EOS, so the rest never reaches the model. The CLI logs it in one line per encoder."""
+    from jaxdiv.models.clip.tokenizer import tokenize
+    from jaxdiv.pipelines.generation import truncated_prompts
+
+    long = "a cat on a mat " * 40
+    cut = truncated_prompts(pipe, ["a cat", long])
+    assert [c[1] for c in cut] == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    limits = (pipe.max_length, pipe.max_length, pipe.max_sequence_length)
+    for (j, _, tokens, kept), tok, limit in zip(cut, pipe.tokenizers, limits, strict=True):
+        full = tok(long).input_ids
+        assert j == 1 and kept == limit and tokens == len(full) > limit
+        ids = tokenize(tok, [long], max_length=limit)[0].tolist()
+        assert ids[:-1] == full[: limit - 1] and ids[-1] == full[-1]  # EOS kept
+    lines = []
+    generate.log_truncated(pipe, ["a cat"], negative_prompt=long, say=lines.append)
+    assert len(lines) == 3 and all(line.startswith("the negative prompt has ") for line in lines)

@@ -37,7 +37,8 @@ from jaxdiv import validation
 from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
-__all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate"]
+__all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate",
+           "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -185,6 +186,34 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
              "x0_hat = x_t - t v (the public code's VP formula is wrong on flows); no clamp "
              "to [0, 1] after each Adam step; VAE posterior mean, not a sample")  # fmt: skip
     return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes)
+
+
+def truncated_prompts(pipe, prompts: str | Sequence[str]) -> list[tuple[int, str, int, int]]:
+    """The prompts a text encoder cuts: ``(index, encoder, tokens, kept)`` for each prompt
+    whose token count (BOS and EOS included) exceeds an encoder's length (CLIP's 77; SD3's
+    T5 ``max_sequence_length``). Tokenization truncates them, as diffusers does (which logs
+    a warning): the words past ``kept`` never reach the model.
+
+    Example:
+        >>> from jaxdiv.testing import example_pipeline
+        >>> pipe = example_pipeline()              # a tiny CLIP: 16 tokens
+        >>> truncated_prompts(pipe, ["a cat", "a cat and " * 10])
+        [(1, 'text_encoder', 52, 16)]
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if getattr(pipe, "tokenizers", None) is not None:  # SD3: CLIP-L, CLIP-G, T5 or None
+        clip_l, clip_g, t5 = pipe.tokenizers
+        encoders = [("text_encoder", clip_l, pipe.max_length),
+                    ("text_encoder_2", clip_g, pipe.max_length)]  # fmt: skip
+        if t5 is not None:
+            encoders.append(("text_encoder_3", t5, pipe.max_sequence_length))
+    else:
+        encoders = [("text_encoder", pipe.tokenizer, pipe.max_length)]
+    cut = []
+    for name, tokenizer, kept in encoders:
+        ids = tokenizer(prompts, truncation=False, verbose=False).input_ids
+        cut += [(j, name, len(row), int(kept)) for j, row in enumerate(ids) if len(row) > kept]
+    return sorted(cut)
 
 
 def _has_cfg(method) -> bool:
