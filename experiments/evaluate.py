@@ -95,9 +95,11 @@ class ImageSet(NamedTuple):
     knobs: dict
 
 
-def read_image_set(folder) -> ImageSet:
+def read_image_set(folder, reference: bool = False) -> ImageSet:
     """The images of ``folder``: a generate folder's ``metadata.json`` list, else every
-    PNG / JPEG in it (sorted by name). EvaluateError when it holds none."""
+    PNG / JPEG in it (sorted by name). EvaluateError when it holds none, or when it is the
+    ``images/`` folder of a generate run and not a ``reference`` set (read alone, its images
+    would lose their prompts)."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise EvaluateError(f"{folder} is not a folder")
@@ -118,6 +120,10 @@ def read_image_set(folder) -> ImageSet:
         settings = meta.get("settings", {})
         return ImageSet(folder.name, folder, files, prompts, settings.get("method"),
                         settings.get("method_knobs", {}))  # fmt: skip
+    if not reference and folder.name == "images" and (folder.parent / "metadata.json").is_file():
+        raise EvaluateError(f"{folder} is the images/ folder of an experiments.generate run: "
+                            f"pass the run folder {folder.parent} (its metadata.json gives "
+                            "each image's prompt)")  # fmt: skip
     files = tuple(sorted(p for p in folder.iterdir()
                          if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))  # fmt: skip
     if not files:
@@ -540,7 +546,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
         p.error(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     try:
         args.sets = [read_image_set(f) for f in args.images]
-        args.ref_set = None if args.reference is None else read_image_set(args.reference)
+        args.ref_set = (None if args.reference is None
+                        else read_image_set(args.reference, reference=True))  # fmt: skip
     except EvaluateError as err:
         p.error(str(err))
     names = [s.name for s in args.sets]

@@ -287,6 +287,9 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
     (["--encoders", "dinov2", "--dinov2", "{clip}", "--clip-text", "{clip}"],
      "--clip-text needs --encoders clip"),
     (["--prdc-k", "3"], "--prdc-k needs --reference"),  # it could never take effect
+    # a run's images/ alone would lose their prompts (one pooled set); as --reference fine
+    (["--images", "{images}"], "images/ folder of an experiments.generate run: pass the run "
+                               "folder"),
 ])  # fmt: skip
 def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys, change,
                                             message):  # fmt: skip
@@ -298,7 +301,8 @@ def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys,
     (broken / "metadata.json").write_text(json.dumps(
         {"images": [{"file": "images/x.png", "prompt": "a cat"}]}))  # fmt: skip
     change = [c.replace("{empty}", str(empty)).replace("{broken}", str(broken))
-              .replace("{clip}", str(clip)) for c in change]  # fmt: skip
+              .replace("{clip}", str(clip)).replace("{images}", str(folders[0] / "images"))
+              for c in change]  # fmt: skip
     argv = ["--images", str(folders[0]), "--clip", str(clip), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as info:
         evaluate.main(argv + change)
