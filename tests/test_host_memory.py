@@ -52,8 +52,14 @@ def test_reused_memory_takes_no_fresh_pages():
     reused, default = _tail_faults(REUSE_FREED_MEMORY), _tail_faults(None)
     # once the heap has grown, most calls find their buffer's pages already mapped ...
     assert sum(n < 1000 for n in reused) >= _TAIL * 3 // 4, reused
-    # ... where the default maps every call's buffer again
-    assert sum(default) >= 5 * sum(reused), (default, reused)
+    # ... where the default maps every call's buffer again: at least one fault per page of
+    # the 64 MiB buffer (16,384 of 4 KiB, 32 where 2 MiB huge pages back it), so the typical
+    # call takes more fresh pages than the typical reused one. (Not a ratio of the sums:
+    # the occasional reused call that grows the heap costs a whole buffer, and with 5 of
+    # 20 such calls, which the line above allows, the sums differ only 4x; a full-suite run
+    # on the Xeon host saw exactly that.)
+    assert min(default) >= 32, default
+    assert sorted(reused)[_TAIL // 2] < sorted(default)[_TAIL // 2], (default, reused)
 
 
 _SCRIPT = textwrap.dedent("""
