@@ -462,12 +462,12 @@ def tpso_null_pool(pipe, knobs: dict, key, path: Path, log=lambda msg: None):
     import jax.numpy as jnp
 
     from jaxdiv.guidance.tpso import TPSOResult
-    from jaxdiv.pipelines import tpso
+    from jaxdiv.pipelines import generation, tpso
     from jaxdiv.pipelines.tpso_sd3 import ENCODERS, SD3TPSOResult
 
     if knobs["null_pool"] == "none":
         return None
-    sd3 = is_sd3(pipe)
+    sd3 = generation.is_sd3(pipe)
     # what the pool depends on besides the model: a file made otherwise is rebuilt
     made_with = json.dumps({**knobs, "key": np.asarray(jax.random.key_data(key)).tolist()},
                            sort_keys=True)  # fmt: skip
@@ -538,7 +538,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null), cond
     if method == "tpso":
         # on SD3 each CLIP encoder's own projection (method_knobs refuses a folder there)
-        sd3 = is_sd3(pipe)
+        sd3 = generation.is_sd3(pipe)
         projection = None if sd3 else projection_kernel(pipe, k["projection"])
         rows = jax.tree.leaves(cond)[0].shape[0]  # SD3's condition is an SD3Cond
         c = tpso.tpso_conditions(
@@ -578,11 +578,6 @@ def log_truncated(pipe, prompts, negative_prompt: str = "", say=None) -> None:
         what = f"prompt {j + 1}" if j < len(prompts) else "the negative prompt"
         say(f"{what} has {tokens} {encoder} tokens; it reads the first {kept} (BOS and EOS "
             "included) and drops the rest, as diffusers does")  # fmt: skip
-
-
-def is_sd3(pipe) -> bool:
-    """Whether a loaded pipeline is an SD3 / SD3.5 record (``stable_diffusion_3.load``)."""
-    return hasattr(pipe, "has_t5")
 
 
 def pipeline_kind(model: str) -> str:
@@ -1044,7 +1039,7 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
 
     if pipe.encode_image is None:
         raise RunError("the pipeline has no image encoder (no image_encoder folder)")
-    if is_sd3(pipe):  # CLIP-L's own projected text_embeds
+    if generation.is_sd3(pipe):  # CLIP-L's own projected text_embeds
         if projection != "text_encoder":
             raise RunError("--clip-projection is not supported with SD3 folders: their CLIP-L "
                            "text encoder has its own projection (pair it with the image "

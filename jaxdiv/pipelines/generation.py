@@ -38,7 +38,7 @@ from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate",
-           "truncated_prompts"]
+           "is_sd3", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -188,6 +188,18 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
     return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes)
 
 
+def is_sd3(pipe) -> bool:
+    """Whether ``pipe`` is an SD3 / SD3.5 record (:func:`~jaxdiv.pipelines.stable_diffusion_3.
+    load`: per-CLIP feature functions) rather than an SD 1.x/2.x one.
+
+    Example:
+        >>> from jaxdiv.testing import example_pipeline
+        >>> is_sd3(example_pipeline())
+        False
+    """
+    return getattr(pipe, "clip_features", None) is not None
+
+
 def truncated_prompts(pipe, prompts: str | Sequence[str]) -> list[tuple[int, str, int, int]]:
     """The prompts a text encoder cuts: ``(index, encoder, tokens, kept)`` for each prompt
     whose token count (BOS and EOS included) exceeds an encoder's length (CLIP's 77; SD3's
@@ -201,7 +213,7 @@ def truncated_prompts(pipe, prompts: str | Sequence[str]) -> list[tuple[int, str
         [(1, 'text_encoder', 52, 16)]
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if getattr(pipe, "tokenizers", None) is not None:  # SD3: CLIP-L, CLIP-G, T5 or None
+    if is_sd3(pipe):  # CLIP-L, CLIP-G, T5 or None
         clip_l, clip_g, t5 = pipe.tokenizers
         encoders = [("text_encoder", clip_l, pipe.max_length),
                     ("text_encoder_2", clip_g, pipe.max_length)]  # fmt: skip

@@ -41,6 +41,7 @@ from jax.tree_util import Partial
 from jaxdiv import guidance, validation
 from jaxdiv.guidance.tpso import TPSOResult, optimize_offsets, trainable_mask
 from jaxdiv.models.clip import load_clip_text
+from jaxdiv.pipelines.generation import is_sd3
 
 __all__ = [
     "TPSOConditions",
@@ -133,11 +134,6 @@ def _encoder(pipe, tokens, projection):
     return Partial(_encode, pipe.text_features, tokens, _projection(pipe, projection)), embeds
 
 
-def _is_sd3(pipe) -> bool:
-    # an SD3 record (stable_diffusion_3.load) has per-CLIP feature functions
-    return getattr(pipe, "clip_features", None) is not None
-
-
 def variant_rows(prompts, num_variants, count):
     """``(prompts, num_variants, rows, count)``: the prompts as a list, each repeated
     ``num_variants`` times (prompt-major rows), and ``count="words"`` as each row's word
@@ -211,7 +207,7 @@ def tpso_null_pool(
         (4, 16, 32)
     """
     validation.prng_key("key", key)
-    if _is_sd3(pipe):
+    if is_sd3(pipe):
         from jaxdiv.pipelines import tpso_sd3
 
         return tpso_sd3.tpso_null_pool(
@@ -293,7 +289,7 @@ def tpso_conditions(
         ((3, 16, 32), (3, 16, 32), True)
     """
     validation.prng_key("key", key)
-    if _is_sd3(pipe):
+    if is_sd3(pipe):
         from jaxdiv.pipelines import tpso_sd3
 
         return tpso_sd3.tpso_conditions(
