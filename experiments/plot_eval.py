@@ -5,13 +5,17 @@
 Writes into the folder:
 
 * ``pareto_<encoder>.png``: one point per image folder (method / setting), ``--y`` (a
-  diversity metric, with its bootstrap 95% interval when it has one) against ``--x`` (a
-  fidelity metric; lower is better for ``fd``, ``kid_mean``, ``cmmd``, ``mss_mean``,
-  higher for the others); the non-dominated folders are joined as the Pareto front;
+  diversity metric) against ``--x`` (a fidelity metric; lower is better for ``fd``,
+  ``kid_mean``, ``cmmd``, ``mss_mean``, higher for the others), each with its error bar
+  where it has one (a ``*_mean`` its bootstrap 95% interval, ``kid_mean`` +- ``kid_std``);
+  the non-dominated folders are joined as the Pareto front;
 * ``grid_p<k>.png``: for each prompt, one row per folder (its name on the left), the first
-  ``--images`` images of that prompt.
+  ``--images`` images of that prompt; folders that record no prompts (plain image folders)
+  share one more grid of their first images.
 
-Every file is written atomically; matplotlib's Agg backend, no display needed.
+The folder is locked while the figures are written (the lock ``experiments.evaluate``
+takes: neither runs while the other writes there); every file is written atomically;
+matplotlib's Agg backend, no display needed.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ def _save_png(fig, path: Path) -> None:
     run_folder.atomic_write(path, buf.getvalue())
 
 
+def error_bar(pooled: dict, name: str) -> tuple[float, float]:
+    """The lengths (below, above) of metric ``name``'s error bar: a ``*_mean``'s bootstrap
+    95% interval, ``kid_mean`` +- ``kid_std``, else none.
+
+    >>> error_bar({"vendi_mean": 3.0, "vendi_ci95": [2.5, 3.25]}, "vendi_mean")
+    (0.5, 0.25)
+    >>> error_bar({"kid_mean": 0.01, "kid_std": 0.002}, "kid_mean"), error_bar({"fd": 9.0}, "fd")
+    ((0.002, 0.002), (0.0, 0.0))
+    """
+    if name == "kid_mean" and pooled.get("kid_std") is not None:
+        return float(pooled["kid_std"]), float(pooled["kid_std"])
+    ci = pooled.get(name[: -len("_mean")] + "_ci95") if name.endswith("_mean") else None
+    value = pooled[name]
+    return (value - ci[0], ci[1] - value) if ci else (0.0, 0.0)
+
+
 def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path) -> list[str]:
     """The diversity-vs-fidelity scatter of one encoder; returns the front's set names."""
     import matplotlib
@@ -60,7 +80,7 @@ def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, xs, ys, errs = [], [], [], []
+    names, xs, ys, xerrs, yerrs = [], [], [], [], []
     for name, entry in results["sets"].items():
         pooled = entry["encoders"].get(encoder, {}).get("pooled", {})
         x, y = pooled.get(xname), pooled.get(yname)
@@ -69,14 +89,14 @@ def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path)
         names.append(name if entry.get("method") is None else f"{name} ({entry['method']})")
         xs.append(x)
         ys.append(y)
-        ci = pooled.get(yname.replace("_mean", "_ci95"))
-        errs.append((y - ci[0], ci[1] - y) if ci else (0.0, 0.0))
+        xerrs.append(error_bar(pooled, xname))
+        yerrs.append(error_bar(pooled, yname))
     if not names:
         raise ValueError(f"no folder has both {xname} and {yname} for encoder {encoder} (did "
                          "the evaluation have a --reference?)")  # fmt: skip
     front = pareto_front(xs, ys, xname in LOWER_IS_BETTER, yname in LOWER_IS_BETTER)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.errorbar(xs, ys, yerr=np.asarray(errs).T, fmt="o", capsize=3)
+    ax.errorbar(xs, ys, xerr=np.asarray(xerrs).T, yerr=np.asarray(yerrs).T, fmt="o", capsize=3)
     for n, x, y in zip(names, xs, ys):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray",
@@ -92,7 +112,8 @@ def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path)
 
 
 def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
-    """One grid per prompt: a row per folder, its first ``per_row`` images of the prompt."""
+    """One grid per prompt: a row per folder, its first ``per_row`` images of the prompt;
+    the folders without prompts (``None``) share one grid, after the prompts'."""
     from PIL import Image
 
     from experiments.evaluate import read_image_set
@@ -100,6 +121,7 @@ def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
 
     sets = [read_image_set(entry["folder"]) for entry in results["sets"].values()]
     prompts = list(dict.fromkeys(p for s in sets for p in s.prompts if p is not None))
+    prompts += [None] if any(p is None for s in sets for p in s.prompts) else []
     written = []
     for k, prompt in enumerate(prompts):
         rows, size = [], None
@@ -147,13 +169,17 @@ def main(argv=None) -> int:
     for flag, name in (("--x", args.x), ("--y", args.y)):
         if name not in metrics:
             p.error(f"{flag} must be one of {', '.join(metrics)}, got {name!r}")
-    for enc in encoders:
-        try:
-            front = plot_pareto(results, enc, args.x, args.y, folder / f"pareto_{enc}.png")
-        except ValueError as err:
-            p.error(str(err))
-        print(f"[plot_eval] wrote pareto_{enc}.png (front: {', '.join(front)})", flush=True)
-    grids = write_prompt_grids(results, folder, args.images)
+    from experiments.evaluate import EvaluateError
+
+    try:
+        with run_folder.FolderLock(folder):
+            for enc in encoders:
+                front = plot_pareto(results, enc, args.x, args.y, folder / f"pareto_{enc}.png")
+                print(f"[plot_eval] wrote pareto_{enc}.png (front: {', '.join(front)})",
+                      flush=True)  # fmt: skip
+            grids = write_prompt_grids(results, folder, args.images)
+    except (ValueError, EvaluateError, run_folder.FolderError) as err:
+        p.error(str(err))
     print(f"[plot_eval] wrote {len(grids)} prompt grids", flush=True)
     return 0
 

@@ -215,6 +215,16 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     with pytest.raises(SystemExit):
         plot_eval.main([str(out), "--x", "nonsense"])
     assert "--x must be one of" in capsys.readouterr().err
+    # metrics without a bootstrap interval on either axis (was a TypeError on --y fd)
+    assert plot_eval.main([str(out), "--x", "kid_mean", "--y", "fd", "--images", "1"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("(front: diverse (spell))") == 2
+    # an evaluation (or another plot) writing there holds the folder
+    from experiments import run_folder
+
+    with run_folder.FolderLock(out), pytest.raises(SystemExit):
+        plot_eval.main([str(out)])
+    assert "is in use by another run" in capsys.readouterr().err
 
     # the same command again: every feature from the cache, the same tables
     assert evaluate.main(_argv(encoders, folders, out)) == 0
@@ -241,6 +251,37 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     why = f"PRDC needs more than --prdc-k {N * 2} images in both sets; this set has {N * 2}"
     assert pooled["prdc_skipped"].startswith(why)
     assert why in capsys.readouterr().out
+
+
+def test_plain_image_folders_are_evaluated_and_drawn(encoders, folders, tmp_path, capsys):
+    """Folders of bare images (no metadata.json: no prompts) are one set each, pooled; the
+    figures give them one grid together, their first images row by row (they had none)."""
+    from PIL import Image
+
+    from experiments import plot_eval, sd_methods
+
+    rng = np.random.default_rng(3)
+    plain = []
+    for name in ("photos_a", "photos_b"):
+        plain.append(tmp_path / name)
+        for i in range(5):
+            _png(plain[-1] / f"{i:02d}.png", rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8))
+    out = tmp_path / "eval"
+    argv = ["--images", *map(str, plain), "--reference", str(folders[0]), "--encoders", "clip",
+            "--clip", str(encoders[0]), "--out", str(out), "--bootstrap", "50"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    per = res["sets"]["photos_a"]["encoders"]["clip"]["per_prompt"]
+    assert [(p["prompt"], p["n"]) for p in per] == [(None, 5)]
+    assert plot_eval.main([str(out), "--images", "4"]) == 0
+    assert "wrote 1 prompt grids" in capsys.readouterr().out
+    with Image.open(out / "grid_p000.png") as im:
+        assert im.size == (sd_methods.LABEL_WIDTH + 4 * SIZE[1], 2 * SIZE[0])
+        grid = np.asarray(im.convert("RGB"))
+    with Image.open(plain[1] / "03.png") as im:  # the second row's fourth tile
+        want = np.asarray(im.convert("RGB"))
+    left = sd_methods.LABEL_WIDTH + 3 * SIZE[1]
+    np.testing.assert_array_equal(grid[SIZE[0]:, left:], want)
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_path,
