@@ -522,6 +522,16 @@ def test_a_denoiser_without_model_hooks_is_refused():
     with pytest.raises(TypeError, match=r"\['contextual'\] act inside the model.*model_hooks"):
         jaxdiv.sample(samplers.ddim(schedules.edm(), 2), den, jnp.ones((2, 3)),
                       key=jax.random.key(0), guidance=guidance.contextual(1.0))  # fmt: skip
+    # a network wrapped as a denoiser: the message names the network, not only the wrapper
+    from jaxdiv.predictions import as_denoiser
+
+    def my_unet(x, t, c):
+        return x
+
+    wrapped = as_denoiser(my_unet, schedules.vp_scaled_linear())
+    with pytest.raises(TypeError, match=r"\(PredictionDenoiser wrapping my_unet\) does not take"):
+        jaxdiv.sample(samplers.ddim(schedules.vp_scaled_linear(), 2), wrapped, jnp.ones((2, 3)),
+                      key=jax.random.key(0), guidance=guidance.contextual(1.0))  # fmt: skip
 
 
 def test_term_argument_checks():

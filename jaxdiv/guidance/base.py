@@ -444,9 +444,14 @@ def _call_with_hooks(denoiser, x, t, cond, hooks, model_terms):
     except TypeError as e:
         if "model_hooks" not in str(e):
             raise
+        # name the network that refused, not only its wrapper (a PredictionDenoiser)
+        chain = [denoiser]
+        while getattr(chain[-1], "model", None) is not None and len(chain) < 8:
+            chain.append(chain[-1].model)
+        who = " wrapping ".join(getattr(m, "__name__", None) or type(m).__name__ for m in chain)
         raise TypeError(
             f"guidance term(s) {names} act inside the model (hook='model'), but the denoiser "
-            f"{type(denoiser).__name__} does not take model_hooks=: use a pipeline whose "
+            f"({who}) does not take model_hooks=: use a pipeline whose "
             "model runs them (an MMDiT: jaxdiv.pipelines.stable_diffusion_3)"
         ) from e
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], tuple)
