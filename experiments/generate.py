@@ -645,7 +645,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
                    help="CFG scale w in diffusers' convention, 1 = no guidance (default: 7.5; "
                         "SD3 7.0, diffusers' defaults)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None,
-                   help="DDIM eta, 0 = deterministic (ddim only; default: 0)")
+                   help="DDIM eta in [0, 1], 0 = deterministic, 1 = DDPM-like (ddim only; "
+                        "default: 0)")  # fmt: skip
     p.add_argument(
         "--clean-endpoint",
         action="store_true",
@@ -718,6 +719,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {v}")
     if args.eta < 0 or args.s_churn < 0:
         p.error("--eta and --s-churn must be >= 0")
+    if args.eta > 1:
+        p.error(f"--eta must be <= 1 (above 1 DDIM's step noise exceeds the next noise "
+                f"level), got {args.eta:g}")  # fmt: skip
     if not 0 <= args.seed < 2**63:  # jax.random.key takes a 64-bit integer
         p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.clip_skip is not None and args.clip_skip < 0:

@@ -419,6 +419,7 @@ BAD = {
     "eta-nan": (["--eta", "nan"], "--eta must be a finite number, got nan"),
     "eta-inf": (["--eta", "inf"], "--eta must be a finite number, got inf"),
     "eta-negative": (["--eta", "-0.5"], "--eta and --s-churn must be >= 0"),
+    "eta-above-1": (["--eta", "1.5"], "--eta must be <= 1 (above 1 DDIM's step noise"),
     "cfg-nan": (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
     "cfg-inf": (["--cfg=-inf"], "--cfg must be a finite number, got -inf"),
     "s-churn-nan": (["--sampler", "edm", "--s-churn", "nan"], "--s-churn must be a finite number"),

@@ -292,6 +292,10 @@ def test_sampler_factory_errors():
         samplers.edm(schedules.edm(), -3)
     with pytest.raises(ValueError, match="eta"):
         samplers.ddim(schedules.vp_linear(), 10, eta=-0.1)
+    # above 1 the step's noise std passes sigma_next: the old code clipped the direction
+    # term to 0 and still added the whole noise, a silently over-noised marginal
+    with pytest.raises(ValueError, match=r"eta must be <= 1 .*got 1\.5"):
+        samplers.ddim(schedules.vp_linear(), 10, eta=1.5)
     with pytest.raises(ValueError, match="s_churn"):
         samplers.edm(schedules.edm(), 10, s_churn=-1.0)
     with pytest.raises(TypeError, match="flow schedule"):

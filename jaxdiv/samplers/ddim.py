@@ -95,7 +95,7 @@ def ddim(
     Args:
         schedule: a process from :mod:`jaxdiv.schedules`.
         num_steps: number of denoiser evaluations ``N`` (default 50, or len(times) - 1).
-        eta: 0 deterministic DDIM, 1 DDPM-like ancestral sampling (finite, >= 0).
+        eta: 0 deterministic DDIM, 1 DDPM-like ancestral sampling (in [0, 1]).
         times: optional explicit ``(N + 1,)`` grid ending at the clean endpoint.
         targets: optional ``(N,)`` times each step goes to, when they are not the next
             evaluation time ``times[i + 1]`` (diffusers' ``DDIMScheduler`` steps to
@@ -116,6 +116,9 @@ def ddim(
     10
     """
     eta = validation.number("eta", eta, lo=0)
+    if eta > 1:  # sigma_t would pass sigma_prev: sqrt(1 - a_prev - sigma_t^2) turns imaginary
+        raise ValueError(f"eta must be <= 1 (Song et al. 2021, Eq. 16: above 1 the step's "
+                         f"noise exceeds the next noise level), got {eta:g}")  # fmt: skip
     allow_noisy_end = validation.boolean("allow_noisy_end", allow_noisy_end)
     if targets is not None:
         if times is None or grid_kwargs:
