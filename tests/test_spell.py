@@ -484,6 +484,9 @@ def test_bad_inputs_raise_clear_errors():
         spell(1.0, reference=jnp.full((2, 2), jnp.nan))
     with pytest.raises(TypeError, match="feature_map"):
         spell(1.0, feature_map=3)
+    with pytest.raises(ValueError, match="no shields and would never act"):
+        spell(1.0, intra_batch=False)  # was a no-op term, silently
+    spell(1.0, intra_batch=False, memory_size=4)  # earlier batches' shields: fine
     term = spell(1.0, reference=jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="reference has 3 values per shield"):
         term.init(jnp.zeros((2, 2)), None, jax.random.key(0))

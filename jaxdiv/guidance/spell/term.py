@@ -421,6 +421,10 @@ def spell(
     exact_bytes = validation.integer("exact_bytes", exact_bytes, 1)
     if feature_map is not None:
         validation.function("feature_map", feature_map, "(x0 batch) -> (B, f)")
+    if reference is None and not intra_batch and memory_size == 0:
+        raise ValueError("spell with intra_batch=False, no reference and memory_size=0 has no "
+                         "shields and would never act: pass reference=, memory_size= or "
+                         "intra_batch=True")  # fmt: skip
     indexes = (ShieldIndex, IVFIndex, ShardedShieldIndex)
     if reference is not None and not isinstance(reference, indexes):
         if not hasattr(reference, "shape"):
