@@ -366,3 +366,14 @@ def test_pickled_weights_refused_unless_allowed(folders, tmp_path):
     loaded = sd3.load(pickled, allow_pickle=True, max_sequence_length=T5_LEN)
     for ours, ref in zip(loaded.null_cond, jax_pipe(folder).null_cond, strict=True):
         np.testing.assert_array_equal(ours, ref)
+
+
+def test_generate_defaults_are_diffusers(folders):
+    """``pipe.generate``'s defaults are ``StableDiffusion3Pipeline.__call__``'s: 28 steps and
+    guidance scale 7.0 (``generate`` used SD's 7.5 on SD3 before ``default_cfg``)."""
+    import inspect
+
+    pipe = jax_pipe(folders["sd3-medium"])
+    params = inspect.signature(StableDiffusion3Pipeline.__call__).parameters
+    assert pipe.default_cfg() == params["guidance_scale"].default == 7.0
+    assert pipe.default_sampler().num_steps == params["num_inference_steps"].default == 28

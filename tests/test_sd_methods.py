@@ -87,7 +87,7 @@ def test_interval_guidance_on_every_level_is_cfg(pipe, noise):
     base = np.asarray(_run(pipe, noise, sampler).latents)
     before = jaxdiv.compile_count()
     runs = [_run(pipe, noise, sampler, guidance.interval(CFG, lo, hi, pipe.null_cond),
-                 trace=True) for lo, hi in ((0.0, 1e9), (0.5, 5.0))]  # fmt: skip
+                 trace=True, cfg=None) for lo, hi in ((0.0, 1e9), (0.5, 5.0))]  # fmt: skip
     assert jaxdiv.compile_count() - before == 1  # the interval is a traced leaf
     full, part = runs
     np.testing.assert_allclose(full.latents, base, rtol=1e-6, atol=1e-6 * np.abs(base).max())
@@ -124,6 +124,28 @@ def test_generate_checks_its_inputs(pipe, noise):
         pipe.generate("a", 0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="scale must be a finite number"):
         pipe.generate("a", 1, key=jax.random.key(0), cfg=float("nan"))
+    # settings that would never take effect: a size the given noise does not have, a CFG
+    # scale beside a method that combines the outputs with its own
+    side = noise.shape[-1] * pipe.vae_scale_factor
+    pipe.generate("a", B, key=jax.random.key(0), noise=noise, sampler=pipe.ddim(1),
+                  height=side, width=side)  # fmt: skip
+    wrong = rf"noise has shape .* but height=None, width={2 * side} give"
+    with pytest.raises(ValueError, match=wrong):
+        pipe.generate("a", B, key=jax.random.key(0), noise=noise, width=2 * side)
+    with pytest.raises(ValueError, match=r"noise must be latents \(batch, 4, h, w\), got"):
+        pipe.generate("a", B, key=jax.random.key(0), noise=noise[:, :3])
+    interval = guidance.interval(3.0, 0.5, 5.0, null_cond=pipe.null_cond)
+    with pytest.raises(ValueError, match=r"cfg=5.0 would never take effect: method's "
+                                         r"\['interval'\] term\(s\) combine"):  # fmt: skip
+        pipe.generate("a", 1, key=jax.random.key(0), method=interval, cfg=5.0)
+    # the defaults are diffusers' StableDiffusionPipeline's
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+
+    params = inspect.signature(StableDiffusionPipeline.__call__).parameters
+    assert pipe.default_cfg() == params["guidance_scale"].default == 7.5
+    assert pipe.default_sampler().num_steps == params["num_inference_steps"].default == 50
     # a CFG-like term without null_cond would guide away from a zero embedding, not from
     # the empty prompt's: refused, alone, windowed (interval guidance) or chained
     for method in (guidance.interval(CFG, 0.5, 5.0), guidance.cfg(CFG),

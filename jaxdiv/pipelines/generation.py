@@ -168,14 +168,13 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
     if setup not in GASS_SETUPS:
         raise ValueError(f"setup must be one of {GASS_SETUPS}, got {setup!r}")
     batch = validation.integer("batch", batch, minimum=1)
-    sd3 = hasattr(pipe, "flow_euler")
     if setup == "paper":
         term = _guidance.gass(gass_encoder(pipe), text_emb, r_dep=r, r_ind=r, lr=1e-4,
                               max_iters=60, patience=4, tol=5e-4, steps="uniform",
                               num_active=20, num_directions=num_directions)  # fmt: skip
         notes = "latent write-back through the VAE decoder (no VAE round trip)"
-        return GASSSetup(term, pipe.default_sampler(), 7.0 if sd3 else 7.5, None, None, notes)
-    if not sd3:
+        return GASSSetup(term, pipe.default_sampler(), pipe.default_cfg(), None, None, notes)
+    if not is_sd3(pipe):
         raise ValueError("the public GASS code is SD3-only (its SD2.1 code was withdrawn): "
                          "use setup='paper' on this pipeline")  # fmt: skip
     write_space = gass_pixel_space(pipe)  # refuses a pipeline without an image encoder
@@ -240,7 +239,7 @@ def generate(
     key,
     method: Any = None,
     sampler=None,
-    cfg=7.5,
+    cfg="default",
     noise=None,
     height: int | None = None,
     width: int | None = None,
@@ -253,9 +252,10 @@ def generate(
     it is chained with ``guidance.cfg(cfg, null_cond=pipe.null_cond)`` -- condition terms
     first, then CFG, then ``x0`` terms (:func:`jaxdiv.guidance.chain`). ``cfg=None`` runs
     the conditional model alone. A method that brings its own combination brings its own
-    null too: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)``; one built
-    without ``null_cond`` is refused (its null would be a zero embedding, as on the toys,
-    not the empty prompt's).
+    scale and null: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)``; a ``cfg=``
+    value beside it would never take effect and is refused, and one built without
+    ``null_cond`` is refused (its null would be a zero embedding, as on the toys, not the
+    empty prompt's).
 
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
@@ -267,9 +267,11 @@ def generate(
         method: the diversity method (see the module table).
         sampler: defaults to ``pipe.default_sampler()`` (SD 1.x/2.x: ``pipe.ddim(50)``;
             SD3: ``pipe.flow_euler(28)``).
-        cfg: CFG scale (diffusers' convention), or ``None``.
+        cfg: CFG scale (diffusers' convention), or ``None``; by default the pipeline's
+            (``pipe.default_cfg()``: SD 7.5, SD3 7.0, diffusers' defaults).
         noise: initial latents ``pipe.noise_shape(len(prompts) * n, height, width)``.
-        height, width: image size (defaults to the model's).
+        height, width: image size (defaults to the model's; with ``noise``, they must
+            agree with its shape).
         trace: keep the per-step trace.
 
     Returns:
@@ -300,6 +302,14 @@ def generate(
                 "null_cond=pipe.null_cond (e.g. guidance.interval(w, lo, hi, "
                 "null_cond=pipe.null_cond))"
             )
+    if isinstance(cfg, str) and cfg == "default":
+        cfg = pipe.default_cfg()
+    elif cfg is not None and method is not None and _has_cfg(method):
+        own = [t.name for t in _guidance.as_terms(method) if t.hook == "denoiser"]
+        raise ValueError(
+            f"cfg={cfg!r} would never take effect: method's {own} term(s) combine the model's "
+            "outputs with their own scale; leave cfg= out (or pass cfg=None)"
+        )
     rows = tuple(p for p in prompts for _ in range(n))
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
@@ -311,6 +321,15 @@ def generate(
         if noise.shape[0] != len(rows):
             raise ValueError(f"noise must have {len(rows)} rows (prompts x n), got shape "
                              f"{tuple(noise.shape)}")  # fmt: skip
+        if height is not None or width is not None:  # the noise sets the size: both must agree
+            want = pipe.noise_shape(len(rows), height, width)
+            if tuple(noise.shape) != want:
+                raise ValueError(f"noise has shape {tuple(noise.shape)} but height={height}, "
+                                 f"width={width} give latents {want}; pass one or the "
+                                 "other")  # fmt: skip
+        elif noise.ndim != 4 or noise.shape[1] != pipe.latent_channels:
+            raise ValueError(f"noise must be latents (batch, {pipe.latent_channels}, h, w), got "
+                             f"shape {tuple(noise.shape)}")  # fmt: skip
     terms = method
     if cfg is not None and (method is None or not _has_cfg(method)):
         scale = _guidance.cfg(cfg, null_cond=pipe.null_cond)

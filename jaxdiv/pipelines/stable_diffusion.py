@@ -208,6 +208,15 @@ class StableDiffusion(NamedTuple):
         """The sampler :meth:`generate` uses unless told otherwise: ``ddim(50)``."""
         return self.ddim(50)
 
+    def default_cfg(self) -> float:
+        """The CFG scale :meth:`generate` uses unless told otherwise: 7.5 (diffusers').
+
+        >>> from jaxdiv.testing import example_pipeline
+        >>> example_pipeline().default_cfg()
+        7.5
+        """
+        return 7.5
+
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Token ids ``(num_prompts, max_length)`` padded and truncated as diffusers does.
 

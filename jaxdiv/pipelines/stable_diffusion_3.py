@@ -244,6 +244,16 @@ class StableDiffusion3(NamedTuple):
         """The sampler :meth:`generate` uses unless told otherwise: 28 Euler steps."""
         return self.flow_euler(28)
 
+    def default_cfg(self) -> float:
+        """The CFG scale :meth:`generate` uses unless told otherwise: 7.0 (diffusers'
+        ``StableDiffusion3Pipeline``).
+
+        >>> from jaxdiv.testing import example_sd3_pipeline
+        >>> example_sd3_pipeline().default_cfg()
+        7.0
+        """
+        return 7.0
+
     def generate(self, prompts: str | Sequence[str], n: int = 1, **kwargs):
         """Images for each prompt with a diversity method composed with CFG; see
         :func:`jaxdiv.pipelines.generation.generate` (``key=`` is required).
