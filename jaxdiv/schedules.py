@@ -363,6 +363,25 @@ class FlowSchedule(NamedTuple):
     def t_clean(self) -> float:
         return 0.0
 
+    def check_times(self, t, name: str = "t"):
+        """Refuse concrete times outside ``[0, 1]`` (or NaN): past ``t = 1`` (pure noise)
+        ``alpha = 1 - t`` turns negative, a process that does not exist. Samplers call this
+        on their grids; traced times cannot be inspected.
+
+        >>> flow().check_times([1.5, 0.5, 0.0], "times")
+        Traceback (most recent call last):
+        ...
+        ValueError: times must lie in [0, 1] (t = 1 is pure noise, alpha = 1 - t), got 1.5
+        """
+        if not validation.is_concrete(t) or _is_abstract(t):
+            return
+        arr = np.atleast_1d(np.asarray(t, np.float64))
+        bad = arr[~((arr >= 0.0) & (arr <= 1.0))]  # NaN fails both comparisons
+        if bad.size:
+            got = ", ".join(f"{float(b):g}" for b in np.ravel(bad)[:5])
+            raise ValueError(f"{name} must lie in [0, 1] (t = 1 is pure noise, alpha = 1 - t), "
+                             f"got {got}")  # fmt: skip
+
     def alpha(self, t):
         """``1 - t``."""
         return 1.0 - as_float(t)

@@ -205,3 +205,13 @@ def test_bad_input_raises():
         cm.log_prob(jnp.zeros((3, 5)))
     with pytest.raises(ValueError, match="single embedding"):
         cm.mixture(jnp.zeros((2, 2)))
+    # class ids outside the mixture: JAX's indexing clipped them to the last class
+    # (condition) or read NaN (clip_score), silently
+    for bad in (2, -1, jnp.array([0, 5])):
+        with pytest.raises(ValueError, match=r"classes must lie in \[0, 1\]"):
+            cm.condition(bad)
+        with pytest.raises(ValueError, match=r"classes must lie in \[0, 1\]"):
+            cm.clip_score(jnp.zeros((2, 2)), bad)
+    with pytest.raises(TypeError, match="classes must be integers"):
+        cm.condition(1.0)
+    assert jax.jit(cm.condition)(jnp.array([1])).shape == (1, 2)  # traced: not inspected

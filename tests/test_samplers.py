@@ -296,6 +296,10 @@ def test_sampler_factory_errors():
     # term to 0 and still added the whole noise, a silently over-noised marginal
     with pytest.raises(ValueError, match=r"eta must be <= 1 .*got 1\.5"):
         samplers.ddim(schedules.vp_linear(), 10, eta=1.5)
+    # a flow time past 1 has alpha = 1 - t < 0 (it ran silently before)
+    for make in (samplers.flow_euler, samplers.ddim, samplers.flow_heun):
+        with pytest.raises(ValueError, match=r"times must lie in \[0, 1\] .*got 1\.5"):
+            make(schedules.flow(), times=[1.5, 0.5, 0.0])
     with pytest.raises(ValueError, match="s_churn"):
         samplers.edm(schedules.edm(), 10, s_churn=-1.0)
     with pytest.raises(TypeError, match="flow schedule"):

@@ -147,7 +147,22 @@ class ConditionalGaussianMixture:
         >>> ring_of_classes().condition(jnp.array([0, 2])).shape
         (2, 4)
         """
-        return scale * self.class_embeddings[jnp.asarray(classes)]
+        return scale * self.class_embeddings[self._classes(classes)]
+
+    def _classes(self, classes):
+        """``classes`` as an int array, refused when a concrete id is not a class (JAX's
+        indexing would clip it to the last class, or read out of range as NaN)."""
+        classes = jnp.asarray(classes)
+        if not jnp.issubdtype(classes.dtype, jnp.integer):
+            raise TypeError(f"classes must be integers, got dtype {classes.dtype}")
+        if _concrete(classes):
+            bad = np.asarray(classes)[(np.asarray(classes) < 0)
+                                      | (np.asarray(classes) >= self.num_classes)]  # fmt: skip
+            if bad.size:
+                raise ValueError(f"classes must lie in [0, {self.num_classes - 1}] (the "
+                                 f"mixture's {self.num_classes} classes), got "
+                                 f"{sorted(set(bad.tolist()))}")  # fmt: skip
+        return classes
 
     def null_condition(self, n: int):
         """The null (unconditional) embedding ``y = 0`` for a batch of ``n``.
@@ -319,7 +334,7 @@ class ConditionalGaussianMixture:
         True
         """
         post = self.class_posterior(x, 1.0, blur)
-        classes = jnp.broadcast_to(jnp.asarray(classes), post.shape[:-1])
+        classes = jnp.broadcast_to(self._classes(classes), post.shape[:-1])
         return jnp.take_along_axis(post, classes[..., None], -1)[..., 0]
 
     def denoiser(self, schedule) -> ConditionalGMMDenoiser:
