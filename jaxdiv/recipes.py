@@ -97,6 +97,11 @@ def spell_batched(
             f"noise's leading dimension ({n}) must be a positive multiple of batch_size "
             f"({batch_size})"
         )
+    if cond is not None:  # sliced per batch below: extra rows would be dropped silently
+        rows = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(cond)}
+        if rows != {n}:
+            raise ValueError(f"cond must have noise's {n} rows (leading dimension) in every "
+                             f"leaf, got {sorted(rows, key=str)}")  # fmt: skip
     if memory_size is None:
         memory_size = int(n)
     term = spell(radius, reference, intra_batch, overcompensation, memory_size=memory_size,

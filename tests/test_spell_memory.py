@@ -167,3 +167,7 @@ def test_bad_inputs():
         spell_batched(SMP, DEN, noise, key=jax.random.key(0), radius=0.1, batch_size=2.0)
     with pytest.raises(TypeError, match="SpellState"):
         memory_vectors((jnp.zeros((2, 2)), 0))
+    # a cond with more rows than noise (e.g. [cond; null] stacked) was sliced silently
+    with pytest.raises(ValueError, match=r"cond must have noise's 4 rows .* got \[8\]"):
+        spell_batched(SMP, DEN, noise[:4], key=jax.random.key(0), radius=0.1, batch_size=2,
+                      cond=jnp.zeros((8, 3)))  # fmt: skip
