@@ -46,8 +46,12 @@ COMMANDS = {
     "generate": ("experiments.generate", "prompts -> PNG images from a local SD folder"),
     "evaluate": ("experiments.evaluate", "image folders -> diversity and fidelity tables"),
     "sd-methods": ("experiments.sd_methods", "every diversity method on one SD model"),
+    "plot": ("experiments.plot_eval", "an evaluate folder -> Pareto plots, prompt grids"),
     "methods": (None, "the diversity and guidance methods: papers, hooks, knobs"),
 }  # fmt: skip
+# the commands that run JAX programs (their process reuses freed memory, and keeps its
+# compiled programs on disk)
+JAX_COMMANDS = ("demo", "generate", "evaluate", "sd-methods")
 
 # what each hook of jaxdiv.guidance.base.HOOKS acts on
 HOOK_MEANING = {
@@ -281,7 +285,7 @@ def _version() -> str:
 
 def restarts_for_memory(command: str, from_console: bool, env=None) -> bool:
     """Whether ``jaxdiv COMMAND`` starts itself again under reused host memory: from the
-    console, for every command but ``methods`` (which runs no model), unless
+    console, for the commands that run models (:data:`JAX_COMMANDS`), unless
     ``JAXDIV_REUSE_MEMORY=0`` or the setting is already in place.
 
     >>> restarts_for_memory("generate", True, {}), restarts_for_memory("methods", True, {})
@@ -296,7 +300,7 @@ def restarts_for_memory(command: str, from_console: bool, env=None) -> bool:
     env = os.environ if env is None else env
     return (
         from_console
-        and COMMANDS.get(command, (None,))[0] is not None
+        and command in JAX_COMMANDS
         and env.get(OPT_OUT_VARIABLE, "1") != "0"
         and not reusing_freed_memory(env)
     )
@@ -304,15 +308,15 @@ def restarts_for_memory(command: str, from_console: bool, env=None) -> bool:
 
 def uses_compilation_cache(command: str, from_console: bool) -> bool:
     """Whether ``jaxdiv COMMAND`` keeps compiled programs on disk: from the console, for
-    every command but ``methods`` (:func:`jaxdiv.compilation_cache.from_environment`
-    decides the folder, or none).
+    the commands that run models (:data:`JAX_COMMANDS`;
+    :func:`jaxdiv.compilation_cache.from_environment` decides the folder, or none).
 
-    >>> uses_compilation_cache("generate", True), uses_compilation_cache("methods", True)
+    >>> uses_compilation_cache("generate", True), uses_compilation_cache("plot", True)
     (True, False)
     >>> uses_compilation_cache("generate", False)  # main(argv) from Python: its caller's choice
     False
     """
-    return from_console and COMMANDS.get(command, (None,))[0] is not None
+    return from_console and command in JAX_COMMANDS
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Figures from an ``experiments.evaluate`` folder: diversity vs fidelity, and image grids.
 
-    python -m experiments.plot_eval results/eval/NAME [--x fd] [--y vendi_mean] [--images 8]
+    jaxdiv plot results/eval/NAME [--x fd] [--y vendi_mean] [--images 8]
+    (or python -m experiments.plot_eval ...)
 
 Writes into the folder:
 
@@ -145,15 +146,15 @@ def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
     return written
 
 
-def main(argv=None) -> int:
-    """Run the command line: 0 on success, 2 for a refused input."""
-    p = argparse.ArgumentParser(prog="python -m experiments.plot_eval",
-                                description=__doc__.split("\n")[0])  # fmt: skip
+def main(argv=None, prog: str = "python -m experiments.plot_eval") -> int:
+    """Run the command line (``jaxdiv plot``): 0 on success, 2 for a refused input."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
-    p.add_argument("folder", help="an experiments.evaluate --out folder")
+    p.add_argument("folder", help="an evaluate --out folder (required)")
     p.add_argument("--x", default="fd", help="fidelity metric (default fd)")
     p.add_argument("--y", default="vendi_mean", help="diversity metric (default vendi_mean)")
-    p.add_argument("--images", type=int, default=8, help="images per row of the grids")
+    p.add_argument("--images", type=int, default=8,
+                   help="images per row of the grids (default 8)")  # fmt: skip
     args = p.parse_args(argv)
     folder = Path(args.folder)
     try:

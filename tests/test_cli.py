@@ -47,7 +47,7 @@ def test_help_lists_every_command(capsys):
     code, out, _ = _exit_code(["--help"], capsys)
     assert code == 0
     assert out.startswith("usage: jaxdiv")
-    for name in ("demo", "generate", "evaluate", "sd-methods", "methods"):
+    for name in ("demo", "generate", "evaluate", "sd-methods", "plot", "methods"):
         assert f"\n  {name} " in out, name
 
 
@@ -161,6 +161,15 @@ def test_generate_errors_name_the_console_command(tmp_path, capsys):
                                "--n", "0"], capsys)  # fmt: skip
     assert code == 2
     assert err == "jaxdiv generate: error: --n must be >= 1, got 0\n"
+
+
+def test_plot_is_the_console_command_of_plot_eval(tmp_path, capsys):
+    code, out, _ = _exit_code(["plot", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: jaxdiv plot ") and "(default 8)" in out
+    code, _, err = _exit_code(["plot", str(tmp_path)], capsys)
+    assert code == 2
+    assert err == f"jaxdiv plot: error: {str(tmp_path)!r} holds no results.json of " \
+                  "experiments.evaluate\n"
 
 
 def test_demo_errors_name_the_console_command(capsys):
