@@ -274,6 +274,11 @@ def test_schedule_config_errors():
         schedule_from_config({"prediction_type": "flow"})
     with pytest.raises(ValueError, match="rescale_betas_zero_snr=True is not supported"):
         schedule_from_config({"rescale_betas_zero_snr": True})
+    # diffusers would clip / threshold every x0_hat: refused, not silently skipped
+    for flag in ("clip_sample", "thresholding"):
+        with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            schedule_from_config({flag: True})
+        schedule_from_config({flag: False})
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
         schedule_from_config({"timestep_spacing": "karras"})
     with pytest.raises(ValueError, match="trained_betas must have num_train_timesteps=1000"):

@@ -3,8 +3,8 @@
 Only the model-defining fields of a ``scheduler_config.json`` are read (betas,
 ``prediction_type``, ``num_train_timesteps``) plus the grid defaults
 (``timestep_spacing``, ``steps_offset``), and, for :func:`ddim_grid` (diffusers' own DDIM
-endpoint), ``set_alpha_to_one``. ``clip_sample`` / ``thresholding`` are not applied (SD's
-configs turn both off).
+endpoint), ``set_alpha_to_one``. ``clip_sample`` / ``thresholding`` are not applied: a
+config that turns either on is refused (SD's configs turn both off).
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def schedule_from_config(config: dict) -> tuple[schedules.VPSchedule, str, dict]
         TypeError: ``config`` is not a dict, or ``num_train_timesteps`` / ``steps_offset``
             is not an integer.
         ValueError: unknown ``beta_schedule`` / ``prediction_type`` / ``timestep_spacing``,
-            or ``rescale_betas_zero_snr=True`` (a zero-SNR model needs ``alpha(T-1) = 0``,
-            which the VP schedules here do not represent).
+            ``rescale_betas_zero_snr=True`` (a zero-SNR model needs ``alpha(T-1) = 0``,
+            which the VP schedules here do not represent), or ``clip_sample=True`` /
+            ``thresholding=True`` (not applied here).
 
     Example:
         >>> sch, pred, grid = schedule_from_config({"beta_schedule": "scaled_linear",
@@ -62,6 +63,13 @@ def schedule_from_config(config: dict) -> tuple[schedules.VPSchedule, str, dict]
             "scheduler config: rescale_betas_zero_snr=True is not supported (zero terminal "
             "SNR makes alpha(T-1) = 0)"
         )
+    for flag, what in (("clip_sample", "clips x0_hat to [-clip_sample_range, "
+                                       "clip_sample_range]"),
+                       ("thresholding", "applies dynamic thresholding to x0_hat")):  # fmt: skip
+        if config.get(flag, False) is True:  # diffusers would change every x0_hat; we would not
+            raise ValueError(f"scheduler config: {flag}=True is not supported (diffusers "
+                             f"{what} at every step, jaxdiv does not); set it to false in "
+                             "scheduler_config.json to run the model without it")  # fmt: skip
     trained = config.get("trained_betas")
     kind = config.get("beta_schedule", "linear")
     b0 = float(config.get("beta_start", 0.0001))
