@@ -81,7 +81,6 @@ import contextlib
 import copy
 import datetime
 import functools
-import json
 import math
 import os
 import platform
@@ -96,6 +95,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.timing import version
+from experiments.common import write_json
 
 SECTIONS = ("sd21_generate", "methods_overhead", "sd3_step", "spell_million")
 # share of the remaining budget each section may use (unused time passes on)
@@ -135,21 +135,6 @@ def sizes(smoke: bool) -> dict[str, Any]:
 
 class Skipped(Exception):
     """A section (or a peer) that cannot run here; the message says why."""
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` whole or not at all (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _json_default(o):
@@ -317,7 +302,7 @@ class Suite:
         # Linux reports ru_maxrss in KiB
         self.result["host_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.result["updated_utc"] = _utc()
-        write_json_atomic(self.out, self.result)
+        write_json(self.out, self.result, _json_default)  # whole or absent
 
     def run_section(self, name: str, fn) -> None:
         entry = self.result["sections"][name] = {"status": "running"}

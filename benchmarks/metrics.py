@@ -52,7 +52,6 @@ import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import gc  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -265,7 +264,9 @@ def main(argv=None):
             "load_avg_1min_before": load_before, "total_s": time.perf_counter() - t0},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    from experiments.common import write_json
+
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -310,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["environment"] = environment()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from experiments.common import write_json
+
+    write_json(out, result)
     print(f"{args.config} latent {args.latent} batch {args.batch}: step {result['step_s']:.2f} s "
           f"(thunks {result['thunk_total_s']:.2f} s)")  # fmt: skip
     for g, v in result["groups"].items():

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import resource
 import time
@@ -443,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    from experiments.common import write_json
+
+    write_json(out, dict(meta=meta, rows=rows))
     print(f"wrote {out}")
 
 

@@ -45,10 +45,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def write_json(path, obj):
+def write_json(path, obj, default=float):
     """Write JSON atomically (:func:`experiments.run_folder.write_json`: whole or absent,
     mode from the umask)."""
-    run_folder.write_json(path, obj)
+    run_folder.write_json(path, obj, default)
 
 
 def save_figure(fig, path):

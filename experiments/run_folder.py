@@ -131,8 +131,9 @@ def atomic_write(path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
-def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON with :func:`atomic_write`, creating the folder.
+def write_json(path, obj, default=float) -> None:
+    """Write ``obj`` as indented JSON with :func:`atomic_write`, creating the folder
+    (``default`` converts what JSON cannot hold, as in :func:`json.dumps`).
 
     Example:
         >>> import tempfile
@@ -144,7 +145,7 @@ def write_json(path, obj) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(obj, indent=1, default=float).encode("utf-8"))
+    atomic_write(path, json.dumps(obj, indent=1, default=default).encode("utf-8"))
 
 
 def remove_temporaries(folder) -> list[Path]:
