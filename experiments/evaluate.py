@@ -234,11 +234,32 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise EvaluateError(f"{path} is not a readable image ({err})") from None
 
 
-def _load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB; EvaluateError when unreadable.
+
+    16-bit grayscale (PNG) is scaled to 8 bits (``v / 257``): PIL's ``convert("RGB")``
+    clips it instead, turning nearly every pixel white. 32-bit integer or float images
+    have no defined 8-bit range and are refused.
+
+    >>> import tempfile, numpy as np
+    >>> from PIL import Image
+    >>> path = tempfile.mkdtemp() + "/g16.png"
+    >>> Image.fromarray(np.array([[0, 32896, 65535]], np.uint16)).save(path)
+    >>> load_rgb(path)[0, :, 0].tolist()
+    [0, 128, 255]
+    """
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+                gray = np.rint(np.asarray(im).astype(np.float64) / 257.0)
+                return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, -1)
+            if im.mode in ("I", "F"):
+                raise EvaluateError(f"{path} is a 32-bit {'float' if im.mode == 'F' else 'integer'}"
+                                    " image: it has no defined 8-bit range; save it as an 8- or "
+                                    "16-bit PNG")  # fmt: skip
             return np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
         raise EvaluateError(f"{path} is not a readable image ({err})") from None
@@ -322,7 +343,7 @@ def features_of(image_set: ImageSet, encoder: Encoder, out: Path, batch_size: in
     bar = progress_bar(total=len(todo), desc=f"{image_set.name} / {encoder.name}", unit="img")
     try:
         for b, ids in enumerate(batches):
-            feats = encoder.encode(np.stack([_load_rgb(files[i]) for i in ids]))
+            feats = encoder.encode(np.stack([load_rgb(files[i]) for i in ids]))
             if not np.isfinite(feats).all():
                 raise EvaluateError(f"{encoder.name} features of {image_set.name} hold NaN or "
                                     f"inf (images {[rel[i] for i in ids][:3]} ...)")  # fmt: skip

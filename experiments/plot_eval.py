@@ -117,7 +117,7 @@ def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
     the folders without prompts (``None``) share one grid, after the prompts'."""
     from PIL import Image
 
-    from experiments.evaluate import read_image_set
+    from experiments.evaluate import load_rgb, read_image_set
     from experiments.sd_methods import LABEL_WIDTH, _label
 
     sets = [read_image_set(entry["folder"]) for entry in results["sets"].values()]
@@ -132,10 +132,7 @@ def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
                 continue
             with Image.open(files[0]) as im:
                 size = size or im.size
-            tiles = []
-            for f in files:
-                with Image.open(f) as im:
-                    tiles.append(np.asarray(im.convert("RGB").resize(size)))
+            tiles = [np.asarray(Image.fromarray(load_rgb(f)).resize(size)) for f in files]
             tiles += [np.full_like(tiles[0], 255)] * (per_row - len(tiles))
             rows.append(np.concatenate([_label(s.name, LABEL_WIDTH, size[1]), *tiles], axis=1))
         buf = io.BytesIO()

@@ -130,6 +130,23 @@ def _argv(encoders, folders, out, *extra):
             "--out", str(out), "--batch-size", "3", "--bootstrap", "200", *extra]  # fmt: skip
 
 
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG reads as its 8-bit version (PIL's convert("RGB") clipped it:
+    every pixel above 255 of 65535 turned white); 32-bit float images are refused."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    got = evaluate.load_rgb(tmp_path / "g16.png")
+    want = np.rint(ramp / 257.0).astype(np.uint8)
+    assert got.shape == (16, 16, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, -1))
+    assert np.mean(got == 255) < 0.01  # the clipped read had 99.6% white
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(evaluate.EvaluateError, match="32-bit float image: it has no defined"):
+        evaluate.load_rgb(tmp_path / "f.tiff")
+
+
 def test_clip_preprocessing_is_the_clip_image_processor():
     """``dinov2_preprocess`` at CLIP's size, mean and std is ``CLIPImageProcessor``
     (PIL backend: bicubic short side to 224, centre crop, rescale, normalise)."""
