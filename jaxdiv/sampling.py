@@ -277,8 +277,9 @@ def sample(
     """
     noise = _check_inputs(sampler, denoiser, noise, key, cond)
     if mesh is not None:
-        placed = distributed.shard_batch({"noise": noise, "cond": cond}, mesh)
-        noise, cond = placed["noise"], placed["cond"]
+        # noise first: a batch the mesh cannot split is then named by noise, not by cond
+        noise = distributed.shard_batch({"noise": noise}, mesh)["noise"]
+        cond = distributed.shard_batch({"cond": cond}, mesh)["cond"]
     terms = as_terms(guidance)
     check_windows(terms, sampler)
     names = sorted(t.name for t in terms)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxdiv
 from jaxdiv import distributed
 
 # appended to XLA_FLAGS: the test session's codegen flags (conftest.py) carry over
@@ -183,3 +184,9 @@ def test_a_batch_the_data_axis_cannot_split_is_refused_by_name():
     with pytest.raises(ValueError, match=r"\['noise'\] has leading size 3, not divisible by "
                                          r"the 2 devices of mesh axis 'data'"):  # fmt: skip
         distributed.shard_batch({"noise": jnp.ones((3, 2))}, fake)
+    # through jaxdiv.sample with a condition: the error names noise (it named cond)
+    from jaxdiv import samplers, schedules
+
+    with pytest.raises(ValueError, match=r"\['noise'\] has leading size 3, not divisible"):
+        jaxdiv.sample(samplers.ddim(schedules.edm(), 2), lambda x, t, c: x, jnp.ones((3, 2)),
+                      key=jax.random.key(0), cond=jnp.ones((3, 4)), mesh=fake)  # fmt: skip
