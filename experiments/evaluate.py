@@ -443,7 +443,10 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
         pooled[f"{name}_mean"] = float(np.mean(vals)) if vals else None
         pooled[f"{name}_ci95"] = bootstrap_interval(vals, bootstrap, seed)
     if reference is not None:
-        pooled["fd"] = float(metrics.frechet_distance_from_features(feats, reference))
+        # float64: with fewer images than feature dimensions the covariances are rank
+        # deficient and float32 rounding in their null space biases FD low
+        pooled["fd"] = float(metrics.frechet_distance_from_features(feats, reference,
+                                                                    dtype=jnp.float64))  # fmt: skip
         size = min(len(feats), len(reference), 1000)
         k = metrics.kid(feats, reference, subset_size=size, key=jax.random.key(seed))
         pooled["kid_mean"], pooled["kid_std"] = float(k.mean), float(k.std)

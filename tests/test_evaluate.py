@@ -122,6 +122,13 @@ def folders(tmp_path_factory):
     return diverse, collapsed
 
 
+def _cached(out, name, encoder):
+    """The features ``experiments.evaluate`` cached for set ``name``, float64."""
+    (cache,) = (out / "features").glob(f"{name}-*/{encoder}-*.npz")
+    with np.load(cache) as f:
+        return f["features"].astype(np.float64)
+
+
 def _argv(encoders, folders, out, *extra):
     clip, dino = encoders
     diverse, collapsed = folders
@@ -179,9 +186,7 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         # subset the whole set (m = 8) it is 2 (S / m - D) / (m (m - 1)) < 0 exactly, S the
         # sum and D the trace of the cubic kernel matrix (x.y / dim + 1)^3
         assert abs(d["fd"]) < 1e-3
-        (cache,) = (out / "features").glob(f"diverse-*/{enc}-*.npz")
-        with np.load(cache) as f:
-            x = f["features"].astype(np.float64)
+        x = _cached(out, "diverse", enc)
         k = (x @ x.T / x.shape[1] + 1.0) ** 3
         m = len(x)
         want = 2 * (k.sum() / m - np.trace(k)) / (m * (m - 1))
@@ -209,6 +214,18 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         assert (d1["recall"], d1["coverage"], d1["precision"]) == (1.0, 1.0, 1.0)
         assert (c1["recall"], c1["coverage"], c1["precision"]) == (0.0, 0.5, 1.0)
     assert abs(res["sets"]["diverse"]["encoders"]["clip"]["pooled"]["cmmd"]) < 1e-3
+    # FD with 8 images in more dimensions (rank-deficient covariances) equals NumPy's
+    # float64 closed form tr(S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))
+    for enc in ("clip", "dinov2"):
+        x, r = (_cached(out, name, enc) for name in ("collapsed", "diverse"))
+        assert x.shape[0] < x.shape[1], x.shape
+        (m1, s1), (m2, s2) = [(f.mean(0), np.cov(f, rowvar=False)) for f in (x, r)]
+        w, v = np.linalg.eigh(s1)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        lam = np.linalg.eigvalsh(root @ s2 @ root)
+        want = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
+        got = res["sets"]["collapsed"]["encoders"][enc]["pooled"]["fd"]
+        assert got == pytest.approx(want, rel=1e-6), (enc, got, want)
     assert res["sets"]["collapsed"]["method"] == "none"
     assert "prdc_skipped" not in res["sets"]["collapsed"]["encoders"]["clip"]["pooled"]
     assert "| collapsed | none | dinov2 |" in first["table.md"].decode()

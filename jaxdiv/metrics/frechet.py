@@ -203,7 +203,10 @@ def frechet_distance_from_features(X, Y, dtype=None) -> jax.Array:
     Args:
       X: (n, d) first feature set, n >= 2.
       Y: (m, d) second feature set, m >= 2.
-      dtype: computation dtype (``jnp.float64`` runs in a scoped x64 context).
+      dtype: computation dtype (``jnp.float64`` runs in a scoped x64 context). Use
+        float64 when the sets are not much larger than ``d``: their covariances are then
+        rank deficient, and float32 rounding in the null space adds spurious eigenvalues
+        that bias the distance low (``experiments.evaluate`` computes in float64).
 
     Returns:
       Scalar distance.
