@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.demo"
     for name in ("batches", "batch"):
         if getattr(args, name) < 2:
             p.error(f"--{name} must be >= 2, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**62:  # keys from seed + 0..200 (jax.random.key: 64-bit ints)
+        p.error(f"--seed must be an integer in [0, 2**62), got {args.seed}")
     with quiet(args.quiet):
         t0 = time.perf_counter()
         rows, exact_row, samples, ref, setting = run(args.batches, args.batch, args.seed)

@@ -55,3 +55,7 @@ def test_prints_the_table_and_refuses_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--batch", "1"])
     assert "--batch must be >= 2, got 1" in capsys.readouterr().err
+    for seed in ("-1", str(2**64)):  # negative, and past the 64-bit keys (an OverflowError)
+        with pytest.raises(SystemExit):
+            demo.main(["--out", str(tmp_path), "--seed", seed])
+        assert f"--seed must be an integer in [0, 2**62), got {seed}" in capsys.readouterr().err
