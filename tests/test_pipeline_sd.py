@@ -58,8 +58,9 @@ def tiny(tmp_path_factory):
     return folder, torch_pipe, sd.load(folder)
 
 
-def torch_generate(torch_pipe, noise):
-    """diffusers' images (NHWC in [0, 1]) and final latents from the given initial latents."""
+def torch_generate(torch_pipe, noise, **kw):
+    """diffusers' images (NHWC in [0, 1]) and final latents from the given initial latents
+    (``kw``: more arguments of the pipeline call)."""
     final = {}
 
     def grab(pipe, i, t, kw):
@@ -77,6 +78,7 @@ def torch_generate(torch_pipe, noise):
             width=noise.shape[3] * torch_pipe.vae_scale_factor,
             output_type="np",
             callback_on_step_end=grab,
+            **kw,
         ).images
     return images, final["latents"].numpy()
 
@@ -121,6 +123,30 @@ def test_ddim_cfg_parity_epsilon_leading(tiny):
     shifted = samplers.ddim(pipe.schedule, STEPS, spacing="leading", steps_offset=0)
     img, _ = jax_generate(pipe, noise, sampler=shifted)
     assert np.abs(img - ref_img).max() > 10 * IMAGE_ATOL
+
+
+def test_generate_with_a_negative_prompt_is_diffusers(tiny):
+    """``pipe.generate(negative_prompt=)`` on diffusers' DDIM loop equals
+    ``StableDiffusionPipeline(negative_prompt=)`` from the same initial latents."""
+    folder, torch_pipe, pipe = tiny
+    noise = initial_noise(pipe, 3)
+    negative = "a red cat"
+    _, ref = torch_generate(torch_pipe, noise, negative_prompt=[negative] * len(PROMPTS))
+    kw = dict(key=jax.random.key(0), sampler=pipe.ddim(STEPS), cfg=CFG, noise=noise)
+    got = np.asarray(pipe.generate(PROMPTS, 1, negative_prompt=negative, **kw).latents)
+    tol = LATENT_RTOL * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(got - ref).max() <= tol
+    # negative control: the empty prompt's branch is caught by the tolerance
+    plain = np.asarray(pipe.generate(PROMPTS, 1, **kw).latents)
+    assert np.abs(plain - ref).max() > 100 * tol
+    for bad, match in ((dict(cfg=1.0), "no effect with cfg=1.0"),
+                       (dict(cfg=None), "no effect with cfg=None")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            pipe.generate(PROMPTS, 1, negative_prompt=negative, **{**kw, **bad})
+    own = guidance.interval(CFG, 0.5, 5.0, null_cond=pipe.null_cond)
+    with pytest.raises(ValueError, match="negative_prompt would never take effect"):
+        pipe.generate(PROMPTS, 1, negative_prompt=negative, method=own,
+                      **{**kw, "cfg": None})  # fmt: skip
 
 
 def test_cfg_scale_sweep_compiles_the_unet_once(tiny):

@@ -89,8 +89,9 @@ def initial_noise(pipe, seed, batch=2):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def torch_generate(tpipe, noise, prompts=PROMPTS, *, output_type="np"):
-    """diffusers' output (images NHWC in [0, 1], or latents) and its final latents."""
+def torch_generate(tpipe, noise, prompts=PROMPTS, *, output_type="np", **kw):
+    """diffusers' output (images NHWC in [0, 1], or latents) and its final latents
+    (``kw``: more arguments of the pipeline call)."""
     final = {}
 
     def grab(pipe, i, t, kw):
@@ -109,6 +110,7 @@ def torch_generate(tpipe, noise, prompts=PROMPTS, *, output_type="np"):
             max_sequence_length=T5_LEN,
             output_type=output_type,
             callback_on_step_end=grab,
+            **kw,
         ).images
     return np.asarray(images), final["latents"].numpy()
 
@@ -377,3 +379,18 @@ def test_generate_defaults_are_diffusers(folders):
     params = inspect.signature(StableDiffusion3Pipeline.__call__).parameters
     assert pipe.default_cfg() == params["guidance_scale"].default == 7.0
     assert pipe.default_sampler().num_steps == params["num_inference_steps"].default == 28
+
+
+def test_generate_with_a_negative_prompt_is_diffusers(folders):
+    """``pipe.generate(negative_prompt=)`` equals ``StableDiffusion3Pipeline``'s (all three
+    encoders encode it, T5 included)."""
+    folder = folders["sd3-medium"]
+    tp, pipe = torch_pipe(folder), jax_pipe(folder)
+    noise = initial_noise(pipe, 4)
+    negative = "the blue cat"
+    _, ref = torch_generate(tp, noise, negative_prompt=[negative] * len(PROMPTS))
+    kw = dict(key=jax.random.key(0), sampler=pipe.flow_euler(STEPS), cfg=CFG, noise=noise)
+    got = np.asarray(pipe.generate(PROMPTS, 1, negative_prompt=negative, **kw).latents)
+    assert max_rel(got, ref) <= LATENT_RTOL
+    plain = np.asarray(pipe.generate(PROMPTS, 1, **kw).latents)  # the empty prompt's branch
+    assert max_rel(plain, ref) > 100 * LATENT_RTOL

@@ -240,6 +240,7 @@ def generate(
     method: Any = None,
     sampler=None,
     cfg="default",
+    negative_prompt: str | None = None,
     noise=None,
     height: int | None = None,
     width: int | None = None,
@@ -255,7 +256,8 @@ def generate(
     scale and null: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)``; a ``cfg=``
     value beside it would never take effect and is refused, and one built without
     ``null_cond`` is refused (its null would be a zero embedding, as on the toys, not the
-    empty prompt's).
+    empty prompt's). ``negative_prompt`` replaces the empty prompt in CFG's unconditional
+    branch, encoded as diffusers encodes negative prompts (one for every image).
 
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
@@ -269,6 +271,9 @@ def generate(
             SD3: ``pipe.flow_euler(28)``).
         cfg: CFG scale (diffusers' convention), or ``None``; by default the pipeline's
             (``pipe.default_cfg()``: SD 7.5, SD3 7.0, diffusers' defaults).
+        negative_prompt: the prompt of CFG's unconditional branch (default: the empty
+            prompt, ``pipe.null_cond``); refused where it cannot take effect (``cfg``
+            ``None`` or 1, or a method with its own combination and null).
         noise: initial latents ``pipe.noise_shape(len(prompts) * n, height, width)``.
         height, width: image size (defaults to the model's; with ``noise``, they must
             agree with its shape).
@@ -310,6 +315,20 @@ def generate(
             f"cfg={cfg!r} would never take effect: method's {own} term(s) combine the model's "
             "outputs with their own scale; leave cfg= out (or pass cfg=None)"
         )
+    null = pipe.null_cond
+    if negative_prompt is not None:
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string, got "
+                            f"{type(negative_prompt).__name__}")  # fmt: skip
+        if method is not None and _has_cfg(method):
+            raise ValueError("negative_prompt would never take effect: method combines the "
+                             "model's outputs with its own null_cond; build it with "
+                             "null_cond=pipe.encode_prompt(pipe.tokenize([negative]))")  # fmt: skip
+        if cfg is None or cfg == 1:
+            raise ValueError(f"negative_prompt has no effect with cfg={cfg} (no "
+                             "unconditional branch)")  # fmt: skip
+        # as diffusers: one negative prompt for every image, encoded without clip_skip
+        null = pipe.encode_prompt(pipe.tokenize([negative_prompt]), clip_skip=None)
     rows = tuple(p for p in prompts for _ in range(n))
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
@@ -332,7 +351,7 @@ def generate(
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     terms = method
     if cfg is not None and (method is None or not _has_cfg(method)):
-        scale = _guidance.cfg(cfg, null_cond=pipe.null_cond)
+        scale = _guidance.cfg(cfg, null_cond=null)
         terms = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=jax.random.fold_in(key, 1), cond=cond, guidance=terms,
