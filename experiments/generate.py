@@ -1086,6 +1086,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
 
     import jaxdiv
     from jaxdiv import guidance, recipes
+    from jaxdiv.pipelines import generation
 
     out = Path(args.out)
     multi, lead = procs.multi, procs.lead
@@ -1173,10 +1174,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             sampler = getattr(pipe, args.sampler)(args.steps, karras=args.karras)
         except ValueError as err:  # e.g. more steps than the config's spacing allows
             raise RunError(str(err)) from err
-    if args.negative_prompt:  # diffusers encodes negative prompts without clip_skip
-        null = pipe.encode_prompt(pipe.tokenize([args.negative_prompt]), clip_skip=None)
-    else:
-        null = pipe.null_cond
+    null = generation.null_condition(pipe, args.negative_prompt)
     term = None
     if args.cfg != 1.0:
         # the same term object for the same settings: jaxdiv.sample then reuses its program

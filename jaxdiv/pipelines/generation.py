@@ -38,7 +38,7 @@ from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate",
-           "is_sd3", "truncated_prompts"]
+           "is_sd3", "null_condition", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -187,6 +187,21 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
     return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes)
 
 
+def null_condition(pipe, negative_prompt: str = ""):
+    """CFG's unconditional condition: ``pipe.null_cond`` (the empty prompt's), or
+    ``negative_prompt``'s, encoded as diffusers encodes negative prompts (one row, for
+    every image; without ``clip_skip``).
+
+    >>> from jaxdiv.testing import example_pipeline
+    >>> pipe = example_pipeline()
+    >>> null_condition(pipe) is pipe.null_cond, null_condition(pipe, "a dog").shape
+    (True, (1, 16, 32))
+    """
+    if not negative_prompt:
+        return pipe.null_cond
+    return pipe.encode_prompt(pipe.tokenize([negative_prompt]), clip_skip=None)
+
+
 def is_sd3(pipe) -> bool:
     """Whether ``pipe`` is an SD3 / SD3.5 record (:func:`~jaxdiv.pipelines.stable_diffusion_3.
     load`: per-CLIP feature functions) rather than an SD 1.x/2.x one.
@@ -327,8 +342,7 @@ def generate(
         if cfg is None or cfg == 1:
             raise ValueError(f"negative_prompt has no effect with cfg={cfg} (no "
                              "unconditional branch)")  # fmt: skip
-        # as diffusers: one negative prompt for every image, encoded without clip_skip
-        null = pipe.encode_prompt(pipe.tokenize([negative_prompt]), clip_skip=None)
+        null = null_condition(pipe, negative_prompt)
     rows = tuple(p for p in prompts for _ in range(n))
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
