@@ -11,7 +11,6 @@ import numpy as np
 from jaxdiv import distributed, validation
 from jaxdiv.dtypes import working_dtype
 from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
-from jaxdiv.predictions import PredictionDenoiser
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
 
@@ -119,14 +118,15 @@ _run = jax.jit(_run_impl, static_argnums=(0, 1))
 
 
 def _check_process(sampler, denoiser):
-    """A wrapped network (:func:`~jaxdiv.predictions.as_denoiser`, every pipeline's
-    ``denoiser``) reads ``t`` on its own schedule: the sampler's schedule must give the
+    """A denoiser that carries its schedule (a wrapped network,
+    :func:`~jaxdiv.predictions.as_denoiser`, every pipeline's ``denoiser``; the toys'
+    exact and MLP denoisers) reads ``t`` on it: the sampler's schedule must give the
     same ``alpha(t)`` and ``sigma(t)`` at the sampler's times, or every step would move
     ``x`` on one process while the network denoises another (a silent wrong answer).
     The grid may differ (a flow ``shift`` only moves the times)."""
-    if not isinstance(denoiser, PredictionDenoiser):
+    mine, theirs = getattr(denoiser, "schedule", None), sampler.schedule
+    if not (callable(getattr(mine, "alpha", None)) and callable(getattr(mine, "sigma", None))):
         return
-    mine, theirs = denoiser.schedule, sampler.schedule
     if mine is theirs or not validation.is_concrete(sampler.times, mine, theirs):
         return
     t = np.asarray(sampler.times, np.float64)

@@ -88,3 +88,13 @@ def test_sample_refuses_a_sampler_on_another_process_than_the_wrapped_network():
     assert np.isfinite(np.asarray(x0)).all()
     with pytest.raises(ValueError, match=r"its schedule 'vp_scaled_linear' .* \('flow'\)"):
         jaxdiv.sample(samplers.ddim(sd, 4), flow, noise, key=key)
+    # the toys' denoisers carry their schedule too (an exact GMM built for EDM, sampled
+    # on VP timesteps, ran silently: it read t = 999 as sigma = 999)
+    import toy
+
+    gm = toy.GaussianMixture(jnp.array([[1.0, -1.0, 0.5]]), jnp.array([0.3]))
+    with pytest.raises(ValueError, match=r"its schedule 'vp_linear' is not the process the "
+                                         r"denoiser reads t on \('edm'\)"):  # fmt: skip
+        jaxdiv.sample(samplers.ddim(schedules.vp_linear(), 4), gm.denoiser(schedules.edm()),
+                      noise, key=key)  # fmt: skip
+    jaxdiv.sample(samplers.edm(schedules.edm(), 4), gm.denoiser(schedules.edm()), noise, key=key)
