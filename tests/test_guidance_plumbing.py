@@ -139,6 +139,29 @@ def test_window_and_chain_errors():
         guidance.chain(shift_x0(1.0), "spell")
 
 
+@pytest.mark.parametrize("hook, apply, error, match", [
+    ("x0", lambda s, x0, ctx: (x0, s), TypeError, r"apply must return \(value, state, info\), "
+                                                 r"got a tuple of 2"),
+    ("x0", lambda s, x0, ctx: (x0[:1], s, None), ValueError,
+     r"apply's x0_hat has a leaf of shape \(1, 2\) where its input's has \(3, 2\)"),
+    ("x0", lambda s, x0, ctx: (x0, (s, s), None), TypeError,
+     r"apply's state has structure PyTreeDef\(\(\*, \*\)\), not init's PyTreeDef\(\*\)"),
+    ("x0", lambda s, x0, ctx: (x0, jnp.zeros(2), None), ValueError,
+     r"apply's state has a leaf of shape \(2,\) where init's has \(\)"),
+    ("condition", lambda s, c, ctx: (c[:, :1], s, None), ValueError,
+     r"apply's cond has a leaf of shape \(3, 1\) where its input's has \(3, 2\)"),
+    ("denoiser", lambda s, den, ctx: (den(ctx.x, ctx.cond)[0], s, None), ValueError,
+     r"apply's x0_hat has a leaf of shape \(2,\) where its input's has \(3, 2\)"),
+])  # fmt: skip
+def test_a_user_terms_slips_are_named_at_trace_time(hook, apply, error, match):
+    """What a hand-written term returns is checked against what it got (were scan's carry
+    message, a broadcasting error or 'not enough values to unpack')."""
+    term = GuidanceTerm(lambda x, c, k: jnp.float32(0), apply, hook, "mine")
+    with pytest.raises(error, match=rf"^guidance term 'mine' \(hook '{hook}'\): {match}"):
+        jaxdiv.sample(samplers.edm(schedules.edm(), 2), cond_den, jnp.zeros((3, 2)),
+                      key=jax.random.key(0), cond=jnp.ones((3, 2)), guidance=term)  # fmt: skip
+
+
 @pytest.mark.parametrize("w, expected", [(1.0, "cond"), (0.0, "uncond"), (4.0, "mix")])
 def test_cfg_scale_limits(w, expected, gmm2):
     """scale 1 is the conditional denoiser, scale 0 the unconditional one."""

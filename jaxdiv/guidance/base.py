@@ -346,14 +346,24 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
         k = jax.random.fold_in(key, j)
         return StepContext(x, t, alpha, sigma, step, num_steps, k, c, evaluation)
 
-    def record(term, out):
-        value, states[term.name], info = out
+    def record(term, out, like=None):
+        # a user term's slip named at trace time, before scan's or broadcasting's message
+        who = f"guidance term {term.name!r} (hook {term.hook!r})"
+        if not (isinstance(out, tuple) and len(out) == 3):
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+            raise TypeError(f"{who}: apply must return (value, state, info), got {got}")
+        value, state, info = out
+        _check_like(f"{who}: apply's state", state, states[term.name], "init's")
+        if like is not None:
+            _check_like(f"{who}: apply's {'cond' if term.hook == 'condition' else 'x0_hat'}",
+                        value, like, "its input's")  # fmt: skip
+        states[term.name] = state
         actives[term.name], infos[term.name] = _unwrap(info)
         return value
 
     for j, term in enumerate(terms):
         if term.hook == "condition":
-            cond = record(term, term.apply(states[term.name], cond, ctx_for(j, cond)))
+            cond = record(term, term.apply(states[term.name], cond, ctx_for(j, cond)), cond)
     model_terms = [term for term in terms if term.hook == "model"]
     hooks = tuple(record(term, term.apply(states[term.name], None, ctx_for(j, cond)))
                   for j, term in enumerate(terms) if term.hook == "model")  # fmt: skip
@@ -374,7 +384,7 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     den = [j for j, term in enumerate(terms) if term.hook == "denoiser"]
     if den:
         term = terms[den[0]]
-        x0_hat = record(term, term.apply(states[term.name], denoise, ctx_for(den[0], cond)))
+        x0_hat = record(term, term.apply(states[term.name], denoise, ctx_for(den[0], cond)), x)
     else:
         x0_hat = denoise(x, cond)
     if hooks and denoise.reports is not None:
@@ -386,8 +396,22 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
 
     for j, term in enumerate(terms):
         if term.hook == "x0":
-            x0_hat = record(term, term.apply(states[term.name], x0_hat, ctx_for(j, cond)))
+            x0_hat = record(term, term.apply(states[term.name], x0_hat, ctx_for(j, cond)),
+                            x0_hat)  # fmt: skip
     return x0_hat, states, infos, actives
+
+
+def _check_like(what: str, got, want, whose: str) -> None:
+    """``got`` must have ``want``'s tree structure and leaf shapes: what a scan carry and
+    the next step need."""
+    got_leaves, got_def = jax.tree.flatten(got)
+    want_leaves, want_def = jax.tree.flatten(want)
+    if got_def != want_def:
+        raise TypeError(f"{what} has structure {got_def}, not {whose} {want_def}")
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        if np.shape(g) != np.shape(w):
+            raise ValueError(f"{what} has a leaf of shape {np.shape(g)} where {whose} has "
+                             f"{np.shape(w)}")  # fmt: skip
 
 
 class ModelCalls:
