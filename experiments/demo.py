@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.demo"
     for name in ("batches", "batch"):
         if getattr(args, name) < 2:
             p.error(f"--{name} must be >= 2, got {getattr(args, name)}")
+    if args.batches * args.batch <= PRDC_K:  # precision / recall need k neighbours + 1
+        p.error(f"--batches x --batch must give more than {PRDC_K} samples per method (the "
+                f"precision / recall use k = {PRDC_K} neighbours), got "
+                f"{args.batches} x {args.batch}")  # fmt: skip
     if not 0 <= args.seed < 2**62:  # keys from seed + 0..200 (jax.random.key: 64-bit ints)
         p.error(f"--seed must be an integer in [0, 2**62), got {args.seed}")
     with quiet(args.quiet):

@@ -59,3 +59,7 @@ def test_prints_the_table_and_refuses_bad_sizes(tmp_path, capsys):
         with pytest.raises(SystemExit):
             demo.main(["--out", str(tmp_path), "--seed", seed])
         assert f"--seed must be an integer in [0, 2**62), got {seed}" in capsys.readouterr().err
+    # 2 x 2 samples passed both size checks and crashed in PRDC (k = 5) with a traceback
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--batches", "2", "--batch", "2"])
+    assert "--batches x --batch must give more than 5 samples" in capsys.readouterr().err
