@@ -328,7 +328,8 @@ def kind_defaults(method: str, kind: str) -> dict:
 
 
 def method_knobs(method: str, given: dict, model: str, batch_size: int | None = None,
-                 image_encoder: bool | None = None) -> dict:  # fmt: skip
+                 image_encoder: bool | None = None,
+                 batch_flag: str = "--batch-size") -> dict:  # fmt: skip
     """Check ``method``'s knobs and fill in the defaults, before any model loads.
 
     Args:
@@ -340,6 +341,8 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
         batch_size: rows per batch; batch-coupled methods need >= 2 (PG >= 3).
         image_encoder: whether an image encoder will be loaded (``None``: whether
             ``<model>/image_encoder`` holds one).
+        batch_flag: the flag that sets ``batch_size``, for the messages (``sd-methods``
+            runs each prompt's ``--n`` images as one batch).
 
     Returns:
         ``{knob: value}``: numbers, ``"auto"`` for SPELL's radius, and for a projection
@@ -416,14 +419,14 @@ def method_knobs(method: str, given: dict, model: str, batch_size: int | None = 
                          "(CLIPVisionModelWithProjection)")  # fmt: skip
     pool = knobs.get("null_pool", "none")
     if batch_size is not None and pool != "none" and pool < batch_size:
-        raise ValueError(f"--tpso-null-pool {pool} is smaller than --batch-size {batch_size}: "
+        raise ValueError(f"--tpso-null-pool {pool} is smaller than {batch_flag} {batch_size}: "
                          "each image of a batch draws its own negative embedding")  # fmt: skip
     if batch_size is not None and method in COUPLED:
         least = 3 if method == "particle" else 2
         if batch_size < least:
             why = " (its median bandwidth needs 3 samples)" if method == "particle" else ""
             raise ValueError(f"--method {method} couples the images of a batch: it needs "
-                             f"--batch-size >= {least}{why}, got {batch_size}")  # fmt: skip
+                             f"{batch_flag} >= {least}{why}, got {batch_size}")  # fmt: skip
     return knobs
 
 

@@ -102,9 +102,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
     )
     p.add_argument("--image-encoder", default=None,
                    help="CLIP vision tower folder (default: <model>/image_encoder)")  # fmt: skip
-    p.add_argument("--methods", default=",".join(generate.METHODS),
+    p.add_argument("--methods", default=None,
                    help="comma-separated subset of " + ",".join(generate.METHODS)
-                   + " (default: all of them)")  # fmt: skip
+                   + " (default: all of them, skipping with the reason those the model or "
+                   "the settings cannot run; named ones must run)")  # fmt: skip
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled .bin weights (default: safetensors only)")
     p.add_argument("--quiet", action="store_true",
@@ -125,7 +126,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
         p.error(f"--cfg must be a finite number, got {args.cfg}")
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods_given = args.methods is not None
+    methods = [m.strip() for m in (args.methods or ",".join(generate.METHODS)).split(",")
+               if m.strip()]  # fmt: skip
     unknown = [m for m in methods if m not in generate.METHODS]
     if unknown or not methods:
         p.error(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
@@ -147,6 +150,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
                         ("--clip-projection", args.clip_projection)):  # fmt: skip
         if value is not None and not (Path(value) / "config.json").is_file():
             p.error(f"{flag} {value!r} is not a model folder (no config.json)")
+    if args.methods_given:  # asked for by name: a method that cannot run is an error
+        _, skipped = plan(args)
+        for method, why in skipped.items():
+            p.error(f"--methods {method} cannot run: {why}")
     try:
         lines = Path(args.prompts).read_text().splitlines()
     except OSError as err:
@@ -181,7 +188,8 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
                                "interval) would be the unguided run")  # fmt: skip
             continue
         try:
-            knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder)
+            knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder,
+                                                  batch_flag="--n")  # fmt: skip
         except ValueError as err:
             skipped[method] = str(err)
     return knobs, skipped

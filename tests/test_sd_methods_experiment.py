@@ -105,7 +105,7 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
     assert "--pg-strength" in skipped["particle"]
     assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
     args.pg_strength = "1"
-    assert "--batch-size >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2
+    assert "--n >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2: one batch
     args.cfg = 1.0  # interval guidance at scale 1 is the unguided run
     assert "would be the unguided run" in sd_methods.plan(args)[1]["interval"]
 
@@ -119,6 +119,11 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
         (["--pg-strength", "nan"], "--pg-strength must be a finite number"),
         (["--methods", "none,cads", "--spell-radius", "2"],
          "--spell-radius applies to --methods spell, which this run does not include"),
+        # a method asked for by name that cannot run (it was skipped: a run of nothing)
+        (["--methods", "particle", "--pg-strength", "1", "--n", "2"],
+         "--methods particle cannot run: --method particle couples the images of a batch: it "
+         "needs --n >= 3"),
+        (["--methods", "none,gass"], "--methods gass cannot run: --method gass needs"),
     ],
 )
 def test_sd_methods_bad_values_fail_before_the_model_loads(
