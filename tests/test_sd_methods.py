@@ -167,6 +167,20 @@ def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):
         mean = vae.encode(torch.from_numpy(images)).latent_dist.mean.numpy()
     want = (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     np.testing.assert_allclose(pipe.encode(images), want, atol=1e-5 * np.abs(want).max())
+    # pixels as an image file holds them encoded silently to meaningless latents before
+    pixels = np.round((images + 1) * 127.5)
+    for f in (pipe.encode, pipe.encode_image):
+        if f is None:
+            continue
+        uint8 = r"images must be floats in \[-1, 1\], got dtype uint8 \(uint8 pixels: pass"
+        with pytest.raises(TypeError, match=uint8):
+            f(pixels.astype(np.uint8))
+        with pytest.raises(ValueError, match=r"images must be in \[-1, 1\], got values up to"):
+            f(pixels.astype(np.float32))
+        with pytest.raises(ValueError, match="images contains NaN"):
+            f(np.where(images > 0.9, np.nan, images))
+    # traced (GASS's write-back, any jit): not inspected, and no error
+    assert jax.jit(lambda x: pipe.encode(x))(jnp.asarray(images)).shape == want.shape
 
 
 def test_gass_pixel_write_back_raises_spp_and_round_trips_only_when_active(pipe, noise):

@@ -473,6 +473,23 @@ def _text_features_fn(text, clip_skip):
     return Bound(apply, net.params)
 
 
+def _check_pixels(images, *_):
+    """Images given to ``encode`` / ``encode_image`` eagerly must be floats in ``[-1, 1]``:
+    uint8 pixels or a ``0..255`` float image encoded silently to meaningless latents
+    (traced images, e.g. GASS's pixel write-back, are not inspected)."""
+    if isinstance(images, jax.core.Tracer) or not hasattr(images, "dtype"):
+        return
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images must be floats in [-1, 1], got dtype {images.dtype} (uint8 "
+                        "pixels: pass x / 127.5 - 1)")  # fmt: skip
+    validation.finite_array("images", images)
+    # decoded images overshoot [-1, 1] a little; 0..255 pixels (unless nearly black) by far
+    top = float(jnp.max(jnp.abs(images))) if images.size else 0.0
+    if top > 5.0:
+        raise ValueError(f"images must be in [-1, 1], got values up to |{top:g}| (0..255 "
+                         "pixels: pass x / 127.5 - 1)")  # fmt: skip
+
+
 def _encode_fn(vae):
     net = pure(vae, "encode")
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
@@ -480,7 +497,7 @@ def _encode_fn(vae):
     def apply(params, images):
         return (net.apply(params, jnp.asarray(images)).mean - shift) * scale
 
-    return Bound(apply, net.params)
+    return Bound(apply, net.params, check=_check_pixels)
 
 
 def _decode_fn(vae):
@@ -518,7 +535,7 @@ def _encode_image_fn(vision, mean, std):
         out = net.apply(params, x)
         return out.image_embeds if projected else out.pooler_output
 
-    return Bound(apply, net.params)
+    return Bound(apply, net.params, check=_check_pixels)
 
 
 def load_image_encoder(root: Path, image_encoder, **load_kw) -> tuple[Bound | None, dict | None]:
