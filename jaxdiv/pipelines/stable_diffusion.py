@@ -159,7 +159,9 @@ class StableDiffusion(NamedTuple):
             (``None`` when the folder's encoder has none, as in SD 1.x/2.x).
         encode: images NCHW in ``[-1, 1]`` -> diffusion latents: the VAE posterior *mean*,
             ``(mean - shift_factor) * scaling_factor`` (diffusers samples the posterior
-            in its img2img pipelines; the mean is deterministic), differentiable.
+            in its img2img pipelines; the mean is deterministic), differentiable. Eager
+            images that are not floats in ``[-1, 1]`` (uint8 or 0..255 pixels) or hold
+            NaN are refused, here and by ``encode_image``.
 
     Example:
         >>> from jaxdiv.testing import example_pipeline
