@@ -215,3 +215,7 @@ def test_bad_input_raises():
     with pytest.raises(TypeError, match="classes must be integers"):
         cm.condition(1.0)
     assert jax.jit(cm.condition)(jnp.array([1])).shape == (1, 2)  # traced: not inspected
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        cm.sample(jax.random.key(0), -1)
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        cm.mixture().sample(jax.random.key(0), -1)

@@ -223,6 +223,7 @@ class ConditionalGaussianMixture:
         >>> cm.sample(jax.random.key(0), 5, cm.condition(1)).shape
         (5, 2)
         """
+        n = validation.integer("n", n, minimum=0)
         y = jnp.zeros(self.cond_dim) if y is None else self._check_y(y)
         if y.ndim == 2 and y.shape[0] != n:
             raise ValueError(f"y must have shape (m,) or (n, m)=({n}, {self.cond_dim}), "

@@ -140,6 +140,7 @@ class GaussianMixture:
         >>> gm.sample(jax.random.key(0), 5).shape
         (5, 3)
         """
+        n = validation.integer("n", n, minimum=0)
         k_lab, k_eps = jax.random.split(validation.prng_key("key", key))
         labels = jax.random.categorical(k_lab, jnp.log(self.weights), shape=(n,))
         eps = jax.random.normal(k_eps, (n, self.dim))
