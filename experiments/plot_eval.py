@@ -66,12 +66,15 @@ def error_bar(pooled: dict, name: str) -> tuple[float, float]:
     (0.5, 0.25)
     >>> error_bar({"kid_mean": 0.01, "kid_std": 0.002}, "kid_mean"), error_bar({"fd": 9.0}, "fd")
     ((0.002, 0.002), (0.0, 0.0))
+    >>> error_bar({"mss_mean": 0.5, "mss_ci95": [0.6, 0.7]}, "mss_mean")  # above the estimate
+    (0.0, 0.19999999999999996)
     """
     if name == "kid_mean" and pooled.get("kid_std") is not None:
         return float(pooled["kid_std"]), float(pooled["kid_std"])
     ci = pooled.get(name[: -len("_mean")] + "_ci95") if name.endswith("_mean") else None
     value = pooled[name]
-    return (value - ci[0], ci[1] - value) if ci else (0.0, 0.0)
+    # a percentile interval may miss its own point estimate; matplotlib refuses negatives
+    return (max(value - ci[0], 0.0), max(ci[1] - value, 0.0)) if ci else (0.0, 0.0)
 
 
 def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path) -> list[str]:
