@@ -664,11 +664,7 @@ def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
         processes.initialize(procs)
     except ValueError as err:
         args._parser.error(str(err))
-    lock, failure = run_folder.FolderLock(args.out, processes.lock_name(procs)), None
-    try:
-        lock.acquire()
-    except run_folder.FolderError as err:
-        failure = f"--out {err}"
+    lock, failure = processes.lock_output(args.out, procs)
     job = {k: getattr(args, k) for k in ("encoder_list", "clip", "dinov2", "clip_text",
                                          "batch_size", "save_every", "bootstrap", "seed",
                                          "prdc_k")}

@@ -1009,13 +1009,10 @@ def run(args: argparse.Namespace) -> dict:
         processes.initialize(procs)
     except ValueError as err:
         raise RunError(str(err)) from None
-    lock, failure = run_folder.FolderLock(args.out, processes.lock_name(procs)), None
-    try:
-        lock.acquire()
-    except run_folder.FolderError as err:
-        failure = RunError(f"--out {err}")
-        if not procs.multi:
-            raise failure from err
+    lock, why = processes.lock_output(args.out, procs)
+    failure = None if why is None else RunError(why)
+    if failure is not None and not procs.multi:
+        raise failure
     job = {k: getattr(args, k, None) for k in _JOB_KEYS}
     job["model"], job["out"] = str(Path(args.model).resolve()), str(Path(args.out).resolve())
     reason = processes.agree(procs, failure is None, processes.fingerprint(job))

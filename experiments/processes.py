@@ -58,7 +58,9 @@ __all__ = [
     "gather",
     "initialize",
     "lock_name",
+    "lock_output",
     "share",
+    "take_over_stale_locks",
 ]
 
 ENV_COORDINATOR = "JAXDIV_COORDINATOR"
@@ -205,6 +207,51 @@ def lock_name(procs: Processes) -> str:
     from experiments.run_folder import LOCK_NAME
 
     return LOCK_NAME if procs.lead else f"{LOCK_NAME}.{procs.index}"
+
+
+def take_over_stale_locks(lock, procs: Processes) -> list[dict]:
+    """The lead process (or a one-process run), holding ``lock``, checks the folder's lock
+    files of processes outside its own job (:meth:`~experiments.run_folder.FolderLock.
+    take_over_others`): a live one refuses the folder, a killed job's are deleted. The
+    other processes return ``[]``.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from experiments.run_folder import FolderLock
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / ".run.lock.1").write_text('{"pid": 1, "host": "gone"}')
+    >>> with FolderLock(d) as lock:
+    ...     len(take_over_stale_locks(lock, Processes("h:1", 2, 0)))  # process 1 is its own
+    0
+    """
+    if not procs.lead:
+        return []
+    own = {lock_name(procs._replace(index=i)) for i in range(1, procs.num)}
+    return lock.take_over_others(keep=own)
+
+
+def lock_output(folder, procs: Processes):
+    """``(lock, None)``: this process's :class:`~experiments.run_folder.FolderLock` of its
+    output folder, acquired (the lead also takes over a killed job's process locks,
+    :func:`take_over_stale_locks`); ``(lock, message)`` with the lock not held when the
+    folder is in use or unusable (``"--out ..."``, for the job to agree on).
+
+    >>> import tempfile
+    >>> lock, why = lock_output(tempfile.mkdtemp(), SINGLE)
+    >>> why is None, lock.path.name
+    (True, '.run.lock')
+    >>> lock.release()
+    """
+    from experiments.run_folder import FolderError, FolderLock
+
+    lock = FolderLock(folder, lock_name(procs))
+    try:
+        lock.acquire()
+        take_over_stale_locks(lock, procs)
+    except FolderError as err:
+        lock.release()
+        return lock, f"--out {err}"
+    return lock, None
 
 
 def initialize(procs: Processes, timeout_s: int | None = None) -> None:

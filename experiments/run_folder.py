@@ -416,6 +416,34 @@ class FolderLock:
             self._fd = fd
             return self
 
+    def take_over_others(self, keep=()) -> list[dict]:
+        """Holding the folder's lead lock, check the folder's other lock files
+        (``.run.lock.<i>``, those of a job's processes ``i > 0``) but those named in
+        ``keep`` (this job's own): one a live process holds makes the folder in use
+        (:class:`FolderError`); a stale one, left by a killed job, is deleted -- this run
+        now covers that process's share. Returns the stale owners.
+
+        Example:
+            >>> import tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> _ = (d / ".run.lock.1").write_text('{"pid": 1, "host": "gone"}')
+            >>> with FolderLock(d) as lock:
+            ...     lock.take_over_others(), (d / ".run.lock.1").exists()
+            ([{'pid': 1, 'host': 'gone'}], False)
+        """
+        if self._fd is None:
+            raise RuntimeError("take_over_others needs the lock held (acquire() first)")
+        stale = []
+        for path in sorted(self.folder.glob(f"{LOCK_NAME}.*")):
+            if path.name in keep or not path.name[len(LOCK_NAME) + 1:].isdigit():
+                continue
+            other = FolderLock(self.folder, path.name)
+            other.acquire()  # FolderError while a live process holds it
+            if other.stale_owner:
+                stale.append(other.stale_owner)
+            other.release()
+        return stale
+
     def release(self) -> None:
         """Delete the lock file and drop the lock (a no-op when not held)."""
         if self._fd is None:

@@ -184,6 +184,25 @@ def test_stale_lock_is_taken_over(model, reference, tmp_path, capsys, content):
     assert matches(out, reference(), 2) and clean(out)
 
 
+def test_a_killed_jobs_process_locks_are_taken_over_and_a_live_one_refused(
+    model, reference, tmp_path, capsys
+):
+    """A one-process rerun of a two-process job's folder: process 1's lock file, left by
+    the killed job, is deleted (this run covers its share; it stayed in the folder); while
+    a live process holds it, the folder is in use."""
+    out = tmp_path / "job"
+    out.mkdir()
+    other = out / f"{run_folder.LOCK_NAME}.1"
+    with run_folder.FolderLock(out, other.name):  # a live process 1 of another job
+        with pytest.raises(SystemExit) as info:
+            generate.main(argv(model, out, n=2))
+        assert info.value.code == 2 and "is in use by another run" in capsys.readouterr().err
+        assert not (out / run_folder.LOCK_NAME).exists()  # the refused run's lock released
+    other.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    assert generate.main(argv(model, out, n=2)) == 0
+    assert not other.exists() and matches(out, reference(), 2) and clean(out)
+
+
 def test_lock_without_flock_decides_by_pid_and_host(tmp_path, monkeypatch):
     import fcntl
 
