@@ -143,15 +143,15 @@ def test_window_and_chain_errors():
     ("x0", lambda s, x0, ctx: (x0, s), TypeError, r"apply must return \(value, state, info\), "
                                                  r"got a tuple of 2"),
     ("x0", lambda s, x0, ctx: (x0[:1], s, None), ValueError,
-     r"apply's x0_hat has a leaf of shape \(1, 2\) where its input's has \(3, 2\)"),
-    ("x0", lambda s, x0, ctx: (x0, (s, s), None), TypeError,
-     r"apply's state has structure PyTreeDef\(\(\*, \*\)\), not init's PyTreeDef\(\*\)"),
+     r"apply's x0_hat must have the shape of its input \(3, 2\), got \(1, 2\)"),
+    ("x0", lambda s, x0, ctx: (x0, (s, s), None), ValueError,
+     r"apply's state must have the shape of init's \(\), got \(\(\), \(\)\)"),
     ("x0", lambda s, x0, ctx: (x0, jnp.zeros(2), None), ValueError,
-     r"apply's state has a leaf of shape \(2,\) where init's has \(\)"),
+     r"apply's state must have the shape of init's \(\), got \(2,\)"),
     ("condition", lambda s, c, ctx: (c[:, :1], s, None), ValueError,
-     r"apply's cond has a leaf of shape \(3, 1\) where its input's has \(3, 2\)"),
+     r"apply's cond must have the shape of its input \(3, 2\), got \(3, 1\)"),
     ("denoiser", lambda s, den, ctx: (den(ctx.x, ctx.cond)[0], s, None), ValueError,
-     r"apply's x0_hat has a leaf of shape \(2,\) where its input's has \(3, 2\)"),
+     r"apply's x0_hat must have the shape of its input \(3, 2\), got \(2,\)"),
 ])  # fmt: skip
 def test_a_user_terms_slips_are_named_at_trace_time(hook, apply, error, match):
     """What a hand-written term returns is checked against what it got (were scan's carry

@@ -353,10 +353,10 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
             got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
             raise TypeError(f"{who}: apply must return (value, state, info), got {got}")
         value, state, info = out
-        _check_like(f"{who}: apply's state", state, states[term.name], "init's")
+        check_like(f"{who}: apply's state", state, states[term.name], "init's")
         if like is not None:
-            _check_like(f"{who}: apply's {'cond' if term.hook == 'condition' else 'x0_hat'}",
-                        value, like, "its input's")  # fmt: skip
+            check_like(f"{who}: apply's {'cond' if term.hook == 'condition' else 'x0_hat'}",
+                       value, like, "its input")  # fmt: skip
         states[term.name] = state
         actives[term.name], infos[term.name] = _unwrap(info)
         return value
@@ -401,17 +401,18 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     return x0_hat, states, infos, actives
 
 
-def _check_like(what: str, got, want, whose: str) -> None:
-    """``got`` must have ``want``'s tree structure and leaf shapes: what a scan carry and
-    the next step need."""
-    got_leaves, got_def = jax.tree.flatten(got)
-    want_leaves, want_def = jax.tree.flatten(want)
-    if got_def != want_def:
-        raise TypeError(f"{what} has structure {got_def}, not {whose} {want_def}")
-    for g, w in zip(got_leaves, want_leaves, strict=True):
-        if np.shape(g) != np.shape(w):
-            raise ValueError(f"{what} has a leaf of shape {np.shape(g)} where {whose} has "
-                             f"{np.shape(w)}")  # fmt: skip
+def check_like(what: str, got, want, whose: str) -> None:
+    """``got`` must have ``want``'s tree structure and leaf shapes (what a scan carry, the
+    next step or a condition's rows need); ValueError naming both, shape by shape.
+
+    >>> check_like("x", {"a": jnp.ones(2)}, {"a": jnp.ones(3)}, "y")
+    Traceback (most recent call last):
+    ...
+    ValueError: x must have the shape of y {'a': (3,)}, got {'a': (2,)}
+    """
+    shapes, wanted = jax.tree.map(np.shape, got), jax.tree.map(np.shape, want)
+    if jax.tree.structure(got) != jax.tree.structure(want) or shapes != wanted:
+        raise ValueError(f"{what} must have the shape of {whose} {wanted}, got {shapes}")
 
 
 class ModelCalls:

@@ -242,10 +242,6 @@ def truncated_prompts(pipe, prompts: str | Sequence[str]) -> list[tuple[int, str
     return sorted(cut)
 
 
-def _has_cfg(method) -> bool:
-    return any(t.hook == "denoiser" for t in _guidance.as_terms(method))
-
-
 def generate(
     pipe,
     prompts: str | Sequence[str],
@@ -314,7 +310,9 @@ def generate(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
-    for term in () if method is None else _guidance.as_terms(method):
+    terms = () if method is None else _guidance.as_terms(method)
+    own = [t.name for t in terms if t.hook == "denoiser"]  # the method's own combination
+    for term in terms:
         if zero_null(term):
             raise ValueError(
                 f"method: its {term.name!r} term was built without null_cond, so its "
@@ -324,8 +322,7 @@ def generate(
             )
     if isinstance(cfg, str) and cfg == "default":
         cfg = pipe.default_cfg()
-    elif cfg is not None and method is not None and _has_cfg(method):
-        own = [t.name for t in _guidance.as_terms(method) if t.hook == "denoiser"]
+    elif cfg is not None and own:
         raise ValueError(
             f"cfg={cfg!r} would never take effect: method's {own} term(s) combine the model's "
             "outputs with their own scale; leave cfg= out (or pass cfg=None)"
@@ -335,7 +332,7 @@ def generate(
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got "
                             f"{type(negative_prompt).__name__}")  # fmt: skip
-        if method is not None and _has_cfg(method):
+        if own:
             raise ValueError("negative_prompt would never take effect: method combines the "
                              "model's outputs with its own null_cond; build it with "
                              "null_cond=pipe.encode_prompt(pipe.tokenize([negative]))")  # fmt: skip
@@ -363,12 +360,12 @@ def generate(
         elif noise.ndim != 4 or noise.shape[1] != pipe.latent_channels:
             raise ValueError(f"noise must be latents (batch, {pipe.latent_channels}, h, w), got "
                              f"shape {tuple(noise.shape)}")  # fmt: skip
-    terms = method
-    if cfg is not None and (method is None or not _has_cfg(method)):
+    guided = method
+    if cfg is not None and not own:
         scale = _guidance.cfg(cfg, null_cond=null)
-        terms = scale if method is None else _guidance.chain(method, scale)
+        guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
-                 key=jax.random.fold_in(key, 1), cond=cond, guidance=terms,
+                 key=jax.random.fold_in(key, 1), cond=cond, guidance=guided,
                  trace=trace)  # fmt: skip
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
 

@@ -10,7 +10,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import GuidanceTerm
+from jaxdiv.guidance.base import GuidanceTerm, check_like
 from jaxdiv.guidance.tpso.schedule import tpso_alpha
 
 __all__ = ["TPSOInfo", "tpso", "tpso_null"]
@@ -31,20 +31,13 @@ def _mix(alpha, optimized, original):
     )  # fmt: skip
 
 
-def _check_like(name, optimized, cond, what):
-    shapes = jax.tree.map(jnp.shape, optimized)
-    want = jax.tree.map(jnp.shape, cond)
-    if jax.tree.structure(optimized) != jax.tree.structure(cond) or shapes != want:
-        raise ValueError(f"{name} must have the shape of {what} {want}, got {shapes}")
-
-
 def _tpso_init(optimized, original, x, cond, key):
     if cond is None:
         raise ValueError("tpso needs a condition: pass the prompts' original embedding as "
                          "cond= to jaxdiv.sample")  # fmt: skip
-    _check_like("tpso's optimized condition", optimized, cond, "cond")
+    check_like("tpso's optimized condition", optimized, cond, "cond")
     if original is not None and validation.is_concrete(original, cond):
-        _check_like("tpso's original condition", original, cond, "cond")
+        check_like("tpso's original condition", original, cond, "cond")
         for o, c in zip(jax.tree.leaves(original), jax.tree.leaves(cond), strict=True):
             o, c = np.asarray(o, np.float64), np.asarray(c, np.float64)
             # the same prompts give the same embedding up to float rounding; another
