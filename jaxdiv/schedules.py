@@ -82,6 +82,11 @@ class VPSchedule(NamedTuple):
     def t_clean(self) -> float:
         return -1.0
 
+    @property
+    def time_range(self) -> tuple[float, float]:
+        """``(-1, T - 1)``: the times the process is defined on (``-1`` the clean end)."""
+        return -1.0, self.t_max
+
     def check_times(self, t, name: str = "t"):
         """Refuse concrete times outside ``[-1, T - 1]`` (or NaN) instead of clamping them.
 
@@ -275,6 +280,11 @@ class EDMSchedule(NamedTuple):
     def t_clean(self) -> float:
         return 0.0
 
+    @property
+    def time_range(self) -> tuple[float, float]:
+        """``(0, inf)``: every ``sigma >= 0`` (the sampler's grid starts at ``sigma_max``)."""
+        return 0.0, math.inf
+
     def alpha(self, t):
         """``1``, vectorised over ``t``."""
         return jnp.ones_like(as_float(t))
@@ -362,6 +372,11 @@ class FlowSchedule(NamedTuple):
     @property
     def t_clean(self) -> float:
         return 0.0
+
+    @property
+    def time_range(self) -> tuple[float, float]:
+        """``(0, 1)``: from the clean end to pure noise."""
+        return 0.0, 1.0
 
     def check_times(self, t, name: str = "t"):
         """Refuse concrete times outside ``[0, 1]`` (or NaN): past ``t = 1`` (pure noise)

@@ -93,7 +93,7 @@ def test_one_program_for_every_scale_and_interval(setup):
                                          guidance=interval(w, lo, hi), trace=True)  # fmt: skip
     go(2.0, 0.0, jnp.inf)
     before = jaxdiv.compile_count()
-    outs = [go(w, lo, hi) for w, lo, hi in [(3.0, 0.5, 4.0), (1.5, 1e8, 1e9), (0.0, 0.1, 0.2)]]
+    outs = [go(w, lo, hi) for w, lo, hi in [(3.0, 0.5, 4.0), (1.5, 5.0, 10.0), (0.0, 0.1, 0.2)]]
     assert jaxdiv.compile_count() == before
     # and the values did take effect: the same results as the jitted runs
     ref = run(3.0, 0.5, 4.0, noise, cond)

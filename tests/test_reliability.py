@@ -45,6 +45,68 @@ def test_window_steps_beyond_the_sampler_are_refused(steps, n, bad):
     assert np.asarray(out.trace.active["identity"]).tolist() == [False] * (n - 1) + [True]
 
 
+@pytest.mark.parametrize("make, kw, match", [
+    # SD's timesteps on the flow process of SD3 (t in [0, 1])
+    (lambda: samplers.flow_euler(schedules.flow(shift=3.0), 6), dict(t=(200, 800)),
+     r"window\(t=\(200, 800\]\) lies outside the times of the sampler's process, \[0, 1\] "
+     r"\(flow\)"),
+    # EDM's sigma range on SD's VP process, whose noise levels end at 14.61
+    (lambda: samplers.ddim(schedules.vp_scaled_linear(), 6), dict(noise_level=(20, 80)),
+     r"window\(noise_level=\(20, 80\]\) lies outside the noise levels of the sampler's "
+     r"process, \[0, 14.61\] \(vp_scaled_linear\)"),
+    # only the clean end, which no sampler evaluates
+    (lambda: samplers.ddim(schedules.vp_linear(), 6), dict(t=(-5, -1)),
+     r"window\(t=\(-5, -1\]\) lies outside the times .* \[-1, 999\]"),
+    (lambda: samplers.edm(schedules.edm(), 5), dict(noise_level=(None, 0)),
+     r"window\(noise_level=\(-inf, 0\]\) lies outside the noise levels .* \[0, inf\] \(edm\)"),
+    (lambda: samplers.ddim(schedules.edm(), 5), dict(t=(-3, -1)),
+     r"window\(t=\(-3, -1\]\) lies outside the times"),
+])  # fmt: skip
+def test_window_outside_the_process_is_refused(make, kw, match):
+    s = make()
+    # the SD 14.61 comes from the schedule itself: sqrt((1 - abar) / abar) at t = 999
+    abar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)[-1]
+    assert round(math.sqrt((1 - abar) / abar), 2) == 14.61
+    g = guidance.window(_identity_x0(), **kw)
+    with pytest.raises(ValueError, match=match):
+        jaxdiv.sample(s, _den, jnp.ones((2, 1)), key=KEY, guidance=g)
+    # the same term on a wrapped window chain is found too
+    with pytest.raises(ValueError, match="lies outside"):
+        jaxdiv.sample(s, _den, jnp.ones((2, 1)), key=KEY,
+                      guidance=guidance.window(g, steps=[0]))  # fmt: skip
+
+
+@pytest.mark.parametrize("make, kw, active", [
+    # inside the range but between grid points: allowed (a sweep's empty interval)
+    (lambda: samplers.flow_euler(schedules.flow(), 4), dict(t=(0.1, 0.2)), [False] * 4),
+    (lambda: samplers.flow_euler(schedules.flow(), 4), dict(t=(0.7, 800)),
+     [True, False, False, False]),
+    # above every grid point of this sampler, but inside EDM's process (sigma_max may grow)
+    (lambda: samplers.ddim(schedules.edm(), 4), dict(noise_level=(100, None)), [False] * 4),
+    (lambda: samplers.ddim(schedules.vp_linear(), 4), dict(noise_level=(20, 200)),
+     [True, False, False, False]),
+])  # fmt: skip
+def test_window_inside_the_process_runs(make, kw, active):
+    s = make()
+    g = guidance.window(_identity_x0(), **kw)
+    out = jaxdiv.sample(s, _den, jnp.ones((2, 1)), key=KEY, guidance=g, trace=True)
+    assert np.asarray(out.trace.active["identity"]).tolist() == active
+
+
+def test_window_range_check_leaves_traced_bounds_alone():
+    """Inside jit the bounds are tracers: nothing to check, and no error (one program for
+    every interval of a sweep)."""
+    s = samplers.flow_euler(schedules.flow(), 4)
+
+    @jax.jit
+    def run(hi):
+        g = guidance.window(_identity_x0(), t=(hi - 1.0, hi))
+        return jaxdiv.sample(s, _den, jnp.ones((2, 1)), key=KEY, guidance=g, trace=True)
+
+    assert not np.asarray(run(800.0).trace.active["identity"]).any()
+    assert np.asarray(run(1.0).trace.active["identity"]).all()
+
+
 def test_gass_steps_beyond_the_sampler_are_refused():
     enc = toy.sphere_encoder(KEY, 2)
     s = samplers.ddim(schedules.edm(), 6)

@@ -622,15 +622,51 @@ def _window_parts(apply):
     return out
 
 
+def _process_ranges(schedule) -> dict:
+    """``{"t": (lo, hi), "noise_level": (lo, hi)}`` of a schedule with a ``time_range``
+    whose numbers are concrete; ``{}`` where they cannot be known (a custom schedule, or
+    one traced under ``jit``)."""
+    try:
+        lo, hi = schedule.time_range
+        levels = schedule.noise_level(jnp.asarray([lo, hi], jnp.float32))
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    if not validation.is_concrete(levels):
+        return {}
+    lv = np.asarray(levels, np.float64)
+    return {"t": (float(lo), float(hi)), "noise_level": (float(lv[0]), float(lv[1]))}
+
+
+def _check_in_range(name, kind, bounds, span, process) -> None:
+    """Refuse a concrete ``(low, high]`` that misses ``(span[0], span[1]]`` (the clean
+    end ``span[0]`` is never evaluated)."""
+    if bounds is None or span is None or not validation.is_concrete(*bounds):
+        return
+    low, high = (float(b) for b in bounds)
+    if high <= span[0] or low >= span[1]:
+        raise ValueError(
+            f"guidance term {name!r}: window({kind}=({low:g}, {high:g}]) lies outside the "
+            f"{'times' if kind == 't' else 'noise levels'} of the sampler's process, "
+            f"[{span[0]:.4g}, {span[1]:.4g}] ({process}): the term would never act"
+            + (" (t is in the schedule's own units)" if kind == "t" else
+               " (noise_level is sigma / alpha)")
+        )  # fmt: skip
+
+
 def check_windows(terms, sampler) -> None:
-    """Refuse step windows that can never be active on ``sampler`` (:func:`jaxdiv.sample`
-    calls it, since only there the number of steps ``N`` is known).
+    """Refuse windows that can never be active on ``sampler`` (:func:`jaxdiv.sample`
+    calls it, since only there the number of steps ``N`` and the process are known).
 
     A step index ``>= N`` names a step that does not exist, so a window (or a GASS
     ``steps=`` list) holding one would silently never act there: it is refused, naming
-    the term, the indices and ``N``. ``t=`` / ``noise_level=`` intervals are not refused
-    when they miss the grid: an interval-guidance sweep legitimately includes empty
-    intervals (plain conditional sampling); ``trace.active`` shows where a term acted.
+    the term, the indices and ``N``. A ``t=`` / ``noise_level=`` interval that lies wholly
+    outside the process's range (the schedule's ``time_range`` and the noise levels
+    there) is refused too: no sampler on that process could ever use it, typically a
+    bound in another process's units (SD's timesteps ``0..999`` on SD3's flow times
+    ``0..1``, EDM's ``sigma`` up to 80 on SD, whose noise levels end near 14.6).
+    Intervals inside the range that merely miss this sampler's grid are not refused: an
+    interval-guidance sweep legitimately includes empty intervals (plain conditional
+    sampling); ``trace.active`` shows where a term acted.
 
     >>> from jaxdiv import samplers, schedules
     >>> s = samplers.ddim(schedules.edm(), 6)
@@ -638,10 +674,19 @@ def check_windows(terms, sampler) -> None:
     Traceback (most recent call last):
     ...
     ValueError: guidance term 'identity': window(steps=...) names step indices [100] but the sampler has 6 steps (indices 0..5); the term would never act there
+    >>> check_windows(as_terms(window(_identity_x0(), t=(200, 800))),
+    ...               samplers.flow_euler(schedules.flow(), 6))
+    Traceback (most recent call last):
+    ...
+    ValueError: guidance term 'identity': window(t=(200, 800]) lies outside the times of the sampler's process, [0, 1] (flow): the term would never act (t is in the schedule's own units)
     """  # noqa: E501
     n = sampler.num_steps
+    ranges = _process_ranges(sampler.schedule)
     for term in terms:
-        for _t, _noise_level, steps in _window_parts(term.apply):
+        for t, noise_level, steps in _window_parts(term.apply):
+            for kind, bounds in (("t", t), ("noise_level", noise_level)):
+                _check_in_range(term.name, kind, bounds, ranges.get(kind),
+                                getattr(sampler.schedule, "name", "?"))  # fmt: skip
             if steps is not None and validation.is_concrete(steps):
                 idx = np.asarray(steps)
                 bad = idx[idx >= n]
@@ -661,6 +706,8 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
         t: ``(low, high]`` interval of process time ``t`` (None for an open end).
         noise_level: ``(low, high]`` interval of ``sigma / alpha`` — the same on VP, EDM
             and flow processes (interval guidance, Kynkaanniemi et al. 2024, Sec. 3).
+            :func:`jaxdiv.sample` refuses a ``t`` or ``noise_level`` interval wholly
+            outside the process's range (see :func:`check_windows`).
         steps: sampler step indices (a sequence of ints) where the term is active;
             floats and bools are refused, and :func:`jaxdiv.sample` refuses indices
             ``>= N`` (see :func:`check_windows`).
