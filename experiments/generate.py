@@ -1086,6 +1086,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
 
     import jaxdiv
     from jaxdiv import guidance, recipes
+    from jaxdiv.guidance.base import check_windows
     from jaxdiv.pipelines import generation
 
     out = Path(args.out)
@@ -1175,6 +1176,13 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         except ValueError as err:  # e.g. more steps than the config's spacing allows
             raise RunError(str(err)) from err
     null = generation.null_condition(pipe, args.negative_prompt)
+    if args.method == "interval":  # an interval outside this process's noise levels: refused now
+        k = args.method_knobs
+        try:
+            check_windows(guidance.as_terms(guidance.interval(
+                args.cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null)), sampler)  # fmt: skip
+        except ValueError as err:
+            raise RunError(f"--interval-lo / --interval-hi: {err}") from err
     term = None
     if args.cfg != 1.0:
         # the same term object for the same settings: jaxdiv.sample then reuses its program

@@ -333,3 +333,25 @@ def test_gass_needs_an_image_encoder_in_the_folder(tmp_path, projection):
         generate.method_knobs("gass", {"--clip-projection": str(projection)}, str(tmp_path))
     assert np.isinf(float(generate.method_knobs(
         "interval", {"--interval-hi": "inf"}, str(tmp_path))["sigma_hi"]))  # fmt: skip
+
+
+def test_interval_outside_the_models_noise_levels_is_refused_before_any_image(
+    model, tmp_path, capsys
+):
+    """EDM-style bounds (sigma up to 80) on SD's VP process, whose noise levels end at
+    sqrt((1 - abar) / abar) at t = 999 (the tiny model's config: SD's betas): the term
+    would never act, so the run stops with one line and writes nothing."""
+    cfg = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, 1000) ** 2
+    abar = np.cumprod(1 - betas)[-1]
+    top = float(np.sqrt((1 - abar) / abar))
+    out = tmp_path / "o"
+    argv = ["--model", str(model), "--prompt", "a cat", "--n", "2", "--steps", "2",
+            "--out", str(out), "--method", "interval", "--interval-lo", f"{top * 1.01:g}",
+            "--interval-hi", "80"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        generate.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert f"lies outside the noise levels of the sampler's process, [0, {top:.4g}]" in err[0]
+    assert not (out / "images").exists() and not (out / "metadata.json").exists()
