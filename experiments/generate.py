@@ -1179,8 +1179,9 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
     if args.method == "interval":  # an interval outside this process's noise levels: refused now
         k = args.method_knobs
         try:
-            check_windows(guidance.as_terms(guidance.interval(
-                args.cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null)), sampler)  # fmt: skip
+            interval = guidance.interval(args.cfg, k["sigma_lo"], float(k["sigma_hi"]),
+                                         null_cond=null)  # fmt: skip
+            check_windows(guidance.as_terms(interval), sampler)
         except ValueError as err:
             raise RunError(f"--interval-lo / --interval-hi: {err}") from err
     term = None
