@@ -107,6 +107,32 @@ def test_window_range_check_leaves_traced_bounds_alone():
     assert np.asarray(run(1.0).trace.active["identity"]).all()
 
 
+@pytest.mark.parametrize("make, tmin, tmax, top, bottom", [
+    # SD timesteps taken for Alg. 2's S_tmin / S_tmax (noise levels) on SD's process
+    (schedules.vp_scaled_linear, 200, 800, "14.61", None),
+    (schedules.edm, 100, 200, "80", "0.002"),  # above sigma_max
+    (schedules.edm, 0.0001, 0.001, "80", "0.002"),  # below sigma_min
+])  # fmt: skip
+def test_edm_churn_window_holding_no_grid_level_is_refused(make, tmin, tmax, top, bottom):
+    sch = make()
+    levels = np.asarray(sch.noise_level(sch.grid(10)[:-1]))
+    assert not ((levels >= tmin) & (levels <= tmax)).any()  # the premise, from the grid itself
+    with pytest.raises(ValueError, match=rf"s_churn=40 would never act: no noise level of the "
+                       rf"grid \(sigma / alpha from {top} down to {bottom or '.*'}\) lies in "
+                       rf"\[s_tmin, s_tmax\] = \[{tmin:g}, {tmax:g}\]"):  # fmt: skip
+        samplers.edm(sch, 10, s_churn=40, s_tmin=tmin, s_tmax=tmax)
+    # without churn the window has nothing to restrict (no error); a window holding one
+    # level of the grid churns there and only there
+    samplers.edm(sch, 10, s_tmin=tmin, s_tmax=tmax)
+    one = float(levels[3])  # the sampler computes it per step: not bitwise the same
+    s = samplers.edm(sch, 10, s_churn=40, s_tmin=one * 0.999, s_tmax=one * 1.001)
+    out = jaxdiv.sample(s, lambda x, t, c: 0.0 * x, jnp.ones((2, 1)), key=KEY, trace=True)
+    plain = jaxdiv.sample(samplers.edm(sch, 10), lambda x, t, c: 0.0 * x, jnp.ones((2, 1)),
+                          key=KEY, trace=True)  # fmt: skip
+    differs = np.abs(np.asarray(out.trace.x) - np.asarray(plain.trace.x)).reshape(10, -1)
+    assert differs[:4].max() == 0 and differs[4].max() > 0  # churn at step 3 shows at step 4
+
+
 def test_gass_steps_beyond_the_sampler_are_refused():
     enc = toy.sphere_encoder(KEY, 2)
     s = samplers.ddim(schedules.edm(), 6)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiv import validation
 from jaxdiv.samplers.base import (
@@ -103,9 +104,11 @@ def edm(
         num_steps: ``N`` (default 18); the grid is ``schedule.grid(N)`` (Eq. 5 on EDM) ending at 0.
         s_churn, s_tmin, s_tmax, s_noise: Alg. 2's stochasticity; ``gamma =
             min(S_churn/N, sqrt(2) - 1)`` where ``S_tmin <= sigma <= S_tmax``. All finite
-            and >= 0, except ``s_tmax = inf`` (no upper end). On a VP process a churned
-            level above the schedule's largest is capped there (the model is always told
-            the noise level it is given).
+            and >= 0, except ``s_tmax = inf`` (no upper end); ``s_tmin`` and ``s_tmax`` are
+            noise levels ``sigma / alpha``, and a churn whose ``[s_tmin, s_tmax]`` holds no
+            level of the grid is refused. On a VP process a churned level above the
+            schedule's largest is capped there (the model is always told the noise level
+            it is given).
         heun: False gives the first-order (Euler) EDM sampler.
         times: optional explicit grid ending at the clean endpoint.
 
@@ -129,6 +132,14 @@ def edm(
             "= 0; pass times= starting below t=1 (e.g. schedule.grid(N) with its first entry "
             "replaced by 0.999) or use samplers.flow_euler"
         )
+    if s_churn > 0 and not isinstance(grid, jax.core.Tracer):
+        levels = np.asarray(schedule.noise_level(grid[:-1]), np.float64)
+        if validation.is_concrete(levels) and not np.any((levels >= s_tmin) & (levels <= s_tmax)):
+            raise ValueError(
+                f"s_churn={s_churn:g} would never act: no noise level of the grid (sigma / "
+                f"alpha from {levels[0]:.4g} down to {levels[-1]:.4g}) lies in [s_tmin, "
+                f"s_tmax] = [{s_tmin:g}, {s_tmax:g}] (both are noise levels, not times)"
+            )  # fmt: skip
     opts = EDMOptions(s_churn, s_tmin, s_tmax, s_noise, heun)
     n = grid.shape[0] - 1
     return Sampler("edm", schedule, grid, no_state, _edm_step, opts, 2 * n - 1 if heun else n)
