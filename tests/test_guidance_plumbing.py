@@ -210,3 +210,43 @@ def test_cfg_calls_the_model_once_on_a_doubled_batch():
     with pytest.raises(ValueError, match="needs a condition"):
         jaxdiv.sample(samplers.flow_euler(schedules.flow(), 2), den, jnp.zeros((3, 2)),
                       key=jax.random.key(0), guidance=guidance.cfg(2.0))  # fmt: skip
+
+
+def test_couples_batch_names_the_methods_whose_samples_act_on_each_other():
+    """couples_batch (used by pipe.generate to refuse mixing prompts in one batch) is True
+    exactly where a sample's update reads the other samples: checked against the terms'
+    outputs on a batch whose second half is changed."""
+    import toy
+
+    enc = toy.sphere_encoder(jax.random.key(0), 2)
+    ref = jax.random.normal(jax.random.key(1), (4, 2))
+    terms = {
+        "particle": guidance.particle(2.0),
+        "spell": guidance.spell(1.5),
+        "spell_reference_only": guidance.spell(1.5, reference=ref, intra_batch=False),
+        "gass": guidance.gass(enc, enc.text_emb, num_directions=2, num_active=2, r_dep=0.5,
+                             r_ind=0.5, lr=0.2),
+        "cfg": guidance.cfg(3.0),
+        "cads": guidance.cads(),
+        "interval": guidance.interval(3.0, 0.1, 50.0),
+        "windowed_particle": guidance.window(guidance.particle(2.0), noise_level=(0.1, 50.0)),
+        "windowed_cfg": guidance.window(guidance.cfg(3.0), steps=[0, 1]),
+        "contextual": guidance.contextual(1.0),
+    }
+    want = {"particle", "spell", "gass", "windowed_particle", "contextual"}
+    assert {k for k, t in terms.items() if guidance.couples_batch(t)} == want
+    # the truth for the x0 / condition / denoiser terms: does the first half's output move
+    # when the second half of the noise changes?
+    s = samplers.ddim(schedules.edm(), 3)
+    gm = toy.GaussianMixture(jnp.array([[0.0, 0.0], [3.0, 0.0]]), jnp.array([0.5, 0.5]))
+    den = lambda x, t, c: gm.denoiser(s.schedule)(x, t, None) + 0.1 * c  # noqa: E731
+    z = jax.random.normal(jax.random.key(2), (6, 2))
+    z2 = z.at[3:].add(0.7)
+    cond = jnp.ones((6, 2))
+    for name, term in terms.items():
+        if name == "contextual":  # a model hook: tests/test_contextual_repulsion.py
+            continue
+        a, b = (jaxdiv.sample(s, den, x, key=jax.random.key(3), cond=cond, guidance=term).x0[:3]
+                for x in (z, z2))  # fmt: skip
+        moved = float(jnp.abs(a - b).max()) > 1e-6
+        assert moved == (name in want), name

@@ -2,6 +2,8 @@
 changes the output the way its paper says, measured on the same noise, and a new
 hyperparameter value never recompiles (``jaxdiv.compile_count``)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +156,40 @@ def test_generate_checks_its_inputs(pipe, noise):
                                              r"without null_cond, .* pass "
                                              r"null_cond=pipe.null_cond"):  # fmt: skip
             pipe.generate("a", 1, key=jax.random.key(0), method=method)
+
+
+def test_generate_refuses_coupling_the_images_of_several_prompts(pipe):
+    """One batch of two prompts' rows: a coupled method moves one prompt's images with the
+    other's noise (shown with jaxdiv.sample on that batch), so generate refuses it with
+    several prompts; per-sample methods and one prompt at a time run."""
+    key, sampler = jax.random.key(0), pipe.ddim(3)
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat"] * 3 + ["a dog"] * 3))
+    noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(6))
+    other = noise.at[3:].set(jax.random.normal(jax.random.key(2), noise[3:].shape))
+    pg = guidance.chain(guidance.particle(3.0), guidance.cfg(CFG, pipe.null_cond))
+    cfg_only = guidance.cfg(CFG, pipe.null_cond)
+    cats = [jaxdiv.sample(sampler, pipe.denoiser, z, key=key, cond=cond, guidance=g).x0[:3]
+            for g in (pg, cfg_only) for z in (noise, other)]  # fmt: skip
+    assert float(jnp.abs(cats[0] - cats[1]).max()) > 1e-4  # the dogs' noise moved the cats
+    np.testing.assert_array_equal(cats[2], cats[3])  # per-sample CFG: it does not
+    text = jnp.ones((16,))
+    enc = gass_encoder(pipe)
+    for method, names in [
+        (guidance.particle(1.0), "['particle']"),
+        (guidance.window(guidance.spell(0.5), steps=[0]), "['spell']"),
+        (guidance.chain(cads=guidance.cads(), pg=guidance.particle(1.0)), "['pg']"),
+        (guidance.gass(enc, text, num_active=2, max_iters=2), "['gass']"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^method: its {re.escape(names)} term\(s\) make "
+                                             r"the images of one batch act on each other; "
+                                             r"with 2 prompts"):  # fmt: skip
+            pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=method)
+    # one prompt at a time, or a per-sample method, or SPELL against a reference only
+    pipe.generate("a cat", 3, key=key, sampler=sampler, method=guidance.particle(1.0))
+    ref = jax.random.normal(jax.random.key(3), (5, *pipe.noise_shape(1)[1:]))
+    for method in (guidance.cads(), guidance.spell(0.5, reference=ref, intra_batch=False)):
+        g = pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=method)
+        assert g.latents.shape[0] == 6
 
 
 def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):

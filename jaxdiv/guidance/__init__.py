@@ -14,6 +14,7 @@ from jaxdiv.guidance.base import (
     WindowInfo,
     as_terms,
     chain,
+    couples_batch,
     stateless,
     window,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "StepContext",
     "WindowInfo",
     "as_terms",
+    "couples_batch",
     "chain",
     "stateless",
     "window",

@@ -74,6 +74,7 @@ __all__ = [
     "chain",
     "window",
     "check_windows",
+    "couples_batch",
     "step_indices",
     "stateless",
     "as_terms",
@@ -575,6 +576,9 @@ def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
     return run_if(active, apply, hook, state, arg, ctx)
 
 
+_window_apply.couples_batch = lambda apply, *_: apply_couples_batch(apply)
+
+
 def step_indices(steps, name: str = "steps") -> np.ndarray:
     """Sampler step indices as a sorted unique int64 NumPy array, checked.
 
@@ -651,6 +655,34 @@ def _check_in_range(name, kind, bounds, span, process) -> None:
             + (" (t is in the schedule's own units)" if kind == "t" else
                " (noise_level is sigma / alpha)")
         )  # fmt: skip
+
+
+def couples_batch(term: GuidanceTerm) -> bool:
+    """Whether ``term`` makes each sample's update depend on the other samples of the
+    batch (SPELL's intra-batch shields, PG's repulsion, GASS's spread, contextual
+    repulsion), windowed or not.
+
+    A term's ``apply`` callable says so with a ``couples_batch`` attribute: ``True``, or a
+    function of the ``Partial``'s arguments (SPELL couples only with ``intra_batch``; a
+    wrapper such as :func:`window` asks the ``apply`` it wraps, through
+    :func:`apply_couples_batch`). Callers that put several groups in one batch
+    (:func:`jaxdiv.pipelines.generation.generate` with several prompts) use it to refuse
+    mixing them.
+
+    >>> from jaxdiv import guidance
+    >>> couples_batch(guidance.particle(1.0)), couples_batch(guidance.cfg(3.0))
+    (True, False)
+    >>> couples_batch(window(guidance.spell(0.5), steps=[0]))
+    True
+    """
+    return apply_couples_batch(term.apply)
+
+
+def apply_couples_batch(apply) -> bool:
+    """:func:`couples_batch` of a term's ``apply`` callable."""
+    fn, args = (apply.func, apply.args) if isinstance(apply, Partial) else (apply, ())
+    flag = getattr(fn, "couples_batch", False)
+    return bool(flag(*args) if callable(flag) else flag)
 
 
 def check_windows(terms, sampler) -> None:

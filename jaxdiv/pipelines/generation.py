@@ -270,6 +270,12 @@ def generate(
     empty prompt's). ``negative_prompt`` replaces the empty prompt in CFG's unconditional
     branch, encoded as diffusers encodes negative prompts (one for every image).
 
+    All rows are sampled as one batch, so a method that couples the batch
+    (:func:`jaxdiv.guidance.couples_batch`: SPELL's intra-batch shields, PG, GASS,
+    contextual repulsion) is refused with several prompts -- it would make one prompt's
+    images act on another's; call ``generate`` once per prompt (one compiled program
+    serves them all). Per-sample methods (CFG, CADS, interval, TPSO) take any number.
+
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
             :func:`jaxdiv.pipelines.stable_diffusion_3.load`).
@@ -299,9 +305,13 @@ def generate(
         >>> from jaxdiv.testing import example_pipeline
         >>> pipe = example_pipeline()
         >>> g = pipe.generate(["a cat", "a dog"], 2, key=jax.random.key(0),
-        ...                   sampler=pipe.ddim(4), method=guidance.particle(1.0))
+        ...                   sampler=pipe.ddim(4), method=guidance.cads())
         >>> g.images.shape, g.prompts
         ((4, 3, 16, 16), ('a cat', 'a cat', 'a dog', 'a dog'))
+        >>> pg = [pipe.generate(p, 3, key=jax.random.key(0), sampler=pipe.ddim(4),
+        ...                     method=guidance.particle(1.0)) for p in ("a cat", "a dog")]
+        >>> pg[0].images.shape  # each prompt's three images repel each other only
+        (3, 3, 16, 16)
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -311,6 +321,14 @@ def generate(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
     terms = () if method is None else _guidance.as_terms(method)
+    coupled = [t.name for t in terms if _guidance.couples_batch(t)]
+    if coupled and len(prompts) > 1:
+        raise ValueError(
+            f"method: its {coupled} term(s) make the images of one batch act on each other; "
+            f"with {len(prompts)} prompts in one batch, images of different prompts would "
+            "(the papers couple the images of one prompt). Call generate once per prompt "
+            "(the same shapes reuse one compiled program)"
+        )
     own = [t.name for t in terms if t.hook == "denoiser"]  # the method's own combination
     for term in terms:
         if zero_null(term):

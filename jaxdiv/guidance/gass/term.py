@@ -40,7 +40,7 @@ from jax.tree_util import Partial
 
 from jaxdiv import validation
 from jaxdiv.dtypes import working_dtype
-from jaxdiv.guidance.base import GuidanceTerm, run_if, step_indices, window
+from jaxdiv.guidance.base import GuidanceTerm, apply_couples_batch, run_if, step_indices, window
 from jaxdiv.guidance.gass.targets import (
     check_axes,
     check_num_directions,
@@ -279,3 +279,8 @@ def _scheduled_apply(apply, schedule, num_active, state, x0_hat, ctx):
     # ctx.num_steps is static, so the schedule resolves to fixed indices at trace time
     idx = jnp.asarray(active_steps(ctx.num_steps, schedule, num_active), jnp.int32)
     return run_if(jnp.any(idx == ctx.step), apply, "x0", state, x0_hat, ctx)
+
+
+# guidance.couples_batch: the batch is spread around e_t together
+_gass_apply.couples_batch = True
+_scheduled_apply.couples_batch = lambda apply, *_: apply_couples_batch(apply)
