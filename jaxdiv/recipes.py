@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import chain
+from jaxdiv.guidance.base import as_terms, chain, couples_batch
 from jaxdiv.guidance.spell.term import median_pairwise_distance, spell
 from jaxdiv.sampling import sample
 
@@ -124,7 +124,9 @@ def radius_from_unguided(sampler, denoiser, noise, *, key, cond=None, guidance=N
     """Median pairwise distance of an unguided batch's final samples (App. D).
 
     The paper then tries 16 radii from 0 to twice this value. ``guidance`` may hold the
-    non-SPELL terms (e.g. CFG) so the batch matches the guided setting.
+    per-sample terms (e.g. CFG) so the batch matches the guided setting; a term that
+    couples the batch (SPELL, PG, GASS: :func:`jaxdiv.guidance.couples_batch`) is refused,
+    since it would spread the very batch the radius is measured on.
 
     >>> import jax, jax.numpy as jnp, toy
     >>> from jaxdiv import samplers, schedules
@@ -136,5 +138,10 @@ def radius_from_unguided(sampler, denoiser, noise, *, key, cond=None, guidance=N
     >>> 0.7 < r < 1.2     # |x - y| ~ |N(0, 2)| has median 0.954
     True
     """
+    coupled = [t.name for t in as_terms(guidance) if couples_batch(t)]
+    if coupled:
+        raise ValueError(f"guidance must hold per-sample terms only (the radius is measured on "
+                         f"an unguided batch), got the batch-coupling term(s) {coupled}; pass "
+                         "the setting's CFG alone")  # fmt: skip
     out = sample(sampler, denoiser, noise, key=key, cond=cond, guidance=guidance)
     return float(median_pairwise_distance(out.x0))
