@@ -260,3 +260,33 @@ def test_spell_keeps_latents_away_from_encoded_protected_images(pipe, noise):
     d = np.linalg.norm(np.asarray(g.latents).reshape(B, 1, -1)
                        - np.asarray(protected).reshape(1, 3, -1), axis=-1)  # fmt: skip
     assert d.min() >= r * (1 - 1e-5)
+
+
+def _nan_at_step_one(x0_hat, ctx, s):  # row 1 turns NaN at step 1
+    row = (jnp.arange(x0_hat.shape[0]) == 1).reshape(-1, 1, 1, 1)
+    return x0_hat * jnp.where((ctx.step == 1) & row, jnp.nan, s)
+
+
+def _identity(x0_hat, ctx, s):
+    return x0_hat * s
+
+
+def test_generate_warns_on_non_finite_latents_at_the_callers_line(pipe):
+    """NaN latents decode to meaningless images: generate warns (naming the rows and the
+    terms) at the line that called it, and returns the output (the trace finds the step);
+    a finite run warns nothing."""
+    import warnings
+
+    key, sampler = jax.random.key(0), pipe.ddim(3)
+    term = guidance.stateless("x0", _nan_at_step_one, s=1.0)
+    with pytest.warns(RuntimeWarning, match=r"^generate: the final latents of 1 of 3 images "
+                                            r"hold NaN or inf \(rows \[1\]\); .* Method terms: "
+                                            r"\['nan_at_step_one'\]") as rec:  # fmt: skip
+        g = pipe.generate("a cat", 3, key=key, sampler=sampler, method=term, trace=True)
+    assert rec[0].filename == __file__
+    finite = np.isfinite(np.asarray(g.output.trace.x0_hat)).reshape(3, 3, -1).all(-1)
+    assert finite.tolist() == [[True] * 3, [True, False, True], [True, False, True]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("a cat", 3, key=key, sampler=sampler, method=term._replace(
+            apply=guidance.stateless("x0", _identity, s=1.0).apply))  # fmt: skip

@@ -26,10 +26,14 @@ TPSO        :func:`jaxdiv.pipelines.tpso.tpso_guidance` (brings its own CFG)
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import guidance as _guidance
@@ -297,7 +301,9 @@ def generate(
         trace: keep the per-step trace.
 
     Returns:
-        :class:`Generated`.
+        :class:`Generated`. Final latents holding NaN / inf give a ``RuntimeWarning`` at
+        the caller's line naming the rows and the method's terms (the output is returned:
+        ``trace=True`` shows the step that turned non-finite).
 
     Example:
         >>> import jax
@@ -385,5 +391,33 @@ def generate(
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=jax.random.fold_in(key, 1), cond=cond, guidance=guided,
                  trace=trace)  # fmt: skip
+    _warn_non_finite(out.x0, terms)
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
+
+
+def _warn_non_finite(latents, terms) -> None:
+    """Warn (not raise: the caller keeps the trace to find the step) when final latents
+    hold NaN / inf, which decode to meaningless images."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(latents)).reshape(latents.shape[0], -1).all(1))
+    if bad.size:
+        names = [t.name for t in terms]
+        warnings.warn(
+            f"generate: the final latents of {bad.size} of {latents.shape[0]} images hold "
+            f"NaN or inf (rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}); their "
+            f"images are meaningless. Method terms: {names or 'none'}; a strength too large "
+            "for the model, or float16 overflow, are common causes (trace=True shows the "
+            "first step that turned non-finite in output.trace.x0_hat)",
+            RuntimeWarning,
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside jaxdiv (the user's line,
+    whether they called ``pipe.generate`` or this module), as seen from its caller."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
