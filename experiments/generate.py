@@ -1217,13 +1217,11 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         log(f"resuming: {done}{' ' * multi}{what} images already in {img_dir}")
     batch_times, generated, skipped = [], 0, 0
 
-    def batch_noise(b):
-        idx = jnp.arange(b * bs, (b + 1) * bs)
-        draw = lambda i: jax.random.normal(jax.random.fold_in(root_key, i), shape[1:])  # noqa: E731
-        return jax.vmap(draw)(idx)
+    def batch_noise(b):  # pipe.generate's noise and keys: the same images for the same seed
+        return generation.image_noise(root_key, jnp.arange(b * bs, (b + 1) * bs), shape[1:])
 
     def batch_key(j, b):
-        return jax.random.fold_in(jax.random.fold_in(root_key, 1_000_003 + j), b)
+        return generation.sampling_key(root_key, j, b)
 
     def prompt_cond(j):
         return jax.tree.map(lambda e: jnp.broadcast_to(e[j : j + 1], (bs,) + e.shape[1:]),

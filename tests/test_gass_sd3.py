@@ -72,6 +72,7 @@ def test_exact_flow_unperturbed_round_trip_is_identity_only_with_the_flow_formul
 def with_vision(pipe, tmp_path_factory):
     """The tiny SD3 pipeline with a CLIP vision tower of CLIP-L's projection width, and
     CLIP-L's unit projected text embedding of the prompt."""
+    import torch
     import transformers
 
     from jaxdiv.testing import TINY_VISION
@@ -79,6 +80,7 @@ def with_vision(pipe, tmp_path_factory):
     width = pipe.configs["text_encoder"]["projection_dim"]
     vision = tmp_path_factory.mktemp("vision")
     config = transformers.CLIPVisionConfig(**dict(TINY_VISION, projection_dim=width))
+    torch.manual_seed(0)  # the same tower whatever ran before in this worker
     transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision)
     p = sd3.load(pipe.path, image_encoder=vision)
     text = p.encode_prompt(p.tokenize(["a photo of a cat"])).pooled[0, :width]
@@ -99,21 +101,22 @@ def test_gass_through_the_sd3_pipeline_raises_spp(with_vision):
     cfg = guidance.cfg(4.0, null_cond=p.null_cond)
     unit = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)  # noqa: E731
 
-    def spp(method):
-        x = jaxdiv.sample(p.flow_euler(6), p.denoiser, noise, key=jax.random.key(2),
-                          cond=cond, guidance=method).x0  # fmt: skip
+    def spp(method, key):
+        x = jaxdiv.sample(p.flow_euler(6), p.denoiser, noise, key=key, cond=cond,
+                          guidance=method).x0  # fmt: skip
         return float(metrics.spp(unit(enc(x)), text, jax.random.key(3), num_directions=3).spp)
 
-    base = spp(cfg)
+    base = spp(cfg, jax.random.key(0))  # flow Euler without GASS: the key plays no part
     before = jaxdiv.compile_count()
     # the tiny CLIP-L embedding is 5 wide: 3 random directions besides e_t; targets 0.1 off
-    # the batch (the paper's 0.02 is already met on this random encoder within 4 iterations)
-    got = [spp(guidance.chain(cfg, guidance.gass(enc, text, r_dep=0.1, r_ind=0.1, lr=lr,
-                                                 num_directions=3, num_active=3,
-                                                 max_iters=10)))
-           for lr in (0.003, 0.01)]  # fmt: skip
+    # the batch (the paper's 0.02 is already met on this random encoder within 4 iterations).
+    # GASS's axis u_ind comes from the sampler's key, and one run's SPP can fall by chance
+    # (one of five keys tried when this test was written): the mean over keys 0..3 is tested
+    means = [np.mean([spp(guidance.chain(cfg, guidance.gass(
+        enc, text, r_dep=0.1, r_ind=0.1, lr=lr, num_directions=3, num_active=3,
+        max_iters=10)), jax.random.key(k)) for k in range(4)]) for lr in (0.003, 0.01)]  # fmt: skip
     assert jaxdiv.compile_count() - before == 1
-    assert base < got[0] < got[1], (base, got)
+    assert base < means[0] < means[1], (base, means)
 
 
 def test_public_code_setup_acts_at_step_indices_1_to_10(with_vision):

@@ -29,8 +29,9 @@ def noise(pipe):
 
 
 def _run(pipe, noise, sampler, method=None, **kw):
-    return pipe.generate("a photo of a cat", B, key=jax.random.key(0), sampler=sampler,
-                         noise=noise, cfg=kw.pop("cfg", CFG), method=method, **kw)  # fmt: skip
+    return pipe.generate("a photo of a cat", B, key=kw.pop("key", jax.random.key(0)),
+                         sampler=sampler, noise=noise, cfg=kw.pop("cfg", CFG), method=method,
+                         **kw)  # fmt: skip
 
 
 def _pairwise(x):
@@ -100,21 +101,39 @@ def test_interval_guidance_on_every_level_is_cfg(pipe, noise):
 
 def test_gass_raises_the_spherical_spread_of_clip_features(pipe, noise):
     """GASS with the real encoder chain (VAE decode -> CLIP preprocessing -> CLIP vision)
-    raises SPP of the batch's CLIP embeddings over the unguided run with the same noise."""
+    raises SPP of the batch's CLIP embeddings over the unguided run with the same noise.
+
+    GASS draws its second axis ``u_ind`` from the sampler's key and SPP measures along its
+    own random axis, so on this tiny random pipeline one run's SPP can fall by chance (at
+    lr 0.05 it did for one of six keys tried when this test was written); the claim is
+    tested on the mean over sampler keys 0..3, and every active step must lower GASS's
+    own loss (what its Adam guarantees)."""
     sampler = pipe.ddim(10, clean_endpoint=True)
     enc = gass_encoder(pipe)
     unit = lambda e: e / jnp.linalg.norm(e, axis=-1, keepdims=True)  # noqa: E731
     text = unit(jax.random.normal(jax.random.key(7), (16,)))
     spp = lambda x: float(metrics.spp(unit(enc(x)), text, jax.random.key(3)).spp)  # noqa: E731
-    base = spp(_run(pipe, noise, sampler).latents)
+    base = spp(_run(pipe, noise, sampler).latents)  # DDIM, eta 0: the key plays no part
     before = jaxdiv.compile_count()
-    # 12 Adam iterations per active step (paper: up to 60) keep the test to seconds
-    got = [spp(_run(pipe, noise, sampler, guidance.gass(enc, text, lr=lr, num_active=5,
-                                                        max_iters=12)).latents)
-           for lr in (0.01, 0.05)]  # fmt: skip
+    means = []
+    for lr in (0.01, 0.05):
+        got = []
+        for k in range(4):
+            # 12 Adam iterations per active step (paper: up to 60) keep the test to seconds;
+            # targets 0.1 off the batch (the paper's 0.02 is nearly met on this encoder)
+            g = _run(pipe, noise, sampler, guidance.gass(enc, text, r_dep=0.1, r_ind=0.1,
+                                                         lr=lr, num_active=5, max_iters=12),
+                     key=jax.random.key(k), trace=True)  # fmt: skip
+            info = g.output.trace.info["gass"]
+            on = np.asarray(g.output.trace.active["gass"])
+            assert on.sum() == 5
+            assert np.all(np.asarray(info.loss_after)[on]
+                          <= np.asarray(info.loss_before)[on])  # fmt: skip
+            got.append(spp(g.latents))
+        means.append(float(np.mean(got)))
     assert jaxdiv.compile_count() - before == 1
-    assert base < got[0] < got[1], (base, got)
-    assert got[1] - base > 1e-3
+    assert base < means[0] < means[1], (base, means)
+    assert means[1] - base > 1e-3
 
 
 def test_generate_checks_its_inputs(pipe, noise):

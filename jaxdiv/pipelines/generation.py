@@ -42,7 +42,7 @@ from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate",
-           "is_sd3", "null_condition", "truncated_prompts"]
+           "image_noise", "is_sd3", "null_condition", "sampling_key", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -285,8 +285,10 @@ def generate(
             :func:`jaxdiv.pipelines.stable_diffusion_3.load`).
         prompts: one prompt or a list.
         n: images per prompt.
-        key: PRNG key (noise from ``fold_in(key, 0)`` unless given, sampling from
-            ``fold_in(key, 1)``).
+        key: PRNG key: image ``i`` of every prompt starts from the noise of
+            ``fold_in(key, i)`` (:func:`image_noise`: the same image whatever ``n``,
+            and ``experiments.generate --seed S``'s for ``key=jax.random.key(S)``); the
+            sampler's randomness comes from :func:`sampling_key`.
         method: the diversity method (see the module table).
         sampler: defaults to ``pipe.default_sampler()`` (SD 1.x/2.x: ``pipe.ddim(50)``;
             SD3: ``pipe.flow_euler(28)``).
@@ -367,9 +369,9 @@ def generate(
     rows = tuple(p for p in prompts for _ in range(n))
     cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
     if noise is None:
-        shape = pipe.noise_shape(len(rows), height, width)
-        noise = jax.random.normal(jax.random.fold_in(key, 0), shape,
-                                  jax.tree.leaves(cond)[0].dtype)  # fmt: skip
+        noise = image_noise(key, n, pipe.noise_shape(1, height, width)[1:],
+                            jax.tree.leaves(cond)[0].dtype)  # fmt: skip
+        noise = jax.numpy.tile(noise, (len(prompts),) + (1,) * (noise.ndim - 1))
     else:
         noise = validation.finite_array("noise", noise)
         if noise.shape[0] != len(rows):
@@ -389,10 +391,42 @@ def generate(
         scale = _guidance.cfg(cfg, null_cond=null)
         guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
-                 key=jax.random.fold_in(key, 1), cond=cond, guidance=guided,
-                 trace=trace)  # fmt: skip
+                 key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
     _warn_non_finite(out.x0, terms)
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
+
+
+def image_noise(key, images, shape, dtype=None):
+    """The initial noise of a prompt's images: image ``i`` draws
+    ``normal(fold_in(key, i), shape)`` in float32 (cast to ``dtype``), so it does not
+    depend on how many images are asked for, on the other prompts, or on the batch it runs
+    in -- the convention of ``experiments.generate``, whose ``--seed S`` images are those
+    of ``key=jax.random.key(S)``.
+
+    Args:
+        key: the run's PRNG key.
+        images: ``n`` (images ``0 .. n - 1``) or an array of image indices.
+        shape: one image's latent shape.
+        dtype: the result's dtype (the draw is float32).
+
+    >>> import jax
+    >>> k = jax.random.key(0)
+    >>> a, b = image_noise(k, 2, (4, 8, 8)), image_noise(k, jax.numpy.arange(1, 5), (4, 8, 8))
+    >>> bool((a[1] == b[0]).all()), a.shape
+    (True, (2, 4, 8, 8))
+    """
+    idx = jax.numpy.arange(images) if isinstance(images, int) else jax.numpy.asarray(images)
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape))  # noqa: E731
+    out = jax.vmap(draw)(idx)
+    return out if dtype is None else out.astype(dtype)
+
+
+def sampling_key(key, prompt_index: int = 0, batch_index: int = 0):
+    """The sampler's key for one batch of one prompt: ``fold_in(fold_in(key, 1_000_003 +
+    prompt), batch)``, disjoint from :func:`image_noise`'s keys for fewer than a million
+    images per prompt (``experiments.generate``'s convention; :func:`generate` samples
+    all its rows in one batch with ``sampling_key(key)``)."""
+    return jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + prompt_index), batch_index)
 
 
 def _warn_non_finite(latents, terms) -> None:
