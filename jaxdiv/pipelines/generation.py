@@ -425,7 +425,14 @@ def sampling_key(key, prompt_index: int = 0, batch_index: int = 0):
     """The sampler's key for one batch of one prompt: ``fold_in(fold_in(key, 1_000_003 +
     prompt), batch)``, disjoint from :func:`image_noise`'s keys for fewer than a million
     images per prompt (``experiments.generate``'s convention; :func:`generate` samples
-    all its rows in one batch with ``sampling_key(key)``)."""
+    all its rows in one batch with ``sampling_key(key)``).
+
+    >>> import jax
+    >>> k = jax.random.key(0)
+    >>> bool((jax.random.key_data(sampling_key(k)) == jax.random.key_data(
+    ...     jax.random.fold_in(jax.random.fold_in(k, 1_000_003), 0))).all())
+    True
+    """
     return jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + prompt_index), batch_index)
 
 
