@@ -7,9 +7,11 @@ parse their arguments.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from jaxdiv.metrics import energy_distance
 
 __all__ = [
+    "at_least",
+    "positive",
+    "seed",
     "write_json",
     "save_figure",
     "progress",
@@ -166,3 +171,60 @@ def progress_bar(iterable=None, total: int | None = None, desc: str | None = Non
                 disable=not enabled, dynamic_ncols=sized, ncols=None if sized else 80,
                 nrows=None if sized else 20,
                 smoothing=0.1, mininterval=0.2)  # fmt: skip
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer ``>= minimum`` (a bad value is the parser's one-line
+    error, not a traceback from deep in the run).
+
+    Example:
+        >>> p = argparse.ArgumentParser(prog="x", exit_on_error=False)
+        >>> _ = p.add_argument("--steps", type=at_least(1))
+        >>> p.parse_args(["--steps", "3"]).steps
+        3
+        >>> p.parse_args(["--steps", "0"])
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentError: argument --steps: must be an integer >= 1, got '0'
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse ``type``: a finite number ``> 0``.
+
+    Example:
+        >>> positive("0.5"), positive("1e-3")
+        (0.5, 0.001)
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse ``type``: a seed in ``[0, 2**62)`` (keys fold in offsets on top of it).
+
+    Example:
+        >>> seed("7")
+        7
+    """
+    value = at_least(0)(text)
+    if value >= 2**62:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**62), got {text!r}")
+    return value

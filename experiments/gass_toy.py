@@ -46,7 +46,7 @@ import numpy as np
 
 import jaxdiv
 import toy
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, progress, save_figure, seed, write_json
 from jaxdiv import metrics, samplers, schedules
 from jaxdiv.guidance.gass import expected_gram_det, gass
 from toy.encoder import sphere_encoder
@@ -253,16 +253,14 @@ def plot(results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batches", type=at_least(2), default=64)
+    parser.add_argument("--batch-size", type=at_least(4), default=16)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--out", default="results/gass_toy")
     parser.add_argument(
         "--only-prop41", action="store_true", help="only write <out>_prop41.json (seconds)"
     )
     args = parser.parse_args(argv)
-    if args.batches < 2 or args.batch_size < 4:
-        parser.error("need --batches >= 2 and --batch-size >= 4")
     write_json(args.out + "_prop41.json", prop41_reference(seed=args.seed))
     if args.only_prop41:
         return

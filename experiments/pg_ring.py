@@ -39,7 +39,7 @@ import numpy as np
 
 import jaxdiv
 import toy
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, progress, save_figure, seed, write_json
 from jaxdiv import samplers, schedules
 from jaxdiv.guidance.particle import particle
 
@@ -152,9 +152,9 @@ def plot(examples, means, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=at_least(1), default=100)
+    p.add_argument("--steps", type=at_least(1), default=32)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results/pg_ring")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import numpy as np
 
 import jaxdiv
 import toy
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, positive, progress, save_figure, seed, write_json
 from jaxdiv import metrics, samplers, schedules
 from jaxdiv.guidance.base import GuidanceTerm, chain
 from jaxdiv.guidance.spell import spell
@@ -188,12 +188,12 @@ def _plot(out, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-train", type=int, default=100_000)
-    p.add_argument("--d", type=int, default=16)
-    p.add_argument("--radius", type=float, default=0.6)
-    p.add_argument("--n", type=int, default=512)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=at_least(1), default=100_000)
+    p.add_argument("--d", type=at_least(1), default=16)
+    p.add_argument("--radius", type=positive, default=0.6)
+    p.add_argument("--n", type=at_least(1), default=512)
+    p.add_argument("--steps", type=at_least(1), default=25)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results/spell_protection")
     a = p.parse_args(argv)
     out = run(a.n_train, a.d, a.radius, a.n, a.steps, a.seed)

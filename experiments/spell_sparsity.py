@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import toy
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, progress, save_figure, seed, write_json
 from experiments.spell_two_moons import ScaledMoonsDenoiser
 from jaxdiv import samplers, schedules
 from jaxdiv.recipes import spell_batched
@@ -115,10 +115,10 @@ def _plot(out, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=at_least(1), default=128)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--steps", type=at_least(1), default=50)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results/spell_sparsity")
     a = p.parse_args(argv)
     out = run(a.n, a.batch_size, a.steps, a.seed)

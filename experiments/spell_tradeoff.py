@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiv
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, progress, save_figure, seed, write_json
 from jaxdiv import guidance, metrics, samplers, schedules
 from jaxdiv.guidance.spell import median_pairwise_distance
 from jaxdiv.recipes import spell_batched
@@ -123,11 +123,11 @@ def _plot(out, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n", type=at_least(1), default=128)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--steps", type=int, default=18)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=at_least(1), default=18)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results/spell_tradeoff")
     a = p.parse_args(argv)
     out = run(a.n, a.batch_size, a.cfg, a.steps, a.seed)

@@ -35,7 +35,15 @@ import numpy as np
 
 import jaxdiv
 import toy
-from experiments.common import energy_distance, progress, save_figure, write_json
+from experiments.common import (
+    at_least,
+    energy_distance,
+    positive,
+    progress,
+    save_figure,
+    seed,
+    write_json,
+)
 from jaxdiv import samplers, schedules
 from jaxdiv.guidance.spell import spell
 from toy.mlp import edm_precond
@@ -135,10 +143,10 @@ def _plot(results, radius, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--radius", type=float, default=0.075)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=at_least(2), default=200)
+    p.add_argument("--radius", type=positive, default=0.075)
+    p.add_argument("--steps", type=at_least(1), default=1000)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--out", default="results/spell_two_moons")
     a = p.parse_args(argv)

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import jaxdiv  # noqa: E402
 import toy  # noqa: E402
-from experiments.common import progress, save_figure, write_json  # noqa: E402
+from experiments.common import at_least, progress, save_figure, write_json  # noqa: E402
 from jaxdiv import samplers, schedules  # noqa: E402
 from jaxdiv.metrics import energy_distance  # noqa: E402
 
@@ -77,7 +77,7 @@ def scatter_grid(results, ref, title, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/toy_suite")
-    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--n", type=at_least(2), default=4096)
     args = ap.parse_args(argv)
     out = Path(args.out)
     key = jax.random.key(0)

@@ -55,7 +55,7 @@ import numpy as np
 
 import jaxdiv
 from experiments import pg_ring
-from experiments.common import progress, save_figure, write_json
+from experiments.common import at_least, progress, save_figure, seed, write_json
 from jaxdiv import guidance, metrics, samplers, schedules
 from jaxdiv.guidance.cads import cads
 from jaxdiv.guidance.interval import interval
@@ -272,10 +272,10 @@ def run_study(n_per_class=512, batch=16, steps=24, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-per-class", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-per-class", type=at_least(1), default=512)
+    p.add_argument("--batch", type=at_least(1), default=16)
+    p.add_argument("--steps", type=at_least(1), default=24)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="results/tradeoff")
     p.add_argument("--skip-ring", action="store_true", help="do not run experiments.pg_ring")
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxdiv
-from experiments.common import write_json
+from experiments.common import at_least, write_json
 from jaxdiv import samplers, schedules
 from jaxdiv.metrics import energy_distance
 from toy.mlp import TWO_MOONS_PARAMS, MLPDenoiser, edm_precond, init_mlp, save_mlp
@@ -61,12 +61,12 @@ def train(steps: int = 4000, batch: int = 2048, seed: int = 0, lr: float = 2e-3)
     return params, sigma_data, losses
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=at_least(1), default=4000)
     ap.add_argument("--out", default=str(TWO_MOONS_PARAMS))
     ap.add_argument("--results", default="results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.time()
     params, sigma_data, losses = train(args.steps)
     train_s = time.time() - t0
