@@ -61,7 +61,10 @@ def spell_batched(
     Batch ``j`` is repelled from the reference set, from its own members (if
     ``intra_batch``) and from the outputs of batches ``0..j-1`` (Kirchhof et al. 2025,
     Sec. 3 / Fig. 2c). One :func:`jaxdiv.sample` call per batch, all sharing one compiled
-    program (the memory is a fixed-size buffer in the term's state).
+    program (the memory is a fixed-size buffer in the term's state). Every batch is
+    shielded from all earlier ones whatever their ``cond``: for several prompts or
+    classes, call it once per prompt (``experiments.spell_tradeoff`` does, per class), or
+    one prompt's images repel another's.
 
     Args:
         sampler, denoiser: as for :func:`jaxdiv.sample`.
