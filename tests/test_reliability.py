@@ -93,6 +93,26 @@ def test_window_inside_the_process_runs(make, kw, active):
     assert np.asarray(out.trace.active["identity"]).tolist() == active
 
 
+def test_particle_min_noise_level_above_the_process_is_refused():
+    """PG's switch-off level above every noise level of SD's process (14.61) would leave
+    the term off at every step; refused, windowed or not. Inside the range it acts from
+    its level down (the SD code's min_noise_level=1 acts at the high-noise steps only)."""
+    s = samplers.ddim(schedules.vp_scaled_linear(), 6)
+    den = lambda x, t, c: 0.5 * x  # noqa: E731
+    z = jax.random.normal(KEY, (4, 2))
+    for g in (guidance.particle(1.0, min_noise_level=20.0),
+              guidance.window(guidance.particle(1.0, min_noise_level=20.0), steps=[0])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"guidance term 'particle': min_noise_level=20 "
+                                             r"lies above every noise level of the sampler's "
+                                             r"process \(at most 14.61, vp_scaled_linear\)"):  # fmt: skip
+            jaxdiv.sample(s, den, z, key=KEY, guidance=g)
+    out = jaxdiv.sample(s, den, z, key=KEY, guidance=guidance.particle(1.0, min_noise_level=1.0),
+                        trace=True)  # fmt: skip
+    level = np.asarray(s.schedule.noise_level(s.times[:-1]))
+    weight = np.asarray(out.trace.info["particle"].weight)
+    assert ((weight != 0) == (level >= 1.0)).all() and (level < 1.0).any()
+
+
 def test_window_range_check_leaves_traced_bounds_alone():
     """Inside jit the bounds are tracers: nothing to check, and no error (one program for
     every interval of a sweep)."""

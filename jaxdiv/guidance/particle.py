@@ -146,7 +146,8 @@ def particle(
             batch before the kernel (a DINO / CLIP stand-in).
         time_scaling: ``"score"`` (paper) or ``"x0"``, see above.
         min_noise_level: switch-off noise level ``>= 0`` (no repulsion where
-            ``sigma/alpha < min_noise_level``), or None (paper: always on).
+            ``sigma/alpha < min_noise_level``), or None (paper: always on);
+            :func:`jaxdiv.sample` refuses one above every noise level of its process.
 
     Returns:
         An "x0"-hook :class:`GuidanceTerm` named ``"particle"`` with
@@ -226,3 +227,5 @@ def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_
 
 # guidance.couples_batch: each sample is pushed by the others of its batch
 _particle_apply.couples_batch = True
+# jaxdiv.sample refuses a min_noise_level above every level of the process (check_windows)
+_particle_apply.noise_level_floor = lambda *params: ("min_noise_level", params[5])
