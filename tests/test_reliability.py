@@ -100,11 +100,11 @@ def test_particle_min_noise_level_above_the_process_is_refused():
     s = samplers.ddim(schedules.vp_scaled_linear(), 6)
     den = lambda x, t, c: 0.5 * x  # noqa: E731
     z = jax.random.normal(KEY, (4, 2))
-    for g in (guidance.particle(1.0, min_noise_level=20.0),
-              guidance.window(guidance.particle(1.0, min_noise_level=20.0), steps=[0])):  # fmt: skip
-        with pytest.raises(ValueError, match=r"guidance term 'particle': min_noise_level=20 "
-                                             r"lies above every noise level of the sampler's "
-                                             r"process \(at most 14.61, vp_scaled_linear\)"):  # fmt: skip
+    high = guidance.particle(1.0, min_noise_level=20.0)
+    refused = (r"guidance term 'particle': min_noise_level=20 lies above every noise level "
+               r"of the sampler's process \(at most 14.61, vp_scaled_linear\)")  # fmt: skip
+    for g in (high, guidance.window(high, steps=[0])):
+        with pytest.raises(ValueError, match=refused):
             jaxdiv.sample(s, den, z, key=KEY, guidance=g)
     out = jaxdiv.sample(s, den, z, key=KEY, guidance=guidance.particle(1.0, min_noise_level=1.0),
                         trace=True)  # fmt: skip
