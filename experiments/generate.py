@@ -1176,14 +1176,18 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         except ValueError as err:  # e.g. more steps than the config's spacing allows
             raise RunError(str(err)) from err
     null = generation.null_condition(pipe, args.negative_prompt)
-    if args.method == "interval":  # an interval outside this process's noise levels: refused now
-        k = args.method_knobs
+    # knobs that would never act on this model and sampler (an interval outside its noise
+    # levels, a TPSO ratio scheduling no step): refused now, before any folder is written
+    k = args.method_knobs
+    probes = {"interval": lambda: guidance.interval(
+                  args.cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null),
+              "tpso": lambda: guidance.tpso(jnp.zeros((1,)), k["ratio"])}  # fmt: skip
+    probe = probes.get(args.method)
+    if probe is not None:
         try:
-            interval = guidance.interval(args.cfg, k["sigma_lo"], float(k["sigma_hi"]),
-                                         null_cond=null)  # fmt: skip
-            check_windows(guidance.as_terms(interval), sampler)
+            check_windows(guidance.as_terms(probe()), sampler)
         except ValueError as err:
-            raise RunError(f"--interval-lo / --interval-hi: {err}") from err
+            raise RunError(f"--method {args.method}: {err}") from err
     term = None
     if args.cfg != 1.0:
         # the same term object for the same settings: jaxdiv.sample then reuses its program

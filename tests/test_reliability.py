@@ -102,7 +102,8 @@ def test_particle_min_noise_level_above_the_process_is_refused():
     z = jax.random.normal(KEY, (4, 2))
     high = guidance.particle(1.0, min_noise_level=20.0)
     refused = (r"guidance term 'particle': min_noise_level=20 lies above every noise level "
-               r"of the sampler's process \(at most 14.61, vp_scaled_linear\)")  # fmt: skip
+               r"\(sigma / alpha\) of the sampler's process, at most 14.61: the term "
+               r"would never act$")  # fmt: skip
     for g in (high, guidance.window(high, steps=[0])):
         with pytest.raises(ValueError, match=refused):
             jaxdiv.sample(s, den, z, key=KEY, guidance=g)

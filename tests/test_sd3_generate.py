@@ -105,7 +105,8 @@ def test_diversity_terms_act_on_the_sd3_condition(pipe):
 @pytest.mark.parametrize("method", [["spell", "--spell-radius", "5"],
                                     ["contextual", "--contextual-eta", "50",
                                      "--contextual-inner-steps", "10", "--contextual-tau", "1"],
-                                    ["tpso", "--tpso-max-steps", "4", "--tpso-null-pool", "2"]])
+                                    ["tpso", "--tpso-max-steps", "4", "--tpso-null-pool", "2",
+                                     "--tpso-ratio", "0.5"]])
 def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, method):
     # the folder's pipeline is already loaded: let generate reuse it instead of reloading
     key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
@@ -119,7 +120,7 @@ def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, me
         assert meta["settings"]["method_knobs"] == {"eta": 50.0, "inner_steps": 10, "tau": 1}
     if method[0] == "tpso":  # the public SD3.5 lambda; each CLIP encoder's own projection
         assert meta["settings"]["method_knobs"] == {
-            "ratio": 0.4, "kappa": 0.8, "diversity_weight": 10.0, "max_steps": 4,
+            "ratio": 0.5, "kappa": 0.8, "diversity_weight": 10.0, "max_steps": 4,
             "projection": "text_encoder", "null_pool": 2}  # fmt: skip
         with np.load(out / "tpso_null_pool.npz") as f:  # one pool per CLIP encoder
             assert f["clip_l.hidden"].shape[0] == f["clip_g.hidden"].shape[0] == 2
@@ -232,6 +233,7 @@ def test_sd_methods_runs_an_sd3_folder_with_contextual_repulsion(pipe, tmp_path,
             "--cfg", "3", "--out", str(out), "--image-encoder", str(vision),
             "--contextual-eta", "50", "--contextual-inner-steps", "10",
             "--contextual-tau", "1", "--tpso-max-steps", "3", "--tpso-null-pool", "3",
+            "--tpso-ratio", "0.5",
             "--methods", "none,spell,tpso,contextual"]  # fmt: skip
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())

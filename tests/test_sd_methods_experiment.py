@@ -61,7 +61,8 @@ def test_sd_methods_runs_every_method_end_to_end(model, projection, tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(model), "--prompts", str(prompts), "--n", str(N), "--steps",
             str(STEPS), "--cfg", CFG, "--out", str(out), "--clip-projection", str(projection),
-            "--pg-strength", "100", "--tpso-null-pool", "3", "--gass-max-iters", "3"]  # fmt: skip
+            "--pg-strength", "100", "--tpso-null-pool", "3", "--gass-max-iters", "3",
+            "--tpso-ratio", "0.5"]  # fmt: skip  (0.4 of 2 steps would be none: refused)
     assert sd_methods.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     sd_only = [m for m in generate.METHODS if m != "contextual"]  # contextual: SD3 only
@@ -179,7 +180,8 @@ METHOD_RUNS = {
     "none": ([], ["--method", "cads"]),
     "spell": ([], ["--spell-overcompensation", "1.5"]),
     "particle": (["--pg-strength", "100"], ["--pg-strength", "50"]),
-    "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "3"], ["--tpso-kappa", "0.7"]),
+    "tpso": (["--tpso-projection", "{proj}", "--tpso-null-pool", "3", "--tpso-ratio", "0.5"],
+             ["--tpso-kappa", "0.7"]),
 }
 
 
@@ -353,6 +355,7 @@ def test_interval_outside_the_models_noise_levels_is_refused_before_any_image(
         generate.main(argv)
     err = capsys.readouterr().err.splitlines()
     assert info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("python -m experiments.generate: error: --method interval: ")
     assert f"lies outside the noise levels of the sampler's process, [0, {top:.4g}]" in err[0]
     assert not (out / "images").exists() and not (out / "metadata.json").exists()
 
@@ -385,3 +388,19 @@ def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp
     two = pipe.generate(["a cat", "a dog"], 2, key=jax.random.key(7), sampler=s,
                         cfg=float(CFG), trace=True)  # fmt: skip
     np.testing.assert_array_equal(two.output.trace.x[0], np.concatenate([five[:2], five[:2]]))
+
+
+def test_tpso_ratio_scheduling_no_step_is_refused_before_any_image(model, tmp_path, capsys):
+    """--tpso-ratio 0.4 on 2 steps: int(0.4 * 2) = 0 steps use the optimised prompts, so
+    TPSO would be plain CFG; refused in one line before the folder is written."""
+    out = tmp_path / "o"
+    argv = ["--model", str(model), "--prompt", "a cat", "--n", "2", "--steps", "2",
+            "--out", str(out), "--method", "tpso", "--tpso-projection", "none"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        generate.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("python -m experiments.generate: error: --method tpso: guidance "
+                             "term 'tpso': ratio=0.4 schedules int(|ratio| * N) = 0 of the "
+                             "sampler's 2 steps")  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())

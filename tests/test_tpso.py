@@ -64,6 +64,34 @@ def test_schedule_matches_public_formula(num_steps):
                                    err_msg=f"ratio={ratio}")  # fmt: skip
 
 
+def test_ratio_that_schedules_no_step_is_refused():
+    """A non-zero ratio with int(|ratio| N) = 0 leaves the public schedule all zeros: TPSO
+    would never act on that sampler, so jaxdiv.sample refuses it (exactly where the public
+    formula is all zeros); ratio = 0 (TPSO off on purpose, a sweep's control) runs."""
+    from jaxdiv.guidance.base import as_terms, check_windows
+
+    for num_steps in (1, 2, 7, 10, 28):
+        s = samplers.ddim(schedules.flow(), num_steps)
+        for ratio in np.round(np.arange(-1.0, 1.0001, 0.05), 2):
+            term = guidance.tpso(jnp.ones((1, 1)), ratio=float(ratio))
+            never = ratio != 0 and not _public_alphas(num_steps, float(ratio)).any()
+            if never:
+                refused = rf"^guidance term 'tpso': ratio={float(ratio):g} schedules int"
+                with pytest.raises(ValueError, match=refused):
+                    check_windows(as_terms(term), s)
+            else:
+                check_windows(as_terms(term), s)
+    def alphas(ratio):
+        out = jaxdiv.sample(samplers.ddim(schedules.flow(), 2), lambda x, t, c: x * 0 + c,
+                            jnp.zeros((1, 1)), key=jax.random.key(0), cond=jnp.zeros((1, 1)),
+                            guidance=guidance.tpso(jnp.ones((1, 1)), ratio=ratio), trace=True)
+        return np.asarray(out.trace.info["tpso"].alpha).tolist()
+
+    with pytest.raises(ValueError, match=r"use \|ratio\| >= 1 / N = 0.5 .*would never act$"):
+        alphas(0.4)
+    assert alphas(0.5) == [1.0, 0.0] and alphas(0.0) == [0.0, 0.0]
+
+
 def _unit_rows(key, shape):
     v = np.asarray(jax.random.normal(key, shape), np.float64)
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
@@ -418,7 +446,7 @@ def test_guidance_refuses_another_prompts_condition(pipe, pooled_conditions):
     same prompts and n runs (its own encoding of them, equal up to float rounding); other
     prompts would mix the variants of one prompt into another's embedding and are refused."""
     _, c = pooled_conditions
-    g = tpso_guidance(c, scale=3.0)
+    g = tpso_guidance(c, scale=3.0, ratio=0.5)  # acts on 1 of 2 steps (0.4: none, refused)
     key, sampler = jax.random.key(4), pipe.ddim(2)
     out = pipe.generate(["a photo of a cat", "a dog"], 3, key=key, sampler=sampler, method=g)
     assert np.all(np.isfinite(out.latents))
@@ -426,7 +454,8 @@ def test_guidance_refuses_another_prompts_condition(pipe, pooled_conditions):
                                          r"optimised from \(its largest difference is "):
         pipe.generate(["a dog", "a photo of a cat"], 3, key=key, sampler=sampler, method=g)
     # a bare term without original= cannot tell (the toys' use)
-    bare = guidance.chain(tpso=guidance.tpso(c.optimized), cfg=guidance.cfg(3.0, pipe.null_cond))
+    bare = guidance.chain(tpso=guidance.tpso(c.optimized, 0.5),
+                          cfg=guidance.cfg(3.0, pipe.null_cond))  # fmt: skip
     pipe.generate(["a dog", "a photo of a cat"], 3, key=key, sampler=sampler, method=bare)
 
 

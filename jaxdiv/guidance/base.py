@@ -728,27 +728,21 @@ def check_windows(terms, sampler) -> None:
                         f"{bad.tolist()} but the sampler has {n} steps (indices 0..{n - 1}); "
                         "the term would never act there"
                     )
-        _check_noise_floor(term, ranges.get("noise_level"),
-                           getattr(sampler.schedule, "name", "?"))  # fmt: skip
+        _check_never_acts(term, n, ranges.get("noise_level"))
 
 
-def _check_noise_floor(term, span, process) -> None:
-    """Refuse a term whose own lowest active noise level lies above every level of the
-    process: its apply's ``noise_level_floor(*args) -> (knob name, value or None)``
-    attribute, e.g. PG's ``min_noise_level``."""
+def _check_never_acts(term, num_steps, levels) -> None:
+    """Refuse a term that its own settings keep off on this sampler: its apply's
+    ``never_acts(num_steps, levels, *params) -> str | None`` attribute says why (PG's
+    ``min_noise_level`` above every noise level of the process, TPSO's ratio scheduling
+    no step); ``levels`` is the process's noise-level range, or None where unknown."""
     apply = term.apply
     while isinstance(apply, Partial) and apply.func is _window_apply:
         apply = apply.args[0]
-    floor = getattr(apply.func, "noise_level_floor", None) if isinstance(apply, Partial) else None
-    name, value = (None, None) if floor is None or span is None else floor(*apply.args)
-    if value is None or not validation.is_concrete(value):
-        return
-    if float(value) > span[1]:
-        raise ValueError(
-            f"guidance term {term.name!r}: {name}={float(value):g} lies above every noise "
-            f"level of the sampler's process (at most {span[1]:.4g}, {process}): the term "
-            "would never act (noise levels are sigma / alpha)"
-        )
+    check = getattr(apply.func, "never_acts", None) if isinstance(apply, Partial) else None
+    why = None if check is None else check(num_steps, levels, *apply.args)
+    if why:
+        raise ValueError(f"guidance term {term.name!r}: {why}: the term would never act")
 
 
 def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> GuidanceTerm:

@@ -227,5 +227,18 @@ def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_
 
 # guidance.couples_batch: each sample is pushed by the others of its batch
 _particle_apply.couples_batch = True
-# jaxdiv.sample refuses a min_noise_level above every level of the process (check_windows)
-_particle_apply.noise_level_floor = lambda *params: ("min_noise_level", params[5])
+
+
+def _never_acts(num_steps, levels, *params):
+    """``jaxdiv.sample`` refuses a ``min_noise_level`` above every level of the process
+    (:func:`jaxdiv.guidance.base.check_windows`)."""
+    floor = params[5]
+    if floor is None or levels is None or not validation.is_concrete(floor):
+        return None
+    if float(floor) > levels[1]:
+        return (f"min_noise_level={float(floor):g} lies above every noise level (sigma / "
+                f"alpha) of the sampler's process, at most {levels[1]:.4g}")  # fmt: skip
+    return None
+
+
+_particle_apply.never_acts = _never_acts

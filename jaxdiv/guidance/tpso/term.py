@@ -75,7 +75,9 @@ def tpso(optimized, ratio=0.4, original=None) -> GuidanceTerm:
     Args:
         optimized: the optimised condition, shaped like ``cond`` (a pytree of arrays).
         ratio: the schedule ratio ``r`` (0.4; the paper recommends 0.3-0.5, a negative
-            value injects late). A traced leaf: a sweep compiles once.
+            value injects late). A traced leaf: a sweep compiles once. A non-zero ratio
+            with ``int(|r| N) = 0`` on the sampler would never act: :func:`jaxdiv.sample`
+            refuses it (``0`` switches TPSO off on purpose).
         original: the condition the variants were optimised from
             (:attr:`~jaxdiv.pipelines.tpso.TPSOConditions.cond`), optional; given, a run
             whose ``cond`` differs from it beyond float rounding is refused (variants of
@@ -137,3 +139,19 @@ def tpso_null(optimized_null, null_cond, ratio=0.4):
         ) from None
     ratio = validation.real("ratio", ratio, lo=-1, hi=1)
     return Partial(_null_at, optimized_null, null_cond, ratio)
+
+
+def _never_acts(num_steps, levels, optimized, ratio):
+    """``jaxdiv.sample`` refuses a non-zero ratio that schedules no step on its sampler
+    (:func:`jaxdiv.guidance.base.check_windows`); ``ratio = 0`` switches TPSO off on
+    purpose (a sweep's control)."""
+    if not validation.is_concrete(ratio) or float(ratio) == 0:
+        return None
+    if int(np.floor(np.abs(np.asarray(ratio)) * num_steps)) == 0:  # tpso_alpha's n, its dtype
+        return (f"ratio={float(ratio):g} schedules int(|ratio| * N) = 0 of the sampler's "
+                f"{num_steps} steps; use |ratio| >= 1 / N = {1 / num_steps:.3g} (or ratio=0 to "
+                "switch it off on purpose)")  # fmt: skip
+    return None
+
+
+_tpso_apply.never_acts = _never_acts
