@@ -225,6 +225,7 @@ def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_
     rms = jnp.sqrt(jnp.mean(shift.reshape(b, -1) ** 2, axis=1)).mean()
     return x0_hat + shift, state, ParticleInfo(h.astype(x0_hat.dtype), weight, rms)
 
+
 # guidance.couples_batch: each sample is pushed by the others of its batch
 _particle_apply.couples_batch = True
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
@@ -371,7 +372,7 @@ def generate(
     if noise is None:
         noise = image_noise(key, n, pipe.noise_shape(1, height, width)[1:],
                             jax.tree.leaves(cond)[0].dtype)  # fmt: skip
-        noise = jax.numpy.tile(noise, (len(prompts),) + (1,) * (noise.ndim - 1))
+        noise = jnp.tile(noise, (len(prompts),) + (1,) * (noise.ndim - 1))
     else:
         noise = validation.finite_array("noise", noise)
         if noise.shape[0] != len(rows):
@@ -415,7 +416,7 @@ def image_noise(key, images, shape, dtype=None):
     >>> bool((a[1] == b[0]).all()), a.shape
     (True, (2, 4, 8, 8))
     """
-    idx = jax.numpy.arange(images) if isinstance(images, int) else jax.numpy.asarray(images)
+    idx = jnp.arange(int(images)) if np.ndim(images) == 0 else jnp.asarray(images)
     draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape))  # noqa: E731
     out = jax.vmap(draw)(idx)
     return out if dtype is None else out.astype(dtype)

@@ -472,5 +472,6 @@ def median_pairwise_distance(x) -> jax.Array:
     d = jnp.sqrt(jnp.sum((x[iu] - x[ju]) ** 2, axis=-1))
     return jnp.median(d)
 
+
 # guidance.couples_batch: only the intra-batch shields make samples act on each other
 _spell_apply.couples_batch = lambda p: p.intra_batch
