@@ -224,7 +224,10 @@ def seed(text: str) -> int:
         >>> seed("7")
         7
     """
-    value = at_least(0)(text)
-    if value >= 2**62:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**62:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**62), got {text!r}")
     return value

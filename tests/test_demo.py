@@ -58,7 +58,7 @@ def test_prints_the_table_and_refuses_bad_sizes(tmp_path, capsys):
     for seed in ("-1", str(2**64)):  # negative, and past the 64-bit keys (an OverflowError)
         with pytest.raises(SystemExit):
             demo.main(["--out", str(tmp_path), "--seed", seed])
-        assert f"--seed must be an integer in [0, 2**62), got {seed}" in capsys.readouterr().err
+        assert f"--seed: must be an integer in [0, 2**62), got {seed!r}" in capsys.readouterr().err
     # 2 x 2 samples passed both size checks and crashed in PRDC (k = 5) with a traceback
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--batches", "2", "--batch", "2"])

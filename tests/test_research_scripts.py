@@ -12,7 +12,7 @@ SCRIPTS = {
     "pg_ring": (["--runs", "0"], "--runs: must be an integer >= 1, got '0'"),
     "spell_protection": (["--radius", "nan"], "--radius: must be a finite number > 0, got 'nan'"),
     "spell_sparsity": (["--steps", "-2"], "--steps: must be an integer >= 1, got '-2'"),
-    "spell_tradeoff": (["--seed", "-1"], "--seed: must be an integer >= 0, got '-1'"),
+    "spell_tradeoff": (["--seed", "-1"], "--seed: must be an integer in [0, 2**62), got '-1'"),
     "spell_two_moons": (["--n", "1"], "--n: must be an integer >= 2, got '1'"),
     "toy_suite": (["--n", "many"], "--n: must be an integer >= 2, got 'many'"),
     "tradeoff": (["--seed", str(2**62)], "--seed: must be an integer in [0, 2**62)"),
