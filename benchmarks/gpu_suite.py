@@ -537,7 +537,7 @@ def methods_overhead(suite: Suite, deadline: float) -> dict:
     import jax
 
     import jaxdiv
-    from benchmarks.sd_methods import PROMPT, build_methods
+    from benchmarks.sd_methods import PROMPT, build_methods, tpso_ratio
     from benchmarks.timing import interleaved
     from jaxdiv.pipelines.tpso import tpso_conditions, tpso_guidance
 
@@ -581,7 +581,7 @@ def methods_overhead(suite: Suite, deadline: float) -> dict:
             if name.startswith("tpso"):
                 _, tpso_c = optimise()
                 first_call_s["tpso (optimisation, once per prompt)"] = time.perf_counter() - t0
-                g, c = tpso_guidance(tpso_c, CFG), tpso_c.cond
+                g, c = tpso_guidance(tpso_c, CFG, ratio=tpso_ratio(steps)), tpso_c.cond
                 t0 = time.perf_counter()
             else:
                 g, c = methods[name], cond
@@ -625,6 +625,7 @@ def methods_overhead(suite: Suite, deadline: float) -> dict:
         "gass_max_iters": sz["gass_iters"],
         "spell_radius": r,
         "tpso_optimizer_steps": None if tpso_c is None else int(tpso_c.result.steps),
+        "tpso_ratio": tpso_ratio(steps),
         "setup_s": setup_s,
         "attention_implementation": b["attention"],
         "rows": rows,

@@ -36,6 +36,17 @@ PROMPT = "a photo of a cat"
 CFG = 7.5
 # what --methods selects from; the unguided CFG run is always timed (the ratios' base)
 METHODS = ("spell", "particle", "cads", "interval", "gass", "tpso")
+TPSO_RATIO = 0.4  # the paper's default
+
+
+def tpso_ratio(steps: int) -> float:
+    """TPSO's default ratio, raised to ``1 / steps`` where ``int(0.4 steps) = 0`` would
+    schedule no step (short smoke runs; ``jaxdiv.sample`` refuses a ratio that never acts).
+
+    >>> tpso_ratio(50), tpso_ratio(2)
+    (0.4, 0.5)
+    """
+    return TPSO_RATIO if int(TPSO_RATIO * steps) else 1.0 / steps
 
 
 def build_methods(pipe, noise, steps, gass_iters):
@@ -136,7 +147,7 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False,
         t0 = time.perf_counter()
         _, tpso_c = optimise()
         tpso_compile_s = time.perf_counter() - t0
-        methods["tpso (sampling)"] = tpso_guidance(tpso_c, CFG)
+        methods["tpso (sampling)"] = tpso_guidance(tpso_c, CFG, ratio=tpso_ratio(steps))
 
     fns, compile_s, same_hlo = {}, {}, {}
     for name, g in methods.items():
@@ -182,6 +193,7 @@ def bench(config, steps, batch, rounds, gass_iters, folder, jax_conv_vjp=False,
              "latent_shape": list(noise.shape[1:])}  # fmt: skip
     if tpso_c is not None:
         extra["tpso_optimizer_steps"] = int(tpso_c.result.steps)
+        extra["tpso_ratio"] = tpso_ratio(steps)
     if jax_conv_vjp:
         extra["same_optimized_hlo_with_either_conv_vjp"] = same_hlo
     return rows, extra
