@@ -114,6 +114,26 @@ def test_particle_min_noise_level_above_the_process_is_refused():
     assert ((weight != 0) == (level >= 1.0)).all() and (level < 1.0).any()
 
 
+@pytest.mark.parametrize("make", [
+    lambda v: guidance.particle(1.0, min_noise_level=v),
+    lambda v: guidance.window(guidance.cfg(2.0), noise_level=(v, 10.0)),
+    lambda v: guidance.window(guidance.cfg(2.0), t=(100.0 * v, 900.0)),
+    lambda v: guidance.tpso(jnp.ones((4, 2)), ratio=v / 4),
+])  # fmt: skip
+def test_checked_knobs_stay_traced_leaves(make):
+    """The never-acts checks read concrete values eagerly; the values themselves stay
+    traced leaves: new ones reuse the compiled program (jaxdiv.compile_count)."""
+    s = samplers.ddim(schedules.vp_scaled_linear(), 6)
+    z, cond = jax.random.normal(KEY, (4, 2)), jnp.ones((4, 2))
+    den = lambda x, t, c: 0.5 * x + 0.1 * c  # noqa: E731
+    outs = [jaxdiv.sample(s, den, z, key=KEY, cond=cond, guidance=make(1.0)).x0]
+    before = jaxdiv.compile_count()
+    outs += [jaxdiv.sample(s, den, z, key=KEY, cond=cond, guidance=make(v)).x0
+             for v in (1.5, 2.0, 3.0)]  # fmt: skip
+    assert jaxdiv.compile_count() == before
+    assert all(bool(jnp.isfinite(o).all()) for o in outs)
+
+
 def test_window_range_check_leaves_traced_bounds_alone():
     """Inside jit the bounds are tracers: nothing to check, and no error (one program for
     every interval of a sweep)."""

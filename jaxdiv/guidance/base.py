@@ -713,12 +713,19 @@ def check_windows(terms, sampler) -> None:
     ValueError: guidance term 'identity': window(t=(200, 800]) lies outside the times of the sampler's process, [0, 1] (flow): the term would never act (t is in the schedule's own units)
     """  # noqa: E501
     n = sampler.num_steps
-    ranges = _process_ranges(sampler.schedule)
+    ranges = {}
+
+    def span(kind):  # computed on first need: a few eager ops (ms on VP), not per plain call
+        if not ranges:
+            ranges.update(_process_ranges(sampler.schedule), computed=True)
+        return ranges.get(kind)
+
     for term in terms:
         for t, noise_level, steps in _window_parts(term.apply):
             for kind, bounds in (("t", t), ("noise_level", noise_level)):
-                _check_in_range(term.name, kind, bounds, ranges.get(kind),
-                                getattr(sampler.schedule, "name", "?"))  # fmt: skip
+                if bounds is not None:
+                    _check_in_range(term.name, kind, bounds, span(kind),
+                                    getattr(sampler.schedule, "name", "?"))  # fmt: skip
             if steps is not None and validation.is_concrete(steps):
                 idx = np.asarray(steps)
                 bad = idx[idx >= n]
@@ -728,19 +735,19 @@ def check_windows(terms, sampler) -> None:
                         f"{bad.tolist()} but the sampler has {n} steps (indices 0..{n - 1}); "
                         "the term would never act there"
                     )
-        _check_never_acts(term, n, ranges.get("noise_level"))
+        _check_never_acts(term, n, lambda: span("noise_level"))
 
 
 def _check_never_acts(term, num_steps, levels) -> None:
     """Refuse a term that its own settings keep off on this sampler: its apply's
     ``never_acts(num_steps, levels, *params) -> str | None`` attribute says why (PG's
     ``min_noise_level`` above every noise level of the process, TPSO's ratio scheduling
-    no step); ``levels`` is the process's noise-level range, or None where unknown."""
+    no step); ``levels()`` gives the process's noise-level range, or None where unknown."""
     apply = term.apply
     while isinstance(apply, Partial) and apply.func is _window_apply:
         apply = apply.args[0]
     check = getattr(apply.func, "never_acts", None) if isinstance(apply, Partial) else None
-    why = None if check is None else check(num_steps, levels, *apply.args)
+    why = None if check is None else check(num_steps, levels(), *apply.args)
     if why:
         raise ValueError(f"guidance term {term.name!r}: {why}: the term would never act")
 
