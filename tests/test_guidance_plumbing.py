@@ -250,3 +250,39 @@ def test_couples_batch_names_the_methods_whose_samples_act_on_each_other():
                 for x in (z, z2))  # fmt: skip
         moved = float(jnp.abs(a - b).max()) > 1e-6
         assert moved == (name in want), name
+
+
+def test_needs_batch_names_the_methods_idle_on_a_lone_sample():
+    """needs_batch (pipe.generate refuses it with n=1) is True exactly where a batch of one
+    sample comes out as the unguided run: PG, SPELL without reference, contextual. GASS
+    couples the batch yet moves a lone sample; SPELL against a reference does too."""
+    import toy
+
+    enc = toy.sphere_encoder(jax.random.key(0), 2)
+    ref = jax.random.normal(jax.random.key(1), (4, 2))
+    terms = {
+        "particle": guidance.particle(2.0),
+        "spell": guidance.spell(1.5),
+        "spell_with_reference": guidance.spell(1.5, reference=ref),
+        "gass": guidance.gass(enc, enc.text_emb, num_directions=1, num_active=2, r_dep=0.5,
+                             r_ind=0.5, lr=0.2),
+        "cads": guidance.cads(),
+        "windowed_particle": guidance.window(guidance.particle(2.0), steps=[0, 1]),
+        "contextual": guidance.contextual(1.0),
+    }
+    want = {"particle", "spell", "windowed_particle", "contextual"}
+    assert {k for k, t in terms.items() if guidance.needs_batch(t)} == want
+    # a memory of earlier calls' samples (guidance_state=) is something to repel from
+    assert not guidance.needs_batch(guidance.spell(1.5, memory_size=4))
+    s = samplers.ddim(schedules.edm(), 3)
+    gm = toy.GaussianMixture(jnp.array([[0.0, 0.0], [3.0, 0.0]]), jnp.array([0.5, 0.5]))
+    den = lambda x, t, c: gm.denoiser(s.schedule)(x, t, None) + 0.1 * c  # noqa: E731
+    # a condition that is not constant: CADS's rescaling returns a constant one unchanged
+    z, cond = jax.random.normal(jax.random.key(2), (1, 2)), jnp.array([[1.0, -0.5]])
+    run = lambda g: jaxdiv.sample(s, den, z, key=jax.random.key(3), cond=cond, guidance=g).x0  # noqa: E731
+    plain = run(None)
+    for name, term in terms.items():
+        if name == "contextual":  # a model hook: tests/test_contextual_repulsion.py
+            continue
+        idle = bool(jnp.array_equal(run(term), plain))
+        assert idle == (name in want), name

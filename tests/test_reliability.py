@@ -114,11 +114,33 @@ def test_particle_min_noise_level_above_the_process_is_refused():
     assert ((weight != 0) == (level >= 1.0)).all() and (level < 1.0).any()
 
 
+def test_cads_flow_time_with_tau1_above_the_process_is_refused():
+    """With ``time="flow"`` CADS's t is lambda / (1 + lambda); SD's largest noise level
+    14.61 is t = 0.936, so tau1 = 0.95 would never anneal; refused. Below it, CADS anneals
+    exactly at the steps whose flow time exceeds tau1 (gamma < 1 there only)."""
+    s = samplers.ddim(schedules.vp_scaled_linear(), 6)
+    den = lambda x, t, c: 0.5 * x + 0.1 * c  # noqa: E731
+    z, cond = jax.random.normal(KEY, (4, 2)), jnp.ones((4, 2))
+    refused = (r"^guidance term 'cads': tau1=0.95 with time='flow' is at or above the flow "
+               r"time of the process's largest noise level \(14.61, t = 0.936\)")  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        jaxdiv.sample(s, den, z, key=KEY, cond=cond,
+                      guidance=guidance.cads(0.95, 0.99, time="flow"))  # fmt: skip
+    out = jaxdiv.sample(s, den, z, key=KEY, cond=cond, trace=True,
+                        guidance=guidance.cads(0.9, 0.99, time="flow"))  # fmt: skip
+    level = np.asarray(s.schedule.noise_level(s.times[:-1]))
+    gamma = np.asarray(out.trace.info["cads"].gamma)
+    assert ((gamma < 1) == (level / (1 + level) > 0.9)).all() and (gamma < 1).any()
+    # progress time starts at t = 1 on every sampler: the same tau1 acts there
+    jaxdiv.sample(s, den, z, key=KEY, cond=cond, guidance=guidance.cads(0.95, 0.99))
+
+
 @pytest.mark.parametrize("make", [
     lambda v: guidance.particle(1.0, min_noise_level=v),
     lambda v: guidance.window(guidance.cfg(2.0), noise_level=(v, 10.0)),
     lambda v: guidance.window(guidance.cfg(2.0), t=(100.0 * v, 900.0)),
     lambda v: guidance.tpso(jnp.ones((4, 2)), ratio=v / 4),
+    lambda v: guidance.cads(0.5 + v / 10, 0.95, time="flow"),
 ])  # fmt: skip
 def test_checked_knobs_stay_traced_leaves(make):
     """The never-acts checks read concrete values eagerly; the values themselves stay

@@ -181,7 +181,7 @@ def test_generate_checks_its_inputs(pipe, noise):
 def test_generate_refuses_coupling_the_images_of_several_prompts(pipe):
     """One batch of two prompts' rows: a coupled method moves one prompt's images with the
     other's noise (shown with jaxdiv.sample on that batch), so generate refuses it with
-    several prompts; per-sample methods and one prompt at a time run."""
+    several prompts, and a term that acts only between images with one image."""
     key, sampler = jax.random.key(0), pipe.ddim(3)
     cond = pipe.encode_prompt(pipe.tokenize(["a cat"] * 3 + ["a dog"] * 3))
     noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(6))
@@ -204,11 +204,15 @@ def test_generate_refuses_coupling_the_images_of_several_prompts(pipe):
                                              r"the images of one batch act on each other; "
                                              r"with 2 prompts"):  # fmt: skip
             pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=method)
-    # one prompt at a time, or a per-sample method (which terms couple, SPELL against a
-    # reference only among them: tests/test_guidance_plumbing.py)
-    pipe.generate("a cat", 3, key=key, sampler=sampler, method=guidance.particle(1.0))
-    g = pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=guidance.cads())
-    assert g.latents.shape[0] == 6
+    # one image: a term that acts only between images would never act (GASS still would)
+    for method, names in [(guidance.particle(1.0), "['particle']"),
+                          (guidance.chain(cads=guidance.cads(), s=guidance.spell(0.5)), "['s']")]:
+        with pytest.raises(ValueError, match=rf"^method: its {re.escape(names)} term\(s\) act "
+                                             r"only between the images of a batch, and n=1"):
+            pipe.generate("a cat", 1, key=key, sampler=sampler, method=method)
+    # one prompt at a time, and a per-sample method with several prompts, run: generate's
+    # doctest (which terms couple, SPELL against a reference only among them:
+    # tests/test_guidance_plumbing.py)
 
 
 def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):

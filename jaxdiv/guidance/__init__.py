@@ -15,6 +15,7 @@ from jaxdiv.guidance.base import (
     as_terms,
     chain,
     couples_batch,
+    needs_batch,
     stateless,
     window,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "WindowInfo",
     "as_terms",
     "couples_batch",
+    "needs_batch",
     "chain",
     "stateless",
     "window",

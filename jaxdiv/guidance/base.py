@@ -75,6 +75,7 @@ __all__ = [
     "window",
     "check_windows",
     "couples_batch",
+    "needs_batch",
     "step_indices",
     "stateless",
     "as_terms",
@@ -576,7 +577,19 @@ def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
     return run_if(active, apply, hook, state, arg, ctx)
 
 
-_window_apply.couples_batch = lambda apply, *_: apply_couples_batch(apply)
+_BATCH_FLAGS = ("couples_batch", "needs_batch")
+
+
+def delegates_flags(fn):
+    """Mark ``fn``, an ``apply`` whose first ``Partial`` argument is the ``apply`` it wraps
+    (:func:`window`, GASS's schedule), as answering every batch flag
+    (:func:`couples_batch`, :func:`needs_batch`) as the wrapped ``apply`` does."""
+    for flag in _BATCH_FLAGS:
+        setattr(fn, flag, lambda apply, *_, f=flag: apply_flag(apply, f))
+    return fn
+
+
+delegates_flags(_window_apply)
 
 
 def step_indices(steps, name: str = "steps") -> np.ndarray:
@@ -665,7 +678,7 @@ def couples_batch(term: GuidanceTerm) -> bool:
     A term's ``apply`` callable says so with a ``couples_batch`` attribute: ``True``, or a
     function of the ``Partial``'s arguments (SPELL couples only with ``intra_batch``; a
     wrapper such as :func:`window` asks the ``apply`` it wraps, through
-    :func:`apply_couples_batch`). Callers that put several groups in one batch
+    :func:`apply_flag`). Callers that put several groups in one batch
     (:func:`jaxdiv.pipelines.generation.generate` with several prompts) use it to refuse
     mixing them.
 
@@ -675,14 +688,35 @@ def couples_batch(term: GuidanceTerm) -> bool:
     >>> couples_batch(window(guidance.spell(0.5), steps=[0]))
     True
     """
-    return apply_couples_batch(term.apply)
+    return apply_flag(term.apply, "couples_batch")
 
 
-def apply_couples_batch(apply) -> bool:
-    """:func:`couples_batch` of a term's ``apply`` callable."""
+def needs_batch(term: GuidanceTerm) -> bool:
+    """Whether ``term`` acts only between the samples of a batch, so that a batch of one
+    sample leaves it idle (PG, contextual repulsion, SPELL with intra-batch shields only:
+    no ``reference``, no memory), windowed or not. GASS couples the batch but moves a
+    lone sample too (towards its target on the sphere).
+
+    Read from a ``needs_batch`` attribute of the term's ``apply`` as :func:`couples_batch`
+    reads its own. :func:`jaxdiv.pipelines.generation.generate` refuses such a method
+    with ``n=1``.
+
+    >>> from jaxdiv import guidance
+    >>> needs_batch(guidance.particle(1.0)), needs_batch(guidance.spell(0.5))
+    (True, True)
+    >>> needs_batch(guidance.spell(0.5, reference=jnp.zeros((3, 2)))), needs_batch(guidance.cfg(3.0))
+    (False, False)
+    """  # noqa: E501
+    return apply_flag(term.apply, "needs_batch")
+
+
+def apply_flag(apply, flag: str) -> bool:
+    """A batch flag (``"couples_batch"`` or ``"needs_batch"``) of a term's ``apply``: the
+    callable's attribute, ``True`` or a function of the ``Partial``'s arguments; absent
+    means ``False``."""
     fn, args = (apply.func, apply.args) if isinstance(apply, Partial) else (apply, ())
-    flag = getattr(fn, "couples_batch", False)
-    return bool(flag(*args) if callable(flag) else flag)
+    value = getattr(fn, flag, False)
+    return bool(value(*args) if callable(value) else value)
 
 
 def check_windows(terms, sampler) -> None:

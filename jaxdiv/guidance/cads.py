@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
@@ -125,7 +126,9 @@ def cads(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, rescale=True, time="prog
         psi: mixing factor in ``[0, 1]`` between rescaled and raw noisy embedding.
         rescale: apply the rescaling and mixing (False: return ``y_hat``).
         time: how the sampler's time maps to CADS's ``t in [0, 1]``: ``"progress"``,
-            ``"flow"`` or a callable, see :func:`cads_time`.
+            ``"flow"`` or a callable, see :func:`cads_time`. :func:`jaxdiv.sample` refuses
+            ``"flow"`` with ``tau1`` at or above the flow time of the process's largest
+            noise level (SD's 14.6 is ``t = 0.936``): CADS would never anneal.
 
     Returns:
         A "condition"-hook :class:`GuidanceTerm` with :class:`CADSInfo`.
@@ -170,3 +173,24 @@ def _cads_apply(tau1, tau2, noise_scale, psi, rescale, time, state, cond, ctx):
         g = gamma.astype(leaf.dtype)
         out.append(_anneal(leaf, z, g, noise_scale, psi, rescale).astype(leaf.dtype))
     return jax.tree.unflatten(treedef, out), state, CADSInfo(t, gamma)
+
+
+def _never_acts(num_steps, levels, tau1, tau2, noise_scale, psi, rescale, time):
+    """``jaxdiv.sample`` refuses ``time="flow"`` with ``tau1`` at or above the flow time of
+    the process's largest noise level (:func:`jaxdiv.guidance.base.check_windows`): CADS
+    anneals only where ``t > tau1``. ``"progress"`` starts at ``t = 1 > tau1`` on every
+    sampler; a callable's range is unknown."""
+    if not (isinstance(time, str) and time == "flow") or levels is None:
+        return None
+    if not validation.is_concrete(tau1):
+        return None
+    top = levels[1]
+    t_max = 1.0 if np.isinf(top) else top / (1.0 + top)
+    if float(tau1) >= t_max:
+        return (f"tau1={float(tau1):g} with time='flow' is at or above the flow time of the "
+                f"process's largest noise level ({top:.4g}, t = {t_max:.4g}), and CADS "
+                f"anneals only where t > tau1; use tau1 < {t_max:.4g} or time='progress'")
+    return None
+
+
+_cads_apply.never_acts = _never_acts

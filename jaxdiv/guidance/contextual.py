@@ -350,7 +350,8 @@ class _ContextualApply:
 
     inner_steps: int
     blocks: tuple[int, ...] | None
-    couples_batch = True  # guidance.couples_batch: the batch's text streams repel each other
+    # guidance.couples_batch / needs_batch: the batch's text streams repel each other only
+    couples_batch = needs_batch = True
 
     def __call__(self, eta, tau, state, _arg, ctx):
         if tau is not None:  # the paper's window: the first tau timesteps

@@ -226,8 +226,8 @@ def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_
     return x0_hat + shift, state, ParticleInfo(h.astype(x0_hat.dtype), weight, rms)
 
 
-# guidance.couples_batch: each sample is pushed by the others of its batch
-_particle_apply.couples_batch = True
+# guidance.couples_batch / needs_batch: each sample is pushed by the others of its batch only
+_particle_apply.couples_batch = _particle_apply.needs_batch = True
 
 
 def _never_acts(num_steps, levels, *params):

@@ -280,6 +280,9 @@ def generate(
     contextual repulsion) is refused with several prompts -- it would make one prompt's
     images act on another's; call ``generate`` once per prompt (one compiled program
     serves them all). Per-sample methods (CFG, CADS, interval, TPSO) take any number.
+    A method that acts only between the images of a batch
+    (:func:`jaxdiv.guidance.needs_batch`: PG, contextual repulsion, SPELL without
+    reference) is refused with ``n=1``, where it would never act.
 
     Args:
         pipe: a loaded pipeline (:func:`jaxdiv.pipelines.stable_diffusion.load` or
@@ -337,6 +340,13 @@ def generate(
             f"with {len(prompts)} prompts in one batch, images of different prompts would "
             "(the papers couple the images of one prompt). Call generate once per prompt "
             "(the same shapes reuse one compiled program)"
+        )
+    idle = [t.name for t in terms if _guidance.needs_batch(t)]
+    if idle and n == 1:
+        raise ValueError(
+            f"method: its {idle} term(s) act only between the images of a batch, and n=1 "
+            "gives a batch of one image: they would never act; ask for n >= 2 (PG's median "
+            "bandwidth: n >= 3)"
         )
     own = [t.name for t in terms if t.hook == "denoiser"]  # the method's own combination
     for term in terms:

@@ -40,7 +40,7 @@ from jax.tree_util import Partial
 
 from jaxdiv import validation
 from jaxdiv.dtypes import working_dtype
-from jaxdiv.guidance.base import GuidanceTerm, apply_couples_batch, run_if, step_indices, window
+from jaxdiv.guidance.base import GuidanceTerm, delegates_flags, run_if, step_indices, window
 from jaxdiv.guidance.gass.targets import (
     check_axes,
     check_num_directions,
@@ -283,4 +283,4 @@ def _scheduled_apply(apply, schedule, num_active, state, x0_hat, ctx):
 
 # guidance.couples_batch: the batch is spread around e_t together
 _gass_apply.couples_batch = True
-_scheduled_apply.couples_batch = lambda apply, *_: apply_couples_batch(apply)
+delegates_flags(_scheduled_apply)

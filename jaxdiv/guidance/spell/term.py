@@ -473,5 +473,8 @@ def median_pairwise_distance(x) -> jax.Array:
     return jnp.median(d)
 
 
-# guidance.couples_batch: only the intra-batch shields make samples act on each other
+# guidance.couples_batch: only the intra-batch shields make samples act on each other;
+# guidance.needs_batch: with nothing else to repel from (no reference, no memory) a lone
+# sample is left as it is
 _spell_apply.couples_batch = lambda p: p.intra_batch
+_spell_apply.needs_batch = lambda p: p.intra_batch and p.reference is None and not p.memory_size
