@@ -20,6 +20,9 @@ __all__ = [
     "x0_to_v",
     "velocity_to_x0",
     "x0_to_velocity",
+    "to_prediction",
+    "from_prediction",
+    "check_prediction_type",
     "as_denoiser",
     "PREDICTION_TYPES",
 ]
@@ -94,6 +97,45 @@ _TO_X0 = {
     "sample": lambda out, x, alpha, sigma: out,
     "flow": velocity_to_x0,
 }
+_FROM_X0 = {
+    "epsilon": x0_to_eps,
+    "v_prediction": x0_to_v,
+    "sample": lambda x0, x, alpha, sigma: x0,
+    "flow": x0_to_velocity,
+}
+
+
+def check_prediction_type(prediction_type) -> str:
+    """Refuse a prediction type other than diffusers' names and ``"flow"``.
+
+    >>> check_prediction_type("v_prediction")
+    'v_prediction'
+    """
+    if not isinstance(prediction_type, str) or prediction_type not in _TO_X0:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+    return prediction_type
+
+
+def to_prediction(x0, x, alpha, sigma, prediction_type: str):
+    """``x0_hat`` as a network of ``prediction_type`` would output it at ``x = alpha x0 +
+    sigma eps`` (the inverse of the conversion :func:`as_denoiser` applies).
+
+    >>> round(float(to_prediction(0.0, 1.0, 0.6, 0.8, "v_prediction")), 4)   # x0_to_v
+    0.75
+    """
+    return _FROM_X0[prediction_type](x0, x, alpha, sigma)
+
+
+def from_prediction(out, x, alpha, sigma, prediction_type: str):
+    """A network output of ``prediction_type`` as ``x0_hat`` (what :func:`as_denoiser`
+    returns).
+
+    >>> float(from_prediction(1.0, 2.0, 0.5, 0.5, "epsilon"))                   # eps_to_x0
+    3.0
+    """
+    return _TO_X0[prediction_type](out, x, alpha, sigma)
 
 
 class PredictionDenoiser(NamedTuple):
@@ -127,10 +169,7 @@ def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> Prediction
     >>> den(jnp.ones((1, 2)), 0.5).tolist()
     [[1.0, 1.0]]
     """
-    if prediction_type not in _TO_X0:
-        raise ValueError(
-            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-        )
+    check_prediction_type(prediction_type)
     if not callable(model):
         raise TypeError(f"model must be callable (x, t, cond) -> prediction, got {type(model)}")
     if prediction_type == "flow":

@@ -148,3 +148,59 @@ def test_interval_bad_input():
         interval(2.0, 0.1, "big")
     g = interval(2.0, 0.19, float("inf"))
     assert g.hook == "denoiser"
+
+
+@pytest.mark.parametrize("prediction_type, alpha, sigma", [
+    ("epsilon", 0.6, 0.8), ("v_prediction", 0.6, 0.8), ("sample", 0.6, 0.8), ("flow", 0.3, 0.7),
+])  # fmt: skip
+def test_cfg_rescale_is_diffusers_rescale_noise_cfg_in_the_prediction_space(
+    prediction_type, alpha, sigma
+):
+    """``cfg(rescale=phi, prediction_type=...)`` on given conditional / unconditional
+    ``x0_hat``: the network's predictions combined with CFG and passed through diffusers'
+    ``rescale_noise_cfg`` (Lin et al. 2024 Sec. 3.4, computed in float64 by torch), back in
+    x0-space. The SD pipeline's end-to-end parity with ``guidance_rescale`` is in
+    tests/test_pipeline_sd.py."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from jaxdiv.guidance import StepContext
+    from jaxdiv.predictions import from_prediction, to_prediction
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (3, 4, 5, 5))
+    d_c, d_u = jax.random.normal(k[1], x.shape), 0.5 * jax.random.normal(k[2], x.shape)
+    ctx = StepContext(x, 0.5, jnp.float32(alpha), jnp.float32(sigma), 0, 4, k[3],
+                      jnp.ones((3, 2)))  # fmt: skip
+    term = guidance.cfg(7.5, null_cond=jnp.zeros(2), rescale=0.7, prediction_type=prediction_type)
+    got, _, info = term.apply((), lambda xx, c: jnp.concatenate([d_c, d_u]), ctx)
+
+    def pred(x0):
+        return torch.from_numpy(np.asarray(
+            to_prediction(np.asarray(x0, np.float64), np.asarray(x, np.float64), alpha, sigma,
+                          prediction_type)))  # fmt: skip
+
+    p_c, p_u = pred(d_c), pred(d_u)
+    p = rescale_noise_cfg(p_u + 7.5 * (p_c - p_u), p_c, guidance_rescale=0.7).numpy()
+    want = from_prediction(p, np.asarray(x, np.float64), alpha, sigma, prediction_type)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6 * scale)
+    plain, _, _ = guidance.cfg(7.5, null_cond=jnp.zeros(2)).apply(
+        (), lambda xx, c: jnp.concatenate([d_c, d_u]), ctx)  # fmt: skip
+    assert float(jnp.abs(got - plain).max()) > 0.1 * scale  # the rescale acted
+    assert 0 < float(info.rescale_factor) < 1  # CFG 7.5 widened these predictions
+
+
+def test_cfg_rescale_refuses_what_it_cannot_do():
+    for bad, msg in [(dict(rescale=float("nan")), "rescale must be a finite number"),
+                     (dict(rescale=1.5), r"rescale must be .*1"),
+                     (dict(rescale=0.7, prediction_type="eps"), "prediction_type must be one of")]:
+        with pytest.raises(ValueError, match=msg):
+            guidance.cfg(3.0, **bad)
+    s = samplers.ddim(schedules.edm(), 3)
+    den = lambda x, t, c: 0.5 * x + c  # noqa: E731
+    # a standard deviation over one element is undefined (diffusers would give NaN)
+    with pytest.raises(ValueError, match=r"cfg\(rescale=...\) needs samples of >= 2 elements"):
+        jaxdiv.sample(s, den, jnp.ones((4, 1)), key=jax.random.key(0), cond=jnp.ones((4, 1)),
+                      guidance=guidance.cfg(3.0, rescale=0.7))  # fmt: skip

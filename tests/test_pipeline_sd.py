@@ -199,7 +199,23 @@ def test_ddim_cfg_parity_v_prediction_trailing_linear(tiny, tmp_path):
     assert pipe.schedule.name == "vp_linear"
     components = dict(torch_pipe.components)
     components["scheduler"] = DDIMScheduler.from_pretrained(v_folder / "scheduler")
-    assert_parity(StableDiffusionPipeline(**components), pipe, initial_noise(pipe, 1))
+    v_pipe = StableDiffusionPipeline(**components)
+    noise = initial_noise(pipe, 1)
+    assert_parity(v_pipe, pipe, noise)
+    # diffusers' guidance_rescale (Lin et al. 2024 Sec. 3.4), which acts on v here: the same
+    # latents; a new phi is a traced leaf
+    _, ref = torch_generate(v_pipe, noise, guidance_rescale=0.7)
+    kw = dict(key=jax.random.key(0), sampler=pipe.ddim(STEPS), cfg=CFG, noise=noise)
+    got = pipe.generate(PROMPTS, 1, guidance_rescale=0.7, trace=True, **kw)
+    tol = LATENT_RTOL * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(np.asarray(got.latents) - ref).max() <= tol
+    factor = np.asarray(got.output.trace.info["cfg"].rescale_factor)
+    assert np.all(np.abs(factor - 1) > 1e-3), factor  # it acted at every step (on this
+    # random model CFG narrows v's spread: factors ~1.02)
+    before = jaxdiv.compile_count()
+    other = np.asarray(pipe.generate(PROMPTS, 1, guidance_rescale=0.3, trace=True, **kw).latents)
+    assert jaxdiv.compile_count() == before
+    assert np.abs(other - ref).max() > 100 * tol  # and phi acts: the tolerance catches 0.3
 
 
 def test_prompt_and_image_encoders_match_pytorch(tiny, tmp_path):

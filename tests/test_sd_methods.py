@@ -160,6 +160,14 @@ def test_generate_checks_its_inputs(pipe, noise):
     with pytest.raises(ValueError, match=r"cfg=5.0 would never take effect: method's "
                                          r"\['interval'\] term\(s\) combine"):  # fmt: skip
         pipe.generate("a", 1, key=jax.random.key(0), method=interval, cfg=5.0)
+    # the CFG rescale (parity with diffusers: tests/test_pipeline_sd.py) where it cannot act
+    for kw, msg in [(dict(method=interval), r"guidance_rescale would never take effect: "
+                                            r"method's \['interval'\]"),
+                    (dict(cfg=None), "guidance_rescale has no effect with cfg=None"),
+                    (dict(cfg=1.0), "guidance_rescale has no effect with cfg=1.0"),
+                    (dict(cfg=5.0, guidance_rescale=float("inf")), "rescale must be a finite")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe.generate("a", 1, key=jax.random.key(0), **{"guidance_rescale": 0.7, **kw})
     # the defaults are diffusers' StableDiffusionPipeline's
     import inspect
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -10,14 +11,22 @@ from jax.tree_util import Partial
 
 from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm
+from jaxdiv.predictions import check_prediction_type, from_prediction, to_prediction
 
 __all__ = ["cfg", "CFGInfo", "needs_cond", "zero_null"]
 
 
 class CFGInfo(NamedTuple):
-    """Per-step CFG diagnostic: batch-mean ``|D_c - D_u|`` (RMS over features)."""
+    """Per-step CFG diagnostics.
+
+    Attributes:
+        guidance_norm: batch-mean ``|D_c - D_u|`` (RMS over features).
+        rescale_factor: batch-mean factor of the guidance rescale (``phi std_c / std_cfg
+            + 1 - phi``); 1 without ``rescale``.
+    """
 
     guidance_norm: jax.Array
+    rescale_factor: jax.Array
 
 
 def _concat_batch(a, b):
@@ -73,7 +82,27 @@ def _cfg_init(null_cond, x, cond, key):
     return ()
 
 
-def _cfg_apply(scale, null_cond, state, denoise, ctx):
+def _std(p):
+    """Per-sample standard deviation over every non-batch axis, with Bessel's correction
+    (``torch.Tensor.std``'s default, which diffusers' ``rescale_noise_cfg`` uses)."""
+    return jnp.std(p.reshape(p.shape[0], -1), axis=1, ddof=1)
+
+
+def _rescale(x0_cfg, d_c, phi, prediction_type, ctx):
+    """Lin et al. (2024) Sec. 3.4 in the network's prediction space: ``p = p_cfg (phi
+    std(p_c) / std(p_cfg) + 1 - phi)``, mapped back to ``x0_hat``."""
+    to = lambda x0: to_prediction(x0, ctx.x, ctx.alpha, ctx.sigma, prediction_type)  # noqa: E731
+    p_c, p_cfg = to(d_c), to(x0_cfg)
+    s_c, s_cfg = _std(p_c), _std(p_cfg)
+    # a prediction without spread (a constant sample) has no scale to restore
+    ratio = jnp.where(s_cfg > 0, s_c / jnp.where(s_cfg > 0, s_cfg, 1.0), 1.0)
+    factor = phi * ratio + (1.0 - phi)
+    p = p_cfg * factor.reshape((-1,) + (1,) * (p_cfg.ndim - 1)).astype(p_cfg.dtype)
+    out = from_prediction(p, ctx.x, ctx.alpha, ctx.sigma, prediction_type)
+    return out.astype(x0_cfg.dtype), factor.mean()
+
+
+def _cfg_apply(scale, null_cond, rescale, prediction_type, state, denoise, ctx):
     cond = ctx.cond
     if null_cond is None:
         null = jax.tree.map(jnp.zeros_like, cond)
@@ -87,16 +116,32 @@ def _cfg_apply(scale, null_cond, state, denoise, ctx):
     both = denoise(jnp.concatenate([ctx.x, ctx.x], axis=0), _concat_batch(cond, null))
     d_c, d_u = both[:b], both[b:]
     diff = d_c - d_u
-    info = CFGInfo(jnp.sqrt(jnp.mean(diff.reshape(b, -1) ** 2, axis=1)).mean())
-    return d_u + scale * diff, state, info
+    norm = jnp.sqrt(jnp.mean(diff.reshape(b, -1) ** 2, axis=1)).mean()
+    out = d_u + scale * diff
+    if rescale is None:
+        return out, state, CFGInfo(norm, jnp.ones((), norm.dtype))
+    if math.prod(out.shape[1:]) < 2:
+        raise ValueError(
+            f"cfg(rescale=...) needs samples of >= 2 elements (a standard deviation over one "
+            f"is undefined), got x of shape {out.shape}"
+        )
+    out, factor = _rescale(out, d_c, rescale, prediction_type, ctx)
+    return out, state, CFGInfo(norm, factor.astype(norm.dtype))
 
 
-def cfg(scale, null_cond=None) -> GuidanceTerm:
+def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str = "sample") -> GuidanceTerm:
     """Classifier-free guidance: ``x0_hat = D_u + w (D_c - D_u)``.
 
     Ho & Salimans (2022), Eq. 6 in x0-space with diffusers' convention (``w = 1`` is the
     conditional denoiser, ``w = 0`` the unconditional one; particle guidance's code uses
     ``w + 1``). Both calls are batched into one denoiser call on a doubled batch.
+
+    With ``rescale = phi``, the guidance rescale of Lin et al. (2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", Sec. 3.4; diffusers' ``guidance_rescale``)
+    follows, in the network's prediction space ``p`` (``prediction_type``; CFG is the same
+    combination there, the rescale is not): ``p = p_cfg (phi std(p_c) / std(p_cfg) + 1 -
+    phi)``, the standard deviations per sample over all its elements with Bessel's
+    correction, as diffusers' ``rescale_noise_cfg``; the result goes back to ``x0_hat``.
 
     Args:
         scale: guidance weight ``w``, a finite number (a traced leaf: a sweep over ``w``
@@ -108,6 +153,12 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
             ``null_cond(ctx) -> arrays`` gives a null per step
             (:func:`~jaxdiv.guidance.tpso_null`); make it a
             :class:`jax.tree_util.Partial` so its arrays are traced, not compiled in.
+        rescale: ``phi`` in ``[0, 1]`` (the paper and diffusers suggest 0.7), a traced
+            leaf; ``None`` (default) leaves the rescale out of the program.
+        prediction_type: the space the rescale acts in, the network's prediction:
+            ``"epsilon"``, ``"v_prediction"``, ``"sample"`` (``x0_hat`` itself) or
+            ``"flow"`` (``pipe.prediction_type`` on SD pipelines; pipelines'
+            ``generate(guidance_rescale=...)`` passes it). Only read with ``rescale``.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -120,14 +171,17 @@ def cfg(scale, null_cond=None) -> GuidanceTerm:
     [2.0, 2.0]
     """
     scale = validation.real("scale", scale)
+    check_prediction_type(prediction_type)
+    if rescale is not None:
+        rescale = validation.real("rescale", rescale, lo=0, hi=1)
     if callable(null_cond):
         pass
     elif null_cond is not None:
         null_cond = jax.tree.map(
             lambda a: validation.finite_array("null_cond", a), null_cond
         )
-    return GuidanceTerm(Partial(_cfg_init, null_cond), Partial(_cfg_apply, scale, null_cond),
-                        "denoiser", "cfg")  # fmt: skip
+    apply = Partial(_cfg_apply, scale, null_cond, rescale, prediction_type)
+    return GuidanceTerm(Partial(_cfg_init, null_cond), apply, "denoiser", "cfg")
 
 
 def zero_null(term: GuidanceTerm) -> bool:

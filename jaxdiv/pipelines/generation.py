@@ -261,6 +261,7 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     trace: bool = False,
+    guidance_rescale=None,
 ) -> Generated:
     """Images for each prompt (``n`` per prompt) with ``method`` composed with CFG.
 
@@ -305,6 +306,12 @@ def generate(
         height, width: image size (defaults to the model's; with ``noise``, they must
             agree with its shape).
         trace: keep the per-step trace.
+        guidance_rescale: ``phi`` of the CFG rescale (Lin et al. 2024; diffusers'
+            ``guidance_rescale``, 0.7 suggested), applied in the network's prediction
+            space (``pipe.denoiser.prediction_type``): ``guidance.cfg(cfg, rescale=phi,
+            prediction_type=...)``. Refused where it cannot act (``cfg`` ``None`` or 1, a
+            method with its own combination). diffusers' SD3 pipeline has no such
+            setting; here it rescales SD3's velocities the same way.
 
     Returns:
         :class:`Generated`. Final latents holding NaN / inf give a ``RuntimeWarning`` at
@@ -364,6 +371,17 @@ def generate(
             f"cfg={cfg!r} would never take effect: method's {own} term(s) combine the model's "
             "outputs with their own scale; leave cfg= out (or pass cfg=None)"
         )
+    if guidance_rescale is not None:
+        if own:
+            raise ValueError(
+                f"guidance_rescale would never take effect: method's {own} term(s) combine "
+                "the model's outputs with their own scale"
+            )
+        if cfg is None or (validation.is_concrete(cfg) and float(cfg) == 1):
+            raise ValueError(
+                f"guidance_rescale has no effect with cfg={cfg} (the guided prediction is "
+                "the conditional one, already at its own scale)"
+            )
     null = pipe.null_cond
     if negative_prompt is not None:
         if not isinstance(negative_prompt, str):
@@ -399,7 +417,8 @@ def generate(
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     guided = method
     if cfg is not None and not own:
-        scale = _guidance.cfg(cfg, null_cond=null)
+        scale = _guidance.cfg(cfg, null_cond=null, rescale=guidance_rescale,
+                              prediction_type=pipe.denoiser.prediction_type)  # fmt: skip
         guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
