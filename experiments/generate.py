@@ -34,7 +34,8 @@ line on stderr (exit 2); a failed run exits 1.
 (Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing);
 ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
-embedding is the unconditional branch).
+embedding is the unconditional branch); ``--guidance-rescale PHI`` adds diffusers'
+``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space).
 
 ``--method`` adds a diversity method to CFG (table in :mod:`jaxdiv.pipelines.generation`);
 each method's knobs are flags named after it, defaulting to its paper's SD values, and a
@@ -110,6 +111,7 @@ _RUN_KEYS = (
     "sampler",
     "steps",
     "cfg",
+    "guidance_rescale",
     "eta",
     "s_churn",
     "karras",
@@ -647,6 +649,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale w in diffusers' convention, 1 = no guidance (default: 7.5; "
                         "SD3 7.0, diffusers' defaults)")  # fmt: skip
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="CFG rescale phi in [0, 1] (Lin et al. 2024, diffusers' "
+                        "guidance_rescale; 0.7 suggested), in the model's prediction space "
+                        "(default: none)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1], 0 = deterministic, 1 = DDPM-like (ddim only; "
                         "default: 0)")  # fmt: skip
@@ -687,7 +693,7 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     add_knob_flags(p, "method knobs (each for its --method; defaults: the papers')")
     p.add_argument("--out", default=None,
                    help="output folder (default: results/generate/<slug of the first prompt>_"
-                        "<sampler><steps>_cfg<cfg>_seed<seed>[_<method>])")  # fmt: skip
+                        "<sampler><steps>_cfg<cfg>_seed<seed>[_rescale<phi>][_<method>])")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no progress messages; errors only (default: a "
                         "bar on a terminal, one line per batch otherwise)")  # fmt: skip
@@ -739,6 +745,15 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         p.error("--prompt: prompts must be non-empty")
     if args.negative_prompt and args.cfg == 1.0:
         p.error("--negative-prompt has no effect with --cfg 1 (no unconditional branch)")
+    if args.guidance_rescale is not None:
+        if not 0 <= args.guidance_rescale <= 1:  # NaN fails too
+            p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+        if args.cfg == 1.0:
+            p.error("--guidance-rescale has no effect with --cfg 1 (the guided prediction is "
+                    "the conditional one, already at its own scale)")  # fmt: skip
+        if args.method in ("interval", "tpso"):
+            p.error(f"--guidance-rescale does not apply to --method {args.method}: it brings "
+                    "its own combination of the model's outputs")  # fmt: skip
     if args.method == "interval" and args.cfg == 1.0:
         p.error("--method interval with --cfg 1 guides nowhere: interval guidance is CFG at "
                 "scale --cfg inside the interval and the conditional model (scale 1) outside")
@@ -760,6 +775,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         args.out = (
             f"results/generate/{slug}_{args.sampler}{args.steps}_cfg{args.cfg:g}_seed{args.seed}"
         )
+        if args.guidance_rescale is not None:
+            args.out += f"_rescale{args.guidance_rescale:g}"
         if args.method != "none":
             args.out += f"_{args.method}"
     args._parser = p
@@ -990,7 +1007,8 @@ def _likely_cause(args, pipe) -> str:
 
 
 # the flags every process of a job must share (they decide the images and the folder)
-_JOB_KEYS = ("model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "eta",
+_JOB_KEYS = ("model", "prompt", "negative_prompt", "sampler", "steps", "cfg",
+             "guidance_rescale", "eta",
              "clean_endpoint", "s_churn", "karras", "n", "seed", "batch_size", "height",
              "width", "dtype", "clip_skip", "allow_pickle", "method", "method_knobs")  # fmt: skip
 
@@ -1108,6 +1126,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         "sampler": args.sampler,
         "steps": args.steps,
         "cfg": args.cfg,
+        "guidance_rescale": args.guidance_rescale,
         "eta": args.eta if args.sampler == "ddim" else None,
         "s_churn": args.s_churn if args.sampler == "edm" else None,
         "karras": args.karras if args.sampler.startswith("dpmpp") else None,
@@ -1191,9 +1210,10 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
     term = None
     if args.cfg != 1.0:
         # the same term object for the same settings: jaxdiv.sample then reuses its program
-        term_key = (pipe_key, args.cfg, args.negative_prompt)
+        term_key = (pipe_key, args.cfg, args.negative_prompt, args.guidance_rescale)
         if term_key not in _TERMS:
-            _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null)
+            _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null, rescale=args.guidance_rescale,
+                                            prediction_type=pipe.denoiser.prediction_type)
         term = _TERMS[term_key]
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt))
     texts = [(f"--prompt {p!r}", jax.tree.map(lambda e, j=j: e[j], prompt_emb))

@@ -24,7 +24,7 @@ from jaxdiv.guidance.base import HOOKS
 # by `jaxdiv methods` (cli.METHODS) or here.
 NOT_METHODS = {
     "as_terms", "chain", "stateless", "window",  # combinators
-    "couples_batch",  # a property of terms
+    "couples_batch", "needs_batch",  # properties of terms
     "cads_gamma", "cads_time",
     "spell_delta", "memory_vectors", "median_pairwise_distance", "repulsion_field",
     "repulsion_potential", "radius_search", "build_sharded_index",

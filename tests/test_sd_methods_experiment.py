@@ -309,6 +309,11 @@ BAD_KNOBS = {
                    "--batch-size", "3"], "--tpso-null-pool 2 is smaller than --batch-size 3"),
     "tpso-pool-text": (["--method", "tpso", "--tpso-projection", "none", "--tpso-null-pool",
                         "many"], "--tpso-null-pool must be an integer >= 1 (or 'none')"),
+    "rescale-range": (["--guidance-rescale", "nan"], "--guidance-rescale must be in [0, 1]"),
+    "rescale-cfg1": (["--guidance-rescale", "0.7", "--cfg", "1"],
+                     "--guidance-rescale has no effect with --cfg 1"),
+    "rescale-interval": (["--guidance-rescale", "0.7", "--method", "interval"],
+                         "--guidance-rescale does not apply to --method interval"),
 }  # fmt: skip
 
 
@@ -360,11 +365,12 @@ def test_interval_outside_the_models_noise_levels_is_refused_before_any_image(
     assert not (out / "images").exists() and not (out / "metadata.json").exists()
 
 
-def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp_path):
+def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp_path, capsys):
     """`generate --seed S` and pipe.generate(key=jax.random.key(S)) share the noise of each
     image and the sampler's key (pipelines.generation.image_noise / sampling_key), so a
     stochastic sampler gives the same PNGs; and pipe.generate's image i does not depend
-    on n (the CLI's per-image noise)."""
+    on n (the CLI's per-image noise). Both with the CFG rescale: `--guidance-rescale`
+    reaches the images as `guidance_rescale=` does (recorded in metadata.json)."""
     import jax
     from PIL import Image
 
@@ -372,15 +378,28 @@ def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp
 
     flags = ["--sampler", "ddim", "--eta", "0.7"]  # stochastic: the sampler's key matters
     out = tmp_path / "o"
-    argv = ["--model", str(model), "--prompt", "a cat", "--n", "3", "--batch-size", "3",
+    base = ["--model", str(model), "--prompt", "a cat", "--n", "3", "--batch-size", "3",
             "--steps", "3", "--seed", "7", "--out", str(out), "--cfg", CFG, *flags]  # fmt: skip
-    assert generate.main(argv) == 0
+    assert generate.main([*base, "--guidance-rescale", "0.7"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["settings"]["guidance_rescale"] == 0.7
     pngs = np.stack([np.asarray(Image.open(out / "images" / generate.image_name(0, i)))
                      for i in range(3)])  # fmt: skip
     pipe = stable_diffusion.load(str(model))
     s = pipe.ddim(3, eta=0.7)
-    g = pipe.generate("a cat", 3, key=jax.random.key(7), sampler=s, cfg=float(CFG))
+    kw = dict(key=jax.random.key(7), sampler=s, cfg=float(CFG))
+    g = pipe.generate("a cat", 3, guidance_rescale=0.7, **kw)
     np.testing.assert_array_equal(generate.to_uint8(g.images), pngs)
+    plain = generate.to_uint8(pipe.generate("a cat", 3, **kw).images)
+    # the rescale shows in the PNGs: the run without it differs (by one 8-bit level at most
+    # on this tiny random model, whose CFG barely changes the predictions' spread)
+    assert (plain != pngs).any()
+    # another phi, or none, is another folder's run: refused before the model loads
+    for extra, diff in ((["--guidance-rescale", "0.3"], "guidance_rescale: 0.7 -> 0.3"),
+                        ([], "guidance_rescale: 0.7 -> None")):
+        with pytest.raises(SystemExit) as info:
+            generate.main([*base, *extra])
+        assert info.value.code == 2 and diff in capsys.readouterr().err
     # the noise of image i is the same whatever n, and the same for every prompt
     five = image_noise(jax.random.key(7), 5, pipe.noise_shape(1)[1:])
     two = pipe.generate(["a cat", "a dog"], 2, key=jax.random.key(7), sampler=s,
