@@ -1212,8 +1212,9 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         # the same term object for the same settings: jaxdiv.sample then reuses its program
         term_key = (pipe_key, args.cfg, args.negative_prompt, args.guidance_rescale)
         if term_key not in _TERMS:
-            _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null, rescale=args.guidance_rescale,
-                                            prediction_type=pipe.denoiser.prediction_type)
+            rescale = {} if args.guidance_rescale is None else dict(
+                rescale=args.guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
+            _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null, **rescale)
         term = _TERMS[term_key]
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt))
     texts = [(f"--prompt {p!r}", jax.tree.map(lambda e, j=j: e[j], prompt_emb))

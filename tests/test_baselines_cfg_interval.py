@@ -195,7 +195,9 @@ def test_cfg_rescale_is_diffusers_rescale_noise_cfg_in_the_prediction_space(
 def test_cfg_rescale_refuses_what_it_cannot_do():
     for bad, msg in [(dict(rescale=float("nan")), "rescale must be a finite number"),
                      (dict(rescale=1.5), r"rescale must be .*1"),
-                     (dict(rescale=0.7, prediction_type="eps"), "prediction_type must be one of")]:
+                     (dict(rescale=0.7, prediction_type="eps"), "prediction_type must be one of"),
+                     (dict(rescale=0.7), r"cfg\(rescale=...\) needs prediction_type="),
+                     (dict(prediction_type="epsilon"), "would never take effect")]:
         with pytest.raises(ValueError, match=msg):
             guidance.cfg(3.0, **bad)
     s = samplers.ddim(schedules.edm(), 3)
@@ -203,4 +205,4 @@ def test_cfg_rescale_refuses_what_it_cannot_do():
     # a standard deviation over one element is undefined (diffusers would give NaN)
     with pytest.raises(ValueError, match=r"cfg\(rescale=...\) needs samples of >= 2 elements"):
         jaxdiv.sample(s, den, jnp.ones((4, 1)), key=jax.random.key(0), cond=jnp.ones((4, 1)),
-                      guidance=guidance.cfg(3.0, rescale=0.7))  # fmt: skip
+                      guidance=guidance.cfg(3.0, rescale=0.7, prediction_type="sample"))

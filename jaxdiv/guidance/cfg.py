@@ -129,7 +129,7 @@ def _cfg_apply(scale, null_cond, rescale, prediction_type, state, denoise, ctx):
     return out, state, CFGInfo(norm, factor.astype(norm.dtype))
 
 
-def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str = "sample") -> GuidanceTerm:
+def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str | None = None) -> GuidanceTerm:
     """Classifier-free guidance: ``x0_hat = D_u + w (D_c - D_u)``.
 
     Ho & Salimans (2022), Eq. 6 in x0-space with diffusers' convention (``w = 1`` is the
@@ -155,10 +155,11 @@ def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str = "sample")
             :class:`jax.tree_util.Partial` so its arrays are traced, not compiled in.
         rescale: ``phi`` in ``[0, 1]`` (the paper and diffusers suggest 0.7), a traced
             leaf; ``None`` (default) leaves the rescale out of the program.
-        prediction_type: the space the rescale acts in, the network's prediction:
+        prediction_type: the space the rescale acts in, the network's prediction, required
+            with ``rescale`` (and refused without it, where it would never act):
             ``"epsilon"``, ``"v_prediction"``, ``"sample"`` (``x0_hat`` itself) or
-            ``"flow"`` (``pipe.prediction_type`` on SD pipelines; pipelines'
-            ``generate(guidance_rescale=...)`` passes it). Only read with ``rescale``.
+            ``"flow"``; a pipeline's is ``pipe.denoiser.prediction_type``, which
+            ``generate(guidance_rescale=...)`` passes.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import samplers, schedules
@@ -169,11 +170,25 @@ def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str = "sample")
     ...                     guidance=cfg(2.0))
     >>> out.x0[0].tolist()                          # 0 + 2 * (1 - 0)
     [2.0, 2.0]
+    >>> c = jnp.array([[1.0, -1.0]] * 3)            # std(c) / std(2 c) = 0.5
+    >>> g = cfg(2.0, rescale=0.7, prediction_type="sample")
+    >>> out = jaxdiv.sample(s, den, jnp.zeros((3, 2)), key=jax.random.key(0), cond=c, guidance=g)
+    >>> [round(v, 4) for v in out.x0[0].tolist()]  # 2 c (0.7 * 0.5 + 0.3)
+    [1.3, -1.3]
     """
     scale = validation.real("scale", scale)
-    check_prediction_type(prediction_type)
     if rescale is not None:
         rescale = validation.real("rescale", rescale, lo=0, hi=1)
+        if prediction_type is None:
+            raise ValueError(
+                "cfg(rescale=...) needs prediction_type=, the network's prediction the "
+                "rescale acts on ('epsilon', 'v_prediction', 'sample' or 'flow'; a pipeline's "
+                "is pipe.denoiser.prediction_type): diffusers rescales the model's own output"
+            )
+        check_prediction_type(prediction_type)
+    elif prediction_type is not None:
+        raise ValueError(f"prediction_type={prediction_type!r} would never take effect: it "
+                         "is the space of the rescale, and rescale is None")  # fmt: skip
     if callable(null_cond):
         pass
     elif null_cond is not None:

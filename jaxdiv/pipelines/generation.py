@@ -417,8 +417,9 @@ def generate(
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     guided = method
     if cfg is not None and not own:
-        scale = _guidance.cfg(cfg, null_cond=null, rescale=guidance_rescale,
-                              prediction_type=pipe.denoiser.prediction_type)  # fmt: skip
+        rescale = {} if guidance_rescale is None else dict(
+            rescale=guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
+        scale = _guidance.cfg(cfg, null_cond=null, **rescale)
         guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
