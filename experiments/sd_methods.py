@@ -31,7 +31,9 @@ projection). A metric that cannot be computed is ``null`` with its reason in
 ``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
 what they need: GASS an image encoder and a projection, TPSO a projection, PG a
 ``--pg-strength`` (no published SD value) and ``--n >= 3``, contextual repulsion an SD3
-folder and a ``--contextual-eta``; on SD3 folders TPSO optimises both CLIP encoders with
+folder and a ``--contextual-eta``, interval guidance and TPSO with ``--guidance-rescale``
+(diffusers' CFG rescale, applied to every row chained with CFG; those two bring their own
+combination); on SD3 folders TPSO optimises both CLIP encoders with
 the public SD3.5 defaults, and GASS, SPP and the CLIP score use CLIP-L's own projected
 text embedding (``--image-encoder`` must then be the vision tower of the same CLIP,
 ViT-L/14 for the released models).
@@ -92,6 +94,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
                    help="sampler steps (default: SD 50 DDIM, SD3 28 flow Euler)")  # fmt: skip
     p.add_argument("--cfg", type=float, default=None,
                    help="CFG scale (1 = none; default: SD 7.5, SD3 7.0)")  # fmt: skip
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="CFG rescale phi in [0, 1] as experiments.generate's, for every "
+                        "method chained with CFG (default: none)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the shared noise and sampling keys (default: 0)")
     p.add_argument(
@@ -124,6 +129,12 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg must be a finite number, got {args.cfg}")
+    if args.guidance_rescale is not None:
+        if not 0 <= args.guidance_rescale <= 1:  # NaN fails too
+            p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+        if args.cfg == 1.0:
+            p.error("--guidance-rescale has no effect with --cfg 1 (the guided prediction is "
+                    "the conditional one, already at its own scale)")  # fmt: skip
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     args.methods_given = args.methods is not None
@@ -186,6 +197,10 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
         if method == "interval" and args.cfg == 1.0:
             skipped[method] = ("--cfg 1: interval guidance (CFG at scale --cfg inside the "
                                "interval) would be the unguided run")  # fmt: skip
+            continue
+        if method in ("interval", "tpso") and args.guidance_rescale is not None:
+            skipped[method] = (f"--guidance-rescale does not apply to --method {method}: it "
+                               "brings its own combination of the model's outputs")  # fmt: skip
             continue
         try:
             knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder,
@@ -295,7 +310,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         sampler = pipe.ddim(args.steps, clean_endpoint=True)
     null = pipe.null_cond
-    cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null)
+    rescale = {} if args.guidance_rescale is None else dict(
+        rescale=args.guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
+    cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null, **rescale)
     root = jax.random.key(args.seed)
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt_list))
     null_pool = None
@@ -399,6 +416,7 @@ def _settings(args: argparse.Namespace) -> dict:
         # SPELL's guarantee needs a last step onto x0_hat: DDIM's clean endpoint
         "sampler": "flow_euler" if args.kind == "sd3" else "ddim",
         "cfg": args.cfg,
+        "guidance_rescale": args.guidance_rescale,
         "seed": args.seed,
         "clip_projection": args.clip_projection,
         "image_encoder": args.image_encoder or "<model>/image_encoder",

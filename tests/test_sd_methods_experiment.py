@@ -107,6 +107,11 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
     assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
     args.pg_strength = "1"
     assert "--n >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2: one batch
+    args.guidance_rescale = 0.7  # the CFG rescale: not for methods with their own CFG
+    skipped = sd_methods.plan(args)[1]
+    for method in ("interval", "tpso"):
+        assert f"--guidance-rescale does not apply to --method {method}" in skipped[method]
+    args.guidance_rescale = None
     args.cfg = 1.0  # interval guidance at scale 1 is the unguided run
     assert "would be the unguided run" in sd_methods.plan(args)[1]["interval"]
 
@@ -125,6 +130,11 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
          "--methods particle cannot run: --method particle couples the images of a batch: it "
          "needs --n >= 3"),
         (["--methods", "none,gass"], "--methods gass cannot run: --method gass needs"),
+        (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1], got 2.0"),
+        (["--guidance-rescale", "0.7", "--cfg", "1"],
+         "--guidance-rescale has no effect with --cfg 1"),
+        (["--methods", "interval", "--guidance-rescale", "0.7"],
+         "--methods interval cannot run: --guidance-rescale does not apply"),
     ],
 )
 def test_sd_methods_bad_values_fail_before_the_model_loads(
@@ -154,8 +164,17 @@ def test_sd_methods_locks_its_folder_and_refuses_another_comparison(
     assert sd_methods.main(base) == 0
     assert sd_methods.main(base) == 0
     assert not (out / ".run.lock").exists()
+    # the CFG rescale reaches every row chained with CFG (its own folder)
+    rescaled = tmp_path / "r"
+    assert sd_methods.main([*base, "--guidance-rescale", "0.7", "--out", str(rescaled)]) == 0
+    rows = [json.loads((o / "results.json").read_text())["prompts"][0]["methods"]
+            for o in (out, rescaled)]  # fmt: skip
+    for method in ("none", "cads"):
+        a, b = (r[method]["latent_mean_distance"] for r in rows)
+        assert a != b, method
     monkeypatch.setattr(stable_diffusion, "load", no_load)
     for extra, diff in ((["--steps", "3"], "steps: 2 -> 3"),
+                        (["--guidance-rescale", "0.7"], "guidance_rescale: None -> 0.7"),
                         (["--methods", "none,interval"], "methods: ['none', 'cads'] -> "
                                                          "['none', 'interval']"),
                         (["--cads-noise-scale", "0.1"], "knob_flags: {} -> "
