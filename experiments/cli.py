@@ -100,7 +100,8 @@ METHODS = (
         "cfg", "Ho & Salimans 2022, Classifier-Free Diffusion Guidance",
         lambda g: g.cfg(2.0),
         {"scale": "no single value; diffusers' defaults 7.5 (SD 1.x/2.x), 7.0 (SD3)",
-         "null_cond": "the empty prompt's embedding"},
+         "null_cond": "the empty prompt's embedding",
+         "rescale": "0.7 (Lin et al. 2024, Sec. 3.4; diffusers' guidance_rescale)"},
         "D_u + w (D_c - D_u) on one doubled batch (diffusers convention: w = 1 is no "
         "guidance)",
     ),
@@ -198,7 +199,7 @@ def methods_table() -> list[dict]:
         for k in knobs:
             k["paper"] = m.paper_values.get(k["name"])
         if m.name == "cfg":
-            flags = ["--cfg"]
+            flags = ["--cfg", "--guidance-rescale"]
         elif m.generate is None:
             flags = []
         else:
