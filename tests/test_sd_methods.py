@@ -85,6 +85,17 @@ def test_cads_with_zero_noise_is_the_unguided_run(pipe, noise):
     assert np.abs(noisy - base).max() > 1e-2 * np.abs(base).max()
 
 
+def test_cfg_one_runs_the_conditional_model_alone(pipe, noise):
+    """cfg=1 is the conditional model (D_u + 1 (D_c - D_u) = D_c): generate runs it alone,
+    as cfg=None and diffusers (guidance_scale <= 1) do, not CFG's doubled batch: the same
+    program and latents as cfg=None."""
+    kw = dict(key=jax.random.key(0), sampler=pipe.ddim(2), noise=noise)
+    alone = pipe.generate("a cat", B, cfg=None, **kw).latents
+    before = jaxdiv.compile_count()
+    np.testing.assert_array_equal(pipe.generate("a cat", B, cfg=1.0, **kw).latents, alone)
+    assert jaxdiv.compile_count() == before
+
+
 def test_interval_guidance_on_every_level_is_cfg(pipe, noise):
     sampler = pipe.ddim(6)
     base = np.asarray(_run(pipe, noise, sampler).latents)

@@ -298,7 +298,9 @@ def generate(
         sampler: defaults to ``pipe.default_sampler()`` (SD 1.x/2.x: ``pipe.ddim(50)``;
             SD3: ``pipe.flow_euler(28)``).
         cfg: CFG scale (diffusers' convention), or ``None``; by default the pipeline's
-            (``pipe.default_cfg()``: SD 7.5, SD3 7.0, diffusers' defaults).
+            (``pipe.default_cfg()``: SD 7.5, SD3 7.0, diffusers' defaults). ``1`` runs the
+            conditional model alone, as ``None`` (and diffusers) do; below 1 CFG
+            interpolates towards the unconditional model (diffusers switches CFG off there).
         negative_prompt: the prompt of CFG's unconditional branch (default: the empty
             prompt, ``pipe.null_cond``); refused where it cannot take effect (``cfg``
             ``None`` or 1, or a method with its own combination and null).
@@ -416,7 +418,10 @@ def generate(
             raise ValueError(f"noise must be latents (batch, {pipe.latent_channels}, h, w), got "
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     guided = method
-    if cfg is not None and not own:
+    # scale 1 is the conditional model: run it alone, as diffusers does, not CFG's doubled
+    # batch (the same x0_hat up to rounding, at half the cost)
+    unit = cfg is not None and validation.is_concrete(cfg) and float(cfg) == 1
+    if cfg is not None and not own and not unit:
         rescale = {} if guidance_rescale is None else dict(
             rescale=guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
         scale = _guidance.cfg(cfg, null_cond=null, **rescale)
