@@ -268,8 +268,8 @@ def generate(
     ``method`` is ``None`` or any guidance term or chain. Unless it already combines the
     model's outputs itself (a ``"denoiser"`` term such as ``interval`` or TPSO's chain),
     it is chained with ``guidance.cfg(cfg, null_cond=pipe.null_cond)`` -- condition terms
-    first, then CFG, then ``x0`` terms (:func:`jaxdiv.guidance.chain`). ``cfg=None`` runs
-    the conditional model alone. A method that brings its own combination brings its own
+    first, then CFG, then ``x0`` terms (:func:`jaxdiv.guidance.chain`). ``cfg=None`` (or
+    1) runs the conditional model alone. A method that brings its own combination brings its own
     scale and null: ``guidance.interval(w, lo, hi, null_cond=pipe.null_cond)``; a ``cfg=``
     value beside it would never take effect and is refused, and one built without
     ``null_cond`` is refused (its null would be a zero embedding, as on the toys, not the
