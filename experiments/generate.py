@@ -745,15 +745,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         p.error("--prompt: prompts must be non-empty")
     if args.negative_prompt and args.cfg == 1.0:
         p.error("--negative-prompt has no effect with --cfg 1 (no unconditional branch)")
-    if args.guidance_rescale is not None:
-        if not 0 <= args.guidance_rescale <= 1:  # NaN fails too
-            p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-        if args.cfg == 1.0:
-            p.error("--guidance-rescale has no effect with --cfg 1 (the guided prediction is "
-                    "the conditional one, already at its own scale)")  # fmt: skip
-        if args.method in ("interval", "tpso"):
-            p.error(f"--guidance-rescale does not apply to --method {args.method}: it brings "
-                    "its own combination of the model's outputs")  # fmt: skip
+    problem = rescale_problem(args.guidance_rescale, args.cfg, args.method)
+    if problem:
+        p.error(problem)
     if args.method == "interval" and args.cfg == 1.0:
         p.error("--method interval with --cfg 1 guides nowhere: interval guidance is CFG at "
                 "scale --cfg inside the interval and the conditional model (scale 1) outside")
@@ -796,6 +790,27 @@ _SAMPLER_FLAGS = (
 def _dest(flag: str) -> str:
     """argparse's attribute name of a flag (``--spell-radius`` -> ``spell_radius``)."""
     return flag.lstrip("-").replace("-", "_")
+
+
+def rescale_problem(rescale, cfg: float, method: str | None = None) -> str | None:
+    """Why ``--guidance-rescale`` cannot run with ``--cfg`` (and ``method``), or ``None``:
+    a value outside [0, 1], CFG off, or a method that brings its own combination of the
+    model's outputs (interval guidance, TPSO).
+
+    >>> rescale_problem(0.7, 7.5, "spell") is None, rescale_problem(0.7, 7.5, "tpso").split(":")[0]
+    (True, '--guidance-rescale does not apply to --method tpso')
+    """
+    if rescale is None:
+        return None
+    if not 0 <= rescale <= 1:  # NaN fails too
+        return f"--guidance-rescale must be in [0, 1], got {rescale}"
+    if cfg == 1.0:
+        return ("--guidance-rescale has no effect with --cfg 1 (the guided prediction is the "
+                "conditional one, already at its own scale)")  # fmt: skip
+    if method in ("interval", "tpso"):
+        return (f"--guidance-rescale does not apply to --method {method}: it brings its own "
+                "combination of the model's outputs")  # fmt: skip
+    return None
 
 
 def add_knob_flags(parser: argparse.ArgumentParser, title: str) -> None:

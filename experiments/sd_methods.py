@@ -129,12 +129,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg must be a finite number, got {args.cfg}")
-    if args.guidance_rescale is not None:
-        if not 0 <= args.guidance_rescale <= 1:  # NaN fails too
-            p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-        if args.cfg == 1.0:
-            p.error("--guidance-rescale has no effect with --cfg 1 (the guided prediction is "
-                    "the conditional one, already at its own scale)")  # fmt: skip
+    problem = generate.rescale_problem(args.guidance_rescale, args.cfg)
+    if problem:
+        p.error(problem)
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     args.methods_given = args.methods is not None
@@ -198,9 +195,9 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
             skipped[method] = ("--cfg 1: interval guidance (CFG at scale --cfg inside the "
                                "interval) would be the unguided run")  # fmt: skip
             continue
-        if method in ("interval", "tpso") and args.guidance_rescale is not None:
-            skipped[method] = (f"--guidance-rescale does not apply to --method {method}: it "
-                               "brings its own combination of the model's outputs")  # fmt: skip
+        problem = generate.rescale_problem(args.guidance_rescale, args.cfg, method)
+        if problem:
+            skipped[method] = problem
             continue
         try:
             knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder,
