@@ -141,10 +141,12 @@ def test_cads_flow_time_with_tau1_above_the_process_is_refused():
     lambda v: guidance.window(guidance.cfg(2.0), t=(100.0 * v, 900.0)),
     lambda v: guidance.tpso(jnp.ones((4, 2)), ratio=v / 4),
     lambda v: guidance.cads(0.5 + v / 10, 0.95, time="flow"),
+    lambda v: guidance.cfg(1.0 + v, rescale=v / 4, prediction_type="epsilon"),
 ])  # fmt: skip
 def test_checked_knobs_stay_traced_leaves(make):
     """The never-acts checks read concrete values eagerly; the values themselves stay
-    traced leaves: new ones reuse the compiled program (jaxdiv.compile_count)."""
+    traced leaves: new ones reuse the compiled program (jaxdiv.compile_count). So do
+    CFG's scale and rescale factor."""
     s = samplers.ddim(schedules.vp_scaled_linear(), 6)
     z, cond = jax.random.normal(KEY, (4, 2)), jnp.ones((4, 2))
     den = lambda x, t, c: 0.5 * x + 0.1 * c  # noqa: E731

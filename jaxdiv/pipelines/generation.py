@@ -373,13 +373,18 @@ def generate(
             f"cfg={cfg!r} would never take effect: method's {own} term(s) combine the model's "
             "outputs with their own scale; leave cfg= out (or pass cfg=None)"
         )
+    # scale 1 is the conditional model: run alone, as diffusers does, not CFG's doubled
+    # batch (the same x0_hat up to rounding, at half the cost)
+    no_cfg = cfg is None or (validation.is_concrete(cfg) and np.size(cfg) == 1
+                             and np.issubdtype(np.asarray(cfg).dtype, np.number)
+                             and float(np.asarray(cfg)) == 1)  # else guidance.cfg reports it
     if guidance_rescale is not None:
         if own:
             raise ValueError(
                 f"guidance_rescale would never take effect: method's {own} term(s) combine "
                 "the model's outputs with their own scale"
             )
-        if cfg is None or (validation.is_concrete(cfg) and float(cfg) == 1):
+        if no_cfg:
             raise ValueError(
                 f"guidance_rescale has no effect with cfg={cfg} (the guided prediction is "
                 "the conditional one, already at its own scale)"
@@ -393,7 +398,7 @@ def generate(
             raise ValueError("negative_prompt would never take effect: method combines the "
                              "model's outputs with its own null_cond; build it with "
                              "null_cond=pipe.encode_prompt(pipe.tokenize([negative]))")  # fmt: skip
-        if cfg is None or cfg == 1:
+        if no_cfg:
             raise ValueError(f"negative_prompt has no effect with cfg={cfg} (no "
                              "unconditional branch)")  # fmt: skip
         null = null_condition(pipe, negative_prompt)
@@ -418,10 +423,7 @@ def generate(
             raise ValueError(f"noise must be latents (batch, {pipe.latent_channels}, h, w), got "
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     guided = method
-    # scale 1 is the conditional model: run it alone, as diffusers does, not CFG's doubled
-    # batch (the same x0_hat up to rounding, at half the cost)
-    unit = cfg is not None and validation.is_concrete(cfg) and float(cfg) == 1
-    if cfg is not None and not own and not unit:
+    if not no_cfg and not own:
         rescale = {} if guidance_rescale is None else dict(
             rescale=guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
         scale = _guidance.cfg(cfg, null_cond=null, **rescale)
