@@ -32,7 +32,9 @@ line on stderr (exit 2); a failed run exits 1.
 ``--sampler edm`` is Karras Alg. 2 (Heun) on Karras noise levels, NFE ``2N - 1``;
 ``--sampler dpmpp_2m`` is DPM-Solver++(2M) as diffusers' ``DPMSolverMultistepScheduler``
 (Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing);
-``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid. CFG
+``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid;
+``--sampler euler`` / ``euler_ancestral`` are diffusers' ``EulerDiscreteScheduler`` (Karras
+noise levels with ``--karras``) and ``EulerAncestralDiscreteScheduler``. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch); ``--guidance-rescale PHI`` adds diffusers'
 ``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space).
@@ -95,7 +97,8 @@ from experiments import processes, run_folder
 from experiments.common import progress_bar, quiet, say  # no jax: parsing stays fast
 from experiments.run_folder import write_json
 
-SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "flow_euler")
+SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler", "euler_ancestral",
+            "flow_euler")
 # pipeline kind -> (samplers it runs, default sampler, default --steps, default --cfg):
 # diffusers' defaults for each (SD3: 28 FlowMatch Euler steps, guidance 7.0)
 KINDS = {
@@ -670,7 +673,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         "--karras",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Karras noise levels (dpmpp_* only; default: on)",
+        help="Karras noise levels (dpmpp_* and euler only; default: on for dpmpp_*, off for "
+        "euler, as diffusers' EulerDiscreteScheduler)",
     )
     p.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")
     p.add_argument("--seed", type=int, default=0,
@@ -715,7 +719,7 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
             p.error(f"{flag} applies to --sampler {' / '.join(owners)} only, not to --sampler "
                     f"{args.sampler}")  # fmt: skip
         if value is None:
-            setattr(args, dest, default)
+            setattr(args, dest, default.get(args.sampler) if isinstance(default, dict) else default)
     args.steps = default_steps if args.steps is None else args.steps
     args.cfg = default_cfg if args.cfg is None else args.cfg
     for name in ("steps", "n", "batch_size", "height", "width"):
@@ -779,11 +783,13 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
 
 # flags of one sampler family: (flag, attribute, default, the samplers it applies to)
 _DPMPP = tuple(s for s in SAMPLERS if s.startswith("dpmpp"))
+_KARRAS = (*_DPMPP, "euler")
 _SAMPLER_FLAGS = (
     ("--eta", "eta", 0.0, ("ddim",)),
     ("--clean-endpoint", "clean_endpoint", False, ("ddim",)),
     ("--s-churn", "s_churn", 0.0, ("edm",)),
-    ("--karras / --no-karras", "karras", True, _DPMPP),
+    # the default per sampler: Karras levels for DPM-Solver++, diffusers' own for Euler
+    ("--karras / --no-karras", "karras", {**dict.fromkeys(_DPMPP, True), "euler": False}, _KARRAS),
 )
 
 
@@ -1144,7 +1150,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         "guidance_rescale": args.guidance_rescale,
         "eta": args.eta if args.sampler == "ddim" else None,
         "s_churn": args.s_churn if args.sampler == "edm" else None,
-        "karras": args.karras if args.sampler.startswith("dpmpp") else None,
+        "karras": args.karras if args.sampler in _KARRAS else None,
         "seed": args.seed,
         "height": args.height,
         "width": args.width,
@@ -1206,7 +1212,8 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         sampler = pipe.edm(args.steps, s_churn=args.s_churn)
     else:
         try:
-            sampler = getattr(pipe, args.sampler)(args.steps, karras=args.karras)
+            kw = {"karras": args.karras} if args.sampler in _KARRAS else {}
+            sampler = getattr(pipe, args.sampler)(args.steps, **kw)
         except ValueError as err:  # e.g. more steps than the config's spacing allows
             raise RunError(str(err)) from err
     null = generation.null_condition(pipe, args.negative_prompt)

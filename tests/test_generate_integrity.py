@@ -448,7 +448,9 @@ BAD = {
                      "--eta applies to --sampler ddim only, not to --sampler edm"),
     "s-churn-with-ddim": (["--s-churn", "1"], "--s-churn applies to --sampler edm only"),
     "karras-with-ddim": (["--no-karras"], "--karras / --no-karras applies to --sampler "
-                                          "dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde only"),
+                                          "dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde / euler only"),
+    "karras-with-euler-ancestral": (["--sampler", "euler_ancestral", "--karras"],
+                                    "not to --sampler euler_ancestral"),
     "clean-endpoint-with-dpmpp": (["--sampler", "dpmpp_2m", "--clean-endpoint"],
                                   "--clean-endpoint applies to --sampler ddim only"),
     "negative-prompt-cfg-1": (["--cfg", "1", "--negative-prompt", "blurry"],

@@ -3,6 +3,9 @@
 ``pipe.dpmpp_2m_sde`` / ``pipe.dpmpp_3m_sde``: diffusers' ``DPMSolverMultistepScheduler``
 (``sde-dpmsolver++``) in ``StableDiffusionPipeline`` with CFG, our noise fed to its step.
 
+``pipe.euler`` / ``pipe.euler_ancestral``: diffusers' ``EulerDiscreteScheduler`` (with and
+without Karras levels) and ``EulerAncestralDiscreteScheduler``, our noise fed to its step.
+
 ``pipe.ddim(N)`` must reproduce ``DDIMScheduler.from_config(<folder's config>)`` for every
 ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` (steps to ``t - T // N``,
 the last to ``final_alpha_cumprod``); ``pipe.ddim(N, clean_endpoint=True)`` keeps jaxdiv's
@@ -50,17 +53,30 @@ def _with_config(torch_pipe, pipe, **overrides):
     return torch_pipe, ours
 
 
+def torch_latents(torch_pipe, noise, steps, scheduler=None, prompts=PROMPTS, cfg=CFG, **kwargs):
+    """diffusers' final latents for ``prompts`` with CFG from the latents ``noise``, with
+    ``scheduler`` in place of the pipeline's for this call (when given)."""
+    original = torch_pipe.scheduler
+    torch_pipe.scheduler = original if scheduler is None else scheduler
+    try:
+        with torch.no_grad():
+            out = torch_pipe(prompts, num_inference_steps=steps, guidance_scale=cfg,
+                             latents=torch.from_numpy(noise), output_type="latent",
+                             height=noise.shape[2] * torch_pipe.vae_scale_factor,
+                             width=noise.shape[3] * torch_pipe.vae_scale_factor,
+                             **kwargs).images  # fmt: skip
+    finally:
+        torch_pipe.scheduler = original
+    return out.numpy()
+
+
 def _latents(torch_pipe, pipe, sampler, noise):
-    with torch.no_grad():
-        ref = torch_pipe(PROMPTS, num_inference_steps=sampler.nfe, guidance_scale=CFG, eta=0.0,
-                         latents=torch.from_numpy(noise), output_type="latent",
-                         height=noise.shape[2] * torch_pipe.vae_scale_factor,
-                         width=noise.shape[3] * torch_pipe.vae_scale_factor).images  # fmt: skip
+    ref = torch_latents(torch_pipe, noise, sampler.nfe, eta=0.0)
     cond = pipe.encode_prompt(pipe.tokenize(PROMPTS))
     out = jaxdiv.sample(sampler, pipe.denoiser, jnp.asarray(noise), key=jax.random.key(0),
                         cond=cond, guidance=guidance.cfg(CFG, null_cond=pipe.null_cond),
                         trace=True)  # fmt: skip
-    return ref.numpy(), out
+    return ref, out
 
 
 CONFIGS = [  # (timestep_spacing, steps_offset, set_alpha_to_one)
@@ -173,17 +189,9 @@ def _torch_sde_latents(torch_pipe, noise, order, karras, key, steps):
                     **kwargs)  # fmt: skip
 
     sched.step = fed
-    torch_pipe.scheduler = sched
-    try:
-        with torch.no_grad():
-            out = torch_pipe(PROMPTS, num_inference_steps=steps, guidance_scale=CFG,
-                             latents=torch.from_numpy(noise), output_type="latent",
-                             height=noise.shape[2] * torch_pipe.vae_scale_factor,
-                             width=noise.shape[3] * torch_pipe.vae_scale_factor).images  # fmt: skip
-    finally:
-        torch_pipe.scheduler = original
+    out = torch_latents(torch_pipe, noise, steps, sched)
     assert len(calls) == steps
-    return out.numpy()
+    return out
 
 
 @pytest.mark.parametrize("name, karras", [("dpmpp_2m_sde", False), ("dpmpp_2m_sde", True),
@@ -213,8 +221,10 @@ def _latents_key(pipe, sampler, noise, key):
     return None, out
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
-def test_generate_accepts_the_sde_samplers(name, tiny, tmp_path):
+@pytest.mark.parametrize("name, karras", [("dpmpp_2m_sde", True), ("dpmpp_3m_sde", True),
+                                          ("euler_ancestral", None)])  # fmt: skip
+def test_generate_accepts_the_stochastic_samplers(name, karras, tiny, tmp_path):
+    """``--karras`` defaults on for DPM-Solver++ and does not apply to Euler ancestral."""
     from experiments import generate
 
     _, pipe = tiny
@@ -224,4 +234,130 @@ def test_generate_accepts_the_sde_samplers(name, tiny, tmp_path):
     assert generate.main(argv) == 0
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["sampler"]["name"] == name and meta["sampler"]["nfe"] == 4
-    assert meta["settings"]["karras"] is True
+    assert meta["settings"]["karras"] is karras
+    if name == "euler_ancestral":  # euler: diffusers' default levels unless --karras
+        args = generate.parse_args(argv[:5] + ["euler"])
+        assert args.karras is False
+        assert generate.parse_args(argv[:5] + ["euler", "--karras"]).karras is True
+
+
+# -- Euler and Euler ancestral: diffusers' EulerDiscreteScheduler / EulerAncestral... ----
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    num_steps=st.integers(1, 1000),
+    spacing=st.sampled_from(["leading", "trailing", "linspace"]),
+    offset=st.integers(0, 1),
+    karras=st.booleans(),
+)
+def test_euler_grid_is_diffusers(num_steps, spacing, offset, karras):
+    """The model timesteps are diffusers' and the grid's noise levels its float32 sigmas,
+    up to the few ulps by which jaxdiv's ``alphas_cumprod`` differ from torch's (they move
+    a fractional Karras timestep by up to ~3e-4)."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    from jaxdiv.pipelines.scheduler_config import euler_grid
+
+    config = dict(TINY_SCHEDULER, timestep_spacing=spacing, steps_offset=offset)
+    ref = EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    ref.set_timesteps(num_steps)
+    ts = ref.timesteps.numpy()
+    assume(ts.max() <= 999 and len(np.unique(ts)) == len(ts) == num_steps)  # diffusers' own
+    assume(ts.min() >= 0)  # invalid grids (past T - 1, repeated steps) are refused by ours
+    sch, _, _ = schedule_from_config(config)
+    times, model_times = euler_grid(config, num_steps, karras)
+    assert model_times.dtype == np.float32 and times[-1] == -1.0
+    np.testing.assert_allclose(model_times, ts, rtol=0, atol=5e-4)
+    if not karras:  # the spacing's timesteps themselves: exactly diffusers'
+        np.testing.assert_array_equal(model_times, ts)
+        ancestral = EulerAncestralDiscreteScheduler.from_config(config)
+        ancestral.set_timesteps(num_steps)
+        np.testing.assert_array_equal(ancestral.sigmas.numpy(), ref.sigmas.numpy())
+    # jaxdiv's alphas_cumprod (NumPy float32) differ from torch's by a few ulps, so the
+    # training levels sqrt((1 - abar) / abar) differ by up to `train` (8.7e-6 relative,
+    # measured): the grid's levels, read back in float64, stay within that
+    ours = np.asarray(sch.alphas_cumprod, np.float64)
+    theirs = ref.alphas_cumprod.numpy().astype(np.float64)
+    train = np.abs(np.sqrt((1 - ours) / ours) / np.sqrt((1 - theirs) / theirs) - 1).max()
+    abar = np.interp(times[:-1], np.arange(1000), ours)
+    np.testing.assert_allclose(np.sqrt((1 - abar) / abar), ref.sigmas.numpy()[:-1],
+                               rtol=train + 1e-7)  # fmt: skip
+    # and the schedule itself reads them back in float32, where 1 - abar cancels near t = 0
+    # (float32 eps / (1 - abar_0) ~ 1e-4 relative)
+    padded = np.concatenate([times[:-1], np.full(1001 - num_steps, times[-2])])  # one program
+    levels = np.asarray(sch.noise_level(padded.astype(np.float32)))[:num_steps]
+    np.testing.assert_allclose(levels, ref.sigmas.numpy()[:-1], rtol=1e-4)
+    assert ref.sigmas.numpy()[-1] == 0.0 and float(sch.noise_level(times[-1])) == 0.0
+
+
+def test_euler_grid_refuses_options_it_does_not_transcribe():
+    from jaxdiv.pipelines.scheduler_config import euler_grid
+
+    for key, value in [("interpolation_type", "log_linear"), ("final_sigmas_type", "sigma_min"),
+                       ("use_beta_sigmas", True), ("timestep_type", "continuous"),
+                       ("sigma_max", 80.0)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"scheduler config: {key}="):
+            euler_grid(dict(TINY_SCHEDULER, **{key: value}), 10)
+    assert len(euler_grid(dict(TINY_SCHEDULER, interpolation_type="linear"), 10)[1]) == 10
+    with pytest.raises(ValueError, match="no strictly decreasing Euler grid"):
+        euler_grid(TINY_SCHEDULER, 1000)  # leading with offset 1: past T - 1
+    with pytest.raises(TypeError, match="karras"):
+        euler_grid(TINY_SCHEDULER, 10, karras="yes")
+
+
+def _torch_euler_latents(torch_pipe, name, karras, noise, key, steps):
+    """diffusers' final latents with its Euler scheduler in StableDiffusionPipeline with
+    CFG; the ancestral step is fed the noise our sampler draws at step i."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
+
+    config = torch_pipe.scheduler.config
+    if name == "euler":
+        sched = EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    else:
+        sched = EulerAncestralDiscreteScheduler.from_config(config)
+    keys = jax.random.split(jax.random.split(key)[0], noise.shape[0])
+    zs = [np.asarray(samplers.per_sample_normal(keys, i, jnp.asarray(noise)))
+          for i in range(steps)]  # fmt: skip
+    drawn = iter(zs)
+    randn, ea.randn_tensor = ea.randn_tensor, lambda *a, **k: torch.tensor(next(drawn))
+    try:
+        out = torch_latents(torch_pipe, noise, steps, sched)
+    finally:
+        ea.randn_tensor = randn
+    if name == "euler_ancestral":
+        assert next(drawn, None) is None  # one draw per step, all used
+    return out, float(sched.init_noise_sigma), float(sched.sigmas.max())
+
+
+@pytest.mark.parametrize("name, spacing, karras", [
+    ("euler", "leading", False),       # SD 1.x/2.x's spacing: integer timesteps
+    ("euler", "linspace", True),       # fractional timesteps, Karras levels
+    ("euler_ancestral", "trailing", False),
+])  # fmt: skip
+def test_euler_samplers_match_diffusers(name, spacing, karras, tiny):
+    """Final latents within 1e-4 (relative to their scale) of diffusers' Euler schedulers
+    with CFG, N = 6, the same noise. diffusers starts linspace / trailing grids at
+    ``sigma_max z`` in its Euler variable: the same images need jaxdiv's noise scaled by
+    ``sigma_max / sqrt(sigma_max^2 + 1)``, and without that factor they differ (negative
+    control; for the ancestral sampler another key's noise differs too)."""
+    torch_pipe, pipe = _with_config(*tiny, timestep_spacing=spacing, steps_offset=1)
+    s = pipe.euler(6, karras=karras) if name == "euler" else pipe.euler_ancestral(6)
+    assert s.name == name and s.nfe == 6 and float(s.times[-1]) == -1.0
+    # integer timesteps: the network at the step's own time, no re-expressed x0_hat
+    assert (s.step is samplers.first_order_step) == (spacing != "linspace")
+    noise = np.random.default_rng(3).standard_normal(pipe.noise_shape(2)).astype(np.float32)
+    key = jax.random.key(0)
+    ref, init, sigma_max = _torch_euler_latents(torch_pipe, name, karras, noise, key, 6)
+    factor = 1.0 if spacing == "leading" else sigma_max / np.sqrt(sigma_max**2 + 1)
+    assert init == pytest.approx(np.sqrt(sigma_max**2 + 1) * factor, rel=1e-6)
+    _, out = _latents_key(pipe, s, noise * np.float32(factor), key)
+    tol = LATENT_RTOL * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(np.asarray(out.x0) - ref).max() <= tol
+    if spacing != "leading":
+        _, unscaled = _latents_key(pipe, s, noise, key)
+        assert np.abs(np.asarray(unscaled.x0) - ref).max() > 10 * tol
+    if name == "euler_ancestral":
+        _, other = _latents_key(pipe, s, noise, jax.random.key(1))
+        assert np.abs(np.asarray(other.x0) - ref).max() > 10 * tol

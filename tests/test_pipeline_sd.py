@@ -474,20 +474,13 @@ def test_generate_end_to_end_and_resume(tiny, tmp_path, capsys):
 def torch_dpmpp_latents(torch_pipe, noise, karras, steps=STEPS):
     """diffusers' final latents with its scheduler swapped for DPM-Solver++(2M)."""
     from diffusers import DPMSolverMultistepScheduler
+    from test_pipeline_samplers import torch_latents
 
-    original = torch_pipe.scheduler
-    torch_pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        original.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
-    )
-    try:
-        with torch.no_grad():
-            out = torch_pipe(PROMPTS, num_inference_steps=steps, guidance_scale=CFG,
-                             latents=torch.from_numpy(noise), output_type="latent",
-                             height=noise.shape[2] * torch_pipe.vae_scale_factor,
-                             width=noise.shape[3] * torch_pipe.vae_scale_factor).images  # fmt: skip
-    finally:
-        torch_pipe.scheduler = original
-    return out.numpy()
+    sched = DPMSolverMultistepScheduler.from_config(
+        torch_pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
+        use_karras_sigmas=karras,
+    )  # fmt: skip
+    return torch_latents(torch_pipe, noise, steps, sched, PROMPTS, CFG)
 
 
 @pytest.mark.parametrize("karras", [False, True])

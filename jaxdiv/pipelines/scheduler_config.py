@@ -14,7 +14,7 @@ import numpy as np
 from jaxdiv import schedules, validation
 from jaxdiv.predictions import PREDICTION_TYPES
 
-__all__ = ["schedule_from_config", "dpm_solver_grid", "ddim_grid"]
+__all__ = ["schedule_from_config", "dpm_solver_grid", "ddim_grid", "euler_grid"]
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -156,25 +156,12 @@ def dpm_solver_grid(config: dict, num_steps: int, karras: bool = False):
     lmin = float(config.get("lambda_min_clipped", -np.inf))
     last = T - int(np.searchsorted(lam[::-1], lmin))
     if karras:
-        s_min, s_max, rho = float(sigmas[0]), float(sigmas[-1]), 7.0
-        ramp = np.linspace(0, 1, n)
-        levels = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        # diffusers' _sigma_to_t: linear in log sigma between neighbouring timesteps
-        log_sigmas = np.log(sigmas).astype(np.float64)
-        log_s = np.log(np.maximum(levels, 1e-10))
-        dists = log_s[None, :] - log_sigmas[:, None]
-        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=T - 2)
-        w = np.clip((log_sigmas[low] - log_s) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-        model_t = (1 - w) * low + w * (low + 1)
+        levels = _karras_levels(float(sigmas[-1]), float(sigmas[0]), n)
+        model_t = _sigma_to_t(levels, np.log(sigmas).astype(np.float64))
         if config.get("beta_schedule") != "squaredcos_cap_v2":  # as diffusers, trained or not
             model_t = model_t.round()
         model_times = model_t.astype(np.int64)
-        # the solver's level is diffusers' float32 sigma; invert jaxdiv's interpolation of
-        # alphas_cumprod (linear in t) there, in float64
-        a = 1.0 / (1.0 + levels.astype(np.float32).astype(np.float64) ** 2)
-        ab = abar.astype(np.float64)
-        k = np.clip(np.searchsorted(-ab, -a), 1, T - 1)
-        times = np.clip(k - 1 + (ab[k - 1] - a) / (ab[k - 1] - ab[k]), 0.0, T - 1.0)
+        times = _times_of_levels(abar, levels.astype(np.float32))
     else:
         spacing, offset = grid["spacing"], grid["steps_offset"]
         if spacing == "linspace":
@@ -248,3 +235,124 @@ def ddim_grid(config: dict, num_steps: int):
     prev = (ts - T // n).astype(np.float64)
     targets = np.where(prev >= 0, prev, final)
     return np.append(ts.astype(np.float64), targets[-1]), targets
+
+
+def _karras_levels(s_max, s_min, n, rho=7.0):
+    """diffusers' ``_convert_to_karras``: Karras et al. (2022) Eq. 5 from ``s_max`` to
+    ``s_min`` in ``n`` levels (float64)."""
+    ramp = np.linspace(0, 1, n)
+    return (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+
+
+def _sigma_to_t(levels, log_sigmas):
+    """diffusers' ``_sigma_to_t``: the timestep of each level, linear in log sigma between
+    neighbouring training timesteps (in ``log_sigmas``' arithmetic, as diffusers)."""
+    log_s = np.log(np.maximum(levels, 1e-10))
+    dists = log_s[None, :] - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_s) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _times_of_levels(abar, levels):
+    """VP times whose ``noise_level`` is ``levels`` (diffusers' float32 sigmas): jaxdiv's
+    interpolation of ``alphas_cumprod`` (linear in t) inverted there, in float64."""
+    a = 1.0 / (1.0 + np.asarray(levels).astype(np.float64) ** 2)
+    ab = np.asarray(abar, np.float64)
+    T = ab.shape[0]
+    k = np.clip(np.searchsorted(-ab, -a), 1, T - 1)
+    return np.clip(k - 1 + (ab[k - 1] - a) / (ab[k - 1] - ab[k]), 0.0, T - 1.0)
+
+
+# EulerDiscreteScheduler options (diffusers' defaults) that euler_grid does not transcribe:
+# a config asking for another value would give diffusers another grid or step
+_EULER_DEFAULTS = {
+    "interpolation_type": "linear",
+    "final_sigmas_type": "zero",
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "timestep_type": "discrete",
+    "sigma_min": None,
+    "sigma_max": None,
+}
+
+
+def euler_grid(config: dict, num_steps: int, karras: bool = False):
+    """diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` grid for
+    a scheduler config, as VP times.
+
+    A NumPy transcription of ``EulerDiscreteScheduler.from_config(config,
+    use_karras_sigmas=karras).set_timesteps(N)`` (``EulerAncestralDiscreteScheduler``
+    builds the same grid, without ``karras``). Its timesteps differ from DDIM's and
+    DPM-Solver's: ``"linspace"`` keeps the fractional ``linspace(0, T - 1, N)``,
+    ``"leading"`` is ``arange(N) * (T // N) + steps_offset`` and ``"trailing"``
+    ``round(arange(T, 0, -T / N)) - 1``; the noise levels ``sigmas`` interpolate
+    ``sqrt((1 - abar) / abar)`` linearly in the timestep and end at 0. With ``karras=True``
+    they are Karras et al.'s (2022, Eq. 5, ``rho = 7``) between the first and last of
+    those levels, and the model runs at each level's timestep by log-sigma interpolation
+    (fractional, not rounded).
+
+    Args:
+        config: parsed ``scheduler/scheduler_config.json``; Euler options other than
+            diffusers' defaults (``interpolation_type``, ``final_sigmas_type``,
+            exponential / beta sigmas, continuous timesteps, ``sigma_min`` /
+            ``sigma_max``) are refused.
+        num_steps: Euler steps ``N``.
+        karras: diffusers' ``use_karras_sigmas``.
+
+    Returns:
+        ``(times, model_times)``: float64 ``(N + 1,)`` decreasing VP times whose
+        ``noise_level`` is diffusers' float32 ``sigmas`` (the last is the clean endpoint
+        ``-1``), and float32 ``(N,)`` timesteps diffusers passes to the model. Integer
+        timesteps are the times themselves (their levels are those of jaxdiv's
+        ``alphas_cumprod``, a few float32 ulps from torch's), so the network runs at the
+        step's own time; fractional ones differ from the times.
+
+    Raises:
+        ValueError: a refused option, or repeated timesteps (too many steps for the
+            spacing) or steps past ``T - 1``.
+
+    Example:
+        >>> from jaxdiv.testing import TINY_SCHEDULER
+        >>> times, model_times = euler_grid(TINY_SCHEDULER, 4)   # leading, offset 1
+        >>> times.tolist(), model_times.tolist()
+        ([751.0, 501.0, 251.0, 1.0, -1.0], [751.0, 501.0, 251.0, 1.0])
+        >>> times, model_times = euler_grid(dict(TINY_SCHEDULER, timestep_spacing="linspace"), 4)
+        >>> [round(float(t), 2) for t in times], model_times.tolist()
+        ([999.0, 666.0, 333.0, 0.0, -1.0], [999.0, 666.0, 333.0, 0.0])
+    """
+    sch, _, grid = schedule_from_config(config)
+    n = validation.integer("num_steps", num_steps, minimum=1)
+    validation.boolean("karras", karras)
+    for key, default in _EULER_DEFAULTS.items():
+        if config.get(key, default) != default:
+            raise ValueError(
+                f"scheduler config: {key}={config[key]!r} is not supported by the Euler "
+                f"samplers (diffusers' default {default!r} is transcribed)"
+            )
+    abar = np.asarray(sch.alphas_cumprod, np.float32)
+    T = abar.shape[0]
+    spacing, offset = grid["spacing"], grid["steps_offset"]
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + offset
+    else:  # trailing
+        ts = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
+    if ts.shape[0] != n or np.any(np.diff(ts) >= 0) or ts.max() > T - 1 or ts.min() < 0:
+        raise ValueError(
+            f"num_steps={n} gives no strictly decreasing Euler grid within [0, {T - 1}] for "
+            f"timestep_spacing={spacing!r}, steps_offset={offset}"
+        )
+    # diffusers computes the training levels in float32 torch, then interpolates in float64
+    train = np.sqrt((np.float32(1) - abar) / abar).astype(np.float32)
+    levels = np.interp(ts.astype(np.float64), np.arange(T), train)
+    if karras:
+        levels = _karras_levels(levels[0], levels[-1], n)
+        ts = _sigma_to_t(levels, np.log(train))
+    if not karras and np.array_equal(ts, np.round(ts)):
+        # integer timesteps are VP times of their own: the network runs at the step's time
+        times = ts.astype(np.float64)
+    else:
+        times = _times_of_levels(abar, levels.astype(np.float32))
+    return np.append(times, float(sch.t_clean)), ts.astype(np.float32)

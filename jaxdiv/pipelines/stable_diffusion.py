@@ -60,7 +60,12 @@ from jaxdiv.pipelines.folder import (
     image_preprocess_stats,
     read_scheduler_config,
 )
-from jaxdiv.pipelines.scheduler_config import ddim_grid, dpm_solver_grid, schedule_from_config
+from jaxdiv.pipelines.scheduler_config import (
+    ddim_grid,
+    dpm_solver_grid,
+    euler_grid,
+    schedule_from_config,
+)
 from jaxdiv.predictions import (
     PredictionDenoiser,
     as_denoiser,
@@ -390,12 +395,77 @@ class StableDiffusion(NamedTuple):
         """
         return self._dpm_solver(samplers.dpmpp_3m_sde, num_steps, karras, eta=eta)
 
+    def euler(self, num_steps: int = 50, karras: bool = False) -> samplers.Sampler:
+        """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with
+        ``s(t) = alpha``) on diffusers' Euler grid of this model.
+
+        Reproduces diffusers' ``EulerDiscreteScheduler.from_config(<scheduler config>,
+        use_karras_sigmas=karras)`` on the same model: the grid is
+        :func:`~jaxdiv.pipelines.scheduler_config.euler_grid` (its own timestep spacing,
+        noise levels interpolated between training timesteps, ending at ``sigma = 0``), so
+        the output is the last guided ``x0_hat``. Where diffusers' timestep is fractional
+        (``"linspace"`` spacing, Karras levels) the network runs at it and its prediction is
+        re-expressed at the step's exact level, as :meth:`dpmpp_2m` explains (guidance
+        terms then see that timestep and have their ``x0_hat`` re-expressed too, so
+        SPELL's guarantee holds only up to that); ``"leading"`` and ``"trailing"`` grids
+        (integer timesteps) run the network at the step's own time. In the
+        rescaled variable ``x / alpha`` an Euler step is DDIM's (``eta = 0``) step, so this
+        is :func:`jaxdiv.samplers.ddim` on that grid. NFE is ``N``.
+
+        diffusers starts ``"linspace"`` / ``"trailing"`` configs from ``sigma_max z``
+        rather than ``sqrt(sigma_max^2 + 1) z`` in its Euler variable (its
+        ``init_noise_sigma``), a VP latent of standard deviation ``sigma_max /
+        sqrt(sigma_max^2 + 1)`` (0.9977 for SD's betas); jaxdiv starts every sampler from
+        the given noise, so diffusers' images for noise ``z`` are jaxdiv's for ``z`` times
+        that factor. ``"leading"`` configs (SD 1.x/2.x's) start alike.
+
+        Args:
+            num_steps: Euler steps ``N`` (denoiser evaluations per sample).
+            karras: diffusers' ``use_karras_sigmas`` (Karras et al. 2022, Eq. 5, rho 7,
+                between the first and last level of the spacing).
+
+        Example:
+            >>> from jaxdiv.testing import example_pipeline
+            >>> s = example_pipeline().euler(4)   # leading, steps_offset 1
+            >>> s.name, s.nfe, s.times.tolist()
+            ('euler', 4, [751.0, 501.0, 251.0, 1.0, -1.0])
+        """
+        return self._on_diffusers_grid("euler", samplers.ddim, euler_grid, num_steps, karras)
+
+    def euler_ancestral(self, num_steps: int = 50) -> samplers.Sampler:
+        """Euler ancestral sampling on diffusers' Euler grid of this model: each step goes
+        to ``sigma_down`` and adds ``sigma_up z``, ``sigma_up^2 = sigma_next^2 (sigma^2 -
+        sigma_next^2) / sigma^2`` (k-diffusion's ``get_ancestral_step`` at eta 1).
+
+        Reproduces diffusers' ``EulerAncestralDiscreteScheduler.from_config(<scheduler
+        config>)`` given the same noise (per-sample streams of the run's key), on the grid
+        of :meth:`euler` (without Karras levels, as diffusers'). In the rescaled variable
+        this step is DDIM's with ``eta = 1`` (Song et al. 2021, Eq. 16: the same
+        ``sigma_up`` and ``sigma_down``), so this is :func:`jaxdiv.samplers.ddim` on that
+        grid. The initial noise follows :meth:`euler`'s note. NFE is ``N``.
+
+        Example:
+            >>> from jaxdiv.testing import example_pipeline
+            >>> s = example_pipeline().euler_ancestral(4)
+            >>> s.name, s.nfe, s.options.eta
+            ('euler_ancestral', 4, 1.0)
+        """
+        return self._on_diffusers_grid("euler_ancestral", samplers.ddim, euler_grid,
+                                       num_steps, False, eta=1.0)  # fmt: skip
+
     def _dpm_solver(self, factory, num_steps, karras, **kwargs) -> samplers.Sampler:
         """``factory`` on diffusers' DPM-Solver grid, the model at its rounded timesteps."""
+        return self._on_diffusers_grid(None, factory, dpm_solver_grid, num_steps, karras,
+                                       **kwargs)  # fmt: skip
+
+    def _on_diffusers_grid(self, name, factory, grid, num_steps, karras, **kwargs):
+        """``factory`` on the times of ``grid(config, num_steps, karras)``, the network at
+        diffusers' model timesteps where they are not the grid's own."""
         validation.boolean("karras", karras)
-        times, model_times = dpm_solver_grid(self.configs["scheduler"], num_steps, karras)
+        times, model_times = grid(self.configs["scheduler"], num_steps, karras)
         base = factory(self.schedule, times=times, **kwargs)
-        if not karras:  # the model times are the grid's integer times
+        base = base if name is None else base._replace(name=name)
+        if np.array_equal(model_times, times[:-1]):
             return base
         options = _ModelTimeOptions(
             base.options, base.step, model_times.astype(np.float32), self.prediction_type
