@@ -157,6 +157,16 @@ def test_generate_checks_its_inputs(pipe, noise):
         pipe.generate("a", 0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="scale must be a finite number"):
         pipe.generate("a", 1, key=jax.random.key(0), cfg=float("nan"))
+    # diffusers' argument names: refused naming jaxdiv's, before anything runs
+    from jaxdiv.pipelines.generation import DIFFUSERS_ARGUMENTS
+
+    for name, instead in DIFFUSERS_ARGUMENTS.items():
+        with pytest.raises(TypeError, match=rf"no argument {name} \(diffusers' name\): use "
+                                            + re.escape(instead)):  # fmt: skip
+            pipe.generate("a", 1, key=jax.random.key(0), **{name: 1})
+    assert {"guidance_scale", "num_inference_steps", "generator"} <= set(DIFFUSERS_ARGUMENTS)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sampelr'"):
+        pipe.generate("a", 1, key=jax.random.key(0), sampelr=pipe.ddim(2))
     # settings that would never take effect: a size the given noise does not have, a CFG
     # scale beside a method that combines the outputs with its own
     side = noise.shape[-1] * pipe.vae_scale_factor

@@ -42,8 +42,9 @@ from jaxdiv import validation
 from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
-__all__ = ["GASSSetup", "Generated", "gass_encoder", "gass_pixel_space", "gass_setup", "generate",
-           "image_noise", "is_sd3", "null_condition", "sampling_key", "truncated_prompts"]
+__all__ = ["GASSSetup", "Generated", "check_keywords", "gass_encoder", "gass_pixel_space",
+           "gass_setup", "generate", "image_noise", "is_sd3", "null_condition", "sampling_key",
+           "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -432,6 +433,37 @@ def generate(
                  key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
     _warn_non_finite(out.x0, terms)
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
+
+
+# diffusers' pipeline arguments that generate() names otherwise: what to write instead
+DIFFUSERS_ARGUMENTS = {
+    "prompt": "the prompts as the first argument: pipe.generate(prompts, n, key=...)",
+    "guidance_scale": "cfg=<scale> (diffusers' convention: 1 switches CFG off)",
+    "num_inference_steps": "sampler=pipe.<sampler>(N), e.g. pipe.ddim(50) (SD 1.x/2.x) or "
+                           "pipe.flow_euler(28) (SD3)",
+    "eta": "sampler=pipe.ddim(N, eta=...)",
+    "generator": "key=jax.random.key(seed)",
+    "num_images_per_prompt": "n=<images per prompt> (the second argument)",
+    "latents": "noise=<initial latents>",
+    "output_type": "nothing: the result holds .images (NCHW in [-1, 1]) and .latents",
+}
+
+
+def check_keywords(kwargs: dict) -> None:
+    """Refuse diffusers' pipeline argument names in ``pipe.generate(**kwargs)`` with the
+    jaxdiv argument to use instead (:data:`DIFFUSERS_ARGUMENTS`); other names are left to
+    :func:`generate`.
+
+    >>> check_keywords({"cfg": 7.5})
+    >>> check_keywords({"guidance_scale": 7.5})
+    Traceback (most recent call last):
+    ...
+    TypeError: generate() takes no argument guidance_scale (diffusers' name): use cfg=<scale> (diffusers' convention: 1 switches CFG off)
+    """  # noqa: E501
+    for name in kwargs:
+        if name in DIFFUSERS_ARGUMENTS:
+            raise TypeError(f"generate() takes no argument {name} (diffusers' name): use "
+                            f"{DIFFUSERS_ARGUMENTS[name]}")  # fmt: skip
 
 
 def image_noise(key, images, shape, dtype=None):

@@ -198,7 +198,9 @@ class StableDiffusion(NamedTuple):
 
     def generate(self, prompts: str | Sequence[str], n: int = 1, **kwargs):
         """Images for each prompt with a diversity method composed with CFG; see
-        :func:`jaxdiv.pipelines.generation.generate` (``key=`` is required).
+        :func:`jaxdiv.pipelines.generation.generate` (``key=`` is required; diffusers'
+        argument names are refused naming jaxdiv's,
+        :func:`~jaxdiv.pipelines.generation.check_keywords`).
 
         Example:
             >>> import jax
@@ -207,8 +209,9 @@ class StableDiffusion(NamedTuple):
             >>> pipe.generate("a cat", 2, key=jax.random.key(0), sampler=pipe.ddim(3)).images.shape
             (2, 3, 16, 16)
         """
-        from jaxdiv.pipelines.generation import generate
+        from jaxdiv.pipelines.generation import check_keywords, generate
 
+        check_keywords(kwargs)
         return generate(self, prompts, n, **kwargs)
 
     def default_sampler(self) -> samplers.Sampler:
