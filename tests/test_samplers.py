@@ -197,6 +197,49 @@ def test_edm_matches_literal_algorithm_2(churn, gmm2):
     np.testing.assert_allclose(np.asarray(out.x0), ref, atol=2e-4)
 
 
+def _k_euler_ancestral(x0_hats, x, sigmas, zs, eta):
+    """k-diffusion's ``sample_euler_ancestral`` (``k_diffusion/sampling.py``: with
+    ``get_ancestral_step`` and ``to_d``), float64 NumPy, given each step's denoiser output
+    and fed the noise ``zs``; the state after every step."""
+    out = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5) if eta else 0.0
+        down = (s_next**2 - up**2) ** 0.5
+        x = x + (x - np.asarray(x0_hats[i], np.float64)) / s * (down - s)
+        if s_next > 0:
+            x = x + np.asarray(zs[i], np.float64) * up
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("sch_name, eta", [("edm", 0.5), ("vp", 1.0)])
+def test_ddim_is_k_diffusion_euler_ancestral_on_the_rescaled_variable(sch_name, eta, gmm2):
+    """DDIM with ``eta`` is k-diffusion's Euler ancestral sampler with the same ``eta`` on
+    ``x / alpha`` with noise level ``sigma / alpha`` (``eta = 0``: its Euler sampler), for
+    every step of a traced run with the sampler's own per-sample noise."""
+    sch = schedules.edm() if sch_name == "edm" else schedules.vp_linear()
+    s = samplers.ddim(sch, 8, eta=eta)
+    noise = jax.random.normal(jax.random.key(3), (16, 2))
+    key = jax.random.key(4)
+    out = jaxdiv.sample(s, gmm2.denoiser(sch), noise, key=key, trace=True)
+    keys = jax.random.split(jax.random.split(key)[0], 16)
+    a = np.asarray(sch.alpha(s.times), np.float64)
+    sigmas = np.asarray(sch.sigma(s.times), np.float64) / a
+    start = np.asarray(out.trace.x[0], np.float64) / a[0]
+
+    def replay(offset):
+        zs = [samplers.per_sample_normal(keys, i + offset, noise) for i in range(8)]
+        return [y * a[i + 1] for i, y in enumerate(
+            _k_euler_ancestral(out.trace.x0_hat, start, sigmas, zs, eta))]  # fmt: skip
+
+    got = list(out.trace.x[1:]) + [out.x0]
+    for i, (g, w) in enumerate(zip(got, replay(0))):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
+    # another step's noise moves the intermediate states: the noise fed is the sampler's
+    assert max(np.abs(np.asarray(g) - w).max() for g, w in zip(got[:-1], replay(1))) > 1e-2
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_matches_diffusers(eta, gmm2):
     """Each DDIM step (including the sigma_t z term for eta > 0) equals diffusers'

@@ -90,7 +90,10 @@ def ddim(
 
     Song et al. (2021), Eq. 12 with the ``sigma_t z`` term (the old diffusers Flax DDIM
     dropped it, so its ``eta > 0`` was wrong). Works on every process: on rectified flow
-    with ``eta = 0`` it is exactly the flow Euler sampler. NFE = ``N``.
+    with ``eta = 0`` it is exactly the flow Euler sampler. In the rescaled variable
+    ``x / alpha`` (noise level ``sigma / alpha``) it is k-diffusion's
+    ``sample_euler_ancestral`` with the same ``eta`` (``eta = 0``: ``sample_euler``;
+    ``tests/test_samplers.py``). NFE = ``N``.
 
     Args:
         schedule: a process from :mod:`jaxdiv.schedules`.
