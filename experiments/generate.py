@@ -852,6 +852,36 @@ def _schedule_length(model: str) -> int | None:
     return T if isinstance(T, int) and not isinstance(T, bool) else None
 
 
+def image_size_problem(model: str, height: int | None, width: int | None) -> str | None:
+    """Why ``--height`` / ``--width`` cannot run on the model, read from its ``config.json``
+    files alone (the multiple of :func:`jaxdiv.pipelines.stable_diffusion.size_multiple` /
+    :func:`jaxdiv.pipelines.stable_diffusion_3.size_multiple`), or None; also None where
+    the files cannot be read (the loader then reports that)."""
+    sizes = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if not sizes:
+        return None
+    from jaxdiv import validation
+    from jaxdiv.models.checkpoint import read_config
+    from jaxdiv.pipelines import stable_diffusion, stable_diffusion_3
+
+    root, sd3 = Path(model), pipeline_kind(model) == "sd3"
+    try:
+        if sd3:
+            multiple = stable_diffusion_3.size_multiple(read_config(root / "transformer"),
+                                                        read_config(root / "vae"))  # fmt: skip
+        else:
+            multiple = stable_diffusion.size_multiple(read_config(root / "unet"),
+                                                      read_config(root / "vae"))  # fmt: skip
+    except (OSError, ValueError, TypeError):  # CheckpointError is a ValueError
+        return None
+    try:
+        validation.image_sizes(multiple, **sizes)
+    except ValueError as err:
+        part = "MMDiT" if sd3 else "UNet"
+        return f"--{err} (the multiple comes from this model's {part} and VAE configs)"
+    return None
+
+
 def save_png_atomic(array_hwc_uint8: np.ndarray, path: Path) -> None:
     """Write a PNG atomically (:func:`experiments.run_folder.atomic_write`)."""
     from PIL import Image
@@ -1044,6 +1074,10 @@ def run(args: argparse.Namespace) -> dict:
     and the final metadata once every image exists.
     """
     procs = getattr(args, "processes", None) or processes.SINGLE
+    # from the config files: before the output folder exists and the (slow) model load
+    size_problem = image_size_problem(args.model, args.height, args.width)
+    if size_problem:
+        raise RunError(size_problem)
     try:
         processes.initialize(procs)
     except ValueError as err:

@@ -69,6 +69,21 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
     return value
 
 
+def image_sizes(multiple: int, **sizes) -> None:
+    """Refuse an image size (``height=...``, ``width=...``) that is not a positive integer
+    multiple of ``multiple`` (the model's down/up path must line up), naming it.
+
+    >>> image_sizes(64, height=512, width=768)
+    >>> image_sizes(64, height=500)
+    Traceback (most recent call last):
+    ...
+    ValueError: height must be a positive multiple of 64, got 500
+    """
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+
+
 def _range_text(lo, hi, lo_open, hi_open) -> str:
     parts = []
     if lo is not None:

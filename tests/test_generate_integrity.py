@@ -470,6 +470,10 @@ BAD = {
     "batch-size-zero": (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     "height-negative": (["--height", "-16"], "--height must be >= 1, got -16"),
     "width-zero": (["--width", "0"], "--width must be >= 1, got 0"),
+    # read from the UNet and VAE configs, before the weights load
+    "height-not-a-multiple": (["--height", "18"], "--height must be a positive multiple of 4, "
+                                                  "got 18 (the multiple comes from this model's "
+                                                  "UNet and VAE configs)"),
     "out-file": (["--out", "{file}"], "is a file, not a folder"),
     "out-under-file": (["--out", "{file}/sub"], "cannot create it (Not a directory)"),
     "out-readonly": (["--out", "{readonly}"], "not writable (Permission denied)"),

@@ -169,6 +169,8 @@ def test_tpso_null_pool_file_keeps_both_encoders(pipe, tmp_path):
         (["--method", "contextual"], "--method contextual needs --contextual-eta"),
         (["--method", "contextual", "--contextual-eta", "5", "--contextual-tau", "0"],
          "--contextual-tau must be an integer >= 1"),
+        (["--width", "18"], "--width must be a positive multiple of 4, got 18 (the multiple "
+                            "comes from this model's MMDiT and VAE configs)"),
     ],
 )
 def test_generate_refuses_what_sd3_cannot_run(pipe, tmp_path, capsys, extra, message):

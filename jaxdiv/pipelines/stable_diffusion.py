@@ -52,8 +52,8 @@ from jaxdiv.models.clip import (
 )
 from jaxdiv.models.clip.tokenizer import check_token_ids
 from jaxdiv.models.layers import pure
-from jaxdiv.models.unet import load_unet
-from jaxdiv.models.vae import load_vae
+from jaxdiv.models.unet import UNetConfig, load_unet
+from jaxdiv.models.vae import VAEConfig, load_vae
 from jaxdiv.pipelines.folder import (
     check_pipeline_folder,
     image_encoder_folder,
@@ -253,11 +253,8 @@ class StableDiffusion(NamedTuple):
         f = self.vae_scale_factor
         height = self.sample_size * f if height is None else height
         width = self.sample_size * f if width is None else width
-        levels = len(self.configs["unet"].get("block_out_channels", (0,) * 4))
-        multiple = f * 2 ** (levels - 1)
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+        multiple = size_multiple(self.configs["unet"], self.configs["vae"])
+        validation.image_sizes(multiple, height=height, width=width)
         validation.integer("batch", batch, minimum=1)
         return (batch, self.latent_channels, height // f, width // f)
 
@@ -474,6 +471,21 @@ class StableDiffusion(NamedTuple):
             base.options, base.step, model_times.astype(np.float32), self.prediction_type
         )
         return base._replace(step=_model_time_step, options=options)
+
+
+def size_multiple(unet_config: dict, vae_config: dict) -> int:
+    """Image heights and widths must be multiples of this for the UNet's down/up path to
+    line up: ``vae_scale_factor * 2 ** (levels - 1)`` (64 for SD 1.x/2.x), from the
+    ``config.json`` of the ``unet`` and ``vae`` folders (the models' own defaults fill
+    missing fields).
+
+    >>> size_multiple({"block_out_channels": [320, 640, 1280, 1280]},
+    ...               {"block_out_channels": [128, 256, 512, 512]})
+    64
+    """
+    vae = VAEConfig.from_dict(vae_config)
+    unet = UNetConfig.from_dict(unet_config)
+    return 2 ** (len(vae.block_out_channels) - 1) * 2 ** (len(unet.block_out_channels) - 1)
 
 
 class _ModelTimeOptions(NamedTuple):

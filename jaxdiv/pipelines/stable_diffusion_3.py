@@ -47,9 +47,9 @@ from jaxdiv.models.checkpoint import CheckpointError, path_problem, read_config
 from jaxdiv.models.clip import load_clip_text, load_clip_tokenizer, tokenize
 from jaxdiv.models.clip.tokenizer import check_token_ids
 from jaxdiv.models.layers import pure
-from jaxdiv.models.mmdit import load_mmdit
+from jaxdiv.models.mmdit import MMDiTConfig, load_mmdit
 from jaxdiv.models.t5 import load_t5
-from jaxdiv.models.vae import load_vae
+from jaxdiv.models.vae import VAEConfig, load_vae
 from jaxdiv.pipelines.folder import check_pipeline_folder, read_scheduler_config
 from jaxdiv.pipelines.stable_diffusion import Bound, _decode_fn, _encode_fn, load_image_encoder
 from jaxdiv.predictions import PredictionDenoiser, as_denoiser
@@ -218,10 +218,8 @@ class StableDiffusion3(NamedTuple):
         f = self.vae_scale_factor
         height = self.sample_size * f if height is None else height
         width = self.sample_size * f if width is None else width
-        multiple = f * self.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+        multiple = size_multiple(self.configs["transformer"], self.configs["vae"])
+        validation.image_sizes(multiple, height=height, width=width)
         validation.integer("batch", batch, minimum=1)
         return (batch, self.latent_channels, height // f, width // f)
 
@@ -275,6 +273,19 @@ class StableDiffusion3(NamedTuple):
 
 
 # --------------------------------------------------------------------------- embeddings files
+
+
+def size_multiple(transformer_config: dict, vae_config: dict) -> int:
+    """Image heights and widths must be multiples of this: ``vae_scale_factor *
+    patch_size`` (16 for SD3 / SD3.5), from the ``config.json`` of the ``transformer`` and
+    ``vae`` folders (the models' own defaults fill missing fields).
+
+    >>> size_multiple({"patch_size": 2}, {"block_out_channels": [128, 256, 512, 512]})
+    16
+    """
+    vae = VAEConfig.from_dict(vae_config)
+    patch = MMDiTConfig.from_dict(transformer_config).patch_size
+    return 2 ** (len(vae.block_out_channels) - 1) * patch
 
 
 def save_prompt_embeds(path: str | os.PathLike, cond: SD3Cond) -> None:
