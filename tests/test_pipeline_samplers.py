@@ -331,18 +331,22 @@ def _torch_euler_latents(torch_pipe, name, karras, noise, key, steps):
     return out, float(sched.init_noise_sigma), float(sched.sigmas.max())
 
 
-@pytest.mark.parametrize("name, spacing, karras", [
-    ("euler", "leading", False),       # SD 1.x/2.x's spacing: integer timesteps
-    ("euler", "linspace", True),       # fractional timesteps, Karras levels
-    ("euler_ancestral", "trailing", False),
+@pytest.mark.parametrize("name, spacing, karras, prediction", [
+    ("euler", "leading", False, "epsilon"),       # SD 1.x/2.x's spacing: integer timesteps
+    ("euler", "linspace", True, "v_prediction"),  # fractional timesteps, Karras levels, v
+    ("euler_ancestral", "trailing", False, "epsilon"),
 ])  # fmt: skip
-def test_euler_samplers_match_diffusers(name, spacing, karras, tiny):
+def test_euler_samplers_match_diffusers(name, spacing, karras, prediction, tiny):
     """Final latents within 1e-4 (relative to their scale) of diffusers' Euler schedulers
     with CFG, N = 6, the same noise. diffusers starts linspace / trailing grids at
     ``sigma_max z`` in its Euler variable: the same images need jaxdiv's noise scaled by
     ``sigma_max / sqrt(sigma_max^2 + 1)``, and without that factor they differ (negative
     control; for the ancestral sampler another key's noise differs too)."""
-    torch_pipe, pipe = _with_config(*tiny, timestep_spacing=spacing, steps_offset=1)
+    torch_pipe, pipe = _with_config(*tiny, timestep_spacing=spacing, steps_offset=1,
+                                    prediction_type=prediction)  # fmt: skip
+    # the same network read as another prediction on both sides
+    pipe = pipe._replace(prediction_type=prediction,
+                         denoiser=pipe.denoiser._replace(prediction_type=prediction))
     s = pipe.euler(6, karras=karras) if name == "euler" else pipe.euler_ancestral(6)
     assert s.name == name and s.nfe == 6 and float(s.times[-1]) == -1.0
     # integer timesteps: the network at the step's own time, no re-expressed x0_hat
