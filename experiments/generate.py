@@ -34,7 +34,8 @@ line on stderr (exit 2); a failed run exits 1.
 (Karras noise levels unless ``--no-karras``, then the config's DPM timestep spacing);
 ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid;
 ``--sampler euler`` / ``euler_ancestral`` are diffusers' ``EulerDiscreteScheduler`` (Karras
-noise levels with ``--karras``) and ``EulerAncestralDiscreteScheduler``. CFG
+noise levels as the config's ``use_karras_sigmas`` unless ``--karras`` / ``--no-karras``) and
+``EulerAncestralDiscreteScheduler``. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch); ``--guidance-rescale PHI`` adds diffusers'
 ``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space).
@@ -673,8 +674,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         "--karras",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Karras noise levels (dpmpp_* and euler only; default: on for dpmpp_*, off for "
-        "euler, as diffusers' EulerDiscreteScheduler)",
+        help="Karras noise levels (dpmpp_* and euler only; default: on for dpmpp_*, the "
+        "scheduler config's use_karras_sigmas for euler, as diffusers' EulerDiscreteScheduler)",
     )
     p.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")
     p.add_argument("--seed", type=int, default=0,
@@ -720,6 +721,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
                     f"{args.sampler}")  # fmt: skip
         if value is None:
             setattr(args, dest, default.get(args.sampler) if isinstance(default, dict) else default)
+    if args.sampler == "euler" and args.karras is None:
+        args.karras = (_scheduler_config(args.model) or {}).get("use_karras_sigmas") is True
     args.steps = default_steps if args.steps is None else args.steps
     args.cfg = default_cfg if args.cfg is None else args.cfg
     for name in ("steps", "n", "batch_size", "height", "width"):
@@ -788,8 +791,9 @@ _SAMPLER_FLAGS = (
     ("--eta", "eta", 0.0, ("ddim",)),
     ("--clean-endpoint", "clean_endpoint", False, ("ddim",)),
     ("--s-churn", "s_churn", 0.0, ("edm",)),
-    # the default per sampler: Karras levels for DPM-Solver++, diffusers' own for Euler
-    ("--karras / --no-karras", "karras", {**dict.fromkeys(_DPMPP, True), "euler": False}, _KARRAS),
+    # the default per sampler: Karras levels for DPM-Solver++; for Euler the scheduler
+    # config's use_karras_sigmas (parse_args reads it), as diffusers' EulerDiscreteScheduler
+    ("--karras / --no-karras", "karras", {**dict.fromkeys(_DPMPP, True), "euler": None}, _KARRAS),
 )
 
 
@@ -841,14 +845,20 @@ def given_knobs(args: argparse.Namespace) -> dict:
     return {f: getattr(args, _dest(f)) for f in KNOB_FLAGS if getattr(args, _dest(f)) is not None}
 
 
-def _schedule_length(model: str) -> int | None:
-    """``num_train_timesteps`` of the model's scheduler config (diffusers' default 1000),
-    or None when the file cannot be read (the loader reports that)."""
+def _scheduler_config(model: str) -> dict | None:
+    """The model's ``scheduler/scheduler_config.json``, or None when it cannot be read
+    (the loader reports that)."""
     try:
         config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
         return None
-    T = config.get("num_train_timesteps", 1000) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _schedule_length(model: str) -> int | None:
+    """``num_train_timesteps`` of the model's scheduler config (diffusers' default 1000),
+    or None when the file cannot be read."""
+    T = (_scheduler_config(model) or {}).get("num_train_timesteps", 1000)
     return T if isinstance(T, int) and not isinstance(T, bool) else None
 
 

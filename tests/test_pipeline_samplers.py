@@ -13,6 +13,7 @@ grid ending at ``sigma = 0``, whose output is the last guided ``x0_hat``.
 """
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -235,10 +236,19 @@ def test_generate_accepts_the_stochastic_samplers(name, karras, tiny, tmp_path):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["sampler"]["name"] == name and meta["sampler"]["nfe"] == 4
     assert meta["settings"]["karras"] is karras
-    if name == "euler_ancestral":  # euler: diffusers' default levels unless --karras
+    if name == "euler_ancestral":  # euler: the config's use_karras_sigmas unless --karras
         args = generate.parse_args(argv[:5] + ["euler"])
         assert args.karras is False
         assert generate.parse_args(argv[:5] + ["euler", "--karras"]).karras is True
+        folder = tmp_path / "karras_config"  # what parse_args reads of a model folder
+        (folder / "scheduler").mkdir(parents=True)
+        (folder / "model_index.json").write_text((Path(pipe.path) / "model_index.json")
+                                                 .read_text())  # fmt: skip
+        config = dict(pipe.configs["scheduler"], use_karras_sigmas=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+        argv = ["--model", str(folder), "--prompt", "a cat", "--sampler", "euler"]
+        assert generate.parse_args(argv).karras is True
+        assert generate.parse_args([*argv, "--no-karras"]).karras is False
 
 
 # -- Euler and Euler ancestral: diffusers' EulerDiscreteScheduler / EulerAncestral... ----
@@ -300,6 +310,15 @@ def test_euler_grid_refuses_options_it_does_not_transcribe():
         with pytest.raises(ValueError, match=f"scheduler config: {key}="):
             euler_grid(dict(TINY_SCHEDULER, **{key: value}), 10)
     assert len(euler_grid(dict(TINY_SCHEDULER, interpolation_type="linear"), 10)[1]) == 10
+    # karras=None follows the config's use_karras_sigmas, as from_config(config) does
+    karras_config = dict(TINY_SCHEDULER, use_karras_sigmas=True)
+    for got, want in [(euler_grid(karras_config, 10), euler_grid(TINY_SCHEDULER, 10, True)),
+                      (euler_grid(karras_config, 10, False), euler_grid(TINY_SCHEDULER, 10))]:
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert not np.array_equal(euler_grid(karras_config, 10)[1], euler_grid(TINY_SCHEDULER, 10)[1])
+    with pytest.raises(TypeError, match="scheduler config: use_karras_sigmas must be a bool"):
+        euler_grid(dict(TINY_SCHEDULER, use_karras_sigmas="yes"), 10)
     with pytest.raises(ValueError, match="no strictly decreasing Euler grid"):
         euler_grid(TINY_SCHEDULER, 1000)  # leading with offset 1: past T - 1
     with pytest.raises(TypeError, match="karras"):

@@ -277,7 +277,7 @@ _EULER_DEFAULTS = {
 }
 
 
-def euler_grid(config: dict, num_steps: int, karras: bool = False):
+def euler_grid(config: dict, num_steps: int, karras: bool | None = None):
     """diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` grid for
     a scheduler config, as VP times.
 
@@ -298,7 +298,8 @@ def euler_grid(config: dict, num_steps: int, karras: bool = False):
             exponential / beta sigmas, continuous timesteps, ``sigma_min`` /
             ``sigma_max``) are refused.
         num_steps: Euler steps ``N``.
-        karras: diffusers' ``use_karras_sigmas``.
+        karras: diffusers' ``use_karras_sigmas``; ``None`` takes the config's (off when
+            absent, as ``EulerDiscreteScheduler.from_config(config)``).
 
     Returns:
         ``(times, model_times)``: float64 ``(N + 1,)`` decreasing VP times whose
@@ -323,6 +324,9 @@ def euler_grid(config: dict, num_steps: int, karras: bool = False):
     """
     sch, _, grid = schedule_from_config(config)
     n = validation.integer("num_steps", num_steps, minimum=1)
+    if karras is None:
+        karras = validation.boolean("scheduler config: use_karras_sigmas",
+                                    config.get("use_karras_sigmas", False))  # fmt: skip
     validation.boolean("karras", karras)
     for key, default in _EULER_DEFAULTS.items():
         if config.get(key, default) != default:

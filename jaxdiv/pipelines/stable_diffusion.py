@@ -395,12 +395,12 @@ class StableDiffusion(NamedTuple):
         """
         return self._dpm_solver(samplers.dpmpp_3m_sde, num_steps, karras, eta=eta)
 
-    def euler(self, num_steps: int = 50, karras: bool = False) -> samplers.Sampler:
+    def euler(self, num_steps: int = 50, karras: bool | None = None) -> samplers.Sampler:
         """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with
         ``s(t) = alpha``) on diffusers' Euler grid of this model.
 
-        Reproduces diffusers' ``EulerDiscreteScheduler.from_config(<scheduler config>,
-        use_karras_sigmas=karras)`` on the same model: the grid is
+        Reproduces diffusers' ``EulerDiscreteScheduler.from_config(<scheduler config>)``
+        (with ``use_karras_sigmas=karras`` when given) on the same model: the grid is
         :func:`~jaxdiv.pipelines.scheduler_config.euler_grid` (its own timestep spacing,
         noise levels interpolated between training timesteps, ending at ``sigma = 0``), so
         the output is the last guided ``x0_hat``. Where diffusers' timestep is fractional
@@ -422,7 +422,8 @@ class StableDiffusion(NamedTuple):
         Args:
             num_steps: Euler steps ``N`` (denoiser evaluations per sample).
             karras: diffusers' ``use_karras_sigmas`` (Karras et al. 2022, Eq. 5, rho 7,
-                between the first and last level of the spacing).
+                between the first and last level of the spacing); ``None`` takes the
+                folder's scheduler config's (off when absent).
 
         Example:
             >>> from jaxdiv.testing import example_pipeline
@@ -430,6 +431,7 @@ class StableDiffusion(NamedTuple):
             >>> s.name, s.nfe, s.times.tolist()
             ('euler', 4, [751.0, 501.0, 251.0, 1.0, -1.0])
         """
+        karras = karras if karras is None else validation.boolean("karras", karras)
         return self._on_diffusers_grid("euler", samplers.ddim, euler_grid, num_steps, karras)
 
     def euler_ancestral(self, num_steps: int = 50) -> samplers.Sampler:
@@ -455,13 +457,13 @@ class StableDiffusion(NamedTuple):
 
     def _dpm_solver(self, factory, num_steps, karras, **kwargs) -> samplers.Sampler:
         """``factory`` on diffusers' DPM-Solver grid, the model at its rounded timesteps."""
+        validation.boolean("karras", karras)
         return self._on_diffusers_grid(None, factory, dpm_solver_grid, num_steps, karras,
                                        **kwargs)  # fmt: skip
 
     def _on_diffusers_grid(self, name, factory, grid, num_steps, karras, **kwargs):
         """``factory`` on the times of ``grid(config, num_steps, karras)``, the network at
         diffusers' model timesteps where they are not the grid's own."""
-        validation.boolean("karras", karras)
         times, model_times = grid(self.configs["scheduler"], num_steps, karras)
         base = factory(self.schedule, times=times, **kwargs)
         base = base if name is None else base._replace(name=name)
