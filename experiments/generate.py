@@ -35,7 +35,9 @@ line on stderr (exit 2); a failed run exits 1.
 ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` are its SDE variants (eta 1) on the same grid;
 ``--sampler euler`` / ``euler_ancestral`` are diffusers' ``EulerDiscreteScheduler`` (Karras
 noise levels as the config's ``use_karras_sigmas`` unless ``--karras`` / ``--no-karras``) and
-``EulerAncestralDiscreteScheduler``. CFG
+``EulerAncestralDiscreteScheduler``; on SD3 ``--sampler flow_euler`` (the default) and
+``flow_heun`` are diffusers' ``FlowMatchEulerDiscreteScheduler`` /
+``FlowMatchHeunDiscreteScheduler`` on the folder's shifted grid. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch); ``--guidance-rescale PHI`` adds diffusers'
 ``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space).
@@ -99,12 +101,12 @@ from experiments.common import progress_bar, quiet, say  # no jax: parsing stays
 from experiments.run_folder import write_json
 
 SAMPLERS = ("ddim", "edm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler", "euler_ancestral",
-            "flow_euler")
+            "flow_euler", "flow_heun")
 # pipeline kind -> (samplers it runs, default sampler, default --steps, default --cfg):
 # diffusers' defaults for each (SD3: 28 FlowMatch Euler steps, guidance 7.0)
 KINDS = {
-    "sd": (SAMPLERS[:-1], "ddim", 50, 7.5),
-    "sd3": (("flow_euler",), "flow_euler", 28, 7.0),
+    "sd": (SAMPLERS[:-2], "ddim", 50, 7.5),
+    "sd3": (SAMPLERS[-2:], "flow_euler", 28, 7.0),
 }
 GRID_COLUMNS = 8
 # Settings that change the pixels of an image: a folder made with other values is refused.
@@ -647,7 +649,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
                    help="prompt of CFG's unconditional branch (default: empty, the empty "
                         "prompt's embedding)")  # fmt: skip
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: ddim (SD 1.x/2.x), flow_euler (SD3, the only one there)")
+                   help="default: ddim (SD 1.x/2.x), flow_euler (SD3, which also runs "
+                        "flow_heun)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps N (default: 50; SD3 28, diffusers' defaults)")
     p.add_argument("--cfg", type=float, default=None,

@@ -102,7 +102,7 @@ def test_diversity_terms_act_on_the_sd3_condition(pipe):
 # -- experiments.generate on an SD3 folder ----------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [["spell", "--spell-radius", "5"],
+@pytest.mark.parametrize("method", [["spell", "--spell-radius", "5", "--sampler", "flow_heun"],
                                     ["contextual", "--contextual-eta", "50",
                                      "--contextual-inner-steps", "10", "--contextual-tau", "1"],
                                     ["tpso", "--tpso-max-steps", "4", "--tpso-null-pool", "2",
@@ -124,9 +124,11 @@ def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, me
             "projection": "text_encoder", "null_pool": 2}  # fmt: skip
         with np.load(out / "tpso_null_pool.npz") as f:  # one pool per CLIP encoder
             assert f["clip_l.hidden"].shape[0] == f["clip_g.hidden"].shape[0] == 2
-    assert meta["settings"]["sampler"] == "flow_euler"
+    heun = "flow_heun" in method  # diffusers' FlowMatchHeunDiscreteScheduler: 2N - 1 calls
+    assert meta["settings"]["sampler"] == ("flow_heun" if heun else "flow_euler")
     assert meta["pipeline"]["prediction_type"] == "flow"
-    assert meta["sampler"]["nfe"] == 2 and meta["pipeline"]["latent_shape"][0] == 16
+    assert meta["sampler"]["nfe"] == (3 if heun else 2)
+    assert meta["pipeline"]["latent_shape"][0] == 16
     pngs = sorted((out / "images").glob("*.png"))
     assert len(pngs) == 2
     first = [p.read_bytes() for p in pngs]

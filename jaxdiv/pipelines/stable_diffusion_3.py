@@ -238,6 +238,20 @@ class StableDiffusion3(NamedTuple):
         stochastic = self.stochastic if stochastic is None else stochastic
         return samplers.flow_euler(self.schedule, num_steps, stochastic=stochastic)
 
+    def flow_heun(self, num_steps: int = 28) -> samplers.Sampler:
+        """diffusers' ``FlowMatchHeunDiscreteScheduler.from_config(<scheduler config>)``:
+        the shifted grid of :meth:`flow_euler` and Heun's second-order steps, the last one
+        Euler (:func:`jaxdiv.samplers.flow_heun`). NFE is ``2 N - 1``.
+
+        Example:
+            >>> from jaxdiv.testing import example_sd3_pipeline
+            >>> pipe = example_sd3_pipeline()
+            >>> s = pipe.flow_heun(10)
+            >>> s.nfe, bool((s.times == pipe.flow_euler(10).times).all())
+            (19, True)
+        """
+        return samplers.flow_heun(self.schedule, num_steps)
+
     def default_sampler(self) -> samplers.Sampler:
         """The sampler :meth:`generate` uses unless told otherwise: 28 Euler steps."""
         return self.flow_euler(28)
