@@ -319,6 +319,12 @@ def test_euler_grid_refuses_options_it_does_not_transcribe():
     assert not np.array_equal(euler_grid(karras_config, 10)[1], euler_grid(TINY_SCHEDULER, 10)[1])
     with pytest.raises(TypeError, match="scheduler config: use_karras_sigmas must be a bool"):
         euler_grid(dict(TINY_SCHEDULER, use_karras_sigmas="yes"), 10)
+    # EulerAncestralDiscreteScheduler has none of those options: ignored there, as diffusers
+    others = dict(karras_config, interpolation_type="log_linear", final_sigmas_type="sigma_min")
+    for got, want in zip(euler_grid(others, 10, ancestral=True), euler_grid(TINY_SCHEDULER, 10)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="no Karras levels"):
+        euler_grid(TINY_SCHEDULER, 10, True, ancestral=True)
     with pytest.raises(ValueError, match="no strictly decreasing Euler grid"):
         euler_grid(TINY_SCHEDULER, 1000)  # leading with offset 1: past T - 1
     with pytest.raises(TypeError, match="karras"):

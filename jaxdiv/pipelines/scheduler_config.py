@@ -277,7 +277,8 @@ _EULER_DEFAULTS = {
 }
 
 
-def euler_grid(config: dict, num_steps: int, karras: bool | None = None):
+def euler_grid(config: dict, num_steps: int, karras: bool | None = None, *,
+               ancestral: bool = False):  # fmt: skip
     """diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` grid for
     a scheduler config, as VP times.
 
@@ -300,6 +301,8 @@ def euler_grid(config: dict, num_steps: int, karras: bool | None = None):
         num_steps: Euler steps ``N``.
         karras: diffusers' ``use_karras_sigmas``; ``None`` takes the config's (off when
             absent, as ``EulerDiscreteScheduler.from_config(config)``).
+        ancestral: ``EulerAncestralDiscreteScheduler``'s grid, which has none of those
+            options (a config's values for them are ignored, as there) and no ``karras``.
 
     Returns:
         ``(times, model_times)``: float64 ``(N + 1,)`` decreasing VP times whose
@@ -324,11 +327,15 @@ def euler_grid(config: dict, num_steps: int, karras: bool | None = None):
     """
     sch, _, grid = schedule_from_config(config)
     n = validation.integer("num_steps", num_steps, minimum=1)
-    if karras is None:
+    if validation.boolean("ancestral", ancestral):
+        if karras:
+            raise ValueError("karras=True: the Euler ancestral scheduler has no Karras levels")
+        karras = False
+    elif karras is None:
         karras = validation.boolean("scheduler config: use_karras_sigmas",
                                     config.get("use_karras_sigmas", False))  # fmt: skip
     validation.boolean("karras", karras)
-    for key, default in _EULER_DEFAULTS.items():
+    for key, default in {} if ancestral else _EULER_DEFAULTS.items():
         if config.get(key, default) != default:
             raise ValueError(
                 f"scheduler config: {key}={config[key]!r} is not supported by the Euler "

@@ -452,8 +452,9 @@ class StableDiffusion(NamedTuple):
             >>> s.name, s.nfe, s.options.eta
             ('euler_ancestral', 4, 1.0)
         """
-        return self._on_diffusers_grid("euler_ancestral", samplers.ddim, euler_grid,
-                                       num_steps, False, eta=1.0)  # fmt: skip
+        grid = functools.partial(euler_grid, ancestral=True)
+        return self._on_diffusers_grid("euler_ancestral", samplers.ddim, grid, num_steps, False,
+                                       eta=1.0)  # fmt: skip
 
     def _dpm_solver(self, factory, num_steps, karras, **kwargs) -> samplers.Sampler:
         """``factory`` on diffusers' DPM-Solver grid, the model at its rounded timesteps."""
