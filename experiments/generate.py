@@ -741,8 +741,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     if args.eta > 1:
         p.error(f"--eta must be <= 1 (above 1 DDIM's step noise exceeds the next noise "
                 f"level), got {args.eta:g}")  # fmt: skip
-    if not 0 <= args.seed < 2**63:  # jax.random.key takes a 64-bit integer
-        p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    problem = seed_problem(args.seed)
+    if problem:
+        p.error(problem)
     if args.clip_skip is not None and args.clip_skip < 0:
         p.error(f"--clip-skip must be >= 0, got {args.clip_skip}")
     limit = _schedule_length(args.model)
@@ -803,6 +804,16 @@ _SAMPLER_FLAGS = (
 def _dest(flag: str) -> str:
     """argparse's attribute name of a flag (``--spell-radius`` -> ``spell_radius``)."""
     return flag.lstrip("-").replace("-", "_")
+
+
+def seed_problem(seed: int) -> str | None:
+    """Why ``--seed`` cannot be used, or ``None``: ``jax.random.key`` takes a 64-bit
+    integer, and the images fold indices into the key (never into the integer).
+
+    >>> seed_problem(0) is None, seed_problem(-1)
+    (True, '--seed must be an integer in [0, 2**63), got -1')
+    """
+    return None if 0 <= seed < 2**63 else f"--seed must be an integer in [0, 2**63), got {seed}"
 
 
 def rescale_problem(rescale, cfg: float, method: str | None = None) -> str | None:

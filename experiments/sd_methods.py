@@ -129,11 +129,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg must be a finite number, got {args.cfg}")
-    problem = generate.rescale_problem(args.guidance_rescale, args.cfg)
-    if problem:
-        p.error(problem)
-    if not 0 <= args.seed < 2**63:
-        p.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    for problem in (generate.rescale_problem(args.guidance_rescale, args.cfg),
+                    generate.seed_problem(args.seed)):  # fmt: skip
+        if problem:
+            p.error(problem)
     args.methods_given = args.methods is not None
     methods = [m.strip() for m in (args.methods or ",".join(generate.METHODS)).split(",")
                if m.strip()]  # fmt: skip

@@ -135,6 +135,7 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
          "--guidance-rescale has no effect with --cfg 1"),
         (["--methods", "interval", "--guidance-rescale", "0.7"],
          "--methods interval cannot run: --guidance-rescale does not apply"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
     ],
 )
 def test_sd_methods_bad_values_fail_before_the_model_loads(
