@@ -223,12 +223,14 @@ def _latents_key(pipe, sampler, noise, key):
 
 
 @pytest.mark.parametrize("name, karras", [("dpmpp_2m_sde", True), ("euler_ancestral", None)])
-def test_generate_accepts_the_stochastic_samplers(name, karras, tiny, tmp_path):
+def test_generate_accepts_the_stochastic_samplers(name, karras, tiny, tmp_path, monkeypatch):
     """``--karras`` defaults on for DPM-Solver++ and does not apply to Euler ancestral
     (``dpmpp_3m_sde`` takes the same path as ``dpmpp_2m_sde``: ``pipe.<name>(N, karras)``)."""
     from experiments import generate
 
-    _, pipe = tiny
+    _, pipe = tiny  # the folder's pipeline is loaded already: generate reuses it
+    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
+    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
     out = tmp_path / name
     argv = ["--model", pipe.path, "--prompt", "a cat", "--sampler", name, "--steps", "4",
             "--n", "1", "--batch-size", "1", "--cfg", "3", "--out", str(out)]  # fmt: skip

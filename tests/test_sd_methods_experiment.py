@@ -404,7 +404,7 @@ def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp
     assert meta["settings"]["guidance_rescale"] == 0.7
     pngs = np.stack([np.asarray(Image.open(out / "images" / generate.image_name(0, i)))
                      for i in range(3)])  # fmt: skip
-    pipe = stable_diffusion.load(str(model))
+    pipe = generate.load_pipeline(str(model))  # the CLI's (stable_diffusion.load's) pipeline
     s = pipe.ddim(3, eta=0.7)
     kw = dict(key=jax.random.key(7), sampler=s, cfg=float(CFG))
     g = pipe.generate("a cat", 3, guidance_rescale=0.7, **kw)
