@@ -10,6 +10,7 @@ initial latents. Then: the loader's errors for broken folders, and
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -397,14 +398,22 @@ def test_pickled_weights_refused_unless_allowed(tiny, tmp_path):
     np.testing.assert_array_equal(loaded.null_cond, pipe.null_cond)
 
 
+def reuse_loaded(monkeypatch, pipe):
+    """Let ``experiments.generate`` reuse ``pipe`` (the folder's pipeline, loaded by the
+    fixture as generate would load it) instead of loading and compiling it again."""
+    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
+    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
+
+
 def with_option(argv, flag, value):
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
     return argv
 
 
-def test_generate_end_to_end_and_resume(tiny, tmp_path, capsys):
-    folder, _, _ = tiny
+def test_generate_end_to_end_and_resume(tiny, tmp_path, capsys, monkeypatch):
+    folder, _, pipe = tiny
+    reuse_loaded(monkeypatch, pipe)
     out = tmp_path / "gen"
     argv = ["--model", str(folder), "--prompt", "a cat", "a dog", "--sampler", "edm"]
     argv += ["--steps", "3", "--n", "3", "--batch-size", "2", "--cfg", "3", "--out", str(out)]
@@ -506,8 +515,9 @@ def test_dpmpp_2m_cfg_parity(tiny, karras):
     assert np.abs(lat_wrong - ref).max() > (2 if karras else 10) * tol
 
 
-def test_generate_dpmpp_2m(tiny, tmp_path, capsys):
-    folder, _, _ = tiny
+def test_generate_dpmpp_2m(tiny, tmp_path, capsys, monkeypatch):
+    folder, _, pipe = tiny
+    reuse_loaded(monkeypatch, pipe)
     out = tmp_path / "gen_dpm"
     argv = ["--model", str(folder), "--prompt", "a cat", "--sampler", "dpmpp_2m", "--steps", "3"]
     argv += ["--n", "1", "--batch-size", "1", "--cfg", "3", "--out", str(out)]
