@@ -77,3 +77,15 @@ def disjoint_shields_near(points, num, sep, r, key):
             break
     assert len(keep) == num, "test setup: not enough separated shield centres"
     return jnp.asarray(np.stack(keep), jnp.float32)
+
+
+def reuse_loaded(monkeypatch, pipe):
+    """Let ``experiments.generate`` reuse ``pipe`` (a folder's pipeline loaded as generate
+    loads it: float32, no pickle, no clip_skip, the folder's image encoder) instead of
+    loading and compiling the same folder again."""
+    from pathlib import Path
+
+    from experiments import generate
+
+    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
+    monkeypatch.setattr(generate, "_LOADED", {key: pipe})

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import reuse_loaded
 from diffusers import DDIMScheduler
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -228,9 +229,8 @@ def test_generate_accepts_the_stochastic_samplers(name, karras, tiny, tmp_path, 
     (``dpmpp_3m_sde`` takes the same path as ``dpmpp_2m_sde``: ``pipe.<name>(N, karras)``)."""
     from experiments import generate
 
-    _, pipe = tiny  # the folder's pipeline is loaded already: generate reuses it
-    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
-    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
+    _, pipe = tiny
+    reuse_loaded(monkeypatch, pipe)
     out = tmp_path / name
     argv = ["--model", pipe.path, "--prompt", "a cat", "--sampler", name, "--steps", "4",
             "--n", "1", "--batch-size", "1", "--cfg", "3", "--out", str(out)]  # fmt: skip

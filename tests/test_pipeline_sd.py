@@ -10,13 +10,13 @@ initial latents. Then: the loader's errors for broken folders, and
 import json
 import re
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import reuse_loaded
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -396,13 +396,6 @@ def test_pickled_weights_refused_unless_allowed(tiny, tmp_path):
         sd.load(pickled)
     loaded = sd.load(pickled, allow_pickle=True)
     np.testing.assert_array_equal(loaded.null_cond, pipe.null_cond)
-
-
-def reuse_loaded(monkeypatch, pipe):
-    """Let ``experiments.generate`` reuse ``pipe`` (the folder's pipeline, loaded by the
-    fixture as generate would load it) instead of loading and compiling it again."""
-    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
-    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
 
 
 def with_option(argv, flag, value):

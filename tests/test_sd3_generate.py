@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reuse_loaded
 from safetensors.numpy import save_file
 
 import jaxdiv
@@ -108,9 +109,7 @@ def test_diversity_terms_act_on_the_sd3_condition(pipe):
                                     ["tpso", "--tpso-max-steps", "4", "--tpso-null-pool", "2",
                                      "--tpso-ratio", "0.5"]])
 def test_generate_runs_an_sd3_folder_and_resumes(pipe, tmp_path, monkeypatch, method):
-    # the folder's pipeline is already loaded: let generate reuse it instead of reloading
-    key = (str(Path(pipe.path).resolve()), "float32", False, None, None)
-    monkeypatch.setattr(generate, "_LOADED", {key: pipe})
+    reuse_loaded(monkeypatch, pipe)
     out = tmp_path / "run"
     argv = ["--model", pipe.path, "--prompt", "a cat", "--n", "2", "--steps", "2", "--cfg", "3",
             "--method", *method, "--out", str(out)]  # fmt: skip
