@@ -1292,9 +1292,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         # the same term object for the same settings: jaxdiv.sample then reuses its program
         term_key = (pipe_key, args.cfg, args.negative_prompt, args.guidance_rescale)
         if term_key not in _TERMS:
-            rescale = {} if args.guidance_rescale is None else dict(
-                rescale=args.guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
-            _TERMS[term_key] = guidance.cfg(args.cfg, null_cond=null, **rescale)
+            _TERMS[term_key] = generation.cfg_term(pipe, args.cfg, null, args.guidance_rescale)
         term = _TERMS[term_key]
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt))
     texts = [(f"--prompt {p!r}", jax.tree.map(lambda e, j=j: e[j], prompt_emb))

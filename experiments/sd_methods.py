@@ -279,6 +279,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import jaxdiv
     from jaxdiv import guidance
+    from jaxdiv.pipelines import generation
 
     knobs, skipped = plan(args)
     out = Path(args.out)
@@ -306,9 +307,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         sampler = pipe.ddim(args.steps, clean_endpoint=True)
     null = pipe.null_cond
-    rescale = {} if args.guidance_rescale is None else dict(
-        rescale=args.guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
-    cfg_term = None if args.cfg == 1.0 else guidance.cfg(args.cfg, null_cond=null, **rescale)
+    cfg_term = None if args.cfg == 1.0 else generation.cfg_term(pipe, args.cfg, null,
+                                                                args.guidance_rescale)
     root = jax.random.key(args.seed)
     prompt_emb = pipe.encode_prompt(pipe.tokenize(args.prompt_list))
     null_pool = None

@@ -42,9 +42,9 @@ from jaxdiv import validation
 from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
-__all__ = ["GASSSetup", "Generated", "check_keywords", "gass_encoder", "gass_pixel_space",
-           "gass_setup", "generate", "image_noise", "is_sd3", "null_condition", "sampling_key",
-           "truncated_prompts"]
+__all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "gass_encoder",
+           "gass_pixel_space", "gass_setup", "generate", "image_noise", "is_sd3",
+           "null_condition", "sampling_key", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -425,14 +425,28 @@ def generate(
                              f"shape {tuple(noise.shape)}")  # fmt: skip
     guided = method
     if not no_cfg and not own:
-        rescale = {} if guidance_rescale is None else dict(
-            rescale=guidance_rescale, prediction_type=pipe.denoiser.prediction_type)
-        scale = _guidance.cfg(cfg, null_cond=null, **rescale)
+        scale = cfg_term(pipe, cfg, null, guidance_rescale)
         guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
                  key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
     _warn_non_finite(out.x0, terms)
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
+
+
+def cfg_term(pipe, scale, null_cond=None, rescale=None):
+    """``guidance.cfg(scale, null_cond)`` for ``pipe`` (``null_cond`` defaults to the empty
+    prompt's, ``pipe.null_cond``), with the CFG rescale ``rescale`` (Lin et al. 2024, Sec.
+    3.4) applied in the network's own prediction space, ``pipe.denoiser.prediction_type``.
+
+    >>> from jaxdiv.testing import example_pipeline
+    >>> pipe = example_pipeline()
+    >>> cfg_term(pipe, 7.5).name, cfg_term(pipe, 7.5, rescale=0.7).name
+    ('cfg', 'cfg')
+    """
+    null_cond = pipe.null_cond if null_cond is None else null_cond
+    extra = {} if rescale is None else dict(rescale=rescale,
+                                            prediction_type=pipe.denoiser.prediction_type)
+    return _guidance.cfg(scale, null_cond=null_cond, **extra)
 
 
 # diffusers' pipeline arguments that generate() names otherwise: what to write instead
