@@ -20,10 +20,12 @@ trade machine-code quality for compile speed; this benchmark measures both sides
 Flag sets (``--flag-sets``, comma-separated names):
 
 * ``default``: XLA's defaults.
-* ``tests``: :data:`TEST_SUITE_FLAGS`, what ``conftest.py`` sets for ``make test``.
+* ``tests``: :data:`TEST_SUITE_FLAGS`, what ``conftest.py`` sets for ``make test``
+  (the fusion emitters off and LLVM at -O0).
+* ``exact_tests``: :data:`EXACT_CODEGEN_FLAGS`, those of ``make test``'s second pass (the
+  tests marked ``exact_codegen``): the fusion emitters off and LLVM at -O1.
 * ``no_fusion_emitters``: ``--xla_cpu_use_fusion_emitters=false`` alone.
 * ``llvm_o1``: ``--xla_backend_optimization_level=1`` alone.
-* ``llvm_o0``: the fusion emitters off and LLVM at -O0.
 
 XLA reads its flags once per process, so every (round, flag set) runs in a fresh child
 process pinned to one core (:func:`benchmarks.timing.pin_one_core`); the flag sets
@@ -44,16 +46,22 @@ import sys
 import time
 from pathlib import Path
 
-#: XLA:CPU flags of the test sessions (``conftest.py``): LLVM at -O1 instead of the default
-#: -O2, and the legacy elemental emitters instead of the MLIR fusion emitters.
-TEST_SUITE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+#: XLA:CPU flags of the test sessions (``conftest.py``): LLVM at -O0 instead of the default
+#: -O2, and the legacy elemental emitters instead of the MLIR fusion emitters. At -O0 LLVM
+#: forms no fused multiply-adds, which XLA's default codegen does.
+TEST_SUITE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+
+#: XLA:CPU flags of the tests marked ``exact_codegen`` (which compare two compiled programs
+#: bitwise or within a few ulps): LLVM at -O1, which contracts ``a * b + c`` into fused
+#: multiply-adds as the default codegen does.
+EXACT_CODEGEN_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
 
 FLAG_SETS = {
     "default": "",
     "tests": TEST_SUITE_FLAGS,
+    "exact_tests": EXACT_CODEGEN_FLAGS,
     "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
     "llvm_o1": "--xla_backend_optimization_level=1",
-    "llvm_o0": "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0",
 }
 WORKLOADS = ("toy", "sd_tiny", "unet")
 _SMOKE_UNET = "tiny"  # --smoke: the parity tests' UNet instead of the SD2.1-sized one

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,8 +12,26 @@ from benchmarks import compile_flags
 
 def test_the_test_session_compiles_with_the_suites_flags_unless_opted_out():
     # conftest.py puts them in the environment before JAX starts
-    wanted = os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") != "1"
-    assert (compile_flags.TEST_SUITE_FLAGS in os.environ.get("XLA_FLAGS", "")) == wanted
+    flags = os.environ.get("XLA_FLAGS", "")
+    defaults = os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") == "1"
+    exact = os.environ.get("JAXDIV_TEST_CODEGEN") == "exact"
+    assert (compile_flags.TEST_SUITE_FLAGS in flags) == (not defaults and not exact)
+    assert (compile_flags.EXACT_CODEGEN_FLAGS in flags) == (not defaults and exact)
+
+
+def test_the_suites_codegen_forms_no_fused_multiply_add_and_the_exact_codegen_does(tmp_path):
+    """Why the tests marked ``exact_codegen`` run apart: ``a * b + c`` with ``a = b = 1 +
+    2**-12``, ``c = -(1 + 2**-11)`` is ``2**-24`` exactly, which one fused multiply-add keeps
+    and a rounded product loses (``a * b`` rounds to ``1 + 2**-11``, a tie to even)."""
+    code = ("import jax, jax.numpy as jnp; a = jnp.full(8, 1 + 2**-12, jnp.float32); "
+            "print(float(jax.jit(lambda a, b, c: a * b + c)(a, a, -(a * a))[0]))")
+    got = {}
+    for name in ("tests", "exact_tests", "default"):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=compile_flags.FLAG_SETS[name])
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        got[name] = float(run.stdout)
+    assert got == {"tests": 0.0, "exact_tests": 2.0**-24, "default": 2.0**-24}
 
 
 def test_each_round_and_flag_set_runs_in_its_own_process(tmp_path):

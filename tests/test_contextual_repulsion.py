@@ -495,6 +495,7 @@ def test_composes_with_cfg_and_spell_in_one_chain(sd3_den):
     assert set(out.trace.info) == {"contextual", "cfg", "spell"}
 
 
+@pytest.mark.exact_codegen
 def test_one_sample_is_a_no_op(sd3_den):
     den, schedule, cond, noise = sd3_den
     one = jax.tree.map(lambda a: a[:1], cond)

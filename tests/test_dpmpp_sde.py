@@ -100,6 +100,7 @@ CASES = [  # (sampler, diffusers algorithm, order, karras, final_sigmas_type, N)
 ] + [("dpmpp_3m_sde", "sde-dpmsolver++", 3, False, "sigma_min", 10)]  # fmt: skip
 
 
+@pytest.mark.exact_codegen
 @pytest.mark.parametrize("name, algo, order, karras, final, n", CASES)
 def test_matches_diffusers_full_loop(name, algo, order, karras, final, n):
     """Full loops equal to float32 precision (5e-6 of the output scale), n on both sides

@@ -350,7 +350,9 @@ def poisoned_pipe(component):
 @pytest.mark.parametrize(
     "case, where, cause",
     [
-        ("cfg", r"in the guided prediction x0_hat at step \d/2", r"--cfg 1e\+38 is so large"),
+        # where the overflow first shows depends on whether a * b + c is one fused multiply-add
+        pytest.param("cfg", r"in the guided prediction x0_hat at step \d/2",
+                     r"--cfg 1e\+38 is so large", marks=pytest.mark.exact_codegen),
         ("denoiser", r"in the guided prediction x0_hat at step 1/2", r"non-finite weights .*unet"),
         (
             "encode_prompt",

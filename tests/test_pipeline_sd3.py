@@ -221,6 +221,7 @@ def test_encode_prompt_matches_diffusers(folders):
     assert np.abs(np.asarray(cond.prompt_embeds[:, 16:])).min(axis=-1).max() > 0  # T5 rows
 
 
+@pytest.mark.exact_codegen
 def test_encode_prompt_without_t5_and_clip_skip_match_diffusers(folders):
     """A folder without T5: its 12 tokens are zeros, as in diffusers; clip_skip=1 changes
     the CLIP columns (diffusers' hidden_states[-3]), not the pooled vectors."""

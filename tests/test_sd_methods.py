@@ -271,6 +271,7 @@ def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):
     assert jax.jit(lambda x: pipe.encode(x))(jnp.asarray(images)).shape == want.shape
 
 
+@pytest.mark.exact_codegen
 def test_gass_pixel_write_back_raises_spp_and_round_trips_only_when_active(pipe, noise):
     """The paper's write-back (Adam on decoded pixels, VAE re-encoding): at active steps the
     pixel-space SPP loss falls, steps where GASS is inactive are untouched (no VAE round

@@ -86,6 +86,7 @@ def test_every_term_runs_in_float64_and_agrees_with_float32(name):
     np.testing.assert_allclose(x64, x32, rtol=0, atol=5e-5)
 
 
+@pytest.mark.exact_codegen
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_spell_leaves_rows_outside_every_shield_bit_for_bit_in_float64(sampler):
     """Sparsity (Sec. 5.4) in x64: a sample no shield touches is the unguided float64 run
