@@ -40,7 +40,8 @@ noise levels as the config's ``use_karras_sigmas`` unless ``--karras`` / ``--no-
 ``FlowMatchHeunDiscreteScheduler`` on the folder's shifted grid. CFG
 uses diffusers' convention (``--cfg 1`` switches it off; the empty or ``--negative-prompt``
 embedding is the unconditional branch); ``--guidance-rescale PHI`` adds diffusers'
-``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space).
+``guidance_rescale`` (``guidance.cfg(rescale=PHI)`` in the model's prediction space; with
+``--method interval`` inside the interval, with ``--method tpso`` to TPSO's CFG).
 
 ``--method`` adds a diversity method to CFG (table in :mod:`jaxdiv.pipelines.generation`);
 each method's knobs are flags named after it, defaulting to its paper's SD values, and a
@@ -512,7 +513,8 @@ def tpso_null_pool(pipe, knobs: dict, key, path: Path, log=lambda msg: None):
 
 
 def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, prompt: str,
-                key, radius=None, text_emb=None, cfg_term=None, null_pool=None):  # fmt: skip
+                key, radius=None, text_emb=None, cfg_term=None, null_pool=None,
+                rescale=None):  # fmt: skip
     """The guidance and the condition of one batch of ``prompt`` under ``method``.
 
     Condition terms (CADS) come before CFG, x0 terms (SPELL, PG, GASS) after it; interval
@@ -529,8 +531,10 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         key: PRNG key of TPSO's optimisation.
         radius: SPELL's radius (a number; resolve ``"auto"`` first).
         text_emb: GASS's ``(P,)`` text embedding (:func:`text_embeddings`).
-        cfg_term: a prebuilt ``guidance.cfg(cfg, null_cond=null)`` to reuse.
+        cfg_term: a prebuilt ``generation.cfg_term(pipe, cfg, null, rescale)`` to reuse.
         null_pool: TPSO's negative-branch pool (:func:`tpso_null_pool`) or ``None``.
+        rescale: the CFG rescale ``phi`` (``--guidance-rescale``) or ``None``: of CFG, of
+            interval guidance inside its interval, of TPSO's CFG.
 
     Returns:
         ``(guidance or None, cond)``.
@@ -541,12 +545,14 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     from jaxdiv.pipelines import generation, tpso
 
     if cfg_term is None and cfg != 1.0:
-        cfg_term = guidance.cfg(cfg, null_cond=null)
+        cfg_term = generation.cfg_term(pipe, cfg, null, rescale)
     k = knobs
+    scaled = generation.rescale_options(pipe, rescale)
     if method == "none":
         return cfg_term, cond
     if method == "interval":
-        return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null), cond
+        return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null,
+                                 **scaled), cond  # fmt: skip
     if method == "tpso":
         # on SD3 each CLIP encoder's own projection (method_knobs refuses a folder there)
         sd3 = generation.is_sd3(pipe)
@@ -558,7 +564,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         )  # fmt: skip
         if cfg == 1.0:  # no CFG: the negative branch is never evaluated
             return guidance.tpso(c.optimized, k["ratio"], original=c.cond), c.cond
-        return tpso.tpso_guidance(c, scale=cfg, ratio=k["ratio"]), c.cond
+        return tpso.tpso_guidance(c, scale=cfg, ratio=k["ratio"], **scaled), c.cond
     if method == "cads":
         term = guidance.cads(tau1=k["tau1"], tau2=k["tau2"], noise_scale=k["noise_scale"],
                              psi=k["psi"])  # fmt: skip
@@ -756,7 +762,7 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         p.error("--prompt: prompts must be non-empty")
     if args.negative_prompt and args.cfg == 1.0:
         p.error("--negative-prompt has no effect with --cfg 1 (no unconditional branch)")
-    problem = rescale_problem(args.guidance_rescale, args.cfg, args.method)
+    problem = rescale_problem(args.guidance_rescale, args.cfg)
     if problem:
         p.error(problem)
     if args.method == "interval" and args.cfg == 1.0:
@@ -816,13 +822,12 @@ def seed_problem(seed: int) -> str | None:
     return None if 0 <= seed < 2**63 else f"--seed must be an integer in [0, 2**63), got {seed}"
 
 
-def rescale_problem(rescale, cfg: float, method: str | None = None) -> str | None:
-    """Why ``--guidance-rescale`` cannot run with ``--cfg`` (and ``method``), or ``None``:
-    a value outside [0, 1], CFG off, or a method that brings its own combination of the
-    model's outputs (interval guidance, TPSO).
+def rescale_problem(rescale, cfg: float) -> str | None:
+    """Why ``--guidance-rescale`` cannot run with ``--cfg``, or ``None``: a value outside
+    [0, 1], or CFG off.
 
-    >>> rescale_problem(0.7, 7.5, "spell") is None, rescale_problem(0.7, 7.5, "tpso").split(":")[0]
-    (True, '--guidance-rescale does not apply to --method tpso')
+    >>> rescale_problem(0.7, 7.5) is None, rescale_problem(0.7, 1.0).split(" (")[0]
+    (True, '--guidance-rescale has no effect with --cfg 1')
     """
     if rescale is None:
         return None
@@ -831,9 +836,6 @@ def rescale_problem(rescale, cfg: float, method: str | None = None) -> str | Non
     if cfg == 1.0:
         return ("--guidance-rescale has no effect with --cfg 1 (the guided prediction is the "
                 "conditional one, already at its own scale)")  # fmt: skip
-    if method in ("interval", "tpso"):
-        return (f"--guidance-rescale does not apply to --method {method}: it brings its own "
-                "combination of the model's outputs")  # fmt: skip
     return None
 
 
@@ -1446,6 +1448,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
                     pipe, method, knobs, cfg=args.cfg, null=null, cond=prompt_cond(j),
                     prompt=args.prompt[j], key=tpso_key, radius=radius, cfg_term=term,
                     text_emb=None if text_embs is None else text_embs[j], null_pool=null_pool,
+                    rescale=args.guidance_rescale,
                 )  # fmt: skip
             except (ValueError, TypeError) as err:
                 raise RunError(f"--method {method}: {err}") from err

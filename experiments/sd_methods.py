@@ -31,12 +31,11 @@ projection). A metric that cannot be computed is ``null`` with its reason in
 ``metric_notes``. Methods are skipped, with the reason recorded, when the folder lacks
 what they need: GASS an image encoder and a projection, TPSO a projection, PG a
 ``--pg-strength`` (no published SD value) and ``--n >= 3``, contextual repulsion an SD3
-folder and a ``--contextual-eta``, interval guidance and TPSO with ``--guidance-rescale``
-(diffusers' CFG rescale, applied to every row chained with CFG; those two bring their own
-combination); on SD3 folders TPSO optimises both CLIP encoders with
-the public SD3.5 defaults, and GASS, SPP and the CLIP score use CLIP-L's own projected
-text embedding (``--image-encoder`` must then be the vision tower of the same CLIP,
-ViT-L/14 for the released models).
+folder and a ``--contextual-eta``; ``--guidance-rescale`` (diffusers' CFG rescale) applies
+to every row's CFG (interval guidance's inside its interval, TPSO's own); on SD3 folders
+TPSO optimises both CLIP encoders with the public SD3.5 defaults, and GASS, SPP and the
+CLIP score use CLIP-L's own projected text embedding (``--image-encoder`` must then be the
+vision tower of the same CLIP, ViT-L/14 for the released models).
 
 For real checkpoints: SD 1.5's text encoder is OpenAI CLIP ViT-L/14's text tower, so
 ``--clip-projection`` is that model's folder (``CLIPModel`` or
@@ -96,7 +95,8 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
                    help="CFG scale (1 = none; default: SD 7.5, SD3 7.0)")  # fmt: skip
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="CFG rescale phi in [0, 1] as experiments.generate's, for every "
-                        "method chained with CFG (default: none)")  # fmt: skip
+                        "method's CFG: interval guidance's inside its interval, TPSO's own "
+                        "(default: none)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the shared noise and sampling keys (default: 0)")
     p.add_argument(
@@ -193,10 +193,6 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
         if method == "interval" and args.cfg == 1.0:
             skipped[method] = ("--cfg 1: interval guidance (CFG at scale --cfg inside the "
                                "interval) would be the unguided run")  # fmt: skip
-            continue
-        problem = generate.rescale_problem(args.guidance_rescale, args.cfg, method)
-        if problem:
-            skipped[method] = problem
             continue
         try:
             knobs[method] = generate.method_knobs(method, given, args.model, args.n, has_encoder,
@@ -358,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
                     pipe, method, k, cfg=args.cfg, null=null, cond=cond, prompt=prompt,
                     key=jax.random.fold_in(jax.random.fold_in(root, 10), j), radius=radius,
                     text_emb=gass_embs[j] if method == "gass" else None, cfg_term=cfg_term,
-                    null_pool=null_pool,
+                    null_pool=null_pool, rescale=args.guidance_rescale,
                 )  # fmt: skip
                 x0 = jaxdiv.sample(sampler, pipe.denoiser, noise, key=key, cond=c,
                                    guidance=g).x0  # fmt: skip

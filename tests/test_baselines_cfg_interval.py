@@ -67,6 +67,35 @@ def test_interval_is_cfg_inside_and_conditional_outside(setup):
     np.testing.assert_allclose(out.x0, tr.x0_hat[-1], atol=1e-6)
 
 
+def test_interval_rescales_inside_as_lin_et_al_and_keeps_d_c_outside():
+    """``interval(rescale=phi, prediction_type="sample")``: inside the interval the guided
+    prediction (here ``x0_hat`` itself) is rescaled as Lin et al. (2024) Sec. 3.4, ``p_cfg
+    (phi std(p_c) / std(p_cfg) + 1 - phi)`` with Bessel's correction (diffusers'
+    ``rescale_noise_cfg``), recomputed in NumPy from the denoisers at the traced points;
+    outside it is ``D_c``, untouched. (The other prediction spaces: the cfg test below.)"""
+    s = make_sampler("edm")
+    den = CM.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(0), (B, 2))
+    cond = CM.condition(jnp.arange(B) % CM.num_classes)
+    w, lo, hi, phi = 3.0, 0.5, 4.0, 0.7
+    g = interval(w, lo, hi, rescale=phi, prediction_type="sample")
+    tr = jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond, guidance=g,
+                       trace=True).trace  # fmt: skip
+    per_step = jax.vmap(lambda x, t, c: den(x, t, c), (0, 0, None))
+    d_c = np.asarray(per_step(tr.x, tr.t, cond), np.float64)
+    d_u = np.asarray(per_step(tr.x, tr.t, jnp.zeros_like(cond)), np.float64)
+    level = np.asarray(s.schedule.noise_level(tr.t))
+    inside = (level > lo) & (level <= hi)
+    assert inside.any() and (~inside).any(), level
+    p_cfg = d_u + w * (d_c - d_u)
+    factor = phi * d_c.std(axis=-1, ddof=1) / p_cfg.std(axis=-1, ddof=1) + 1 - phi
+    expected = np.where(inside[:, None, None], p_cfg * factor[..., None], d_c)
+    np.testing.assert_allclose(tr.x0_hat, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(expected - p_cfg)[inside].max() > 1e-2  # the rescale acted
+    np.testing.assert_allclose(tr.info["interval"].rescale_factor,
+                               np.where(inside, factor.mean(axis=-1), 0.0), rtol=1e-4)  # fmt: skip
+
+
 def test_interval_means_the_same_noise_levels_on_every_process(setup):
     """An interval covering every noise level is CFG itself; an empty one is D_c."""
     s, den, noise, cond, run, per_step = setup

@@ -148,6 +148,24 @@ def test_gass_raises_the_spherical_spread_of_clip_features(pipe, noise):
     assert means[1] - base > 1e-3
 
 
+def test_cli_interval_takes_the_cfg_rescale(pipe, noise):
+    """``--method interval --guidance-rescale``: ``generate.method_term`` gives interval
+    guidance the rescale; over every noise level it is CFG with ``guidance_rescale``
+    (matched to diffusers' in ``test_pipeline_sd.py``), up to float rounding."""
+    from experiments import generate
+
+    knobs = {"sigma_lo": 0.0, "sigma_hi": float("inf")}
+    g, _ = generate.method_term(pipe, "interval", knobs, cfg=3.0, null=pipe.null_cond,
+                                cond=None, prompt="a photo of a cat", key=jax.random.key(0),
+                                rescale=0.7)  # fmt: skip
+    sampler = pipe.ddim(3)
+    got = _run(pipe, noise, sampler, g, cfg=None, trace=True)
+    want = np.asarray(_run(pipe, noise, sampler, cfg=3.0, guidance_rescale=0.7).latents)
+    factor = np.asarray(got.output.trace.info["interval"].rescale_factor)
+    assert np.all((factor > 0) & (np.abs(factor - 1) > 1e-4)), factor  # it acted everywhere
+    np.testing.assert_allclose(got.latents, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_generate_checks_its_inputs(pipe, noise):
     with pytest.raises(ValueError, match="non-empty list of strings"):
         pipe.generate([], 2, key=jax.random.key(0))

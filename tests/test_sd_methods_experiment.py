@@ -107,10 +107,9 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
     assert "--clip-projection" in skipped["gass"] and "--tpso-projection" in skipped["tpso"]
     args.pg_strength = "1"
     assert "--n >= 3" in sd_methods.plan(args)[1]["particle"]  # n = 2: one batch
-    args.guidance_rescale = 0.7  # the CFG rescale: not for methods with their own CFG
-    skipped = sd_methods.plan(args)[1]
-    for method in ("interval", "tpso"):
-        assert f"--guidance-rescale does not apply to --method {method}" in skipped[method]
+    args.guidance_rescale = 0.7  # the CFG rescale: interval guidance and TPSO take it too
+    knobs, skipped = sd_methods.plan(args)
+    assert "interval" in knobs and "--guidance-rescale" not in skipped["tpso"]
     args.guidance_rescale = None
     args.cfg = 1.0  # interval guidance at scale 1 is the unguided run
     assert "would be the unguided run" in sd_methods.plan(args)[1]["interval"]
@@ -133,8 +132,6 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
         (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1], got 2.0"),
         (["--guidance-rescale", "0.7", "--cfg", "1"],
          "--guidance-rescale has no effect with --cfg 1"),
-        (["--methods", "interval", "--guidance-rescale", "0.7"],
-         "--methods interval cannot run: --guidance-rescale does not apply"),
         (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
     ],
 )
@@ -331,8 +328,6 @@ BAD_KNOBS = {
     "rescale-range": (["--guidance-rescale", "nan"], "--guidance-rescale must be in [0, 1]"),
     "rescale-cfg1": (["--guidance-rescale", "0.7", "--cfg", "1"],
                      "--guidance-rescale has no effect with --cfg 1"),
-    "rescale-interval": (["--guidance-rescale", "0.7", "--method", "interval"],
-                         "--guidance-rescale does not apply to --method interval"),
 }  # fmt: skip
 
 

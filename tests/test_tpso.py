@@ -441,6 +441,26 @@ def test_schedule_on_the_pipeline_both_branches(pipe, pooled_conditions):
     assert jaxdiv.compile_count() - before == 1
 
 
+def test_guidance_takes_the_cfg_rescale(pipe, pooled_conditions):
+    """``tpso_guidance(rescale=phi, prediction_type=...)`` gives TPSO's CFG the rescale of
+    Lin et al. (2024) (its formula is checked against diffusers' in
+    ``test_baselines_cfg_interval.py``): the factor shows at every step and moves the
+    latents; without it the factor is 1."""
+    from jaxdiv.pipelines.generation import rescale_options
+
+    _, c = pooled_conditions
+    noise = jax.random.normal(jax.random.key(1), pipe.noise_shape(6))
+    run = lambda g: jaxdiv.sample(pipe.ddim(2), pipe.denoiser, noise, key=jax.random.key(2),  # noqa: E731
+                                  cond=c.cond, guidance=g, trace=True)  # fmt: skip
+    # a large scale: this tiny random UNet's CFG barely changes its predictions' spread
+    plain = run(tpso_guidance(c, 30.0, 0.5))
+    scaled = run(tpso_guidance(c, 30.0, 0.5, **rescale_options(pipe, 0.7)))
+    factor = np.asarray(scaled.trace.info["cfg"].rescale_factor)
+    assert np.all((factor > 0) & (factor < 0.9)), factor  # measured 0.59, 0.84
+    np.testing.assert_array_equal(plain.trace.info["cfg"].rescale_factor, 1.0)
+    assert np.abs(np.asarray(scaled.x0) - np.asarray(plain.x0)).max() > 0.1  # measured 4.5
+
+
 def test_guidance_refuses_another_prompts_condition(pipe, pooled_conditions):
     """tpso_guidance knows the condition its variants came from: pipe.generate with the
     same prompts and n runs (its own encoding of them, equal up to float rounding); other

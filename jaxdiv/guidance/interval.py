@@ -9,7 +9,8 @@ from jaxdiv.guidance.cfg import cfg
 __all__ = ["interval"]
 
 
-def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
+def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, rescale=None,
+             prediction_type: str | None = None) -> GuidanceTerm:
     """CFG restricted to noise levels ``sigma / alpha in (sigma_lo, sigma_hi]``.
 
     Kynkaanniemi et al. (2024), guidance in a limited interval: ``D = D_u + w (D_c - D_u)``
@@ -25,6 +26,10 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
         sigma_lo: lower end (exclusive) of the guided noise levels, ``>= 0``.
         sigma_hi: upper end (inclusive), ``> sigma_lo``; ``float("inf")`` for no upper end.
         null_cond: the unconditional condition (see :func:`jaxdiv.guidance.cfg`).
+        rescale, prediction_type: the CFG rescale ``phi`` of Lin et al. (2024) inside the
+            interval and the prediction space it acts in (see :func:`jaxdiv.guidance.cfg`);
+            outside, the conditional prediction keeps its own scale (the rescale of ``D_c``
+            by itself is the identity).
 
     Returns:
         A "denoiser"-hook :class:`GuidanceTerm` named ``"interval"``: ``trace.info`` holds
@@ -46,4 +51,5 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None) -> GuidanceTerm:
     if validation.is_concrete(lo, hi) and not float(hi) > float(lo):
         raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={float(lo):g}, "
                          f"sigma_hi={float(hi):g}")  # fmt: skip
-    return window(cfg(scale, null_cond), noise_level=(lo, hi))._replace(name="interval")
+    term = cfg(scale, null_cond, rescale=rescale, prediction_type=prediction_type)
+    return window(term, noise_level=(lo, hi))._replace(name="interval")

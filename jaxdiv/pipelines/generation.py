@@ -44,7 +44,7 @@ from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "gass_encoder",
            "gass_pixel_space", "gass_setup", "generate", "image_noise", "is_sd3",
-           "null_condition", "sampling_key", "truncated_prompts"]
+           "null_condition", "rescale_options", "sampling_key", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
@@ -313,7 +313,8 @@ def generate(
             ``guidance_rescale``, 0.7 suggested), applied in the network's prediction
             space (``pipe.denoiser.prediction_type``): ``guidance.cfg(cfg, rescale=phi,
             prediction_type=...)``. Refused where it cannot act (``cfg`` ``None`` or 1, a
-            method with its own combination). diffusers' SD3 pipeline has no such
+            method with its own combination: give that term the rescale,
+            ``**rescale_options(pipe, phi)``). diffusers' SD3 pipeline has no such
             setting; here it rescales SD3's velocities the same way.
 
     Returns:
@@ -383,7 +384,9 @@ def generate(
         if own:
             raise ValueError(
                 f"guidance_rescale would never take effect: method's {own} term(s) combine "
-                "the model's outputs with their own scale"
+                "the model's outputs with their own scale; give the rescale to that term "
+                "(rescale=phi, prediction_type=pipe.denoiser.prediction_type, as "
+                "guidance.cfg, guidance.interval and tpso_guidance take)"
             )
         if no_cfg:
             raise ValueError(
@@ -444,9 +447,21 @@ def cfg_term(pipe, scale, null_cond=None, rescale=None):
     ('cfg', 'cfg')
     """
     null_cond = pipe.null_cond if null_cond is None else null_cond
-    extra = {} if rescale is None else dict(rescale=rescale,
-                                            prediction_type=pipe.denoiser.prediction_type)
-    return _guidance.cfg(scale, null_cond=null_cond, **extra)
+    return _guidance.cfg(scale, null_cond=null_cond, **rescale_options(pipe, rescale))
+
+
+def rescale_options(pipe, rescale=None) -> dict:
+    """The keywords that give a CFG term (``guidance.cfg``, ``guidance.interval``,
+    ``tpso_guidance``) the rescale ``phi = rescale`` of Lin et al. (2024, Sec. 3.4) in
+    ``pipe``'s prediction space; none for ``rescale=None``.
+
+    >>> from jaxdiv.testing import example_pipeline
+    >>> rescale_options(example_pipeline(), 0.7), rescale_options(example_pipeline())
+    ({'rescale': 0.7, 'prediction_type': 'epsilon'}, {})
+    """
+    if rescale is None:
+        return {}
+    return dict(rescale=rescale, prediction_type=pipe.denoiser.prediction_type)
 
 
 # diffusers' pipeline arguments that generate() names otherwise: what to write instead

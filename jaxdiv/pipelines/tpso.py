@@ -333,10 +333,14 @@ def tpso_conditions(
     )
 
 
-def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4) -> guidance.Chain:
+def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4, *, rescale=None,
+                  prediction_type: str | None = None) -> guidance.Chain:
     """TPSO with CFG: the conditional branch and (with a null pool) the negative branch
     follow ``alpha_t``'s schedule (:func:`~jaxdiv.guidance.tpso`,
     :func:`~jaxdiv.guidance.tpso_null`); named ``"tpso"`` and ``"cfg"`` in the trace.
+    ``rescale`` and ``prediction_type`` add the CFG rescale of Lin et al. (2024) to the CFG
+    (see :func:`~jaxdiv.guidance.cfg`; a pipeline's space is
+    ``pipe.denoiser.prediction_type``).
 
     Example:
         >>> import jax, jaxdiv
@@ -358,4 +362,5 @@ def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4) -> guidance.
     if c.null_optimized is not None:
         null = guidance.tpso_null(c.null_optimized, c.null_cond, ratio)
     return guidance.chain(tpso=guidance.tpso(c.optimized, ratio, original=c.cond),
-                          cfg=guidance.cfg(scale, null_cond=null))  # fmt: skip
+                          cfg=guidance.cfg(scale, null_cond=null, rescale=rescale,
+                                           prediction_type=prediction_type))  # fmt: skip
