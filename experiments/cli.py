@@ -109,7 +109,8 @@ METHODS = (
         "interval", "Kynkaanniemi et al. 2024, Applying Guidance in a Limited Interval",
         lambda g: g.interval(2.0, 0.19, 1.61),
         {"scale": "EDM2: 2.0", "sigma_lo": "EDM2: 0.19; SD-XL: 0.28",
-         "sigma_hi": "EDM2: 1.61; SD-XL: 5.42"},
+         "sigma_hi": "EDM2: 1.61; SD-XL: 5.42",
+         "rescale": "not in the paper; cfg's (Lin et al. 2024), inside the interval"},
         "CFG only for noise levels sigma/alpha in (sigma_lo, sigma_hi], D_c outside",
         "interval",
     ),
@@ -204,6 +205,8 @@ def methods_table() -> list[dict]:
             flags = []
         else:
             flags = [f"--method {m.generate}"] + [f for _, f, _, _ in METHOD_KNOBS[m.generate]]
+            if m.name in ("interval", "tpso"):  # their own CFG takes the rescale
+                flags.append("--guidance-rescale")
         rows.append({"factory": f"guidance.{m.name}", "paper": m.paper, "hook": hook,
                      "hook_meaning": HOOK_MEANING.get(hook, ""), "knobs": knobs,
                      "notes": m.notes, "generate_flags": flags})  # fmt: skip

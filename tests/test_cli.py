@@ -105,6 +105,7 @@ def test_methods_json_reads_hooks_and_knobs_from_the_factories(capsys):
                 assert k["default"] == p.default
     assert rows["spell"]["generate_flags"][:2] == ["--method spell", "--spell-radius"]
     assert rows["cfg"]["generate_flags"] == ["--cfg", "--guidance-rescale"]
+    assert rows["interval"]["generate_flags"][-1] == "--guidance-rescale"
     spell = {k["name"]: k for k in rows["spell"]["knobs"]}
     assert spell["overcompensation"]["default"] == 1.0
     assert "1.6" in spell["overcompensation"]["paper"]
