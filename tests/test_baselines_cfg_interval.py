@@ -177,6 +177,13 @@ def test_interval_bad_input():
         interval(2.0, 0.1, "big")
     g = interval(2.0, 0.19, float("inf"))
     assert g.hook == "denoiser"
+    # the CFG rescale's checks, naming interval
+    with pytest.raises(ValueError, match=r"^interval\(rescale=...\) needs prediction_type="):
+        interval(2.0, 0.1, 1.0, rescale=0.7)
+    with pytest.raises(ValueError, match=r"^interval: prediction_type='sample' would never"):
+        interval(2.0, 0.1, 1.0, prediction_type="sample")
+    with pytest.raises(ValueError, match="rescale must be a finite number"):
+        interval(2.0, 0.1, 1.0, rescale=float("nan"), prediction_type="sample")
 
 
 @pytest.mark.parametrize("prediction_type, alpha, sigma", [

@@ -177,18 +177,7 @@ def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str | None = No
     [1.3, -1.3]
     """
     scale = validation.real("scale", scale)
-    if rescale is not None:
-        rescale = validation.real("rescale", rescale, lo=0, hi=1)
-        if prediction_type is None:
-            raise ValueError(
-                "cfg(rescale=...) needs prediction_type=, the network's prediction the "
-                "rescale acts on ('epsilon', 'v_prediction', 'sample' or 'flow'; a pipeline's "
-                "is pipe.denoiser.prediction_type): diffusers rescales the model's own output"
-            )
-        check_prediction_type(prediction_type)
-    elif prediction_type is not None:
-        raise ValueError(f"prediction_type={prediction_type!r} would never take effect: it "
-                         "is the space of the rescale, and rescale is None")  # fmt: skip
+    rescale = check_rescale(rescale, prediction_type)
     if callable(null_cond):
         pass
     elif null_cond is not None:
@@ -197,6 +186,36 @@ def cfg(scale, null_cond=None, *, rescale=None, prediction_type: str | None = No
         )
     apply = Partial(_cfg_apply, scale, null_cond, rescale, prediction_type)
     return GuidanceTerm(Partial(_cfg_init, null_cond), apply, "denoiser", "cfg")
+
+
+def check_rescale(rescale, prediction_type, caller="cfg"):
+    """``rescale`` checked as the CFG rescale's ``phi`` in ``[0, 1]``, with the
+    ``prediction_type`` it acts in (and ``prediction_type`` refused without it, where it
+    would never take effect); ``caller`` names the function in the messages.
+
+    >>> float(check_rescale(0.7, "epsilon")), check_rescale(None, None)
+    (0.699999988079071, None)
+    >>> check_rescale(0.7, None, "interval")
+    Traceback (most recent call last):
+    ...
+    ValueError: interval(rescale=...) needs prediction_type=, the network's prediction the rescale acts on ('epsilon', 'v_prediction', 'sample' or 'flow'; a pipeline's is pipe.denoiser.prediction_type): diffusers rescales the model's own output
+    """  # noqa: E501
+    if rescale is None:
+        if prediction_type is not None:
+            raise ValueError(
+                f"{caller}: prediction_type={prediction_type!r} would never take effect: it is "
+                "the space of the rescale, and rescale is None"
+            )
+        return None
+    rescale = validation.real("rescale", rescale, lo=0, hi=1)
+    if prediction_type is None:
+        raise ValueError(
+            f"{caller}(rescale=...) needs prediction_type=, the network's prediction the "
+            "rescale acts on ('epsilon', 'v_prediction', 'sample' or 'flow'; a pipeline's "
+            "is pipe.denoiser.prediction_type): diffusers rescales the model's own output"
+        )
+    check_prediction_type(prediction_type)
+    return rescale
 
 
 def zero_null(term: GuidanceTerm) -> bool:

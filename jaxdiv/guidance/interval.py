@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm, window
-from jaxdiv.guidance.cfg import cfg
+from jaxdiv.guidance.cfg import cfg, check_rescale
 
 __all__ = ["interval"]
 
@@ -51,5 +51,6 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, rescale=None,
     if validation.is_concrete(lo, hi) and not float(hi) > float(lo):
         raise ValueError(f"need sigma_hi > sigma_lo, got sigma_lo={float(lo):g}, "
                          f"sigma_hi={float(hi):g}")  # fmt: skip
+    rescale = check_rescale(rescale, prediction_type, "interval")
     term = cfg(scale, null_cond, rescale=rescale, prediction_type=prediction_type)
     return window(term, noise_level=(lo, hi))._replace(name="interval")

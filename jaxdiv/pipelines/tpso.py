@@ -39,6 +39,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import guidance, validation
+from jaxdiv.guidance.cfg import check_rescale
 from jaxdiv.guidance.tpso import TPSOResult, optimize_offsets, trainable_mask
 from jaxdiv.models.clip import load_clip_text
 from jaxdiv.pipelines.generation import is_sd3
@@ -357,6 +358,7 @@ def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4, *, rescale=N
     if not isinstance(conditions, TPSOConditions):
         raise TypeError(f"conditions must be a TPSOConditions from tpso_conditions(), got "
                         f"{type(conditions).__name__}")  # fmt: skip
+    rescale = check_rescale(rescale, prediction_type, "tpso_guidance")
     c = conditions
     null = c.null_cond
     if c.null_optimized is not None:
