@@ -162,13 +162,17 @@ def test_sd_methods_locks_its_folder_and_refuses_another_comparison(
     assert sd_methods.main(base) == 0
     assert sd_methods.main(base) == 0
     assert not (out / ".run.lock").exists()
-    # the CFG rescale reaches the rows through the one CFG term they share (its own folder)
+    # the CFG rescale reaches the rows through the one CFG term they share (its own folder),
+    # and interval guidance's own CFG: over every noise level it is the rescaled CFG row
     rescaled = tmp_path / "r"
     assert sd_methods.main([*base, "--guidance-rescale", "0.7", "--out", str(rescaled),
-                            "--methods", "none"]) == 0  # fmt: skip
-    a, b = (json.loads((o / "results.json").read_text())["prompts"][0]["methods"]["none"]
+                            "--methods", "none,interval", "--interval-lo", "0",
+                            "--interval-hi", "inf"]) == 0  # fmt: skip
+    a, b = (json.loads((o / "results.json").read_text())["prompts"][0]["methods"]
             for o in (out, rescaled))  # fmt: skip
-    assert a["latent_mean_distance"] != b["latent_mean_distance"]
+    assert a["none"]["latent_mean_distance"] != b["none"]["latent_mean_distance"]
+    assert b["interval"]["latent_mean_distance"] == pytest.approx(
+        b["none"]["latent_mean_distance"], rel=1e-5)
     monkeypatch.setattr(stable_diffusion, "load", no_load)
     for extra, diff in ((["--steps", "3"], "steps: 2 -> 3"),
                         (["--guidance-rescale", "0.7"], "guidance_rescale: None -> 0.7"),
