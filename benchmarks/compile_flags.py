@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_flags",
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--flag-sets", default="default,tests,exact_tests,no_fusion_emitters,llvm_o1")
+    parser.add_argument("--flag-sets",
+                        default="default,tests,exact_tests,no_fusion_emitters,llvm_o1")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--smoke", action="store_true",
                         help="the tiny UNet and three toy programs (tests)")
