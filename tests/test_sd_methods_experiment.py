@@ -383,6 +383,23 @@ def test_interval_outside_the_models_noise_levels_is_refused_before_any_image(
     assert not (out / "images").exists() and not (out / "metadata.json").exists()
 
 
+def test_generate_hands_interval_guidance_the_cfg_rescale(model, tmp_path, monkeypatch):
+    """`generate --method interval --guidance-rescale 0.7` gives the rescale to the method's
+    term (`generate.method_term`, whose interval guidance with the rescale is checked against
+    CFG with `guidance_rescale` in test_sd_methods.py)."""
+    seen, original = [], generate.method_term
+
+    def spy(*args, **kw):
+        seen.append(kw.get("rescale"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(generate, "method_term", spy)
+    assert generate.main(["--model", str(model), "--prompt", "a cat", "--n", "1", "--steps",
+                          "2", "--out", str(tmp_path / "o"), "--method", "interval",
+                          "--guidance-rescale", "0.7", "--quiet"]) == 0  # fmt: skip
+    assert seen == [0.7]
+
+
 def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp_path, capsys):
     """`generate --seed S` and pipe.generate(key=jax.random.key(S)) share the noise of each
     image and the sampler's key (pipelines.generation.image_noise / sampling_key), so a
