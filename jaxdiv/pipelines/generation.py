@@ -456,7 +456,8 @@ def rescale_options(pipe, rescale=None) -> dict:
     ``pipe``'s prediction space; none for ``rescale=None``.
 
     >>> from jaxdiv.testing import example_pipeline
-    >>> rescale_options(example_pipeline(), 0.7), rescale_options(example_pipeline())
+    >>> pipe = example_pipeline()
+    >>> rescale_options(pipe, 0.7), rescale_options(pipe)
     ({'rescale': 0.7, 'prediction_type': 'epsilon'}, {})
     """
     if rescale is None:
