@@ -193,8 +193,8 @@ def check_rescale(rescale, prediction_type, caller="cfg"):
     ``prediction_type`` it acts in (and ``prediction_type`` refused without it, where it
     would never take effect); ``caller`` names the function in the messages.
 
-    >>> float(check_rescale(0.7, "epsilon")), check_rescale(None, None)
-    (0.699999988079071, None)
+    >>> round(float(check_rescale(0.7, "epsilon")), 6), check_rescale(None, None)
+    (0.7, None)
     >>> check_rescale(0.7, None, "interval")
     Traceback (most recent call last):
     ...
