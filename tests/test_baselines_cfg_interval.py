@@ -94,6 +94,13 @@ def test_interval_rescales_inside_as_lin_et_al_and_keeps_d_c_outside():
     assert np.abs(expected - p_cfg)[inside].max() > 1e-2  # the rescale acted
     np.testing.assert_allclose(tr.info["interval"].rescale_factor,
                                np.where(inside, factor.mean(axis=-1), 0.0), rtol=1e-4)  # fmt: skip
+    # phi, the scale and the ends are traced leaves: new values reuse the program
+    before = jaxdiv.compile_count()
+    other = jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond, trace=True,
+                          guidance=interval(2.0, 0.4, 5.0, rescale=0.3,
+                                            prediction_type="sample")).trace  # fmt: skip
+    assert jaxdiv.compile_count() == before
+    assert np.abs(np.asarray(other.x0_hat) - np.asarray(tr.x0_hat)).max() > 1e-2
 
 
 def test_interval_means_the_same_noise_levels_on_every_process(setup):

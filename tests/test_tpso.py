@@ -459,6 +459,10 @@ def test_guidance_takes_the_cfg_rescale(pipe, pooled_conditions):
     assert np.all((factor > 0) & (factor < 0.9)), factor  # measured 0.59, 0.84
     np.testing.assert_array_equal(plain.trace.info["cfg"].rescale_factor, 1.0)
     assert np.abs(np.asarray(scaled.x0) - np.asarray(plain.x0)).max() > 0.1  # measured 4.5
+    before = jaxdiv.compile_count()  # phi is a traced leaf: another value, the same program
+    other = run(tpso_guidance(c, 20.0, 0.5, **rescale_options(pipe, 0.3)))
+    assert jaxdiv.compile_count() == before
+    assert np.abs(np.asarray(other.x0) - np.asarray(scaled.x0)).max() > 0.1
 
 
 def test_guidance_refuses_another_prompts_condition(pipe, pooled_conditions):
