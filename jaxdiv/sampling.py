@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -78,9 +79,37 @@ def compile_count() -> int:
     return _COMPILES[0]
 
 
-def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
+def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
     sampler, denoiser, terms = combine(dynamic, spec)
+    run = partial(_one_run, sampler, denoiser, terms, trace)
+    if groups == 1:
+        return run(noise, key, cond, gstate)
+    # each group is a call of its own with the same key: vmap, not a loop, keeps one
+    # program whose model calls see the whole batch
+    key_axis = 0 if group_keys(key, groups) else None
+    x0, tr, gstate, sstate = jax.vmap(run, in_axes=(0, key_axis, 0, 0))(
+        split_groups(noise, groups), key, split_groups(cond, groups), gstate)
+    return x0.reshape(noise.shape), tr, gstate, sstate
+
+
+def split_groups(tree, groups: int):
+    """Every leaf's leading axis ``B`` as ``(groups, B // groups)``.
+
+    >>> split_groups({"x": jnp.zeros((6, 2))}, 3)["x"].shape
+    (3, 2, 2)
+    """
+    return jax.tree.map(lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:]), tree)
+
+
+def group_keys(key, groups: int) -> bool:
+    """Whether ``key`` holds one typed PRNG key per group (shape ``(groups,)``)."""
+    dtype = getattr(key, "dtype", None)
+    return (groups > 1 and dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+            and tuple(key.shape) == (groups,))  # fmt: skip
+
+
+def _one_run(sampler, denoiser, terms, trace, noise, key, cond, gstate):
     # the grid in the run's precision: float32, float64 for a float64 run (x64 mode)
     run_dtype = working_dtype(noise)
     sampler = sampler._replace(times=sampler.times.astype(run_dtype))
@@ -114,7 +143,7 @@ def _run_impl(spec, trace, dynamic, noise, key, cond, gstate):
     return x, tr, gstate, sstate
 
 
-_run = jax.jit(_run_impl, static_argnums=(0, 1))
+_run = jax.jit(_run_impl, static_argnums=(0, 1, 2))
 
 
 def _check_process(sampler, denoiser):
@@ -150,7 +179,7 @@ def _check_process(sampler, denoiser):
             )
 
 
-def _check_inputs(sampler, denoiser, noise, key, cond):
+def _check_inputs(sampler, denoiser, noise, key, cond, groups):
     if not isinstance(sampler, Sampler):
         raise TypeError(
             "sampler must be a jaxdiv.samplers.Sampler (ddim, edm, flow_euler, flow_heun, "
@@ -170,8 +199,17 @@ def _check_inputs(sampler, denoiser, noise, key, cond):
     validation.finite_array("noise", noise)
     if key is None:
         raise TypeError("key is required: pass key=jax.random.key(seed)")
-    validation.prng_key("key", key)
+    if not group_keys(key, groups):
+        try:
+            validation.prng_key("key", key)
+        except ValueError as err:  # a batch of keys
+            if groups == 1:
+                raise
+            raise ValueError(f"{err}, or with groups={groups} one key per group "
+                             f"(jax.random.split(key, {groups}))") from None  # fmt: skip
     b = noise.shape[0]
+    if b % groups:
+        raise ValueError(f"groups={groups} must divide the batch: noise has {b} rows")
     for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
         shape = np.shape(leaf)
         name = "cond" + jax.tree_util.keystr(path)
@@ -221,6 +259,7 @@ def sample(
     trace: bool = False,
     guidance_state=None,
     mesh=None,
+    groups: int = 1,
 ) -> SampleOutput:
     """Run ``sampler`` from ``noise`` to clean samples with optional guidance.
 
@@ -239,7 +278,8 @@ def sample(
             so the same noise gives comparable runs across samplers.
         key: PRNG key for the samplers' and guidance terms' randomness. Sample ``b`` uses
             ``split(key, B)[b]``-derived streams, so without coupling terms a sample does
-            not depend on the batch size.
+            not depend on the batch size. With ``groups``, also one key per group
+            (``jax.random.split(key, groups)``).
         cond: optional condition pytree, leading dimension ``B``.
         guidance: a :class:`~jaxdiv.guidance.GuidanceTerm` or a ``guidance.chain(...)``.
             Its array leaves (strengths, radii, reference sets) are traced: new values
@@ -255,6 +295,16 @@ def sample(
             it by their leading axis (:func:`jaxdiv.distributed.shard_batch`) and the
             program runs over its devices; the output equals the single-device run.
             Weights placed with :func:`jaxdiv.distributed.shard_params` stay split.
+        groups: split the batch into ``groups`` consecutive groups of ``B // groups``
+            samples that do not act on each other, in one program. Each group runs as its
+            own call of ``sample`` would, with ``key`` or, given ``groups`` keys, its own:
+            terms that couple the batch (:func:`~jaxdiv.guidance.couples_batch`) act within
+            a group, a SPELL memory is kept per group, ``cond``'s rows split the same way
+            and the terms' parameters are shared. One shared key repeats the samplers'
+            noise streams in every group (as separate calls with one key would): pass
+            ``jax.random.split(key, groups)`` for independent groups. ``trace``, ``state``
+            and ``sampler_state`` gain a leading axis of size ``groups`` (group ``g``'s at
+            ``[g]``), and so must ``guidance_state``; ``x0`` keeps the shape of ``noise``.
 
     Returns:
         :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace``, ``state`` and
@@ -274,8 +324,17 @@ def sample(
     ...                     key=jax.random.key(1))
     >>> bool(abs(jnp.abs(out.x0).mean() - 2.0) < 0.1)
     True
+
+    Eight batches of four samples, each pushed apart only within itself (PG):
+
+    >>> pg = jaxdiv.sample(samplers.edm(sch, 32), gm.denoiser(sch), noise[:32],
+    ...                    key=jax.random.key(1), guidance=jaxdiv.guidance.particle(1.0),
+    ...                    groups=8, trace=True)
+    >>> pg.x0.shape, pg.trace.x.shape
+    ((32, 1), (8, 32, 4, 1))
     """
-    noise = _check_inputs(sampler, denoiser, noise, key, cond)
+    groups = validation.integer("groups", groups, minimum=1)
+    noise = _check_inputs(sampler, denoiser, noise, key, cond, groups)
     if mesh is not None:
         # noise first: a batch the mesh cannot split is then named by noise, not by cond
         noise = distributed.shard_batch({"noise": noise}, mesh)["noise"]
@@ -284,9 +343,26 @@ def sample(
     check_windows(terms, sampler)
     names = sorted(t.name for t in terms)
     x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
-    init_key = jax.random.fold_in(key, 0x5EED)
+    seed = 0x5EED  # the terms' init keys: fold_in(key, seed), the group's key if per group
+
+    def init(x, c):
+        if groups == 1:
+            return init_terms(terms, x, c, jax.random.fold_in(key, seed))
+        # a loop, not vmap: an init may read concrete values (see the shape check below)
+        xs, cs = split_groups((x, c), groups)
+        keys = key if group_keys(key, groups) else [key] * groups
+        each = []
+        for g in range(groups):
+            try:
+                each.append(init_terms(terms, xs[g], jax.tree.map(lambda a, g=g: a[g], cs),
+                                       jax.random.fold_in(keys[g], seed)))  # fmt: skip
+            except ValueError as err:  # the terms' "batch" is a group here
+                raise ValueError(f"with groups={groups}, each group of {xs.shape[1]} samples "
+                                 f"is a batch of its own: {err}") from None  # fmt: skip
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *each)
+
     if guidance_state is None:
-        guidance_state = init_terms(terms, x_init, cond, init_key)
+        guidance_state = init(x_init, cond)
     elif not isinstance(guidance_state, dict) or sorted(guidance_state) != names:
         got = sorted(guidance_state) if isinstance(guidance_state, dict) else guidance_state
         raise ValueError(
@@ -295,12 +371,12 @@ def sample(
         )
     else:
         try:
-            expected = jax.eval_shape(lambda x, c, k: init_terms(terms, x, c, k),
-                                      x_init, cond, init_key)  # fmt: skip
+            expected = jax.eval_shape(init, x_init, cond)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             expected = None  # an init that needs concrete values: cannot be shape-checked
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
     dynamic, spec = partition((sampler, denoiser, terms))
-    x0, tr, state, sstate = _run(spec, bool(trace), dynamic, noise, key, cond, guidance_state)
+    x0, tr, state, sstate = _run(spec, bool(trace), groups, dynamic, noise, key, cond,
+                                 guidance_state)  # fmt: skip
     return SampleOutput(x0, tr, state, sstate)

@@ -16,6 +16,7 @@ from jaxdiv.guidance.base import (
     chain,
     couples_batch,
     needs_batch,
+    prompt_bound,
     stateless,
     window,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "as_terms",
     "couples_batch",
     "needs_batch",
+    "prompt_bound",
     "chain",
     "stateless",
     "window",

@@ -76,6 +76,7 @@ __all__ = [
     "check_windows",
     "couples_batch",
     "needs_batch",
+    "prompt_bound",
     "step_indices",
     "stateless",
     "as_terms",
@@ -577,13 +578,14 @@ def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
     return run_if(active, apply, hook, state, arg, ctx)
 
 
-_BATCH_FLAGS = ("couples_batch", "needs_batch")
+_BATCH_FLAGS = ("couples_batch", "needs_batch", "prompt_bound")
 
 
 def delegates_flags(fn):
     """Mark ``fn``, an ``apply`` whose first ``Partial`` argument is the ``apply`` it wraps
     (:func:`window`, GASS's schedule), as answering every batch flag
-    (:func:`couples_batch`, :func:`needs_batch`) as the wrapped ``apply`` does."""
+    (:func:`couples_batch`, :func:`needs_batch`, :func:`prompt_bound`) as the wrapped
+    ``apply`` does."""
     for flag in _BATCH_FLAGS:
         setattr(fn, flag, lambda apply, *_, f=flag: apply_flag(apply, f))
     return fn
@@ -679,8 +681,8 @@ def couples_batch(term: GuidanceTerm) -> bool:
     function of the ``Partial``'s arguments (SPELL couples only with ``intra_batch``; a
     wrapper such as :func:`window` asks the ``apply`` it wraps, through
     :func:`apply_flag`). Callers that put several groups in one batch
-    (:func:`jaxdiv.pipelines.generation.generate` with several prompts) use it to refuse
-    mixing them.
+    (:func:`jaxdiv.pipelines.generation.generate` with several prompts) use it to keep the
+    groups apart (``jaxdiv.sample(..., groups=)``).
 
     >>> from jaxdiv import guidance
     >>> couples_batch(guidance.particle(1.0)), couples_batch(guidance.cfg(3.0))
@@ -710,10 +712,27 @@ def needs_batch(term: GuidanceTerm) -> bool:
     return apply_flag(term.apply, "needs_batch")
 
 
+def prompt_bound(term: GuidanceTerm) -> bool:
+    """Whether ``term`` holds one prompt's data, so that it cannot guide the images of
+    other prompts (GASS: its target direction is one prompt's text embedding), windowed or
+    not. :func:`jaxdiv.pipelines.generation.generate` refuses such a method with several
+    prompts. Read from a ``prompt_bound`` attribute of the term's ``apply`` as
+    :func:`couples_batch` reads its own.
+
+    >>> from jaxdiv import guidance
+    >>> from toy.encoder import sphere_encoder
+    >>> enc = sphere_encoder(jax.random.key(0), 3)
+    >>> gass = guidance.window(guidance.gass(enc, enc.text_emb), steps=[0])
+    >>> prompt_bound(gass), prompt_bound(guidance.spell(0.5))
+    (True, False)
+    """
+    return apply_flag(term.apply, "prompt_bound")
+
+
 def apply_flag(apply, flag: str) -> bool:
-    """A batch flag (``"couples_batch"`` or ``"needs_batch"``) of a term's ``apply``: the
-    callable's attribute, ``True`` or a function of the ``Partial``'s arguments; absent
-    means ``False``."""
+    """A flag (``"couples_batch"``, ``"needs_batch"``, ``"prompt_bound"``) of a term's
+    ``apply``: the callable's attribute, ``True`` or a function of the ``Partial``'s
+    arguments; absent means ``False``."""
     fn, args = (apply.func, apply.args) if isinstance(apply, Partial) else (apply, ())
     value = getattr(fn, flag, False)
     return bool(value(*args) if callable(value) else value)

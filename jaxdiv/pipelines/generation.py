@@ -277,11 +277,14 @@ def generate(
     empty prompt's). ``negative_prompt`` replaces the empty prompt in CFG's unconditional
     branch, encoded as diffusers encodes negative prompts (one for every image).
 
-    All rows are sampled as one batch, so a method that couples the batch
+    All rows are sampled in one program. A method that couples the batch
     (:func:`jaxdiv.guidance.couples_batch`: SPELL's intra-batch shields, PG, GASS,
-    contextual repulsion) is refused with several prompts -- it would make one prompt's
-    images act on another's; call ``generate`` once per prompt (one compiled program
-    serves them all). Per-sample methods (CFG, CADS, interval, TPSO) take any number.
+    contextual repulsion) acts among each prompt's ``n`` images only, as the papers couple
+    them: the prompts run as groups (``jaxdiv.sample(..., groups=len(prompts))``), each as
+    ``generate`` with that prompt alone would run it, and the trace and state gain a
+    leading prompt axis. GASS's term holds one prompt's text embedding and is refused with
+    several prompts. Per-sample methods (CFG, CADS, interval, TPSO) run all rows as one
+    batch.
     A method that acts only between the images of a batch
     (:func:`jaxdiv.guidance.needs_batch`: PG, contextual repulsion, SPELL without
     reference) is refused with ``n=1``, where it would never act.
@@ -344,14 +347,16 @@ def generate(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
     terms = () if method is None else _guidance.as_terms(method)
-    coupled = [t.name for t in terms if _guidance.couples_batch(t)]
-    if coupled and len(prompts) > 1:
+    bound = [t.name for t in terms if _guidance.prompt_bound(t)]
+    if bound and len(prompts) > 1:
         raise ValueError(
-            f"method: its {coupled} term(s) make the images of one batch act on each other; "
-            f"with {len(prompts)} prompts in one batch, images of different prompts would "
-            "(the papers couple the images of one prompt). Call generate once per prompt "
-            "(the same shapes reuse one compiled program)"
+            f"method: its {bound} term(s) hold one prompt's data (GASS: its text "
+            f"embedding), so the other {len(prompts) - 1} prompt(s) would be guided by it; "
+            "call generate once per prompt with that prompt's term (the same shapes reuse "
+            "one compiled program)"
         )
+    # the papers couple the images of one prompt: one group per prompt
+    groups = len(prompts) if any(_guidance.couples_batch(t) for t in terms) else 1
     idle = [t.name for t in terms if _guidance.needs_batch(t)]
     if idle and n == 1:
         raise ValueError(
@@ -431,7 +436,8 @@ def generate(
         scale = cfg_term(pipe, cfg, null, guidance_rescale)
         guided = scale if method is None else _guidance.chain(method, scale)
     out = sample(pipe.default_sampler() if sampler is None else sampler, pipe.denoiser, noise,
-                 key=sampling_key(key), cond=cond, guidance=guided, trace=trace)  # fmt: skip
+                 key=sampling_key(key), cond=cond, guidance=guided, trace=trace,
+                 groups=groups)  # fmt: skip
     _warn_non_finite(out.x0, terms)
     return Generated(pipe.decode(out.x0), out.x0, out, rows)
 

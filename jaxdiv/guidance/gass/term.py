@@ -281,6 +281,7 @@ def _scheduled_apply(apply, schedule, num_active, state, x0_hat, ctx):
     return run_if(jnp.any(idx == ctx.step), apply, "x0", state, x0_hat, ctx)
 
 
-# guidance.couples_batch: the batch is spread around e_t together
-_gass_apply.couples_batch = True
+# guidance.couples_batch: the batch is spread around e_t together; guidance.prompt_bound:
+# e_t is one prompt's
+_gass_apply.couples_batch = _gass_apply.prompt_bound = True
 delegates_flags(_scheduled_apply)
