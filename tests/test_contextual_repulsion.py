@@ -548,3 +548,24 @@ def test_term_argument_checks():
         guidance.contextual(1.0, blocks=[])
     with pytest.raises(ValueError, match="inner_steps must be an integer >= 1"):
         guidance.contextual(1.0, inner_steps=0)
+
+
+def test_groups_repel_within_themselves_inside_the_model(sd3_den):
+    """``jaxdiv.sample(groups=2)``: the repulsion inside the MMDiT acts within each half of
+    the batch, each half as its own call (the hook runs under the groups' vmap)."""
+    from jaxdiv import samplers
+
+    den, schedule, cond, noise = sd3_den
+    g = guidance.chain(guidance.contextual(ETA_TERM, M_SD3), guidance.cfg(4.0))
+    half = B // 2
+    grouped = jaxdiv.sample(samplers.flow_euler(schedule, 3), den, noise, key=jax.random.key(0),
+                            cond=cond, guidance=g, groups=2, trace=True)  # fmt: skip
+    for j in range(2):
+        rows = slice(j * half, (j + 1) * half)
+        part = jax.tree.map(lambda a, rows=rows: a[rows], cond)
+        own = _sample_sd3(sd3_den, g, noise=noise[rows], cond=part)
+        scale = float(jnp.abs(own.x0).max())
+        np.testing.assert_allclose(grouped.x0[rows], own.x0, rtol=0, atol=1e-5 * scale)
+    whole = _sample_sd3(sd3_den, g).x0  # one batch: the halves repel each other
+    assert float(jnp.abs(whole - grouped.x0).max()) > 1e-3 * float(jnp.abs(whole).max())
+    assert grouped.trace.info["contextual"].log_vendi_before.shape[:2] == (2, 3)

@@ -31,6 +31,13 @@ def _rows(g):
     return slice(g * N, (g + 1) * N)
 
 
+def _close(got, want):
+    """Two programs (one vmapped over the groups, one not) round differently: measured up
+    to 1.3e-6 of the values' scale under XLA's default codegen, 4e-7 under -O0."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("per_group_keys", [False, True])
 def test_each_group_is_its_own_call(gmm2, per_group_keys):
     s, den, noise, cond, coupled = _setup(gmm2)
@@ -43,12 +50,12 @@ def test_each_group_is_its_own_call(gmm2, per_group_keys):
     for g in range(G):
         own = jaxdiv.sample(s, den, noise[_rows(g)], key=keys[g], cond=cond[_rows(g)],
                             guidance=coupled, trace=True)  # fmt: skip
-        np.testing.assert_allclose(out.x0[_rows(g)], own.x0, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(out.trace.x0_hat[g], own.trace.x0_hat, rtol=1e-5, atol=1e-6)
+        _close(out.x0[_rows(g)], own.x0)
+        _close(out.trace.x0_hat[g], own.trace.x0_hat)
         for name in ("spell", "particle"):
             for got, want in zip(jax.tree.leaves(out.trace.info[name]),
                                  jax.tree.leaves(own.trace.info[name]), strict=True):  # fmt: skip
-                np.testing.assert_allclose(got[g], want, rtol=1e-5, atol=1e-6)
+                _close(got[g], want)
     # negative control: run as one batch, the groups act on each other
     whole = jaxdiv.sample(s, den, noise, key=key, cond=cond, guidance=coupled).x0
     alone = jaxdiv.sample(s, den, noise[:N], key=key, cond=cond[:N], guidance=coupled).x0
@@ -61,7 +68,7 @@ def test_shared_key_repeats_streams_split_keys_do_not(gmm2):
     same = jnp.tile(jax.random.normal(jax.random.key(0), (N, D)), (G, 1))  # equal noise
     key = jax.random.key(2)
     shared = jaxdiv.sample(s, den, same, key=key, groups=G).x0
-    np.testing.assert_allclose(shared[_rows(1)], shared[_rows(0)], atol=1e-6)
+    _close(shared[_rows(1)], shared[_rows(0)])
     split = jaxdiv.sample(s, den, same, key=jax.random.split(key, G), groups=G).x0
     assert float(jnp.abs(split[_rows(1)] - split[_rows(0)]).max(axis=1).min()) > 1e-3
 
@@ -95,7 +102,7 @@ def test_state_per_group_and_continued(gmm2):
         own2 = jaxdiv.sample(s, den, noise2[_rows(grp)], key=jax.random.key(2),
                              cond=cond[_rows(grp)], guidance=g,
                              guidance_state=own1.state)  # fmt: skip
-        np.testing.assert_allclose(second.x0[_rows(grp)], own2.x0, rtol=1e-5, atol=1e-6)
+        _close(second.x0[_rows(grp)], own2.x0)
     # the memory acts: without the first call's state the second batch lands elsewhere
     fresh = jaxdiv.sample(s, den, noise2, key=jax.random.key(2), cond=cond, guidance=g,
                           groups=G)  # fmt: skip
