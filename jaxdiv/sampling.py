@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxdiv import distributed, validation
 from jaxdiv.dtypes import working_dtype
+from jaxdiv.grouping import GROUP_AXIS
 from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
@@ -88,7 +89,7 @@ def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     # each group is a call of its own with the same key: vmap, not a loop, keeps one
     # program whose model calls see the whole batch
     key_axis = 0 if group_keys(key, groups) else None
-    x0, tr, gstate, sstate = jax.vmap(run, in_axes=(0, key_axis, 0, 0))(
+    x0, tr, gstate, sstate = jax.vmap(run, in_axes=(0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
         split_groups(noise, groups), key, split_groups(cond, groups), gstate)
     return x0.reshape(noise.shape), tr, gstate, sstate
 
@@ -348,18 +349,24 @@ def sample(
     def init(x, c):
         if groups == 1:
             return init_terms(terms, x, c, jax.random.fold_in(key, seed))
-        # a loop, not vmap: an init may read concrete values (see the shape check below)
         xs, cs = split_groups((x, c), groups)
-        keys = key if group_keys(key, groups) else [key] * groups
-        each = []
-        for g in range(groups):
+        keys = key if group_keys(key, groups) else jnp.stack([key] * groups)
+
+        def one(xg, cg, kg):
+            return init_terms(terms, xg, cg, jax.random.fold_in(kg, seed))
+
+        try:
             try:
-                each.append(init_terms(terms, xs[g], jax.tree.map(lambda a, g=g: a[g], cs),
-                                       jax.random.fold_in(keys[g], seed)))  # fmt: skip
-            except ValueError as err:  # the terms' "batch" is a group here
-                raise ValueError(f"with groups={groups}, each group of {xs.shape[1]} samples "
-                                 f"is a batch of its own: {err}") from None  # fmt: skip
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *each)
+                return jax.vmap(one)(xs, cs, keys)  # one pass for all groups
+            except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                    jax.errors.TracerBoolConversionError):  # fmt: skip
+                # an init that reads concrete values: group by group
+                each = [one(xs[g], jax.tree.map(lambda a, g=g: a[g], cs), keys[g])
+                        for g in range(groups)]  # fmt: skip
+                return jax.tree.map(lambda *leaves: jnp.stack(leaves), *each)
+        except ValueError as err:  # the terms' "batch" is a group here
+            raise ValueError(f"with groups={groups}, each group of {xs.shape[1]} samples is "
+                             f"a batch of its own: {err}") from None  # fmt: skip
 
     if guidance_state is None:
         guidance_state = init(x_init, cond)

@@ -142,3 +142,75 @@ def test_bad_groups_are_named(gmm2):
                                          r"needs a batch of 1 or >= 3"):  # fmt: skip
         jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, groups=6,
                       guidance=guidance.particle(1.0))  # fmt: skip
+
+
+def test_spell_search_skips_per_group_and_matches_own_calls(gmm2):
+    """SPELL's reference search skips blocks and sub-blocks no query comes near
+    (``grouping.branch``); under groups a block one group needs runs for all groups, each
+    keeping its own result: the grouped run equals each group's own call, with groups that
+    met different numbers of shields."""
+    s, den, noise, cond, _ = _setup(gmm2)
+    ref = jax.random.normal(jax.random.key(8), (96, D)) * 2.0
+    # blocks of 8 shields in tiles of 2 (exact_bytes: N x 2 x D float32): three branch sites
+    g = guidance.spell(0.6, reference=ref, block_size=8, exact_bytes=4 * N * 2 * D)
+    out = jaxdiv.sample(s, den, noise, key=jax.random.key(3), cond=cond, guidance=g, groups=G,
+                        trace=True)  # fmt: skip
+    met = []
+    for grp in range(G):
+        own = jaxdiv.sample(s, den, noise[_rows(grp)], key=jax.random.key(3),
+                            cond=cond[_rows(grp)], guidance=g, trace=True)  # fmt: skip
+        _close(out.x0[_rows(grp)], own.x0)
+        np.testing.assert_array_equal(out.trace.info["spell"].num_active_shields[grp],
+                                      own.trace.info["spell"].num_active_shields)  # fmt: skip
+        met.append(int(own.trace.info["spell"].num_active_shields.sum()))
+    assert len(set(met)) > 1 and min(met) >= 0 and max(met) > 0, met
+
+
+def test_branch_stays_a_branch_under_groups():
+    """One predicate for all groups (a ``cond`` in the program, the true branch skipped when
+    no group needs it), where a plain ``lax.cond`` under vmap becomes a ``select`` that runs
+    both branches."""
+    from jaxdiv import grouping
+
+    def f(x, cond):
+        return cond(x.sum() > 0, lambda y: 2 * y, lambda y: y, x)
+
+    def prims(cond):
+        jaxpr = jax.make_jaxpr(jax.vmap(lambda x: f(x, cond), axis_name=grouping.GROUP_AXIS))
+        eqns = jaxpr(jnp.ones((2, 3))).eqns
+        return {e.primitive.name: e for e in eqns}
+
+    ours = prims(grouping.branch)
+    assert "cond" in ours and ours["cond"].invars[0].aval.shape == ()
+    assert "cond" not in prims(jax.lax.cond)  # vmap's select: both branches, every group
+    x = jnp.array([[1.0, 2.0], [-3.0, 1.0]])
+    got = jax.vmap(lambda x: f(x, grouping.branch), axis_name=grouping.GROUP_AXIS)(x)
+    np.testing.assert_array_equal(got, [[2.0, 4.0], [-3.0, 1.0]])
+
+
+def _first_row_init(x, cond, key):
+    # reads a concrete value, as a hand-written init may: it cannot be vmapped
+    if float(jnp.abs(x).max()) > 1e6:
+        raise ValueError("x is too large")
+    return x[0]
+
+
+def _pull_to_first(first, x0_hat, ctx):
+    return 0.9 * x0_hat + 0.1 * first, first, ()
+
+
+def test_an_init_that_reads_values_runs_group_by_group(gmm2):
+    s, den, noise, cond, _ = _setup(gmm2)
+    term = guidance.GuidanceTerm(_first_row_init, _pull_to_first, "x0", "first")
+    out = jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=term,
+                        groups=G)  # fmt: skip
+    np.testing.assert_array_equal(out.state["first"], noise[::N] * s.schedule.init_noise_scale(
+        s.times[0]))  # each group's own first row
+    for grp in range(G):
+        own = jaxdiv.sample(s, den, noise[_rows(grp)], key=jax.random.key(0),
+                            cond=cond[_rows(grp)], guidance=term)  # fmt: skip
+        _close(out.x0[_rows(grp)], own.x0)
+    with pytest.raises(ValueError, match=r"with groups=3, each group of 4 samples is a batch "
+                                         r"of its own: x is too large"):  # fmt: skip
+        jaxdiv.sample(s, den, noise.at[5].set(1e7), key=jax.random.key(0), cond=cond,
+                      guidance=term, groups=G)  # fmt: skip

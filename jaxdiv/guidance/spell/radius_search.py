@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from jaxdiv import validation
+from jaxdiv.grouping import branch
 
 __all__ = [
     "ShieldIndex",
@@ -241,7 +242,7 @@ def _exact_delta(q, z, cand, r2, radius, qa, za, qid, zid, symmetric):
         wt = jnp.where(tie, radius, 0.0)
         return out + jnp.einsum("bk,bkd->bd", wt, u, precision=_HI)
 
-    delta = delta + lax.cond(jnp.any(on_centre), fallback, lambda _: jnp.zeros_like(delta), None)
+    delta = delta + branch(jnp.any(on_centre), fallback, lambda _: jnp.zeros_like(delta), None)
     return delta, count
 
 
@@ -366,13 +367,13 @@ def repulsion_core(q, index, radius, qa, anchor_scale, anchor_blocks, query_ids,
                                            query_ids is not None)  # fmt: skip
                     return cc[0] + dd, cc[1] + cnt
 
-                return lax.cond(jnp.any(cs), run, lambda cc: cc, cc), None
+                return branch(jnp.any(cs), run, lambda cc: cc, cc), None
 
             if ns == 1:
                 return sub_step(c, 0)[0]
             return lax.scan(sub_step, c, jnp.arange(ns))[0]
 
-        return lax.cond(jnp.any(cand), exact, lambda c: c, carry), None
+        return branch(jnp.any(cand), exact, lambda c: c, carry), None
 
     za_in = anchor_blocks if anchor_blocks is not None else jnp.zeros((nb, 0, 0), jnp.float32)
     init = (jnp.zeros((b, d), jnp.float32), jnp.zeros((b,), jnp.int32))

@@ -60,6 +60,7 @@ from jax.tree_util import Partial
 
 from jaxdiv import validation
 from jaxdiv.dtypes import working_dtype
+from jaxdiv.grouping import branch
 from jaxdiv.guidance.base import GuidanceTerm
 from jaxdiv.guidance.spell.radius_search import (
     DEFAULT_BLOCK_SIZE,
@@ -263,7 +264,7 @@ def _pullback(phi, x0_hat, target, active, steps):
         mask = active.reshape((-1,) + (1,) * (x0_hat.ndim - 1))
         return jnp.where(mask, moved, x0_hat)
 
-    return lax.cond(jnp.any(active), run, lambda _: x0_hat, None)
+    return branch(jnp.any(active), run, lambda _: x0_hat, None)
 
 
 def _norm(v):

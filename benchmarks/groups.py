@@ -1,0 +1,168 @@
+"""Independent coupled batches in one program: ``jaxdiv.sample(..., groups=G)`` against
+the ways to get the same samples without it, on the toy (``x0_hat = x / (1 + t^2)``, the
+exact denoiser of N(0, I) data, so the guidance term is most of the cost).
+
+For each workload, ``G`` groups of ``--per-group`` samples in ``--dim`` dimensions,
+``--steps`` DDIM steps:
+
+  * ``groups``: one call, ``sample(..., groups=G)``;
+  * ``user_vmap``: one jitted ``jax.vmap`` of ``sample`` over the groups, written by hand
+    (no group axis name: a ``lax.cond`` on the samples becomes a select that runs both
+    branches in every group);
+  * ``loop``: ``G`` calls of ``sample``, one per group (one compiled program);
+  * ``one_batch``: all ``G x per_group`` samples as one coupled batch -- *other* samples
+    (groups act on each other), timed as the cost of one plain call of that size.
+
+Workloads: ``spell_reference`` (SPELL intra-batch and against ``--shields`` reference
+points, whose exact search skips the blocks no query comes near) and ``particle``
+(particle guidance: no branch to skip). The implementations alternate A B A B over
+``--rounds`` rounds after one warm-up each (:func:`benchmarks.timing.interleaved`); the
+JSON records median [min-max], per-round ratios to ``groups``, the largest difference of
+``user_vmap`` and ``loop`` from ``groups`` (they compute the same samples), the versions,
+threads, CPU and date.
+
+Run:
+    JAX_PLATFORMS=cpu python -m benchmarks.groups --rounds 5
+
+Writes ``results/benchmarks/groups.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import environment, interleaved, round_ratio_range
+
+WORKLOADS = ("spell_reference", "particle")
+IMPLEMENTATIONS = ("groups", "user_vmap", "loop", "one_batch")
+
+
+def _term(workload: str, shields: int, dim: int, seed: int):
+    from jaxdiv import guidance
+
+    if workload == "particle":
+        return guidance.particle(1.0)
+    ref = jax.random.normal(jax.random.key(seed + 3), (shields, dim)) * 3.0
+    return guidance.spell(1.0, reference=ref, intra_batch=True)
+
+
+def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: int, steps: int,
+            rounds: int, seed: int = 0) -> dict:  # fmt: skip
+    """Time the four implementations of one workload, interleaved; check they agree."""
+    import jaxdiv
+    from jaxdiv import samplers, schedules
+
+    sampler = samplers.ddim(schedules.edm(), steps)
+    den = lambda x, t, c: x / (1 + t**2)  # noqa: E731
+    term = _term(workload, shields, dim, seed)
+    noise = jax.random.normal(jax.random.key(seed), (groups * per_group, dim))
+    key = jax.random.key(seed + 1)
+    parts = noise.reshape(groups, per_group, dim)
+    by_hand = jax.jit(jax.vmap(lambda z: jaxdiv.sample(sampler, den, z, key=key,
+                                                       guidance=term).x0))  # fmt: skip
+    def call(z, **kw):
+        return jaxdiv.sample(sampler, den, z, key=key, guidance=term, **kw).x0
+
+    fns = {
+        "groups": lambda: call(noise, groups=groups),
+        "user_vmap": lambda: by_hand(parts).reshape(noise.shape),
+        "loop": lambda: jnp.concatenate([call(z) for z in parts]),
+        "one_batch": lambda: call(noise),
+    }
+    outs = {name: np.asarray(jax.block_until_ready(fn())) for name, fn in fns.items()}
+    if not all(np.isfinite(o).all() for o in outs.values()):
+        raise RuntimeError(f"{workload}: non-finite samples")
+    scale = float(np.abs(outs["loop"]).max())
+    timed = interleaved({n: (lambda f=f: jax.block_until_ready(f())) for n, f in fns.items()},
+                        rounds, warmup=False)  # fmt: skip (the checks above warmed up)
+    row = dict(workload=workload, groups=groups, per_group=per_group, d=dim,
+               num_shields=shields if workload == "spell_reference" else 0, steps=steps,
+               rounds=rounds)  # fmt: skip
+    for name in IMPLEMENTATIONS:
+        t = timed[name]
+        row[f"{name}_s"] = t["median_s"]
+        row[f"{name}_min_max_s"] = [t["min_s"], t["max_s"]]
+        row[f"{name}_runs_s"] = t["runs_s"]
+        if name != "groups":
+            row[f"{name}_over_groups"] = t["median_s"] / timed["groups"]["median_s"]
+            row[f"{name}_over_groups_min_max"] = round_ratio_range(timed, name, "groups")
+    for name in ("user_vmap", "loop"):  # the same samples as groups
+        row[f"{name}_max_diff_of_scale"] = float(np.abs(outs[name] - outs["groups"]).max()
+                                                 / scale)  # fmt: skip
+    row["one_batch_differs_of_scale"] = float(np.abs(outs["one_batch"] - outs["groups"]).max()
+                                              / scale)  # fmt: skip
+    return row
+
+
+def _fmt(row: dict) -> str:
+    def ms(name):
+        lo, hi = row[f"{name}_min_max_s"]
+        return f"{name} {row[f'{name}_s'] * 1e3:.0f} [{lo * 1e3:.0f}-{hi * 1e3:.0f}] ms"
+
+    ratios = "  ".join(
+        f"{n}/groups {row[f'{n}_over_groups']:.2f} "
+        f"[{row[f'{n}_over_groups_min_max'][0]:.2f}-{row[f'{n}_over_groups_min_max'][1]:.2f}]"
+        for n in IMPLEMENTATIONS[1:]
+    )  # fmt: skip
+    return (f"groups {row['workload']} ({row['groups']} x {row['per_group']}, d={row['d']}, "
+            f"{row['num_shields']} shields, {row['steps']} steps): "
+            + ", ".join(ms(n) for n in IMPLEMENTATIONS) + f"\n    {ratios}")  # fmt: skip
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise SystemExit(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse arguments, measure, write the JSON; returns the written dict."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.groups",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)}")  # fmt: skip
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--per-group", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--shields", type=int, default=200_000)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="results/benchmarks/groups.json")
+    args = parser.parse_args(argv)
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown or not workloads:
+        raise SystemExit(f"--workloads: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+    for name in ("groups", "per_group", "dim", "shields", "steps", "rounds"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.per_group < 3 and "particle" in workloads:
+        raise SystemExit("--per-group must be >= 3 for particle (its median bandwidth)")
+    rows = []
+    for w in workloads:
+        row = measure(w, groups=args.groups, per_group=args.per_group, dim=args.dim,
+                      shields=args.shields, steps=args.steps, rounds=args.rounds)  # fmt: skip
+        print(_fmt(row), flush=True)
+        rows.append(row)
+    result = {"command": "python -m benchmarks.groups " + " ".join(sys.argv[1:] if argv is None
+                                                                   else argv),  # fmt: skip
+              **environment(), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    tmp.replace(out)
+    assert all(math.isfinite(r["groups_s"]) for r in rows)
+    return result
+
+
+if __name__ == "__main__":
+    main()
