@@ -214,3 +214,39 @@ def test_an_init_that_reads_values_runs_group_by_group(gmm2):
                                          r"of its own: x is too large"):  # fmt: skip
         jaxdiv.sample(s, den, noise.at[5].set(1e7), key=jax.random.key(0), cond=cond,
                       guidance=term, groups=G)  # fmt: skip
+
+
+@pytest.mark.parametrize("make", [lambda sch: samplers.dpmpp_2m(sch, 6),
+                                  lambda sch: samplers.edm(sch, 5, s_churn=10.0)],
+                         ids=["dpmpp_2m", "edm_heun_churn"])  # fmt: skip
+def test_multistep_state_and_two_evaluations_per_group(gmm2, make):
+    """A sampler state (DPM++'s previous x0_hat) and Heun's second evaluation, per group."""
+    s = make(schedules.edm())
+    den = gmm2.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(0), (G * N, D))
+    g = guidance.particle(2.0)
+    keys = jax.random.split(jax.random.key(1), G)
+    out = jaxdiv.sample(s, den, noise, key=keys, guidance=g, groups=G)
+    for grp in range(G):
+        own = jaxdiv.sample(s, den, noise[_rows(grp)], key=keys[grp], guidance=g)
+        _close(out.x0[_rows(grp)], own.x0)
+        for got, want in zip(jax.tree.leaves(out.sampler_state),
+                             jax.tree.leaves(own.sampler_state), strict=True):  # fmt: skip
+            _close(got[grp], want)
+
+
+def test_gradients_through_groups_are_the_groups_own(gmm2):
+    """d/dw of a loss over all groups = the sum of each group's own call's derivative."""
+    s = samplers.ddim(schedules.edm(), 6)
+    den = gmm2.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(0), (G * N, D))
+
+    def loss(w, z, groups):
+        x = jaxdiv.sample(s, den, z, key=jax.random.key(1), guidance=guidance.particle(w),
+                          groups=groups).x0  # fmt: skip
+        return jnp.sum(x**2)
+
+    got = jax.grad(loss)(1.5, noise, G)
+    want = sum(jax.grad(loss)(1.5, noise[_rows(grp)], 1) for grp in range(G))
+    assert abs(float(want)) > 1e-3  # the strength matters
+    np.testing.assert_allclose(got, want, rtol=1e-4)
