@@ -261,10 +261,22 @@ def test_generate_couples_each_prompts_images_only(pipe):
         assert float(jnp.abs(both[0].latents[:3] - plain.latents[:3]).max()) > 1e-2
     text = jnp.ones((16,))
     gass = guidance.window(guidance.gass(gass_encoder(pipe), text, max_iters=2), steps=[1])
-    with pytest.raises(ValueError, match=r"^method: its \['gass'\] term\(s\) hold one prompt's "
-                                         r"data \(GASS: its text embedding\), so the other 1 "
-                                         r"prompt\(s\) would be guided by it"):  # fmt: skip
+    held = (r"term\(s\) hold data of the prompts they were built for \(GASS: one prompt's "
+            r"text embedding; TPSO: variants of every row\), so they cannot serve one group "
+            r"per prompt, as its \[{}\] term\(s\) need with 2 prompts")
+    with pytest.raises(ValueError, match=r"^method: its \['gass'\] " + held.format("'gass'")):
         pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=gass)
+    # TPSO's variants are rows of its whole batch: alone (per sample) it takes both prompts,
+    # beside a coupled term (one group per prompt) it is refused
+    from jaxdiv.pipelines.tpso import tpso_conditions, tpso_guidance
+
+    c = tpso_conditions(pipe, ["a cat", "a dog"], 3, key, projection=False, max_steps=2)
+    tpso = tpso_guidance(c, CFG)
+    assert pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=tpso,
+                         cfg=None).latents.shape[0] == 6  # fmt: skip
+    with pytest.raises(ValueError, match=r"^method: its \['tpso'\] " + held.format("'pg'")):
+        pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=None,
+                      method=guidance.chain(tpso, pg=guidance.particle(1.0)))  # fmt: skip
     # one image: a term that acts only between images would never act (GASS still would)
     for method, names in [(guidance.particle(1.0), "['particle']"),
                           (guidance.chain(cads=guidance.cads(), s=guidance.spell(0.5)), "['s']")]:

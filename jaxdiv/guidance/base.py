@@ -713,11 +713,13 @@ def needs_batch(term: GuidanceTerm) -> bool:
 
 
 def prompt_bound(term: GuidanceTerm) -> bool:
-    """Whether ``term`` holds one prompt's data, so that it cannot guide the images of
-    other prompts (GASS: its target direction is one prompt's text embedding), windowed or
-    not. :func:`jaxdiv.pipelines.generation.generate` refuses such a method with several
-    prompts. Read from a ``prompt_bound`` attribute of the term's ``apply`` as
-    :func:`couples_batch` reads its own.
+    """Whether ``term`` holds data of the prompts it was built for (GASS: one prompt's text
+    embedding as its target direction; TPSO: optimised variants of every row of its
+    batch), windowed or not: it cannot be shared by groups of other prompts or rows.
+    :func:`jaxdiv.pipelines.generation.generate` refuses such a method where it would run
+    the prompts as groups (several prompts and a term that couples the batch). Read from a
+    ``prompt_bound`` attribute of the term's ``apply`` as :func:`couples_batch` reads its
+    own.
 
     >>> from jaxdiv import guidance
     >>> from toy.encoder import sphere_encoder

@@ -282,9 +282,10 @@ def generate(
     contextual repulsion) acts among each prompt's ``n`` images only, as the papers couple
     them: the prompts run as groups (``jaxdiv.sample(..., groups=len(prompts))``), each as
     ``generate`` with that prompt alone would run it, and the trace and state gain a
-    leading prompt axis. GASS's term holds one prompt's text embedding and is refused with
-    several prompts. Per-sample methods (CFG, CADS, interval, TPSO) run all rows as one
-    batch.
+    leading prompt axis. A term holding its prompts' data
+    (:func:`jaxdiv.guidance.prompt_bound`: GASS's text embedding, TPSO's variants) cannot
+    be split that way and is then refused. Per-sample methods (CFG, CADS, interval, TPSO)
+    run all rows as one batch.
     A method that acts only between the images of a batch
     (:func:`jaxdiv.guidance.needs_batch`: PG, contextual repulsion, SPELL without
     reference) is refused with ``n=1``, where it would never act.
@@ -347,16 +348,18 @@ def generate(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
     terms = () if method is None else _guidance.as_terms(method)
-    bound = [t.name for t in terms if _guidance.prompt_bound(t)]
-    if bound and len(prompts) > 1:
-        raise ValueError(
-            f"method: its {bound} term(s) hold one prompt's data (GASS: its text "
-            f"embedding), so the other {len(prompts) - 1} prompt(s) would be guided by it; "
-            "call generate once per prompt with that prompt's term (the same shapes reuse "
-            "one compiled program)"
-        )
     # the papers couple the images of one prompt: one group per prompt
-    groups = len(prompts) if any(_guidance.couples_batch(t) for t in terms) else 1
+    coupled = [t.name for t in terms if _guidance.couples_batch(t)]
+    groups = len(prompts) if coupled else 1
+    bound = [t.name for t in terms if _guidance.prompt_bound(t)]
+    if bound and groups > 1:
+        raise ValueError(
+            f"method: its {bound} term(s) hold data of the prompts they were built for "
+            "(GASS: one prompt's text embedding; TPSO: variants of every row), so they "
+            f"cannot serve one group per prompt, as its {coupled} term(s) need with "
+            f"{len(prompts)} prompts; call generate once per prompt with that prompt's "
+            "terms (the same shapes reuse one compiled program)"
+        )
     idle = [t.name for t in terms if _guidance.needs_batch(t)]
     if idle and n == 1:
         raise ValueError(

@@ -56,6 +56,10 @@ def _tpso_apply(optimized, ratio, state, cond, ctx):
     return _mix(alpha, optimized, cond), state, TPSOInfo(alpha)
 
 
+# guidance.prompt_bound: its variants are rows of the batch it was optimised for
+_tpso_apply.prompt_bound = True
+
+
 def _finite_tree(name, tree):
     return jax.tree.map(lambda a: validation.finite_array(name, a), tree)
 
