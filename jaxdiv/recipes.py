@@ -25,10 +25,11 @@ class BatchedOutput(NamedTuple):
     """Result of :func:`spell_batched`.
 
     Attributes:
-        x0: ``(N, ...)`` all samples, in batch order.
+        x0: ``(N, ...)`` all samples, in the rows of ``noise``.
         state: the final guidance state (a dict by term name, SPELL's
-            :class:`~jaxdiv.guidance.spell.SpellState` under ``"spell"``); pass it as
-            ``guidance_state=`` to continue with more batches.
+            :class:`~jaxdiv.guidance.spell.SpellState` under ``"spell"``; with ``groups``,
+            a leading group axis); pass it as ``guidance_state=`` to continue with more
+            batches.
         traces: per-batch :class:`~jaxdiv.Trace` tuple when ``trace=True``, else None.
     """
 
@@ -54,6 +55,7 @@ def spell_batched(
     guidance=None,
     memory_size: int | None = None,
     trace: bool = False,
+    groups: int = 1,
     **spell_kwargs,
 ) -> BatchedOutput:
     """Generate ``N = noise.shape[0]`` samples in batches of ``batch_size`` with SPELL.
@@ -63,8 +65,8 @@ def spell_batched(
     Sec. 3 / Fig. 2c). One :func:`jaxdiv.sample` call per batch, all sharing one compiled
     program (the memory is a fixed-size buffer in the term's state). Every batch is
     shielded from all earlier ones whatever their ``cond``: for several prompts or
-    classes, call it once per prompt (``experiments.spell_tradeoff`` does, per class), or
-    one prompt's images repel another's.
+    classes, pass ``groups`` (or call it once per prompt, as ``experiments.spell_tradeoff``
+    does per class), or one prompt's images repel another's.
 
     Args:
         sampler, denoiser: as for :func:`jaxdiv.sample`.
@@ -76,8 +78,14 @@ def spell_batched(
         cond: optional condition pytree with leading dimension ``N``.
         guidance: optional other terms (e.g. ``guidance.cfg(...)``), chained before SPELL
             (which is named ``"spell"`` in the state and trace).
-        memory_size: shield-memory capacity; default ``N`` (every earlier output).
+        memory_size: shield-memory capacity; default ``N`` (every earlier output); with
+            ``groups``, per group (default ``N / groups``).
         trace: keep each batch's :class:`~jaxdiv.Trace`.
+        groups: run ``groups`` independent sequences at once: rows ``g N / groups .. (g + 1)
+            N / groups - 1`` (one prompt's or class's) are group ``g``, generated in
+            batches of ``batch_size`` with a memory of its own, as a call with those rows
+            alone would; each :func:`jaxdiv.sample` call runs batch ``j`` of every group
+            (``groups=``). ``state`` and ``traces`` then carry a leading group axis.
         **spell_kwargs: further :func:`~jaxdiv.guidance.spell.spell` options.
 
     >>> import jax, jax.numpy as jnp, toy
@@ -89,38 +97,48 @@ def spell_batched(
     ...                     key=jax.random.key(1), radius=0.3, batch_size=2)
     >>> out.x0.shape, int(out.state["spell"].count)
     ((8, 2), 8)
+    >>> two = spell_batched(samplers.edm(sch, 10), gm.denoiser(sch), noise,
+    ...                     key=jax.random.key(1), radius=0.3, batch_size=2, groups=2)
+    >>> two.state["spell"].count.tolist()  # each group's memory holds its own 4 outputs
+    [4, 4]
     """
     if not hasattr(noise, "shape"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")
     n = noise.shape[0] if np.ndim(noise) >= 1 else 0
     validation.prng_key("key", key)
     batch_size = validation.integer("batch_size", batch_size, 1)
-    if n < 1 or n % batch_size:
-        raise ValueError(
-            f"noise's leading dimension ({n}) must be a positive multiple of batch_size "
-            f"({batch_size})"
-        )
+    groups = validation.integer("groups", groups, 1)
+    if n < 1 or n % (groups * batch_size):
+        per = f"groups x batch_size ({groups} x {batch_size})" if groups > 1 else (
+            f"batch_size ({batch_size})")  # fmt: skip
+        raise ValueError(f"noise's leading dimension ({n}) must be a positive multiple of "
+                         f"{per}")  # fmt: skip
     if cond is not None:  # sliced per batch below: extra rows would be dropped silently
         rows = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(cond)}
         if rows != {n}:
             raise ValueError(f"cond must have noise's {n} rows (leading dimension) in every "
                              f"leaf, got {sorted(rows, key=str)}")  # fmt: skip
+    per_group = n // groups
     if memory_size is None:
-        memory_size = int(n)
+        memory_size = int(per_group)
     term = spell(radius, reference, intra_batch, overcompensation, memory_size=memory_size,
                  **spell_kwargs)  # fmt: skip
     g = chain(guidance, spell=term)
 
+    def rows(a, j):  # batch j of every group, group-major: (groups * batch_size, ...)
+        a = a.reshape((groups, per_group) + a.shape[1:])[:, j * batch_size:(j + 1) * batch_size]
+        return a.reshape((groups * batch_size,) + a.shape[2:])
+
     outs, traces, state = [], [], None
-    for j in range(n // batch_size):
-        sl = slice(j * batch_size, (j + 1) * batch_size)
-        c = None if cond is None else jax.tree.map(lambda a, sl=sl: a[sl], cond)
-        out = sample(sampler, denoiser, noise[sl], key=jax.random.fold_in(key, j), cond=c,
-                     guidance=g, trace=trace, guidance_state=state)  # fmt: skip
+    for j in range(per_group // batch_size):
+        c = None if cond is None else jax.tree.map(lambda a, j=j: rows(a, j), cond)
+        out = sample(sampler, denoiser, rows(noise, j), key=jax.random.fold_in(key, j), cond=c,
+                     guidance=g, trace=trace, guidance_state=state, groups=groups)  # fmt: skip
         state = out.state
-        outs.append(out.x0)
+        outs.append(out.x0.reshape((groups, batch_size) + out.x0.shape[1:]))
         traces.append(out.trace)
-    return BatchedOutput(jnp.concatenate(outs, axis=0), state, tuple(traces) if trace else None)
+    x0 = jnp.concatenate(outs, axis=1).reshape(noise.shape)  # back to group-major rows
+    return BatchedOutput(x0, state, tuple(traces) if trace else None)
 
 
 def radius_from_unguided(sampler, denoiser, noise, *, key, cond=None, guidance=None) -> float:

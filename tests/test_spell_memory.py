@@ -171,3 +171,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"cond must have noise's 4 rows .* got \[8\]"):
         spell_batched(SMP, DEN, noise[:4], key=jax.random.key(0), radius=0.1, batch_size=2,
                       cond=jnp.zeros((8, 3)))  # fmt: skip
+
+
+def test_groups_run_independent_sequences_each_as_its_own_call():
+    """``spell_batched(groups=3)``: each group's rows are generated batch by batch with a
+    memory of their own, as a call with those rows alone; the groups do not shield each
+    other (without groups they do: the negative control)."""
+    g, per, bs = 3, 6, 2
+    noise = jax.random.normal(jax.random.key(0), (g * per, 2)) * 0.3
+    cond = jax.random.normal(jax.random.key(4), (g * per, 2))
+    den = lambda x, t, c: DEN(x, t, None) + 0.1 * c  # noqa: E731
+    kw = dict(key=jax.random.key(1), radius=0.4, batch_size=bs, trace=True)
+    out = spell_batched(SMP, den, noise, cond=cond, groups=g, **kw)
+    assert out.state["spell"].count.tolist() == [per] * g
+    assert len(out.traces) == per // bs and out.traces[0].x.shape[:3] == (g, 8, bs)
+    for k in range(g):
+        rows = slice(k * per, (k + 1) * per)
+        own = spell_batched(SMP, den, noise[rows], cond=cond[rows], **kw)
+        want = np.asarray(own.x0)
+        np.testing.assert_allclose(out.x0[rows], want, rtol=0, atol=1e-5 * np.abs(want).max())
+        mem = jax.tree.map(lambda a, k=k: a[k], out.state["spell"])
+        np.testing.assert_allclose(memory_vectors(mem), memory_vectors(own.state["spell"]),
+                                   rtol=0, atol=1e-5 * np.abs(want).max())  # fmt: skip
+    whole = spell_batched(SMP, den, noise, cond=cond, **kw)  # one sequence: groups shield
+    assert float(jnp.abs(whole.x0[per:] - out.x0[per:]).max()) > 1e-2
+    with pytest.raises(ValueError, match=r"noise's leading dimension \(18\) must be a positive "
+                                         r"multiple of groups x batch_size \(3 x 4\)"):  # fmt: skip
+        spell_batched(SMP, den, noise, cond=cond, key=jax.random.key(1), radius=0.4,
+                      batch_size=4, groups=3)  # fmt: skip
