@@ -83,6 +83,15 @@ class Method(NamedTuple):
     generate: str | None = None
 
 
+# jaxdiv.guidance's batch flags, as `jaxdiv methods` says them
+BATCH_FLAGS = {
+    "couples_batch": "couples the images of a batch (jaxdiv.sample(..., groups=G) keeps G "
+                     "groups apart; pipe.generate: one group per prompt)",
+    "needs_batch": "acts only between images (n >= 2)",
+    "prompt_bound": "holds its prompts' data (one term per prompt)",
+}  # fmt: skip
+
+
 def _gass_probe(g):
     import jax.numpy as jnp
 
@@ -195,7 +204,9 @@ def methods_table() -> list[dict]:
     rows = []
     for m in METHODS:
         factory = getattr(guidance, m.name)
-        hook = m.probe(guidance).hook
+        probe = m.probe(guidance)
+        hook = probe.hook
+        batch = {flag: getattr(guidance, flag)(probe) for flag in BATCH_FLAGS}
         knobs = _knobs(factory)
         for k in knobs:
             k["paper"] = m.paper_values.get(k["name"])
@@ -209,7 +220,8 @@ def methods_table() -> list[dict]:
                 flags.append("--guidance-rescale")
         rows.append({"factory": f"guidance.{m.name}", "paper": m.paper, "hook": hook,
                      "hook_meaning": HOOK_MEANING.get(hook, ""), "knobs": knobs,
-                     "notes": m.notes, "generate_flags": flags})  # fmt: skip
+                     "notes": m.notes, "batch": batch,
+                     "generate_flags": flags})  # fmt: skip
     return rows
 
 
@@ -242,6 +254,8 @@ def format_methods(rows: list[dict]) -> str:
         if extra:
             lines += _wrap("keyword-only: " + ", ".join(
                 f"{k['name']}={_show(k['default'])}" for k in extra), "    ")  # fmt: skip
+        said = [text for flag, text in BATCH_FLAGS.items() if r["batch"][flag]]
+        lines += _wrap("batch (at its defaults): " + ("; ".join(said) or "per sample"), "    ")
         if r["generate_flags"]:
             lines += _wrap("jaxdiv generate: " + " ".join(r["generate_flags"]), "    ")
         lines.append("")

@@ -86,8 +86,8 @@ def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     run = partial(_one_run, sampler, denoiser, terms, trace)
     if groups == 1:
         return run(noise, key, cond, gstate)
-    # each group is a call of its own with the same key: vmap, not a loop, keeps one
-    # program whose model calls see the whole batch
+    # each group runs as a call of its own (the shared key or its own): vmap, not a loop,
+    # keeps one program whose model calls see the whole batch
     key_axis = 0 if group_keys(key, groups) else None
     x0, tr, gstate, sstate = jax.vmap(run, in_axes=(0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
         split_groups(noise, groups), key, split_groups(cond, groups), gstate)

@@ -24,7 +24,7 @@ from jaxdiv.guidance.base import HOOKS
 # by `jaxdiv methods` (cli.METHODS) or here.
 NOT_METHODS = {
     "as_terms", "chain", "stateless", "window",  # combinators
-    "couples_batch", "needs_batch",  # properties of terms
+    "couples_batch", "needs_batch", "prompt_bound",  # properties of terms
     "cads_gamma", "cads_time",
     "spell_delta", "memory_vectors", "median_pairwise_distance", "repulsion_field",
     "repulsion_potential", "radius_search", "build_sharded_index",
@@ -91,6 +91,12 @@ def test_methods_json_reads_hooks_and_knobs_from_the_factories(capsys):
                       "tpso": "condition", "particle": "x0", "spell": "x0", "gass": "x0",
                       "contextual": "model"}  # fmt: skip
     assert {n: r["hook"] for n, r in rows.items()} == expected_hooks
+    # how each acts on a batch, read from a built term (jaxdiv.guidance's batch flags)
+    coupled = {n for n, r in rows.items() if r["batch"]["couples_batch"]}
+    assert coupled == {"particle", "spell", "gass", "contextual"}
+    assert {n for n, r in rows.items() if r["batch"]["needs_batch"]} == {
+        "particle", "spell", "contextual"}
+    assert {n for n, r in rows.items() if r["batch"]["prompt_bound"]} == {"gass", "tpso"}
     for m in cli.METHODS:
         params = inspect.signature(getattr(guidance, m.name)).parameters
         row = rows[m.name]
