@@ -5,7 +5,7 @@ the sharded search equals the single-device exact search (same centre; counts ex
 corrections up to float32 summation order), each device holds 1/8 of the shields, the
 compiled program sums corrections (all-reduce) and never gathers the shields, a folder of
 ``.npy`` files streams into the same index, and SPELL through ``jaxdiv.sample`` with the
-sharded reference equals the single-device run and keeps its guarantee; the row of
+sharded reference equals the single-device run (also in groups) and keeps its guarantee; the row of
 ``benchmarks.spell_sharded`` on that mesh records both searches.
 """
 
@@ -125,6 +125,15 @@ SCRIPT = textwrap.dedent(
     jaxdiv.sample(s, den, noise, key=jax.random.key(1),
                   guidance=guidance.spell(r * 1.1, reference=sidx))
     assert jaxdiv.compile_count() == before, "a new radius recompiled"
+    # four independent groups (jaxdiv.sample(groups=)): the sharded search's branches under
+    # the groups' vmap give the single-device index's samples
+    grouped = {}
+    for name, reference in (("single", single), ("sharded", sidx)):
+        g = guidance.spell(r, reference=reference)
+        grouped[name] = jaxdiv.sample(s, lambda x, t, c: c + 0.0 * x, noise, cond=target,
+                                      key=jax.random.key(1), groups=4, guidance=g).x0
+    np.testing.assert_allclose(np.asarray(grouped["sharded"]), np.asarray(grouped["single"]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
 
     # benchmarks.spell_sharded's row: both searches timed, the same samples, and each
     # device holding ceil(3000 / (8 * 128)) = 3 blocks of 128 shields (float32, d = 16)
