@@ -20,7 +20,9 @@ __all__ = ["sample", "SampleOutput", "Trace", "compile_count"]
 
 
 class Trace(NamedTuple):
-    """Per-step record, each field stacked over the ``N`` steps.
+    """Per-step record, each field stacked over the ``N`` steps (with ``sample(...,
+    groups=G)``, each field's leading axis is the ``G`` groups, each holding its group's
+    record: ``x`` is ``(G, N, B / G, ...)``).
 
     Attributes:
         t: ``(N,)`` process time at the start of each step.
@@ -48,6 +50,9 @@ class SampleOutput(NamedTuple):
         state: the guidance terms' final states, a dict by term name (pass it back as
             ``guidance_state=`` to continue, e.g. SPELL's memory of earlier batches).
         sampler_state: the sampler's final state (``()`` for one-step samplers).
+
+    With ``sample(..., groups=G)``, ``x0`` keeps the shape of ``noise`` and the others
+    gain a leading axis of the ``G`` groups.
     """
 
     x0: Any
