@@ -63,7 +63,6 @@ import toy.gmm
 from benchmarks.timing import environment, interleaved, version
 from experiments.common import write_json
 from jaxdiv import samplers, sampling, schedules
-from jaxdiv.guidance.base import as_terms, init_terms
 from jaxdiv.pytrees import combine, partition
 
 JAXDIV = "jaxdiv (jit, lax.scan)"
@@ -535,11 +534,7 @@ def _run(args, argv) -> dict[str, Any]:
 
     # the compiled program jaxdiv.sample runs, and its thunks per step
     def lowered(dn):
-        terms = as_terms(None)
-        x0_init = sch.init_noise_scale(s.times[0]) * noise_j
-        gstate = init_terms(terms, x0_init, None, jax.random.fold_in(key, 0x5EED))
-        dynamic, spec = partition((s, dn, terms))
-        return sampling._run.lower(spec, False, dynamic, noise_j, key, None, gstate).compile()
+        return sampling.lower(s, dn, noise_j, key=key).compile()
 
     hlo = {name: step_thunks(lowered(dn).as_text(), args.batch)
            for name, dn in ((JAXDIV, den), (JAXDIV_EINSUM, den_einsum))}  # fmt: skip

@@ -16,7 +16,7 @@ from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_t
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
 
-__all__ = ["sample", "SampleOutput", "Trace", "compile_count"]
+__all__ = ["sample", "lower", "SampleOutput", "Trace", "compile_count"]
 
 
 class Trace(NamedTuple):
@@ -339,6 +339,34 @@ def sample(
     >>> pg.x0.shape, pg.trace.x.shape
     ((32, 1), (8, 32, 4, 1))
     """
+    x0, tr, state, sstate = _run(*_prepared(
+        sampler, denoiser, noise, key=key, cond=cond, guidance=guidance, trace=trace,
+        guidance_state=guidance_state, mesh=mesh, groups=groups))  # fmt: skip
+    return SampleOutput(x0, tr, state, sstate)
+
+
+def lower(sampler: Sampler, denoiser, noise, *, key, cond=None, guidance=None,
+          trace: bool = False, guidance_state=None, mesh=None, groups: int = 1):  # fmt: skip
+    """The program :func:`sample` runs for these arguments (the same checks and ``init``),
+    lowered and not run: ``.compile().as_text()`` is XLA's optimised HLO, to read its
+    fusions, collectives or memory without sampling.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiv import guidance, samplers, schedules
+    >>> s = samplers.ddim(schedules.edm(), 4)
+    >>> low = lower(s, lambda x, t, c: x / (1 + t**2), jnp.ones((8, 2)), key=jax.random.key(0),
+    ...             guidance=guidance.particle(1.0), groups=2)
+    >>> "while" in low.compile().as_text()   # the steps' lax.scan
+    True
+    """
+    return _run.lower(*_prepared(
+        sampler, denoiser, noise, key=key, cond=cond, guidance=guidance, trace=trace,
+        guidance_state=guidance_state, mesh=mesh, groups=groups))  # fmt: skip
+
+
+def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_state, mesh,
+              groups):  # fmt: skip
+    """:func:`sample`'s checks, placement and terms' ``init``: ``_run``'s arguments."""
     groups = validation.integer("groups", groups, minimum=1)
     noise = _check_inputs(sampler, denoiser, noise, key, cond, groups)
     if mesh is not None:
@@ -389,6 +417,5 @@ def sample(
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
     dynamic, spec = partition((sampler, denoiser, terms))
-    x0, tr, state, sstate = _run(spec, bool(trace), groups, dynamic, noise, key, cond,
-                                 guidance_state)  # fmt: skip
-    return SampleOutput(x0, tr, state, sstate)
+    return spec, bool(trace), groups, dynamic, noise, key, cond, guidance_state
+

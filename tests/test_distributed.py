@@ -102,15 +102,9 @@ SD = textwrap.dedent(
     np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5 * scale)
 
     # the compiled data-parallel program: every all-gather is at most the batch's x0_hat
-    placed = distributed.shard_batch({"n": noise, "c": cond}, mesh)
-    from jaxdiv.sampling import _run, as_terms, init_terms
-    from jaxdiv.pytrees import partition
-    terms = as_terms(g)
-    x_init = s.schedule.init_noise_scale(s.times[0]) * placed["n"]
-    st = init_terms(terms, x_init, placed["c"], jax.random.key(2))
-    dyn, spec = partition((s, pipe.denoiser, terms))
-    hlo = _run.lower(spec, False, dyn, placed["n"], jax.random.key(1), placed["c"],
-                     st).compile().as_text()
+    from jaxdiv.sampling import lower
+    hlo = lower(s, pipe.denoiser, noise, key=jax.random.key(1), cond=cond, guidance=g,
+                mesh=mesh).compile().as_text()
     x0_size = int(np.prod(noise.shape))
     sizes = []
     for line in hlo.splitlines():
