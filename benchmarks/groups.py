@@ -1,25 +1,28 @@
 """Independent coupled batches in one program: ``jaxdiv.sample(..., groups=G)`` against
-the ways to get the same samples without it, on the toy (``x0_hat = x / (1 + t^2)``, the
-exact denoiser of N(0, I) data, so the guidance term is most of the cost).
+the ways to get the same samples without it.
 
-For each workload, ``G`` groups of ``--per-group`` samples in ``--dim`` dimensions,
-``--steps`` DDIM steps:
+For each workload, ``G`` groups of ``--per-group`` samples, ``--steps`` DDIM steps:
 
   * ``groups``: one call, ``sample(..., groups=G)``;
   * ``user_vmap``: one jitted ``jax.vmap`` of ``sample`` over the groups, written by hand
     (no group axis name: a ``lax.cond`` on the samples becomes a select that runs both
     branches in every group);
   * ``loop``: ``G`` calls of ``sample``, one per group (one compiled program);
-  * ``one_batch``: all ``G x per_group`` samples as one coupled batch -- *other* samples
-    (groups act on each other), timed as the cost of one plain call of that size.
+  * ``one_batch``: all ``G x per_group`` samples as one batch: for a coupled method
+    *other* samples (the groups act on each other), timed as the cost of one plain call of
+    that size.
 
-Workloads: ``spell_reference`` (SPELL intra-batch and against ``--shields`` reference
-points, whose exact search skips the blocks no query comes near) and ``particle``
-(particle guidance: no branch to skip). The implementations alternate A B A B over
-``--rounds`` rounds after one warm-up each (:func:`benchmarks.timing.interleaved`); the
-JSON records median [min-max], per-round ratios to ``groups``, the largest difference of
-``user_vmap`` and ``loop`` from ``groups`` (they compute the same samples), the versions,
-threads, CPU and date.
+Workloads: on the toy (``x0_hat = x / (1 + t^2)``, the exact denoiser of N(0, I) data in
+``--dim`` dimensions, so the guidance term is most of the cost) ``spell_reference``
+(SPELL intra-batch and against ``--shields`` reference points, whose exact search skips
+the blocks no query comes near) and ``particle`` (particle guidance: no branch to skip);
+``sd_cfg``: a random Stable Diffusion pipeline (``--sd-config``, default ``sd21-small``,
+128 px) with CFG 7.5 alone, one prompt per group: CFG acts per sample, so all four give the
+same samples and ``groups`` against ``one_batch`` is the cost of the groups' ``vmap``
+around the UNet. The implementations alternate A B A B over ``--rounds`` rounds after one
+warm-up each (:func:`benchmarks.timing.interleaved`); the JSON records median [min-max],
+per-round ratios to ``groups``, the largest difference of the others from ``groups``, the
+versions, threads, CPU and date.
 
 Run:
     JAX_PLATFORMS=cpu python -m benchmarks.groups --rounds 5
@@ -42,41 +45,76 @@ import numpy as np
 
 from benchmarks.timing import environment, interleaved, round_ratio_range
 
-WORKLOADS = ("spell_reference", "particle")
+WORKLOADS = ("spell_reference", "particle", "sd_cfg")
 IMPLEMENTATIONS = ("groups", "user_vmap", "loop", "one_batch")
 
 
-def _term(workload: str, shields: int, dim: int, seed: int):
-    from jaxdiv import guidance
+def _toy(workload: str, groups: int, per_group: int, dim: int, shields: int, steps: int,
+         seed: int):  # fmt: skip
+    from jaxdiv import guidance, samplers, schedules
 
     if workload == "particle":
-        return guidance.particle(1.0)
-    ref = jax.random.normal(jax.random.key(seed + 3), (shields, dim)) * 3.0
-    return guidance.spell(1.0, reference=ref, intra_batch=True)
+        term = guidance.particle(1.0)
+    else:
+        ref = jax.random.normal(jax.random.key(seed + 3), (shields, dim)) * 3.0
+        term = guidance.spell(1.0, reference=ref, intra_batch=True)
+    noise = jax.random.normal(jax.random.key(seed), (groups * per_group, dim))
+    den = lambda x, t, c: x / (1 + t**2)  # noqa: E731
+    return samplers.ddim(schedules.edm(), steps), den, noise, None, term
+
+
+def _sd(config: str, groups: int, per_group: int, steps: int, seed: int, folder: str):
+    """A random SD pipeline of ``benchmarks.sd_generate.CONFIGS[config]``, one prompt per
+    group, CFG 7.5 alone: per sample, so every implementation gives the same samples and
+    the timings differ only by how the batch is run."""
+    from benchmarks.sd_generate import CONFIGS
+    from jaxdiv import guidance
+    from jaxdiv.pipelines import stable_diffusion as sd
+    from jaxdiv.testing import save_random_pipeline
+
+    save_random_pipeline(folder, seed=seed, **CONFIGS[config])
+    pipe = sd.load(folder)
+    prompts = [f"prompt {j}" for j in range(groups)]
+    cond = pipe.encode_prompt(pipe.tokenize([p for p in prompts for _ in range(per_group)]))
+    noise = jax.random.normal(jax.random.key(seed), pipe.noise_shape(groups * per_group))
+    return pipe.ddim(steps), pipe.denoiser, noise, cond, guidance.cfg(7.5, pipe.null_cond)
 
 
 def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: int, steps: int,
-            rounds: int, seed: int = 0) -> dict:  # fmt: skip
+            rounds: int, sd_config: str = "sd21-small", seed: int = 0) -> dict:  # fmt: skip
     """Time the four implementations of one workload, interleaved; check they agree."""
-    import jaxdiv
-    from jaxdiv import samplers, schedules
+    import tempfile
 
-    sampler = samplers.ddim(schedules.edm(), steps)
-    den = lambda x, t, c: x / (1 + t**2)  # noqa: E731
-    term = _term(workload, shields, dim, seed)
-    noise = jax.random.normal(jax.random.key(seed), (groups * per_group, dim))
+    import jaxdiv
+
+    with tempfile.TemporaryDirectory() as folder:
+        if workload == "sd_cfg":
+            sampler, den, noise, cond, term = _sd(sd_config, groups, per_group, steps, seed,
+                                                  folder)  # fmt: skip
+        else:
+            sampler, den, noise, cond, term = _toy(workload, groups, per_group, dim, shields,
+                                                   steps, seed)  # fmt: skip
     key = jax.random.key(seed + 1)
-    parts = noise.reshape(groups, per_group, dim)
-    by_hand = jax.jit(jax.vmap(lambda z: jaxdiv.sample(sampler, den, z, key=key,
-                                                       guidance=term).x0))  # fmt: skip
-    def call(z, **kw):
-        return jaxdiv.sample(sampler, den, z, key=key, guidance=term, **kw).x0
+
+    def split(a):
+        return a.reshape((groups, per_group) + a.shape[1:])
+
+    parts, cond_parts = split(noise), jax.tree.map(split, cond)
+    by_hand = jax.jit(jax.vmap(lambda z, c: jaxdiv.sample(sampler, den, z, key=key, cond=c,
+                                                          guidance=term).x0))  # fmt: skip
+
+    def call(z, c, **kw):
+        return jaxdiv.sample(sampler, den, z, key=key, cond=c, guidance=term, **kw).x0
+
+    def group(a, j):
+        return None if a is None else jax.tree.map(lambda leaf: leaf[j], a)
 
     fns = {
-        "groups": lambda: call(noise, groups=groups),
-        "user_vmap": lambda: by_hand(parts).reshape(noise.shape),
-        "loop": lambda: jnp.concatenate([call(z) for z in parts]),
-        "one_batch": lambda: call(noise),
+        "groups": lambda: call(noise, cond, groups=groups),
+        "user_vmap": lambda: by_hand(parts, cond_parts).reshape(noise.shape),
+        "loop": lambda: jnp.concatenate([call(parts[j], group(cond_parts, j))
+                                         for j in range(groups)]),  # fmt: skip
+        "one_batch": lambda: call(noise, cond),
     }
     outs = {name: np.asarray(jax.block_until_ready(fn())) for name, fn in fns.items()}
     if not all(np.isfinite(o).all() for o in outs.values()):
@@ -84,9 +122,12 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
     scale = float(np.abs(outs["loop"]).max())
     timed = interleaved({n: (lambda f=f: jax.block_until_ready(f())) for n, f in fns.items()},
                         rounds, warmup=False)  # fmt: skip (the checks above warmed up)
-    row = dict(workload=workload, groups=groups, per_group=per_group, d=dim,
+    row = dict(workload=workload, groups=groups, per_group=per_group,
+               sample_shape=list(noise.shape[1:]),
                num_shields=shields if workload == "spell_reference" else 0, steps=steps,
                rounds=rounds)  # fmt: skip
+    if workload == "sd_cfg":
+        row["config"] = sd_config
     for name in IMPLEMENTATIONS:
         t = timed[name]
         row[f"{name}_s"] = t["median_s"]
@@ -113,7 +154,8 @@ def _fmt(row: dict) -> str:
         f"[{row[f'{n}_over_groups_min_max'][0]:.2f}-{row[f'{n}_over_groups_min_max'][1]:.2f}]"
         for n in IMPLEMENTATIONS[1:]
     )  # fmt: skip
-    return (f"groups {row['workload']} ({row['groups']} x {row['per_group']}, d={row['d']}, "
+    shape = "x".join(map(str, row["sample_shape"]))
+    return (f"groups {row['workload']} ({row['groups']} x {row['per_group']} of {shape}, "
             f"{row['num_shields']} shields, {row['steps']} steps): "
             + ", ".join(ms(n) for n in IMPLEMENTATIONS) + f"\n    {ratios}")  # fmt: skip
 
@@ -136,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shields", type=int, default=200_000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sd-config", default="sd21-small",
+                        help="sd_cfg's random pipeline (benchmarks.sd_generate.CONFIGS)")
     parser.add_argument("--out", default="results/benchmarks/groups.json")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
@@ -149,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for w in workloads:
         row = measure(w, groups=args.groups, per_group=args.per_group, dim=args.dim,
-                      shields=args.shields, steps=args.steps, rounds=args.rounds)  # fmt: skip
+                      shields=args.shields, steps=args.steps, rounds=args.rounds,
+                      sd_config=args.sd_config)  # fmt: skip
         print(_fmt(row), flush=True)
         rows.append(row)
     result = {"command": "python -m benchmarks.groups " + " ".join(sys.argv[1:] if argv is None

@@ -6,7 +6,7 @@ whose predicate depends on a group's samples is then batched, and vmap turns it 
 reference blocks no query comes near, would compare every query with every shield.
 :func:`branch` keeps the skip: it takes the branch when the predicate holds in any group
 and keeps each group's own branch's value. (A hand-written ``jax.vmap`` of ``sample``,
-which has no group axis name, runs 110x slower than ``groups=`` on 8 groups of 4 with
+which has no group axis name, runs 119x slower than ``groups=`` on 8 groups of 4 with
 200k reference shields: ``python -m benchmarks.groups``,
 ``results/benchmarks/xeon/groups.json``.)
 """

@@ -12,7 +12,8 @@ from benchmarks import groups
 def test_tiny_groups_benchmark_writes_timed_json(tmp_path, capsys):
     out = tmp_path / "g.json"
     result = groups.main(["--rounds", "1", "--groups", "3", "--per-group", "3", "--dim", "4",
-                          "--shields", "300", "--steps", "3", "--out", str(out)])  # fmt: skip
+                          "--shields", "300", "--steps", "3", "--sd-config", "tiny",
+                          "--out", str(out)])  # fmt: skip
     assert "user_vmap/groups" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result, default=float))
@@ -22,7 +23,11 @@ def test_tiny_groups_benchmark_writes_timed_json(tmp_path, capsys):
     for row in data["rows"]:
         assert row["user_vmap_max_diff_of_scale"] < 1e-5, row
         assert row["loop_max_diff_of_scale"] < 1e-5, row
-        assert row["one_batch_differs_of_scale"] > 1e-4, row  # groups coupled: other samples
+        if row["workload"] == "sd_cfg":  # per-sample CFG: one batch, the same samples
+            assert row["one_batch_differs_of_scale"] < 1e-5, row
+            assert row["sample_shape"] == [4, 8, 8] and row["config"] == "tiny"
+        else:  # the groups coupled: other samples
+            assert row["one_batch_differs_of_scale"] > 1e-4, row
         for name in groups.IMPLEMENTATIONS:
             assert len(row[f"{name}_runs_s"]) == 1
             lo, hi = row[f"{name}_min_max_s"]
