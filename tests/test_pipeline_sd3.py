@@ -416,3 +416,19 @@ def test_generate_with_a_negative_prompt_is_diffusers(folders):
     assert max_rel(got, ref) <= LATENT_RTOL
     plain = np.asarray(pipe.generate(PROMPTS, 1, **kw).latents)  # the empty prompt's branch
     assert max_rel(plain, ref) > 100 * LATENT_RTOL
+
+
+def test_generate_repels_each_prompts_images_within_themselves(folders):
+    """Contextual repulsion with two prompts: one group per prompt, each prompt's images as
+    ``generate`` with that prompt alone makes them."""
+    pipe = jax_pipe(folders["sd3-medium"])
+    noise = initial_noise(pipe, 4, batch=4)
+    kw = dict(key=jax.random.key(0), sampler=pipe.flow_euler(4), cfg=CFG,
+              method=guidance.contextual(500.0, 5, tau=2))  # fmt: skip
+    both = pipe.generate(PROMPTS, 2, noise=noise, **kw).latents
+    for j, prompt in enumerate(PROMPTS):
+        rows = slice(2 * j, 2 * j + 2)
+        own = np.asarray(pipe.generate(prompt, 2, noise=noise[rows], **kw).latents)
+        np.testing.assert_allclose(both[rows], own, rtol=0, atol=1e-5 * np.abs(own).max())
+    plain = pipe.generate(PROMPTS, 2, noise=noise, **{**kw, "method": None}).latents
+    assert max_rel(np.asarray(both), np.asarray(plain)) > 3e-3  # acted (measured 1.4e-2)
