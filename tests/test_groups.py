@@ -250,3 +250,27 @@ def test_gradients_through_groups_are_the_groups_own(gmm2):
     want = sum(jax.grad(loss)(1.5, noise[_rows(grp)], 1) for grp in range(G))
     assert abs(float(want)) > 1e-3  # the strength matters
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_gass_adam_loops_stop_per_group(gmm2):
+    """GASS's Adam write-back stops on its own patience in each group (a while loop whose
+    condition differs between groups under vmap): each group equals its own call."""
+    from toy.encoder import sphere_encoder
+
+    s = samplers.ddim(schedules.edm(), 6)
+    den = gmm2.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(0), (G * N, D))
+    enc = sphere_encoder(jax.random.key(3), D)
+    g = guidance.gass(enc, enc.text_emb, r_dep=0.2, r_ind=0.2, lr=0.05, max_iters=8,
+                      patience=1, num_active=3)  # fmt: skip
+    out = jaxdiv.sample(s, den, noise, key=jax.random.key(1), guidance=g, groups=G,
+                        trace=True)  # fmt: skip
+    iters = []
+    for grp in range(G):
+        own = jaxdiv.sample(s, den, noise[_rows(grp)], key=jax.random.key(1), guidance=g,
+                            trace=True)  # fmt: skip
+        _close(out.x0[_rows(grp)], own.x0)
+        np.testing.assert_array_equal(out.trace.info["gass"].num_iters[grp],
+                                      own.trace.info["gass"].num_iters)  # fmt: skip
+        iters.append(np.asarray(own.trace.info["gass"].num_iters).tolist())
+    assert len({tuple(i) for i in iters}) > 1, iters  # the groups stopped at different counts
