@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "jaxdiv"
 
 # DESIGN.md: schedules, predictions, metrics, models < samplers, guidance < sample < recipes
-# < pipelines; validation, dtypes and sphere sit at the bottom, testing at the top.
+# < pipelines; validation, dtypes, sphere and grouping sit at the bottom, testing at the top.
 RANK = {
     "validation": 0,
     "dtypes": 0,
@@ -18,6 +18,7 @@ RANK = {
     "pytrees": 0,
     "distributed": 0,
     "host_memory": 0,
+    "grouping": 0,
     "schedules": 1,
     "predictions": 1,
     "metrics": 1,
