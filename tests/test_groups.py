@@ -43,8 +43,8 @@ def test_each_group_is_its_own_call(gmm2, per_group_keys):
     s, den, noise, cond, coupled = _setup(gmm2)
     key = jax.random.key(5)
     keys = jax.random.split(key, G) if per_group_keys else [key] * G
-    out = jaxdiv.sample(s, den, noise, key=jax.random.split(key, G) if per_group_keys else key,
-                        cond=cond, guidance=coupled, groups=G, trace=True)  # fmt: skip
+    out = jaxdiv.sample(s, den, noise, key=keys if per_group_keys else key, cond=cond,
+                        guidance=coupled, groups=G, trace=True)  # fmt: skip
     assert out.x0.shape == noise.shape
     assert out.trace.x.shape == (G, 8, N, D) and out.trace.t.shape == (G, 8)
     for g in range(G):
