@@ -70,10 +70,13 @@ def _sd(config: str, groups: int, per_group: int, steps: int, seed: int, folder:
     from benchmarks.sd_generate import CONFIGS
     from jaxdiv import guidance
     from jaxdiv.pipelines import stable_diffusion as sd
-    from jaxdiv.testing import save_random_pipeline
+    from jaxdiv.testing import example_pipeline, save_random_pipeline
 
-    save_random_pipeline(folder, seed=seed, **CONFIGS[config])
-    pipe = sd.load(folder)
+    if config == "tiny" and seed == 0:  # the same random pipeline, already built and loaded
+        pipe = example_pipeline()
+    else:
+        save_random_pipeline(folder, seed=seed, **CONFIGS[config])
+        pipe = sd.load(folder)
     prompts = [f"prompt {j}" for j in range(groups)]
     cond = pipe.encode_prompt(pipe.tokenize([p for p in prompts for _ in range(per_group)]))
     noise = jax.random.normal(jax.random.key(seed), pipe.noise_shape(groups * per_group))

@@ -242,7 +242,7 @@ def test_generate_couples_each_prompts_images_only(pipe):
     assert float(jnp.abs(cats[0] - cats[1]).max()) > 1e-4  # the dogs' noise moved the cats
     np.testing.assert_array_equal(cats[2], cats[3])  # per-sample CFG: it does not
     plain = pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=CFG, noise=noise)
-    for method in (guidance.particle(3.0), guidance.spell(100.0)):
+    for method in (guidance.particle(3.0),):  # SPELL in groups: tests/test_groups.py
         both = [pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=CFG,
                               method=method, noise=z, trace=True)
                 for z in (noise, other)]  # fmt: skip
@@ -266,16 +266,11 @@ def test_generate_couples_each_prompts_images_only(pipe):
             r"per prompt, as its \[{}\] term\(s\) need with 2 prompts")
     with pytest.raises(ValueError, match=r"^method: its \['gass'\] " + held.format("'gass'")):
         pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=gass)
-    # TPSO's variants are rows of its whole batch: alone (per sample) it takes both prompts,
-    # beside a coupled term (one group per prompt) it is refused
-    from jaxdiv.pipelines.tpso import tpso_conditions, tpso_guidance
-
-    c = tpso_conditions(pipe, ["a cat", "a dog"], 3, key, projection=False, max_steps=2)
-    tpso = tpso_guidance(c, CFG)
-    assert pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, method=tpso,
-                         cfg=None).latents.shape[0] == 6  # fmt: skip
+    # TPSO's variants are rows of its whole batch: alone (per sample) it takes several
+    # prompts (tests/test_tpso.py), beside a coupled term (one group per prompt) it is refused
+    tpso = guidance.tpso(cond)  # variants: any rows of the batch's shape
     with pytest.raises(ValueError, match=r"^method: its \['tpso'\] " + held.format("'pg'")):
-        pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=None,
+        pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler,
                       method=guidance.chain(tpso, pg=guidance.particle(1.0)))  # fmt: skip
     # one image: a term that acts only between images would never act (GASS still would)
     for method, names in [(guidance.particle(1.0), "['particle']"),
