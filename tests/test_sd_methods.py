@@ -242,23 +242,22 @@ def test_generate_couples_each_prompts_images_only(pipe):
     assert float(jnp.abs(cats[0] - cats[1]).max()) > 1e-4  # the dogs' noise moved the cats
     np.testing.assert_array_equal(cats[2], cats[3])  # per-sample CFG: it does not
     plain = pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=CFG, noise=noise)
-    for method in (guidance.particle(3.0),):  # SPELL in groups: tests/test_groups.py
-        both = [pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=CFG,
-                              method=method, noise=z, trace=True)
-                for z in (noise, other)]  # fmt: skip
-        np.testing.assert_array_equal(both[0].latents[:3], both[1].latents[:3])
-        alone = [pipe.generate(p, 3, key=key, sampler=sampler, cfg=CFG, method=method,
-                               noise=noise[rows])
-                 for p, rows in (("a cat", slice(0, 3)), ("a dog", slice(3, 6)))]  # fmt: skip
-        for j, one in enumerate(alone):
-            # one program for six rows vs one for three: kernels round differently (measured
-            # up to 2e-6 of the latents' scale here, under -O0, -O1 and XLA's defaults)
-            scale = float(jnp.abs(one.latents).max())
-            np.testing.assert_allclose(both[0].latents[3 * j: 3 * j + 3], one.latents,
-                                       rtol=0, atol=1e-5 * scale)  # fmt: skip
-        assert both[0].output.trace.x.shape[:3] == (2, 3, 3)  # prompt, step, image
-        # the method acted: the cats differ from CFG alone
-        assert float(jnp.abs(both[0].latents[:3] - plain.latents[:3]).max()) > 1e-2
+    repel = guidance.particle(3.0)  # SPELL, contextual in groups: test_groups.py, SD3 tests
+    both = [pipe.generate(["a cat", "a dog"], 3, key=key, sampler=sampler, cfg=CFG,
+                          method=repel, noise=z, trace=True) for z in (noise, other)]  # fmt: skip
+    np.testing.assert_array_equal(both[0].latents[:3], both[1].latents[:3])
+    alone = [pipe.generate(p, 3, key=key, sampler=sampler, cfg=CFG, method=repel,
+                           noise=noise[rows])
+             for p, rows in (("a cat", slice(0, 3)), ("a dog", slice(3, 6)))]  # fmt: skip
+    for j, one in enumerate(alone):
+        # one program for six rows vs one for three: kernels round differently (measured up
+        # to 2e-6 of the latents' scale here, under -O0 and under XLA's defaults)
+        scale = float(jnp.abs(one.latents).max())
+        np.testing.assert_allclose(both[0].latents[3 * j: 3 * j + 3], one.latents, rtol=0,
+                                   atol=1e-5 * scale)  # fmt: skip
+    assert both[0].output.trace.x.shape[:3] == (2, 3, 3)  # prompt, step, image
+    # the method acted: the cats differ from CFG alone
+    assert float(jnp.abs(both[0].latents[:3] - plain.latents[:3]).max()) > 1e-2
     text = jnp.ones((16,))
     gass = guidance.window(guidance.gass(gass_encoder(pipe), text, max_iters=2), steps=[1])
     held = (r"term\(s\) hold data of the prompts they were built for \(GASS: one prompt's "
