@@ -88,7 +88,7 @@ BATCH_FLAGS = {
     "couples_batch": "couples the images of a batch (jaxdiv.sample(..., groups=G) keeps G "
                      "groups apart; pipe.generate: one group per prompt)",
     "needs_batch": "acts only between images (n >= 2)",
-    "prompt_bound": "holds its prompts' data (one term per prompt)",
+    "prompt_bound": "holds its prompts' data (one term per prompt: guidance.per_group)",
 }  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiv import validation
-from jaxdiv.guidance.base import as_terms, chain, couples_batch
+from jaxdiv.guidance.base import as_terms, chain, couples_batch, per_group
 from jaxdiv.guidance.spell.term import median_pairwise_distance, spell
 from jaxdiv.sampling import sample
 
@@ -73,7 +73,9 @@ def spell_batched(
         noise: ``(N, ...)`` standard normal, ``N`` a multiple of ``batch_size``.
         key: PRNG key; batch ``j`` uses ``fold_in(key, j)``.
         radius, reference, intra_batch, overcompensation: see
-            :func:`~jaxdiv.guidance.spell`.
+            :func:`~jaxdiv.guidance.spell`. With ``groups``, ``radius`` may hold one radius
+            per group (App. D's radius differs between prompts; see
+            :func:`~jaxdiv.guidance.per_group`).
         batch_size: samples per :func:`jaxdiv.sample` call.
         cond: optional condition pytree with leading dimension ``N``.
         guidance: optional other terms (e.g. ``guidance.cfg(...)``), chained before SPELL
@@ -118,19 +120,27 @@ def spell_batched(
         if rows != {n}:
             raise ValueError(f"cond must have noise's {n} rows (leading dimension) in every "
                              f"leaf, got {sorted(rows, key=str)}")  # fmt: skip
-    per_group = n // groups
+    group_rows = n // groups
     if memory_size is None:
-        memory_size = int(per_group)
-    term = spell(radius, reference, intra_batch, overcompensation, memory_size=memory_size,
-                 **spell_kwargs)  # fmt: skip
-    g = chain(guidance, spell=term)
+        memory_size = int(group_rows)
+    def term(r):
+        return spell(r, reference, intra_batch, overcompensation, memory_size=memory_size,
+                     **spell_kwargs)  # fmt: skip
+
+    if np.ndim(radius) == 1:  # one per group: its own term
+        if len(radius) != groups:
+            raise ValueError(f"radius holds {len(radius)} radii but groups={groups}: give one "
+                             "radius, or one per group")  # fmt: skip
+        g = chain(guidance, spell=per_group([term(r) for r in radius]))
+    else:
+        g = chain(guidance, spell=term(radius))
 
     def rows(a, j):  # batch j of every group, group-major: (groups * batch_size, ...)
-        a = a.reshape((groups, per_group) + a.shape[1:])[:, j * batch_size:(j + 1) * batch_size]
+        a = a.reshape((groups, group_rows) + a.shape[1:])[:, j * batch_size:(j + 1) * batch_size]
         return a.reshape((groups * batch_size,) + a.shape[2:])
 
     outs, traces, state = [], [], None
-    for j in range(per_group // batch_size):
+    for j in range(group_rows // batch_size):
         c = None if cond is None else jax.tree.map(lambda a, j=j: rows(a, j), cond)
         out = sample(sampler, denoiser, rows(noise, j), key=jax.random.fold_in(key, j), cond=c,
                      guidance=g, trace=trace, guidance_state=state, groups=groups)  # fmt: skip

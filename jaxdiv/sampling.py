@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -12,7 +11,13 @@ import numpy as np
 from jaxdiv import distributed, validation
 from jaxdiv.dtypes import working_dtype
 from jaxdiv.grouping import GROUP_AXIS
-from jaxdiv.guidance.base import as_terms, check_windows, guided_denoise, init_terms
+from jaxdiv.guidance.base import (
+    PerGroup,
+    as_terms,
+    check_windows,
+    guided_denoise,
+    init_terms,
+)
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
 
@@ -87,15 +92,22 @@ def compile_count() -> int:
 
 def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
-    sampler, denoiser, terms = combine(dynamic, spec)
-    run = partial(_one_run, sampler, denoiser, terms, trace)
+    (model_spec, terms_spec, per_group), (model_dynamic, terms_dynamic) = spec, dynamic
+    sampler, denoiser = combine(model_dynamic, model_spec)
+
+    def run(terms_dynamic, noise, key, cond, gstate):
+        terms = combine(terms_dynamic, terms_spec)
+        return _one_run(sampler, denoiser, terms, trace, noise, key, cond, gstate)
+
     if groups == 1:
-        return run(noise, key, cond, gstate)
+        return run(terms_dynamic, noise, key, cond, gstate)
     # each group runs as a call of its own (the shared key or its own): vmap, not a loop,
     # keeps one program whose model calls see the whole batch
     key_axis = 0 if group_keys(key, groups) else None
-    x0, tr, gstate, sstate = jax.vmap(run, in_axes=(0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
-        split_groups(noise, groups), key, split_groups(cond, groups), gstate)
+    terms_axis = 0 if per_group else None  # per_group terms: stacked leaves, one per group
+    x0, tr, gstate, sstate = jax.vmap(
+        run, in_axes=(terms_axis, 0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
+        terms_dynamic, split_groups(noise, groups), key, split_groups(cond, groups), gstate)
     return x0.reshape(noise.shape), tr, gstate, sstate
 
 
@@ -289,7 +301,9 @@ def sample(
         cond: optional condition pytree, leading dimension ``B``.
         guidance: a :class:`~jaxdiv.guidance.GuidanceTerm` or a ``guidance.chain(...)``.
             Its array leaves (strengths, radii, reference sets) are traced: new values
-            reuse the compiled program (see :func:`compile_count`).
+            reuse the compiled program (see :func:`compile_count`). With ``groups``, also
+            :func:`guidance.per_group([...]) <jaxdiv.guidance.per_group>`: each group its
+            own terms of one structure (a sweep of strengths, per-prompt terms).
         trace: also return a :class:`Trace` of per-step ``x``, ``x0_hat`` and guidance
             info, by term name.
         guidance_state: continue from a previous call's ``out.state`` (e.g. SPELL's memory
@@ -306,7 +320,8 @@ def sample(
             own call of ``sample`` would, with ``key`` or, given ``groups`` keys, its own:
             terms that couple the batch (:func:`~jaxdiv.guidance.couples_batch`) act within
             a group, a SPELL memory is kept per group, ``cond``'s rows split the same way
-            and the terms' parameters are shared. One shared key repeats the samplers'
+            and the terms' parameters are shared (or each group's own, with
+            :func:`~jaxdiv.guidance.per_group`). One shared key repeats the samplers'
             noise streams in every group (as separate calls with one key would): pass
             ``jax.random.split(key, groups)`` for independent groups. ``trace``, ``state``
             and ``sampler_state`` gain a leading axis of size ``groups`` (group ``g``'s at
@@ -373,28 +388,40 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         # noise first: a batch the mesh cannot split is then named by noise, not by cond
         noise = distributed.shard_batch({"noise": noise}, mesh)["noise"]
         cond = distributed.shard_batch({"cond": cond}, mesh)["cond"]
-    terms = as_terms(guidance)
-    check_windows(terms, sampler)
-    names = sorted(t.name for t in terms)
+    per_group = isinstance(guidance, PerGroup)
+    if per_group and guidance.size != groups:
+        raise ValueError(f"guidance is per_group for {guidance.size} groups, but groups="
+                         f"{groups}: pass groups={guidance.size}")  # fmt: skip
+    group_terms = [c.terms for c in guidance.chains] if per_group else [as_terms(guidance)]
+    for terms in group_terms:
+        check_windows(terms, sampler)
+    terms_spec = partition(group_terms[0])[1]
+    per_dynamic = [partition(terms)[0] for terms in group_terms]
+    terms_dynamic = per_dynamic[0] if not per_group else [
+        None if leaf is None else jnp.stack([d[j] for d in per_dynamic])
+        for j, leaf in enumerate(per_dynamic[0])]  # fmt: skip
+    names = sorted(t.name for t in group_terms[0])
     x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
     seed = 0x5EED  # the terms' init keys: fold_in(key, seed), the group's key if per group
 
     def init(x, c):
         if groups == 1:
-            return init_terms(terms, x, c, jax.random.fold_in(key, seed))
+            return init_terms(group_terms[0], x, c, jax.random.fold_in(key, seed))
         xs, cs = split_groups((x, c), groups)
         keys = key if group_keys(key, groups) else jnp.stack([key] * groups)
 
-        def one(xg, cg, kg):
-            return init_terms(terms, xg, cg, jax.random.fold_in(kg, seed))
+        def one(dyn, xg, cg, kg):
+            return init_terms(combine(dyn, terms_spec), xg, cg, jax.random.fold_in(kg, seed))
 
         try:
-            try:
-                return jax.vmap(one)(xs, cs, keys)  # one pass for all groups
+            try:  # one pass for all groups
+                return jax.vmap(one, in_axes=(0 if per_group else None, 0, 0, 0))(
+                    terms_dynamic, xs, cs, keys)
             except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                     jax.errors.TracerBoolConversionError):  # fmt: skip
                 # an init that reads concrete values: group by group
-                each = [one(xs[g], jax.tree.map(lambda a, g=g: a[g], cs), keys[g])
+                each = [one(per_dynamic[g if per_group else 0], xs[g],
+                            jax.tree.map(lambda a, g=g: a[g], cs), keys[g])
                         for g in range(groups)]  # fmt: skip
                 return jax.tree.map(lambda *leaves: jnp.stack(leaves), *each)
         except ValueError as err:  # the terms' "batch" is a group here
@@ -416,6 +443,8 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
             expected = None  # an init that needs concrete values: cannot be shape-checked
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
-    dynamic, spec = partition((sampler, denoiser, terms))
-    return spec, bool(trace), groups, dynamic, noise, key, cond, guidance_state
+    model_dynamic, model_spec = partition((sampler, denoiser))
+    spec = (model_spec, terms_spec, per_group)
+    return (spec, bool(trace), groups, (model_dynamic, terms_dynamic), noise, key, cond,
+            guidance_state)  # fmt: skip
 

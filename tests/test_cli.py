@@ -23,7 +23,7 @@ from jaxdiv.guidance.base import HOOKS
 # helpers of a method, index builders. A new public function must be classified: listed
 # by `jaxdiv methods` (cli.METHODS) or here.
 NOT_METHODS = {
-    "as_terms", "chain", "stateless", "window",  # combinators
+    "as_terms", "chain", "stateless", "window", "per_group",  # combinators
     "couples_batch", "needs_batch", "prompt_bound",  # properties of terms
     "cads_gamma", "cads_time",
     "spell_delta", "memory_vectors", "median_pairwise_distance", "repulsion_field",

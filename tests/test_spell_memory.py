@@ -199,3 +199,21 @@ def test_groups_run_independent_sequences_each_as_its_own_call():
                                          r"multiple of groups x batch_size \(3 x 4\)"):  # fmt: skip
         spell_batched(SMP, den, noise, cond=cond, key=jax.random.key(1), radius=0.4,
                       batch_size=4, groups=3)  # fmt: skip
+
+
+def test_groups_with_a_radius_each():
+    """``spell_batched(radius=[r0, r1, r2], groups=3)``: each group's sequence with its own
+    radius, as a call with its rows and radius alone."""
+    g, per, bs, radii = 3, 4, 2, (0.1, 0.4, 0.8)
+    noise = jnp.tile(jax.random.normal(jax.random.key(0), (per, 2)) * 0.3, (g, 1))
+    kw = dict(key=jax.random.key(1), batch_size=bs)
+    out = spell_batched(SMP, DEN, noise, radius=jnp.array(radii), groups=g, **kw)
+    for k, r in enumerate(radii):
+        want = np.asarray(spell_batched(SMP, DEN, noise[:per], radius=r, **kw).x0)
+        np.testing.assert_allclose(out.x0[k * per:(k + 1) * per], want, rtol=0,
+                                   atol=1e-5 * np.abs(want).max())  # fmt: skip
+    # the same noise in every group: only the radii tell them apart
+    assert float(jnp.abs(out.x0[2 * per:] - out.x0[:per]).max()) > 1e-2
+    with pytest.raises(ValueError, match=r"radius holds 2 radii but groups=3: give one radius, "
+                                         r"or one per group"):  # fmt: skip
+        spell_batched(SMP, DEN, noise, radius=[0.1, 0.2], groups=g, **kw)

@@ -3,19 +3,22 @@
 Each method lives in its own module (or small package); all share the protocol of
 :mod:`jaxdiv.guidance.base`: ``GuidanceTerm(init, apply, hook, name)`` with traced
 hyperparameters, composed and named with :func:`chain`, restricted with :func:`window`;
-:func:`stateless` writes a new term in a few lines.
+:func:`stateless` writes a new term in a few lines; :func:`per_group` gives each group of
+``jaxdiv.sample(..., groups=G)`` its own terms.
 """
 
 from jaxdiv.guidance.base import (
     HOOKS,
     Chain,
     GuidanceTerm,
+    PerGroup,
     StepContext,
     WindowInfo,
     as_terms,
     chain,
     couples_batch,
     needs_batch,
+    per_group,
     prompt_bound,
     stateless,
     window,
@@ -68,6 +71,8 @@ __all__ = [
     "needs_batch",
     "prompt_bound",
     "chain",
+    "per_group",
+    "PerGroup",
     "stateless",
     "window",
     # baselines

@@ -64,14 +64,17 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdiv import validation
+from jaxdiv.pytrees import partition
 
 __all__ = [
     "HOOKS",
     "GuidanceTerm",
     "StepContext",
     "Chain",
+    "PerGroup",
     "WindowInfo",
     "chain",
+    "per_group",
     "window",
     "check_windows",
     "couples_batch",
@@ -176,6 +179,95 @@ class Chain(NamedTuple):
         return tuple(t.name for t in self.terms)
 
 
+class PerGroup(NamedTuple):
+    """Guidance with its own terms for each group of :func:`jaxdiv.sample`'s ``groups=``;
+    built by :func:`per_group`.
+
+    >>> from jaxdiv import guidance
+    >>> g = guidance.per_group([guidance.cfg(w) for w in (1.0, 2.0, 4.0)])
+    >>> g.size, g.names
+    (3, ('cfg',))
+    """
+
+    chains: tuple  # one Chain per group, all of one structure
+
+    @property
+    def size(self) -> int:
+        return len(self.chains)
+
+    @property
+    def names(self) -> tuple:
+        return self.chains[0].names
+
+
+def per_group(guidances) -> PerGroup:
+    """One term or chain per group, of one structure: group ``g`` of ``jaxdiv.sample(...,
+    groups=G)`` runs with ``guidances[g]``, as its own call with that guidance would.
+
+    A sweep over a method's strength, or per-prompt terms (GASS's text embedding, SPELL's
+    per-prompt radius), in one compiled program. The terms must differ only in the
+    *values* of their array leaves (strengths, radii, embeddings of one shape): a
+    different method, setting that fixes the program (a Python value such as SPELL's
+    ``intra_batch``) or leaf shape is refused, naming the group and the leaf. Values are
+    traced, so a new sweep reuses the program. :func:`chain` takes a ``PerGroup`` beside
+    shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and returns one.
+
+    >>> import jax, jax.numpy as jnp, jaxdiv
+    >>> from jaxdiv import guidance, samplers, schedules
+    >>> s, den = samplers.ddim(schedules.edm(), 4), lambda x, t, c: x * 0 + c
+    >>> sweep = guidance.per_group([guidance.cfg(w) for w in (1.0, 2.0, 4.0)])
+    >>> out = jaxdiv.sample(s, den, jnp.zeros((6, 1)), key=jax.random.key(0),
+    ...                     cond=jnp.ones((6, 1)), guidance=sweep, groups=3)
+    >>> out.x0[::2, 0].tolist()  # x0_hat = w c + (1 - w) 0: each group's own scale
+    [1.0, 2.0, 4.0]
+    """
+    if isinstance(guidances, (GuidanceTerm, Chain, PerGroup)) or not hasattr(guidances, "__len__"):
+        raise TypeError("per_group takes a list with one term or chain per group, got "
+                        f"{type(guidances).__name__}")  # fmt: skip
+    if not guidances:
+        raise ValueError("per_group needs one term or chain per group, got an empty list")
+    chains = []
+    for g, item in enumerate(guidances):
+        if isinstance(item, PerGroup):
+            raise TypeError(f"per_group: group {g} is itself per_group; give each group "
+                            "its own terms")  # fmt: skip
+        chains.append(Chain(as_terms(item) if isinstance(item, Chain) else
+                            _unique([(t, False) for t in _flatten(item, f"group {g}")])))
+    for g, c in enumerate(chains[1:], 1):
+        _check_same_structure(chains[0], c, g)
+    return PerGroup(tuple(chains))
+
+
+def _check_same_structure(first: Chain, other: Chain, g: int) -> None:
+    if other.names != first.names:
+        raise ValueError(f"per_group: group {g} has terms {other.names} but group 0 has "
+                         f"{first.names}; every group needs the same terms")  # fmt: skip
+    for t0, tg in zip(first.terms, other.terms):
+        # None as a leaf: a setting left out in one group and given in another is named
+        l0, d0 = jax.tree_util.tree_flatten_with_path(t0, is_leaf=lambda v: v is None)
+        lg, dg = jax.tree_util.tree_flatten_with_path(tg, is_leaf=lambda v: v is None)
+        if d0 != dg:
+            raise ValueError(
+                f"per_group: group {g}'s {tg.name!r} term is built differently from group "
+                f"0's (apply {_func_name(tg.apply)} vs {_func_name(t0.apply)}, or nested "
+                "settings of another structure): only array values may differ")
+        for (path, a), (_, b) in zip(l0, lg):
+            where = f"group {g}'s {tg.name!r} term, leaf {jax.tree_util.keystr(path)}"
+            (da,), sa = partition([a]) if a is not None else ((None,), None)
+            (db,), sb = partition([b]) if b is not None else ((None,), None)
+            if sa != sb:  # what keys the compile: a setting, or an array against a number
+                raise ValueError(f"per_group: {where} is {b!r} where group 0's is {a!r}; "
+                                 "settings that fix the program must agree across groups "
+                                 "(only array values may differ)")  # fmt: skip
+            if da is not None and (da.shape, da.dtype) != (db.shape, db.dtype):
+                raise ValueError(f"per_group: {where} has shape {db.shape} {db.dtype} where "
+                                 f"group 0's has {da.shape} {da.dtype}")  # fmt: skip
+
+
+def _func_name(fn) -> str:
+    return getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
+
+
 def _binds(fn, nargs: int) -> bool:
     try:
         inspect.signature(fn).bind(*([None] * nargs))
@@ -187,6 +279,12 @@ def _binds(fn, nargs: int) -> bool:
 
 
 def _check_term(term, where="guidance"):
+    if isinstance(term, PerGroup):
+        raise TypeError(
+            f"{where} is per_group guidance (a chain for each of {term.size} group(s)): it "
+            f"runs as jaxdiv.sample(..., guidance=..., groups={term.size}) or inside chain; "
+            "to change the terms, change each group's before per_group"
+        )
     if not isinstance(term, GuidanceTerm):
         raise TypeError(
             f"{where} must be a GuidanceTerm (or a chain of them), got {type(term).__name__}"
@@ -255,7 +353,7 @@ def _unique(flagged) -> tuple:
     return tuple(out)
 
 
-def chain(*terms, **named) -> Chain:
+def chain(*terms, **named) -> Chain | PerGroup:
     """Compose guidance terms; nested chains are flattened.
 
     Keyword arguments name their term (``chain(cfg=guidance.cfg(7.5), spell=...)``);
@@ -264,12 +362,29 @@ def chain(*terms, **named) -> Chain:
     dicts keyed by these names.
 
     Conditions are transformed first (in order), then at most one denoiser-combination
-    term calls the model, then x0 terms run in order.
+    term calls the model, then x0 terms run in order. With a :func:`per_group` argument the
+    result is per-group too: each group's chain holds the shared terms and its own.
 
     >>> g = chain(window(_identity_x0(), steps=[0]), pull=_identity_x0())
     >>> g.names
     ('identity', 'pull')
     """
+    per = [a for a in (*terms, *named.values()) if isinstance(a, PerGroup)]
+    if per:  # shared terms join every group's own
+        sizes = sorted({p.size for p in per})
+        if len(sizes) > 1:
+            raise ValueError(f"chain got per_group guidance for different numbers of groups "
+                             f"{sizes}; give every per_group one entry per group")  # fmt: skip
+
+        def pick(a, g):
+            if not isinstance(a, PerGroup):
+                return a
+            own = a.chains[g]
+            return own.terms[0] if len(own.terms) == 1 else own
+
+        return per_group([chain(*(pick(a, g) for a in terms),
+                                **{k: pick(v, g) for k, v in named.items()})
+                          for g in range(sizes[0])])  # fmt: skip
     flat = [(t, False) for term in terms for t in _flatten(term, "chain argument")]
     for name, term in named.items():
         if isinstance(term, Chain):

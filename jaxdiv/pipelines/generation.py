@@ -284,8 +284,10 @@ def generate(
     ``generate`` with that prompt alone would run it, and the trace and state gain a
     leading prompt axis. A term holding its prompts' data
     (:func:`jaxdiv.guidance.prompt_bound`: GASS's text embedding, TPSO's variants) cannot
-    be split that way and is then refused. Per-sample methods (CFG, CADS, interval, TPSO)
-    run all rows as one batch.
+    be split that way and is then refused: build it for each prompt and pass
+    ``method=guidance.per_group([...])``, one entry per prompt in order (also for
+    per-prompt settings, such as SPELL radii), which runs the prompts as groups too.
+    Otherwise per-sample methods (CFG, CADS, interval, TPSO) run all rows as one batch.
     A method that acts only between the images of a batch
     (:func:`jaxdiv.guidance.needs_batch`: PG, contextual repulsion, SPELL without
     reference) is refused with ``n=1``, where it would never act.
@@ -299,7 +301,8 @@ def generate(
             ``fold_in(key, i)`` (:func:`image_noise`: the same image whatever ``n``,
             and ``experiments.generate --seed S``'s for ``key=jax.random.key(S)``); the
             sampler's randomness comes from :func:`sampling_key`.
-        method: the diversity method (see the module table).
+        method: the diversity method (see the module table), or
+            ``guidance.per_group([...])`` with one entry per prompt.
         sampler: defaults to ``pipe.default_sampler()`` (SD 1.x/2.x: ``pipe.ddim(50)``;
             SD3: ``pipe.flow_euler(28)``).
         cfg: CFG scale (diffusers' convention), or ``None``; by default the pipeline's
@@ -347,18 +350,25 @@ def generate(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     n = validation.integer("n", n, minimum=1)
-    terms = () if method is None else _guidance.as_terms(method)
+    per_prompt = isinstance(method, _guidance.PerGroup)
+    if per_prompt and method.size != len(prompts):
+        raise ValueError(f"method is per_group with {method.size} entries but there are "
+                         f"{len(prompts)} prompts: give one entry per prompt, "
+                         "in order")  # fmt: skip
+    every = [c.terms for c in method.chains] if per_prompt else [
+        () if method is None else _guidance.as_terms(method)]  # fmt: skip
+    terms = every[0]  # the groups' terms share one structure, hence these flags
     # the papers couple the images of one prompt: one group per prompt
     coupled = [t.name for t in terms if _guidance.couples_batch(t)]
-    groups = len(prompts) if coupled else 1
+    groups = len(prompts) if coupled or per_prompt else 1
     bound = [t.name for t in terms if _guidance.prompt_bound(t)]
-    if bound and groups > 1:
+    if bound and groups > 1 and not per_prompt:
         raise ValueError(
             f"method: its {bound} term(s) hold data of the prompts they were built for "
             "(GASS: one prompt's text embedding; TPSO: variants of every row), so they "
             f"cannot serve one group per prompt, as its {coupled} term(s) need with "
-            f"{len(prompts)} prompts; call generate once per prompt with that prompt's "
-            "terms (the same shapes reuse one compiled program)"
+            f"{len(prompts)} prompts; build them for each prompt and pass "
+            "method=guidance.per_group([...]) with one entry per prompt"
         )
     idle = [t.name for t in terms if _guidance.needs_batch(t)]
     if idle and n == 1:
@@ -368,7 +378,7 @@ def generate(
             "bandwidth: n >= 3)"
         )
     own = [t.name for t in terms if t.hook == "denoiser"]  # the method's own combination
-    for term in terms:
+    for term in (t for group in every for t in group):
         if zero_null(term):
             raise ValueError(
                 f"method: its {term.name!r} term was built without null_cond, so its "
