@@ -3,7 +3,7 @@
 Runs in subprocesses (the host device count is fixed when JAX starts). On the toy:
 stochastic, multistep and Heun samplers with a coupled chain (CFG + SPELL intra-batch and
 reference + particle guidance), and GASS, batch split over 8 devices, equal the
-single-device run, also run as groups (``groups=``).
+single-device run, also run as groups with their own terms (``groups=``, ``per_group``).
 On the tiny SD pipeline: data-parallel CFG + SPELL equals one device, the compiled
 program gathers nothing larger than the batch's ``x0_hat`` (the UNet's activations and
 weights stay on their devices), and FSDP-split UNet / MMDiT weights give the replicated
@@ -64,9 +64,12 @@ TOY = textwrap.dedent(
         assert len(out.sharding.device_set) == 8, out.sharding
         np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=2e-5, atol=2e-5,
                                    err_msg=f"{s.name} {g}")
-    # groups (one vmap over 4 groups of 4) on top of the split: each group spans 2 devices
+    # groups (one vmap over 4 groups of 4) on top of the split: each group spans 2 devices;
+    # each group with its own SPELL radius (per_group: the terms' leaves stacked, replicated)
     s = samplers.ddim(edm, 6, eta=1.0)
-    kw = dict(key=jax.random.key(4), cond=cond, guidance=coupled, groups=4)
+    sweep = guidance.per_group([guidance.chain(guidance.cfg(2.0), guidance.spell(
+        r, reference=ref, intra_batch=True), guidance.particle(0.5)) for r in (.3, .5, .7, .9)])
+    kw = dict(key=jax.random.key(4), cond=cond, guidance=sweep, groups=4)
     single = jaxdiv.sample(s, den, noise, **kw).x0
     out = jaxdiv.sample(s, den, noise, mesh=mesh, **kw).x0
     np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=2e-5, atol=2e-5)
