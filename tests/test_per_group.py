@@ -164,6 +164,24 @@ def test_an_init_that_reads_values_gets_its_groups_terms(gmm2):
         _close(out.x0[_rows(g)], want)
 
 
+def test_interval_sweep_each_group_acts_on_its_own_interval(gmm2):
+    """Interval guidance's interval (traced bounds) swept over the groups: each group is
+    active exactly where its own call is, and the intervals differ between groups."""
+    s, den, noise, cond = _setup(gmm2)
+    own = [guidance.interval(3.0, lo, hi) for lo, hi in ((0.2, 1.0), (1.0, 5.0), (2.0, 60.0))]
+    out = jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond,
+                        guidance=guidance.per_group(own), groups=G, trace=True)  # fmt: skip
+    active = []
+    for g in range(G):
+        alone = jaxdiv.sample(s, den, noise[_rows(g)], key=jax.random.key(0),
+                              cond=cond[_rows(g)], guidance=own[g], trace=True)  # fmt: skip
+        np.testing.assert_array_equal(out.trace.active["interval"][g],
+                                      alone.trace.active["interval"])  # fmt: skip
+        _close(out.x0[_rows(g)], alone.x0)
+        active.append(tuple(np.asarray(alone.trace.active["interval"]).tolist()))
+    assert len(set(active)) == G and all(any(a) for a in active), active
+
+
 def test_windows_are_checked_per_group(gmm2):
     s, den, noise, cond = _setup(gmm2)
     late = guidance.per_group([guidance.window(guidance.cfg(w), steps=[st])

@@ -204,13 +204,14 @@ def per_group(guidances) -> PerGroup:
     """One term or chain per group, of one structure: group ``g`` of ``jaxdiv.sample(...,
     groups=G)`` runs with ``guidances[g]``, as its own call with that guidance would.
 
-    A sweep over a method's strength, or per-prompt terms (GASS's text embedding, SPELL's
-    per-prompt radius), in one compiled program. The terms must differ only in the
-    *values* of their array leaves (strengths, radii, embeddings of one shape): a
-    different method, setting that fixes the program (a Python value such as SPELL's
-    ``intra_batch``) or leaf shape is refused, naming the group and the leaf. Values are
-    traced, so a new sweep reuses the program. :func:`chain` takes a ``PerGroup`` beside
-    shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and returns one.
+    A sweep over a method's strength or interval (traced window bounds), or per-prompt
+    terms (GASS's text embedding, SPELL's per-prompt radius), in one compiled program. The
+    terms must differ only in the *values* of their array leaves (strengths, radii,
+    embeddings of one shape): a different method, setting that fixes the program (a Python
+    value such as SPELL's ``memory_size``) or leaf shape is refused, naming the group and
+    the leaf. Values are traced, so a new sweep reuses the program. :func:`chain` takes a
+    ``PerGroup`` beside shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and
+    returns one.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import guidance, samplers, schedules
