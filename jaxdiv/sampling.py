@@ -92,7 +92,7 @@ def compile_count() -> int:
 
 def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
-    (model_spec, terms_spec, per_group), (model_dynamic, terms_dynamic) = spec, dynamic
+    (model_spec, terms_spec, stacked), (model_dynamic, terms_dynamic) = spec, dynamic
     sampler, denoiser = combine(model_dynamic, model_spec)
 
     def run(terms_dynamic, noise, key, cond, gstate):
@@ -104,11 +104,15 @@ def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     # each group runs as a call of its own (the shared key or its own): vmap, not a loop,
     # keeps one program whose model calls see the whole batch
     key_axis = 0 if group_keys(key, groups) else None
-    terms_axis = 0 if per_group else None  # per_group terms: stacked leaves, one per group
     x0, tr, gstate, sstate = jax.vmap(
-        run, in_axes=(terms_axis, 0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
+        run, in_axes=(_terms_axes(stacked), 0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
         terms_dynamic, split_groups(noise, groups), key, split_groups(cond, groups), gstate)
     return x0.reshape(noise.shape), tr, gstate, sstate
+
+
+def _terms_axes(stacked):
+    """vmap's axes of the terms' leaves: per_group's stacked ones along the groups."""
+    return None if stacked is None else [0 if s else None for s in stacked]
 
 
 def split_groups(tree, groups: int):
@@ -397,9 +401,14 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         check_windows(terms, sampler)
     terms_spec = partition(group_terms[0])[1]
     per_dynamic = [partition(terms)[0] for terms in group_terms]
-    terms_dynamic = per_dynamic[0] if not per_group else [
-        None if leaf is None else jnp.stack([d[j] for d in per_dynamic])
-        for j, leaf in enumerate(per_dynamic[0])]  # fmt: skip
+    terms_dynamic, stacked = per_dynamic[0], None
+    if per_group:
+        # a leaf that is one array in every group (an encoder's weights) stays shared: no
+        # copy per group, and the groups' model calls keep one set of weights
+        stacked = tuple(leaf is not None and any(d[j] is not leaf for d in per_dynamic)
+                        for j, leaf in enumerate(per_dynamic[0]))  # fmt: skip
+        terms_dynamic = [jnp.stack([d[j] for d in per_dynamic]) if s else leaf
+                         for j, (leaf, s) in enumerate(zip(per_dynamic[0], stacked))]  # fmt: skip
     names = sorted(t.name for t in group_terms[0])
     x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
     seed = 0x5EED  # the terms' init keys: fold_in(key, seed), the group's key if per group
@@ -415,7 +424,7 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
 
         try:
             try:  # one pass for all groups
-                return jax.vmap(one, in_axes=(0 if per_group else None, 0, 0, 0))(
+                return jax.vmap(one, in_axes=(_terms_axes(stacked), 0, 0, 0))(
                     terms_dynamic, xs, cs, keys)
             except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                     jax.errors.TracerBoolConversionError):  # fmt: skip
@@ -444,7 +453,7 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
     model_dynamic, model_spec = partition((sampler, denoiser))
-    spec = (model_spec, terms_spec, per_group)
+    spec = (model_spec, terms_spec, stacked)
     return (spec, bool(trace), groups, (model_dynamic, terms_dynamic), noise, key, cond,
             guidance_state)  # fmt: skip
 

@@ -182,6 +182,32 @@ def test_interval_sweep_each_group_acts_on_its_own_interval(gmm2):
     assert len(set(active)) == G and all(any(a) for a in active), active
 
 
+def test_gass_per_group_text_shares_the_encoder(gmm2):
+    """GASS with a text embedding per group (per prompt): each group equals its own call,
+    and the encoder's weights, one array in every group's term, enter the program once
+    (not stacked per group: on SD they are the VAE decoder and CLIP vision tower)."""
+    from jaxdiv.sampling import lower
+    from toy.encoder import sphere_encoder
+
+    s = samplers.ddim(schedules.edm(), 6)
+    den = gmm2.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(0), (G * N, D))
+    enc = sphere_encoder(jax.random.key(3), D)
+    texts = jax.random.normal(jax.random.key(4), (G,) + enc.text_emb.shape)
+    own = [guidance.gass(enc, t, r_dep=0.2, r_ind=0.2, lr=0.05, max_iters=4, num_active=3)
+           for t in texts]  # fmt: skip
+    kw = dict(key=jax.random.key(1), guidance=guidance.per_group(own), groups=G)
+    out = jaxdiv.sample(s, den, noise, **kw)
+    for g in range(G):
+        want = jaxdiv.sample(s, den, noise[_rows(g)], key=jax.random.key(1), guidance=own[g])
+        _close(out.x0[_rows(g)], want.x0)
+    shapes = [a.shape for a in jax.tree.leaves(lower(s, den, noise, **kw).args_info)]
+    weights = [leaf.shape for leaf in jax.tree.leaves(enc) if leaf.ndim == 2]
+    assert weights and all(w in shapes for w in weights), (weights, shapes)
+    assert not [x for x in shapes if x[1:] in weights and x[:1] == (G,)], shapes
+    assert (G,) + texts.shape[1:] in shapes  # the text embeddings: one per group
+
+
 def test_windows_are_checked_per_group(gmm2):
     s, den, noise, cond = _setup(gmm2)
     late = guidance.per_group([guidance.window(guidance.cfg(w), steps=[st])

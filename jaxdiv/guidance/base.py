@@ -209,9 +209,11 @@ def per_group(guidances) -> PerGroup:
     terms must differ only in the *values* of their array leaves (strengths, radii,
     embeddings of one shape): a different method, setting that fixes the program (a Python
     value such as SPELL's ``memory_size``) or leaf shape is refused, naming the group and
-    the leaf. Values are traced, so a new sweep reuses the program. :func:`chain` takes a
-    ``PerGroup`` beside shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and
-    returns one.
+    the leaf. Values are traced, so a new sweep reuses the program. An array that is the
+    same object in every group (an encoder's weights, with each term built from one
+    ``gass_encoder(pipe)``) enters the program once; the others are stacked, one row per
+    group. :func:`chain` takes a ``PerGroup`` beside shared terms
+    (``chain(per_group([...]), guidance.cfg(7.5))``) and returns one.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import guidance, samplers, schedules
@@ -232,8 +234,7 @@ def per_group(guidances) -> PerGroup:
         if isinstance(item, PerGroup):
             raise TypeError(f"per_group: group {g} is itself per_group; give each group "
                             "its own terms")  # fmt: skip
-        chains.append(Chain(as_terms(item) if isinstance(item, Chain) else
-                            _unique([(t, False) for t in _flatten(item, f"group {g}")])))
+        chains.append(Chain(_unique([(t, False) for t in _flatten(item, f"group {g}")])))
     for g, c in enumerate(chains[1:], 1):
         _check_same_structure(chains[0], c, g)
     return PerGroup(tuple(chains))
