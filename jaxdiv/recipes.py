@@ -15,7 +15,8 @@ import numpy as np
 
 from jaxdiv import validation
 from jaxdiv.guidance.base import as_terms, chain, couples_batch, per_group
-from jaxdiv.guidance.spell.term import median_pairwise_distance, spell
+from jaxdiv.guidance.spell.radius_search import DEFAULT_BLOCK_SIZE
+from jaxdiv.guidance.spell.term import median_pairwise_distance, reference_index, spell
 from jaxdiv.sampling import sample
 
 __all__ = ["BatchedOutput", "spell_batched", "radius_from_unguided"]
@@ -131,6 +132,9 @@ def spell_batched(
         if len(radius) != groups:
             raise ValueError(f"radius holds {len(radius)} radii but groups={groups}: give one "
                              "radius, or one per group")  # fmt: skip
+        # one index for every group's term: the program holds the reference set once
+        block = spell_kwargs.get("block_size", DEFAULT_BLOCK_SIZE)
+        reference = reference_index(reference, block)
         g = chain(guidance, spell=per_group([term(r) for r in radius]))
     else:
         g = chain(guidance, spell=term(radius))

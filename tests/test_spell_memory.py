@@ -203,10 +203,12 @@ def test_groups_run_independent_sequences_each_as_its_own_call():
 
 def test_groups_with_a_radius_each():
     """``spell_batched(radius=[r0, r1, r2], groups=3)``: each group's sequence with its own
-    radius, as a call with its rows and radius alone."""
+    radius (and the reference set, indexed once for all groups), as a call with its rows
+    and radius alone."""
     g, per, bs, radii = 3, 4, 2, (0.1, 0.4, 0.8)
     noise = jnp.tile(jax.random.normal(jax.random.key(0), (per, 2)) * 0.3, (g, 1))
-    kw = dict(key=jax.random.key(1), batch_size=bs)
+    ref = jax.random.normal(jax.random.key(5), (16, 2)) * 0.5  # one index for all groups
+    kw = dict(key=jax.random.key(1), batch_size=bs, reference=ref)
     out = spell_batched(SMP, DEN, noise, radius=jnp.array(radii), groups=g, **kw)
     for k, r in enumerate(radii):
         want = np.asarray(spell_batched(SMP, DEN, noise[:per], radius=r, **kw).x0)

@@ -426,21 +426,7 @@ def spell(
         raise ValueError("spell with intra_batch=False, no reference and memory_size=0 has no "
                          "shields and would never act: pass reference=, memory_size= or "
                          "intra_batch=True")  # fmt: skip
-    indexes = (ShieldIndex, IVFIndex, ShardedShieldIndex)
-    if reference is not None and not isinstance(reference, indexes):
-        if not hasattr(reference, "shape"):
-            raise TypeError(
-                "reference must be an array (K, ...), a ShieldIndex, a ShardedShieldIndex or "
-                "an IVFIndex, got "
-                f"{type(reference).__name__}"
-            )
-        if np.ndim(reference) < 2 or np.shape(reference)[0] < 1:
-            raise ValueError(
-                f"reference must have shape (K, ...) with K >= 1, got {np.shape(reference)}"
-            )
-        if not isinstance(reference, jax.core.Tracer):
-            validation.finite_array("reference", reference)
-        reference = build_index(reference, block_size)
+    reference = reference_index(reference, block_size)
     if isinstance(reference, IVFIndex) and nprobe > reference.centroids.shape[0]:
         raise ValueError(
             f"nprobe must be <= the IVF index's {reference.centroids.shape[0]} cells, got {nprobe}"
@@ -455,6 +441,32 @@ def spell(
         ref_dim = reference.centroids.shape[1] if isinstance(reference, IVFIndex) else reference.dim
     init = Partial(_spell_init, _SpellShape(memory_size, memory_block, feature_map, int(ref_dim)))
     return GuidanceTerm(init, Partial(_spell_apply, params), "x0", "spell")
+
+
+def reference_index(reference, block_size: int = DEFAULT_BLOCK_SIZE):
+    """:func:`spell`'s ``reference`` as a search index: an array ``(K, ...)`` is checked
+    and stored as a :class:`~jaxdiv.guidance.radius_search.ShieldIndex` of ``block_size``
+    rows per block; an index (or ``None``) is returned as it is. Terms given one index
+    share it (``guidance.per_group`` then passes it to the program once).
+
+    >>> reference_index(jnp.zeros((5, 2)), block_size=2).points.shape
+    (3, 2, 2)
+    """
+    indexes = (ShieldIndex, IVFIndex, ShardedShieldIndex)
+    if reference is None or isinstance(reference, indexes):
+        return reference
+    if not hasattr(reference, "shape"):
+        raise TypeError(
+            "reference must be an array (K, ...), a ShieldIndex, a ShardedShieldIndex or "
+            f"an IVFIndex, got {type(reference).__name__}"
+        )
+    if np.ndim(reference) < 2 or np.shape(reference)[0] < 1:
+        raise ValueError(
+            f"reference must have shape (K, ...) with K >= 1, got {np.shape(reference)}"
+        )
+    if not isinstance(reference, jax.core.Tracer):
+        validation.finite_array("reference", reference)
+    return build_index(reference, block_size)
 
 
 def median_pairwise_distance(x) -> jax.Array:
