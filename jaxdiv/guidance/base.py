@@ -212,7 +212,7 @@ def per_group(guidances) -> PerGroup:
     the leaf. Values are traced, so a new sweep reuses the program. An array that is the
     same object in every group (an encoder's weights, with each term built from one
     ``gass_encoder(pipe)``; SPELL's reference index, built once with
-    ``jaxdiv.guidance.spell.term.reference_index(ref)`` and given to every term) enters
+    ``jaxdiv.guidance.spell.reference_index(ref)`` and given to every term) enters
     the program once; the others are stacked, one row per group. :func:`chain` takes a ``PerGroup`` beside shared terms
     (``chain(per_group([...]), guidance.cfg(7.5))``) and returns one.
 

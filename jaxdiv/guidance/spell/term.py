@@ -82,6 +82,7 @@ __all__ = [
     "repulsion_field",
     "repulsion_potential",
     "median_pairwise_distance",
+    "reference_index",
 ]
 
 
