@@ -93,6 +93,10 @@ def test_a_new_sweep_reuses_the_program(gmm2):
         jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep,
                       groups=G)  # fmt: skip
     assert jaxdiv.compile_count() - before == 1
+    # one object in every group: its leaves enter once, another program (structure)
+    same = guidance.per_group(_sweep()[0][:1] * G)
+    jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=same, groups=G)
+    assert jaxdiv.compile_count() - before == 2
 
 
 def test_state_per_group_continued(gmm2):

@@ -280,17 +280,14 @@ def test_generate_couples_each_prompts_images_only(pipe):
 
 
 def test_generate_per_prompt_terms(pipe):
-    """``method=guidance.per_group([...])``: each prompt with its own GASS (its own text
-    embedding), one program. Each entry follows its prompt: the prompts in the other order
-    with the entries in the other order give the same images; another embedding for the
-    second prompt moves only its images. (That each group equals its own call is shown on
-    the toys, tests/test_per_group.py, and for generate's groups above; one program here
-    keeps the test to one compile.)"""
+    """``method=guidance.per_group([...])``: each prompt with its own term (here a SPELL
+    radius; GASS's text embedding goes the same way, tests/test_per_group.py), one
+    program. Each entry follows its prompt: the prompts in the other order with the
+    entries in the other order give the same images; another radius for the second prompt
+    moves only its images. (That each group equals its own call is shown on the toys and
+    for generate's groups above; one program here keeps the test to one compile.)"""
     key, sampler = jax.random.key(0), pipe.ddim(3)
-    texts = jax.random.normal(jax.random.key(3), (2, 16))
-    cat, dog = [guidance.window(guidance.gass(gass_encoder(pipe), t, max_iters=2, lr=0.05,
-                                            r_dep=0.3, r_ind=0.3), steps=[1])
-                for t in texts]  # fmt: skip
+    cat, dog = guidance.spell(80.0), guidance.spell(160.0)  # the images lie ~70 apart
 
     def run(prompts, terms):
         return pipe.generate(prompts, 2, key=key, sampler=sampler, cfg=CFG,
@@ -302,13 +299,16 @@ def test_generate_per_prompt_terms(pipe):
     scale = float(jnp.abs(both).max())  # the bound of the test above
     np.testing.assert_allclose(turned, jnp.concatenate([both[2:], both[:2]]), rtol=0,
                                atol=1e-5 * scale)  # fmt: skip
-    other = run(["a cat", "a dog"], [cat, cat])
+    other = run(["a cat", "a dog"], [cat, guidance.spell(80.0)])
     np.testing.assert_array_equal(other[:2], both[:2])
     assert float(jnp.abs(other[2:] - both[2:]).max()) > 1e-3 * scale
-    assert jaxdiv.compile_count() == before  # new prompts and embeddings: one program
+    assert jaxdiv.compile_count() == before  # new prompts and radii: one program
+    text = jnp.ones((16,))
+    gass = guidance.gass(gass_encoder(pipe), text, max_iters=2)
     with pytest.raises(ValueError, match=r"^method is per_group with 2 entries but there are "
                                          r"3 prompts: give one entry per prompt"):  # fmt: skip
-        run(["a cat", "a dog", "a cow"], [cat, dog])
+        pipe.generate(["a cat", "a dog", "a cow"], 2, key=key, sampler=sampler,
+                      method=guidance.per_group([gass, gass]))  # fmt: skip
 
 
 def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):

@@ -213,7 +213,8 @@ def per_group(guidances) -> PerGroup:
     same object in every group (an encoder's weights, with each term built from one
     ``gass_encoder(pipe)``; SPELL's reference index, built once with
     ``jaxdiv.guidance.spell.reference_index(ref)`` and given to every term) enters
-    the program once; the others are stacked, one row per group. :func:`chain` takes a
+    the program once (which leaves are shared is part of the program's structure); the
+    others are stacked, one row per group. :func:`chain` takes a
     ``PerGroup`` beside shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and
     returns one.
 
