@@ -15,7 +15,10 @@ For each workload, ``G`` groups of ``--per-group`` samples, ``--steps`` DDIM ste
 Workloads: on the toy (``x0_hat = x / (1 + t^2)``, the exact denoiser of N(0, I) data in
 ``--dim`` dimensions, so the guidance term is most of the cost) ``spell_reference``
 (SPELL intra-batch and against ``--shields`` reference points, whose exact search skips
-the blocks no query comes near) and ``particle`` (particle guidance: no branch to skip);
+the blocks no query comes near), ``spell_sweep`` (the same with a radius per group, 0.5 to
+1.5: ``guidance.per_group``, the reference index shared; by hand, the groups' terms are
+stacked and vmapped with their rows, as a sweep is written without ``per_group``;
+``one_batch`` runs the first radius) and ``particle`` (particle guidance: no branch to skip);
 ``sd_cfg``: a random Stable Diffusion pipeline (``--sd-config``, default ``sd21-small``,
 128 px) with CFG 7.5 alone, one prompt per group: CFG acts per sample, so all four give the
 same samples and ``groups`` against ``one_batch`` is the cost of the groups' ``vmap``
@@ -45,19 +48,24 @@ import numpy as np
 
 from benchmarks.timing import environment, interleaved, round_ratio_range
 
-WORKLOADS = ("spell_reference", "particle", "sd_cfg")
+WORKLOADS = ("spell_reference", "spell_sweep", "particle", "sd_cfg")
 IMPLEMENTATIONS = ("groups", "user_vmap", "loop", "one_batch")
 
 
 def _toy(workload: str, groups: int, per_group: int, dim: int, shields: int, steps: int,
          seed: int):  # fmt: skip
     from jaxdiv import guidance, samplers, schedules
+    from jaxdiv.guidance.spell import reference_index
 
     if workload == "particle":
         term = guidance.particle(1.0)
     else:
         ref = jax.random.normal(jax.random.key(seed + 3), (shields, dim)) * 3.0
-        term = guidance.spell(1.0, reference=ref, intra_batch=True)
+        index = reference_index(ref)  # one index: every group's term shares it
+        term = guidance.spell(1.0, reference=index, intra_batch=True)
+        if workload == "spell_sweep":  # a radius per group, 0.5 .. 1.5
+            term = guidance.per_group([guidance.spell(r, reference=index, intra_batch=True)
+                                       for r in np.linspace(0.5, 1.5, groups)])  # fmt: skip
     noise = jax.random.normal(jax.random.key(seed), (groups * per_group, dim))
     den = lambda x, t, c: x / (1 + t**2)  # noqa: E731
     return samplers.ddim(schedules.edm(), steps), den, noise, None, term
@@ -89,6 +97,8 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
     import tempfile
 
     import jaxdiv
+    from jaxdiv import guidance
+    from jaxdiv.pytrees import combine, partition
 
     with tempfile.TemporaryDirectory() as folder:
         if workload == "sd_cfg":
@@ -103,21 +113,28 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
         return a.reshape((groups, per_group) + a.shape[1:])
 
     parts, cond_parts = split(noise), jax.tree.map(split, cond)
-    by_hand = jax.jit(jax.vmap(lambda z, c: jaxdiv.sample(sampler, den, z, key=key, cond=c,
-                                                          guidance=term).x0))  # fmt: skip
+    # group j's guidance: its own with per_group (a sweep), else the one term
+    own = list(term.chains) if isinstance(term, guidance.PerGroup) else [term] * groups
+    # by hand, as a sweep is written without per_group: the groups' terms stacked and
+    # vmapped with their rows (their leaves, not a Python value, carry the sweep)
+    dyn, spec = partition(own[0])
+    stacked = [None if d is None else jnp.stack([partition(g)[0][j] for g in own])
+               for j, d in enumerate(dyn)]  # fmt: skip
+    by_hand = jax.jit(jax.vmap(lambda d, z, c: jaxdiv.sample(
+        sampler, den, z, key=key, cond=c, guidance=combine(d, spec)).x0))  # fmt: skip
 
-    def call(z, c, **kw):
-        return jaxdiv.sample(sampler, den, z, key=key, cond=c, guidance=term, **kw).x0
+    def call(z, c, g=term, **kw):
+        return jaxdiv.sample(sampler, den, z, key=key, cond=c, guidance=g, **kw).x0
 
     def group(a, j):
         return None if a is None else jax.tree.map(lambda leaf: leaf[j], a)
 
     fns = {
         "groups": lambda: call(noise, cond, groups=groups),
-        "user_vmap": lambda: by_hand(parts, cond_parts).reshape(noise.shape),
-        "loop": lambda: jnp.concatenate([call(parts[j], group(cond_parts, j))
+        "user_vmap": lambda: by_hand(stacked, parts, cond_parts).reshape(noise.shape),
+        "loop": lambda: jnp.concatenate([call(parts[j], group(cond_parts, j), own[j])
                                          for j in range(groups)]),  # fmt: skip
-        "one_batch": lambda: call(noise, cond),
+        "one_batch": lambda: call(noise, cond, own[0]),
     }
     outs = {name: np.asarray(jax.block_until_ready(fn())) for name, fn in fns.items()}
     if not all(np.isfinite(o).all() for o in outs.values()):
@@ -127,7 +144,7 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
                         rounds, warmup=False)  # fmt: skip (the checks above warmed up)
     row = dict(workload=workload, groups=groups, per_group=per_group,
                sample_shape=list(noise.shape[1:]),
-               num_shields=shields if workload == "spell_reference" else 0, steps=steps,
+               num_shields=shields if workload.startswith("spell") else 0, steps=steps,
                rounds=rounds)  # fmt: skip
     if workload == "sd_cfg":
         row["config"] = sd_config

@@ -1,6 +1,6 @@
 """Smoke test of ``benchmarks/groups.py`` at tiny sizes: it runs in-process, the three
-ways to compute independent groups agree while one coupled batch does not, and the JSON
-holds the timings the guide quotes."""
+ways to compute independent groups agree (with shared terms, and with a radius per group)
+while one coupled batch does not, and the JSON holds the timings the guide quotes."""
 
 import json
 
@@ -13,14 +13,14 @@ from benchmarks import groups
 def test_tiny_groups_benchmark_writes_timed_json(tmp_path, capsys):
     out = tmp_path / "g.json"
     result = groups.main(["--rounds", "1", "--groups", "3", "--per-group", "3", "--dim", "4",
-                          "--shields", "300", "--steps", "3", "--workloads", "spell_reference",
-                          "--out", str(out)])  # fmt: skip
+                          "--shields", "300", "--steps", "3", "--workloads",
+                          "spell_reference,spell_sweep", "--out", str(out)])  # fmt: skip
     assert "user_vmap/groups" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result, default=float))
     for key in ("date", "command", "versions", "threads", "cpu", "peak_rss_mb", "rows"):
         assert key in data, key
-    assert [r["workload"] for r in data["rows"]] == ["spell_reference"]
+    assert [r["workload"] for r in data["rows"]] == ["spell_reference", "spell_sweep"]
     for row in data["rows"]:
         assert row["user_vmap_max_diff_of_scale"] < 1e-5, row
         assert row["loop_max_diff_of_scale"] < 1e-5, row

@@ -211,12 +211,11 @@ def per_group(guidances) -> PerGroup:
     value such as SPELL's ``memory_size``) or leaf shape is refused, naming the group and
     the leaf. Values are traced, so a new sweep reuses the program. An array that is the
     same object in every group (an encoder's weights, with each term built from one
-    ``gass_encoder(pipe)``; SPELL's reference index, built once with
-    ``jaxdiv.guidance.spell.reference_index(ref)`` and given to every term) enters
-    the program once (which leaves are shared is part of the program's structure); the
-    others are stacked, one row per group. :func:`chain` takes a
-    ``PerGroup`` beside shared terms (``chain(per_group([...]), guidance.cfg(7.5))``) and
-    returns one.
+    ``gass_encoder(pipe)``; SPELL's reference index, built once by ``reference_index(ref)``
+    from ``jaxdiv.guidance.spell`` and given to every term) enters the program once (which
+    leaves are shared is part of the program's structure); the others are stacked, one
+    row per group. :func:`chain` takes a ``PerGroup`` beside shared terms
+    (``chain(per_group([...]), guidance.cfg(7.5))``) and returns one.
 
     >>> import jax, jax.numpy as jnp, jaxdiv
     >>> from jaxdiv import guidance, samplers, schedules
