@@ -836,7 +836,8 @@ def prompt_bound(term: GuidanceTerm) -> bool:
     embedding as its target direction; TPSO: optimised variants of every row of its
     batch), windowed or not: it cannot be shared by groups of other prompts or rows.
     :func:`jaxdiv.pipelines.generation.generate` refuses such a method where it would run
-    the prompts as groups (several prompts and a term that couples the batch). Read from a
+    the prompts as groups (several prompts and a term that couples the batch) unless it
+    comes as :func:`per_group`, one term per prompt. Read from a
     ``prompt_bound`` attribute of the term's ``apply`` as :func:`couples_batch` reads its
     own.
 
