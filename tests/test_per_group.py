@@ -76,6 +76,7 @@ def test_chain_shares_terms_with_each_groups_own(gmm2):
     radii = [guidance.spell(r, intra_batch=True) for r in RADII]
     g = guidance.chain(guidance.cfg(2.0), guidance.per_group(radii), pg=guidance.particle(1.0))
     assert isinstance(g, guidance.PerGroup) and g.size == G
+    assert guidance.per_group(r for r in radii).chains == guidance.per_group(radii).chains
     assert g.names == ("cfg", "spell", "pg")
     out = jaxdiv.sample(s, den, noise, key=jax.random.key(2), cond=cond, guidance=g, groups=G)
     for grp in range(G):

@@ -226,9 +226,11 @@ def per_group(guidances) -> PerGroup:
     >>> out.x0[::2, 0].tolist()  # x0_hat = w c + (1 - w) 0: each group's own scale
     [1.0, 2.0, 4.0]
     """
-    if isinstance(guidances, (GuidanceTerm, Chain, PerGroup)) or not hasattr(guidances, "__len__"):
+    single = isinstance(guidances, (GuidanceTerm, Chain, PerGroup))
+    if single or not hasattr(guidances, "__iter__"):
         raise TypeError("per_group takes a list with one term or chain per group, got "
                         f"{type(guidances).__name__}")  # fmt: skip
+    guidances = list(guidances)  # a generator expression reads as well as a list
     if not guidances:
         raise ValueError("per_group needs one term or chain per group, got an empty list")
     chains = []
