@@ -124,20 +124,21 @@ def spell_batched(
     group_rows = n // groups
     if memory_size is None:
         memory_size = int(group_rows)
-    def term(r):
-        return spell(r, reference, intra_batch, overcompensation, memory_size=memory_size,
-                     **spell_kwargs)  # fmt: skip
-
-    if np.ndim(radius) == 1:  # one per group: its own term
+    per_radius = np.ndim(radius) == 1  # one radius per group: each group its own term
+    if per_radius:
         if len(radius) != groups:
             raise ValueError(f"radius holds {len(radius)} radii but groups={groups}: give one "
                              "radius, or one per group")  # fmt: skip
         # one index for every group's term: the program holds the reference set once
         block = spell_kwargs.get("block_size", DEFAULT_BLOCK_SIZE)
         reference = reference_index(reference, block)
-        g = chain(guidance, spell=per_group([term(r) for r in radius]))
-    else:
-        g = chain(guidance, spell=term(radius))
+
+    def term(r):
+        return spell(r, reference, intra_batch, overcompensation, memory_size=memory_size,
+                     **spell_kwargs)  # fmt: skip
+
+    spelled = per_group([term(r) for r in radius]) if per_radius else term(radius)
+    g = chain(guidance, spell=spelled)
 
     def rows(a, j):  # batch j of every group, group-major: (groups * batch_size, ...)
         a = a.reshape((groups, group_rows) + a.shape[1:])[:, j * batch_size:(j + 1) * batch_size]

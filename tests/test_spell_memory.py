@@ -201,7 +201,7 @@ def test_groups_run_independent_sequences_each_as_its_own_call():
                       batch_size=4, groups=3)  # fmt: skip
 
 
-def test_groups_with_a_radius_each():
+def test_groups_with_a_radius_each(monkeypatch):
     """``spell_batched(radius=[r0, r1, r2], groups=3)``: each group's sequence with its own
     radius (and the reference set, indexed once for all groups), as a call with its rows
     and radius alone."""
@@ -209,7 +209,14 @@ def test_groups_with_a_radius_each():
     noise = jnp.tile(jax.random.normal(jax.random.key(0), (per, 2)) * 0.3, (g, 1))
     ref = jax.random.normal(jax.random.key(5), (16, 2)) * 0.5  # one index for all groups
     kw = dict(key=jax.random.key(1), batch_size=bs, reference=ref)
+    from jaxdiv.guidance.spell import term as spell_term
+
+    built = []
+    real_build = spell_term.build_index
+    monkeypatch.setattr(spell_term, "build_index", lambda *a: built.append(1) or real_build(*a))
     out = spell_batched(SMP, DEN, noise, radius=jnp.array(radii), groups=g, **kw)
+    assert len(built) == 1  # one index for the three groups' terms
+    monkeypatch.undo()
     for k, r in enumerate(radii):
         want = np.asarray(spell_batched(SMP, DEN, noise[:per], radius=r, **kw).x0)
         np.testing.assert_allclose(out.x0[k * per:(k + 1) * per], want, rtol=0,
