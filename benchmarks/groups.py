@@ -16,8 +16,8 @@ Workloads: on the toy (``x0_hat = x / (1 + t^2)``, the exact denoiser of N(0, I)
 ``--dim`` dimensions, so the guidance term is most of the cost) ``spell_reference``
 (SPELL intra-batch and against ``--shields`` reference points, whose exact search skips
 the blocks no query comes near), ``spell_sweep`` (the same with a radius per group, 0.5 to
-1.5: ``guidance.per_group``, the reference index shared; by hand, the groups' terms are
-stacked and vmapped with their rows, as a sweep is written without ``per_group``;
+1.5: ``guidance.per_group``, the reference index shared; by hand, the radii are vmapped
+with the rows and the index compiled in, as a sweep is written without ``per_group``;
 ``one_batch`` runs the first radius) and ``particle`` (particle guidance: no branch to skip);
 ``sd_cfg``: a random Stable Diffusion pipeline (``--sd-config``, default ``sd21-small``,
 128 px) with CFG 7.5 alone, one prompt per group: CFG acts per sample, so all four give the
@@ -115,13 +115,20 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
     parts, cond_parts = split(noise), jax.tree.map(split, cond)
     # group j's guidance: its own with per_group (a sweep), else the one term
     own = list(term.chains) if isinstance(term, guidance.PerGroup) else [term] * groups
-    # by hand, as a sweep is written without per_group: the groups' terms stacked and
-    # vmapped with their rows (their leaves, not a Python value, carry the sweep)
-    dyn, spec = partition(own[0])
-    stacked = [None if d is None else jnp.stack([partition(g)[0][j] for g in own])
-               for j, d in enumerate(dyn)]  # fmt: skip
-    by_hand = jax.jit(jax.vmap(lambda d, z, c: jaxdiv.sample(
-        sampler, den, z, key=key, cond=c, guidance=combine(d, spec)).x0))  # fmt: skip
+    # by hand, as a sweep is written without per_group: the values that differ between
+    # the groups (a sweep's radii) vmapped with the rows, the rest (the reference index,
+    # a shared term) compiled in
+    leaves = [partition(g)[0] for g in own]
+    spec = partition(own[0])[1]
+    varies = [d is not None and any(x[j] is not d for x in leaves)
+              for j, d in enumerate(leaves[0])]  # fmt: skip
+    values = [jnp.stack([x[j] for x in leaves]) if v else None for j, v in enumerate(varies)]
+
+    def by_hand_one(vals, z, c):
+        term_j = combine([v if m else d for v, m, d in zip(vals, varies, leaves[0])], spec)
+        return jaxdiv.sample(sampler, den, z, key=key, cond=c, guidance=term_j).x0
+
+    by_hand = jax.jit(jax.vmap(by_hand_one))
 
     def call(z, c, g=term, **kw):
         return jaxdiv.sample(sampler, den, z, key=key, cond=c, guidance=g, **kw).x0
@@ -131,7 +138,7 @@ def measure(workload: str, *, groups: int, per_group: int, dim: int, shields: in
 
     fns = {
         "groups": lambda: call(noise, cond, groups=groups),
-        "user_vmap": lambda: by_hand(stacked, parts, cond_parts).reshape(noise.shape),
+        "user_vmap": lambda: by_hand(values, parts, cond_parts).reshape(noise.shape),
         "loop": lambda: jnp.concatenate([call(parts[j], group(cond_parts, j), own[j])
                                          for j in range(groups)]),  # fmt: skip
         "one_batch": lambda: call(noise, cond, own[0]),
