@@ -281,7 +281,7 @@ def sample(
     trace: bool = False,
     guidance_state=None,
     mesh=None,
-    groups: int = 1,
+    groups: int | None = None,
 ) -> SampleOutput:
     """Run ``sampler`` from ``noise`` to clean samples with optional guidance.
 
@@ -330,6 +330,7 @@ def sample(
             ``jax.random.split(key, groups)`` for independent groups. ``trace``, ``state``
             and ``sampler_state`` gain a leading axis of size ``groups`` (group ``g``'s at
             ``[g]``), and so must ``guidance_state``; ``x0`` keeps the shape of ``noise``.
+            Default: 1, or the number of entries of a ``per_group`` guidance.
 
     Returns:
         :class:`SampleOutput` with ``x0`` (shape of ``noise``), ``trace``, ``state`` and
@@ -365,7 +366,8 @@ def sample(
 
 
 def lower(sampler: Sampler, denoiser, noise, *, key, cond=None, guidance=None,
-          trace: bool = False, guidance_state=None, mesh=None, groups: int = 1):  # fmt: skip
+          trace: bool = False, guidance_state=None, mesh=None,
+          groups: int | None = None):  # fmt: skip
     """The program :func:`sample` runs for these arguments (the same checks and ``init``),
     lowered and not run: ``.compile().as_text()`` is XLA's optimised HLO, to read its
     fusions, collectives or memory without sampling.
@@ -386,6 +388,8 @@ def lower(sampler: Sampler, denoiser, noise, *, key, cond=None, guidance=None,
 def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_state, mesh,
               groups):  # fmt: skip
     """:func:`sample`'s checks, placement and terms' ``init``: ``_run``'s arguments."""
+    if groups is None:  # per_group guidance brings its number of groups
+        groups = guidance.size if isinstance(guidance, PerGroup) else 1
     groups = validation.integer("groups", groups, minimum=1)
     noise = _check_inputs(sampler, denoiser, noise, key, cond, groups)
     if mesh is not None:

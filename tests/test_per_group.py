@@ -94,6 +94,9 @@ def test_a_new_sweep_reuses_the_program(gmm2):
         jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep,
                       groups=G)  # fmt: skip
     assert jaxdiv.compile_count() - before == 1
+    # groups left out: per_group's size (the same program)
+    jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep)
+    assert jaxdiv.compile_count() - before == 1
     # one object in every group: its leaves enter once, another program (structure)
     same = guidance.per_group(_sweep()[0][:1] * G)
     jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=same, groups=G)
@@ -227,7 +230,8 @@ def test_bad_per_group_guidance_is_named(gmm2):
     _, sweep = _sweep()
     with pytest.raises(ValueError, match=r"guidance is per_group for 3 groups, but groups=1: "
                                          r"pass groups=3"):  # fmt: skip
-        jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep)
+        jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep,
+                      groups=1)  # fmt: skip
     with pytest.raises(ValueError, match=r"per_group for 3 groups, but groups=4"):
         jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=sweep, groups=4)
     cases = [

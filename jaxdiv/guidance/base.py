@@ -202,7 +202,8 @@ class PerGroup(NamedTuple):
 
 def per_group(guidances) -> PerGroup:
     """One term or chain per group, of one structure: group ``g`` of ``jaxdiv.sample(...,
-    groups=G)`` runs with ``guidances[g]``, as its own call with that guidance would.
+    groups=G)`` runs with ``guidances[g]``, as its own call with that guidance would
+    (``groups`` defaults to ``len(guidances)``).
 
     A sweep over a method's strength or interval (traced window bounds), or per-prompt
     terms (GASS's text embedding, SPELL's per-prompt radius), in one compiled program. The
