@@ -401,8 +401,14 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         raise ValueError(f"guidance is per_group for {guidance.size} groups, but groups="
                          f"{groups}: pass groups={guidance.size}")  # fmt: skip
     group_terms = [c.terms for c in guidance.chains] if per_group else [as_terms(guidance)]
-    for terms in group_terms:
-        check_windows(terms, sampler)
+    ranges = {}  # the process's ranges: computed once for every group's terms
+    for g, terms in enumerate(group_terms):
+        try:
+            check_windows(terms, sampler, ranges)
+        except ValueError as err:
+            if not per_group:
+                raise
+            raise ValueError(f"per_group entry {g}: {err}") from None
     terms_spec = partition(group_terms[0])[1]
     per_dynamic = [partition(terms)[0] for terms in group_terms]
     terms_dynamic, stacked = per_dynamic[0], None

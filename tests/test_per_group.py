@@ -220,7 +220,9 @@ def test_windows_are_checked_per_group(gmm2):
     s, den, noise, cond = _setup(gmm2)
     late = guidance.per_group([guidance.window(guidance.cfg(w), steps=[st])
                                for w, st in zip(WEIGHTS, (1, 2, 30))])  # fmt: skip
-    with pytest.raises(ValueError, match=r"names step indices \[30\] but the sampler has 8"):
+    with pytest.raises(ValueError, match=r"^per_group entry 2: guidance term 'cfg': window\("
+                                         r"steps=\.\.\.\) names step indices \[30\] but the "
+                                         r"sampler has 8"):  # fmt: skip
         jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond, guidance=late,
                       groups=G)  # fmt: skip
 

@@ -250,6 +250,10 @@ def _check_same_structure(first: Chain, other: Chain, g: int) -> None:
         raise ValueError(f"per_group: group {g} has terms {other.names} but group 0 has "
                          f"{first.names}; every group needs the same terms")  # fmt: skip
     for t0, tg in zip(first.terms, other.terms):
+        (d0, s0), (dg, sg) = partition(t0), partition(tg)
+        if s0 == sg and all(a is None or (a.shape, a.dtype) == (b.shape, b.dtype)
+                            for a, b in zip(d0, dg)):  # fmt: skip
+            continue  # one program: the common case, checked at once
         # None as a leaf: a setting left out in one group and given in another is named
         l0, d0 = jax.tree_util.tree_flatten_with_path(t0, is_leaf=lambda v: v is None)
         lg, dg = jax.tree_util.tree_flatten_with_path(tg, is_leaf=lambda v: v is None)
@@ -863,9 +867,11 @@ def apply_flag(apply, flag: str) -> bool:
     return bool(value(*args) if callable(value) else value)
 
 
-def check_windows(terms, sampler) -> None:
+def check_windows(terms, sampler, ranges: dict | None = None) -> None:
     """Refuse windows that can never be active on ``sampler`` (:func:`jaxdiv.sample`
     calls it, since only there the number of steps ``N`` and the process are known).
+    ``ranges``: a dict that keeps the process's ranges between calls on one sampler
+    (``sample`` checks each :func:`per_group` entry with one).
 
     A step index ``>= N`` names a step that does not exist, so a window (or a GASS
     ``steps=`` list) holding one would silently never act there: it is refused, naming
@@ -891,7 +897,7 @@ def check_windows(terms, sampler) -> None:
     ValueError: guidance term 'identity': window(t=(200, 800]) lies outside the times of the sampler's process, [0, 1] (flow): the term would never act (t is in the schedule's own units)
     """  # noqa: E501
     n = sampler.num_steps
-    ranges = {}
+    ranges = {} if ranges is None else ranges
 
     def span(kind):  # computed on first need: a few eager ops (ms on VP), not per plain call
         if not ranges:
