@@ -258,6 +258,12 @@ def test_bad_per_group_guidance_is_named(gmm2):
     with pytest.raises(TypeError, match="per_group takes a list with one term or chain per "
                                         "group, got GuidanceTerm"):  # fmt: skip
         guidance.per_group(guidance.cfg(1.0))
+    with pytest.raises(TypeError, match=r"^guidance must be a GuidanceTerm \(or a chain of "
+                                        r"them\), got list; to compose terms pass guidance\."
+                                        r"chain\(\*terms\), to give each of sample's groups "
+                                        r"its own pass guidance\.per_group\(terms\)$"):  # fmt: skip
+        jaxdiv.sample(s, den, noise, key=jax.random.key(0), cond=cond,
+                      guidance=[guidance.cfg(1.0), guidance.cfg(2.0)])  # fmt: skip
     with pytest.raises(ValueError, match="got an empty list"):
         guidance.per_group([])
     with pytest.raises(TypeError, match="group 0 is itself per_group"):

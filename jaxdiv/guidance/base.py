@@ -297,8 +297,13 @@ def _check_term(term, where="guidance"):
             "to change the terms, change each group's before per_group"
         )
     if not isinstance(term, GuidanceTerm):
+        hint = ""
+        if isinstance(term, (list, tuple)) and not hasattr(term, "_fields"):
+            hint = ("; to compose terms pass guidance.chain(*terms), to give each of "
+                    "sample's groups its own pass guidance.per_group(terms)")  # fmt: skip
         raise TypeError(
-            f"{where} must be a GuidanceTerm (or a chain of them), got {type(term).__name__}"
+            f"{where} must be a GuidanceTerm (or a chain of them), got "
+            f"{type(term).__name__}{hint}"
         )
     if term.hook not in HOOKS:
         raise ValueError(f"{where}.hook must be one of {HOOKS}, got {term.hook!r}")
