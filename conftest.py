@@ -25,8 +25,10 @@ from benchmarks.compile_flags import EXACT_CODEGEN_FLAGS, TEST_SUITE_FLAGS
 # time and cost in run time (docs/guide/benchmarks.md). What is tested is the same program;
 # only its machine code differs, at float rounding: -O0 forms no fused multiply-adds. Tests
 # that compare two compiled programs bitwise or within a few ulps are marked
-# `exact_codegen` and run in `make test`'s second pass (JAXDIV_TEST_CODEGEN=exact) under
-# EXACT_CODEGEN_FLAGS (LLVM -O1, which fuses multiply-adds as XLA's default codegen does).
+# `pytest.mark.exact_codegen` (spelled so: the Makefile's second pass collects only the
+# files that hold `mark.exact_codegen`) and run in `make test`'s second pass
+# (JAXDIV_TEST_CODEGEN=exact) under EXACT_CODEGEN_FLAGS (LLVM -O1, which fuses
+# multiply-adds as XLA's default codegen does).
 # JAXDIV_TEST_XLA_DEFAULTS=1 tests everything under XLA's default codegen. A flag already
 # in XLA_FLAGS comes later in the string and wins.
 _DEFAULTS = os.environ.get("JAXDIV_TEST_XLA_DEFAULTS") == "1"
