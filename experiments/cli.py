@@ -136,6 +136,7 @@ METHODS = (
         lambda g: g.particle(0.1),
         {"strength": "no published SD value",
          "bandwidth": "median: median d^2 / log(B - 1)",
+         "time_scaling": "score; PG's public SD code: eps",
          "min_noise_level": "None; PG's public SD code: 1.0"},
         "RBF repulsion between the batch's particles (x_t), added to the score",
         "particle",

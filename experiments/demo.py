@@ -15,7 +15,8 @@ diversity method runs on top of the same CFG (``w = 3``) with the same noise and
 * ``CFG``: ``cfg(3)``, the base every other method modifies;
 * ``CADS``: ``chain(cads(tau1=0.5, tau2=0.9, noise_scale=0.25), cfg(3))``;
 * ``interval``: ``interval(3, 0.3, 2.0)`` (guidance only at noise levels in (0.3, 2]);
-* ``PG``: ``chain(cfg(3), particle(0.3, min_noise_level=1))`` (score form, as PG's SD code);
+* ``PG``: ``chain(cfg(3), particle(0.3, min_noise_level=1))`` (score form, off below noise
+  level 1: on this EDM toy, where ``alpha = 1``, PG's public SD code);
 * ``SPELL``: ``chain(cfg(3), spell(0.3))`` (intra-batch shields of radius 0.3);
 * ``GASS``: ``chain(cfg(3), gass(E, E.text_emb, 0.1, 0.1, lr=0.05, num_active=10))`` with
   the toy sphere encoder ``E`` (:func:`toy.encoder.sphere_encoder`) as "CLIP".

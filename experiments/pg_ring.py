@@ -19,7 +19,8 @@ Sampler: ``samplers.edm(schedules.edm(), --steps)`` (Karras Heun, deterministic)
   the paper's formulation; jaxdiv's default before protocol v2);
 * ``PG (SD code: score form, sigma >= 1)``: ``particle(strength, min_noise_level=1.0)``
   -- the paper's score-form force on ``x_t``, switched off below noise level 1 as in PG's
-  public Stable Diffusion code;
+  public Stable Diffusion code (whose ``eps``-form scaling, ``time_scaling="eps"``, equals
+  the score form on this EDM process, where ``alpha = 1``);
 * ``SPELL``: ``spell(radius)``, intra-batch shields (if ``jaxdiv.guidance.spell`` exists).
 
 Writes ``<out>.json`` (modes hit mean and standard error, on-mode fraction, per strength)

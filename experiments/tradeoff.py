@@ -35,7 +35,8 @@ Methods (the "base model" is CFG with w = 3, the others modify it):
   min_noise_level=1.0))`` (x0_hat space, constant weight, off below noise level 1; not the
   paper's formulation) and "PG (SD code: score form, sigma >= 1)"
   ``chain(cfg(3), particle(strength, min_noise_level=1.0))`` (the paper's score-form force
-  on x_t, off below noise level 1 as in PG's public SD code);
+  on x_t, off below noise level 1 as in PG's public SD code, whose ``eps``-form scaling
+  equals the score form on this EDM toy, where ``alpha = 1``);
 * SPELL ``chain(cfg(3), spell(radius))`` (intra-batch) when ``jaxdiv.guidance.spell`` exists.
 
 Every sweep is one compiled program (the strength is a traced argument, vmapped).

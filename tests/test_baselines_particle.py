@@ -182,6 +182,52 @@ def test_score_scaling_is_tweedies_map_when_alpha_is_not_one():
     np.testing.assert_allclose(out - x0, 0.2 * sigma**2 / alpha * f, rtol=1e-4, atol=1e-5)
 
 
+def _public_sd_code_eps(latents, noise_pred, level, coeff, h):
+    """PG's public SD code's update of the noise prediction (non-SVGD branch), transcribed
+    in NumPy from gcorso/particle-guidance,
+    stable_diffusion/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_particle.py
+    lines 739-761, with its per-row median bandwidth ``h_t`` replaced by a fixed ``h``:
+    the other particles' differences (diagonal removed), ``weights = exp(-d^2 / h)``,
+    ``grad_phi = sum_j 2 w (x_i - x_j) / h * sigma * coeff`` (``sigma`` the VE noise
+    level ``sqrt((1 - abar) / abar)``, ``coeff`` 0 where it is below 1), and
+    ``noise_pred - grad_phi``."""
+    lat = np.asarray(latents, np.float64).reshape(len(latents), -1)
+    b = lat.shape[0]
+    diff = (lat[:, None] - lat[None])[~np.eye(b, dtype=bool)].reshape(b, b - 1, -1)
+    distance = np.linalg.norm(diff, axis=-1, keepdims=True)
+    weights = np.exp(-(distance**2 / h))
+    coeff_ = 0.0 if level < 1 else coeff
+    grad_phi = (2 * weights * diff / h * level * coeff_).sum(axis=1).reshape(latents.shape)
+    return np.asarray(noise_pred, np.float64) - grad_phi
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.5, 0.07])
+def test_eps_scaling_is_pg_public_sd_code(alpha):
+    """``particle(s, time_scaling="eps", min_noise_level=1.0)`` at a fixed bandwidth is PG's
+    public SD code: its noise prediction turned into ``x0_hat = (x_t - sigma eps) / alpha``
+    (DDIM's ``pred_original_sample``) on a VP process. The score form moves ``x0_hat``
+    ``alpha`` times as far; at ``alpha = 0.9`` (noise level 0.48) both are off."""
+    sigma = math.sqrt(1 - alpha**2)
+    level, s, h = sigma / alpha, 0.3, 5.0
+    xt = np.asarray(jax.random.normal(jax.random.key(15), (6, 4, 2, 2)), np.float64)
+    eps = np.asarray(jax.random.normal(jax.random.key(16), (6, 4, 2, 2)), np.float64)
+    ref = (xt - sigma * _public_sd_code_eps(xt, eps, level, s, h)) / alpha
+    x0 = jnp.asarray((xt - sigma * eps) / alpha, jnp.float32)
+    c = ctx(jnp.asarray(xt, jnp.float32), level, alpha)
+    out, _, info = particle(s, bandwidth=h, time_scaling="eps", min_noise_level=1.0).apply(
+        (), x0, c)
+    shift = ref - np.asarray(x0, np.float64)
+    np.testing.assert_allclose(out - x0, shift, rtol=1e-4, atol=1e-5 * np.abs(shift).max() + 1e-7)
+    score, _, _ = particle(s, bandwidth=h, min_noise_level=1.0).apply((), x0, c)
+    np.testing.assert_allclose(score - x0, alpha * shift, rtol=1e-4,
+                               atol=1e-5 * np.abs(shift).max() + 1e-7)  # fmt: skip
+    if level < 1:  # the reference's shift is float32 rounding of x0 there
+        assert float(jnp.abs(out - x0).max()) == 0.0 and float(info.weight) == 0.0
+    else:
+        assert float(np.abs(shift).max()) > 0.1
+        assert float(info.weight) == pytest.approx(s * level**2, rel=1e-6)
+
+
 def test_min_noise_level_switch():
     x0 = jax.random.normal(jax.random.key(4), (4, 2))
     # PG's public code (min_noise_level=1) and the x0 variant: off below noise level 1,

@@ -16,7 +16,7 @@ from jaxdiv.guidance.base import GuidanceTerm
 __all__ = ["particle", "rbf_repulsion", "rbf_potential", "median_bandwidth", "ParticleInfo"]
 
 _SPACES = ("x_t", "x0_hat")
-_SCALINGS = ("score", "x0")
+_SCALINGS = ("score", "eps", "x0")
 _H_FLOOR = 1e-20  # keeps 2 w / h finite when (almost) all particles coincide
 
 
@@ -122,19 +122,24 @@ def particle(
     to ``x0_hat``; ``(sigma/alpha)^2`` on EDM, where ``alpha = 1``), at every noise level.
     Named variants:
 
-    * **PG's public SD code**: ``particle(s, min_noise_level=1.0)`` -- the same force,
-      switched off below noise level 1 (``sigma < 1``), as that code does (up to its
-      per-row median bandwidth; ours is one global median, which keeps the force a true
-      gradient and the term permutation equivariant).
+    * **PG's public SD code**: ``particle(s, time_scaling="eps", min_noise_level=1.0)``
+      -- the same force on ``x_t``, subtracted from the noise prediction scaled by the
+      noise level, ``eps <- eps - s (sigma/alpha) F`` (``c(t) = (sigma/alpha)^2``: the
+      score form divided by ``alpha``: equal to it on EDM, and at least ``sqrt(2)`` times
+      it on a VP process wherever that code acts, where ``alpha = (1 + level^2)^(-1/2)``),
+      switched off below noise level 1 (``sigma/alpha < 1``), as
+      ``gcorso/particle-guidance``'s ``pipeline_stable_diffusion_particle.py`` does (up to
+      its per-row median bandwidth; ours is one global median, which keeps the force a
+      true gradient and the term permutation equivariant).
     * **jaxdiv's x0 variant** (not in the paper): ``particle(s, space="x0_hat",
       time_scaling="x0", min_noise_level=1.0)`` -- the force on the prediction
       ``x0_hat`` with constant weight: ``strength`` is a displacement of ``x0_hat`` per
       unit force. It was this library's default before protocol v2; label it as a
       variant, never as "PG".
 
-    With ``time_scaling="score"`` the weight vanishes at the clean end (``sigma = 0``)
-    and is skipped at an infinite noise level (the first point ``t = 1`` of a flow
-    grid). With the median bandwidth ``|F| ~ log(B - 1) / distance``: ``strength`` has
+    With ``time_scaling="score"`` or ``"eps"`` the weight vanishes at the clean end
+    (``sigma = 0``) and is skipped at an infinite noise level (the first point ``t = 1``
+    of a flow grid). With the median bandwidth ``|F| ~ log(B - 1) / distance``: ``strength`` has
     units of squared distance in ``v``'s space.
 
     Args:
@@ -144,7 +149,8 @@ def particle(
         space: ``"x_t"`` (paper) or ``"x0_hat"``.
         features: optional differentiable map ``phi: (B, ...) -> (B, f)`` applied to the
             batch before the kernel (a DINO / CLIP stand-in).
-        time_scaling: ``"score"`` (paper) or ``"x0"``, see above.
+        time_scaling: ``"score"`` (paper, ``c = sigma^2 / alpha``), ``"eps"`` (PG's
+            public SD code, ``c = (sigma / alpha)^2``) or ``"x0"`` (``c = 1``), see above.
         min_noise_level: switch-off noise level ``>= 0`` (no repulsion where
             ``sigma/alpha < min_noise_level``), or None (paper: always on);
             :func:`jaxdiv.sample` refuses one above every noise level of its process.
@@ -219,6 +225,10 @@ def _particle_apply(strength, fixed_h, space, features, time_scaling, min_noise_
         # infinite noise level): skip that point
         c = ctx.sigma**2 / jnp.where(ctx.alpha > 0, ctx.alpha, 1.0)
         weight = jnp.where(jnp.isfinite(level), weight * c, 0.0)
+    elif time_scaling == "eps":
+        # x0_hat = (x_t - sigma eps) / alpha, so eps - s (sigma / alpha) F moves x0_hat by
+        # s (sigma / alpha)^2 F
+        weight = jnp.where(jnp.isfinite(level), weight * level**2, 0.0)
     if min_noise_level is not None:
         weight = jnp.where(level >= min_noise_level, weight, 0.0)
     shift = (weight * f).astype(x0_hat.dtype)
