@@ -119,6 +119,7 @@ METHODS = (
         lambda g: g.interval(2.0, 0.19, 1.61),
         {"scale": "EDM2: 2.0", "sigma_lo": "EDM2: 0.19; SD-XL: 0.28",
          "sigma_hi": "EDM2: 1.61; SD-XL: 5.42",
+         "per_step": "EDM2's official code: True (one decision per Heun step)",
          "rescale": "not in the paper; cfg's (Lin et al. 2024), inside the interval"},
         "CFG only for noise levels sigma/alpha in (sigma_lo, sigma_hi], D_c outside",
         "interval",

@@ -151,7 +151,7 @@ def _one_run(sampler, denoiser, terms, trace, noise, key, cond, gstate):
             x0, gs, info, active = guided_denoise(
                 terms, denoiser, xx, t, cond, gs,
                 schedule=sampler.schedule, step=i, num_steps=n,
-                key=jax.random.fold_in(step_key, n_eval), evaluation=n_eval,
+                key=jax.random.fold_in(step_key, n_eval), evaluation=n_eval, step_t=times[i],
             )  # fmt: skip
             return x0, (gs, n_eval + 1), (info, active)
 

@@ -67,6 +67,70 @@ def test_interval_is_cfg_inside_and_conditional_outside(setup):
     np.testing.assert_allclose(out.x0, tr.x0_hat[-1], atol=1e-6)
 
 
+def _official_edm2_sampler(d_cond, d_uncond, latents, guidance_scale, guidance_interval,
+                           num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """``edm_sampler`` of the official interval-guidance code, transcribed in float64 NumPy
+    from kynkaat/guidance-interval, sampling/edm_sampler.py (S_churn = 0, so ``t_hat =
+    t_cur``; ``round_sigma`` the identity): the Karras grid with a final 0, and Heun steps
+    whose two evaluations both use ``uncond.lerp(cond, G)`` when the step index ``i``
+    satisfies ``start <= i <= stop``, the conditional denoiser otherwise."""
+    start, stop = guidance_interval
+    idx = np.arange(num_steps, dtype=np.float64)
+    t_steps = (sigma_max ** (1 / rho) + idx / (num_steps - 1)
+               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho  # fmt: skip
+    t_steps = np.append(t_steps, 0.0)
+    x_next = np.asarray(latents, np.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        guided = start <= i <= stop
+
+        def denoise(x, t, guided=guided):
+            c = d_cond(x, t)
+            return d_uncond(x, t) + guidance_scale * (c - d_uncond(x, t)) if guided else c
+
+        x_hat, t_hat = x_next, t_cur
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def test_per_step_interval_is_edm2s_official_code():
+    """``interval(2.0, 0.19, 1.61, per_step=True)`` on Heun 32 is the official code's
+    ``--guidance_interval="[17, 22]" --guidance_scale=2.0`` (its README's FID setting):
+    guided steps 17..22, both evaluations of each. The default (per evaluation) guides
+    step 16's correction at sigma 1.609 and not step 22's at 0.189: another trajectory."""
+    s = samplers.edm(schedules.edm(), 32)
+    den = CM.denoiser(s.schedule)
+    noise = jax.random.normal(jax.random.key(2), (B, 2))
+    cond = CM.condition(jnp.arange(B) % CM.num_classes)
+    null = jnp.zeros_like(cond)
+    call = lambda c: lambda x, t: np.asarray(den(jnp.asarray(x, jnp.float32), t, c), np.float64)
+    ref = _official_edm2_sampler(call(cond), call(null), noise, 2.0, (17, 22))
+    times = np.asarray(s.times)
+    assert times[17] <= 1.61 < times[16] and times[23] <= 0.19 < times[22]
+    assert round(float(times[17]), 3) == 1.609 and round(float(times[23]), 3) == 0.189
+
+    def run(per_step):
+        g = interval(2.0, 0.19, 1.61, null_cond=null, per_step=per_step)
+        return jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond, guidance=g,
+                             trace=True)  # fmt: skip
+
+    got, per_eval = run(True), run(False)
+    np.testing.assert_allclose(got.x0, ref, rtol=1e-4, atol=1e-4)
+    active = np.flatnonzero(np.asarray(got.trace.active["interval"]))
+    assert active.tolist() == list(range(17, 23))
+    gap = float(np.abs(np.asarray(per_eval.x0, np.float64) - ref).max())
+    assert gap > 1e-2, gap  # the per-evaluation rule is measurably another sampler here
+    # on a one-evaluation sampler the two rules agree
+    d = samplers.ddim(schedules.edm(), 32)
+    one = [jaxdiv.sample(d, den, noise, key=jax.random.key(1), cond=cond,
+                         guidance=interval(2.0, 0.19, 1.61, null_cond=null, per_step=p)).x0
+           for p in (True, False)]  # fmt: skip
+    np.testing.assert_array_equal(one[0], one[1])
+
+
 def test_interval_rescales_inside_as_lin_et_al_and_keeps_d_c_outside():
     """``interval(rescale=phi, prediction_type="sample")``: inside the interval the guided
     prediction (here ``x0_hat`` itself) is rescaled as Lin et al. (2024) Sec. 3.4, ``p_cfg
@@ -191,6 +255,10 @@ def test_interval_bad_input():
         interval(2.0, 0.1, 1.0, prediction_type="sample")
     with pytest.raises(ValueError, match="rescale must be a finite number"):
         interval(2.0, 0.1, 1.0, rescale=float("nan"), prediction_type="sample")
+    with pytest.raises(TypeError, match=r"^per_step must be True or False, got 1$"):
+        interval(2.0, 0.1, 1.0, per_step=1)
+    with pytest.raises(ValueError, match=r"per_step=True needs t= or noise_level="):
+        guidance.window(guidance.cfg(2.0), steps=[0], per_step=True)
 
 
 @pytest.mark.parametrize("prediction_type, alpha, sigma", [

@@ -136,6 +136,11 @@ class StepContext(NamedTuple):
         cond: the condition after the condition hooks (None when unconditional).
         evaluation: 0 for a step's first denoiser evaluation, 1 for a second one (Heun's
             correction), ...
+        step_t, step_noise_level: the time ``times[i]`` of the sampler's grid where step
+            ``i`` starts, and its noise level ``sigma / alpha``, shared by every evaluation
+            of the step (a Heun correction is evaluated at ``times[i + 1]``);
+            :func:`jaxdiv.sample` sets them, a context built by hand without them reads
+            ``t`` and ``noise_level``.
     """
 
     x: Any
@@ -147,11 +152,20 @@ class StepContext(NamedTuple):
     key: Any
     cond: Any
     evaluation: Any = 0
+    step_t: Any = None
+    step_noise_level: Any = None
 
     @property
     def noise_level(self):
         """``sigma / alpha``: the EDM-equivalent noise level, the same on every process."""
         return self.sigma / self.alpha
+
+    def step_start(self):
+        """``(step_t, step_noise_level)`` where set, else this evaluation's ``(t,
+        noise_level)``."""
+        if self.step_t is None:
+            return self.t, self.noise_level
+        return self.step_t, self.step_noise_level
 
     @property
     def progress(self):
@@ -451,8 +465,11 @@ def _unwrap(info):
 
 
 def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_steps, key,
-                   evaluation=0):  # fmt: skip
+                   evaluation=0, step_t=None):  # fmt: skip
     """One guided denoiser evaluation: condition hooks, model call(s), x0 hooks.
+
+    ``step_t``: the grid time where the step starts (:attr:`StepContext.step_t`; default
+    ``t``, right for a step's first evaluation without churn).
 
     Returns ``(x0_hat, states, infos, actives)``, the last three dicts by term name.
     Raises a clear error (at trace time) when the denoiser's output shape differs from ``x``.
@@ -473,12 +490,17 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
     """
     alpha = schedule.alpha(t)
     sigma = schedule.sigma(t)
+    if step_t is None:
+        step_t, step_level = t, sigma / alpha
+    else:
+        step_level = schedule.sigma(step_t) / schedule.alpha(step_t)
     states = dict(states)
     infos, actives = {}, {}
 
     def ctx_for(j, c):
         k = jax.random.fold_in(key, j)
-        return StepContext(x, t, alpha, sigma, step, num_steps, k, c, evaluation)
+        return StepContext(x, t, alpha, sigma, step, num_steps, k, c, evaluation, step_t,
+                           step_level)  # fmt: skip
 
     def record(term, out, like=None):
         # a user term's slip named at trace time, before scan's or broadcasting's message
@@ -702,8 +724,9 @@ def _cond_with_reports(active, on, off, calls, on_reports):
     return out
 
 
-def _window_apply(apply, hook, t, noise_level, steps, state, arg, ctx):
-    active = _within(ctx.t, t) & _within(ctx.noise_level, noise_level)
+def _window_apply(apply, hook, t, noise_level, steps, per_step, state, arg, ctx):
+    now_t, now_level = ctx.step_start() if per_step else (ctx.t, ctx.noise_level)
+    active = _within(now_t, t) & _within(now_level, noise_level)
     if steps is not None:
         active = active & jnp.any(steps == ctx.step)
     return run_if(active, apply, hook, state, arg, ctx)
@@ -766,7 +789,7 @@ def _window_parts(apply):
     ``apply`` (outermost first)."""
     out = []
     while isinstance(apply, Partial) and apply.func is _window_apply:
-        inner, _hook, t, noise_level, steps = apply.args
+        inner, _hook, t, noise_level, steps, _per_step = apply.args
         out.append((t, noise_level, steps))
         apply = inner
     return out
@@ -941,7 +964,8 @@ def _check_never_acts(term, num_steps, levels) -> None:
         raise ValueError(f"guidance term {term.name!r}: {why}: the term would never act")
 
 
-def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> GuidanceTerm:
+def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None,
+           per_step: bool = False) -> GuidanceTerm:  # fmt: skip
     """Restrict ``term`` to part of the trajectory; elsewhere it is the identity.
 
     Args:
@@ -954,6 +978,12 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
         steps: sampler step indices (a sequence of ints) where the term is active;
             floats and bools are refused, and :func:`jaxdiv.sample` refuses indices
             ``>= N`` (see :func:`check_windows`).
+        per_step: test ``t`` / ``noise_level`` once per sampler step, at the grid point
+            where the step starts (:attr:`StepContext.step_t`), so that every evaluation
+            of a step follows one decision (EDM2's official interval guidance does this
+            for both Heun evaluations); default False: at each evaluation's own ``t``.
+            The two differ only for samplers with several evaluations per step (Heun) or
+            churn.
 
     All given conditions must hold. Inactive evaluations skip the term's computation
     (``lax.cond``) and report zero info; ``out.trace.active[name]`` says which steps were
@@ -967,11 +997,15 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None) -> Guida
     _check_term(term, "term")
     if t is None and noise_level is None and steps is None:
         raise ValueError("window needs at least one of t=, noise_level=, steps=")
+    if not isinstance(per_step, (bool, np.bool_)):
+        raise TypeError(f"per_step must be True or False, got {per_step!r}")
+    if per_step and t is None and noise_level is None:
+        raise ValueError("per_step=True needs t= or noise_level= (steps= is per step already)")
     step_idx = None
     if steps is not None:
         step_idx = jnp.asarray(step_indices(steps), jnp.int32)
     apply = Partial(_window_apply, term.apply, term.hook, _bounds(t, "t"),
-                    _bounds(noise_level, "noise_level"), step_idx)  # fmt: skip
+                    _bounds(noise_level, "noise_level"), step_idx, bool(per_step))  # fmt: skip
     return term._replace(apply=apply)
 
 

@@ -9,23 +9,34 @@ from jaxdiv.guidance.cfg import cfg, check_rescale
 __all__ = ["interval"]
 
 
-def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, rescale=None,
-             prediction_type: str | None = None) -> GuidanceTerm:
+def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, per_step: bool = False,
+             rescale=None, prediction_type: str | None = None) -> GuidanceTerm:
     """CFG restricted to noise levels ``sigma / alpha in (sigma_lo, sigma_hi]``.
 
     Kynkaanniemi et al. (2024), guidance in a limited interval: ``D = D_u + w (D_c - D_u)``
     inside and the conditional denoiser ``D_c`` (``w = 1``) outside. The interval is in the
     process-independent noise level ``sigma / alpha`` (the EDM sigma), so the same numbers
-    mean the same on VP, EDM and flow processes; EDM2's official setting is
-    ``interval(2.0, 0.19, 1.61)`` (Heun, 32 steps), SD-XL's ``(0.28, 5.42]``. Built as
-    ``window(cfg(scale, null_cond), noise_level=(sigma_lo, sigma_hi))``: outside the
-    interval the model is called once (no doubled batch), inside once on the doubled batch.
+    mean the same on VP, EDM and flow processes; SD-XL's interval is ``(0.28, 5.42]``.
+    Built as ``window(cfg(scale, null_cond), noise_level=(sigma_lo, sigma_hi),
+    per_step=per_step)``: outside the interval the model is called once (no doubled
+    batch), inside once on the doubled batch.
+
+    **EDM2's official setting** is ``interval(2.0, 0.19, 1.61, per_step=True)`` on
+    ``samplers.edm(schedules.edm(), 32)`` (Heun): the official code
+    (``kynkaat/guidance-interval``, ``sampling/edm_sampler.py``) decides once per step, by
+    step index (steps 17..22, whose starting noise levels lie in the interval), for both
+    Heun evaluations of the step. The default, ``per_step=False``, tests each
+    evaluation's own noise level instead, which there guides step 16's correction
+    (evaluated at sigma 1.609) and leaves step 22's (at 0.189) unguided; on one-evaluation
+    samplers (DDIM, Euler, DPM-Solver) the two agree.
 
     Args:
         scale: guidance weight ``w`` inside the interval (diffusers convention).
         sigma_lo: lower end (exclusive) of the guided noise levels, ``>= 0``.
         sigma_hi: upper end (inclusive), ``> sigma_lo``; ``float("inf")`` for no upper end.
         null_cond: the unconditional condition (see :func:`jaxdiv.guidance.cfg`).
+        per_step: decide once per sampler step at the noise level where the step starts
+            (see above and :func:`jaxdiv.guidance.window`).
         rescale, prediction_type: the CFG rescale ``phi`` of Lin et al. (2024) inside the
             interval and the prediction space it acts in (see :func:`jaxdiv.guidance.cfg`);
             outside, the conditional prediction keeps its own scale (the rescale of ``D_c``
@@ -53,4 +64,4 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, rescale=None,
                          f"sigma_hi={float(hi):g}")  # fmt: skip
     rescale = check_rescale(rescale, prediction_type, "interval")
     term = cfg(scale, null_cond, rescale=rescale, prediction_type=prediction_type)
-    return window(term, noise_level=(lo, hi))._replace(name="interval")
+    return window(term, noise_level=(lo, hi), per_step=per_step)._replace(name="interval")
