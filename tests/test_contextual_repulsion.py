@@ -386,7 +386,8 @@ def test_term_equals_the_hook_passed_by_hand_with_cfg_halves(sd3, sd3_den):
     cfg = guidance.cfg(4.0)
     want = jaxdiv.sample(_flow(schedule, 3), by_hand, noise, key=jax.random.key(0), cond=cond,
                          guidance=cfg).x0  # fmt: skip
-    got = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3), cfg)).x0
+    got = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=None),
+                                              cfg)).x0  # fmt: skip
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
 
 
@@ -429,7 +430,8 @@ def test_tau_is_a_step_window_and_the_trace_reports_the_scale_and_log_vendi(sd3,
     by_tau = _sample_sd3(sd3_den, guidance.chain(guidance.contextual(ETA_TERM, M_SD3, tau=2),
                                                  cfg), trace=True)  # fmt: skip
     by_window = _sample_sd3(sd3_den, guidance.chain(
-        guidance.window(guidance.contextual(ETA_TERM, M_SD3), steps=[0, 1]), cfg), trace=True)
+        guidance.window(guidance.contextual(ETA_TERM, M_SD3, tau=None), steps=[0, 1]), cfg),
+        trace=True)
     assert _bits(by_tau.x0) == _bits(by_window.x0)
     info = by_tau.trace.info["contextual"]
     np.testing.assert_array_equal(info.eta, [ETA_TERM, ETA_TERM, 0])

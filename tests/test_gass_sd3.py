@@ -127,8 +127,11 @@ def test_public_code_setup_acts_at_step_indices_1_to_10(with_vision):
     p, text = with_vision
     s = gass_setup(p, text, "public_code", batch=2, num_directions=3)
     assert (s.sampler.num_steps, s.cfg, s.height, s.width) == (28, 7.0, 512, 512)
+    # sd3_gass_sampling.py line 375
+    assert s.negative_prompt == "blurry, low quality, bad anatomy, deformed, extra limbs"
     g = p.generate("a photo of a cat", 2, key=jax.random.key(0), method=s.method,
-                   sampler=s.sampler, cfg=s.cfg, trace=True)  # tiny size, not 512 px
+                   sampler=s.sampler, cfg=s.cfg, negative_prompt=s.negative_prompt,
+                   trace=True)  # tiny size, not 512 px
     active = np.asarray(g.output.trace.active["gass"])
     assert np.flatnonzero(active).tolist() == list(range(1, 11))
     info = g.output.trace.info["gass"]
@@ -136,6 +139,7 @@ def test_public_code_setup_acts_at_step_indices_1_to_10(with_vision):
     assert np.all(after <= before + 1e-6) and np.all(np.isfinite(np.asarray(g.images)))
     paper = gass_setup(p, text, "paper", num_directions=3)
     assert (paper.sampler.num_steps, paper.cfg, paper.height) == (28, 7.0, None)
+    assert paper.negative_prompt == ""
     with pytest.raises(ValueError, match="SD3-only"):
         gass_setup(example_pipeline(image_encoder=True), jnp.ones(16) / 4, "public_code")
     with pytest.raises(ValueError, match="setup must be one of"):

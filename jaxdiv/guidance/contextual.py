@@ -361,7 +361,7 @@ class _ContextualApply:
         return Partial(hook, eta), state, ContextualInfo(eta)
 
 
-def contextual(eta, inner_steps: int = 100, blocks=None, tau=None) -> GuidanceTerm:
+def contextual(eta, inner_steps: int = 100, blocks=None, tau=4) -> GuidanceTerm:
     """Contextual-space repulsion as a guidance term: the model hook of
     :func:`contextual_hook`, handed to the MMDiT at every denoiser call.
 
@@ -386,8 +386,9 @@ def contextual(eta, inner_steps: int = 100, blocks=None, tau=None) -> GuidanceTe
             uses ``5e2 .. 5e6`` on SD3.5-Large (see :func:`repel_context` on its scale).
         inner_steps: ``M`` inner ascent steps per block (static; the paper: 100).
         blocks: joint-block indices to act after (int or sequence), ``None`` for all.
-        tau: act during sampler steps ``0 .. tau - 1`` only (an int ``>= 1``; the paper:
-            4 of 28 steps on SD3.5-Large, 1 of 4 on Turbo); ``None``: every step.
+        tau: act during sampler steps ``0 .. tau - 1`` only, an int ``>= 1`` (default 4,
+            the paper's SD3.5-Large setting with 28 steps; 1 on SD3.5-Turbo's 4 steps and on
+            Flux-dev); ``None``: every step (not a setting of the paper).
 
     Returns:
         A :class:`~jaxdiv.guidance.base.GuidanceTerm` named ``"contextual"``.

@@ -108,8 +108,9 @@ def gass_pixel_space(pipe) -> tuple:
 
 
 class GASSSetup(NamedTuple):
-    """A GASS run as a paper or public code made it: pass ``method``, ``sampler`` and
-    ``cfg`` (and ``height`` / ``width`` where set) to :func:`generate`.
+    """A GASS run as a paper or public code made it: pass ``method``, ``sampler``,
+    ``cfg`` and ``negative_prompt`` (and ``height`` / ``width`` where set) to
+    :func:`generate`.
 
     Attributes:
         method: the :func:`jaxdiv.guidance.gass` term.
@@ -117,6 +118,8 @@ class GASSSetup(NamedTuple):
         cfg: its CFG scale.
         height, width: its image size in pixels, or ``None`` (the pipeline's default).
         notes: where the setup departs from its source, in words.
+        negative_prompt: the negative prompt of CFG's unconditional branch (``""``: the
+            empty prompt).
     """
 
     method: Any
@@ -125,6 +128,11 @@ class GASSSetup(NamedTuple):
     height: int | None
     width: int | None
     notes: str
+    negative_prompt: str = ""
+
+
+#: ``sd3_gass_sampling.py`` line 375: the public GASS code's fixed negative prompt
+GASS_PUBLIC_NEGATIVE_PROMPT = "blurry, low quality, bad anatomy, deformed, extra limbs"
 
 
 GASS_SETUPS = ("paper", "public_code")
@@ -140,7 +148,8 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
       ``x0_hat`` through the VAE decoder and the CLIP image tower (:func:`gass_encoder`),
       ``r_dep = r_ind = r``.
     * ``"public_code"`` (``L-YeZhu/GASS_T2I``, ``sd3_gass_sampling.py``; SD3 only): flow
-      Euler 28 steps, CFG 7.0, 512x512, active at step indices 1-10 (line 283:
+      Euler 28 steps, CFG 7.0 with its fixed negative prompt (line 375, in
+      ``negative_prompt``), 512x512, active at step indices 1-10 (line 283:
       ``t_idx > 0 and t_idx <= 10``), Adam on decoded **pixels** with lr ``8e-3`` on
       ``[0, 1]`` images -- ``1.6e-2`` here, where pixels are in ``[-1, 1]`` -- for at most
       60 iterations, patience 4, tolerance ``5e-5`` on its loss ``-mean_i cos`` (lines
@@ -189,8 +198,11 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
                           num_directions=num_directions, write_space=write_space)  # fmt: skip
     notes = ("perturbation radius r (the public code's default weights are 0: no spread); "
              "x0_hat = x_t - t v (the public code's VP formula is wrong on flows); no clamp "
-             "to [0, 1] after each Adam step; VAE posterior mean, not a sample")  # fmt: skip
-    return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes)
+             "to [0, 1] after each Adam step; VAE posterior mean, not a sample; the "
+             "pipeline's own dtype (the public code runs fp16: load with dtype=jnp.float16 "
+             "to match)")  # fmt: skip
+    return GASSSetup(term, pipe.flow_euler(28), 7.0, 512, 512, notes,
+                     GASS_PUBLIC_NEGATIVE_PROMPT)  # fmt: skip
 
 
 def null_condition(pipe, negative_prompt: str = ""):
