@@ -112,6 +112,31 @@ def test_window_by_steps_and_t(gmm2):
     np.testing.assert_array_equal(np.asarray(out.trace.active["term"]), (t > 1) & (t <= 10))
 
 
+def _count_init(x, cond, key):
+    return jnp.int32(0)
+
+
+def _shift_apply(delta, s, x0, ctx):
+    return x0 + delta, s + 1, ()
+
+
+def test_window_of_a_chain_or_per_group_windows_each_term(gmm2):
+    s = samplers.edm(schedules.edm(), 8)
+    g = guidance.window(guidance.chain(a=shift_x0(0.0), b=shift_x0(1.0)), steps=[0, 3])
+    assert g.names == ("a", "b")
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((2, 2)), key=jax.random.key(0),
+                        guidance=g, trace=True)  # fmt: skip
+    for name in ("a", "b"):  # two active steps, two Heun evaluations each
+        np.testing.assert_array_equal(np.where(out.trace.active[name])[0], [0, 3])
+        assert int(out.state[name]) == 4
+    shifts = [GuidanceTerm(_count_init, jax.tree_util.Partial(_shift_apply, jnp.float32(d)), "x0")
+              for d in (0.0, 1.0)]  # one structure, two values
+    per = guidance.window(guidance.per_group(shifts), steps=[1])
+    out = jaxdiv.sample(s, gmm2.denoiser(s.schedule), jnp.zeros((4, 2)), key=jax.random.key(0),
+                        guidance=per, trace=True)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out.state["term"]), [2, 2])
+
+
 def test_window_can_be_built_inside_jit(gmm2):
     s = samplers.edm(schedules.edm(), 4)
 

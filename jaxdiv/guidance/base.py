@@ -964,12 +964,13 @@ def _check_never_acts(term, num_steps, levels) -> None:
         raise ValueError(f"guidance term {term.name!r}: {why}: the term would never act")
 
 
-def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None,
-           per_step: bool = False) -> GuidanceTerm:  # fmt: skip
+def window(term: GuidanceTerm | Chain | PerGroup, *, t=None, noise_level=None, steps=None,
+           per_step: bool = False) -> GuidanceTerm | Chain | PerGroup:  # fmt: skip
     """Restrict ``term`` to part of the trajectory; elsewhere it is the identity.
 
     Args:
-        term: the guidance term to restrict (it keeps its name).
+        term: the guidance term to restrict (it keeps its name); a :func:`chain` or
+            :func:`per_group` gets the window on each of its terms.
         t: ``(low, high]`` interval of process time ``t`` (None for an open end).
         noise_level: ``(low, high]`` interval of ``sigma / alpha`` — the same on VP, EDM
             and flow processes (interval guidance, Kynkaanniemi et al. 2024, Sec. 3).
@@ -993,7 +994,14 @@ def window(term: GuidanceTerm, *, t=None, noise_level=None, steps=None,
     >>> g = window(_identity_x0(), noise_level=(0.28, 5.42))
     >>> g.hook, g.name
     ('x0', 'identity')
+    >>> window(chain(_identity_x0(), pull=_identity_x0()), steps=[0]).names
+    ('identity', 'pull')
     """
+    where = dict(t=t, noise_level=noise_level, steps=steps, per_step=per_step)
+    if isinstance(term, Chain):
+        return Chain(tuple(window(one, **where) for one in term.terms))
+    if isinstance(term, PerGroup):
+        return per_group([window(c, **where) for c in term.chains])
     _check_term(term, "term")
     if t is None and noise_level is None and steps is None:
         raise ValueError("window needs at least one of t=, noise_level=, steps=")
