@@ -85,9 +85,17 @@ def test_psi_mixes_rescaled_and_raw():
     res, _, _ = cads(noise_scale=0.5, psi=1.0).apply((), y, ctx)
     mixed, _, _ = cads(noise_scale=0.5, psi=0.25).apply((), y, ctx)
     np.testing.assert_allclose(mixed, 0.25 * res + 0.75 * raw, rtol=1e-5, atol=1e-5)
-    # y_hat = sqrt(gamma) y + s sqrt(1 - gamma) n, with the same per-sample noise n
-    n = (raw - np.sqrt(1 / 3) * y) / (0.5 * np.sqrt(2 / 3))
-    assert abs(float(n.std()) - 1.0) < 0.35 and abs(float(n.mean())) < 0.5
+    # y_hat = sqrt(gamma) y + s sqrt(1 - gamma) n (PAPERS.md), n drawn for sample b of
+    # leaf 0 from fold_in(fold_in(ctx.key, 0), b), as the docstring says
+    n = np.stack([np.asarray(jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(ctx.key, 0), b), (8,))) for b in range(3)])
+    y64 = np.asarray(y, np.float64)
+    y_hat = np.sqrt(1 / 3) * y64 + 0.5 * np.sqrt(2 / 3) * n
+    np.testing.assert_allclose(raw, y_hat, rtol=1e-5, atol=1e-6)
+    # rescaled to each sample's mean and (population) std of y
+    m_in, s_in = y64.mean(1, keepdims=True), y64.std(1, keepdims=True)
+    m_hat, s_hat = y_hat.mean(1, keepdims=True), y_hat.std(1, keepdims=True)
+    np.testing.assert_allclose(res, (y_hat - m_hat) / s_hat * s_in + m_in, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cads(noise_scale=0.5, psi=0.0).apply((), y, ctx)[0], raw,
                                rtol=1e-6)  # fmt: skip
 
@@ -128,6 +136,10 @@ def test_bad_input():
         cads(time="sigma")
     with pytest.raises(TypeError, match="tau1 must be a real number"):
         cads(tau1="a")
+    # class labels: nothing to anneal, CADS would never act
+    with pytest.raises(TypeError, match=r"cads: the condition has no floating-point leaf to "
+                                        r"anneal \(got dtypes \['int32'\]\)"):
+        cads(noise_scale=1.0).apply((), jnp.arange(3), ctx_at(0.95))
 
 
 @pytest.mark.parametrize("name", ["ddim", "edm", "flow_euler"])

@@ -108,8 +108,11 @@ def cads(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, rescale=True, time="prog
     * mix: ``y_out = psi y_res + (1 - psi) y_hat``.
 
     Means and stds are taken **per sample** over all non-batch axes (CADS's code pools
-    the whole tensor; per sample keeps samples independent of the batch). Every floating
-    leaf of the condition pytree is annealed; integer leaves (token ids) pass through.
+    the whole tensor; per sample keeps samples independent of the batch), so a condition
+    of one number per sample comes back exactly from the rescaling (the term is then the
+    identity at ``psi = 1``: use ``rescale=False`` or ``psi < 1`` there). Every floating
+    leaf of the condition pytree is annealed; integer leaves (token ids) pass through,
+    and a condition without a floating leaf (class labels) is refused.
     Noise is drawn per sample from ``fold_in(ctx.key, b)``, fresh at every evaluation.
     Chain it before :func:`~jaxdiv.guidance.cfg`: only the conditional branch sees the
     noisy condition, the null embedding stays as it is (as in CADS).
@@ -159,6 +162,15 @@ def _cads_apply(tau1, tau2, noise_scale, psi, rescale, time, state, cond, ctx):
     t = cads_time(ctx, time)
     gamma = cads_gamma(t, tau1, tau2)
     leaves, treedef = jax.tree.flatten(cond)
+    kinds = [jnp.asarray(leaf).dtype for leaf in leaves]
+    if not any(jnp.issubdtype(k, jnp.floating) for k in kinds):
+        raise TypeError(
+            f"cads: the condition has no floating-point leaf to anneal (got dtypes "
+            f"{sorted({str(k) for k in kinds})}): CADS adds noise to a condition "
+            "*embedding*; class labels or token ids would pass through unchanged and the "
+            "term would never act. Condition the denoiser on an embedding (e.g. one-hot or "
+            "learned class embeddings) and pass that as cond"
+        )
     out = []
     for j, leaf in enumerate(leaves):
         leaf = jnp.asarray(leaf)
