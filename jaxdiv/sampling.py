@@ -222,6 +222,14 @@ def _check_inputs(sampler, denoiser, noise, key, cond, groups):
     if key is None:
         raise TypeError("key is required: pass key=jax.random.key(seed)")
     if not group_keys(key, groups):
+        raw = getattr(key, "dtype", None) == jnp.uint32 and jnp.ndim(key) == 2
+        if raw and groups > 1 and jnp.shape(key)[0] == groups:
+            raise TypeError(
+                f"key: {groups} raw uint32 keys (jax.random.PRNGKey's, shape "
+                f"{tuple(jnp.shape(key))}); one key per group must be typed: "
+                f"jax.random.split(jax.random.key(seed), {groups}), or "
+                "jax.random.wrap_key_data(keys)"
+            )
         try:
             validation.prng_key("key", key)
         except ValueError as err:  # a batch of keys
@@ -464,6 +472,6 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
             _check_state(guidance_state, expected, noise.shape)
     model_dynamic, model_spec = partition((sampler, denoiser))
     spec = (model_spec, terms_spec, stacked)
-    return (spec, bool(trace), groups, (model_dynamic, terms_dynamic), noise, key, cond,
-            guidance_state)  # fmt: skip
+    return (spec, validation.boolean("trace", trace), groups, (model_dynamic, terms_dynamic),
+            noise, key, cond, guidance_state)  # fmt: skip
 

@@ -137,6 +137,10 @@ def test_bad_groups_are_named(gmm2):
     with pytest.raises(ValueError, match=r"batch of keys of shape \(4,\), or with groups=3 "
                                          r"one key per group \(jax.random.split\(key, 3\)\)"):
         jaxdiv.sample(s, den, noise, key=jax.random.split(jax.random.key(0), 4), groups=3, **kw)
+    with pytest.raises(TypeError, match=r"key: 3 raw uint32 keys \(jax.random.PRNGKey's, shape "
+                                        r"\(3, 2\)\); one key per group must be typed"):
+        jaxdiv.sample(s, den, noise, key=jax.random.split(jax.random.PRNGKey(0), 3), groups=3,
+                      **kw)  # fmt: skip
     with pytest.raises(ValueError, match=r"with groups=6, each group of 2 samples is a batch of "
                                          r"its own: particle guidance with bandwidth='median' "
                                          r"needs a batch of 1 or >= 3"):  # fmt: skip

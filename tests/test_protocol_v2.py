@@ -210,6 +210,21 @@ def test_wrong_apply_signature_is_a_clear_error():
         guidance.stateless("condition", lambda c, strength: c, strength=1.0)
     with pytest.raises(ValueError, match="hook must be one of"):
         guidance.stateless("score", _away_from_mean, strength=1.0)
+    no_info = guidance.stateless("x0", _away_from_mean, info=True, strength=1.0)
+    with pytest.raises(TypeError, match=r"stateless term fn '_away_from_mean' was built with "
+                                        r"info=True, so it must return \(out, info\); got "):
+        jaxdiv.sample(SMP, gaussian_den, NOISE, key=jax.random.key(0), guidance=no_info)
+
+
+def test_wrong_kinds_of_sample_and_sampler_arguments_are_named():
+    with pytest.raises(TypeError, match=r"^trace must be a bool, got str 'no'$"):
+        jaxdiv.sample(SMP, gaussian_den, NOISE, key=jax.random.key(0), trace="no")
+    with pytest.raises(TypeError, match=r"^schedule must be a process such as schedules.edm\(\) "
+                                        r"\(with alpha, sigma, grid\), got the function edm: "
+                                        r"call it, e.g. edm\(\)$"):
+        samplers.ddim(schedules.edm, 4)
+    with pytest.raises(TypeError, match=r"got str 'edm'$"):
+        samplers.dpmpp_2m("edm", 4)
 
 
 # ---- non-finite and invalid hyperparameters -----------------------------------------

@@ -466,10 +466,13 @@ def test_median_pairwise_distance_matches_scipy():
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="radius"):
+    with pytest.raises(ValueError, match=r"^radius must be a finite number > 0, got 0.0$"):
         spell(0.0)
-    with pytest.raises(ValueError, match="radius"):
+    with pytest.raises(ValueError, match=r"^radius must be a finite number > 0, got nan$"):
         spell(float("nan"))
+    with pytest.raises(ValueError, match=r"^radius must be <= 1e\+18 \(r\^2 overflows float32 "
+                                         r"beyond it\), got 1e\+19$"):
+        spell(1e19)
     with pytest.raises(ValueError, match="overcompensation"):
         spell(1.0, overcompensation=-1.0)
     with pytest.raises(TypeError, match="intra_batch"):

@@ -1025,6 +1025,11 @@ def no_state(x, cond, key):
 def _stateless_apply(fn, with_info, params, state, arg, ctx):
     out = fn(arg, ctx, **params)
     if with_info:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+            name = getattr(fn, "__name__", fn)
+            raise TypeError(f"stateless term fn {name!r} was built with info=True, so it "
+                            f"must return (out, info); got {got}")  # fmt: skip
         out, info = out
     else:
         info = ()

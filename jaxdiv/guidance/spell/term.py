@@ -412,8 +412,11 @@ def spell(
     >>> bool(jnp.linalg.norm(out.x0[0] - out.x0[1]) >= 0.5 * (1 - 1e-5))
     True
     """
-    # radii beyond ~1e18 overflow r^2 in float32: every distance would compare as inside
-    radius = validation.real("radius", radius, lo=0, lo_open=True, hi=_MAX_RADIUS)
+    radius = validation.real("radius", radius, lo=0, lo_open=True)
+    if validation.is_concrete(radius) and float(radius) > _MAX_RADIUS:
+        # every distance would compare as inside
+        raise ValueError(f"radius must be <= {_MAX_RADIUS:g} (r^2 overflows float32 beyond "
+                         f"it), got {float(radius):g}")  # fmt: skip
     overcompensation = validation.real("overcompensation", overcompensation, lo=0, lo_open=True)
     intra_batch = validation.boolean("intra_batch", intra_batch)
     memory_size = validation.integer("memory_size", memory_size, 0)
