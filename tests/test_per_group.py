@@ -242,12 +242,18 @@ def test_bad_per_group_guidance_is_named(gmm2):
          "same terms"),
         ([guidance.spell(0.5, intra_batch=True),
           guidance.spell(0.5, intra_batch=True, memory_size=4)],
-         "group 1's 'spell' term, leaf .init[<flat index 0>][0].memory_size is 4 where group "
-         "0's is 0; settings that fix the program must agree across groups"),
+         "group 1's 'spell' term, setting 'p.memory_size' (leaf .init[<flat index 0>][0]"
+         ".memory_size) is 4 where group 0's is 0; settings that fix the program must agree "
+         "across groups"),
+        ([guidance.window(guidance.particle(1.0), steps=[0]),
+          guidance.window(guidance.particle(1.0, space="x0_hat"), steps=[0])],
+         "group 1's 'particle' term, setting 'apply.space' (leaf .apply[<flat index 0>][0]"
+         "[<flat index 0>][2]) is 'x0_hat' where group 0's is 'x_t'"),
         ([guidance.spell(0.5, reference=jnp.zeros((4, D))),
           guidance.spell(0.5, reference=jnp.zeros((3, D)))],
-         "group 1's 'spell' term, leaf .apply[<flat index 0>][0].reference.points has shape "
-         "(1, 3, 2) float32 where group 0's has (1, 4, 2) float32"),
+         "group 1's 'spell' term, setting 'p.reference.points' (leaf .apply[<flat index 0>]"
+         "[0].reference.points) has shape (1, 3, 2) float32 where group 0's has (1, 4, 2) "
+         "float32"),
         ([guidance.cfg(1.0), guidance.window(guidance.cfg(2.0), steps=[1])],
          "group 1's 'cfg' term is built differently from group 0's (apply _window_apply vs "
          "_cfg_apply"),
@@ -270,8 +276,8 @@ def test_bad_per_group_guidance_is_named(gmm2):
         guidance.per_group([sweep])
     with pytest.raises(ValueError, match=r"different numbers of groups \[2, 3\]"):
         guidance.chain(sweep, guidance.per_group([guidance.cfg(1.0)] * 2))
-    for f in (guidance.as_terms, lambda g: guidance.window(g, steps=[1])):
-        with pytest.raises(TypeError, match=r"is per_group guidance \(a chain for each of 3 "
-                                            r"group\(s\)\): it runs as jaxdiv.sample\(\.\.\., "
-                                            r"guidance=\.\.\., groups=3\)"):  # fmt: skip
-            f(sweep)
+    with pytest.raises(TypeError, match=r"is per_group guidance \(a chain for each of 3 "
+                                        r"group\(s\)\): it runs as jaxdiv.sample\(\.\.\., "
+                                        r"guidance=\.\.\., groups=3\)"):  # fmt: skip
+        guidance.as_terms(sweep)
+    assert guidance.window(sweep, steps=[1]).size == 3  # a window goes on each group's terms

@@ -277,7 +277,7 @@ def _check_same_structure(first: Chain, other: Chain, g: int) -> None:
                 f"0's (apply {_func_name(tg.apply)} vs {_func_name(t0.apply)}, or nested "
                 "settings of another structure): only array values may differ")
         for (path, a), (_, b) in zip(l0, lg):
-            where = f"group {g}'s {tg.name!r} term, leaf {jax.tree_util.keystr(path)}"
+            where = f"group {g}'s {tg.name!r} term, {_leaf_words(tg, path)}"
             (da,), sa = partition([a]) if a is not None else ((None,), None)
             (db,), sb = partition([b]) if b is not None else ((None,), None)
             if sa != sb:  # what keys the compile: a setting, or an array against a number
@@ -287,6 +287,34 @@ def _check_same_structure(first: Chain, other: Chain, g: int) -> None:
             if da is not None and (da.shape, da.dtype) != (db.shape, db.dtype):
                 raise ValueError(f"per_group: {where} has shape {db.shape} {db.dtype} where "
                                  f"group 0's has {da.shape} {da.dtype}")  # fmt: skip
+
+
+def _leaf_words(term, path) -> str:
+    """A leaf of a term named by the parameters of the ``Partial`` s it sits in and the
+    fields below them (``setting 'space'``; windowed: ``setting 'apply.space'``), its
+    exact path after."""
+    exact = jax.tree_util.keystr(path)
+    names, obj, keys = [], term, list(path)
+    for i, k in enumerate(keys):
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            if names:  # a field of a named argument
+                names.append(k.name)
+            obj = getattr(obj, k.name, None)
+            continue
+        nxt = keys[i + 1] if i + 1 < len(keys) else None
+        if not (isinstance(obj, Partial) and isinstance(k, jax.tree_util.FlattenedIndexKey)
+                and k.key == 0 and isinstance(nxt, jax.tree_util.SequenceKey)):  # fmt: skip
+            if isinstance(obj, Partial) or names:
+                continue  # the Partial's args tuple, or inside a named argument
+            break
+        try:
+            names.append(list(inspect.signature(obj.func).parameters)[nxt.idx])
+        except (TypeError, ValueError, IndexError):
+            names.append(f"argument {nxt.idx}")
+        obj = obj.args[nxt.idx] if nxt.idx < len(obj.args) else None
+    if not names:
+        return f"leaf {exact}"
+    return f"setting {'.'.join(names)!r} (leaf {exact})"
 
 
 def _func_name(fn) -> str:
