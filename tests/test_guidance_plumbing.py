@@ -173,6 +173,8 @@ def test_window_and_chain_errors():
      r"apply's state must have the shape of init's \(\), got \(\(\), \(\)\)"),
     ("x0", lambda s, x0, ctx: (x0, jnp.zeros(2), None), ValueError,
      r"apply's state must have the shape of init's \(\), got \(2,\)"),
+    ("x0", lambda s, x0, ctx: (x0, s.astype(jnp.int32), None), TypeError,
+     r"apply's state must keep init's dtypes float32, got int32 \(cast it"),
     ("condition", lambda s, c, ctx: (c[:, :1], s, None), ValueError,
      r"apply's cond must have the shape of its input \(3, 2\), got \(3, 1\)"),
     ("denoiser", lambda s, den, ctx: (den(ctx.x, ctx.cond)[0], s, None), ValueError,

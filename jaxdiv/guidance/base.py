@@ -538,6 +538,7 @@ def guided_denoise(terms, denoiser, x, t, cond, states, *, schedule, step, num_s
             raise TypeError(f"{who}: apply must return (value, state, info), got {got}")
         value, state, info = out
         check_like(f"{who}: apply's state", state, states[term.name], "init's")
+        _check_state_dtypes(who, state, states[term.name])
         if like is not None:
             check_like(f"{who}: apply's {'cond' if term.hook == 'condition' else 'x0_hat'}",
                        value, like, "its input")  # fmt: skip
@@ -597,6 +598,18 @@ def check_like(what: str, got, want, whose: str) -> None:
     shapes, wanted = jax.tree.map(np.shape, got), jax.tree.map(np.shape, want)
     if jax.tree.structure(got) != jax.tree.structure(want) or shapes != wanted:
         raise ValueError(f"{what} must have the shape of {whose} {wanted}, got {shapes}")
+
+
+def _check_state_dtypes(who: str, got, want) -> None:
+    """The state is the sampling loop's carry: apply must keep init's dtypes."""
+    def dtype(v):  # typed PRNG keys have a dtype NumPy does not know
+        return v.dtype if hasattr(v, "dtype") else np.result_type(v)
+
+    got_d, want_d = jax.tree.map(dtype, got), jax.tree.map(dtype, want)
+    if got_d != want_d:
+        show = lambda d: jax.tree.map(str, d)  # noqa: E731
+        raise TypeError(f"{who}: apply's state must keep init's dtypes {show(want_d)}, got "
+                        f"{show(got_d)} (cast it, e.g. new.astype(old.dtype))")  # fmt: skip
 
 
 class ModelCalls:
