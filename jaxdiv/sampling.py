@@ -17,6 +17,7 @@ from jaxdiv.guidance.base import (
     check_windows,
     guided_denoise,
     init_terms,
+    prompt_bound,
 )
 from jaxdiv.pytrees import combine, partition
 from jaxdiv.samplers.base import Sampler
@@ -452,8 +453,13 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
                         for g in range(groups)]  # fmt: skip
                 return jax.tree.map(lambda *leaves: jnp.stack(leaves), *each)
         except ValueError as err:  # the terms' "batch" is a group here
+            bound = [t.name for t in group_terms[0] if prompt_bound(t)]
+            hint = "" if per_group or not bound else (
+                f"; {', '.join(map(repr, bound))} holds data of the rows it was built for: "
+                f"give each group its own with guidance.per_group([...]) (one entry of "
+                f"{xs.shape[1]} rows per group)")  # fmt: skip
             raise ValueError(f"with groups={groups}, each group of {xs.shape[1]} samples is "
-                             f"a batch of its own: {err}") from None  # fmt: skip
+                             f"a batch of its own: {err}{hint}") from None  # fmt: skip
 
     if guidance_state is None:
         guidance_state = init(x_init, cond)

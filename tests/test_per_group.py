@@ -281,3 +281,28 @@ def test_bad_per_group_guidance_is_named(gmm2):
                                         r"guidance=\.\.\., groups=3\)"):  # fmt: skip
         guidance.as_terms(sweep)
     assert guidance.window(sweep, steps=[1]).size == 3  # a window goes on each group's terms
+
+
+def test_a_term_built_for_the_whole_batch_under_groups_points_to_per_group(gmm2):
+    """TPSO's variants are rows of the batch it was built for: under groups each group is
+    a batch of its own, and the refusal says how to give each its own rows; per_group
+    with each group's rows then runs and equals each group's own call."""
+    s, den, _, _ = _setup(gmm2)
+    noise = jax.random.normal(jax.random.key(0), (2 * N, D))
+    cond = jnp.ones((2 * N, D))
+    opt = cond + 0.3 * jax.random.normal(jax.random.key(5), cond.shape)
+    with pytest.raises(ValueError, match=re.escape(
+            "with groups=2, each group of 4 samples is a batch of its own: tpso's optimized "
+            "condition must have the shape of cond (4, 2), got (8, 2); 'tpso' holds data of "
+            "the rows it was built for: give each group its own with guidance.per_group([...]) "
+            "(one entry of 4 rows per group)")):  # fmt: skip
+        jaxdiv.sample(s, den, noise, key=jax.random.key(1), cond=cond,
+                      guidance=guidance.tpso(opt, 0.5), groups=2)  # fmt: skip
+    keys = jax.random.split(jax.random.key(1), 2)
+    both = jaxdiv.sample(s, den, noise, key=keys, cond=cond, guidance=guidance.per_group(
+        [guidance.tpso(opt[:N], 0.5), guidance.tpso(opt[N:], 0.5)])).x0
+    for g in range(2):
+        rows = slice(g * N, (g + 1) * N)
+        own = jaxdiv.sample(s, den, noise[rows], key=keys[g], cond=cond[rows],
+                            guidance=guidance.tpso(opt[rows], 0.5)).x0  # fmt: skip
+        _close(both[rows], own)
