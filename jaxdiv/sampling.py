@@ -13,6 +13,8 @@ from jaxdiv.dtypes import working_dtype
 from jaxdiv.grouping import GROUP_AXIS
 from jaxdiv.guidance.base import (
     PerGroup,
+    _binds,
+    _describe,
     as_terms,
     check_windows,
     guided_denoise,
@@ -211,6 +213,9 @@ def _check_inputs(sampler, denoiser, noise, key, cond, groups):
         )
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable (x, t, cond) -> x0_hat, got {type(denoiser)}")
+    if not _binds(denoiser, 3):
+        raise TypeError(f"denoiser must be callable as denoiser(x, t, cond) -> x0_hat (cond is "
+                        f"None when unconditional), got {_describe(denoiser)}")  # fmt: skip
     _check_process(sampler, denoiser)
     if not hasattr(noise, "shape") or not hasattr(noise, "dtype"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")

@@ -225,6 +225,10 @@ def test_wrong_kinds_of_sample_and_sampler_arguments_are_named():
         samplers.ddim(schedules.edm, 4)
     with pytest.raises(TypeError, match=r"got str 'edm'$"):
         samplers.dpmpp_2m("edm", 4)
+    with pytest.raises(TypeError, match=r"^denoiser must be callable as denoiser\(x, t, cond\) "
+                                        r"-> x0_hat \(cond is None when unconditional\), got "
+                                        r"<lambda>\(x, t\)$"):
+        jaxdiv.sample(SMP, lambda x, t: x, NOISE, key=jax.random.key(0))
 
 
 # ---- non-finite and invalid hyperparameters -----------------------------------------
