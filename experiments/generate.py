@@ -51,8 +51,9 @@ knob flag of another method is refused:
   ``--spell-radius auto`` (default) is App. D's median pairwise distance of the final
   latents of an unguided (CFG-only) batch -- each prompt's first batch, same noise and key
   -- computed once and recorded in ``metadata.json`` (``method_resolved``);
-* ``particle``: PG in the paper's form (potential on ``x_t``); no published SD strength,
-  so ``--pg-strength`` is required;
+* ``particle``: PG in the paper's form (potential on ``x_t``, force added to the score);
+  no published SD strength, so ``--pg-strength`` is required; ``--pg-time-scaling eps
+  --pg-min-noise-level 1`` is PG's public SD code;
 * ``cads``: noise on the text embedding (``--cads-noise-scale/-tau1/-tau2/-psi``);
 * ``interval``: CFG with scale ``--cfg`` only for noise levels in
   ``(--interval-lo, --interval-hi]`` (SD-XL's 0.28, 5.42);
@@ -184,7 +185,11 @@ METHOD_KNOBS = {
         ("radius", "--spell-radius", "auto", "radius"),
         ("overcompensation", "--spell-overcompensation", 1.6, "positive"),
     ),
-    "particle": (("strength", "--pg-strength", None, "real"),),
+    "particle": (
+        ("strength", "--pg-strength", None, "real"),
+        ("time_scaling", "--pg-time-scaling", "score", "pg_scaling"),
+        ("min_noise_level", "--pg-min-noise-level", "none", "level"),
+    ),
     "cads": (
         ("noise_scale", "--cads-noise-scale", 0.25, "nonnegative"),
         ("tau1", "--cads-tau1", 0.6, "unit"),
@@ -226,6 +231,10 @@ KNOB_HELP = {
     "--spell-overcompensation": "SPELL's overcompensation lambda (1 exact; the paper uses 1.6 "
                                 "for SD3 / LDM)",
     "--pg-strength": "particle guidance strength (required: the paper publishes no SD value)",
+    "--pg-time-scaling": "particle guidance: 'score' (paper: the force added to the score), "
+                         "'eps' (PG's public SD code: eps -= s (sigma/alpha) F) or 'x0'",
+    "--pg-min-noise-level": "particle guidance off below this noise level sigma/alpha, or "
+                            "'none' (paper: always on; PG's public SD code: 1)",
     "--cads-noise-scale": "CADS noise scale s (paper: 0.25)",
     "--cads-tau1": "CADS tau1: clean condition below it (paper: 0.6; some text-to-image "
                    "setups 0.3)",
@@ -275,8 +284,14 @@ def knob_value(flag: str, text: str, kind: str):
         if not (folder / "config.json").is_file():
             raise ValueError(f"{flag} {text!r} is not a CLIP text model folder (no config.json)")
         return str(folder.resolve())
-    if kind == "pool" and text == "none":
+    if kind in ("pool", "level") and text == "none":
         return "none"
+    if kind == "pg_scaling":
+        from jaxdiv.guidance.particle import TIME_SCALINGS
+
+        if text not in TIME_SCALINGS:
+            raise ValueError(f"{flag} must be one of {', '.join(TIME_SCALINGS)}, got {text!r}")
+        return text
     if kind in ("count", "pool"):
         try:
             value = int(text)
@@ -298,6 +313,7 @@ def knob_value(flag: str, text: str, kind: str):
         "radius": (value > 0, "> 0 (or 'auto')"),
         "positive": (value > 0, "> 0"),
         "nonnegative": (value >= 0, ">= 0"),
+        "level": (value >= 0, ">= 0 (or 'none')"),
         "upper": (value >= 0, ">= 0 (or inf)"),
         "unit": (0 <= value <= 1, "in [0, 1]"),
         "cosine": (-1 < value < 1, "in (-1, 1)"),
@@ -572,7 +588,9 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     if method == "spell":
         term = guidance.spell(radius, intra_batch=True, overcompensation=k["overcompensation"])
     elif method == "particle":
-        term = guidance.particle(k["strength"])
+        floor = None if k["min_noise_level"] == "none" else k["min_noise_level"]
+        term = guidance.particle(k["strength"], time_scaling=k["time_scaling"],
+                                 min_noise_level=floor)  # fmt: skip
     elif method == "contextual":
         term = guidance.contextual(k["eta"], k["inner_steps"], tau=k["tau"])
     elif method == "gass":
@@ -972,6 +990,10 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
     knobs = old.get("method_knobs")
     if old.get("method") == "tpso" and isinstance(knobs, dict) and "null_pool" not in knobs:
         old = {**old, "method_knobs": {**knobs, "null_pool": "none"}}  # before the pool
+    if old.get("method") == "particle" and isinstance(knobs, dict) and "time_scaling" not in knobs:
+        # before --pg-time-scaling / --pg-min-noise-level: the paper's form, always on
+        old = {**old, "method_knobs": {**knobs, "time_scaling": "score",
+                                       "min_noise_level": "none"}}  # fmt: skip
     diffs = [
         f"{k}: {old.get(k, _legacy(old, k))!r} -> {settings[k]!r}"
         for k in _RUN_KEYS

@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -273,6 +275,20 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
         assert generate.main(none_argv) == 0 and "already in" in capsys.readouterr().out
         meta_file.write_bytes(saved)
 
+    if method == "particle":  # a folder from before --pg-time-scaling: the paper's form
+        assert knobs == {"strength": 100.0, "time_scaling": "score", "min_noise_level": "none"}
+        meta_file = out / "metadata.json"
+        saved = meta_file.read_bytes()
+        legacy = json.loads(saved)
+        for knob in ("time_scaling", "min_noise_level"):
+            del legacy["settings"]["method_knobs"][knob]
+        meta_file.write_text(json.dumps(legacy))
+        assert generate.main(argv) == 0 and "already in" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            generate.main(argv + ["--pg-time-scaling", "eps"])
+        assert "'time_scaling': 'score'" in capsys.readouterr().err
+        meta_file.write_bytes(saved)
+
     if method in generate.COUPLED:  # a batch with a missing image is generated whole, again
         monkeypatch.undo()
         (out / "images" / generate.image_name(0, 1)).unlink()
@@ -301,6 +317,10 @@ BAD_KNOBS = {
     "foreign-flag": (["--method", "spell", "--pg-strength", "1"],
                      "--pg-strength applies to --method particle only, not to --method spell"),
     "pg-missing": (["--method", "particle"], "--method particle needs --pg-strength"),
+    "pg-scaling": (["--method", "particle", "--pg-strength", "1", "--pg-time-scaling", "sigma"],
+                   "--pg-time-scaling must be one of score, eps, x0, got 'sigma'"),
+    "pg-level": (["--method", "particle", "--pg-strength", "1", "--pg-min-noise-level", "-1"],
+                 "--pg-min-noise-level must be >= 0 (or 'none'), got -1"),
     "pg-batch": (["--method", "particle", "--pg-strength", "1", "--batch-size", "2"],
                  "needs --batch-size >= 3"),
     "spell-batch": (["--method", "spell", "--batch-size", "1"], "needs --batch-size >= 2"),
@@ -456,3 +476,23 @@ def test_tpso_ratio_scheduling_no_step_is_refused_before_any_image(model, tmp_pa
                              "term 'tpso': ratio=0.4 schedules int(|ratio| * N) = 0 of the "
                              "sampler's 2 steps")  # fmt: skip
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_pg_public_sd_code_knobs_build_that_term(model):
+    """``--pg-time-scaling eps --pg-min-noise-level 1`` is ``particle(s,
+    time_scaling="eps", min_noise_level=1.0)`` (PG's public SD code); the defaults the
+    paper's form, always on."""
+    from jaxdiv import guidance
+
+    cond = jnp.zeros((3, 2, 4))
+    for flags, want in [
+        ({"--pg-time-scaling": "eps", "--pg-min-noise-level": "1"},
+         guidance.particle(2.0, time_scaling="eps", min_noise_level=1.0)),
+        ({}, guidance.particle(2.0)),
+    ]:  # fmt: skip
+        knobs = generate.method_knobs("particle", {"--pg-strength": "2", **flags}, str(model))
+        term, _ = generate.method_term(None, "particle", knobs, cfg=1.0, null=None, cond=cond,
+                                       prompt="a cat", key=None)  # fmt: skip
+        assert jax.tree.structure(term) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(term), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -16,7 +16,7 @@ from jaxdiv.guidance.base import GuidanceTerm
 __all__ = ["particle", "rbf_repulsion", "rbf_potential", "median_bandwidth", "ParticleInfo"]
 
 _SPACES = ("x_t", "x0_hat")
-_SCALINGS = ("score", "eps", "x0")
+TIME_SCALINGS = ("score", "eps", "x0")
 _H_FLOOR = 1e-20  # keeps 2 w / h finite when (almost) all particles coincide
 
 
@@ -170,7 +170,7 @@ def particle(
     ([-0.007, 0.0, 0.007], [-0.815, 0.0, 0.815])
     """
     space = validation.choice("space", space, _SPACES)
-    time_scaling = validation.choice("time_scaling", time_scaling, _SCALINGS)
+    time_scaling = validation.choice("time_scaling", time_scaling, TIME_SCALINGS)
     if features is not None:
         validation.function("features", features, "batch -> (B, f)")
     strength = validation.real("strength", strength)
