@@ -25,8 +25,9 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, per_step: bool = Fals
     ``samplers.edm(schedules.edm(), 32)`` (Heun): the official code
     (``kynkaat/guidance-interval``, ``sampling/edm_sampler.py``) decides once per step, by
     step index (steps 17..22, whose starting noise levels lie in the interval), for both
-    Heun evaluations of the step. The default, ``per_step=False``, tests each
-    evaluation's own noise level instead, which there guides step 16's correction
+    Heun evaluations of the step. The default, ``per_step=False``, is the paper's
+    definition, a guided denoiser piecewise in its own noise level: it tests each
+    evaluation's noise level, which on that sampler guides step 16's correction
     (evaluated at sigma 1.609) and leaves step 22's (at 0.189) unguided; on one-evaluation
     samplers (DDIM, Euler, DPM-Solver) the two agree.
 
