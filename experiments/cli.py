@@ -166,8 +166,8 @@ METHODS = (
         _tpso_probe,
         {"ratio": "0.4 (0.3 .. 0.5)"},
         "optimised prompt variants faded into the prompt; the variants from "
-        "jaxdiv.guidance.tpso's optimize_offsets (kappa 0.8, tolerance 0.01, diversity_weight 1 for "
-        "SD 1.5 / 2.1 and 10 for SD3.5, RMSprop lr 0.01, max_steps 50 / 200); tpso_null for "
+        "jaxdiv.guidance.tpso's optimize_offsets (kappa 0.8, tolerance 0.01, diversity_weight "
+        "1 for SD 1.5 / 2.1 and 10 for SD3.5, RMSprop lr 0.01, max_steps 50 / 200); tpso_null for "
         "CFG's negative branch",
         "tpso",
     ),
