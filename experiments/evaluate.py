@@ -154,17 +154,45 @@ class Encoder(NamedTuple):
     encode: Any
 
 
+#: the ``model_type`` values of ``config.json`` each encoder flag takes
+_ENCODER_TYPES = {"clip": ("clip_vision_model", "clip"), "dinov2": ("dinov2",)}
+
+
+def check_encoder_folder(name: str, folder) -> Path:
+    """``folder`` if it holds a model of the kind ``--name`` needs (its ``config.json``'s
+    ``model_type``), else :class:`EvaluateError` in one line -- checked for every encoder
+    before any image is encoded."""
+    folder = Path(folder)
+    where = f"--{name} {str(folder)!r}"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise EvaluateError(f"{where} is not a model folder (no config.json)") from None
+    except (OSError, ValueError) as err:
+        raise EvaluateError(f"{where}: unreadable config.json ({err})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in _ENCODER_TYPES[name]:
+        raise EvaluateError(f"{where} holds a {kind!r} model (config.json's model_type); "
+                            f"--{name} needs one of {_ENCODER_TYPES[name]}")  # fmt: skip
+    return folder
+
+
 def load_encoder(name: str, folder, batch_size: int) -> Encoder:
     """A jitted feature extractor for ``name`` in :data:`ENCODERS` from a local folder."""
+    folder = check_encoder_folder(name, folder)
+    try:
+        return _load_encoder(name, folder, batch_size)
+    except (ValueError, TypeError) as err:  # a checkpoint that does not fit its config
+        raise EvaluateError(f"--{name} {str(folder)!r}: {err}") from None
+
+
+def _load_encoder(name: str, folder: Path, batch_size: int) -> Encoder:
     import jax
     import jax.numpy as jnp
 
     from jaxdiv.models.dinov2 import dinov2_preprocess, load_dinov2
     from jaxdiv.models.layers import pure
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise EvaluateError(f"--{name} {str(folder)!r} is not a model folder (no config.json)")
     if name == "clip":
         from jaxdiv.models.clip import load_clip_vision
         from jaxdiv.pipelines.folder import image_preprocess_stats
@@ -547,8 +575,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
         folder = getattr(args, e)
         if folder is None:
             p.error(f"--encoders {e} needs --{e} FOLDER (a local model folder)")
-        if not (Path(folder) / "config.json").is_file():
-            p.error(f"--{e} {folder!r} is not a model folder (no config.json)")
+        try:
+            check_encoder_folder(e, folder)
+        except EvaluateError as err:
+            p.error(str(err))
     if args.clip_text is not None:
         if "clip" not in args.encoder_list:
             p.error("--clip-text needs --encoders clip (CLIP score and SPP use CLIP features)")

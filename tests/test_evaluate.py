@@ -355,11 +355,15 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
 @pytest.mark.parametrize("change, message", [
     (["--encoders", "clip,inception"], "--encoders: unknown inception"),
     (["--encoders", "dinov2", "--dinov2", "/nonexistent"], "is not a model folder"),
+    # another kind of model: refused before any image is encoded, in one line
+    (["--encoders", "clip,dinov2", "--dinov2", "{clip}"],
+     "holds a 'clip_vision_model' model (config.json's model_type); --dinov2 needs one of "
+     "('dinov2',)"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--bootstrap", "-1"], "--bootstrap must be >= 0"),
     (["--images", "{empty}"], "holds no metadata.json and no PNG / JPEG images"),
     (["--images", "{broken}"], "images listed in metadata.json are missing"),
-    (["--encoders", "dinov2", "--dinov2", "{clip}", "--clip-text", "{clip}"],
+    (["--encoders", "dinov2", "--dinov2", "{dinov2}", "--clip-text", "{clip}"],
      "--clip-text needs --encoders clip"),
     (["--prdc-k", "3"], "--prdc-k needs --reference"),  # it could never take effect
     # a run's images/ alone would lose their prompts (one pooled set); as --reference fine
@@ -368,7 +372,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
 ])  # fmt: skip
 def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys, change,
                                             message):  # fmt: skip
-    clip, _ = encoders
+    clip, dinov2 = encoders
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken"
@@ -376,7 +380,8 @@ def test_bad_inputs_are_refused_in_one_line(encoders, folders, tmp_path, capsys,
     (broken / "metadata.json").write_text(json.dumps(
         {"images": [{"file": "images/x.png", "prompt": "a cat"}]}))  # fmt: skip
     change = [c.replace("{empty}", str(empty)).replace("{broken}", str(broken))
-              .replace("{clip}", str(clip)).replace("{images}", str(folders[0] / "images"))
+              .replace("{clip}", str(clip)).replace("{dinov2}", str(dinov2))
+              .replace("{images}", str(folders[0] / "images"))
               for c in change]  # fmt: skip
     argv = ["--images", str(folders[0]), "--clip", str(clip), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as info:
