@@ -1181,9 +1181,13 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
     probe = jax.ShapeDtypeStruct(shape, jnp.float32)
     dim = jax.eval_shape(generation.gass_encoder(pipe), probe).shape[-1]
     if emb.shape[-1] != dim:
-        raise RunError(f"--clip-projection: text embeddings of width {emb.shape[-1]} but the "
-                       f"image encoder's features have width {dim} (use the projection of "
-                       "the same CLIP model as the image encoder)")  # fmt: skip
+        source = ("this SD3 folder's CLIP-L text encoder (its own projection)"
+                  if generation.is_sd3(pipe) else "--clip-projection")  # fmt: skip
+        fix = ("the vision tower of the same CLIP, ViT-L/14, as the image encoder"
+               if generation.is_sd3(pipe) else
+               "the projection of the same CLIP model as the image encoder")  # fmt: skip
+        raise RunError(f"{source}: text embeddings of width {emb.shape[-1]} but the image "
+                       f"encoder's features have width {dim} (use {fix})")  # fmt: skip
     return emb
 
 

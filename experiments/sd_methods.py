@@ -282,8 +282,12 @@ def run(args: argparse.Namespace) -> dict:
     settings = _settings(args)
     _check_folder(out, settings)  # before the (slow) model load
     t0 = time.perf_counter()
-    pipe = generate.load_pipeline(args.model, allow_pickle=args.allow_pickle,
-                                  image_encoder=args.image_encoder)  # fmt: skip
+    try:
+        pipe = generate.load_pipeline(args.model, allow_pickle=args.allow_pickle,
+                                      image_encoder=args.image_encoder)  # fmt: skip
+    # CheckpointError is a ValueError; a wrongly typed config value is a TypeError
+    except (ValueError, TypeError) as err:
+        raise generate.RunError(str(err)) from err
     log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     generate.log_truncated(pipe, args.prompt_list, say=log)
     text_embs, text_note = _metric_text(pipe, args, pipe.noise_shape(args.n))
@@ -294,6 +298,8 @@ def run(args: argparse.Namespace) -> dict:
                                                       knobs["gass"]["projection"],
                                                       pipe.noise_shape(args.n))  # fmt: skip
         except generate.RunError as err:
+            if args.methods_given:  # asked for by name: it must run
+                raise generate.RunError(f"--methods gass cannot run: {err}") from err
             skipped["gass"] = str(err)
             del knobs["gass"]
     # SPELL's guarantee needs a last step onto x0_hat (sigma = 0): DDIM's clean endpoint;
@@ -396,9 +402,31 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+_KNOB_KINDS = {flag: kind for knobs in generate.METHOD_KNOBS.values()
+               for _, flag, _, kind in knobs}  # fmt: skip
+
+
+def _knob_values(flags: dict) -> dict:
+    """The knob flags' values as the methods read them (``--pg-strength 0.50`` is 0.5, a
+    folder its absolute path), so that two spellings of one run compare equal; a value
+    that does not parse (an older file's) stays as it was written."""
+    out = {}
+    for flag, text in flags.items():
+        try:
+            out[flag] = generate.knob_value(flag, str(text), _KNOB_KINDS[flag])
+        except (KeyError, ValueError):
+            out[flag] = text
+    return out
+
+
+def _folder(path):
+    return None if path is None else str(Path(path).resolve())
+
+
 def _settings(args: argparse.Namespace) -> dict:
     """What decides this comparison's files: the model, prompts, sampling settings, the
-    methods asked for and the knob flags given (``results.json``'s ``settings``)."""
+    methods asked for and the knob flags given, as values (``results.json``'s
+    ``settings``)."""
     return {
         "model": str(Path(args.model).resolve()),
         "pipeline": args.kind,
@@ -410,10 +438,10 @@ def _settings(args: argparse.Namespace) -> dict:
         "cfg": args.cfg,
         "guidance_rescale": args.guidance_rescale,
         "seed": args.seed,
-        "clip_projection": args.clip_projection,
-        "image_encoder": args.image_encoder or "<model>/image_encoder",
+        "clip_projection": _folder(args.clip_projection),
+        "image_encoder": _folder(args.image_encoder) or "<model>/image_encoder",
         "methods": list(args.methods),
-        "knob_flags": generate.given_knobs(args),
+        "knob_flags": _knob_values(generate.given_knobs(args)),
     }
 
 
@@ -431,9 +459,23 @@ def _check_folder(out: Path, settings: dict) -> None:
         old = json.loads(path.read_text())["settings"]
     except (ValueError, KeyError, TypeError) as err:
         raise generate.RunError(f"--out {str(out)!r}: unreadable results.json ({err})") from err
+    # older files: raw flag text and paths as typed
+    old = dict(old)
+    if isinstance(old.get("knob_flags"), dict):
+        old["knob_flags"] = _knob_values(old["knob_flags"])
+    for key in ("clip_projection", "image_encoder"):
+        if isinstance(old.get(key), str) and old[key] != "<model>/image_encoder":
+            old[key] = _folder(old[key])
     # a folder from before "methods" / "knob_flags" were recorded: the keys it has
-    diffs = [f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items()
-             if k in old and old[k] != v]  # fmt: skip
+    diffs = []
+    for k, v in settings.items():
+        if k not in old or old[k] == v:
+            continue
+        if k == "knob_flags" and isinstance(old[k], dict):  # name the flags that differ
+            diffs += [f"{f}: {old[k].get(f)!r} -> {v.get(f)!r}" for f in sorted({*old[k], *v})
+                      if old[k].get(f) != v.get(f)]  # fmt: skip
+        else:
+            diffs.append(f"{k}: {old[k]!r} -> {v!r}")
     if diffs:
         raise generate.RunError(f"--out {str(out)!r} holds a comparison with different "
                                 f"settings ({'; '.join(diffs)}); choose another --out or "

@@ -180,12 +180,25 @@ def test_sd_methods_locks_its_folder_and_refuses_another_comparison(
                         (["--guidance-rescale", "0.7"], "guidance_rescale: None -> 0.7"),
                         (["--methods", "none,interval"], "methods: ['none', 'cads'] -> "
                                                          "['none', 'interval']"),
-                        (["--cads-noise-scale", "0.1"], "knob_flags: {} -> "
-                                                        "{'--cads-noise-scale': '0.1'}")):
+                        (["--cads-noise-scale", "0.1"], "--cads-noise-scale: None -> 0.1")):
         with pytest.raises(SystemExit):
             sd_methods.main(base + extra)
         err = capsys.readouterr().err
         assert f"holds a comparison with different settings ({diff})" in err, err
+    # values, not their spelling: 0.250 is the 0.25 the first run wrote down
+    monkeypatch.undo()
+    spelled = [*base, "--cads-noise-scale", "0.25", "--out", str(tmp_path / "s")]
+    assert sd_methods.main(spelled) == 0
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    results = tmp_path / "s" / "results.json"
+    assert json.loads(results.read_text())["settings"]["knob_flags"] == {
+        "--cads-noise-scale": 0.25}
+    assert sd_methods.main([*spelled, "--cads-noise-scale", "0.250"]) == 0
+    # a file from before values were recorded (the flag's text) reads the same
+    data = json.loads(results.read_text())
+    data["settings"]["knob_flags"] = {"--cads-noise-scale": "0.25"}
+    results.write_text(json.dumps(data))
+    assert sd_methods.main([*spelled, "--cads-noise-scale", "0.250"]) == 0
     with run_folder.FolderLock(out):
         with pytest.raises(SystemExit):
             sd_methods.main(base)
@@ -496,3 +509,21 @@ def test_pg_public_sd_code_knobs_build_that_term(model):
         assert jax.tree.structure(term) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(term), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sd_methods_model_folder_problems_are_one_line(model, tmp_path, capsys):
+    """A folder that is not a pipeline, or one missing a component, is refused in one line
+    (exit 2) as ``generate`` refuses it, not with the loader's traceback."""
+    import shutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    partial = tmp_path / "no_vae"
+    shutil.copytree(model, partial)
+    shutil.rmtree(partial / "vae")
+    for folder, message in [(tmp_path / "nope", "does not exist"), (partial, "vae")]:
+        with pytest.raises(SystemExit) as info:
+            sd_methods.main(["--model", str(folder), "--prompts", str(prompts), "--methods",
+                             "none", "--out", str(tmp_path / f"o_{folder.name}")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
