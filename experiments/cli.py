@@ -52,6 +52,8 @@ COMMANDS = {
 # the commands that run JAX programs (their process reuses freed memory, and keeps its
 # compiled programs on disk)
 JAX_COMMANDS = ("demo", "generate", "evaluate", "sd-methods")
+# the commands whose rerun resumes (generate's images, evaluate's cached features)
+RESUMABLE = ("generate", "evaluate")
 
 # what each hook of jaxdiv.guidance.base.HOOKS acts on
 HOOK_MEANING = {
@@ -382,7 +384,13 @@ def main(argv=None) -> int:
         takes_prog = "prog" in inspect.signature(run).parameters
     except (TypeError, ValueError):
         takes_prog = False
-    status = run(args.args, prog=prog) if takes_prog else run(args.args)
+    try:
+        status = run(args.args, prog=prog) if takes_prog else run(args.args)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes, locks)
+        resumes = args.command in RESUMABLE
+        print(f"\n{prog}: interrupted" + ("; the same command resumes where it stopped"
+                                          if resumes else ""), file=sys.stderr)  # fmt: skip
+        return 130
     return 0 if status is None else int(status)
 
 

@@ -164,6 +164,23 @@ def test_dispatch_passes_argv_through_and_propagates_the_status(monkeypatch):
     assert cli.main(["demo"]) == 0
 
 
+@pytest.mark.parametrize("command, module, resumes", [
+    ("generate", "experiments.generate", True), ("demo", "experiments.demo", False)])
+def test_ctrl_c_is_one_line_and_says_whether_a_rerun_resumes(monkeypatch, capsys, command,
+                                                             module, resumes):  # fmt: skip
+    fake = types.ModuleType(module)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    fake.main = interrupted
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert cli.main([command]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"jaxdiv {command}: interrupted" + (
+        "; the same command resumes where it stopped" if resumes else "")
+
+
 def test_generate_errors_name_the_console_command(tmp_path, capsys):
     code, _, err = _exit_code(["generate", "--model", str(tmp_path), "--prompt", "a cat",
                                "--n", "0"], capsys)  # fmt: skip
