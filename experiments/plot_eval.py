@@ -33,6 +33,10 @@ from experiments import run_folder
 
 # fidelity / diversity metrics where a smaller value is better
 LOWER_IS_BETTER = ("fd", "kid_mean", "cmmd", "mss_mean")
+# the metrics an evaluation computes only with a --reference, or with --clip-text (CLIP)
+NEEDS_REFERENCE = ("fd", "kid_mean", "kid_std", "precision", "recall", "density", "coverage",
+                   "cmmd")  # fmt: skip
+NEEDS_TEXT = ("clip_score_mean", "spp_mean")
 
 
 def pareto_front(x, y, x_lower_better: bool = True, y_lower_better: bool = False) -> list[int]:
@@ -96,8 +100,12 @@ def plot_pareto(results: dict, encoder: str, xname: str, yname: str, path: Path)
         xerrs.append(error_bar(pooled, xname))
         yerrs.append(error_bar(pooled, yname))
     if not names:
-        raise ValueError(f"no folder has both {xname} and {yname} for encoder {encoder} (did "
-                         "the evaluation have a --reference?)")  # fmt: skip
+        needs = [f"{m} needs evaluate --reference" for m in (xname, yname)
+                 if m in NEEDS_REFERENCE]
+        needs += [f"{m} needs evaluate --clip-text (CLIP only)" for m in (xname, yname)
+                  if m in NEEDS_TEXT]  # fmt: skip
+        why = f" ({'; '.join(needs)})" if needs else ""
+        raise ValueError(f"no folder has both {xname} and {yname} for encoder {encoder}{why}")
     front = pareto_front(xs, ys, xname in LOWER_IS_BETTER, yname in LOWER_IS_BETTER)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.errorbar(xs, ys, xerr=np.asarray(xerrs).T, yerr=np.asarray(yerrs).T, fmt="o", capsize=3)
@@ -172,16 +180,24 @@ def main(argv=None, prog: str = "python -m experiments.plot_eval") -> int:
             p.error(f"{flag} must be one of {', '.join(metrics)}, got {name!r}")
     from experiments.evaluate import EvaluateError
 
+    missing = []
     try:
         with run_folder.FolderLock(folder):
             for enc in encoders:
-                front = plot_pareto(results, enc, args.x, args.y, folder / f"pareto_{enc}.png")
-                print(f"[plot_eval] wrote pareto_{enc}.png (front: {', '.join(front)})",
-                      flush=True)  # fmt: skip
+                try:
+                    front = plot_pareto(results, enc, args.x, args.y,
+                                        folder / f"pareto_{enc}.png")  # fmt: skip
+                except ValueError as err:  # this pair of metrics is not in the file
+                    missing.append(str(err))
+                    print(f"[plot] no pareto_{enc}.png: {err}", flush=True)
+                    continue
+                print(f"[plot] wrote pareto_{enc}.png (front: {', '.join(front)})", flush=True)
             grids = write_prompt_grids(results, folder, args.images)
     except (ValueError, EvaluateError, run_folder.FolderError) as err:
         p.error(str(err))
-    print(f"[plot_eval] wrote {len(grids)} prompt grids", flush=True)
+    print(f"[plot] wrote {len(grids)} prompt grids", flush=True)
+    if len(missing) == len(encoders) and not grids:
+        p.error(missing[0])  # nothing drawn at all
     return 0
 
 

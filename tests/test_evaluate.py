@@ -253,6 +253,13 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     assert plot_eval.main([str(out), "--x", "kid_mean", "--y", "fd", "--images", "1"]) == 0
     log = capsys.readouterr().out
     assert log.count("(front: diverse (spell))") == 2
+    # a pair of metrics this evaluation lacks (no --clip-text): said why; the grids drawn
+    (out / "grid_p000.png").unlink()
+    assert plot_eval.main([str(out), "--x", "clip_score_mean", "--y", "vendi_mean"]) == 0
+    log = capsys.readouterr().out
+    assert ("no pareto_clip.png: no folder has both clip_score_mean and vendi_mean for encoder "
+            "clip (clip_score_mean needs evaluate --clip-text (CLIP only))") in log, log
+    assert "wrote 2 prompt grids" in log and (out / "grid_p000.png").is_file()
     # an evaluation (or another plot) writing there holds the folder
     from experiments import run_folder
 
