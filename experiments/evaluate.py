@@ -679,11 +679,35 @@ def run(args: argparse.Namespace) -> dict:
     if not procs.lead:
         processes.barrier(procs, "jaxdiv-evaluate-written")
         return json.loads((out / "results.json").read_text())
+    _remove_stale_figures(out, results)
     run_folder.write_json(out / "results.json", results)
     write_tables(out, rows)
     log(f"wrote {out / 'results.json'}, table.md, table.csv")
     processes.barrier(procs, "jaxdiv-evaluate-written")
     return results
+
+
+# what an evaluation (and jaxdiv plot) writes into --out besides results.json
+FIGURES = ("pareto_*.png", "grid_p*.png")
+RUN_FILES = ("table.md", "table.csv", "features", *FIGURES)
+
+
+def _remove_stale_figures(out: Path, results: dict) -> None:
+    """``jaxdiv plot``'s figures drawn from an earlier ``results.json`` that differs from
+    the new one (other settings, other images) would no longer match it: they are removed
+    (the feature cache stays); a rerun with the same results keeps them."""
+    try:
+        old = (out / "results.json").read_bytes()
+    except OSError:
+        return
+    if old == json.dumps(results, indent=1, default=float).encode("utf-8"):
+        return
+    stale = sorted(p for pat in FIGURES for p in out.glob(pat))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} figures drawn from the earlier results.json, which this "
+            "run changed; jaxdiv plot draws them again")  # fmt: skip
 
 
 def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
@@ -700,6 +724,11 @@ def main(argv=None, prog: str = "python -m experiments.evaluate") -> int:
                                          "prdc_k")}
     job.update(images=[str(s.folder) for s in args.sets], out=str(Path(args.out).resolve()),
                reference=None if args.ref_set is None else str(args.ref_set.folder))  # fmt: skip
+    if failure is None:
+        try:  # not into a model folder, an image folder or another command's output
+            run_folder.refuse_foreign(args.out, "results.json", RUN_FILES, "evaluate")
+        except run_folder.FolderError as err:
+            failure = f"--out {err}"
     reason = processes.agree(procs, failure is None, processes.fingerprint(job))
     if failure is not None or reason is not None:
         lock.release()

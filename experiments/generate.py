@@ -1192,6 +1192,8 @@ def clip_text_embeddings(pipe, prompts, projection, shape):
 
 
 PROGRESS_DIR = "progress"  # per-process progress files of a multi-process job
+# what a run writes into --out (besides metadata.json, hidden temporaries and the lock)
+RUN_FILES = ("images", "grid.png", PROGRESS_DIR, "tpso_null_pool.npz")
 
 
 def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes.SINGLE) -> dict:
@@ -1248,6 +1250,10 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         "clean_endpoint": args.clean_endpoint if args.sampler == "ddim" else None,
     }
     unknown = tuple(k for k in ("height", "width") if settings[k] is None)
+    try:  # not into a model folder or another command's output
+        run_folder.refuse_foreign(out, "metadata.json", RUN_FILES, "generate")
+    except run_folder.FolderError as err:
+        raise RunError(f"--out {err}") from None
     previous = check_existing(out, settings, skip=unknown)  # before the (slow) model load
     files = [
         [out / "images" / image_name(j, i) for i in range(args.n)] for j in range(len(args.prompt))

@@ -13,11 +13,14 @@ one folder and skips the ones already there) builds on four pieces:
 * :func:`check_png` -- why a finished image is not a complete, decodable PNG of the
   expected size (zero bytes, truncated, ...), so a resume regenerates it.
 * :func:`remove_temporaries` -- temp files that a killed run left behind.
+* :func:`refuse_foreign` -- a folder that holds files of something else (a model folder,
+  another command's output) is not written into.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import os
 import socket
@@ -33,6 +36,7 @@ __all__ = [
     "check_png",
     "current_umask",
     "prepare_folder",
+    "refuse_foreign",
     "remove_temporaries",
     "write_json",
 ]
@@ -262,6 +266,43 @@ def prepare_folder(folder) -> Path:
     except OSError as err:
         raise FolderError(f"{str(folder)!r}: not writable ({err.strerror})") from err
     return folder
+
+
+def refuse_foreign(folder, marker: str, ours: tuple, command: str) -> None:
+    """Refuse a non-empty ``folder`` without ``marker`` (the record a run of ``command``
+    writes there) that holds anything but ``command``'s own files: a model folder or another
+    command's output would get this run's files mixed in.
+
+    Args:
+        folder: the output folder (absent or empty: fine).
+        marker: the file a run of the command keeps there (``metadata.json``).
+        ours: names or glob patterns of the command's files, which an interrupted first
+            run may have left before its ``marker``; hidden files (temporaries, the lock)
+            are always allowed.
+        command: the command's name, for the message.
+
+    Raises:
+        FolderError: naming the folder and up to five of the other files.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "model_index.json").write_text("{}")
+        >>> try:
+        ...     refuse_foreign(d, "metadata.json", ("images",), "generate")
+        ... except FolderError as err:
+        ...     print(str(err).split(": ", 1)[1])
+        holds files that generate did not write (model_index.json) and no metadata.json; choose a new or empty folder
+    """  # noqa: E501
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / marker).exists():
+        return
+    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
+                   and not any(fnmatch.fnmatch(p.name, pat) for pat in ours))  # fmt: skip
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise FolderError(f"{str(folder)!r}: holds files that {command} did not write "
+                          f"({shown}) and no {marker}; choose a new or empty folder")  # fmt: skip
 
 
 def _pid_alive(pid: int) -> bool:

@@ -280,6 +280,11 @@ def run(args: argparse.Namespace) -> dict:
     knobs, skipped = plan(args)
     out = Path(args.out)
     settings = _settings(args)
+    try:  # not into a model folder or another command's output
+        run_folder.refuse_foreign(out, "results.json", ("grid_p*.png", "tpso_null_pool.npz"),
+                                  "sd-methods")  # fmt: skip
+    except run_folder.FolderError as err:
+        raise generate.RunError(f"--out {err}") from None
     _check_folder(out, settings)  # before the (slow) model load
     t0 = time.perf_counter()
     try:

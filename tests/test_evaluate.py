@@ -267,11 +267,12 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
         plot_eval.main([str(out)])
     assert "is in use by another run" in capsys.readouterr().err
 
-    # the same command again: every feature from the cache, the same tables
+    # the same command again: every feature from the cache, the same tables and figures
     assert evaluate.main(_argv(encoders, folders, out)) == 0
     log = capsys.readouterr().out
     assert "(0 encoded, 8 from the cache)" in log and " encoded, 0 from" not in log
     assert {f: (out / f).read_bytes() for f in first} == first
+    assert (out / "pareto_clip.png").is_file() and "removed" not in log
 
     # an edited image is encoded again, alone
     edited = folders[1] / "images" / image_name(1, 3)
@@ -279,8 +280,11 @@ def test_evaluate_tables_caching_and_planted_collapse(encoders, folders, tmp_pat
     try:
         _png(edited, np.full((*SIZE, 3), 7, np.uint8))
         assert evaluate.main(_argv(encoders, folders, out)) == 0
-        assert "collapsed / clip: 8 features (1 encoded, 7 from the cache)" in (
-            capsys.readouterr().out)
+        log = capsys.readouterr().out
+        assert "collapsed / clip: 8 features (1 encoded, 7 from the cache)" in log
+        # the figures of the earlier results no longer match them: removed, not mixed
+        assert "removed 4 figures drawn from the earlier results.json" in log, log
+        assert not list(out.glob("pareto_*.png")) and not list(out.glob("grid_p*.png"))
     finally:
         edited.write_bytes(original)
     # with k as large as a set, no ball has k other points: PRDC is null, with the reason
@@ -373,6 +377,10 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
     (["--encoders", "dinov2", "--dinov2", "{dinov2}", "--clip-text", "{clip}"],
      "--clip-text needs --encoders clip"),
     (["--prdc-k", "3"], "--prdc-k needs --reference"),  # it could never take effect
+    # a folder of something else (a model's): never written into
+    (["--out", "{clip}"], "holds files that evaluate did not write (config.json, "
+                          "model.safetensors) and no results.json; choose a new or empty "
+                          "folder"),
     # a run's images/ alone would lose their prompts (one pooled set); as --reference fine
     (["--images", "{images}"], "images/ folder of an experiments.generate run: pass the run "
                                "folder"),

@@ -480,6 +480,11 @@ BAD = {
     "out-under-file": (["--out", "{file}/sub"], "cannot create it (Not a directory)"),
     "out-readonly": (["--out", "{readonly}"], "not writable (Permission denied)"),
     "out-sysfs": (["--out", "/sys/fs"], "not writable"),
+    # a folder of something else (here the model's own): never written into
+    "out-model-folder": (["--out", "{model}"], "holds files that generate did not write "
+                                               "(model_index.json, scheduler, text_encoder, "
+                                               "tokenizer, unet and 1 more) and no "
+                                               "metadata.json; choose a new or empty folder"),
 }
 
 
@@ -494,7 +499,8 @@ def test_bad_values_fail_before_the_model_loads(model, tmp_path, monkeypatch, ca
         pytest.skip("no read-only /sys/fs here")
     file = tmp_path / "a_file"
     file.write_text("x")
-    extra = [e.replace("{file}", str(file)) for e in extra]
+    extra = [e.replace("{file}", str(file)).replace("{model}", str(model)) for e in extra]
+    before = sorted(p.name for p in Path(model).iterdir())
     out = tmp_path / "never"
 
     def no_load(*a, **k):
@@ -508,6 +514,7 @@ def test_bad_values_fail_before_the_model_loads(model, tmp_path, monkeypatch, ca
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists() and file.read_text() == "x"
+    assert sorted(p.name for p in Path(model).iterdir()) == before
 
 
 def test_bad_values_from_the_shell_give_one_line_and_no_traceback(model, tmp_path):

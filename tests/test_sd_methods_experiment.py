@@ -527,3 +527,11 @@ def test_sd_methods_model_folder_problems_are_one_line(model, tmp_path, capsys):
                              "none", "--out", str(tmp_path / f"o_{folder.name}")])  # fmt: skip
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    # nor is a folder of something else (the model's own) taken as --out
+    before = sorted(p.name for p in Path(model).iterdir())
+    with pytest.raises(SystemExit) as info:
+        sd_methods.main(["--model", str(model), "--prompts", str(prompts), "--methods", "none",
+                         "--out", str(model)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds files that sd-methods did not write" in err, err
+    assert sorted(p.name for p in Path(model).iterdir()) == before
