@@ -166,7 +166,7 @@ def plot(rows, samples, ref, path):
 
 def main(argv: list[str] | None = None, prog: str = "python -m experiments.demo") -> int:
     """Run the demo from the command line (``jaxdiv demo``); exit 2 for a bad value."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
     p.add_argument("--out", type=Path, default=Path("results/demo"),

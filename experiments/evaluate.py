@@ -525,7 +525,7 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argparse.Namespace:
     """Parse and check the command line before any model loads (one line on stderr, exit
     2 for a bad value). ``prog`` names the command in messages."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
     p.add_argument("--images", nargs="+", required=True,
                    help="image folders to evaluate: experiments.generate outputs or folders "

@@ -153,7 +153,12 @@ class NonFiniteError(RuntimeError):
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line on stderr (no usage block), exit 2."""
+    """argparse that reports a bad value in one line on stderr (no usage block), exit 2,
+    and takes no abbreviated flags (``--prompt`` is not a prefix of ``--prompts``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -760,8 +765,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         v = getattr(args, name)
         if not math.isfinite(v):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {v}")
-    if args.eta < 0 or args.s_churn < 0:
-        p.error("--eta and --s-churn must be >= 0")
+    for name in ("eta", "s_churn"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
     if args.eta > 1:
         p.error(f"--eta must be <= 1 (above 1 DDIM's step noise exceeds the next noise "
                 f"level), got {args.eta:g}")  # fmt: skip
@@ -770,6 +776,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
         p.error(problem)
     if args.clip_skip is not None and args.clip_skip < 0:
         p.error(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    layers = _text_encoder_layers(args.model)
+    if args.clip_skip is not None and layers is not None and args.clip_skip >= layers:
+        p.error(f"--clip-skip must be < {layers}, the text encoder's number of layers "
+                f"(its config.json), got {args.clip_skip}")  # fmt: skip
     limit = _schedule_length(args.model)
     if limit is not None and args.steps > limit:
         p.error(
@@ -795,8 +805,10 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     if args.batch_size is None:
         args.batch_size = min(args.n, 4)
     given = given_knobs(args)
-    try:
-        args.method_knobs = method_knobs(args.method, given, args.model, args.batch_size)
+    try:  # a defaulted batch size is min(n, 4): the flag to raise is then --n
+        args.method_knobs = method_knobs(args.method, given, args.model, args.batch_size,
+                                         batch_flag="--batch-size" if args.batch_size_given
+                                         else "--n")  # fmt: skip
     except ValueError as err:
         p.error(str(err))
     if args.out is None:
@@ -887,6 +899,17 @@ def _scheduler_config(model: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def _text_encoder_layers(model: str) -> int | None:
+    """``num_hidden_layers`` of ``<model>/text_encoder/config.json``, or None when it
+    cannot be read (the loader reports that)."""
+    try:
+        config = json.loads((Path(model) / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    return layers if isinstance(layers, int) else None
 
 
 def _schedule_length(model: str) -> int | None:
@@ -1514,18 +1537,17 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             generated += len(missing)
             skipped += len(wanted) - len(missing)  # a batch cut short by a kill: its survivors
             done += len(missing)
-            note = (
-                " (includes compilation)"
-                if len(batch_times) == 1
-                else f", ETA <= {dt * (len(mine) - k - 1):.0f} s"
-            )
+            left = len(mine) - k - 1
+            note = (" (includes compilation)" if len(batch_times) == 1
+                    else f", ETA <= {dt * left:.0f} s" if left else "")  # fmt: skip
             bar.set_postfix_str(f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}",
                                 refresh=False)  # fmt: skip
             bar.update(len(missing))
             if bar.disable:  # no bar (not a terminal): one line per batch
                 log(
                     f"prompt {j + 1}/{len(args.prompt)} batch {b + 1}/{n_batches}: "
-                    f"{len(missing)} images in {dt:.1f} s{note}; {done}/{total} done"
+                    f"{len(missing)} image{'s' * (len(missing) != 1)} in {dt:.1f} s{note}; "
+                    f"{done}/{total} done"
                 )
             save_progress(done)
     finally:

@@ -156,7 +156,7 @@ def write_prompt_grids(results: dict, out: Path, per_row: int) -> list[Path]:
 
 def main(argv=None, prog: str = "python -m experiments.plot_eval") -> int:
     """Run the command line (``jaxdiv plot``): 0 on success, 2 for a refused input."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
     p.add_argument("folder", help="an evaluate --out folder (required)")
     p.add_argument("--x", default="fd", help="fidelity metric (default fd)")

@@ -61,11 +61,7 @@ from experiments.common import progress_bar, quiet, say
 LABEL_WIDTH = 72  # pixels of the method-name column of the grids
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line on stderr (no usage block), exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+_OneLineParser = generate._OneLineParser
 
 
 def log(msg: str) -> None:

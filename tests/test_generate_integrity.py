@@ -439,7 +439,8 @@ def _readonly_folder(tmp, monkeypatch):
 BAD = {
     "eta-nan": (["--eta", "nan"], "--eta must be a finite number, got nan"),
     "eta-inf": (["--eta", "inf"], "--eta must be a finite number, got inf"),
-    "eta-negative": (["--eta", "-0.5"], "--eta and --s-churn must be >= 0"),
+    "eta-negative": (["--eta", "-0.5"], "--eta must be >= 0, got -0.5"),
+    "s-churn-negative": (["--sampler", "edm", "--s-churn", "-1"], "--s-churn must be >= 0, got -1"),
     "eta-above-1": (["--eta", "1.5"], "--eta must be <= 1 (above 1 DDIM's step noise"),
     "cfg-nan": (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
     "cfg-inf": (["--cfg=-inf"], "--cfg must be a finite number, got -inf"),
@@ -464,6 +465,8 @@ BAD = {
                              "--negative-prompt does not apply to --method tpso"),
     "steps-beyond": (["--steps", "2000"], "--steps 2000 is beyond the model's schedule (1000"),
     "steps-zero": (["--steps", "0"], "--steps must be >= 1, got 0"),
+    "clip-skip-beyond": (["--clip-skip", "2"], "--clip-skip must be < 2, the text encoder's "
+                                               "number of layers (its config.json), got 2"),
     "seed-float": (["--seed", "1e20"], "argument --seed: invalid int value: '1e20'"),
     "seed-huge": (["--seed", str(2**64)], "--seed must be an integer in [0, 2**63)"),
     "seed-negative": (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),

@@ -337,6 +337,8 @@ BAD_KNOBS = {
     "pg-batch": (["--method", "particle", "--pg-strength", "1", "--batch-size", "2"],
                  "needs --batch-size >= 3"),
     "spell-batch": (["--method", "spell", "--batch-size", "1"], "needs --batch-size >= 2"),
+    # no --batch-size given: it is min(n, 4), so --n is the flag to raise
+    "spell-n": (["--method", "spell", "--n", "1"], "needs --n >= 2, got 1"),
     "radius-text": (["--method", "spell", "--spell-radius", "big"],
                     "--spell-radius must be a number, got 'big'"),
     "radius-zero": (["--method", "spell", "--spell-radius", "0"],
