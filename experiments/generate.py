@@ -132,6 +132,7 @@ _RUN_KEYS = (
     "method",
     "method_knobs",
     "clean_endpoint",
+    "image_encoder",
 )
 # what a folder made before --method existed holds
 _LEGACY = {"method": "none", "method_knobs": {}}
@@ -724,6 +725,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
                    help="skip the last N CLIP text layers, as diffusers (default: none)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled .bin weights (default: safetensors only)")
+    p.add_argument("--image-encoder", default=None,
+                   help="CLIP vision tower folder for --method gass (default: "
+                        "<model>/image_encoder; released SD3 folders have none)")  # fmt: skip
     p.add_argument("--method", choices=METHODS, default="none",
                    help="diversity method, composed with CFG (default: none; see "
                         "`jaxdiv methods`)")  # fmt: skip
@@ -805,8 +809,17 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     if args.batch_size is None:
         args.batch_size = min(args.n, 4)
     given = given_knobs(args)
+    if args.image_encoder is not None:
+        if args.method != "gass":
+            p.error(f"--image-encoder applies to --method gass only, not to --method "
+                    f"{args.method}")  # fmt: skip
+        if not (Path(args.image_encoder) / "config.json").is_file():
+            p.error(f"--image-encoder {args.image_encoder!r} is not a model folder (no "
+                    "config.json)")  # fmt: skip
+        args.image_encoder = str(Path(args.image_encoder).resolve())
     try:  # a defaulted batch size is min(n, 4): the flag to raise is then --n
         args.method_knobs = method_knobs(args.method, given, args.model, args.batch_size,
+                                         args.image_encoder is not None or None,
                                          batch_flag="--batch-size" if args.batch_size_given
                                          else "--n")  # fmt: skip
     except ValueError as err:
@@ -1132,7 +1145,8 @@ def _likely_cause(args, pipe) -> str:
 _JOB_KEYS = ("model", "prompt", "negative_prompt", "sampler", "steps", "cfg",
              "guidance_rescale", "eta",
              "clean_endpoint", "s_churn", "karras", "n", "seed", "batch_size", "height",
-             "width", "dtype", "clip_skip", "allow_pickle", "method", "method_knobs")  # fmt: skip
+             "width", "dtype", "clip_skip", "allow_pickle", "method", "method_knobs",
+             "image_encoder")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -1271,6 +1285,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         "method": args.method,
         "method_knobs": args.method_knobs,
         "clean_endpoint": args.clean_endpoint if args.sampler == "ddim" else None,
+        "image_encoder": args.image_encoder,  # None: the model folder's own
     }
     unknown = tuple(k for k in ("height", "width") if settings[k] is None)
     try:  # not into a model folder or another command's output
@@ -1302,9 +1317,11 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         return previous
 
     t0 = time.perf_counter()
-    pipe_key = (settings["model"], args.dtype, args.allow_pickle, args.clip_skip)
+    pipe_key = (settings["model"], args.dtype, args.allow_pickle, args.clip_skip,
+                args.image_encoder)  # fmt: skip
     try:
-        pipe = load_pipeline(args.model, args.dtype, args.allow_pickle, args.clip_skip)
+        pipe = load_pipeline(args.model, args.dtype, args.allow_pickle, args.clip_skip,
+                             args.image_encoder)  # fmt: skip
         load_s = time.perf_counter() - t0
         shape = pipe.noise_shape(bs, args.height, args.width)
     # CheckpointError is a ValueError; a wrongly typed config value is a TypeError

@@ -479,6 +479,11 @@ BAD = {
     "height-not-a-multiple": (["--height", "18"], "--height must be a positive multiple of 4, "
                                                   "got 18 (the multiple comes from this model's "
                                                   "UNet and VAE configs)"),
+    "image-encoder-unused": (["--image-encoder", "{file}"],
+                             "--image-encoder applies to --method gass only, not to --method "
+                             "none"),
+    "image-encoder-not-a-model": (["--method", "gass", "--image-encoder", "{file}"],
+                                  "is not a model folder (no config.json)"),
     "out-file": (["--out", "{file}"], "is a file, not a folder"),
     "out-under-file": (["--out", "{file}/sub"], "cannot create it (Not a directory)"),
     "out-readonly": (["--out", "{readonly}"], "not writable (Permission denied)"),

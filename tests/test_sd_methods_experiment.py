@@ -395,6 +395,35 @@ def test_gass_needs_an_image_encoder_in_the_folder(tmp_path, projection):
         "interval", {"--interval-hi": "inf"}, str(tmp_path))["sigma_hi"]))  # fmt: skip
 
 
+def test_generate_image_encoder_flag_reaches_the_loader_and_the_settings(
+    model, projection, tmp_path, monkeypatch
+):
+    """``--image-encoder`` gives GASS an image encoder the model folder lacks (released
+    SD3 folders): it reaches the loader (and is one of the run's settings)."""
+    import shutil
+
+    bare = tmp_path / "no_encoder"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("image_encoder"))
+    argv = ["--model", str(bare), "--prompt", "a cat", "--n", "2", "--out", str(tmp_path / "o"),
+            "--method", "gass", "--clip-projection", str(projection)]  # fmt: skip
+    with pytest.raises(SystemExit):  # no encoder anywhere: refused before the load
+        generate.parse_args(argv)
+    args = generate.parse_args([*argv, "--image-encoder", str(model / "image_encoder")])
+    assert args.image_encoder == str((model / "image_encoder").resolve())
+    seen = {}
+
+    def loaded(*a, **k):
+        seen.update(k)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(stable_diffusion, "load", loaded)
+    monkeypatch.setattr(generate, "_LOADED", {})
+    with pytest.raises(generate.RunError, match="stop here"):
+        generate.run(args)
+    assert seen["image_encoder"] == args.image_encoder
+    assert not (tmp_path / "o" / "metadata.json").exists()  # nothing written before the load
+
+
 def test_interval_outside_the_models_noise_levels_is_refused_before_any_image(
     model, tmp_path, capsys
 ):
