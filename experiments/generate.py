@@ -289,6 +289,15 @@ def knob_value(flag: str, text: str, kind: str):
         folder = Path(text)
         if not (folder / "config.json").is_file():
             raise ValueError(f"{flag} {text!r} is not a CLIP text model folder (no config.json)")
+        try:
+            archs = json.loads((folder / "config.json").read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            archs = None  # the loader reports an unreadable config
+        if isinstance(archs, list) and archs and not any(
+                isinstance(a, str) and ("WithProjection" in a or a == "CLIPModel")
+                for a in archs):  # fmt: skip
+            raise ValueError(f"{flag} {text!r} holds a {archs[0]} without a text projection "
+                             "(needs CLIPTextModelWithProjection or CLIPModel)")  # fmt: skip
         return str(folder.resolve())
     if kind in ("pool", "level") and text == "none":
         return "none"

@@ -153,6 +153,11 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
                         ("--clip-projection", args.clip_projection)):  # fmt: skip
         if value is not None and not (Path(value) / "config.json").is_file():
             p.error(f"{flag} {value!r} is not a model folder (no config.json)")
+    if args.clip_projection is not None:  # for the metrics too: one without projection
+        try:
+            generate.knob_value("--clip-projection", args.clip_projection, "projection")
+        except ValueError as err:
+            p.error(str(err))
     if args.methods_given:  # asked for by name: a method that cannot run is an error
         _, skipped = plan(args)
         for method, why in skipped.items():

@@ -123,6 +123,10 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
         (["--methods", "none,foo"], "--methods: unknown foo"),
         (["--n", "1"], "--n must be >= 2"),
         (["--clip-projection", "/nonexistent"], "is not a model folder"),
+        # named on purpose: a text encoder without projection is refused, not ignored
+        (["--methods", "none", "--clip-projection", "{model}/text_encoder"],
+         "holds a CLIPTextModel without a text projection (needs "
+         "CLIPTextModelWithProjection or CLIPModel)"),
         (["--pg-strength", "nan"], "--pg-strength must be a finite number"),
         (["--methods", "none,cads", "--spell-radius", "2"],
          "--spell-radius applies to --methods spell, which this run does not include"),
@@ -143,6 +147,7 @@ def test_sd_methods_bad_values_fail_before_the_model_loads(
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     monkeypatch.setattr(stable_diffusion, "load", no_load)
+    extra = [e.replace("{model}", str(model)) for e in extra]
     with pytest.raises(SystemExit) as info:
         sd_methods.main(["--model", str(model), "--prompts", str(prompts),
                          "--out", str(tmp_path / "o"), *extra])  # fmt: skip
