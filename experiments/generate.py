@@ -270,7 +270,9 @@ KNOB_HELP = {
                          "only: on SD3 each CLIP encoder's own)",
     "--tpso-null-pool": "TPSO negative branch: size of the pool of optimised blank-prompt "
                         "embeddings, or 'none' for the plain null embedding (public code: 350 "
-                        "for SD 1.5 / 2.1; SD3 folders: 300, SD3.5's)",
+                        "for SD 1.5 / 2.1; SD3 folders: 300, SD3.5's); the pool's own "
+                        "optimisation takes at most 200 steps, as the public code's, whatever "
+                        "--tpso-max-steps",
     "--contextual-eta": "contextual repulsion scale eta (required: the paper gives a range, "
                         "5e2 .. 5e6 on SD3.5-Large)",
     "--contextual-inner-steps": "contextual repulsion inner steps M (paper: 100 on SD3.5)",
