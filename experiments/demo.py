@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.demo"
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line
     p.add_argument("--out", type=Path, default=Path("results/demo"),
                    help="folder for demo.json and demo.png")  # fmt: skip
-    p.add_argument("--batches", type=int, default=8, help="batches per method")
+    p.add_argument("--batches", type=int, default=8, help="batches per method, >= 2")
     p.add_argument("--batch", type=int, default=32,
-                   help="samples per batch (what PG, SPELL and GASS couple)")  # fmt: skip
+                   help="samples per batch (what PG, SPELL and GASS couple), >= 2")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise and keys")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress, no table")
