@@ -584,6 +584,12 @@ def parse_args(argv=None, prog: str = "python -m experiments.evaluate") -> argpa
             p.error("--clip-text needs --encoders clip (CLIP score and SPP use CLIP features)")
         if not (Path(args.clip_text) / "config.json").is_file():
             p.error(f"--clip-text {args.clip_text!r} is not a model folder (no config.json)")
+        text_folder = Path(args.clip_text)
+        tok = text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else text_folder
+        if not ((tok / "tokenizer.json").is_file()
+                or all((tok / f).is_file() for f in ("vocab.json", "merges.txt"))):
+            p.error(f"--clip-text {args.clip_text!r} holds no tokenizer files (vocab.json and "
+                    "merges.txt, or tokenizer.json; in the folder or its tokenizer/)")
     for name in ("batch_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

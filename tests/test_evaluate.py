@@ -376,6 +376,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_tables(encoders, folders, tmp_
     (["--images", "{broken}"], "images listed in metadata.json are missing"),
     (["--encoders", "dinov2", "--dinov2", "{dinov2}", "--clip-text", "{clip}"],
      "--clip-text needs --encoders clip"),
+    (["--clip-text", "{clip}"], "holds no tokenizer files (vocab.json and merges.txt, or "
+                                "tokenizer.json; in the folder or its tokenizer/)"),
     (["--prdc-k", "3"], "--prdc-k needs --reference"),  # it could never take effect
     # a folder of something else (a model's): never written into
     (["--out", "{clip}"], "holds files that evaluate did not write (config.json, "
