@@ -1,7 +1,7 @@
 """Output folders of long, resumable runs: atomic files, one owner at a time, checked PNGs.
 
 A resumable script (``experiments.generate`` and any other that writes many files into
-one folder and skips the ones already there) builds on four pieces:
+one folder and skips the ones already there) builds on five pieces:
 
 * :func:`atomic_write` -- a file appears whole or not at all (temp file in the same
   folder, ``fsync``, ``os.replace``, ``fsync`` of the folder), with the mode the umask
