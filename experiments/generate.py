@@ -1324,6 +1324,11 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             grid = write_grid(out, files)
             log(f"all {args.n * len(args.prompt)} images already in {out / 'images'}; wrote "
                 f"{grid}")  # fmt: skip
+            # the counters describe this run (the image list, what the folder holds)
+            counts = {"generated_this_run": 0, "skipped_this_run": args.n * len(args.prompt)}
+            if any(previous.get(k) != v for k, v in counts.items()):
+                previous = {**previous, **counts}
+                write_json(out / "metadata.json", previous)
         processes.barrier(procs, "jaxdiv-generate-finished")
         return previous
 

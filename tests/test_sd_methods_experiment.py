@@ -263,6 +263,9 @@ def test_generate_method_records_knobs_resumes_and_refuses_others(
     monkeypatch.setattr(generate, "_LOADED", dict(generate._LOADED))
     assert generate.main(argv) == 0
     assert "already in" in capsys.readouterr().out and pngs(out) == first
+    again = json.loads((out / "metadata.json").read_text())  # this run's counters
+    assert (again["generated_this_run"], again["skipped_this_run"]) == (0, N)
+    assert (meta["generated_this_run"], meta["skipped_this_run"]) == (N, 0)
 
     # another value of a knob: refused, nothing touched
     with pytest.raises(SystemExit) as info:
