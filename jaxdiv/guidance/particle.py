@@ -45,7 +45,11 @@ def _sq_dists(z):
 
 def median_bandwidth(z):
     """``h = median_{i != j} |z_i - z_j|^2 / log(B - 1)`` (PG's public code, SVGD's
-    heuristic), self pairs excluded, as a constant for gradients.
+    heuristic), self pairs excluded.
+
+    The force is ``-grad U`` with ``h`` held fixed (:func:`rbf_repulsion` takes ``h`` as a
+    number), but ``h`` itself follows the particles: a gradient of a whole run (w.r.t. a
+    strength or the noise) goes through it, as finite differences do.
 
     Needs ``B >= 3`` (``log(1) = 0`` at ``B = 2``).
 
@@ -64,7 +68,7 @@ def median_bandwidth(z):
     d2, _ = _sq_dists(z)
     iu = np.triu_indices(b, 1)
     h = jnp.median(d2[iu]) / math.log(b - 1)
-    return jax.lax.stop_gradient(jnp.maximum(h, _H_FLOOR))
+    return jnp.maximum(h, _H_FLOOR)
 
 
 def rbf_potential(z, bandwidth):
