@@ -171,6 +171,27 @@ def _one_run(sampler, denoiser, terms, trace, noise, key, cond, gstate):
 _run = jax.jit(_run_impl, static_argnums=(0, 1, 2))
 
 
+def _check_epsilon_at_alpha_zero(sampler, denoiser):
+    """An epsilon-prediction network gives ``x0_hat = (x - sigma eps) / alpha``: where the
+    sampler evaluates it at ``alpha = 0`` (a flow grid's ``t = 1``) every output is NaN."""
+    if getattr(denoiser, "prediction_type", None) != "epsilon":
+        return
+    schedule = getattr(denoiser, "schedule", None)
+    if not callable(getattr(schedule, "alpha", None)) or not validation.is_concrete(
+            sampler.times):  # fmt: skip
+        return
+    t = np.asarray(sampler.times, np.float64)[:-1]  # the last time is never evaluated
+    zero = np.asarray(schedule.alpha(t), np.float64) == 0
+    if zero.any():
+        raise ValueError(
+            f"denoiser: an epsilon-prediction network gives x0_hat = (x - sigma eps) / alpha, "
+            f"undefined where alpha = 0, and the sampler evaluates it at t = "
+            f"{t[np.argmax(zero)]:g} ({getattr(schedule, 'name', type(schedule).__name__)}), "
+            "where alpha = 0; pass times= starting below it, or wrap a 'flow' or "
+            "'v_prediction' network"
+        )
+
+
 def _check_process(sampler, denoiser):
     """A denoiser that carries its schedule (a wrapped network,
     :func:`~jaxdiv.predictions.as_denoiser`, every pipeline's ``denoiser``; the toys'
@@ -217,6 +238,7 @@ def _check_inputs(sampler, denoiser, noise, key, cond, groups):
         raise TypeError(f"denoiser must be callable as denoiser(x, t, cond) -> x0_hat (cond is "
                         f"None when unconditional), got {_describe(denoiser)}")  # fmt: skip
     _check_process(sampler, denoiser)
+    _check_epsilon_at_alpha_zero(sampler, denoiser)
     if not hasattr(noise, "shape") or not hasattr(noise, "dtype"):
         raise TypeError(f"noise must be an array, got {type(noise).__name__}")
     noise = jnp.asarray(noise)

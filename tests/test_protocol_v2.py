@@ -229,6 +229,19 @@ def test_wrong_kinds_of_sample_and_sampler_arguments_are_named():
                                         r"-> x0_hat \(cond is None when unconditional\), got "
                                         r"<lambda>\(x, t\)$"):
         jaxdiv.sample(SMP, lambda x, t: x, NOISE, key=jax.random.key(0))
+    # an epsilon network where alpha = 0 (flow's t = 1) would give NaN everywhere
+    from jaxdiv import predictions
+
+    flow = schedules.flow(shift=3.0)
+    eps_net = predictions.as_denoiser(lambda x, t, c: jnp.zeros_like(x), flow, "epsilon")
+    with pytest.raises(ValueError, match=r"^denoiser: an epsilon-prediction network gives "
+                                         r"x0_hat = \(x - sigma eps\) / alpha, undefined "
+                                         r"where alpha = 0, and the sampler evaluates it at "
+                                         r"t = 1 \(flow\)"):
+        jaxdiv.sample(samplers.ddim(flow, 4), eps_net, NOISE, key=jax.random.key(0))
+    below = samplers.ddim(flow, 4).times.at[0].set(0.999)
+    out = jaxdiv.sample(samplers.ddim(flow, 4, times=below), eps_net, NOISE, key=jax.random.key(0))
+    assert bool(jnp.isfinite(out.x0).all())
 
 
 # ---- non-finite and invalid hyperparameters -----------------------------------------
