@@ -29,8 +29,9 @@ class BatchedOutput(NamedTuple):
         x0: ``(N, ...)`` all samples, in the rows of ``noise``.
         state: the final guidance state (a dict by term name, SPELL's
             :class:`~jaxdiv.guidance.spell.SpellState` under ``"spell"``; with ``groups``,
-            a leading group axis); pass it as ``guidance_state=`` to continue with more
-            batches.
+            a leading group axis); to continue with more batches pass it to
+            :func:`jaxdiv.sample`'s ``guidance_state=`` with the same terms
+            (``spell_batched`` itself always starts from an empty memory).
         traces: per-batch :class:`~jaxdiv.Trace` tuple when ``trace=True``, else None.
     """
 
