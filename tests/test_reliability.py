@@ -568,3 +568,19 @@ def test_median_bandwidth_is_bounded_and_close_to_the_population_median():
         h = float(_median_bandwidth(x))
         assert h == float(_median_bandwidth(x))  # fixed key: the same every call
         assert h == pytest.approx(math.sqrt(2) * stats.chi(d).median(), rel=0.03)
+
+
+@pytest.mark.parametrize("name, score", [
+    ("vendi cosine", lambda x, y: metrics.vendi(x)),
+    ("vendi rbf", lambda x, y: metrics.vendi(x, kernel="rbf")),
+    ("prdc", lambda x, y: jnp.stack(metrics.prdc(x, y))),
+    ("mmd", lambda x, y: metrics.mmd(x, y)),
+    ("cmmd", lambda x, y: metrics.cmmd(x, y)),
+])  # fmt: skip
+def test_one_nan_feature_under_jit_gives_nan_not_a_plausible_score(name, score):
+    """Under jit the inputs cannot be checked: a NaN feature must come out as NaN. It used
+    to read as kernel value 1 (distance 0) or as failed comparisons (PRDC 0)."""
+    x = jax.random.normal(jax.random.key(0), (20, 8))
+    y = jax.random.normal(jax.random.key(1), (20, 8))
+    assert bool(jnp.isfinite(jax.jit(score)(x, y)).all())
+    assert bool(jnp.isnan(jax.jit(score)(x.at[0, 0].set(jnp.nan), y)).all()), name

@@ -43,7 +43,7 @@ def _pair_sum(fn, x, y):
 
 def _safe_sqrt(d2):
     # sqrt has an infinite derivative at 0 (the diagonal); keep gradients finite there.
-    pos = d2 > 0
+    pos = ~(d2 <= 0)  # NaN stays NaN (NaN features under jit), not distance 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, d2, 1.0)), 0.0)
 
 
@@ -72,7 +72,7 @@ def _mmd_core(x, y, bandwidth, *, unbiased):
     inv = 0.5 / bandwidth**2  # may be inf for a bandwidth far below the data's scale
 
     def kern(d2):
-        pos = d2 > 0  # k(x, x) = 1 exactly, also when inv is inf
+        pos = ~(d2 <= 0)  # k(x, x) = 1 exactly, also when inv is inf; NaN stays NaN
         return jnp.where(pos, jnp.exp(-jnp.where(pos, d2, 0.0) * inv), 1.0)
 
     kxx, kyy, kxy = _pair_sum(kern, x, x), _pair_sum(kern, y, y), _pair_sum(kern, x, y)
@@ -340,7 +340,8 @@ def _rbf_mean(a, b, inv):
 
     def row(ai):
         d2 = jnp.sum(ai * ai) + b_sq - 2.0 * jnp.matmul(b, ai, precision=lax.Precision.HIGHEST)
-        pos = d2 > 0  # k = 1 at distance <= 0 (round-off), also when inv is inf
+        pos = ~(d2 <= 0)  # k = 1 at distance <= 0 (round-off), also when inv is inf;
+        # a NaN distance stays NaN
         return jnp.sum(jnp.where(pos, jnp.exp(-inv * jnp.where(pos, d2, 0.0)), 1.0))
 
     block = max(1, min(a.shape[0], _CMMD_BLOCK_ELEMENTS // max(b.shape[0], 1)))

@@ -120,8 +120,12 @@ def _knn_manifold_core(real, fake, *, k, strict, block):
     fake_r2 = _knn_sq_radii(fake, k, block)
     counts, covered, recalled = _cross_counts(real, fake, real_r2, fake_r2, strict, block)
     dtype = real.dtype
-    return (jnp.mean(counts > 0, dtype=dtype), jnp.mean(recalled, dtype=dtype),
-            jnp.mean(counts, dtype=dtype) / k, jnp.mean(covered, dtype=dtype))
+    scores = (jnp.mean(counts > 0, dtype=dtype), jnp.mean(recalled, dtype=dtype),
+              jnp.mean(counts, dtype=dtype) / k, jnp.mean(covered, dtype=dtype))
+    # NaN features (unchecked under jit) fail every distance comparison: they would read
+    # as scores of 0, so they give NaN
+    bad = jnp.isnan(real).any() | jnp.isnan(fake).any()
+    return tuple(jnp.where(bad, jnp.nan, v) for v in scores)
 
 
 def _prepare(real, fake, k, block_size):

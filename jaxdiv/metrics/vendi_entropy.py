@@ -162,7 +162,7 @@ def _rbf_gram(x: jax.Array, y: jax.Array, bandwidth) -> jax.Array:
     x, y = x - centre, y - centre
     s = _scale(x, y)
     d2 = _pairwise_sq_dists(x / s, y / s)
-    pos = d2 > 0
+    pos = ~(d2 <= 0)  # a NaN distance (NaN features under jit) stays NaN, not kernel 1
     r = jnp.sqrt(jnp.where(pos, d2, 1.0)) * (s / bandwidth)
     return jnp.where(pos, jnp.exp(-0.5 * r * r), 1.0)
 
