@@ -584,3 +584,17 @@ def test_one_nan_feature_under_jit_gives_nan_not_a_plausible_score(name, score):
     y = jax.random.normal(jax.random.key(1), (20, 8))
     assert bool(jnp.isfinite(jax.jit(score)(x, y)).all())
     assert bool(jnp.isnan(jax.jit(score)(x.at[0, 0].set(jnp.nan), y)).all()), name
+
+
+@pytest.mark.parametrize("kernel", [[[1.0, 2.0], [2.0, 1.0]], -np.eye(3), np.zeros((3, 3))])
+def test_a_kernel_that_is_not_psd_is_refused_not_clipped(kernel):
+    """Vendi needs a PSD similarity matrix: [[1, 2], [2, 1]] (eigenvalues 3 and -1) used to
+    give 1.0 from its clipped spectrum; under jit it is NaN."""
+    k = jnp.asarray(kernel, jnp.float32)
+    with pytest.raises(ValueError, match=r"^`K` is not positive semidefinite with a positive "
+                                         r"trace"):
+        metrics.vendi_from_kernel(k)
+    assert bool(jnp.isnan(jax.jit(metrics.vendi_from_kernel)(k)))
+    # round-off negatives of a PSD matrix are not refused (PAPERS.md's test vector)
+    psd = jnp.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert float(metrics.vendi_from_kernel(psd)) == pytest.approx(2.1573, abs=1e-4)

@@ -48,8 +48,16 @@ def _order_mode(q: float) -> str:
     return "min" if math.isinf(q) else "renyi"
 
 
+#: eigenvalues below ``-NOT_PSD_ULPS * n * eps * max |lam|`` are not round-off: the kernel
+#: is not positive semidefinite, and the score is NaN rather than that of a clipped spectrum
+NOT_PSD_ULPS = 100
+
+
 def _entropy_of_spectrum(lam: jax.Array, q, mode: str) -> jax.Array:
-    """Renyi entropy of order ``q`` of ``lam / sum(lam)`` (negative parts clipped)."""
+    """Renyi entropy of order ``q`` of ``lam / sum(lam)`` (round-off negatives clipped; a
+    clearly negative eigenvalue, a kernel that is not PSD, gives NaN)."""
+    reach = jnp.max(jnp.abs(lam), axis=-1) * lam.shape[-1] * jnp.finfo(lam.dtype).eps
+    not_psd = jnp.min(lam, axis=-1) < -NOT_PSD_ULPS * reach
     lam = jnp.maximum(lam, 0.0)
     p = lam / jnp.sum(lam, axis=-1, keepdims=True)
     eps = jnp.finfo(p.dtype).eps
@@ -64,7 +72,7 @@ def _entropy_of_spectrum(lam: jax.Array, q, mode: str) -> jax.Array:
     else:
         h = jnp.log(jnp.sum(jnp.where(keep, p_safe**q, 0.0), axis=-1)) / (1.0 - q)
     # NaN features (unchecked under jit) must not turn into a plausible score via `keep`.
-    return jnp.where(jnp.any(jnp.isnan(p), axis=-1), jnp.nan, h)
+    return jnp.where(jnp.any(jnp.isnan(p), axis=-1) | not_psd, jnp.nan, h)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -270,7 +278,20 @@ def _vendi_impl(X, kernel, q, weights, bandwidth, exponentiate):
     kernel, q, x, w = _vendi_inputs(X, kernel, q, weights, bandwidth)
     h = _log_vendi_core(x, w, bandwidth if kernel == "rbf" else None, _renyi_q(q, x),
                         kernel=kernel, mode=_order_mode(q))
+    if callable(kernel):
+        _refuse_not_psd(h, x, "the callable kernel's matrix on X")
     return jnp.exp(h) if exponentiate else h
+
+
+def _refuse_not_psd(h, finite_input, what: str) -> None:
+    """A concrete NaN score from finite input means a spectrum with a clearly negative
+    eigenvalue: say so (under jit the NaN stands)."""
+    if (_checks.is_concrete(h) and _checks.is_concrete(finite_input) and bool(jnp.isnan(h))
+            and bool(jnp.isfinite(finite_input).all())):  # fmt: skip
+        raise ValueError(f"{what} is not positive semidefinite with a positive trace (an "
+                         f"eigenvalue below -{NOT_PSD_ULPS} n eps max|eig|, or none above "
+                         "0); the Vendi score needs a PSD similarity matrix with k(x, x) > "
+                         "0")  # fmt: skip
 
 
 def _vendi_inputs(X, kernel="cosine", q=1.0, weights=None, bandwidth=None):
@@ -366,6 +387,7 @@ def _from_kernel_impl(K, q, weights, exponentiate):
     _checks.check_symmetric(k, "K", rtol=1e-4)
     w = _check_weights(weights, k.shape[0])
     h = _log_vendi_from_kernel_core(k, w, _renyi_q(q, k), mode=_order_mode(q))
+    _refuse_not_psd(h, k, "`K`")
     return jnp.exp(h) if exponentiate else h
 
 
