@@ -114,6 +114,12 @@ def test_jit_float32():
          ValueError, "`X` and `Y` must have the same feature dimension"),
         (lambda: metrics.frechet_distance_from_features(np.ones((1, 3)), np.ones((5, 3))),
          ValueError, "`X` needs at least 2 samples"),
+        # features whose covariance overflows float32: named, with the way out (it blamed
+        # `sigma1`, an argument of the other function)
+        (lambda: metrics.frechet_distance_from_features(
+            np.arange(12.0).reshape(4, 3) * 1e20, np.ones((5, 3))), ValueError,
+         r"`X`'s covariance overflows float32 \(features of magnitude up to 1.1e\+21\); "
+         r"rescale the features or pass dtype=jnp.float64"),
         (lambda: jax.jit(lambda m: metrics.frechet_distance(m, jnp.eye(2), m, jnp.eye(2),
                                                             dtype=jnp.float64))(jnp.zeros(2)),
          ValueError, "`dtype=float64` needs concrete inputs"),

@@ -395,6 +395,10 @@ def test_metrics_are_scale_safe(scale):
         float(metrics.mmd(x, y, bandwidth=2.0)), abs=1e-5)
     got, want = metrics.prdc(xs, ys, k=3), metrics.prdc(x, y, k=3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    # the energy distance scales with the features (homogeneous of degree 1): it was NaN
+    # at 1e20 (squared distances overflow) and 0 at 1e-25 (they underflow)
+    assert float(metrics.energy_distance(xs, ys)) / scale == pytest.approx(
+        float(metrics.energy_distance(x, y)), rel=1e-4)
 
 
 # ------------------------------------------------------------------ VP times, token ids

@@ -229,4 +229,10 @@ def frechet_distance_from_features(X, Y, dtype=None) -> jax.Array:
     with _x64_scope(dt, x, y):
         mu1, s1 = feature_statistics(x, dtype=dt)
         mu2, s2 = feature_statistics(y, dtype=dt)
+        for s, name in ((s1, "X"), (s2, "Y")):
+            if _checks.is_concrete(s) and not bool(jnp.isfinite(s).all()):
+                raise ValueError(f"`{name}`'s covariance overflows {jnp.dtype(dt).name} "
+                                 f"(features of magnitude up to "
+                                 f"{float(jnp.max(jnp.abs(x if name == 'X' else y))):.3g}); "
+                                 "rescale the features or pass dtype=jnp.float64")  # fmt: skip
         return frechet_distance(mu1, s1, mu2, s2, dtype=dt)

@@ -50,10 +50,15 @@ def _safe_sqrt(d2):
 @jax.jit
 def _energy_core(x, y):
     n, m = x.shape[0], y.shape[0]
+    # distances scale with the features: compute them on features divided by a power of
+    # two near the largest entry (exact), so norms of 1e20 or 1e-25 neither overflow nor
+    # underflow, and scale the result back
+    s = _scale(x, y)
+    x, y = x / s, y / s
     xy = _pair_sum(_safe_sqrt, x, y) / (n * m)
     xx = _pair_sum(_safe_sqrt, x, x) / (n * n)
     yy = _pair_sum(_safe_sqrt, y, y) / (m * m)
-    return 2.0 * xy - xx - yy
+    return (2.0 * xy - xx - yy) * s
 
 
 @partial(jax.jit, static_argnames=("unbiased",))
