@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxdiv import validation
+
 __all__ = [
     "eps_to_x0",
     "x0_to_eps",
@@ -172,6 +174,7 @@ def as_denoiser(model, schedule, prediction_type: str = "epsilon") -> Prediction
     check_prediction_type(prediction_type)
     if not callable(model):
         raise TypeError(f"model must be callable (x, t, cond) -> prediction, got {type(model)}")
+    validation.process("schedule", schedule)
     if prediction_type == "flow":
         _check_flow_process(schedule)
     return PredictionDenoiser(model, schedule, prediction_type)

@@ -187,6 +187,25 @@ def choice(name: str, value, options: Sequence):
     return value
 
 
+def process(name: str, value, attrs=("alpha", "sigma")):
+    """``value`` if it is a process (a schedule) with the callable attributes ``attrs``;
+    a schedule factory passed uncalled is named as such.
+
+    >>> from jaxdiv import schedules
+    >>> process("schedule", schedules.edm)
+    Traceback (most recent call last):
+    ...
+    TypeError: schedule must be a process such as schedules.edm() (with alpha, sigma), got the function edm: call it, e.g. edm()
+    """  # noqa: E501
+    if all(callable(getattr(value, a, None)) for a in attrs):
+        return value
+    what = (f"the function {value.__name__}: call it, e.g. {value.__name__}()"
+            if callable(value) and hasattr(value, "__name__")
+            else f"{type(value).__name__} {value!r}")  # fmt: skip
+    raise TypeError(f"{name} must be a process such as schedules.edm() (with "
+                    f"{', '.join(attrs)}), got {what}")  # fmt: skip
+
+
 def function(name: str, value, what: str):
     """``value`` if callable; ``what`` describes the expected signature.
 

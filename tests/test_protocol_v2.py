@@ -239,6 +239,10 @@ def test_wrong_kinds_of_sample_and_sampler_arguments_are_named():
                                          r"where alpha = 0, and the sampler evaluates it at "
                                          r"t = 1 \(flow\)"):
         jaxdiv.sample(samplers.ddim(flow, 4), eps_net, NOISE, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"^schedule must be a process such as "
+                                        r"schedules.edm\(\) \(with alpha, sigma\), got "
+                                        r"NoneType None$"):
+        predictions.as_denoiser(lambda x, t, c: x, None)
     below = samplers.ddim(flow, 4).times.at[0].set(0.999)
     out = jaxdiv.sample(samplers.ddim(flow, 4, times=below), eps_net, NOISE, key=jax.random.key(0))
     assert bool(jnp.isfinite(out.x0).all())

@@ -27,13 +27,8 @@ def default_grid(schedule, num_steps, times, grid_kwargs, default_steps):
     ...
     TypeError: schedule must be a process such as schedules.edm() (with alpha, sigma, grid), got the function edm: call it, e.g. edm()
     """  # noqa: E501
-    needed = ("alpha", "sigma") + (() if times is not None else ("grid",))
-    if not all(hasattr(schedule, a) for a in needed):
-        what = (f"the function {schedule.__name__}: call it, e.g. {schedule.__name__}()"
-                if callable(schedule) and hasattr(schedule, "__name__")
-                else f"{type(schedule).__name__} {schedule!r}")  # fmt: skip
-        raise TypeError(f"schedule must be a process such as schedules.edm() (with "
-                        f"{', '.join(needed)}), got {what}")  # fmt: skip
+    validation.process("schedule", schedule,
+                       ("alpha", "sigma") + (() if times is not None else ("grid",)))
     if times is not None:
         if grid_kwargs:
             raise ValueError(f"pass either times= or grid options {sorted(grid_kwargs)}, not both")
