@@ -64,6 +64,12 @@ def test_uniform_grid_and_arguments():
         samplers.karras_grid(schedules.edm(), 5, high=1.0, low=2.0)
     with pytest.raises(ValueError, match="rho must be a finite number > 0"):
         samplers.karras_grid(schedules.edm(), 5, rho=0.0)
+    # above the process's end: the times would be clamped there, the spacing lost
+    with pytest.raises(ValueError, match=r"^high=1000 lies above the process's largest noise "
+                                         r"level, 157\.\d+: the grid would be clamped there"):
+        samplers.karras_grid(schedules.vp_linear(), 5, high=1000.0)
+    with pytest.raises(ValueError, match=r"^high=2 lies above the process's largest t, 1:"):
+        samplers.exponential_grid(schedules.flow(), 5, high=2.0)
     with pytest.raises(TypeError, match="jaxdiv schedule"):
         samplers.exponential_grid(object(), 5)
 

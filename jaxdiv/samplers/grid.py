@@ -85,6 +85,14 @@ def _ends(schedule, space, high, low):
     low = d_lo if low is None else validation.real("low", low, lo=0, lo_open=True)
     if validation.is_concrete(high, low) and not float(high) > float(low):
         raise ValueError(f"need high > low, got high={float(high):g}, low={float(low):g}")
+    # a VP process ends at timestep T - 1, a flow at t = 1: beyond, times would be clamped
+    # there and the spacing silently lost
+    top = {"VPSchedule": d_hi, "FlowSchedule": 1.0}.get(type(schedule).__name__)
+    if top is not None and validation.is_concrete(high, top) and float(high) > float(top) * (
+            1 + 1e-6):  # fmt: skip
+        what = "noise level" if space != "t" else "t"
+        raise ValueError(f"high={float(high):g} lies above the process's largest {what}, "
+                         f"{float(top):.6g}: the grid would be clamped there")  # fmt: skip
     return high, low
 
 
