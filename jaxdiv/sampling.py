@@ -232,6 +232,16 @@ def _check_inputs(sampler, denoiser, noise, key, cond, groups):
             "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, or your own), "
             f"got {type(sampler).__name__}"
         )
+    times = sampler.times
+    if not isinstance(times, (jax.Array, np.ndarray)):
+        raise TypeError(f"sampler.times must be an array (samplers.check_times(times, "
+                        f"schedule) checks and converts one), got {type(times).__name__}")
+    if validation.is_concrete(times):  # a custom sampler's grid: the factories check theirs
+        t = np.asarray(times)
+        # (a pipeline's DDIM grid may repeat its clean end, as diffusers' does)
+        if t.ndim != 1 or t.shape[0] < 2 or not np.all(np.diff(t) <= 0):
+            raise ValueError(f"sampler.times must be a decreasing 1-D grid of at least 2 "
+                             f"times, got {t.tolist()}")  # fmt: skip
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable (x, t, cond) -> x0_hat, got {type(denoiser)}")
     if not _binds(denoiser, 3):

@@ -243,6 +243,16 @@ def test_wrong_kinds_of_sample_and_sampler_arguments_are_named():
                                         r"schedules.edm\(\) \(with alpha, sigma\), got "
                                         r"NoneType None$"):
         predictions.as_denoiser(lambda x, t, c: x, None)
+    # a custom sampler's grid (the factories check their own)
+    with pytest.raises(TypeError, match=r"^sampler.times must be an array"):
+        jaxdiv.sample(SMP._replace(times=[80.0, 1.0, 0.0]), gaussian_den, NOISE,
+                      key=jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^sampler.times must be a decreasing 1-D grid of at "
+                                         r"least 2 times, got \[1.0, 80.0, 0.0\]"):
+        jaxdiv.sample(SMP._replace(times=jnp.array([1.0, 80.0, 0.0])), gaussian_den, NOISE,
+                      key=jax.random.key(0))  # fmt: skip
+    with pytest.raises(TypeError, match=r"^times must be real numbers, got dtype <U2"):
+        samplers.ddim(schedules.edm(), times=["80", "1", "0"])
     below = samplers.ddim(flow, 4).times.at[0].set(0.999)
     out = jaxdiv.sample(samplers.ddim(flow, 4, times=below), eps_net, NOISE, key=jax.random.key(0))
     assert bool(jnp.isfinite(out.x0).all())

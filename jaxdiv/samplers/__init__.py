@@ -2,6 +2,7 @@
 
 from jaxdiv.samplers.base import (
     Sampler,
+    check_times,
     first_order_step,
     first_order_update,
     no_state,
@@ -38,6 +39,7 @@ __all__ = [
     "exponential_grid",
     "uniform_grid",
     "first_order_update",
+    "check_times",
     "first_order_step",
     "no_state",
     "per_sample_normal",

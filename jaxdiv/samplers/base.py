@@ -188,6 +188,9 @@ def check_times(times, schedule, name: str = "times", clean_end: bool = True):
     """
     if isinstance(times, jax.core.Tracer):
         return jnp.asarray(times, working_dtype(times))
+    kind = np.asarray(times).dtype.kind
+    if kind not in "fiu":  # strings would parse, complex numbers lose their imaginary part
+        raise TypeError(f"{name} must be real numbers, got dtype {np.asarray(times).dtype}")
     arr = np.asarray(times, np.float64)
     if arr.ndim != 1 or arr.shape[0] < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {arr.shape}")
