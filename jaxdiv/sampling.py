@@ -178,10 +178,14 @@ def _check_epsilon_at_alpha_zero(sampler, denoiser):
         return
     schedule = getattr(denoiser, "schedule", None)
     if not callable(getattr(schedule, "alpha", None)) or not validation.is_concrete(
-            sampler.times):  # fmt: skip
+            sampler.times, schedule):  # fmt: skip
         return
     t = np.asarray(sampler.times, np.float64)[:-1]  # the last time is never evaluated
-    zero = np.asarray(schedule.alpha(t), np.float64) == 0
+    with jax.ensure_compile_time_eval():
+        alpha = schedule.alpha(t)
+    if not validation.is_concrete(alpha):
+        return
+    zero = np.asarray(alpha, np.float64) == 0
     if zero.any():
         raise ValueError(
             f"denoiser: an epsilon-prediction network gives x0_hat = (x - sigma eps) / alpha, "
