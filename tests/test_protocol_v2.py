@@ -56,6 +56,13 @@ SWEEPS = {
     "cads_tau": (lambda t: guidance.cads(tau1=t, tau2=0.9, noise_scale=0.5),
                  [0.1, 0.2, 0.3, 0.5, 0.7], COND),
     "particle": (lambda s: guidance.particle(s), [0.01, 0.02, 0.05, 0.1, 0.2], None),
+    "particle_eps": (lambda s: guidance.particle(s, time_scaling="eps", min_noise_level=1.0),
+                     [0.01, 0.02, 0.05, 0.1, 0.2], None),
+    "interval_per_step": (lambda h: guidance.interval(3.0, 0.1, h, per_step=True),
+                          [0.5, 2.0, 10.0, 50.0, 90.0], COND),
+    "window_of_chain": (lambda lo: guidance.window(
+        guidance.chain(guidance.particle(0.05), guidance.spell(radius=1.0)),
+        noise_level=(lo, None)), [0.01, 0.5, 2.0, 10.0, 30.0], None),
     "spell": (lambda r: guidance.spell(radius=r), [0.5, 1.0, 1.5, 2.0, 3.0], None),
     "spell_reference": (lambda r: guidance.spell(radius=r, reference=EXACT_INDEX,
                                                  intra_batch=False),
@@ -88,6 +95,10 @@ def test_five_value_sweep_compiles_once_and_each_value_acts(name):
 
 def test_sweep_on_a_heun_sampler_compiles_once():
     compiles, _ = _sweep(lambda s: guidance.particle(s), [0.01, 0.02, 0.05, 0.1, 0.2], HEUN)
+    assert compiles == 0
+    # per_step windows read the step's own time on Heun's second evaluation: still values
+    compiles, _ = _sweep(lambda h: guidance.interval(3.0, 0.1, h, per_step=True),
+                         [0.5, 2.0, 10.0, 50.0, 90.0], HEUN, cond=COND)  # fmt: skip
     assert compiles == 0
 
 

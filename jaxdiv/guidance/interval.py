@@ -28,8 +28,9 @@ def interval(scale, sigma_lo, sigma_hi, null_cond=None, *, per_step: bool = Fals
     Heun evaluations of the step. The default, ``per_step=False``, is the paper's
     definition, a guided denoiser piecewise in its own noise level: it tests each
     evaluation's noise level, which on that sampler guides step 16's correction
-    (evaluated at sigma 1.609) and leaves step 22's (at 0.189) unguided; on one-evaluation
-    samplers (DDIM, Euler, DPM-Solver) the two agree.
+    (evaluated at step 17's noise level, inside the interval) and leaves step 22's (at step
+    23's, below it) unguided; on one-evaluation samplers (DDIM, Euler, DPM-Solver) the two
+    agree (``tests/test_baselines_cfg_interval.py`` checks both).
 
     Args:
         scale: guidance weight ``w`` inside the interval (diffusers convention).
