@@ -180,17 +180,17 @@ def _check_epsilon_at_alpha_zero(sampler, denoiser):
     if not callable(getattr(schedule, "alpha", None)) or not validation.is_concrete(
             sampler.times, schedule):  # fmt: skip
         return
-    t = np.asarray(sampler.times, np.float64)[:-1]  # the last time is never evaluated
+    # alpha falls with t on every process: only the grid's first (largest) time can be 0
+    t0 = float(np.asarray(sampler.times)[0])
     with jax.ensure_compile_time_eval():
-        alpha = schedule.alpha(t)
+        alpha = schedule.alpha(t0)
     if not validation.is_concrete(alpha):
         return
-    zero = np.asarray(alpha, np.float64) == 0
-    if zero.any():
+    if float(alpha) == 0:
         raise ValueError(
             f"denoiser: an epsilon-prediction network gives x0_hat = (x - sigma eps) / alpha, "
             f"undefined where alpha = 0, and the sampler evaluates it at t = "
-            f"{t[np.argmax(zero)]:g} ({getattr(schedule, 'name', type(schedule).__name__)}), "
+            f"{t0:g} ({getattr(schedule, 'name', type(schedule).__name__)}), "
             "where alpha = 0; pass times= starting below it, or wrap a 'flow' or "
             "'v_prediction' network"
         )
