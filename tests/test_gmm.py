@@ -79,6 +79,20 @@ def test_storage_kinds_agree():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("covs", ["iso", "diag", "full"])
+def test_half_precision_input_is_computed_in_float32(covs):
+    """jaxdiv.dtypes' rule: float16 x far out in EDM's noise (|x|^2 overflows float16 from
+    |x| ~ 181) gives the float32 answer, not NaN (the isotropic path gave NaN)."""
+    means = jnp.array([[0.0, 0.0], [3.0, 3.0]])
+    c = {"iso": jnp.ones(2), "diag": jnp.ones((2, 2)), "full": jnp.stack([jnp.eye(2)] * 2)}
+    gm = toy.GaussianMixture(means, c[covs])
+    x = jnp.array([[200.0, -150.0]])
+    for f in ("posterior_mean", "score", "log_prob"):
+        half = getattr(gm, f)(x.astype(jnp.float16), 1.0, 80.0)
+        assert half.dtype == jnp.float32, f
+        np.testing.assert_array_equal(half, getattr(gm, f)(x, 1.0, 80.0), err_msg=f)
+
+
 def test_sampling_moments(gmm2):
     x = gmm2.sample(jax.random.key(9), 200_000)
     np.testing.assert_allclose(x.mean(0), gmm2.mean(), atol=0.02)

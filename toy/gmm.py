@@ -208,7 +208,9 @@ class GaussianMixture:
         return log_norm[:, None] - 0.5 * jnp.sum(z * z / var[:, :, None], 1), z, var
 
     def _flat(self, x):
-        x = jnp.asarray(x)
+        # jaxdiv.dtypes' rule: half-precision x is computed in float32 (|x|^2 of a float16
+        # x overflows from |x| ~ 181, far inside EDM's sigma_max = 80 noise)
+        x = as_float(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension d={self.dim}, got shape {x.shape}")
         return x.reshape(-1, self.dim), x.shape
