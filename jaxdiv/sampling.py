@@ -347,7 +347,10 @@ def sample(
             process time. A callable pytree (like ``toy.GaussianMixture.denoiser``) has
             its arrays traced; a closure's arrays are compiled-in arguments.
         noise: standard normal ``(B, ...)``; the sampler scales it (by ``sigma_max`` on EDM),
-            so the same noise gives comparable runs across samplers.
+            so the same noise gives comparable runs across samplers. Its dtype is the
+            state's: ``x`` is carried between steps in it (half precision too, as
+            diffusers' fp16 pipelines do), while the grid and each step's arithmetic are
+            at least float32 (:mod:`jaxdiv.dtypes`).
         key: PRNG key for the samplers' and guidance terms' randomness. Sample ``b`` uses
             ``split(key, B)[b]``-derived streams, so without coupling terms a sample does
             not depend on the batch size. With ``groups``, also one key per group

@@ -156,3 +156,20 @@ def test_x64_runs_keep_float64_grids_and_steps(name):
                 x0 = (1 - t) * x / ((1 - t) ** 2 + t**2)
                 x = x + (tn - t) * (x - x0) / t
         np.testing.assert_allclose(out.x0, x, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_runs_keep_the_step_sizes_in_float32(dtype):
+    """A half-precision run carries ``x`` (and DPM-Solver++'s ``x0_hat`` history) in the
+    noise's dtype, as diffusers' fp16 pipelines do, but the log-SNR increments ``h`` that
+    set the multistep ratios stay in the grid's float32: equal to a float32 NumPy
+    computation from the grid (in bfloat16 they were rounded by up to 0.4%)."""
+    sch = schedules.vp_linear()
+    s = samplers.dpmpp_3m(sch, 12)
+    noise = jax.random.normal(jax.random.key(0), (4, 2)).astype(dtype)
+    out = jaxdiv.sample(s, lambda x, t, c: 0.5 * x, noise, key=jax.random.key(1))
+    assert out.x0.dtype == out.sampler_state.x0_hat.dtype == dtype
+    assert out.sampler_state.h.dtype == out.sampler_state.h_prev.dtype == jnp.float32
+    ts = np.asarray(s.times, np.float32)[:-1]     # the clean end's lambda is inf
+    lam = np.log(np.asarray(sch.alpha(ts)) / np.asarray(sch.sigma(ts)))
+    np.testing.assert_allclose(out.sampler_state.h_prev, lam[-1] - lam[-2], rtol=1e-6)
