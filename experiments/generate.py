@@ -56,7 +56,8 @@ knob flag of another method is refused:
   --pg-min-noise-level 1`` is PG's public SD code;
 * ``cads``: noise on the text embedding (``--cads-noise-scale/-tau1/-tau2/-psi``);
 * ``interval``: CFG with scale ``--cfg`` only for noise levels in
-  ``(--interval-lo, --interval-hi]`` (SD-XL's 0.28, 5.42);
+  ``(--interval-lo, --interval-hi]`` (SD-XL's 0.28, 5.42); ``--interval-rule step``
+  decides once per step, as EDM2's official code does (matters with ``--sampler edm``);
 * ``gass``: needs ``<model>/image_encoder`` and a CLIP text projection into its space
   (``--clip-projection FOLDER``, unless the text encoder has its own); paper defaults,
   Adam on the latent ``x0_hat`` through the VAE decoder;
@@ -138,6 +139,16 @@ _RUN_KEYS = (
 _LEGACY = {"method": "none", "method_knobs": {}}
 
 
+# method -> knobs a folder from before the knob's flag lacks, and the value that run used:
+# TPSO's plain null before --tpso-null-pool, PG's paper form always on before
+# --pg-time-scaling / --pg-min-noise-level, the per-evaluation rule before --interval-rule
+_LEGACY_KNOBS = {
+    "tpso": {"null_pool": "none"},
+    "particle": {"time_scaling": "score", "min_noise_level": "none"},
+    "interval": {"rule": "evaluation"},
+}
+
+
 def _legacy(old: dict, key: str):
     """A setting missing from an older metadata.json: what that version did."""
     if key == "clean_endpoint":  # DDIM grids ended at sigma = 0 before --clean-endpoint
@@ -205,6 +216,7 @@ METHOD_KNOBS = {
     "interval": (
         ("sigma_lo", "--interval-lo", 0.28, "nonnegative"),
         ("sigma_hi", "--interval-hi", 5.42, "upper"),
+        ("rule", "--interval-rule", "evaluation", "interval_rule"),
     ),
     "gass": (
         ("r_dep", "--gass-r-dep", 0.02, "nonnegative"),
@@ -229,6 +241,8 @@ METHOD_KNOBS = {
         ("tau", "--contextual-tau", 4, "count"),
     ),
 }
+# --interval-rule's values: guidance.interval(..., per_step=False / True)
+INTERVAL_RULES = ("evaluation", "step")
 KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
 # what each knob flag sets, and the paper's value (the default, where the paper gives one)
 KNOB_HELP = {
@@ -250,6 +264,10 @@ KNOB_HELP = {
                      "EDM2: 0.19)",
     "--interval-hi": "interval guidance: highest guided noise level, inclusive, or inf "
                      "(SD-XL: 5.42; EDM2: 1.61)",
+    "--interval-rule": "interval guidance: 'evaluation' (the paper's text: each network "
+                       "evaluation by its own noise level) or 'step' (EDM2's official code: "
+                       "both of a Heun step's evaluations by the level where the step "
+                       "starts); the two differ only with --sampler edm",
     "--gass-r-dep": "GASS target radius along the text direction e_t (paper: 0.02)",
     "--gass-r-ind": "GASS target radius along u_ind (paper: 0.02)",
     "--gass-lr": "GASS Adam learning rate on x0_hat (paper: 1e-4)",
@@ -303,11 +321,12 @@ def knob_value(flag: str, text: str, kind: str):
         return str(folder.resolve())
     if kind in ("pool", "level") and text == "none":
         return "none"
-    if kind == "pg_scaling":
+    if kind in ("pg_scaling", "interval_rule"):
         from jaxdiv.guidance.particle import TIME_SCALINGS
 
-        if text not in TIME_SCALINGS:
-            raise ValueError(f"{flag} must be one of {', '.join(TIME_SCALINGS)}, got {text!r}")
+        choices = TIME_SCALINGS if kind == "pg_scaling" else INTERVAL_RULES
+        if text not in choices:
+            raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {text!r}")
         return text
     if kind in ("count", "pool"):
         try:
@@ -585,7 +604,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         return cfg_term, cond
     if method == "interval":
         return guidance.interval(cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null,
-                                 **scaled), cond  # fmt: skip
+                                 per_step=k["rule"] == "step", **scaled), cond  # fmt: skip
     if method == "tpso":
         # on SD3 each CLIP encoder's own projection (method_knobs refuses a folder there)
         sd3 = generation.is_sd3(pipe)
@@ -1035,12 +1054,8 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
     except (ValueError, KeyError) as err:
         raise RunError(f"--out {str(out)!r}: unreadable metadata.json ({err})") from err
     knobs = old.get("method_knobs")
-    if old.get("method") == "tpso" and isinstance(knobs, dict) and "null_pool" not in knobs:
-        old = {**old, "method_knobs": {**knobs, "null_pool": "none"}}  # before the pool
-    if old.get("method") == "particle" and isinstance(knobs, dict) and "time_scaling" not in knobs:
-        # before --pg-time-scaling / --pg-min-noise-level: the paper's form, always on
-        old = {**old, "method_knobs": {**knobs, "time_scaling": "score",
-                                       "min_noise_level": "none"}}  # fmt: skip
+    if isinstance(knobs, dict):  # knobs added since: what the older version did
+        old = {**old, "method_knobs": {**_LEGACY_KNOBS.get(old.get("method"), {}), **knobs}}
     diffs = [
         f"{k}: {old.get(k, _legacy(old, k))!r} -> {settings[k]!r}"
         for k in _RUN_KEYS
@@ -1369,7 +1384,8 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
     # levels, a TPSO ratio scheduling no step): refused now, before any folder is written
     k = args.method_knobs
     probes = {"interval": lambda: guidance.interval(
-                  args.cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null),
+                  args.cfg, k["sigma_lo"], float(k["sigma_hi"]), null_cond=null,
+                  per_step=k["rule"] == "step"),
               "tpso": lambda: guidance.tpso(jnp.zeros((1,)), k["ratio"])}  # fmt: skip
     probe = probes.get(args.method)
     if probe is not None:

@@ -65,9 +65,9 @@ _OneLineParser = generate._OneLineParser
 
 
 def log(msg: str) -> None:
-    """Print a progress line prefixed with ``[sd_methods]`` (above the progress bar when
+    """Print a progress line prefixed with ``[sd-methods]`` (above the progress bar when
     one is drawn; nothing with ``--quiet``)."""
-    say("sd_methods", msg)
+    say("sd-methods", msg)
 
 
 def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> argparse.Namespace:

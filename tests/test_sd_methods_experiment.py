@@ -550,6 +550,35 @@ def test_pg_public_sd_code_knobs_build_that_term(model):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_interval_rule_builds_that_term_and_older_folders_resume_per_evaluation(model, tmp_path):
+    """``--interval-rule step`` is ``interval(..., per_step=True)`` (EDM2's official code);
+    the default the paper's per-evaluation rule, which a folder from before the flag ran
+    (it resumes as that, and refuses ``step``)."""
+    from jaxdiv import guidance
+
+    null = jnp.zeros((1, 2, 4))
+    for flags, per_step in [({"--interval-rule": "step"}, True), ({}, False)]:
+        knobs = generate.method_knobs("interval", flags, str(model))
+        term, _ = generate.method_term(None, "interval", knobs, cfg=2.0, null=null, cond=null,
+                                       prompt="a cat", key=None)  # fmt: skip
+        want = guidance.interval(2.0, 0.28, 5.42, null_cond=null, per_step=per_step)
+        assert jax.tree.structure(term) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(term), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="--interval-rule must be one of evaluation, step, "
+                                         "got 'steps'"):  # fmt: skip
+        generate.method_knobs("interval", {"--interval-rule": "steps"}, str(model))
+    settings = {k: None for k in generate._RUN_KEYS}
+    settings.update(method="interval", method_knobs=generate.method_knobs("interval", {},
+                                                                          str(model)))
+    legacy = {**settings, "method_knobs": {"sigma_lo": 0.28, "sigma_hi": 5.42}}
+    (tmp_path / "metadata.json").write_text(json.dumps({"settings": legacy}))
+    assert generate.check_existing(tmp_path, settings) is not None
+    step = {**settings, "method_knobs": {**settings["method_knobs"], "rule": "step"}}
+    with pytest.raises(generate.RunError, match="'rule': 'evaluation'"):
+        generate.check_existing(tmp_path, step)
+
+
 def test_sd_methods_model_folder_problems_are_one_line(model, tmp_path, capsys):
     """A folder that is not a pipeline, or one missing a component, is refused in one line
     (exit 2) as ``generate`` refuses it, not with the loader's traceback."""
