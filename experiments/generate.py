@@ -1339,11 +1339,18 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             grid = write_grid(out, files)
             log(f"all {args.n * len(args.prompt)} images already in {out / 'images'}; wrote "
                 f"{grid}")  # fmt: skip
-            # the counters describe this run (the image list, what the folder holds)
-            counts = {"generated_this_run": 0, "skipped_this_run": args.n * len(args.prompt)}
-            if any(previous.get(k) != v for k, v in counts.items()):
-                previous = {**previous, **counts}
+            total = args.n * len(args.prompt)
+            if not isinstance(previous.get("images"), list) or "grid" not in previous:
+                # killed after its last image but before its final metadata: finish it now
+                previous = _finish_metadata(dict(previous), args, grid, 0, total)
                 write_json(out / "metadata.json", previous)
+                _remove_progress(out)
+            else:
+                # the counters describe this run (the image list, what the folder holds)
+                counts = {"generated_this_run": 0, "skipped_this_run": total}
+                if any(previous.get(k) != v for k, v in counts.items()):
+                    previous = {**previous, **counts}
+                    write_json(out / "metadata.json", previous)
         processes.barrier(procs, "jaxdiv-generate-finished")
         return previous
 
@@ -1610,29 +1617,41 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             return json.loads((out / "metadata.json").read_text())
         _merge_progress(out, meta, procs, files)
     grid = write_grid(out, files)
+    if multi:
+        generated = sum(r.get("generated_this_run", 0) for r in meta["processes"]["runs"])
+        skipped = sum(r.get("skipped_this_run", 0) for r in meta["processes"]["runs"])
+    meta = _finish_metadata(meta, args, grid, generated, skipped)
+    write_json(out / "metadata.json", meta)
+    if multi:
+        _remove_progress(out)
+    log(f"wrote {grid} and {out / 'metadata.json'} ({generated} new, {skipped} skipped)")
+    processes.barrier(procs, "jaxdiv-generate-finished")
+    return meta
+
+
+def _finish_metadata(meta: dict, args, grid: Path, generated: int, skipped: int) -> dict:
+    """``meta`` of a finished run: the image list, every image done, the grid and this
+    run's counters (what ``evaluate`` reads as a finished folder)."""
     meta["images"] = [
         {"file": f"images/{image_name(j, i)}", "prompt_index": j, "prompt": p, "image_index": i}
         for j, p in enumerate(args.prompt)
         for i in range(args.n)
     ]
-    meta["images_done"] = total_all
-    if multi:
-        generated = sum(r.get("generated_this_run", 0) for r in meta["processes"]["runs"])
-        skipped = sum(r.get("skipped_this_run", 0) for r in meta["processes"]["runs"])
+    meta["images_done"] = len(meta["images"])
     meta["generated_this_run"] = generated
     meta["skipped_this_run"] = skipped
     meta["grid"] = grid.name
-    write_json(out / "metadata.json", meta)
-    if multi:
-        for f in sorted((out / PROGRESS_DIR).glob("process-*.json")):
-            f.unlink(missing_ok=True)
-        try:
-            (out / PROGRESS_DIR).rmdir()
-        except OSError:  # not empty: files that are not ours
-            pass
-    log(f"wrote {grid} and {out / 'metadata.json'} ({generated} new, {skipped} skipped)")
-    processes.barrier(procs, "jaxdiv-generate-finished")
     return meta
+
+
+def _remove_progress(out: Path) -> None:
+    """The per-process progress files of a finished job (and their folder, if empty)."""
+    for f in sorted((out / PROGRESS_DIR).glob("process-*.json")):
+        f.unlink(missing_ok=True)
+    try:
+        (out / PROGRESS_DIR).rmdir()
+    except OSError:  # absent, or not empty: files that are not ours
+        pass
 
 
 def _share_spell_radii(procs, resolved: dict, n_prompts: int, spell_radius) -> None:

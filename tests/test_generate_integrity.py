@@ -302,6 +302,42 @@ def test_full_disk_then_rerun_resumes_byte_identical(
     assert meta["images_done"] == 4 and meta["generated_this_run"] == 4 - fail_at // 2
 
 
+def test_a_run_stopped_before_its_final_metadata_is_finished_by_a_rerun(
+    model, reference, tmp_path, monkeypatch, capsys
+):
+    """Every image written, then the final metadata.json (image list, grid) lost: a rerun
+    has nothing to generate and must still finish the folder, or ``evaluate`` refuses it
+    for good (the rerun used to exit 0 leaving it unfinished)."""
+    from experiments import evaluate
+
+    ref = reference()
+    out = tmp_path / "last_write"
+    real = run_folder.atomic_write
+
+    def fail_final(path, data):
+        if Path(path).name == "metadata.json" and b'"grid"' in data:
+            raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(run_folder, "atomic_write", fail_final)
+    assert generate.main(argv(model, out, n=4)) == 1
+    capsys.readouterr()
+    assert matches(out, ref, 4)
+    assert "images" not in json.loads((out / "metadata.json").read_text())
+    with pytest.raises(evaluate.EvaluateError, match="not a finished"):
+        evaluate.read_image_set(out)
+    monkeypatch.setattr(run_folder, "atomic_write", real)
+    assert generate.main(argv(model, out, n=4)) == 0
+    assert "already in" in capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["images_done"] == 4 and meta["grid"] == "grid.png"
+    assert [m["file"] for m in meta["images"]] == [
+        f"images/{generate.image_name(0, i)}" for i in range(4)
+    ]
+    assert (meta["generated_this_run"], meta["skipped_this_run"]) == (0, 4)
+    assert len(evaluate.read_image_set(out).files) == 4 and clean(out)
+
+
 # -- damaged images --------------------------------------------------------------------
 
 
