@@ -16,12 +16,12 @@ Sampler: ``samplers.edm(schedules.edm(), --steps)`` (Karras Heun, deterministic)
 * ``iid``: no guidance;
 * ``PG, x0 variant (jaxdiv)``: ``particle(strength, space="x0_hat", time_scaling="x0",
   min_noise_level=1.0)`` -- x0_hat space, constant weight, off below noise level 1 (not
-  the paper's formulation; jaxdiv's default before protocol v2);
+  the paper's formulation; ``particle``'s default in jaxdiv's first releases);
 * ``PG (SD code: score form, sigma >= 1)``: ``particle(strength, min_noise_level=1.0)``
   -- the paper's score-form force on ``x_t``, switched off below noise level 1 as in PG's
   public Stable Diffusion code (whose ``eps``-form scaling, ``time_scaling="eps"``, equals
   the score form on this EDM process, where ``alpha = 1``);
-* ``SPELL``: ``spell(radius)``, intra-batch shields (if ``jaxdiv.guidance.spell`` exists).
+* ``SPELL``: ``spell(radius)``, intra-batch shields.
 
 Writes ``<out>.json`` (modes hit mean and standard error, on-mode fraction, per strength)
 and ``<out>.png`` (one run's particles per method).
@@ -30,7 +30,6 @@ and ``<out>.png`` (one run's particles per method).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import textwrap
 import time
 
@@ -42,7 +41,7 @@ import jaxdiv
 import toy
 from experiments.common import at_least, progress, save_figure, seed, write_json
 from jaxdiv import samplers, schedules
-from jaxdiv.guidance.particle import particle
+from jaxdiv.guidance import particle, spell
 
 NUM_MODES, VARIANCE, PARTICLES = 10, 0.005, 10
 PG_X0 = "PG, x0 variant (jaxdiv)"
@@ -56,10 +55,6 @@ def ring_mixture(num_modes=NUM_MODES, variance=VARIANCE) -> toy.GaussianMixture:
     """``num_modes`` equal Gaussians of variance ``variance`` on the unit circle."""
     th = 2 * np.pi * np.arange(num_modes) / num_modes
     return toy.GaussianMixture(np.stack([np.cos(th), np.sin(th)], 1), np.full(num_modes, variance))
-
-
-def have_spell() -> bool:
-    return importlib.util.find_spec("jaxdiv.guidance.spell") is not None
 
 
 def mode_stats(x, means, variance=VARIANCE):
@@ -95,11 +90,8 @@ def run(runs=100, steps=32, seed=0):
             PG_STRENGTHS,
         ),
         PG_SD: (lambda v: particle(v, min_noise_level=1.0), PG_SD_STRENGTHS),
+        "SPELL": (lambda v: spell(v), SPELL_RADII),
     }
-    if have_spell():
-        from jaxdiv.guidance.spell import spell
-
-        methods["SPELL"] = (lambda v: spell(v), SPELL_RADII)
     table, examples = {}, {}
     for name, (make, values) in methods.items():
         t0 = time.perf_counter()
@@ -162,7 +154,7 @@ def main(argv=None):
     table, examples = run(args.runs, args.steps, args.seed)
     setting = dict(runs=args.runs, particles=PARTICLES, modes=NUM_MODES, variance=VARIANCE,
                    sampler=f"edm Heun {args.steps} steps", seed=args.seed,
-                   spell_available=have_spell(), iid_expected=NUM_MODES * (1 - 0.9**10),
+                   iid_expected=NUM_MODES * (1 - 0.9**10),
                    seconds=time.perf_counter() - t0)  # fmt: skip
     write_json(args.out + ".json", dict(setting=setting, results=table))
     plot(examples, np.asarray(ring_mixture().means), args.out + ".png")

@@ -3,11 +3,14 @@
     python -m experiments.spell_sparsity            # ~1-2 min on CPU
 
 128 two-moons samples (data scale 2, see ``experiments/spell_two_moons.py``) generated in
-batches of 8 with intra-batch *and* previous-batch shields (the paper's Fig. 5 / Fig. 11
-setting), DDIM (eta = 0, 50 steps, like Latent Diffusion) on the DDPM VP schedule. Four
+batches of 8 with intra-batch *and* previous-batch shields, DDIM (eta = 0, 50 steps, like
+Latent Diffusion) on the DDPM VP schedule. The mix of shields is the paper's Fig. 5 / Fig.
+11 setting, at a larger scale: Fig. 11 generates 2 images at a time, 4-32 per prompt (at
+most 30 earlier images), while the last batch here repels from 120 earlier samples. Four
 variants: r = 0.075; r = 0.075 with overcompensation 1.6; a 1.5x larger radius (App. H
-Fig. 13); and the larger radius with overcompensation 2 (Fig. 14). A fifth run repeats
-the base variant with the ancestral sampler (eta = 1).
+Fig. 13, whose shields are 8 protected images); and the larger radius with
+overcompensation 2 (Fig. 14 uses overcompensation 2 at the standard radius). A fifth run
+repeats the base variant with the ancestral sampler (eta = 1).
 
 Writes ``results/spell_sparsity.png`` ((a) |score correction| / |score| per step over the
 active trajectories, (b) share of trajectories with a non-zero term vs t) and

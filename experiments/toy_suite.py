@@ -1,4 +1,4 @@
-"""The toy suite behind `make demo`: every sampler on an exact GMM and on two moons.
+"""The toy suite behind `make toy-suite`: every sampler on an exact GMM and on two moons.
 
     python -m experiments.toy_suite [--out results/toy_suite] [--n 4096]
 

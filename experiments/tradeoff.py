@@ -72,7 +72,7 @@ LABELS = dict(precision="precision", recall="recall", density="density", coverag
               clip="toy CLIP (100 p(c|x), blur 0.5)", vendi="Vendi (RBF h=0.5)")  # fmt: skip
 
 
-def method_sweeps(have_spell: bool):
+def method_sweeps():
     """name -> (guidance factory of the traced parameter(s), parameter values, label)."""
     cfg = guidance.cfg
     sweeps = {
@@ -101,15 +101,12 @@ def method_sweeps(have_spell: bool):
             np.array([0.01, 0.03, 0.1, 0.3, 1.0]),
             "strength",
         ),
-    }
-    if have_spell:
-        from jaxdiv.guidance.spell import spell
-
-        sweeps["SPELL"] = (
-            lambda r: guidance.chain(cfg(BASE_W), spell(r)),
+        "SPELL": (
+            lambda r: guidance.chain(cfg(BASE_W), guidance.spell(r)),
             np.array([0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
             "radius",
-        )
+        ),
+    }
     return sweeps
 
 
@@ -244,9 +241,8 @@ def run_study(n_per_class=512, batch=16, steps=24, seed=0):
     conds = jnp.broadcast_to(cm.condition(jnp.arange(c))[:, None], (c, batch, cm.cond_dim))
     refs = [cm.sample(jax.random.key(seed + 100 + k), n_per_class, cm.condition(k))
             for k in range(c)]  # fmt: skip
-    have_spell = pg_ring.have_spell()
     rows, timings = [], {}
-    for name, (make, values, label) in method_sweeps(have_spell).items():
+    for name, (make, values, label) in method_sweeps().items():
         t0 = time.perf_counter()
         xs = np.asarray(sample_sweep(sampler, den, make, values, noise, keys, conds))
         for v, x in zip(values, xs):
@@ -266,8 +262,7 @@ def run_study(n_per_class=512, batch=16, steps=24, seed=0):
                    sampler=f"edm Heun {steps} steps (NFE {sampler.nfe})", base_cfg=BASE_W,
                    prdc_k=PRDC_K, vendi=f"rbf, bandwidth {VENDI_BANDWIDTH}",
                    clip=f"100 * mean p(c | x_t = x) at noise level {CLIP_BLUR}, null prior",
-                   seed=seed,
-                   spell_available=have_spell, seconds_per_method=timings)  # fmt: skip
+                   seed=seed, seconds_per_method=timings)  # fmt: skip
     return rows, exact_row, setting
 
 

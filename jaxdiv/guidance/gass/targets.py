@@ -140,6 +140,8 @@ def gass_targets(
     ``g_i ~ U[-r_ind, r_ind]`` i.i.d., renormalised onto the sphere. All randomness comes
     from ``key``: different keys give fresh directions and perturbations (the public
     code re-seeded here, so every step drew the same ones), the same key reproduces.
+    The direction search uses ``jax.random.split(key)[0]`` and the shifts the other half,
+    so ``metrics.spp(emb, text_emb, jax.random.split(key)[0])`` finds the same ``u_ind``.
 
     Implements GASS (ICML 2026) Algorithm 1 and Sec. 4.2.
 
