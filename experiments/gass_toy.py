@@ -16,9 +16,10 @@ paper's 20 of 50) or, in the "early" row, on the first 10.
 
 Toy hyperparameters. The paper's ``lr = 1e-4`` and ``r = 0.02`` are for SD latents and
 CLIP ViT-H; on these toys the embeddings' spread is ``SPP ~ 0.4-0.5`` (the paper's CLIP
-SPP of one prompt's images: 0.11-0.15 generated, 0.22 for real ImageNet images), and Adam at ``1e-4`` moves a 2-D point by at most ``6e-3`` in 60
-iterations, so we scale both: ``lr = 0.05``, ``r = 0.1`` (and 0.25 for the
-"excessive" row); patience 4, tolerance 5e-4 and 60 iterations as in the paper.
+SPP of one prompt's images: 0.11-0.15 generated, 0.22 for real ImageNet images), and Adam
+at ``1e-4`` moves a 2-D point by at most ``6e-3`` in 60 iterations, so we scale both:
+``lr = 0.05``, ``r = 0.1`` (and 0.25 for the "excessive" row); patience 4, tolerance 5e-4
+and 60 iterations as in the paper.
 
 Metrics, per batch then averaged (mean +- standard error over batches): SPP, D_dep,
 D_ind (``metrics.spp`` with one fixed key for every configuration), alignment (mean
