@@ -79,11 +79,11 @@ def _path(path) -> str:
     return jax.tree_util.keystr(path)
 
 
-def shard_batch(tree, mesh: Mesh, axis: str = DATA):
+def shard_batch(tree, mesh: Mesh, axis: str = DATA, *, name: str = ""):
     """Place every array leaf of ``tree`` with its leading (batch) axis split along ``axis``.
 
     Scalars are replicated. A batch size the axis does not divide is refused, naming the
-    leaf: padding would change coupled terms' results.
+    leaf (``name`` and its path in ``tree``): padding would change coupled terms' results.
 
     >>> import jax.numpy as jnp
     >>> x = shard_batch(jnp.ones((4, 2)), make_mesh(1, 1))
@@ -103,7 +103,7 @@ def shard_batch(tree, mesh: Mesh, axis: str = DATA):
             return jax.device_put(leaf, NamedSharding(mesh, P()))
         if leaf.shape[0] % n:
             raise ValueError(
-                f"{_path(path) or 'the batch'} has leading size {leaf.shape[0]}, not divisible "
+                f"{name + _path(path) or 'the batch'} has leading size {leaf.shape[0]}, not divisible "
                 f"by the {n} devices of mesh axis {axis!r}"
             )
         return jax.device_put(leaf, NamedSharding(mesh, P(axis)))

@@ -95,7 +95,7 @@ def compile_count() -> int:
 
 def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     _COMPILES[0] += 1  # Python side effect: runs once per trace, i.e. per compile
-    (model_spec, terms_spec, stacked), (model_dynamic, terms_dynamic) = spec, dynamic
+    (model_spec, terms_spec, stacked, mesh), (model_dynamic, terms_dynamic) = spec, dynamic
     sampler, denoiser = combine(model_dynamic, model_spec)
 
     def run(terms_dynamic, noise, key, cond, gstate):
@@ -107,10 +107,39 @@ def _run_impl(spec, trace, groups, dynamic, noise, key, cond, gstate):
     # each group runs as a call of its own (the shared key or its own): vmap, not a loop,
     # keeps one program whose model calls see the whole batch
     key_axis = 0 if group_keys(key, groups) else None
+    noise_g, cond_g = _keep_split(split_groups((noise, cond), groups), mesh, groups,
+                                  noise.shape[0])  # fmt: skip
     x0, tr, gstate, sstate = jax.vmap(
         run, in_axes=(_terms_axes(stacked), 0, key_axis, 0, 0), axis_name=GROUP_AXIS)(
-        terms_dynamic, split_groups(noise, groups), key, split_groups(cond, groups), gstate)
-    return x0.reshape(noise.shape), tr, gstate, sstate
+        terms_dynamic, noise_g, key, cond_g, gstate)
+    x0 = x0.reshape(noise.shape)
+    if mesh is not None:  # back to the batch's own split (XLA would gather it)
+        x0 = jax.lax.with_sharding_constraint(
+            x0, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(distributed.DATA)))
+    return x0, tr, gstate, sstate
+
+
+def _group_split(mesh, groups: int, batch: int):
+    """Whether ``(groups, batch // groups, ...)`` can stay split over the mesh's data axis,
+    and the constraint that keeps it so (``None``: the devices' blocks of the batch already
+    hold whole groups, or whole devices' blocks make a group)."""
+    n = mesh.shape[distributed.DATA]
+    if groups % n == 0 or n % groups == 0:
+        return True, None
+    if (batch // groups) % n == 0:  # every group's rows spread over all devices
+        return True, jax.sharding.PartitionSpec(None, distributed.DATA)
+    return False, None
+
+
+def _keep_split(tree, mesh, groups: int, batch: int):
+    """The grouped batch kept split over the data axis. Groups that do not line up with the
+    devices' blocks (3 groups of 4 on 4 devices) are otherwise read by XLA as a replicated
+    array: every device then ran the whole batch."""
+    spec = None if mesh is None else _group_split(mesh, groups, batch)[1]
+    if spec is None:
+        return tree
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
 
 def _terms_axes(stacked):
@@ -447,8 +476,15 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
     noise = _check_inputs(sampler, denoiser, noise, key, cond, groups)
     if mesh is not None:
         # noise first: a batch the mesh cannot split is then named by noise, not by cond
-        noise = distributed.shard_batch({"noise": noise}, mesh)["noise"]
-        cond = distributed.shard_batch({"cond": cond}, mesh)["cond"]
+        noise = distributed.shard_batch(noise, mesh, name="noise")
+        cond = distributed.shard_batch(cond, mesh, name="cond")
+        if groups > 1 and not _group_split(mesh, groups, noise.shape[0])[0]:
+            n = mesh.shape[distributed.DATA]
+            raise ValueError(
+                f"groups={groups} of {noise.shape[0] // groups} samples cannot be split over "
+                f"the {n} devices of the mesh's {distributed.DATA!r} axis: every device would "
+                f"run the whole batch; use a number of groups or a group size that {n} "
+                "divides")  # fmt: skip
     per_group = isinstance(guidance, PerGroup)
     if per_group and guidance.size != groups:
         raise ValueError(f"guidance is per_group for {guidance.size} groups, but groups="
@@ -521,7 +557,7 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
     model_dynamic, model_spec = partition((sampler, denoiser))
-    spec = (model_spec, terms_spec, stacked)
+    spec = (model_spec, terms_spec, stacked, mesh)
     return (spec, validation.boolean("trace", trace), groups, (model_dynamic, terms_dynamic),
             noise, key, cond, guidance_state)  # fmt: skip
 
