@@ -382,7 +382,9 @@ def sample(
             at least float32 (:mod:`jaxdiv.dtypes`).
         key: PRNG key for the samplers' and guidance terms' randomness. Sample ``b`` uses
             ``split(key, B)[b]``-derived streams, so without coupling terms a sample does
-            not depend on the batch size. With ``groups``, also one key per group
+            not depend on the batch size (under JAX's default
+            ``jax_threefry_partitionable=True``; switched off, ``split`` depends on ``B``).
+            With ``groups``, also one key per group
             (``jax.random.split(key, groups)``).
         cond: optional condition pytree, leading dimension ``B``.
         guidance: a :class:`~jaxdiv.guidance.GuidanceTerm` or a ``guidance.chain(...)``.

@@ -88,7 +88,8 @@ class ShieldRows:
     """Rows ``(K, d)`` of shield centres read lazily from an array or ``.npy`` files.
 
     ``source`` is an array ``(K, ...)`` (NumPy, memory-mapped or JAX), a ``.npy`` file,
-    or a folder whose ``*.npy`` files (sorted by name) are concatenated along the first
+    or a folder whose ``*.npy`` files (sorted by name as strings: ``part10`` before
+    ``part2``, so zero-pad the numbers) are concatenated along the first
     axis; every file is opened with ``mmap_mode="r"``, so :meth:`read` touches only the
     rows asked for. Rows are flattened to ``d`` features.
 
@@ -170,7 +171,8 @@ def build_sharded_index(
     origin the blocks are stored around, as in :func:`build_index`.
 
     Memory per device: ``ceil(K / (n * bs)) * bs * (4 d + 5)`` bytes for ``n`` devices
-    on the axis (points, squared norms, validity), plus the search's bounded block.
+    on the axis (points, squared norms, validity), plus the search's bounded block; ``bs``
+    is the index's block size, ``min(block_size, ceil(K / n))`` (``idx.block_size``).
 
     >>> import jax, numpy as np
     >>> mesh = jax.make_mesh((1,), ("shields",))
