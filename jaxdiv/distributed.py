@@ -103,8 +103,8 @@ def shard_batch(tree, mesh: Mesh, axis: str = DATA, *, name: str = ""):
             return jax.device_put(leaf, NamedSharding(mesh, P()))
         if leaf.shape[0] % n:
             raise ValueError(
-                f"{name + _path(path) or 'the batch'} has leading size {leaf.shape[0]}, not divisible "
-                f"by the {n} devices of mesh axis {axis!r}"
+                f"{name + _path(path) or 'the batch'} has leading size {leaf.shape[0]}, not "
+                f"divisible by the {n} devices of mesh axis {axis!r}"
             )
         return jax.device_put(leaf, NamedSharding(mesh, P(axis)))
 
