@@ -5,8 +5,9 @@ Everything here reads **local** folders only; there is no network access anywher
 A component folder (``unet/``, ``vae/``, ``text_encoder/``, ...) holds a ``config.json``
 and its weights:
 
-* ``*.safetensors`` (one file), or shards listed in ``*.safetensors.index.json``
-  (every listed shard must exist and hold the tensors the index says it holds);
+* ``*.safetensors`` (one file), or shards listed in ``*.safetensors.index.json`` (a
+  variant's in ``*.safetensors.index.<variant>.json``; every listed shard must exist and
+  hold the tensors the index says it holds);
 * pickled ``*.bin`` / ``*.pt`` / ``*.ckpt`` files are **refused** unless the caller passes
   ``allow_pickle=True`` (then read with ``torch.load(weights_only=True)``).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,12 +37,19 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxdiv import validation
+
 __all__ = [
     "CheckpointError",
+    "CheckpointTypeError",
     "path_problem",
     "assign_params",
+    "config_field",
+    "config_list",
+    "float_dtype",
     "load_component",
     "load_state_dict",
+    "local_only_hint",
     "read_config",
     "read_model_index",
 ]
@@ -82,6 +91,16 @@ class CheckpointError(ValueError):
     """
 
 
+class CheckpointTypeError(CheckpointError, TypeError):
+    """A config value of the wrong type, reported with its file: a :class:`CheckpointError`
+    that is still the ``TypeError`` the config check raised.
+
+    Example:
+        >>> isinstance(CheckpointTypeError("x"), TypeError | CheckpointError)
+        True
+    """
+
+
 def path_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be opened although an entry may exist, or None.
 
@@ -113,18 +132,109 @@ def path_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+# "owner/name" as the hub spells a repository id (a relative path of two parts)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def local_only_hint(path: str | os.PathLike) -> str:
+    """A hint for a missing folder whose name looks like a hub id (``owner/name``): jaxdiv
+    reads local folders only. Empty for any other path.
+
+    Example:
+        >>> local_only_hint("stabilityai/stable-diffusion-2-1")[:46]
+        '; jaxdiv reads local folders only, never a hub'
+        >>> local_only_hint("/data/sd/unet")
+        ''
+    """
+    text = os.fspath(path)
+    if not _HUB_ID.fullmatch(text) or os.path.exists(text):
+        return ""
+    return ("; jaxdiv reads local folders only, never a hub: download the model first "
+            f"(huggingface-cli download {text} --local-dir DIR, or "
+            f"huggingface_hub.snapshot_download({text!r})) and pass that folder")  # fmt: skip
+
+
 def _missing(path: Path, what: str, kind: str = "does not exist or is not a directory") -> str:
     problem = path_problem(path)
-    return f"{what} {str(path)!r} {problem or kind}"
+    return f"{what} {str(path)!r} {problem or kind}" + ("" if problem else local_only_hint(path))
 
 
 def _as_folder(folder: str | os.PathLike, what: str = "component folder") -> Path:
     if not isinstance(folder, str | os.PathLike):
         raise TypeError(f"folder must be a str or os.PathLike path, got {type(folder).__name__}")
-    path = Path(folder)
+    path = Path(folder).expanduser()
     if not path.is_dir():
         raise CheckpointError(_missing(path, what))
     return path
+
+
+# dtypes the loaders accept for weights and compute
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def float_dtype(name: str, value: Any) -> np.dtype | None:
+    """``value`` as a floating dtype a model can be loaded in, or None for None.
+
+    Accepts ``jnp.float32``, ``jnp.bfloat16``, ``jnp.float16`` and ``jnp.float64`` (only
+    with 64-bit JAX enabled: otherwise JAX would silently give float32), as dtype objects,
+    scalar types or names.
+
+    Example:
+        >>> float_dtype("dtype", "bfloat16")
+        dtype(bfloat16)
+        >>> float_dtype("dtype", jnp.int32)
+        Traceback (most recent call last):
+        ...
+        TypeError: dtype must be a floating dtype (jnp.float32, jnp.bfloat16, jnp.float16 or jnp.float64), got int32
+    """  # noqa: E501
+    if value is None:
+        return None
+    want = "a floating dtype (jnp.float32, jnp.bfloat16, jnp.float16 or jnp.float64)"
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {want}, got {type(value).__name__} "
+                        f"{value!r}") from None  # fmt: skip
+    if isinstance(value, bool) or dt.name not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be {want}, got {dt.name}")
+    if jax.dtypes.canonicalize_dtype(dt) != dt:
+        raise ValueError(f"{name}={dt.name} needs 64-bit JAX (jax.config.update("
+                         "'jax_enable_x64', True) or `with jax.enable_x64(True)`), got it "
+                         "disabled: the weights would silently be float32")  # fmt: skip
+    return dt
+
+
+def config_field(config: Mapping, key: str, default: Any, check: Callable, **kwargs) -> Any:
+    """``config[key]`` (``default`` when absent) checked by a :mod:`jaxdiv.validation`
+    function (``validation.boolean``, ``integer``, ``number``, ...) under the name
+    ``config['key']``, so a bad value is named with what was expected and what came.
+
+    Example:
+        >>> config_field({"use_linear_projection": "false"}, "use_linear_projection", False,
+        ...              validation.boolean)
+        Traceback (most recent call last):
+        ...
+        TypeError: config['use_linear_projection'] must be a bool, got str 'false'
+        >>> config_field({}, "norm_eps", 1e-5, validation.number, lo=0, lo_open=True)
+        1e-05
+    """
+    return check(f"config[{key!r}]", config.get(key, default), **kwargs)
+
+
+def config_list(config: Mapping, key: str, default: Any) -> tuple:
+    """``config[key]`` (``default`` when absent) as a tuple, refusing anything that is not
+    a JSON list (a string would otherwise be split into characters).
+
+    Example:
+        >>> config_list({"down_block_types": "DownBlock2D"}, "down_block_types", ())
+        Traceback (most recent call last):
+        ...
+        TypeError: config['down_block_types'] must be a list, got str 'DownBlock2D'
+    """
+    value = config.get(key, default)
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"config[{key!r}] must be a list, got {type(value).__name__} {value!r}")
+    return tuple(value)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -372,6 +482,34 @@ def _variant_of(name: str, suffix: str) -> str | None:
     return variant.split("-", 1)[0]
 
 
+# ``model.safetensors.index.json``, older ``model.fp16.safetensors.index.json`` and the
+# ``model.safetensors.index.fp16.json`` that diffusers >= 0.28 and transformers 5 write
+_INDEX = re.compile(r"(?P<stem>.+\.safetensors)\.index(?:\.(?P<variant>[^.]+))?\.json")
+
+
+def _index_variant(name: str) -> tuple[bool, str | None]:
+    """``(is a safetensors index file, its variant)`` of a file name.
+
+    >>> _index_variant("model.safetensors.index.fp16.json"), _index_variant("a.safetensors")
+    ((True, 'fp16'), (False, None))
+    """
+    m = _INDEX.fullmatch(name)
+    if m is None:
+        return False, None
+    return True, m["variant"] or _variant_of(m["stem"], ".safetensors")
+
+
+def _file_variant(name: str) -> tuple[bool, str | None]:
+    """``(is a weight or index file, its variant)`` of a file name."""
+    is_index, variant = _index_variant(name)
+    if is_index:
+        return True, variant
+    for suffix in (".safetensors", *PICKLE_SUFFIXES):
+        if name.endswith(suffix):
+            return True, _variant_of(name, suffix)
+    return False, None
+
+
 def load_state_dict(
     folder: str | os.PathLike,
     *,
@@ -382,7 +520,8 @@ def load_state_dict(
     """Read all weights of a component folder into numpy arrays (PyTorch names and layouts).
 
     Safetensors only by default: a sharded checkpoint is read through its
-    ``*.safetensors.index.json`` (every listed shard must exist and hold its tensors),
+    ``*.safetensors.index.json`` (``*.safetensors.index.<variant>.json`` for a variant;
+    every listed shard must exist and hold its tensors),
     otherwise every ``*.safetensors`` file of the requested ``variant`` is read. Pickled
     ``*.bin``/``*.pt``/``*.ckpt`` files are used only when no safetensors exist and
     ``allow_pickle=True``; they are then read with ``torch.load(weights_only=True)``.
@@ -413,11 +552,13 @@ def load_state_dict(
         >>> load_state_dict(d)["w"].shape
         (2, 3)
     """
+    allow_pickle = validation.boolean("allow_pickle", allow_pickle)
+    check_finite = validation.boolean("check_finite", check_finite)
     path = _as_folder(folder)
     if variant is not None and (not isinstance(variant, str) or not variant):
         raise TypeError(f"variant must be a non-empty str or None, got {variant!r}")
     files = sorted(p for p in path.iterdir() if p.is_file())
-    st_suffix, idx_suffix = ".safetensors", ".safetensors.index.json"
+    st_suffix = ".safetensors"
     broken = [f"{p.name} ({problem})" for p in sorted(path.iterdir())
               if p.name.endswith((st_suffix, *PICKLE_SUFFIXES)) and not p.is_file()
               and (problem := path_problem(p))]  # fmt: skip
@@ -425,10 +566,7 @@ def load_state_dict(
         raise CheckpointError(f"{str(path)!r}: weight files that cannot be read: "
                               + _names(broken))  # fmt: skip
 
-    indexes = [p for p in files if p.name.endswith(idx_suffix)]
-    indexes = [
-        p for p in indexes if _variant_of(p.name[: -len(".index.json")], st_suffix) == variant
-    ]
+    indexes = [p for p in files if _index_variant(p.name) == (True, variant)]
     singles = [p for p in files if p.name.endswith(st_suffix)]
     singles = [p for p in singles if _variant_of(p.name, st_suffix) == variant]
 
@@ -484,10 +622,14 @@ def load_state_dict(
         return _merge([(p, _read_pickled(p, check_finite)) for p in pickled], path)
 
     tag = f" with variant {variant!r}" if variant else ""
+    others = sorted({v for ok, v in map(_file_variant, (p.name for p in files)) if ok} - {variant},
+                    key=str)  # fmt: skip
+    hint = " or ".join(f"variant={v!r}" for v in others)
+    hint = f"; weight files of another variant are present: pass {hint}" if hint else ""
     raise CheckpointError(
         f"{str(path)!r}: no weight files{tag} found (expected *.safetensors, "
         f"*.safetensors.index.json, or pickled {'/'.join('*' + s for s in PICKLE_SUFFIXES)}); "
-        f"files present: {_names([p.name for p in files]) or 'none'}"
+        f"files present: {_names([p.name for p in files]) or 'none'}{hint}"
     )
 
 
@@ -507,24 +649,30 @@ def assign_params(
     component: str,
     dtype: Any = None,
     filter: Any = nnx.Param,
+    check_finite: bool = True,
 ) -> None:
     """Copy converted weights into an nnx module in place, after checking them all.
 
     Keys are the module's nnx state paths joined with ``"."``. Every missing, unexpected,
     mis-shaped and non-float tensor (an int or bool tensor where the model has a
     floating-point weight; it would otherwise be cast silently) is collected and reported
-    in one :class:`CheckpointError` (expected vs got) before the model is touched.
+    in one :class:`CheckpointError` (expected vs got) before the model is touched. So are
+    finite values that the cast to a narrower dtype turns into inf (``1e5`` in float16).
 
     Args:
         model: the nnx module (concrete, or abstract from ``nnx.eval_shape``).
         params: ``{nnx_path: array}`` from a converter.
         component: name used in error messages (e.g. the folder path or ``"unet"``).
-        dtype: cast floating-point weights to this dtype; ``None`` keeps each parameter's
-            dtype as declared by the model (its ``param_dtype``).
+        dtype: cast floating-point weights to this dtype (see :func:`float_dtype`);
+            ``None`` keeps each parameter's dtype as declared by the model (its
+            ``param_dtype``).
         filter: which nnx variables the checkpoint must cover (default: ``nnx.Param``).
+        check_finite: refuse weights that overflow the dtype they are cast to; ``False``
+            lets them become inf.
 
     Raises:
-        CheckpointError: any missing / unexpected / mis-shaped tensor.
+        CheckpointError: any missing / unexpected / mis-shaped tensor, or one that
+            overflows its dtype.
 
     Example:
         >>> import numpy as np
@@ -538,6 +686,8 @@ def assign_params(
         raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping name -> array, got {type(params).__name__}")
+    dtype = float_dtype("dtype", dtype)
+    check_finite = validation.boolean("check_finite", check_finite)
     target = _flat_params(model, filter)
     missing = sorted(k for k in target if k not in params)
     unexpected = sorted(k for k in params if k not in target)
@@ -565,15 +715,58 @@ def assign_params(
                          f"({len(mis_typed)}): {_names(mis_typed)}")  # fmt: skip
         raise CheckpointError("\n".join(lines))
 
-    for k, var in target.items():
-        declared = var.get_value().dtype
-        value = params[k]
-        src = np.asarray(value) if not isinstance(value, jax.Array) else value
-        if jnp.issubdtype(declared, jnp.floating):
-            out_dtype = declared if dtype is None else jnp.dtype(dtype)
-        else:
-            out_dtype = declared
-        var.set_value(jnp.asarray(src, dtype=out_dtype))
+    def out_dtype(declared):
+        return declared if dtype is None or not jnp.issubdtype(declared, jnp.floating) else dtype
+
+    if check_finite:
+        overflows = {}
+        for k, var in target.items():
+            found = _overflow(params[k], out_dtype(var.get_value().dtype))
+            if found:
+                overflows.setdefault(found[0], []).append(f"{k} ({found[1]})")
+        if overflows:
+            parts = [f"to {dt} (max |x| {float(jnp.finfo(dt).max):.6g}): {_names(names)}"
+                     for dt, names in overflows.items()]  # fmt: skip
+            raise CheckpointError(
+                f"{component}: finite weights overflow to inf when cast {'; '.join(parts)}; "
+                "load in a wider dtype (float32 or bfloat16), or pass check_finite=False to "
+                "accept inf weights"
+            )
+
+    with np.errstate(over="ignore"):  # overflow was refused above, or is accepted
+        for k, var in target.items():
+            value = params[k]
+            src = np.asarray(value) if not isinstance(value, jax.Array) else value
+            var.set_value(jnp.asarray(src, dtype=out_dtype(var.get_value().dtype)))
+
+
+def _overflow(value: Any, dtype: Any) -> tuple[str, str] | None:
+    """``(dtype name, "n of size, max |x| m")`` when casting the floating ``value`` to the
+    floating ``dtype`` turns finite entries into inf; None otherwise (also for a cast that
+    cannot overflow). One max/min pass over the tensor; the cast is only repeated for a
+    tensor that may overflow."""
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    src = getattr(value, "dtype", None)
+    if src is None:
+        value = np.asarray(value)
+        src = value.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(src, jnp.floating)):
+        return None
+    limit = float(jnp.finfo(dtype).max)
+    if float(jnp.finfo(src).max) <= limit or np.size(value) == 0:
+        return None
+    xp = jnp if isinstance(value, jax.Array) else np
+    with np.errstate(over="ignore", invalid="ignore"):
+        peak = max(float(xp.max(value)), -float(xp.min(value)))
+        if peak <= limit:  # False for a NaN source too: then the exact count decides
+            return None
+        finite = xp.isfinite(value)
+        cast = value.astype(dtype)
+        count = int(xp.count_nonzero(finite & ~xp.isfinite(cast)))
+        if not count:
+            return None
+        biggest = float(xp.max(xp.abs(xp.where(finite, value, 0))))
+    return jnp.dtype(dtype).name, f"{count} of {np.size(value)}, max |x| {biggest:.6g}"
 
 
 def load_component(
@@ -597,16 +790,19 @@ def load_component(
         build_model: ``config -> nnx.Module`` (may use any rngs; it is only shape-traced).
         convert: ``(torch_state_dict, config) -> {nnx_path: array}``.
         allow_pickle: see :func:`load_state_dict`.
-        dtype: cast floating-point weights to this dtype (``None``: model's param dtype).
+        dtype: cast floating-point weights to this dtype (``None``: model's param dtype;
+            see :func:`float_dtype`).
         variant: weight-file variant, see :func:`load_state_dict`.
-        check_finite: refuse weights holding NaN/inf (see :func:`load_state_dict`).
+        check_finite: refuse weights holding NaN/inf (see :func:`load_state_dict`) or
+            overflowing to inf in their dtype (see :func:`assign_params`).
 
     Returns:
         ``(model, config)``.
 
     Raises:
-        CheckpointError: bad folder, weights that do not match, or model variables the
-            checkpoint leaves uninitialised.
+        CheckpointError: bad folder, a config ``build_model`` refuses (naming
+            ``config.json``; also a TypeError when the value had the wrong type), weights
+            that do not match, or model variables the checkpoint leaves uninitialised.
 
     Example:
         >>> import json, tempfile, pathlib, numpy as np
@@ -623,9 +819,17 @@ def load_component(
         >>> lin(np.ones((1, 3), np.float32)).tolist()
         [[3.0, 3.0]]
     """
+    allow_pickle = validation.boolean("allow_pickle", allow_pickle)
+    check_finite = validation.boolean("check_finite", check_finite)
+    dtype = float_dtype("dtype", dtype)
     path = _as_folder(folder)
     config = read_config(path)
-    model = nnx.eval_shape(lambda: build_model(config))
+    try:
+        model = nnx.eval_shape(lambda: build_model(config))
+    except (TypeError, ValueError) as err:
+        # config checks name the key (config['norm_eps'] ...); this names the file
+        kind = CheckpointTypeError if isinstance(err, TypeError) else CheckpointError
+        raise kind(f"{str(path / 'config.json')!r}: {err}") from err
     state_dict = load_state_dict(path, allow_pickle=allow_pickle, variant=variant,
                                  check_finite=check_finite)  # fmt: skip
     try:
@@ -634,7 +838,11 @@ def load_component(
         raise CheckpointError(
             f"{str(path)!r}: checkpoint lacks tensor {err.args[0]!r} needed by the converter"
         ) from err
-    assign_params(model, params, component=str(path), dtype=dtype)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r}: cannot convert the checkpoint: {err}") from err
+    assign_params(model, params, component=str(path), dtype=dtype, check_finite=check_finite)
     leftover = sorted(k for k, v in _flat_params(model, ...).items() if _is_abstract(v.get_value()))
     if leftover:
         raise CheckpointError(

@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiv import validation
+from jaxdiv.models.checkpoint import config_field
+
 __all__ = [
     "DINOV2_RENAMES",
     "MMDIT_RENAMES",
@@ -49,6 +52,7 @@ __all__ = [
     "convert_unet_state_dict",
     "convert_vae_state_dict",
     "convert_weight",
+    "fits",
     "linear_kernel",
 ]
 
@@ -122,6 +126,24 @@ WEIGHT_RULES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
 }
 
 
+def fits(kind: str, w: np.ndarray) -> bool:
+    """Whether ``w``'s rank fits the layout rule of ``kind`` (:data:`WEIGHT_RULES`): a
+    converter keeps a weight that does not fit under its PyTorch name, so that
+    :func:`~jaxdiv.models.checkpoint.assign_params` reports it (as unexpected, its
+    converted name as missing) instead of a layout function failing on it.
+
+    Example:
+        >>> fits("linear", np.zeros((3, 2))), fits("linear", np.zeros((3, 2, 2)))
+        (True, False)
+    """
+    shape = np.shape(w)
+    if kind == "linear":
+        return len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))
+    if kind == "conv":
+        return len(shape) in (2, 4)
+    return True
+
+
 def convert_weight(module: str, kind: str, w: np.ndarray) -> tuple[str, np.ndarray]:
     """The nnx path and array of the ``weight`` of ``module``, a layer of the given kind.
 
@@ -173,6 +195,9 @@ def convert_torch_weights(
        linear weight becomes a 1x1 conv) -> ``kernel`` ``(kH, kW, in, out)``.
     6. any other ``weight``: rank 4 -> conv kernel (OIHW -> HWIO), rank 2 -> linear
        kernel (transposed).
+    7. anything else (a name that is neither a weight nor a bias, a weight whose rank
+       fits no rule) keeps its PyTorch name; :func:`~jaxdiv.models.checkpoint.assign_params`
+       then reports it as unexpected (and the tensor the model wanted as missing).
 
     Args:
         state_dict: PyTorch names -> numpy arrays.
@@ -182,9 +207,6 @@ def convert_torch_weights(
 
     Returns:
         nnx path -> numpy array.
-
-    Raises:
-        ValueError: a tensor whose name or rank fits none of the rules.
 
     Example:
         >>> import numpy as np
@@ -203,10 +225,10 @@ def convert_torch_weights(
         if leaf == "bias":
             out[name] = value
             continue
+        ndim = len(np.shape(value))
         if leaf != "weight":
-            raise ValueError(f"state_dict: tensor {key!r} is neither a weight nor a bias")
-        ndim = len(value.shape)
-        if ndim == 1:
+            kind = None
+        elif ndim == 1:
             kind = "norm"
         elif module.rpartition(".")[2] in _LINEAR_ONLY or linear_modules(module):
             kind = "linear"
@@ -215,10 +237,10 @@ def convert_torch_weights(
         elif ndim == 2:
             kind = "linear"
         else:
-            raise ValueError(
-                f"state_dict: tensor {key!r} has rank {ndim}; expected 1 (norm), 2 (linear) "
-                "or 4 (conv)"
-            )
+            kind = None
+        if kind is None or not fits(kind, value):
+            out[key] = value  # rule 7: reported by assign_params
+            continue
         new_name, new_value = convert_weight(module, kind, value)
         out[new_name] = new_value
     return out
@@ -269,7 +291,7 @@ def convert_unet_state_dict(state_dict: dict, config: dict) -> dict:
         >>> sorted((k, v.shape) for k, v in convert_unet_state_dict(sd, {}).items())
         [('conv_in.bias', (32,)), ('conv_in.kernel', (3, 3, 4, 32))]
     """
-    linear = bool(config.get("use_linear_projection", False))
+    linear = config_field(config, "use_linear_projection", False, validation.boolean)
 
     def is_proj(module: str) -> bool:
         # "<block>.attentions.<j>.proj_in": the Transformer2DModel's own projections only.
@@ -328,10 +350,10 @@ _CLIP_KINDS: dict[str, str] = {
 def _convert_clip_tensor(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     module, _, leaf = name.rpartition(".")
     kind = _CLIP_KINDS.get(module.rpartition(".")[2]) if module and leaf == "weight" else None
-    if kind is not None and (kind != "conv" or np.ndim(value) == 4):
+    if kind is not None and fits(kind, value):
         return convert_weight(module, kind, value)
-    # biases, class_embedding and anything unknown keep their name; unknown names are then
-    # reported as unexpected by assign_params.
+    # biases, class_embedding and anything unknown (or of a rank no rule fits) keep their
+    # name; unknown names are then reported as unexpected by assign_params.
     return name, value
 
 
@@ -496,7 +518,7 @@ def convert_t5_state_dict(state_dict: dict[str, np.ndarray], config: dict) -> di
     for name, value in tensors.items():
         module, _, leaf = name.rpartition(".")
         kind = _T5_KINDS.get(module.rpartition(".")[2]) if leaf == "weight" else None
-        if kind is None:
+        if kind is None or not fits(kind, value):
             out[name] = value
         else:
             new_name, new_value = convert_weight(module, kind, value)
@@ -581,7 +603,7 @@ def convert_dinov2_state_dict(
             name = name.replace(old, new)
         name = name[1:]
         module, _, leaf = name.rpartition(".")
-        if module.endswith(".mlp.weights_in"):
+        if module.endswith(".mlp.weights_in") and (leaf != "weight" or fits("linear", value)):
             # torch.chunk(2, dim=0): the first part takes the ceiling of an odd length
             half = -(-np.shape(value)[0] // 2)
             parent = module[: -len("weights_in")]
@@ -594,7 +616,7 @@ def convert_dinov2_state_dict(
                     out[f"{parent}{sub}.{leaf}"] = part
             continue
         kind = _DINOV2_KINDS.get(module.rpartition(".")[2]) if leaf == "weight" else None
-        if kind is not None and (kind != "conv" or np.ndim(value) == 4):
+        if kind is not None and fits(kind, value):
             new_name, new_value = convert_weight(module, kind, value)
             out[new_name] = new_value
         else:

@@ -37,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.checkpoint import float_dtype
 from jaxdiv.models.clip.config import ACTIVATIONS
+from jaxdiv.models.clip.preprocess import channel_stats
 from jaxdiv.models.conversion import convert_dinov2_state_dict
 from jaxdiv.models.convolution import conv_general_dilated
 from jaxdiv.models.layers import attention_core
@@ -107,7 +109,8 @@ class Dinov2Config:
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         validation.number("DINOv2 config: mlp_ratio", self.mlp_ratio, lo=0.0, lo_open=True)
-        validation.number("DINOv2 config: layer_norm_eps", self.layer_norm_eps, lo=0.0)
+        validation.number("DINOv2 config: layer_norm_eps", self.layer_norm_eps, lo=0,
+                          lo_open=True)  # fmt: skip
         validation.choice("DINOv2 config: hidden_act", self.hidden_act, sorted(ACTIVATIONS))
         validation.boolean("DINOv2 config: qkv_bias", self.qkv_bias)
         validation.boolean("DINOv2 config: use_swiglu_ffn", self.use_swiglu_ffn)
@@ -532,19 +535,24 @@ def load_dinov2(
 
     Args:
         folder: folder with ``config.json`` and ``*.safetensors`` (or sharded).
-        dtype: compute dtype (``None``: float32).
-        param_dtype: weight dtype in memory (``None``: ``dtype``).
+        dtype: compute dtype (``None``: float32): ``jnp.float32``, ``jnp.bfloat16``,
+            ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
+        param_dtype: weight dtype in memory (``None``: ``dtype``), one of the same.
         allow_pickle: permit pickled ``.bin`` weights (see
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
         attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``param_dtype``,
+            naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded :class:`Dinov2Model` (``model.config`` is its :class:`Dinov2Config`).
 
     Raises:
-        CheckpointError: folder incomplete or weights that do not match the config.
+        CheckpointError: folder incomplete, weights that do not match the config, or an
+            invalid config (naming ``config.json`` and the field).
+        TypeError: ``dtype``/``param_dtype`` not a floating dtype, or a flag not a bool.
 
     Example:
         >>> import tempfile
@@ -557,6 +565,9 @@ def load_dinov2(
         2
     """
     from jaxdiv.models.checkpoint import load_component
+
+    dtype = float_dtype("dtype", dtype)
+    param_dtype = float_dtype("param_dtype", param_dtype)
 
     def build(config: dict) -> Dinov2Model:
         return Dinov2Model(
@@ -677,8 +688,7 @@ def dinov2_preprocess(
         )
     validation.integer("size", size, minimum=1)
     validation.integer("crop_size", crop_size, minimum=1, maximum=size)
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std must have 3 entries, got {mean!r} and {std!r}")
+    mean, std = channel_stats(mean, std)
     _, h, w, _ = x.shape
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)

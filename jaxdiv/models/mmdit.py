@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.checkpoint import float_dtype
 from jaxdiv.models.conversion import convert_mmdit_state_dict
 from jaxdiv.models.layers import TimestepEmbedding, attention_core, conv2d, timestep_embedding
 
@@ -859,20 +860,25 @@ def load_mmdit(
 
     Args:
         folder: local ``transformer`` folder.
-        dtype: compute and parameter dtype (``None``: ``jnp.float32``; or
-            ``jnp.bfloat16``). Checkpoint weights (often fp16 / bf16) are cast to it.
+        dtype: compute and parameter dtype: ``jnp.float32`` (``None``), ``jnp.bfloat16``,
+            ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`. Checkpoint weights (often fp16 /
+            bf16) are cast to it.
         allow_pickle: accept pickled ``.bin`` weights when no safetensors exist.
         variant: weight-file variant such as ``"fp16"``.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``dtype``, naming
+            them (``False`` for a trusted folder).
         attention_implementation: see :class:`SD3Transformer2DModel`.
 
     Returns:
         The loaded model (``model.config`` is the parsed :class:`MMDiTConfig`).
 
     Raises:
-        CheckpointError: missing folder/config/weights, or weights that do not match
-            (every missing / unexpected / mis-shaped tensor named).
-        ValueError: an unsupported config (TypeError: a config value of the wrong type).
+        CheckpointError: missing folder/config/weights, weights that do not match (every
+            missing / unexpected / mis-shaped tensor named), or an unsupported config
+            (naming ``config.json`` and the key; a config value of the wrong type raises a
+            CheckpointError that is also a TypeError).
+        TypeError: ``dtype`` is not a floating dtype, or a flag is not a bool.
 
     Example:
         >>> import tempfile
@@ -887,7 +893,7 @@ def load_mmdit(
     """
     from jaxdiv.models.checkpoint import load_component
 
-    dtype = jnp.float32 if dtype is None else dtype
+    dtype = float_dtype("dtype", jnp.float32 if dtype is None else dtype)
 
     def build(config: dict) -> SD3Transformer2DModel:
         return SD3Transformer2DModel(

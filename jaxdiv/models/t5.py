@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.checkpoint import float_dtype
 from jaxdiv.models.clip.config import ACTIVATIONS
 from jaxdiv.models.clip.tokenizer import check_token_ids
 from jaxdiv.models.conversion import convert_t5_state_dict
@@ -101,7 +102,8 @@ class T5Config:
             bidirectional=True,
             prefix="T5 config: relative_attention_",
         )
-        validation.number("T5 config: layer_norm_epsilon", self.layer_norm_epsilon, lo=0.0)
+        validation.number("T5 config: layer_norm_epsilon", self.layer_norm_epsilon, lo=0,
+                          lo_open=True)  # fmt: skip
         proj = self.feed_forward_proj
         parts = proj.split("-") if isinstance(proj, str) else []
         if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
@@ -566,20 +568,25 @@ def load_t5(
 
     Args:
         folder: folder with ``config.json`` and weights.
-        dtype: compute dtype (``None``: float32).
+        dtype: compute dtype (``None``: float32): ``jnp.float32``, ``jnp.bfloat16``,
+            ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
         param_dtype: weight dtype in memory (``None``: ``dtype``; ``wo`` is float32 when
-            it is float16).
+            it is float16), one of the same.
         allow_pickle: permit pickled ``.bin`` weights (see
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow their dtype,
+            naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded :class:`T5EncoderModel` (``model.config`` is its :class:`T5Config`).
 
     Raises:
-        CheckpointError: folder incomplete or weights that do not match the config.
-        ValueError: an invalid config (TypeError: a config value of the wrong type).
+        CheckpointError: folder incomplete, weights that do not match the config, or an
+            invalid config (naming ``config.json`` and the field; a value of the wrong
+            type raises a CheckpointError that is also a TypeError).
+        TypeError: ``dtype``/``param_dtype`` not a floating dtype, or a flag not a bool.
 
     Example:
         >>> import tempfile
@@ -593,6 +600,9 @@ def load_t5(
         'gelu_new'
     """
     from jaxdiv.models.checkpoint import load_component
+
+    dtype = float_dtype("dtype", dtype)
+    param_dtype = float_dtype("param_dtype", param_dtype)
 
     def build(config: dict) -> T5EncoderModel:
         return T5EncoderModel(T5Config.from_dict(config), dtype=dtype, param_dtype=param_dtype,

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.checkpoint import config_field, config_list, float_dtype
 from jaxdiv.models.conversion import convert_unet_state_dict
 from jaxdiv.models.layers import (
     ACTIVATIONS,
@@ -158,9 +159,10 @@ class UNetConfig:
             The validated config.
 
         Raises:
-            TypeError: ``config`` is not a dict, or an integer field holds a non-integer
-                (naming the key).
-            ValueError: an unsupported feature or inconsistent value, naming the key.
+            TypeError: ``config`` is not a dict, or a field holds a value of the wrong type
+                (a non-integer, a non-bool flag, a string for a list), naming the key.
+            ValueError: an unsupported feature or an out-of-range or inconsistent value
+                (``norm_eps`` must be finite and > 0), naming the key.
 
         Example:
             >>> UNetConfig.from_dict({}).block_out_channels
@@ -180,8 +182,12 @@ class UNetConfig:
                     f"(SD 1.x/2.x need {allowed[0]!r})"
                 )
         d = cls()
-        down = tuple(config.get("down_block_types", d.down_block_types))
-        up = tuple(config.get("up_block_types", d.up_block_types))
+        down = config_list(config, "down_block_types", d.down_block_types)
+        up = config_list(config, "up_block_types", d.up_block_types)
+        for key, types in (("down_block_types", down), ("up_block_types", up)):
+            if not all(isinstance(t, str) for t in types):
+                raise TypeError(f"config[{key!r}] must be a list of block type names, got "
+                                f"{list(types)}")  # fmt: skip
         down = tuple(t[7:] if t.startswith("UNetRes") else t for t in down)
         up = tuple(t[7:] if t.startswith("UNetRes") else t for t in up)
         for key, types, known in (
@@ -204,7 +210,7 @@ class UNetConfig:
             )
         channels = tuple(
             _positive_int(c, "block_out_channels")
-            for c in config.get("block_out_channels", d.block_out_channels)
+            for c in config_list(config, "block_out_channels", d.block_out_channels)
         )
         if len(channels) != n:
             raise ValueError(
@@ -237,15 +243,23 @@ class UNetConfig:
                     f"got {list(channels)}"
                 )
         sample_size = config.get("sample_size")
-        if isinstance(sample_size, list):
-            sample_size = tuple(sample_size)
+        if isinstance(sample_size, list | tuple):
+            sample_size = tuple(_positive_int(v, "sample_size") for v in sample_size)
+        elif sample_size is not None:
+            sample_size = _positive_int(sample_size, "sample_size")
+        flag = lambda key, default: config_field(config, key, default, validation.boolean)
+        real = lambda key, default, **bounds: config_field(config, key, default,
+                                                           validation.number, **bounds)  # fmt: skip
+        time_dim = config.get("time_embedding_dim")
+        if time_dim is not None:
+            time_dim = _positive_int(time_dim, "time_embedding_dim")
         return cls(
             in_channels=_positive_int(config.get("in_channels", 4), "in_channels"),
             out_channels=_positive_int(config.get("out_channels", 4), "out_channels"),
             sample_size=sample_size,
-            center_input_sample=bool(config.get("center_input_sample", False)),
-            flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
-            freq_shift=float(config.get("freq_shift", 0)),
+            center_input_sample=flag("center_input_sample", False),
+            flip_sin_to_cos=flag("flip_sin_to_cos", True),
+            freq_shift=real("freq_shift", 0),
             down_block_types=down,
             mid_block_type=mid,
             up_block_types=up,
@@ -254,17 +268,18 @@ class UNetConfig:
                 _positive_int(v, "layers_per_block")
                 for v in _per_block(config.get("layers_per_block", 2), n, "layers_per_block")
             ),
-            downsample_padding=int(config.get("downsample_padding", 1)),
-            mid_block_scale_factor=float(config.get("mid_block_scale_factor", 1.0)),
+            downsample_padding=config_field(config, "downsample_padding", 1, validation.integer,
+                                            minimum=0),  # fmt: skip
+            mid_block_scale_factor=real("mid_block_scale_factor", 1.0),
             act_fn=act,
             norm_num_groups=groups,
-            norm_eps=float(config.get("norm_eps", 1e-5)),
+            norm_eps=real("norm_eps", 1e-5, lo=0, lo_open=True),
             cross_attention_dim=tuple(_positive_int(c, "cross_attention_dim") for c in cross),
             transformer_layers_per_block=tlayers,
             num_heads=heads,
-            use_linear_projection=bool(config.get("use_linear_projection", False)),
-            upcast_attention=bool(config.get("upcast_attention", False)),
-            time_embedding_dim=config.get("time_embedding_dim"),
+            use_linear_projection=flag("use_linear_projection", False),
+            upcast_attention=flag("upcast_attention", False),
+            time_embedding_dim=time_dim,
             conv_in_kernel=_positive_int(config.get("conv_in_kernel", 3), "conv_in_kernel"),
             conv_out_kernel=_positive_int(config.get("conv_out_kernel", 3), "conv_out_kernel"),
         )
@@ -680,18 +695,23 @@ def load_unet(
 
     Args:
         folder: local ``unet`` folder.
-        dtype: compute and parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
+        dtype: compute and parameter dtype: ``jnp.float32`` (``None``), ``jnp.bfloat16``,
+            ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
         allow_pickle: accept pickled ``.bin`` weights when no safetensors exist.
         variant: weight-file variant such as ``"fp16"``.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``dtype``, naming
+            them (``False`` for a trusted folder).
         attention_implementation: see :class:`UNet2DConditionModel`.
 
     Returns:
         The loaded model (``model.config`` is the parsed :class:`UNetConfig`).
 
     Raises:
-        CheckpointError: missing folder/config/weights, or weights that do not match.
-        ValueError: an unsupported config (TypeError: a config value of the wrong type).
+        CheckpointError: missing folder/config/weights, weights that do not match, or an
+            unsupported config (naming ``config.json`` and the key; a config value of the
+            wrong type raises a CheckpointError that is also a TypeError).
+        TypeError: ``dtype`` is not a floating dtype, or a flag is not a bool.
 
     Example:
         >>> import tempfile
@@ -704,6 +724,8 @@ def load_unet(
         (32, 64)
     """
     from jaxdiv.models.checkpoint import load_component
+
+    dtype = float_dtype("dtype", jnp.float32 if dtype is None else dtype)
 
     def build(config: dict) -> UNet2DConditionModel:
         return UNet2DConditionModel(

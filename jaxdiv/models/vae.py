@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiv import validation
+from jaxdiv.models.checkpoint import config_field, config_list, float_dtype
 from jaxdiv.models.conversion import convert_vae_state_dict
 from jaxdiv.models.layers import (
     ACTIVATIONS,
@@ -116,9 +117,10 @@ class VAEConfig:
             The validated config.
 
         Raises:
-            TypeError: ``config`` is not a dict, or an integer field holds a non-integer
-                (naming the key).
-            ValueError: an unsupported block type or inconsistent value, naming the key.
+            TypeError: ``config`` is not a dict, or a field holds a value of the wrong type
+                (a non-integer, a non-bool flag, a string for a list), naming the key.
+            ValueError: an unsupported block type or an out-of-range or inconsistent value
+                (``scaling_factor`` must be finite and > 0), naming the key.
 
         Example:
             >>> VAEConfig.from_dict({"scaling_factor": 1.5305, "shift_factor": 0.0609}).shift_factor
@@ -127,7 +129,7 @@ class VAEConfig:
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         d = cls()
-        channels = tuple(config.get("block_out_channels", d.block_out_channels))
+        channels = config_list(config, "block_out_channels", d.block_out_channels)
         n = len(channels)
         if n == 0:
             raise ValueError("config['block_out_channels'] must not be empty")
@@ -138,7 +140,7 @@ class VAEConfig:
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
         ):
-            types = list(config.get(key, [want] * n))
+            types = list(config_list(config, key, [want] * n))
             if types != [want] * n:
                 raise ValueError(
                     f"config[{key!r}] must be {n} x {want!r} (one per block_out_channels entry), "
@@ -157,24 +159,29 @@ class VAEConfig:
         layers = validation.integer("config['layers_per_block']", layers, minimum=1)
         latent = config.get("latent_channels", d.latent_channels)
         latent = validation.integer("config['latent_channels']", latent, minimum=1)
-        shift = config.get("shift_factor")
         sample_size = config.get("sample_size", d.sample_size)
         if isinstance(sample_size, list):
             sample_size = tuple(sample_size)
+        count = lambda key, default: config_field(config, key, default, validation.integer,
+                                                  minimum=1)  # fmt: skip
+        flag = lambda key: config_field(config, key, True, validation.boolean)
+        shift = config.get("shift_factor")  # null means 0, as in diffusers
+        shift = 0.0 if shift is None else validation.number("config['shift_factor']", shift)
         return cls(
-            in_channels=int(config.get("in_channels", 3)),
-            out_channels=int(config.get("out_channels", 3)),
+            in_channels=count("in_channels", 3),
+            out_channels=count("out_channels", 3),
             block_out_channels=channels,
             layers_per_block=layers,
             act_fn=act,
             latent_channels=latent,
             norm_num_groups=groups,
             sample_size=sample_size,
-            scaling_factor=float(config.get("scaling_factor", d.scaling_factor)),
-            shift_factor=0.0 if shift is None else float(shift),
-            use_quant_conv=bool(config.get("use_quant_conv", True)),
-            use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
-            mid_block_add_attention=bool(config.get("mid_block_add_attention", True)),
+            scaling_factor=config_field(config, "scaling_factor", d.scaling_factor,
+                                        validation.number, lo=0, lo_open=True),  # fmt: skip
+            shift_factor=shift,
+            use_quant_conv=flag("use_quant_conv"),
+            use_post_quant_conv=flag("use_post_quant_conv"),
+            mid_block_add_attention=flag("mid_block_add_attention"),
         )
 
 
@@ -541,17 +548,22 @@ def load_vae(
 
     Args:
         folder: local ``vae`` folder.
-        dtype: compute and parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
+        dtype: compute and parameter dtype: ``jnp.float32`` (``None``), ``jnp.bfloat16``,
+            ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
         allow_pickle: accept pickled ``.bin`` weights when no safetensors exist.
         variant: weight-file variant such as ``"fp16"``.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``dtype``, naming
+            them (``False`` for a trusted folder).
 
     Returns:
         The loaded model (``model.config`` is the parsed :class:`VAEConfig`).
 
     Raises:
-        CheckpointError: missing folder/config/weights, or weights that do not match.
-        ValueError: an unsupported config (TypeError: a config value of the wrong type).
+        CheckpointError: missing folder/config/weights, weights that do not match, or an
+            unsupported config (naming ``config.json`` and the key; a config value of the
+            wrong type raises a CheckpointError that is also a TypeError).
+        TypeError: ``dtype`` is not a floating dtype, or a flag is not a bool.
 
     Example:
         >>> import tempfile
@@ -564,6 +576,8 @@ def load_vae(
         16
     """
     from jaxdiv.models.checkpoint import load_component
+
+    dtype = float_dtype("dtype", jnp.float32 if dtype is None else dtype)
 
     def build(config: dict) -> AutoencoderKL:
         return AutoencoderKL(VAEConfig.from_dict(config), dtype=dtype, rngs=nnx.Rngs(0))

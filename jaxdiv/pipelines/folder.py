@@ -11,8 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from jaxdiv.models.checkpoint import CheckpointError, path_problem, read_model_index
-from jaxdiv.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from jaxdiv.models.checkpoint import (
+    CheckpointError,
+    _read_json,
+    local_only_hint,
+    path_problem,
+    read_model_index,
+)
+from jaxdiv.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, channel_stats
 
 __all__ = [
     "COMPONENTS",
@@ -79,6 +85,7 @@ def check_pipeline_folder(path: Path, components: dict | None = None,
         True
     """
     parts = ", ".join(f"{c}/" for c in (COMPONENTS if components is None else components))
+    path = Path(path).expanduser()
     if not path.is_dir():
         if path.is_file():
             raise CheckpointError(
@@ -87,7 +94,8 @@ def check_pipeline_folder(path: Path, components: dict | None = None,
                 "Single-file .ckpt/.safetensors checkpoints are not read: convert them with "
                 "diffusers first"
             )
-        problem = path_problem(path) or "does not exist or is not a directory"
+        problem = path_problem(path) or ("does not exist or is not a directory"
+                                          + local_only_hint(path))  # fmt: skip
         raise CheckpointError(f"pipeline folder {str(path)!r} {problem}")
     if not (path / "model_index.json").is_file():
         present = sorted(p.name for p in path.iterdir())[:20]
@@ -149,7 +157,9 @@ def image_preprocess_stats(encoder_folder: Path, pipeline_folder: Path) -> tuple
         (``None`` for OpenAI CLIP's defaults).
 
     Raises:
-        CheckpointError: a preprocessor config that is not valid JSON.
+        CheckpointError: a preprocessor config that is not a valid JSON object, or whose
+            ``image_mean`` / ``image_std`` are not 3 finite numbers each (``std > 0``),
+            naming the file (checked by :func:`~jaxdiv.models.clip.channel_stats`).
 
     Example:
         >>> import tempfile
@@ -158,17 +168,18 @@ def image_preprocess_stats(encoder_folder: Path, pipeline_folder: Path) -> tuple
         True
     """
     for candidate in (
-        encoder_folder / "preprocessor_config.json",
-        pipeline_folder / "feature_extractor" / "preprocessor_config.json",
+        Path(encoder_folder).expanduser() / "preprocessor_config.json",
+        Path(pipeline_folder).expanduser() / "feature_extractor" / "preprocessor_config.json",
     ):
         if candidate.is_file():
+            cfg = _read_json(candidate, "image preprocessing config")
             try:
-                cfg = json.loads(candidate.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{str(candidate)!r} is not valid JSON ({err})") from err
-            mean = cfg.get("image_mean", OPENAI_CLIP_MEAN)
-            std = cfg.get("image_std", OPENAI_CLIP_STD)
-            return tuple(float(m) for m in mean), tuple(float(s) for s in std), str(candidate)
+                mean, std = channel_stats(cfg.get("image_mean", OPENAI_CLIP_MEAN),
+                                          cfg.get("image_std", OPENAI_CLIP_STD),
+                                          names=("image_mean", "image_std"))  # fmt: skip
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{str(candidate)!r}: {err}") from err
+            return mean, std, str(candidate)
     return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, None
 
 
@@ -192,7 +203,7 @@ def read_scheduler_config(path: Path) -> dict:
         >>> read_scheduler_config(d)
         {'steps_offset': 1}
     """
-    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched_file = Path(path).expanduser() / "scheduler" / "scheduler_config.json"
     try:
         scheduler_config = json.loads(sched_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -223,6 +234,7 @@ def image_encoder_folder(path: Path, image_encoder) -> Path | None:
         >>> image_encoder_folder(d, None) is None, image_encoder_folder(d, d) == d
         (True, True)
     """
+    path = Path(path).expanduser()
     if image_encoder is None:
         enc_folder = path / "image_encoder"
         return enc_folder if enc_folder.is_dir() else None
@@ -231,7 +243,7 @@ def image_encoder_folder(path: Path, image_encoder) -> Path | None:
     if image_encoder is True:
         enc_folder = path / "image_encoder"
     elif isinstance(image_encoder, str | os.PathLike):
-        enc_folder = Path(image_encoder)
+        enc_folder = Path(image_encoder).expanduser()
     else:
         raise TypeError(
             f"image_encoder must be None, a bool or a folder path, got {image_encoder!r}"

@@ -50,7 +50,7 @@ from jaxdiv.models.layers import pure
 from jaxdiv.models.mmdit import MMDiTConfig, load_mmdit
 from jaxdiv.models.t5 import load_t5
 from jaxdiv.models.vae import VAEConfig, load_vae
-from jaxdiv.pipelines.folder import check_pipeline_folder, read_scheduler_config
+from jaxdiv.pipelines.folder import _entry_class, check_pipeline_folder, read_scheduler_config
 from jaxdiv.pipelines.stable_diffusion import Bound, _decode_fn, _encode_fn, load_image_encoder
 from jaxdiv.predictions import PredictionDenoiser, as_denoiser
 
@@ -221,7 +221,7 @@ class StableDiffusion3(NamedTuple):
         multiple = size_multiple(self.configs["transformer"], self.configs["vae"])
         validation.image_sizes(multiple, height=height, width=width)
         validation.integer("batch", batch, minimum=1)
-        return (batch, self.latent_channels, height // f, width // f)
+        return (batch, self.latent_channels, int(height) // f, int(width) // f)
 
     def flow_euler(self, num_steps: int = 28, stochastic: bool | None = None) -> samplers.Sampler:
         """diffusers' ``FlowMatchEulerDiscreteScheduler`` for this folder's config: the
@@ -515,16 +515,36 @@ def _mmdit_fn(transformer, num_train_timesteps):
     return Bound(apply, net.params)
 
 
-def _load_t5_tokenizer(folder: Path):
+def _load_t5_tokenizer(folder: Path, class_name: str | None = None):
+    """The T5 tokenizer of ``tokenizer_3/``, built with the class model_index.json names
+    (``T5TokenizerFast`` / ``T5Tokenizer``), as diffusers does: never whatever class
+    ``tokenizer_config.json`` names (a BERT config there would give other token ids)."""
     problem = path_problem(folder)
     if problem or not folder.is_dir():
         raise CheckpointError(f"tokenizer_3 folder {str(folder)!r} {problem or 'is missing'}")
-    from transformers import AutoTokenizer
-
+    class_name = class_name or "T5TokenizerFast"
+    if class_name not in T5_COMPONENTS["tokenizer_3"]:
+        raise CheckpointError(f"tokenizer_3 is a {class_name}, expected one of "
+                              f"{list(T5_COMPONENTS['tokenizer_3'])}")  # fmt: skip
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the T5 tokenizer from {str(folder)!r}: {err}") from err
+        import transformers
+    except ImportError as err:
+        raise CheckpointError(
+            "loading the T5 tokenizer needs transformers (pip install 'jaxdiv[sd]')"
+        ) from err
+    cls = getattr(transformers, class_name)
+    # A local path with local_files_only never reaches the hub.
+    try:
+        tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # tokenizers' / transformers' own errors name no file
+        raise CheckpointError(
+            f"tokenizer folder {str(folder)!r}: transformers could not build a {class_name} "
+            f"from it ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(tokenizer, cls):
+        raise CheckpointError(f"tokenizer folder {str(folder)!r}: got a "
+                              f"{type(tokenizer).__name__}, expected a {class_name}")  # fmt: skip
+    return tokenizer
 
 
 def _flow_schedule(config: dict) -> tuple[schedules.FlowSchedule, bool]:
@@ -541,7 +561,8 @@ def _flow_schedule(config: dict) -> tuple[schedules.FlowSchedule, bool]:
     shift = validation.number("scheduler config 'shift'", shift, lo=0, lo_open=True)
     steps = validation.integer("scheduler config 'num_train_timesteps'",
                                config.get("num_train_timesteps", 1000), minimum=1)  # fmt: skip
-    stochastic = bool(config.get("stochastic_sampling", False))
+    stochastic = validation.boolean("scheduler config 'stochastic_sampling'",
+                                    config.get("stochastic_sampling", False))  # fmt: skip
     return schedules.flow(shift=float(shift), num_train_timesteps=steps), stochastic
 
 
@@ -565,8 +586,9 @@ def load(
 
     Args:
         path: pipeline folder (see the module docstring for the layout).
-        dtype: compute and weight dtype of every network (``jnp.float32`` or
-            ``jnp.bfloat16``).
+        dtype: compute and weight dtype of every network: ``jnp.float32``,
+            ``jnp.bfloat16``, ``jnp.float16`` or ``jnp.float64`` (with 64-bit JAX enabled);
+            see :func:`~jaxdiv.models.checkpoint.float_dtype`.
         allow_pickle: accept pickled ``.bin`` weights where a component has none in
             safetensors (refused by default: unpickling can run code).
         variant: weight-file variant such as ``"fp16"``.
@@ -584,7 +606,7 @@ def load(
             that folder, ``False`` skips it.
         attention_implementation: for :func:`~jaxdiv.models.layers.attention_core` in the MMDiT
             and CLIP (``None``/``"xla"``, ``"cudnn"``).
-        check_finite: refuse weights holding NaN or inf.
+        check_finite: refuse weights holding NaN or inf, or overflowing ``dtype``.
 
     Returns:
         A :class:`StableDiffusion3`.
@@ -615,7 +637,7 @@ def load(
         raise ValueError(f"max_sequence_length must be <= 512 (diffusers' limit), got "
                          f"{max_sequence_length}")  # fmt: skip
     t5 = validation.boolean("t5", t5)
-    root = Path(path)
+    root = Path(path).expanduser()
     index = check_pipeline_folder(root, COMPONENTS, what="Stable Diffusion 3")
     listed = [c for c in T5_COMPONENTS if isinstance(index.get(c), list)
               and index[c][1] is not None]  # fmt: skip
@@ -628,12 +650,15 @@ def load(
     transformer = load_mmdit(root / "transformer", dtype=dtype,
                              attention_implementation=attention_implementation, **kw)  # fmt: skip
     vae = load_vae(root / "vae", dtype=dtype, **kw)
-    texts = [load_clip_text(root / name, dtype=dtype,
+    # COMPONENTS require CLIPTextModelWithProjection (pooled text_embeds), whatever the
+    # configs' "architectures" say (diffusers loads the class model_index.json names)
+    texts = [load_clip_text(root / name, with_projection=True, dtype=dtype,
                             attention_implementation=attention_implementation, **kw)
              for name in ("text_encoder", "text_encoder_2")]  # fmt: skip
     tokenizers = [load_clip_tokenizer(root / name) for name in ("tokenizer", "tokenizer_2")]
     t5_model = load_t5(root / "text_encoder_3", dtype=dtype, **kw) if use_t5 else None
-    tokenizers.append(_load_t5_tokenizer(root / "tokenizer_3") if use_t5 else None)
+    t5_class = _entry_class(index, "tokenizer_3") if use_t5 else None
+    tokenizers.append(_load_t5_tokenizer(root / "tokenizer_3", t5_class) if use_t5 else None)
 
     cfg = transformer.config
     widths = [t.text_model.config.hidden_size for t in texts]

@@ -24,7 +24,12 @@ from jaxdiv.models.clip.modules import (
     CLIPVisionModelWithProjection,
     CLIPVisionOutput,
 )
-from jaxdiv.models.clip.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_image_preprocess
+from jaxdiv.models.clip.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    channel_stats,
+    clip_image_preprocess,
+)
 from jaxdiv.models.clip.tokenizer import load_clip_tokenizer, tokenize
 from jaxdiv.models.conversion import convert_clip_state_dict
 
@@ -39,6 +44,7 @@ __all__ = [
     "CLIPVisionOutput",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "channel_stats",
     "clip_image_preprocess",
     "convert_clip_state_dict",
     "load_clip_text",

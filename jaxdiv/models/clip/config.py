@@ -47,9 +47,19 @@ def _pick_sub_config(config: dict, key: str) -> dict:
     return config
 
 
+# positive integer fields of either tower (the ones a tower has are checked)
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "projection_dim", "vocab_size", "max_position_embeddings", "num_channels",
+          "image_size", "patch_size")  # fmt: skip
+
+
 def _check_common(cfg) -> None:
-    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        validation.integer(f"CLIP config: {name}", getattr(cfg, name), minimum=1)
+    for name in _SIZES:
+        if hasattr(cfg, name):
+            validation.integer(f"CLIP config: {name}", getattr(cfg, name), minimum=1)
+    if hasattr(cfg, "eos_token_id"):
+        validation.integer("CLIP config: eos_token_id", cfg.eos_token_id, minimum=0)
+    validation.number("CLIP config: layer_norm_eps", cfg.layer_norm_eps, lo=0, lo_open=True)
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(
             f"CLIP config: hidden_size ({cfg.hidden_size}) must be divisible by "

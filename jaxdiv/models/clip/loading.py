@@ -8,7 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiv.models.checkpoint import load_component, read_config
+from jaxdiv import validation
+from jaxdiv.models.checkpoint import float_dtype, load_component, read_config
 from jaxdiv.models.clip.modules import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -45,6 +46,10 @@ def _load_tower(
 ):
     """What :func:`load_clip_text` and :func:`load_clip_vision` share, for one ``tower``."""
     bare, projected = _CLASSES[tower]
+    dtype = float_dtype("dtype", dtype)
+    param_dtype = float_dtype("param_dtype", param_dtype)
+    if with_projection is not None:
+        with_projection = validation.boolean("with_projection", with_projection)
     config = read_config(folder)
     if with_projection is None:
         with_projection = _wants_projection(config, projected.__name__)
@@ -84,19 +89,24 @@ def load_clip_text(
         folder: folder with ``config.json`` and ``*.safetensors`` (or sharded).
         with_projection: build :class:`CLIPTextModelWithProjection`; ``None`` decides from
             the config's ``architectures`` (``CLIPTextModelWithProjection``, ``CLIPModel``).
-        dtype: compute dtype.
-        param_dtype: weight dtype in memory (defaults to ``dtype``).
+        dtype: compute dtype: ``jnp.float32``, ``jnp.bfloat16``, ``jnp.float16`` or
+            ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
+        param_dtype: weight dtype in memory (defaults to ``dtype``), one of the same.
         allow_pickle: permit pickled ``.bin`` weights (see
             :func:`~jaxdiv.models.checkpoint.load_state_dict`).
         variant: weight-file variant such as ``"fp16"``.
         attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``param_dtype``,
+            naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded module.
 
     Raises:
-        CheckpointError: folder incomplete or weights that do not match the config.
+        CheckpointError: folder incomplete, weights that do not match the config, or an
+            invalid config (naming ``config.json`` and the field).
+        TypeError: ``dtype``/``param_dtype`` not a floating dtype, or a flag not a bool.
 
     Example:
         >>> import tempfile
@@ -140,18 +150,23 @@ def load_clip_vision(
             too (only the vision tower and ``visual_projection`` are read).
         with_projection: build :class:`CLIPVisionModelWithProjection`; ``None`` decides from
             the config's ``architectures`` (``CLIPVisionModelWithProjection``, ``CLIPModel``).
-        dtype: compute dtype.
-        param_dtype: weight dtype in memory (defaults to ``dtype``).
+        dtype: compute dtype: ``jnp.float32``, ``jnp.bfloat16``, ``jnp.float16`` or
+            ``jnp.float64`` (with 64-bit JAX enabled); see
+            :func:`~jaxdiv.models.checkpoint.float_dtype`.
+        param_dtype: weight dtype in memory (defaults to ``dtype``), one of the same.
         allow_pickle: permit pickled ``.bin`` weights.
         variant: weight-file variant such as ``"fp16"``.
         attention_implementation: passed to :func:`~jaxdiv.models.layers.attention_core`.
-        check_finite: refuse NaN/inf weights, naming them (``False`` for a trusted folder).
+        check_finite: refuse NaN/inf weights and weights that overflow ``param_dtype``,
+            naming them (``False`` for a trusted folder).
 
     Returns:
         The loaded module.
 
     Raises:
-        CheckpointError: folder incomplete or weights that do not match the config.
+        CheckpointError: folder incomplete, weights that do not match the config, or an
+            invalid config (naming ``config.json`` and the field).
+        TypeError: ``dtype``/``param_dtype`` not a floating dtype, or a flag not a bool.
 
     Example:
         >>> import tempfile

@@ -9,11 +9,43 @@ import jax.numpy as jnp
 
 from jaxdiv import validation
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_image_preprocess"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "channel_stats", "clip_image_preprocess"]
 
 # Normalisation constants of CLIPImageProcessor for the OpenAI CLIP checkpoints.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def channel_stats(mean, std, *, names: tuple[str, str] = ("mean", "std")) -> tuple:
+    """Per-channel RGB normalisation statistics, checked: ``mean`` and ``std`` must each be
+    3 finite numbers, ``std`` > 0 (a zero std divides by zero).
+
+    Args:
+        mean: per-channel mean.
+        std: per-channel standard deviation.
+        names: how errors name them (e.g. ``("image_mean", "image_std")``).
+
+    Returns:
+        ``(mean, std)`` as tuples of 3 Python floats.
+
+    Example:
+        >>> channel_stats([0.5, 0.5, 0.5], (0.25, 0.25, 0.25))
+        ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        >>> channel_stats([0.5], [1.0, 1.0, 1.0])
+        Traceback (most recent call last):
+        ...
+        ValueError: mean must hold 3 numbers (one per RGB channel), got [0.5]
+    """
+    out = []
+    for name, value, bounds in ((names[0], mean, {}), (names[1], std, {"lo": 0, "lo_open": True})):
+        if isinstance(value, str | bytes | dict) or not hasattr(value, "__len__"):
+            raise TypeError(f"{name} must be a list of 3 numbers (one per RGB channel), got "
+                            f"{type(value).__name__} {value!r}")  # fmt: skip
+        if len(value) != 3:
+            raise ValueError(f"{name} must hold 3 numbers (one per RGB channel), got {value!r}")
+        out.append(tuple(validation.number(f"{name}[{i}]", v, **bounds)
+                         for i, v in enumerate(value)))  # fmt: skip
+    return tuple(out)
 
 
 def clip_image_preprocess(

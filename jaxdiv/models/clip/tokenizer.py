@@ -38,7 +38,7 @@ def load_clip_tokenizer(folder: str | os.PathLike):
     """
     if not isinstance(folder, str | os.PathLike):
         raise TypeError(f"folder must be a str or os.PathLike path, got {type(folder).__name__}")
-    path = Path(folder)
+    path = Path(folder).expanduser()
     if not path.is_dir():
         problem = path_problem(path) or "does not exist"
         raise CheckpointError(f"tokenizer folder {str(path)!r} {problem}")
