@@ -1001,12 +1001,6 @@ def save_png_atomic(array_hwc_uint8: np.ndarray, path: Path) -> None:
     run_folder.atomic_write(path, buf.getvalue())
 
 
-def to_uint8(images_nchw) -> np.ndarray:
-    """``[-1, 1]`` NCHW floats -> uint8 NHWC, as diffusers' image postprocessor."""
-    x = np.asarray(images_nchw, np.float32).transpose(0, 2, 3, 1)
-    return (np.clip(x / 2 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def image_name(prompt_index: int, image_index: int) -> str:
     """File name of an image, e.g. ``p001_i0002.png`` for prompt 1, image 2."""
     return f"p{prompt_index:03d}_i{image_index:04d}.png"
@@ -1570,7 +1564,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
             latents = np.asarray(result.x0, np.float32)
             finite_lat = np.isfinite(latents.reshape(bs, -1)).all(axis=1)
             finite = finite_lat & np.isfinite(decoded.reshape(bs, -1)).all(axis=1)
-            pixels = to_uint8(np.where(np.isfinite(decoded), decoded, 0.0))
+            pixels = generation.to_uint8(np.where(np.isfinite(decoded), decoded, 0.0))
             bad = [i for i in to_write if not finite[i - b * bs]]
             for i in to_write:
                 if finite[i - b * bs]:  # never an image from NaN / inf

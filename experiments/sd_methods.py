@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
                 if radius is not None:
                     row["spell_radius"] = radius
                 per_method[method] = row
-                rows[method] = generate.to_uint8(images)
+                rows[method] = generation.to_uint8(images)
                 if bar.disable:  # no bar (not a terminal): one line per method
                     log(f"prompt {j + 1}/{len(args.prompt_list)} {method}: {seconds:.1f} s"
                         + (f", vendi {row['vendi']:.3f}" if row["vendi"] is not None

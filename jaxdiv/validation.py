@@ -80,8 +80,10 @@ def image_sizes(multiple: int, **sizes) -> None:
     ValueError: height must be a positive multiple of 64, got 500
     """
     for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+        if v <= 0 or v % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {int(v)}")
 
 
 def _range_text(lo, hi, lo_open, hi_open) -> str:
@@ -270,7 +272,12 @@ def prng_key(name: str, value):
                              f"of keys of shape {tuple(value.shape)}")  # fmt: skip
         return value
     if dtype is not None and dtype == jnp.uint32 and jnp.ndim(value) == 1:
-        return value  # raw key data; its length is the PRNG implementation's
+        want = jax.random.key_data(jax.random.key(0)).shape  # the default implementation's
+        if tuple(jnp.shape(value)) != want:
+            raise ValueError(f"{name} holds raw key data of shape {tuple(jnp.shape(value))}, "
+                             f"but the PRNG implementation's keys have shape {want} (use "
+                             "jax.random.key(seed))")  # fmt: skip
+        return value
     what = f"{type(value).__name__} {value!r}" if dtype is None else (
         f"an array of dtype {dtype} and shape {tuple(jnp.shape(value))}")  # fmt: skip
     raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got {what}")

@@ -225,6 +225,73 @@ def test_generate_checks_its_inputs(pipe, noise):
             pipe.generate("a", 1, key=jax.random.key(0), method=method)
 
 
+def test_generate_refuses_bad_prompts_keys_sizes_and_traced_inputs(pipe, noise):
+    """Each named with what came: a prompt that is not text, raw key data of the wrong
+    length, latents of a size the model cannot take, NumPy integer sizes (taken), and
+    generate called under jax.jit (it runs eagerly: the error names the jit-able path)."""
+    key = jax.random.key(0)
+    for prompts, what in [(None, "NoneType"), (b"a cat", "bytes"), (3, "int")]:
+        with pytest.raises(TypeError, match=rf"^prompts must be a string or a list of "
+                                            rf"strings, got {what}$"):  # fmt: skip
+            pipe.generate(prompts, 1, key=key)
+    with pytest.raises(ValueError, match=r"^key holds raw key data of shape \(3,\), but the "
+                                         r"PRNG implementation's keys have shape \(2,\)"):
+        pipe.generate("a", 1, key=jnp.zeros(3, jnp.uint32))
+    with pytest.raises(ValueError, match=r"^noise has latents of 9 x 8, images of 18 x 16 px: "
+                                         r"height must be a positive multiple of 4, got 18$"):
+        pipe.generate("a", 1, key=key, noise=jnp.zeros((1, 4, 9, 8)))
+    side = np.int64(noise.shape[-1] * pipe.vae_scale_factor)
+    f = pipe.vae_scale_factor
+    assert pipe.noise_shape(1, side, side) == (1, 4, int(side) // f, int(side) // f)
+    with pytest.raises(TypeError, match=r"^height must be an integer, got float 32.0$"):
+        pipe.noise_shape(1, 32.0, 32)
+    with pytest.raises(TypeError, match=r"^generate runs eagerly, but cfg is traced .* "
+                                        r"jaxdiv.sample\(pipe.ddim\(N\)"):  # fmt: skip
+        jax.jit(lambda w: pipe.generate("a", 1, key=key, cfg=w).latents)(2.0)
+    with pytest.raises(TypeError, match=r"^negative_prompt must be one string, for every "
+                                        r"image"):  # fmt: skip
+        pipe.generate(["a", "b"], 1, key=key, negative_prompt=["x", "y"])
+
+
+def test_generate_takes_encoded_conditions_and_can_skip_decoding(pipe):
+    """``cond=`` / ``null_cond=`` (diffusers' prompt_embeds / negative_prompt_embeds) give
+    the run of the prompts they encode; ``decode=False`` returns the same latents and no
+    images; images are float32 whatever the networks' dtype."""
+    key, sampler = jax.random.key(0), pipe.ddim(2)
+    want = pipe.generate(["a cat", "a dog"], 2, key=key, sampler=sampler,
+                         negative_prompt="blurry")  # fmt: skip
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat", "a cat", "a dog", "a dog"]))
+    null = pipe.encode_prompt(pipe.tokenize(["blurry"]))
+    got = pipe.generate(["a cat", "a dog"], 2, key=key, sampler=sampler, cond=cond,
+                        null_cond=null, decode=False)  # fmt: skip
+    assert got.images is None and want.images.dtype == jnp.float32
+    np.testing.assert_array_equal(got.latents, want.latents)
+    with pytest.raises(ValueError, match=r"^cond\[?.*must have shape \(4, "):
+        pipe.generate(["a cat", "a dog"], 2, key=key, sampler=sampler, cond=null)
+    with pytest.raises(ValueError, match="pass negative_prompt or null_cond"):
+        pipe.generate("a", 1, key=key, negative_prompt="x", null_cond=null)
+    with pytest.raises(ValueError, match="null_cond has no effect with cfg=None"):
+        pipe.generate("a", 1, key=key, cfg=None, null_cond=null)
+    with pytest.raises(ValueError, match="must be finite|NaN"):
+        pipe.generate("a", 1, key=key, null_cond=jax.tree.map(lambda a: a * jnp.nan, null))
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "euler_ancestral"])
+def test_pipeline_samplers_can_be_built_inside_jit(pipe, noise, name):
+    """A research script builds ``pipe.<sampler>(N)`` inside its own jitted function: the
+    grid comes from the schedule's arrays at build time (it failed with a
+    ConcretizationTypeError / TracerArrayConversionError)."""
+    cond = pipe.encode_prompt(pipe.tokenize(["a cat"] * B))
+
+    def run(w):
+        return jaxdiv.sample(getattr(pipe, name)(3), pipe.denoiser, noise, key=jax.random.key(1),
+                             cond=cond, guidance=guidance.cfg(w, null_cond=pipe.null_cond)).x0
+
+    eager = run(2.0)
+    np.testing.assert_allclose(jax.jit(run)(2.0), eager, rtol=0,
+                               atol=1e-5 * float(jnp.abs(eager).max()))
+
+
 def test_generate_couples_each_prompts_images_only(pipe):
     """One batch of two prompts' rows: a coupled method moves one prompt's images with the
     other's noise (shown with jaxdiv.sample on that batch). generate runs each prompt as a
@@ -389,6 +456,18 @@ def _nan_at_step_one(x0_hat, ctx, s):  # row 1 turns NaN at step 1
 
 def _identity(x0_hat, ctx, s):
     return x0_hat * s
+
+
+def test_generate_warns_when_the_decoder_turns_finite_latents_non_finite(pipe):
+    """Finite latents, NaN images (a broken or overflowing VAE decoder): generate warns
+    naming the decoder, as it does for non-finite latents (it returned the images
+    silently)."""
+    bad = pipe._replace(decode=jax.tree.map(lambda a: a * jnp.nan if jnp.ndim(a) == 1 else a,
+                                            pipe.decode))  # the decoder's biases
+    with pytest.warns(RuntimeWarning, match=r"^generate: the VAE decoder turned the finite "
+                                            r"latents of 2 of 2 images into NaN") as rec:
+        g = bad.generate("a cat", 2, key=jax.random.key(0), sampler=pipe.ddim(2))
+    assert rec[0].filename == __file__ and np.isfinite(np.asarray(g.latents)).all()
 
 
 def test_generate_warns_on_non_finite_latents_at_the_callers_line(pipe):

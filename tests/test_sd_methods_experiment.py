@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from experiments import generate, run_folder, sd_methods
-from jaxdiv.pipelines import stable_diffusion
+from jaxdiv.pipelines import generation, stable_diffusion
 
 pytest.importorskip("diffusers")  # the random folder is built by diffusers / transformers
 
@@ -496,8 +496,8 @@ def test_cli_and_pipe_generate_give_the_same_images_for_the_same_seed(model, tmp
     s = pipe.ddim(3, eta=0.7)
     kw = dict(key=jax.random.key(7), sampler=s, cfg=float(CFG))
     g = pipe.generate("a cat", 3, guidance_rescale=0.7, **kw)
-    np.testing.assert_array_equal(generate.to_uint8(g.images), pngs)
-    plain = generate.to_uint8(pipe.generate("a cat", 3, **kw).images)
+    np.testing.assert_array_equal(generation.to_uint8(g.images), pngs)
+    plain = generation.to_uint8(pipe.generate("a cat", 3, **kw).images)
     # the rescale shows in the PNGs: the run without it differs (by one 8-bit level at most
     # on this tiny random model, whose CFG barely changes the predictions' spread)
     assert (plain != pngs).any()

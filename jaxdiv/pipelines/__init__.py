@@ -2,6 +2,7 @@
 
 * :mod:`jaxdiv.pipelines.stable_diffusion` -- Stable Diffusion 1.x / 2.x from a local
   diffusers folder (:func:`~jaxdiv.pipelines.stable_diffusion.load`);
+  :mod:`jaxdiv.pipelines.stable_diffusion_3` -- SD3 / SD3.5 (MMDiT, three text encoders);
 * :mod:`jaxdiv.pipelines.scheduler_config` -- diffusers scheduler configs as VP schedules;
 * :mod:`jaxdiv.pipelines.folder` -- checks and lookups on a pipeline folder;
 * :mod:`jaxdiv.pipelines.generation` -- ``pipe.generate``: prompts to images with any
@@ -11,7 +12,10 @@
   SD3.5 form (both CLIP encoders, T5 unchanged), dispatched to by the same functions.
 """
 
-from jaxdiv.pipelines import stable_diffusion
+from jaxdiv.pipelines import generation, stable_diffusion, stable_diffusion_3
+from jaxdiv.pipelines.generation import Generated
 from jaxdiv.pipelines.stable_diffusion import Bound, StableDiffusion
+from jaxdiv.pipelines.stable_diffusion_3 import StableDiffusion3
 
-__all__ = ["Bound", "StableDiffusion", "stable_diffusion"]
+__all__ = ["Bound", "Generated", "StableDiffusion", "StableDiffusion3", "generation",
+           "stable_diffusion", "stable_diffusion_3"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -44,14 +44,16 @@ from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "gass_encoder",
            "gass_pixel_space", "gass_setup", "generate", "image_noise", "is_sd3",
-           "null_condition", "rescale_options", "sampling_key", "truncated_prompts"]
+           "null_condition", "rescale_options", "sampling_key", "to_uint8", "truncated_prompts"]
 
 
 class Generated(NamedTuple):
     """What :func:`generate` returns.
 
     Attributes:
-        images: (B, 3, H, W) decoded images, nominally in ``[-1, 1]``.
+        images: (B, 3, H, W) decoded images in float32, nominally in ``[-1, 1]`` (the VAE
+            does not clamp; :func:`to_uint8` gives 8-bit pixels); ``None`` with
+            ``decode=False``.
         latents: (B, C, h, w) final latents.
         output: the :class:`~jaxdiv.sampling.SampleOutput` (trace when asked for).
         prompts: the prompt of each row (``n`` adjacent rows per prompt).
@@ -275,6 +277,9 @@ def generate(
     width: int | None = None,
     trace: bool = False,
     guidance_rescale=None,
+    cond=None,
+    null_cond=None,
+    decode: bool = True,
 ) -> Generated:
     """Images for each prompt (``n`` per prompt) with ``method`` composed with CFG.
 
@@ -321,13 +326,21 @@ def generate(
             (``pipe.default_cfg()``: SD 7.5, SD3 7.0, diffusers' defaults). ``1`` runs the
             conditional model alone, as ``None`` (and diffusers) do; below 1 CFG
             interpolates towards the unconditional model (diffusers switches CFG off there).
-        negative_prompt: the prompt of CFG's unconditional branch (default: the empty
-            prompt, ``pipe.null_cond``); refused where it cannot take effect (``cfg``
-            ``None`` or 1, or a method with its own combination and null).
+        negative_prompt: the prompt of CFG's unconditional branch, one for every image
+            (default: the empty prompt, ``pipe.null_cond``); refused where it cannot take
+            effect (``cfg`` ``None`` or 1, or a method with its own combination and null).
+        cond: the rows' text condition, already encoded (diffusers' ``prompt_embeds``):
+            ``pipe.encode_prompt``'s output for ``len(prompts) * n`` rows (e.g. SD3's
+            ``load_prompt_embeds`` without T5); ``prompts`` still name and group the rows.
+        null_cond: CFG's unconditional condition, already encoded (diffusers'
+            ``negative_prompt_embeds``): one row, as ``pipe.null_cond``; not with
+            ``negative_prompt``.
         noise: initial latents ``pipe.noise_shape(len(prompts) * n, height, width)``.
         height, width: image size (defaults to the model's; with ``noise``, they must
             agree with its shape).
         trace: keep the per-step trace.
+        decode: decode the final latents (``False``: ``images`` is ``None``, no VAE call;
+            diffusers' ``output_type="latent"``).
         guidance_rescale: ``phi`` of the CFG rescale (Lin et al. 2024; diffusers'
             ``guidance_rescale``, 0.7 suggested), applied in the network's prediction
             space (``pipe.denoiser.prediction_type``): ``guidance.cfg(cfg, rescale=phi,
@@ -337,9 +350,14 @@ def generate(
             setting; here it rescales SD3's velocities the same way.
 
     Returns:
-        :class:`Generated`. Final latents holding NaN / inf give a ``RuntimeWarning`` at
-        the caller's line naming the rows and the method's terms (the output is returned:
-        ``trace=True`` shows the step that turned non-finite).
+        :class:`Generated`. Final latents or decoded images holding NaN / inf give a
+        ``RuntimeWarning`` at the caller's line naming the rows and the method's terms (the
+        output is returned: ``trace=True`` shows the step that turned non-finite; finite
+        latents decoding to non-finite images name the VAE decoder).
+
+    ``generate`` runs eagerly (it checks its inputs' values and compiles its own program):
+    under ``jax.jit`` / ``vmap`` use ``jaxdiv.sample(pipe.ddim(N), pipe.denoiser, noise,
+    cond=pipe.encode_prompt(...), ...)`` and ``pipe.decode``.
 
     Example:
         >>> import jax
@@ -355,12 +373,25 @@ def generate(
         >>> pg[0].images.shape  # each prompt's three images repel each other only
         (3, 3, 16, 16)
     """
+    traced = [name for name, v in (("key", key), ("noise", noise), ("cfg", cfg),
+                                    ("guidance_rescale", guidance_rescale))
+              if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(v))]
+    if traced:
+        raise TypeError(
+            f"generate runs eagerly, but {', '.join(traced)} is traced (inside jax.jit / vmap "
+            "/ grad): there, call jaxdiv.sample(pipe.ddim(N), pipe.denoiser, noise, key=..., "
+            "cond=pipe.encode_prompt(pipe.tokenize(prompts)), guidance=...) and pipe.decode"
+        )
     if isinstance(prompts, str):
         prompts = [prompts]
+    elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a string or a list of strings, got "
+                        f"{type(prompts).__name__}")  # fmt: skip
     prompts = list(prompts)
     validation.prng_key("key", key)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    decode = validation.boolean("decode", decode)
     n = validation.integer("n", n, minimum=1)
     per_prompt = isinstance(method, _guidance.PerGroup)
     if per_prompt and method.size != len(prompts):
@@ -424,9 +455,20 @@ def generate(
                 "the conditional one, already at its own scale)"
             )
     null = pipe.null_cond
+    if negative_prompt is not None and null_cond is not None:
+        raise ValueError("pass negative_prompt or null_cond (its encoding), not both")
+    if null_cond is not None:
+        if own:
+            raise ValueError("null_cond would never take effect: method combines the model's "
+                             "outputs with its own null_cond; build it with that one")  # fmt: skip
+        if no_cfg:
+            raise ValueError(f"null_cond has no effect with cfg={cfg} (no unconditional "
+                             "branch)")  # fmt: skip
+        null = _encoded("null_cond", null_cond, pipe, 1)
     if negative_prompt is not None:
         if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string, got "
+            raise TypeError(f"negative_prompt must be one string, for every image (per-prompt "
+                            f"negatives: one generate call per prompt), got "
                             f"{type(negative_prompt).__name__}")  # fmt: skip
         if own:
             raise ValueError("negative_prompt would never take effect: method combines the "
@@ -437,7 +479,10 @@ def generate(
                              "unconditional branch)")  # fmt: skip
         null = null_condition(pipe, negative_prompt)
     rows = tuple(p for p in prompts for _ in range(n))
-    cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
+    if cond is None:
+        cond = pipe.encode_prompt(pipe.tokenize(list(rows)))
+    else:
+        cond = _encoded("cond", cond, pipe, len(rows))
     if noise is None:
         noise = image_noise(key, n, pipe.noise_shape(1, height, width)[1:],
                             jax.tree.leaves(cond)[0].dtype)  # fmt: skip
@@ -456,6 +501,14 @@ def generate(
         elif noise.ndim != 4 or noise.shape[1] != pipe.latent_channels:
             raise ValueError(f"noise must be latents (batch, {pipe.latent_channels}, h, w), got "
                              f"shape {tuple(noise.shape)}")  # fmt: skip
+        else:  # its latent size must be an image size the model takes
+            f = pipe.vae_scale_factor
+            try:
+                pipe.noise_shape(1, int(noise.shape[2]) * f, int(noise.shape[3]) * f)
+            except ValueError as err:
+                raise ValueError(f"noise has latents of {noise.shape[2]} x {noise.shape[3]}, "
+                                 f"images of {noise.shape[2] * f} x {noise.shape[3] * f} px: "
+                                 f"{err}") from None  # fmt: skip
     guided = method
     if not no_cfg and not own:
         scale = cfg_term(pipe, cfg, null, guidance_rescale)
@@ -464,7 +517,31 @@ def generate(
                  key=sampling_key(key), cond=cond, guidance=guided, trace=trace,
                  groups=groups)  # fmt: skip
     _warn_non_finite(out.x0, terms)
-    return Generated(pipe.decode(out.x0), out.x0, out, rows)
+    if not decode:
+        return Generated(None, out.x0, out, rows)
+    # float32 whatever the networks' dtype: a bfloat16 array is not an image for PIL
+    images = pipe.decode(out.x0).astype(jnp.float32)
+    _warn_non_finite(images, terms, out.x0)
+    return Generated(images, out.x0, out, rows)
+
+
+def _encoded(name: str, value, pipe, rows: int):
+    """A condition the caller encoded: ``pipe.null_cond``'s structure, shapes and dtypes,
+    with ``rows`` rows."""
+    want = pipe.null_cond
+    structure = jax.tree.structure(want)
+    if jax.tree.structure(value) != structure:
+        raise TypeError(f"{name} must have the structure of pipe.encode_prompt's output "
+                        f"({structure}), got {jax.tree.structure(value)}")  # fmt: skip
+    for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(value)[0],
+                                jax.tree.leaves(want)):  # fmt: skip
+        where = name + jax.tree_util.keystr(path)
+        shape = (rows,) + tuple(ref.shape[1:])
+        if tuple(np.shape(got)) != shape:
+            raise ValueError(f"{where} must have shape {shape} ({rows} row"
+                             f"{'s' * (rows != 1)}), got {tuple(np.shape(got))}")  # fmt: skip
+        validation.finite_array(where, got)
+    return jax.tree.map(lambda v, r: jnp.asarray(v, r.dtype), value, want)
 
 
 def cfg_term(pipe, scale, null_cond=None, rescale=None):
@@ -506,7 +583,10 @@ DIFFUSERS_ARGUMENTS = {
     "generator": "key=jax.random.key(seed)",
     "num_images_per_prompt": "n=<images per prompt> (the second argument)",
     "latents": "noise=<initial latents>",
-    "output_type": "nothing: the result holds .images (NCHW in [-1, 1]) and .latents",
+    "output_type": "decode=False for latents only (.images is then None); the result holds "
+                   ".images (NCHW float32, nominally in [-1, 1]) and .latents",
+    "prompt_embeds": "cond=<pipe.encode_prompt(...) of every row>",
+    "negative_prompt_embeds": "null_cond=<pipe.encode_prompt(...) of one row>",
 }
 
 
@@ -525,6 +605,17 @@ def check_keywords(kwargs: dict) -> None:
         if name in DIFFUSERS_ARGUMENTS:
             raise TypeError(f"generate() takes no argument {name} (diffusers' name): use "
                             f"{DIFFUSERS_ARGUMENTS[name]}")  # fmt: skip
+
+
+def to_uint8(images) -> np.ndarray:
+    """NCHW images nominally in ``[-1, 1]`` (:attr:`Generated.images`) -> ``uint8`` NHWC
+    pixels, as diffusers' image postprocessor: ``round(255 clip(x / 2 + 0.5, 0, 1))``.
+
+    >>> to_uint8(np.array([[[[-1.0, 0.0, 1.0, 2.0]]]])).ravel().tolist()
+    [0, 128, 255, 255]
+    """
+    x = np.asarray(images, np.float32).transpose(0, 2, 3, 1)
+    return (np.clip(x / 2 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def image_noise(key, images, shape, dtype=None):
@@ -567,21 +658,34 @@ def sampling_key(key, prompt_index: int = 0, batch_index: int = 0):
     return jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + prompt_index), batch_index)
 
 
-def _warn_non_finite(latents, terms) -> None:
-    """Warn (not raise: the caller keeps the trace to find the step) when final latents
-    hold NaN / inf, which decode to meaningless images."""
-    bad = np.flatnonzero(~np.isfinite(np.asarray(latents)).reshape(latents.shape[0], -1).all(1))
-    if bad.size:
+def _warn_non_finite(values, terms, latents=None) -> None:
+    """Warn (not raise: the caller keeps the trace to find the step) when the final
+    latents, or the images decoded from finite ``latents``, hold NaN / inf."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(values)).reshape(values.shape[0], -1).all(1))
+    if not bad.size:
+        return
+    rows = f"rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
+    if latents is None:
         names = [t.name for t in terms]
-        warnings.warn(
-            f"generate: the final latents of {bad.size} of {latents.shape[0]} images hold "
-            f"NaN or inf (rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}); their "
-            f"images are meaningless. Method terms: {names or 'none'}; a strength too large "
-            "for the model, or float16 overflow, are common causes (trace=True shows the "
-            "first step that turned non-finite in output.trace.x0_hat)",
-            RuntimeWarning,
-            stacklevel=_caller_level(),
+        message = (
+            f"generate: the final latents of {bad.size} of {values.shape[0]} images hold "
+            f"NaN or inf ({rows}); their images are meaningless. Method terms: "
+            f"{names or 'none'}; a strength too large for the model, or float16 overflow, "
+            "are common causes (trace=True shows the first step that turned non-finite in "
+            "output.trace.x0_hat)"
         )
+    else:
+        finite = np.isfinite(np.asarray(latents)).reshape(latents.shape[0], -1).all(1)
+        bad = bad[finite[bad]]  # the others were named for their latents already
+        if not bad.size:
+            return
+        rows = f"rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
+        message = (
+            f"generate: the VAE decoder turned the finite latents of {bad.size} of "
+            f"{values.shape[0]} images into NaN or inf ({rows}): check the decoder's weights "
+            "(a float16 VAE overflows; load it in float32 or bfloat16)"
+        )
+    warnings.warn(message, RuntimeWarning, stacklevel=_caller_level())
 
 
 def _caller_level() -> int:

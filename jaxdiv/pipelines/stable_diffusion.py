@@ -256,7 +256,7 @@ class StableDiffusion(NamedTuple):
         multiple = size_multiple(self.configs["unet"], self.configs["vae"])
         validation.image_sizes(multiple, height=height, width=width)
         validation.integer("batch", batch, minimum=1)
-        return (batch, self.latent_channels, height // f, width // f)
+        return (batch, self.latent_channels, int(height) // f, int(width) // f)
 
     def ddim(
         self, num_steps: int = 50, eta: float = 0.0, clean_endpoint: bool = False
@@ -292,14 +292,16 @@ class StableDiffusion(NamedTuple):
             ([101.0, 1.0, -1.0], 10)
         """
         validation.boolean("clean_endpoint", clean_endpoint)
-        if clean_endpoint:
-            return samplers.ddim(self.schedule, num_steps, eta, **self.grid_kwargs)
-        times, targets = ddim_grid(self.configs["scheduler"], num_steps)
-        if np.array_equal(targets, times[1:]) and np.all(np.diff(times) < 0):  # a plain grid
+        # the grid from the schedule's arrays at build time, also inside a user's jax.jit
+        with jax.ensure_compile_time_eval():
+            if clean_endpoint:
+                return samplers.ddim(self.schedule, num_steps, eta, **self.grid_kwargs)
+            times, targets = ddim_grid(self.configs["scheduler"], num_steps)
+            if np.array_equal(targets, times[1:]) and np.all(np.diff(times) < 0):  # plain
+                return samplers.ddim(self.schedule, eta=eta, times=times.astype(np.float32),
+                                     allow_noisy_end=True)  # fmt: skip
             return samplers.ddim(self.schedule, eta=eta, times=times.astype(np.float32),
-                                 allow_noisy_end=True)  # fmt: skip
-        return samplers.ddim(self.schedule, eta=eta, times=times.astype(np.float32),
-                             targets=targets.astype(np.float32))  # fmt: skip
+                                 targets=targets.astype(np.float32))  # fmt: skip
 
     def edm(self, num_steps: int = 18, rho: float = 7.0, **kwargs) -> samplers.Sampler:
         """Karras et al. (2022) Alg. 2 sampler on the Karras noise levels (Eq. 5) of this model.
@@ -465,8 +467,9 @@ class StableDiffusion(NamedTuple):
     def _on_diffusers_grid(self, name, factory, grid, num_steps, karras, **kwargs):
         """``factory`` on the times of ``grid(config, num_steps, karras)``, the network at
         diffusers' model timesteps where they are not the grid's own."""
-        times, model_times = grid(self.configs["scheduler"], num_steps, karras)
-        base = factory(self.schedule, times=times, **kwargs)
+        with jax.ensure_compile_time_eval():  # as in ddim: a concrete grid under jax.jit
+            times, model_times = grid(self.configs["scheduler"], num_steps, karras)
+            base = factory(self.schedule, times=times, **kwargs)
         base = base if name is None else base._replace(name=name)
         if np.array_equal(model_times, times[:-1]):
             return base
