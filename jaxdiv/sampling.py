@@ -469,6 +469,22 @@ def lower(sampler: Sampler, denoiser, noise, *, key, cond=None, guidance=None,
         guidance_state=guidance_state, mesh=mesh, groups=groups))  # fmt: skip
 
 
+def _check_placement(mesh, named) -> None:
+    """Refuse arrays committed to devices other than ``mesh``'s (``jax.device_put(x,
+    device)``): the program runs on the mesh, and jit's own error names none of them."""
+    devices = set(mesh.devices.flat)
+    for what, tree in named:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if (isinstance(leaf, jax.Array) and leaf.committed
+                    and leaf.sharding.device_set != devices):  # fmt: skip
+                raise ValueError(
+                    f"{what}: its array {jax.tree_util.keystr(path)} is committed to "
+                    f"{sorted(d.id for d in leaf.sharding.device_set)}, but mesh= runs on "
+                    f"devices {sorted(d.id for d in devices)}: place it on the mesh "
+                    "(jax.device_put(x, NamedSharding(mesh, P())) to replicate, or "
+                    "distributed.shard_params), or leave it uncommitted")  # fmt: skip
+
+
 def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_state, mesh,
               groups):  # fmt: skip
     """:func:`sample`'s checks, placement and terms' ``init``: ``_run``'s arguments."""
@@ -558,6 +574,9 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
             expected = None  # an init that needs concrete values: cannot be shape-checked
         if expected is not None:
             _check_state(guidance_state, expected, noise.shape)
+    if mesh is not None:
+        _check_placement(mesh, [("sampler", sampler), ("denoiser", denoiser)]
+                         + [(f"guidance term {t.name!r}", t) for g in group_terms for t in g])
     model_dynamic, model_spec = partition((sampler, denoiser))
     spec = (model_spec, terms_spec, stacked, mesh)
     return (spec, validation.boolean("trace", trace), groups, (model_dynamic, terms_dynamic),

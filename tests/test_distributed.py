@@ -93,6 +93,17 @@ TOY = textwrap.dedent(
         raise AssertionError("groups=6 of 4 on 8 devices ran")
     except ValueError as err:
         assert "groups=6 of 4 samples cannot be split over the 8 devices" in str(err), err
+    # an array committed to one device (jax.device_put(x, device)) beside mesh=: named
+    # (jit's own error named only "argument dynamic[1][5] of _run_impl")
+    for kw, what in [(dict(den=jax.device_put(gm, jax.devices()[1]).denoiser(edm)), "denoiser"),
+                     (dict(guidance=guidance.spell(1.0, reference=jax.device_put(
+                         ref, jax.devices()[2]))), "guidance term 'spell'")]:  # fmt: skip
+        try:
+            jaxdiv.sample(s, kw.pop("den", gm.denoiser(edm)), noise, key=jax.random.key(0),
+                          mesh=mesh, **kw)  # fmt: skip
+            raise AssertionError(f"a {what} committed to one device ran")
+        except ValueError as err:
+            assert str(err).startswith(f"{what}: its array ") and "is committed to [" in str(err)
     print("TOY_OK", len(cases))
     """
 )
