@@ -511,13 +511,6 @@ def projection_kernel(pipe, spec: str):
     return _KERNELS[spec]
 
 
-def text_embeddings(pipe, prompts, kernel):
-    """``(len(prompts), P)`` CLIP text embeddings: the text encoder's pooled output (EOS
-    token) through ``kernel``, the CLIP text projection (GASS's ``e_t``; CLIP score)."""
-    _, pooled = pipe.text_features(pipe.tokenize(list(prompts)), None)
-    return pooled @ kernel.astype(pooled.dtype)
-
-
 def tpso_null_pool(pipe, knobs: dict, key, path: Path, log=lambda msg: None):
     """TPSO's pool of optimised blank-prompt embeddings for the negative branch, loaded
     from ``path`` when an earlier run of the folder built it, else built and saved there
@@ -582,7 +575,7 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
         prompt: the batch's prompt (TPSO).
         key: PRNG key of TPSO's optimisation.
         radius: SPELL's radius (a number; resolve ``"auto"`` first).
-        text_emb: GASS's ``(P,)`` text embedding (:func:`text_embeddings`).
+        text_emb: GASS's ``(P,)`` text embedding (:func:`clip_text_embeddings`).
         cfg_term: a prebuilt ``generation.cfg_term(pipe, cfg, null, rescale)`` to reuse.
         null_pool: TPSO's negative-branch pool (:func:`tpso_null_pool`) or ``None``.
         rescale: the CFG rescale ``phi`` (``--guidance-rescale``) or ``None``: of CFG, of
@@ -1210,42 +1203,23 @@ def run(args: argparse.Namespace) -> dict:
         lock.release()
 
 
-def clip_text_embeddings(pipe, prompts, projection, shape):
+def clip_text_embeddings(pipe, prompts, projection):
     """Per-prompt CLIP text embeddings ``(len(prompts), P)`` in the image encoder's space
-    (GASS's ``e_t``; SPP and CLIP score): the pooled output through the projection a knob
-    names (:func:`projection_kernel`); RunError when a width does not match."""
-    import jax
-    import jax.numpy as jnp
-
+    (GASS's ``e_t``; SPP and CLIP score): :func:`jaxdiv.pipelines.generation.
+    clip_text_embeddings` through the projection a knob names (:func:`projection_kernel`);
+    RunError naming ``--clip-projection`` when it does not fit."""
     from jaxdiv.pipelines import generation
 
-    if pipe.encode_image is None:
-        raise RunError("the pipeline has no image encoder (no image_encoder folder)")
-    if generation.is_sd3(pipe):  # CLIP-L's own projected text_embeds
-        if projection != "text_encoder":
-            raise RunError("--clip-projection is not supported with SD3 folders: their CLIP-L "
-                           "text encoder has its own projection (pair it with the image "
-                           "encoder of the same CLIP, ViT-L/14)")  # fmt: skip
-        width = pipe.configs["text_encoder"]["projection_dim"]
-        emb = pipe.encode_prompt(pipe.tokenize(list(prompts))).pooled[:, :width]
-    else:
-        kernel = projection_kernel(pipe, projection)
-        width = pipe.token_embedding.shape[1]
-        if kernel.shape[0] != width:
-            raise RunError(f"--clip-projection: its input width {kernel.shape[0]} differs from "
-                           f"the text encoder's hidden size {width}")  # fmt: skip
-        emb = text_embeddings(pipe, prompts, kernel)
-    probe = jax.ShapeDtypeStruct(shape, jnp.float32)
-    dim = jax.eval_shape(generation.gass_encoder(pipe), probe).shape[-1]
-    if emb.shape[-1] != dim:
-        source = ("this SD3 folder's CLIP-L text encoder (its own projection)"
-                  if generation.is_sd3(pipe) else "--clip-projection")  # fmt: skip
-        fix = ("the vision tower of the same CLIP, ViT-L/14, as the image encoder"
-               if generation.is_sd3(pipe) else
-               "the projection of the same CLIP model as the image encoder")  # fmt: skip
-        raise RunError(f"{source}: text embeddings of width {emb.shape[-1]} but the image "
-                       f"encoder's features have width {dim} (use {fix})")  # fmt: skip
-    return emb
+    if generation.is_sd3(pipe) and projection != "text_encoder":
+        raise RunError("--clip-projection is not supported with SD3 folders: their CLIP-L "
+                       "text encoder has its own projection (pair it with the image "
+                       "encoder of the same CLIP, ViT-L/14)")  # fmt: skip
+    own = projection == "text_encoder"
+    kernel = None if generation.is_sd3(pipe) else projection_kernel(pipe, projection)
+    try:
+        return generation.clip_text_embeddings(pipe, prompts, None if own else kernel)
+    except ValueError as err:
+        raise RunError(str(err) if own else f"--clip-projection: {err}") from None
 
 
 PROGRESS_DIR = "progress"  # per-process progress files of a multi-process job
@@ -1447,7 +1421,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
         null_pool = tpso_null_pool(pipe, knobs, jax.random.fold_in(root_key, 3_000_017),
                                    out / "tpso_null_pool.npz", log)  # fmt: skip
     if method == "gass":
-        text_embs = clip_text_embeddings(pipe, args.prompt, knobs["projection"], shape)
+        text_embs = clip_text_embeddings(pipe, args.prompt, knobs["projection"])
 
     def spell_radius(j):
         if knobs["radius"] != "auto":

@@ -203,7 +203,7 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict]:
     return knobs, skipped
 
 
-def _metric_text(pipe, args, shape):
+def _metric_text(pipe, args):
     """The prompts' CLIP text embeddings for SPP / CLIP score, or ``(None, why not)``."""
     if pipe.encode_image is None:
         return None, "no image encoder (pass --image-encoder or add <model>/image_encoder)"
@@ -217,7 +217,7 @@ def _metric_text(pipe, args, shape):
     elif spec != "text_encoder":
         spec = str(Path(spec).resolve())
     try:
-        return generate.clip_text_embeddings(pipe, args.prompt_list, spec, shape), None
+        return generate.clip_text_embeddings(pipe, args.prompt_list, spec), None
     except generate.RunError as err:
         return None, str(err)
 
@@ -296,13 +296,12 @@ def run(args: argparse.Namespace) -> dict:
         raise generate.RunError(str(err)) from err
     log(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     generate.log_truncated(pipe, args.prompt_list, say=log)
-    text_embs, text_note = _metric_text(pipe, args, pipe.noise_shape(args.n))
+    text_embs, text_note = _metric_text(pipe, args)
     gass_embs = None
     if "gass" in knobs:
         try:
             gass_embs = generate.clip_text_embeddings(pipe, args.prompt_list,
-                                                      knobs["gass"]["projection"],
-                                                      pipe.noise_shape(args.n))  # fmt: skip
+                                                      knobs["gass"]["projection"])  # fmt: skip
         except generate.RunError as err:
             if args.methods_given:  # asked for by name: it must run
                 raise generate.RunError(f"--methods gass cannot run: {err}") from err

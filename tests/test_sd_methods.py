@@ -378,6 +378,30 @@ def test_generate_per_prompt_terms(pipe):
                       method=guidance.per_group([gass, gass]))  # fmt: skip
 
 
+def test_clip_text_embeddings_project_the_pooled_text_and_check_widths(pipe):
+    """GASS's e_t from the library (it lived in the CLI): the pooled EOS state through the
+    projection, refused with the width named where it cannot reach the image features."""
+    from jaxdiv.pipelines.generation import clip_text_embeddings
+
+    d = pipe.token_embedding.shape[1]
+    kernel = jax.random.normal(jax.random.key(0), (d, 16))
+    got = clip_text_embeddings(pipe, ["a cat", "a dog"], kernel)
+    ids = pipe.tokenize(["a cat", "a dog"])
+    states, pooled = pipe.text_features(ids, None)
+    eos = np.asarray(ids).argmax(-1)   # CLIP pools the EOS token, the largest id
+    np.testing.assert_allclose(pooled, np.asarray(states)[np.arange(2), eos], atol=1e-6)
+    np.testing.assert_allclose(got, np.asarray(pooled) @ np.asarray(kernel), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^the text encoder has no text_projection"):
+        clip_text_embeddings(pipe, "a cat")
+    with pytest.raises(ValueError, match=rf"^projection must be a \(D, P\) kernel with D = "
+                                         rf"{d}, .* got shape \(3, 16\)"):  # fmt: skip
+        clip_text_embeddings(pipe, "a cat", jnp.zeros((3, 16)))
+    with pytest.raises(ValueError, match=r"^projection: text embeddings of width 5 but the "
+                                         r"image encoder's features have width 16"):
+        clip_text_embeddings(pipe, "a cat", jnp.zeros((d, 5)))
+
+
 def test_pipe_encode_is_diffusers_posterior_mean_scaled(pipe):
     import torch
     from diffusers import AutoencoderKL

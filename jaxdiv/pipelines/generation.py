@@ -42,7 +42,8 @@ from jaxdiv import validation
 from jaxdiv.guidance.cfg import zero_null
 from jaxdiv.sampling import SampleOutput, sample
 
-__all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "gass_encoder",
+__all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "clip_text_embeddings",
+           "gass_encoder",
            "gass_pixel_space", "gass_setup", "generate", "image_noise", "is_sd3",
            "null_condition", "rescale_options", "sampling_key", "to_uint8", "truncated_prompts"]
 
@@ -140,6 +141,59 @@ GASS_PUBLIC_NEGATIVE_PROMPT = "blurry, low quality, bad anatomy, deformed, extra
 GASS_SETUPS = ("paper", "public_code")
 
 
+def clip_text_embeddings(pipe, prompts: str | Sequence[str], projection=None) -> jax.Array:
+    """``(len(prompts), P)`` CLIP text embeddings in the space of ``pipe``'s image encoder:
+    GASS's ``e_t`` (:func:`jaxdiv.guidance.gass`, :func:`gass_setup`) and the text side of
+    CLIP score and SPP, ``e_t = pooled(prompt) @ W_proj`` (CLIP's text projection of the
+    EOS token's state).
+
+    SD 1.x/2.x: the text encoder's pooled output through ``projection``, a ``(D, P)``
+    kernel (default: the text encoder's own ``pipe.text_projection``; another CLIP's with
+    :func:`jaxdiv.pipelines.tpso.load_text_projection`, e.g. SD 2.x's OpenCLIP text tower
+    paired with its image encoder). SD3: CLIP-L's own projected pooled output (no
+    ``projection``). The width is checked against the image encoder's features.
+
+    Example:
+        >>> import jax
+        >>> from jaxdiv.testing import example_pipeline
+        >>> pipe = example_pipeline(image_encoder=True)  # a text tower without projection
+        >>> kernel = jax.random.normal(jax.random.key(0), (pipe.token_embedding.shape[1], 16))
+        >>> clip_text_embeddings(pipe, ["a cat", "a dog"], kernel).shape
+        (2, 16)
+    """
+    if pipe.encode_image is None:
+        raise ValueError("pipe has no image encoder: load the pipeline with its "
+                         "image_encoder folder (the embeddings live in its space)")  # fmt: skip
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if is_sd3(pipe):
+        if projection is not None:
+            raise ValueError("projection: an SD3 folder's CLIP-L text encoder has its own "
+                             "projection; pass none (pair it with the image encoder of the "
+                             "same CLIP, ViT-L/14)")  # fmt: skip
+        width = pipe.configs["text_encoder"]["projection_dim"]
+        emb = pipe.encode_prompt(pipe.tokenize(prompts)).pooled[:, :width]
+        source = "this SD3 folder's CLIP-L text encoder (its own projection)"
+    else:
+        kernel = pipe.text_projection if projection is None else jnp.asarray(projection)
+        if kernel is None:
+            raise ValueError("the text encoder has no text_projection: pass projection="
+                             "tpso.load_text_projection(<CLIP text model folder>)")  # fmt: skip
+        width = pipe.token_embedding.shape[1]
+        if kernel.ndim != 2 or kernel.shape[0] != width:
+            raise ValueError(f"projection must be a (D, P) kernel with D = {width}, the text "
+                             f"encoder's hidden size, got shape {tuple(kernel.shape)}")  # fmt: skip
+        _, pooled = pipe.text_features(pipe.tokenize(prompts), None)
+        emb = pooled @ kernel.astype(pooled.dtype)
+        source = "projection" if projection is not None else "the text encoder's projection"
+    probe = jax.ShapeDtypeStruct(pipe.noise_shape(1), jnp.float32)
+    dim = jax.eval_shape(gass_encoder(pipe), probe).shape[-1]
+    if emb.shape[-1] != dim:
+        raise ValueError(f"{source}: text embeddings of width {emb.shape[-1]} but the image "
+                         f"encoder's features have width {dim} (use the text projection of "
+                         "the same CLIP model as the image encoder)")  # fmt: skip
+    return emb
+
+
 def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
                num_directions: int = 10) -> GASSSetup:
     """GASS on ``pipe`` with the settings of the paper or of its public code.
@@ -167,7 +221,8 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
 
     Args:
         pipe: a loaded pipeline with an image encoder (``load(..., image_encoder=...)``).
-        text_emb: ``(P,)`` the prompt's CLIP text embedding in the image tower's space.
+        text_emb: ``(P,)`` the prompt's CLIP text embedding in the image tower's space
+            (:func:`clip_text_embeddings`).
         setup: ``"paper"`` or ``"public_code"``.
         batch: images per batch (the public code's 10); scales the public tolerance.
         r: ``r_dep = r_ind`` (the paper's 0.02).
