@@ -214,9 +214,9 @@ def pin_one_core() -> int:
     JAX computation); threads created later inherit the pin.
 
     Only the pin limits XLA:CPU (jax 0.10.2): with ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=
-    false intra_op_parallelism_threads=1"`` a jitted SD2.1-sized UNet step still used 1.70
+    false intra_op_parallelism_threads=1"`` a jitted SD2.1-sized UNet step still used 1.90
     cores (CPU time / wall time), under ``taskset -c 0`` 1.00 (``benchmarks.sd_step``'s
-    ``cores_used``; see the findings page).
+    ``cores_used``; the commands are on the findings page).
     """
     import os
 

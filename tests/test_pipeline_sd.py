@@ -329,6 +329,15 @@ def test_schedule_config_errors():
         schedule_from_config({"timestep_spacing": "karras"})
     with pytest.raises(ValueError, match="trained_betas must have num_train_timesteps=1000"):
         schedule_from_config({"trained_betas": [0.1, 0.2]})
+    # mistyped or impossible values are named (float("abc") named nothing; "true" was
+    # read as false and the clipping silently skipped)
+    for value, error in [("abc", TypeError), (float("nan"), ValueError), (-1e-4, ValueError),
+                         (1.5, ValueError)]:  # fmt: skip
+        with pytest.raises(error, match=r"^scheduler config: beta_start must be"):
+            schedule_from_config({"beta_start": value})
+    with pytest.raises(TypeError, match=r"^scheduler config: clip_sample must be a bool, got "
+                                        r"str 'true'"):  # fmt: skip
+        schedule_from_config({"clip_sample": "true"})
 
 
 def _copy(folder, tmp_path, name):

@@ -66,14 +66,16 @@ def schedule_from_config(config: dict) -> tuple[schedules.VPSchedule, str, dict]
     for flag, what in (("clip_sample", "clips x0_hat to [-clip_sample_range, "
                                        "clip_sample_range]"),
                        ("thresholding", "applies dynamic thresholding to x0_hat")):  # fmt: skip
-        if config.get(flag, False) is True:  # diffusers would change every x0_hat; we would not
+        # diffusers would change every x0_hat; we would not
+        if validation.boolean(f"scheduler config: {flag}", config.get(flag, False)):
             raise ValueError(f"scheduler config: {flag}=True is not supported (diffusers "
                              f"{what} at every step, jaxdiv does not); set it to false in "
                              "scheduler_config.json to run the model without it")  # fmt: skip
     trained = config.get("trained_betas")
     kind = config.get("beta_schedule", "linear")
-    b0 = float(config.get("beta_start", 0.0001))
-    b1 = float(config.get("beta_end", 0.02))
+    b0, b1 = (validation.number(f"scheduler config: {name}", config.get(name, default), lo=0,
+                                hi=1, lo_open=True, hi_open=True)
+              for name, default in (("beta_start", 0.0001), ("beta_end", 0.02)))
     if trained is not None:
         betas = np.asarray(trained, np.float32)
         if betas.shape != (T,):
@@ -153,7 +155,8 @@ def dpm_solver_grid(config: dict, num_steps: int, karras: bool = False):
     # diffusers computes these in float32 torch
     sigmas = np.sqrt((np.float32(1) - abar) / abar).astype(np.float32)
     lam = (np.log(np.sqrt(abar)) - np.log(np.sqrt(np.float32(1) - abar))).astype(np.float32)
-    lmin = float(config.get("lambda_min_clipped", -np.inf))
+    lmin = validation.number("scheduler config: lambda_min_clipped",
+                             config.get("lambda_min_clipped", -np.inf), allow_inf=True)
     last = T - int(np.searchsorted(lam[::-1], lmin))
     if karras:
         levels = _karras_levels(float(sigmas[-1]), float(sigmas[0]), n)
