@@ -171,3 +171,20 @@ def test_t5_and_dinov2_layer_norm_eps_must_be_positive(saved, tmp_path, value):
             rf"T5 config: layer_norm_epsilon must be a finite number > 0, got {value}")  # fmt: skip
     refused(load_dinov2, edited(saved, tmp_path, "dinov2", layer_norm_eps=value),
             rf"DINOv2 config: layer_norm_eps must be a finite number > 0, got {value}")  # fmt: skip
+
+
+# ------------------------------------------------------------------ the wrong folder
+
+
+@pytest.mark.parametrize("load, component, named, field", [
+    (load_unet, "vae", "'AutoencoderKL'", "_class_name"),
+    (load_vae, "unet", "'UNet2DConditionModel'", "_class_name"),
+    (load_clip_text, "t5", "'t5'", "model_type"),
+    (load_clip_vision, "text_encoder", "'clip_text_model'", "model_type"),
+    (load_t5, "text_encoder", "'clip_text_model'", "model_type"),
+    (load_dinov2, "image_encoder", "'clip_vision_model'", "model_type"),
+])  # fmt: skip
+def test_a_folder_of_another_model_is_named_in_one_line(saved, load, component, named, field):
+    """The config names its model: another loader's folder is refused with that name (it
+    gave a list of hundreds of missing tensors, kilobytes long)."""
+    refused(load, saved / component, rf"^.*: describes a {named} model \(its {field}\), not ")

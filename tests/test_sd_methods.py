@@ -154,7 +154,7 @@ def test_cli_interval_takes_the_cfg_rescale(pipe, noise):
     (matched to diffusers' in ``test_pipeline_sd.py``), up to float rounding."""
     from experiments import generate
 
-    knobs = {"sigma_lo": 0.0, "sigma_hi": float("inf")}
+    knobs = {"sigma_lo": 0.0, "sigma_hi": float("inf"), "rule": "evaluation"}
     g, _ = generate.method_term(pipe, "interval", knobs, cfg=3.0, null=pipe.null_cond,
                                 cond=None, prompt="a photo of a cat", key=jax.random.key(0),
                                 rescale=0.7)  # fmt: skip

@@ -778,6 +778,7 @@ def load_component(
     dtype: Any = None,
     variant: str | None = None,
     check_finite: bool = True,
+    kinds: tuple[str, ...] = (),
 ) -> tuple[nnx.Module, dict]:
     """Build an nnx module from a component folder's config and load its weights.
 
@@ -795,6 +796,10 @@ def load_component(
         variant: weight-file variant, see :func:`load_state_dict`.
         check_finite: refuse weights holding NaN/inf (see :func:`load_state_dict`) or
             overflowing to inf in their dtype (see :func:`assign_params`).
+        kinds: the models the loader builds, as the config names them (diffusers'
+            ``_class_name``, transformers' ``model_type``): a config naming another is
+            refused in one line (a VAE folder given to the UNet loader listed hundreds of
+            missing tensors); a config without either name is taken.
 
     Returns:
         ``(model, config)``.
@@ -824,6 +829,12 @@ def load_component(
     dtype = float_dtype("dtype", dtype)
     path = _as_folder(folder)
     config = read_config(path)
+    field = "_class_name" if "_class_name" in config else "model_type"
+    named = config.get(field)
+    if kinds and isinstance(named, str) and named not in kinds:
+        raise CheckpointError(f"{str(path / 'config.json')!r}: describes a {named!r} model "
+                              f"(its {field}), not {' or '.join(map(repr, kinds))}; is this "
+                              "the right folder?")  # fmt: skip
     try:
         model = nnx.eval_shape(lambda: build_model(config))
     except (TypeError, ValueError) as err:

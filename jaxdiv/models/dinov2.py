@@ -579,7 +579,8 @@ def load_dinov2(
         )
 
     model, _ = load_component(folder, build, convert_dinov2_state_dict, allow_pickle=allow_pickle,
-                              variant=variant, check_finite=check_finite)  # fmt: skip
+                              variant=variant, check_finite=check_finite,
+                              kinds=("dinov2",))  # fmt: skip
     return model
 
 

@@ -911,5 +911,6 @@ def load_mmdit(
         dtype=dtype,
         variant=variant,
         check_finite=check_finite,
+        kinds=("SD3Transformer2DModel",),
     )
     return model

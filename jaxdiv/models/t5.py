@@ -610,5 +610,6 @@ def load_t5(
 
     # no dtype= here: every weight keeps the dtype its module declares (float32 ``wo``)
     model, _ = load_component(folder, build, convert_t5_state_dict, allow_pickle=allow_pickle,
-                              variant=variant, check_finite=check_finite)  # fmt: skip
+                              variant=variant, check_finite=check_finite,
+                              kinds=("t5",))  # fmt: skip
     return model

@@ -743,5 +743,6 @@ def load_unet(
         dtype=dtype,
         variant=variant,
         check_finite=check_finite,
+        kinds=("UNet2DConditionModel",),
     )
     return model

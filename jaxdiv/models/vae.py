@@ -590,5 +590,6 @@ def load_vae(
         dtype=dtype,
         variant=variant,
         check_finite=check_finite,
+        kinds=("AutoencoderKL",),
     )
     return model

@@ -67,8 +67,10 @@ def _load_tower(
     def convert(sd, c):
         return convert_clip_state_dict(sd, tower=tower, with_projection=with_projection)
 
+    # a CLIPModel folder ("clip") holds both towers
     model, _ = load_component(folder, build, convert, allow_pickle=allow_pickle, variant=variant,
-                              check_finite=check_finite)  # fmt: skip
+                              check_finite=check_finite,
+                              kinds=(f"clip_{tower}_model", "clip"))  # fmt: skip
     return model
 
 
