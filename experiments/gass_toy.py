@@ -246,6 +246,8 @@ def plot(results, path):
         for a, b in zip(x0, x1, strict=True):
             ax.plot([a[0], b[0]], [a[1], b[1]], color="gray", lw=0.5, alpha=0.6)
         ax.set_aspect("equal")
+        ax.set_xlabel("x[0]")
+        ax.set_ylabel("x[1]")
         ax.set_title(f"{name}: the same batch in data space (same noise)")
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -101,6 +101,7 @@ def _plot(out, path):
         ax.plot(f, [r[k] for r in mean], marker="o", label=k)
     ax.set_xlabel("r / median pairwise distance")
     ax.set_xscale("symlog", linthresh=1 / 32)
+    ax.set_ylabel("metric (mean over classes)")
     ax.legend(fontsize=8)
     ax = axes[1]
     ax.plot(f, [r["vendi"] for r in mean], marker="o", color="k")
@@ -114,6 +115,8 @@ def _plot(out, path):
     ax.scatter(a[:, 0], a[:, 1], s=10, label="unguided")
     ax.scatter(b[:, 0], b[:, 1], s=10, marker="x", label=f"SPELL, r = median / {1 / SHOWN:g}")
     ax.set_aspect("equal")
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
     ax.legend(fontsize=8)
     ax.set_title("class 0, 128 samples")
     fig.suptitle("SPELL App. M on the conditional ring GMM: diversity vs fidelity as r grows")

@@ -130,10 +130,13 @@ def _plot(results, radius, path):
             ax.set_ylim(-0.8 * scale, 1.3 * scale)
             share = np.mean(nn < radius * (1 - 1e-5))
             ax.set_title(f"scale {scale:g}, {name}: share NN < r = {share:.2f}", fontsize=9)
+            ax.set_xlabel("x[0]")
+            ax.set_ylabel("x[1]")
             ax = axes[row, 2 + col]
             ax.hist(nn, bins=bins)
             ax.axvline(radius, color="r", ls="--", label=f"r = {radius}")
             ax.set_xlabel("nearest-neighbour distance")
+            ax.set_ylabel("samples")
             ax.set_title(f"scale {scale:g}, {name}", fontsize=9)
             ax.legend()
     fig.suptitle("SPELL Fig. 3 on two moons: 200 DDPM samples, intra-batch shields r = 0.075")

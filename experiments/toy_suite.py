@@ -69,6 +69,8 @@ def scatter_grid(results, ref, title, path):
         ax.set_title(name, fontsize=8)
     for ax in axes:
         ax.set_aspect("equal")
+        ax.set_xlabel("x[0]", fontsize=8)
+    axes[0].set_ylabel("x[1]", fontsize=8)
     fig.suptitle(title)
     save_figure(fig, path)
     plt.close(fig)
