@@ -7,16 +7,19 @@
 # GPU image's flax), `carried` (wheels in .whlflax/, e.g. this project's pin) or `auto`
 # (a --smoke run of sd21_generate and sd3_step with the image's flax first, the carried one
 # if that fails); the suite gets TOTAL_S minus the time spent so far as its timeout and
-# that minus MARGIN_S as --budget-s (a section can overrun its share). Needs the diffusers
-# wheel in .whl/ (the benchmarks guide, "GPU suite"); carry .whl (and .whlflax). As run on
+# that minus MARGIN_S as --budget-s (a section can overrun its share; on the timeout the
+# suite still writes its JSON). Wants the diffusers wheel in .whl/ (the benchmarks guide,
+# "GPU suite"; without it the peers are skipped); carry .whl (and .whlflax). As run on
 # 2026-12-04: `bash benchmarks/gpu_run.sh a auto 420 45 sd21_generate methods_overhead`,
 # then `b image 350 40 sd3_step spell_million` and `c image 320 30 methods_overhead`.
 t0=$(date +%s); tag=$1; flax=$2; total=$3; margin=$4; shift 4
 exec > >(tee -a "$OUT/log_$tag.txt") 2>&1
 date -u; nvidia-smi -L
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+  --target /tmp/site .whl/*.whl || echo "no diffusers wheel in .whl/: the suite runs without its peers"
+# offline: anything that tries the hub fails at once instead of waiting on the network
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  HF_HUB_OFFLINE=1
 errs() {  # "<number of sections not ok> [names]" of a suite JSON, 99 if unreadable
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=[n for n,e in r['sections'].items() if e['status']!='ok']; print(len(b), b)" "$1" 2>/dev/null || echo 99
 }

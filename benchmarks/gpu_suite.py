@@ -19,11 +19,13 @@ Sections (each a function of this module, run in this order; ``--sections`` pick
    compiled program (:func:`benchmarks.sd_methods.build_methods`). Methods whose compile
    would not fit the section's share of the budget are recorded as skipped.
 3. ``sd3_step``: one SD3-Medium-shaped MMDiT forward (24 blocks, 1536 wide, 2.03B
-   parameters; ``benchmarks.sd3_step.SD3_MEDIUM``) at 1024x1024 px (latent 128, 4096
-   image tokens + 77 CLIP + 256 T5 tokens), CFG batch 2: jaxdiv bf16 vs diffusers bf16 and
-   fp16; and jaxdiv with contextual-space repulsion (``guidance.contextual_hook``, M = 100
-   inner steps after every joint block, each CFG branch within itself) against without,
-   ``contextual_over_plain`` (the issue's goal: <= 1.10; the paper: +20-30% on Flux-dev).
+   parameters without the position table; ``benchmarks.sd3_step.SD3_MEDIUM``) at
+   1024x1024 px (latent 128, 4096 image tokens + 77 CLIP + 256 T5 tokens), CFG batch 2:
+   jaxdiv bf16 vs diffusers bf16 and fp16; and jaxdiv with contextual-space repulsion
+   (``guidance.contextual_hook``, M = 100 inner steps after every joint block, each CFG
+   branch within itself) on two CFG pairs (the hook needs two samples per branch to act)
+   against the plain forward of that batch, ``contextual_over_plain`` (the issue's goal:
+   <= 1.10; the paper: +20-30% on Flux-dev), with ``max_abs_change`` showing it acted.
    The random torch model is built on the device and its state dict converted in
    memory (:func:`jaxdiv.models.conversion.convert_mmdit_state_dict`), skipping a 4 GB
    save / load; the SD sections go through the folder loader.
@@ -66,8 +68,9 @@ and on the GPU machine (``carry`` ``.whl``) start the command with::
     PYTHONPATH=.:$PYTHONPATH python3 -m benchmarks.gpu_suite --out $OUT/gpu_suite.json
 
 ``benchmarks/gpu_run.sh`` wraps this for one device call (the wheel, versions, a time
-limit); on 2026-12-04 the four sections took 343 s together on one H200 (82.5 + 179.3 +
-35.2 + 45.6 s; ``benchmarks/runs/h200_2026-12-04/``).
+limit); on 2026-12-04 the four sections took 343 s on one H200 over three device calls
+(82.5 + 179.3 + 35.2 + 45.6 s, the methods section rebuilding the pipeline;
+``benchmarks/runs/h200_2026-12-04/``).
 
 Without diffusers the suite still runs: the diffusers peer is recorded as skipped with the
 reason; ``sd3_step`` and ``spell_million`` time jaxdiv alone (random NumPy weights), and
@@ -85,6 +88,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -270,12 +274,18 @@ class Suite:
                 "JAX_PLATFORMS", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")},
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
+            "jax_platform_version": _platform_version(),
         }  # fmt: skip
         if self.torch_device == "cuda":
             import torch
 
             env["torch_device_name"] = torch.cuda.get_device_name(0)
             env["torch_cuda"] = torch.version.cuda
+            env["torch_cudnn"] = torch.backends.cudnn.version()
+        with contextlib.suppress(Exception):  # torch may be absent
+            import torch
+
+            env["torch_threads"] = torch.get_num_threads()
         return env
 
     def memory(self) -> dict:
@@ -564,13 +574,16 @@ def methods_overhead(suite: Suite, deadline: float) -> dict:
         c = tpso_conditions(pipe, [PROMPT], batch, jax.random.key(0), projection=kernel)
         return c.optimized.block_until_ready(), c
 
-    order = ["unguided (CFG)", "spell", "particle", "cads", "interval", "tpso (sampling)",
-             "gass (pixel write-back)"]  # fmt: skip
+    # GASS right after CFG: its compile is the longest, and last it was skipped for the
+    # budget the cheap methods had used
+    order = ["unguided (CFG)", "gass (pixel write-back)", "spell", "particle", "cads",
+             "interval", "tpso (sampling)"]  # fmt: skip
     fns, first_call_s, skipped, errors = {}, {}, {}, {}
     tpso_c = None
     for name in order:
         # GASS's program adds the VAE and the CLIP tower's backward pass: a larger compile
-        factor = 2.5 if name.startswith("gass") else 1.2
+        # (36 s against CFG's 25 s of setup on the H200, 2026-12-04)
+        factor = 1.6 if name.startswith("gass") else 1.2
         est = factor * max([setup_s, *first_call_s.values()])  # setup: CFG's compile
         if name != order[0] and time.perf_counter() + est > deadline:
             skipped[name] = (f"budget: compiling it (~{est:.0f} s, the slowest so far) would "
@@ -724,21 +737,24 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
         build = "random NumPy weights (no diffusers)"
         peers["diffusers"] = {"status": "skipped", "reason": suite.diffusers_reason}
     jax_build_s = time.perf_counter() - t0
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    sizes = {jax.tree_util.keystr(k): int(np.prod(v.shape)) for k, v in
+             jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}  # fmt: skip
+    pos_params = sum(v for k, v in sizes.items() if "pos_embed" in k)
+    n_params = sum(sizes.values()) - pos_params  # diffusers' count: the table is a buffer
 
     x, t, ctx, pooled = make_inputs(config, latent, t5, seed=0)
     args_j = tuple(jnp.asarray(a) for a in (x, t, ctx, pooled))
 
-    def compile_step(model, hook=None):
+    def compile_step(model, hook=None, args=args_j):
         graphdef, state = nnx.split(model)
 
         @jax.jit
         def step(state, hook, x, t, ctx, pooled):
             return nnx.merge(graphdef, state)(x, t, ctx, pooled, context_hook=hook)
 
-        compiled = step.lower(state, hook, *args_j).compile()
+        compiled = step.lower(state, hook, *args).compile()
         run = functools.partial(compiled, state, hook)
-        run(*args_j).block_until_ready()
+        run(*args).block_until_ready()
         return run
 
     t0 = time.perf_counter()
@@ -756,19 +772,27 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
         compiled = compile_step(model)
     compile_s = time.perf_counter() - t0
     # contextual-space repulsion (issue: <= 10% per step): the paper's M = 100 inner steps
-    # after every joint block, each CFG branch within itself
+    # after every joint block, each CFG branch within itself. It needs two samples per
+    # branch to act (one sample has nothing to repel from: the 2026-12-04 run timed the
+    # CFG pair, where the hook is the identity): two CFG pairs, against the plain forward
+    # of the same batch
     from jaxdiv.guidance import contextual_hook
 
+    pair2 = make_inputs(config, latent, t5, seed=1)
+    args_c = tuple(jnp.concatenate([a, jnp.asarray(b)]) for a, b in zip(args_j, pair2))
+    plain4 = compile_step(model, args=args_c)
     with_hook = compile_step(model, contextual_hook(CONTEXTUAL_ETA, CONTEXTUAL_M,
-                                                    cfg_halves=True))  # fmt: skip
+                                                    cfg_halves=True), args=args_c)  # fmt: skip
     del model
 
     def run_jax():
         return compiled(*args_j).block_until_ready()
 
     fns = {"jaxdiv_bf16": run_jax,
-           "jaxdiv_bf16_contextual": lambda: with_hook(*args_j).block_until_ready()}
+           "jaxdiv_bf16_batch4": lambda: plain4(*args_c).block_until_ready(),
+           "jaxdiv_bf16_batch4_contextual": lambda: with_hook(*args_c).block_until_ready()}
     peers["jaxdiv_bf16"] = {"status": "ok"}
+    model16 = None
     if torch_model is not None:
         import torch
 
@@ -811,6 +835,7 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
     out = {
         "model_config": config,
         "params": n_params,
+        "pos_embed_params": pos_params,
         "latent_shape": list(x.shape),
         "image_px": latent * 8,
         "image_tokens": (latent // config["patch_size"]) ** 2,
@@ -829,14 +854,19 @@ def sd3_step(suite: Suite, deadline: float) -> dict:
     for peer in ("diffusers_bf16", "diffusers_fp16"):
         if peer in timed:
             out[f"{peer}_over_jaxdiv"] = timed[peer]["median_s"] / timed["jaxdiv_bf16"]["median_s"]
+    repelled = np.asarray(with_hook(*args_c), np.float32)
+    change = np.abs(repelled - np.asarray(plain4(*args_c), np.float32)).max()
     out["contextual"] = {"eta": CONTEXTUAL_ETA, "inner_steps": CONTEXTUAL_M,
                          "blocks": "every joint block but the last (context_pre_only)",
-                         "finite_fraction": _finite_fraction(
-                             np.asarray(with_hook(*args_j), np.float32))}  # fmt: skip
-    if "jaxdiv_bf16_contextual" in timed:
-        out["contextual_over_plain"] = (timed["jaxdiv_bf16_contextual"]["median_s"]
-                                        / timed["jaxdiv_bf16"]["median_s"])  # fmt: skip
-    del fns, torch_model
+                         "batch": int(args_c[0].shape[0]), "samples_per_cfg_branch": 2,
+                         "finite_fraction": _finite_fraction(repelled),
+                         # > 0: the hook acted (it is the identity on one sample per branch)
+                         "max_abs_change": float(change)}  # fmt: skip
+    if "jaxdiv_bf16_batch4_contextual" in timed:
+        out["contextual_over_plain"] = (timed["jaxdiv_bf16_batch4_contextual"]["median_s"]
+                                        / timed["jaxdiv_bf16_batch4"]["median_s"])  # fmt: skip
+    # the fp16 copy too (4 GB at SD3-Medium size): torch kept it reserved into spell_million
+    del fns, torch_model, model16
     suite.free_torch()
     return out
 
@@ -853,6 +883,9 @@ def spell_million(suite: Suite, deadline: float) -> dict:
     from jaxdiv.guidance.spell.radius_search import build_index
 
     sz = suite.sz
+    # the SD sections' pipeline (3 GB) is not needed here: the reference set is 16 GB
+    suite.cache.pop("sd", None)
+    suite.free_torch()
     shape, k, bs = tuple(sz["spell_shape"]), sz["spell_refs"], sz["spell_block"]
     d = int(np.prod(shape))
     steps, radius = sz["spell_steps"], sz["spell_radius"]
@@ -862,8 +895,8 @@ def spell_million(suite: Suite, deadline: float) -> dict:
 
     @functools.partial(jax.jit, static_argnums=(1, 2, 3))
     def references(key, k, d, chunks):  # (k, d) normal rows, drawn in chunks
-        keys = jax.random.split(key, chunks)
-        return jax.vmap(lambda kk: jax.random.normal(kk, (k // chunks, d)))(keys).reshape(k, d)
+        keys = jax.random.split(key, chunks)  # lax.map: one chunk's temporaries at a time
+        return jax.lax.map(lambda kk: jax.random.normal(kk, (k // chunks, d)), keys).reshape(k, d)
 
     t0 = time.perf_counter()
     ref = references(jax.random.key(2), k, d, chunks).block_until_ready()
@@ -986,6 +1019,16 @@ def summary(result: dict) -> list[str]:
     return lines
 
 
+def _platform_version() -> str | None:
+    """The JAX backend's platform version (CUDA / cuDNN / driver on a GPU), if it says."""
+    try:
+        from jax.extend import backend
+
+        return str(backend.get_backend().platform_version)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
 def main(argv: list[str] | None = None, functions: dict | None = None) -> dict:
     """Parse arguments, run the sections, write the JSON; returns the written dict.
 
@@ -1039,6 +1082,9 @@ def main(argv: list[str] | None = None, functions: dict | None = None) -> dict:
     funcs = dict(FUNCTIONS, **(functions or {}))
     suite = Suite(args, sections)
     suite.write()
+    # `timeout` (gpu_run.sh) sends SIGTERM: exit through the finally below, which writes
+    # the summary and the last section's state
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for name in sections:
             suite.run_section(name, funcs[name])
@@ -1049,6 +1095,7 @@ def main(argv: list[str] | None = None, functions: dict | None = None) -> dict:
         suite.cache.clear()
         suite.tmp.cleanup()
         jax.config.update("jax_disable_most_optimizations", optimisations_off)
+        signal.signal(signal.SIGTERM, previous_handler)
     print("\n".join(suite.result["summary"]))
     print(f"wrote {suite.out}", flush=True)
     return suite.result
