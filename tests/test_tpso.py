@@ -44,24 +44,39 @@ def test_public_unit_values():
     np.testing.assert_allclose(tpso_alphas(10, 0.4), [1, 2 / 3, 1 / 3] + [0] * 7, atol=1e-6)
 
 
-def _public_alphas(num_steps, ratio):
-    """src/tpso/scheduling.py, coarse_to_fine_alphas (lines 9-40), in NumPy float64."""
+def _public_alphas(num_steps, ratio, exact=None):
+    """src/tpso/scheduling.py, coarse_to_fine_alphas (lines 9-40), in NumPy float64;
+    ``exact``: the ratio as a Fraction, for ``int(N * ratio)`` without float64's rounding
+    (0.58 * 50 = 28.999999999999996 there)."""
     if ratio == 0.0:
         return np.zeros(num_steps)
     reverse, ratio = ratio < 0.0, abs(ratio)
-    active = int(num_steps * ratio)
+    active = int(num_steps * (ratio if exact is None else abs(exact)))
     if active == 0:
         return np.zeros(num_steps)
     alphas = np.concatenate([np.linspace(1.0, 0.0, active), np.zeros(num_steps - active)])
     return alphas[::-1] if reverse else alphas
 
 
-@pytest.mark.parametrize("num_steps", [1, 2, 7, 10, 25, 28, 35, 50])
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 10, 25, 28, 35, 41, 50, 100])
 def test_schedule_matches_public_formula(num_steps):
-    for ratio in np.round(np.arange(-1.0, 1.0001, 0.05), 2):
-        ours = np.asarray(tpso_alphas(num_steps, float(ratio)))
-        np.testing.assert_allclose(ours, _public_alphas(num_steps, float(ratio)), atol=1e-6,
+    """Every ratio on a 0.01 grid and 1 / N, with ``n = int(N * ratio)`` in exact
+    arithmetic: float32 floored ``0.53 * 100 = 52.99999`` to 52 and ``1 / 41 * 41`` to 0.
+    The public code's float64 product differs from the exact one at 0.29, 0.57 and 0.58
+    (N = 50, 100: one step fewer), a rounding accident jaxdiv does not copy."""
+    from fractions import Fraction
+
+    grid = [(float(r), Fraction(str(r))) for r in np.round(np.arange(-1.0, 1.0001, 0.01), 2)]
+    accidents = []
+    for ratio, exact in [*grid, (1 / num_steps, Fraction(1, num_steps))]:
+        ours = np.asarray(tpso_alphas(num_steps, ratio))
+        np.testing.assert_allclose(ours, _public_alphas(num_steps, ratio, exact), atol=1e-6,
                                    err_msg=f"ratio={ratio}")  # fmt: skip
+        if int(num_steps * abs(ratio)) != int(num_steps * abs(exact)) and exact == Fraction(
+                str(ratio)):  # fmt: skip
+            accidents.append(ratio)
+    assert sorted(accidents) == {50: [-0.58, 0.58], 100: [-0.58, -0.57, -0.29, 0.29, 0.57,
+                                                          0.58]}.get(num_steps, [])  # fmt: skip
 
 
 def test_ratio_that_schedules_no_step_is_refused():

@@ -6,7 +6,21 @@ import jax.numpy as jnp
 
 from jaxdiv.dtypes import as_float
 
-__all__ = ["tpso_alpha", "tpso_alphas"]
+__all__ = ["scheduled_steps", "tpso_alpha", "tpso_alphas"]
+
+
+def scheduled_steps(ratio, num_steps):
+    """``n = int(|ratio| * num_steps)``, the public code's count of scheduled steps, for a
+    (traced) ``ratio``: floored with a few ulps of slack, so a product that is an integer
+    up to the ratio's rounding counts as that integer (float32 ``0.53 * 100`` is
+    ``52.99999...``; Python's float64 gives 53).
+
+    >>> int(scheduled_steps(0.53, 100)), int(scheduled_steps(1 / 41, 41)), int(scheduled_steps(0.529, 100))
+    (53, 1, 52)
+    """  # noqa: E501
+    ratio = as_float(ratio)
+    product = jnp.abs(ratio) * num_steps
+    return jnp.floor(product * (1 + 8 * jnp.finfo(product.dtype).eps))
 
 
 def tpso_alpha(step, num_steps, ratio):
@@ -21,7 +35,7 @@ def tpso_alpha(step, num_steps, ratio):
     [1.0, 0.6667, 0.3333, 0.0, 0.0]
     """
     step, ratio = as_float(step), as_float(ratio)
-    n = jnp.floor(jnp.abs(ratio) * num_steps)
+    n = scheduled_steps(ratio, num_steps)
     i = jnp.where(ratio < 0, num_steps - 1 - step, step)
     ramp = jnp.where(n > 1, 1.0 - i / jnp.maximum(n - 1.0, 1.0), 1.0)
     return jnp.where(i < n, ramp, 0.0)

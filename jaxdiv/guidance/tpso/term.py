@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 
 from jaxdiv import validation
 from jaxdiv.guidance.base import GuidanceTerm, check_like
-from jaxdiv.guidance.tpso.schedule import tpso_alpha
+from jaxdiv.guidance.tpso.schedule import scheduled_steps, tpso_alpha
 
 __all__ = ["TPSOInfo", "tpso", "tpso_null"]
 
@@ -151,7 +151,7 @@ def _never_acts(num_steps, levels, optimized, ratio):
     purpose (a sweep's control)."""
     if not validation.is_concrete(ratio) or float(ratio) == 0:
         return None
-    if int(np.floor(np.abs(np.asarray(ratio)) * num_steps)) == 0:  # tpso_alpha's n, its dtype
+    if int(scheduled_steps(ratio, num_steps)) == 0:  # tpso_alpha's n
         return (f"ratio={float(ratio):g} schedules int(|ratio| * N) = 0 of the sampler's "
                 f"{num_steps} steps; use |ratio| >= 1 / N = {1 / num_steps:.3g} (or ratio=0 to "
                 "switch it off on purpose)")  # fmt: skip
