@@ -171,6 +171,8 @@ def test_update_is_a_constant_for_gradients():
     plain = jax.grad(lambda w: jnp.sum(jnp.sin(x @ w)))(w0)
     assert not np.allclose(g_w, plain, rtol=1e-3, atol=1e-3)  # the offset is seen
     assert float(g_eta) == 0.0
+    # eagerly, with a Python float eta (a weakly typed tracer without .astype: it raised)
+    assert float(jax.grad(lambda e: repel_context(x, e, inner_steps=M)[0].sum())(5.0)) == 0.0
     # forward mode: the tangent passes through bitwise
     t = jax.random.normal(k3, x.shape)
 

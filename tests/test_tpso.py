@@ -362,6 +362,27 @@ def test_variants_reach_the_band_and_spread_apart(pipe):
     np.testing.assert_allclose(c.cond, pipe.encode_prompt(ids), atol=1e-6)
 
 
+def test_variants_outside_the_band_are_named_in_a_warning(pipe):
+    """At lambda = 1 the lone variant escapes (the test below): tpso_conditions says so,
+    at the caller's line, with the count and the lowest cosine; at lambda 0.1 every
+    variant is in the band and nothing is said. A blank prompt has no word to optimise
+    under count='words' (the public code refuses it too)."""
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match=r"^tpso_conditions: variants outside the cosine "
+                                            r"band after \d+ steps: 1 of 4 \(lowest cosine "
+                                            r"0\.[0-4]\d\)") as rec:  # fmt: skip
+        c = tpso_conditions(pipe, ["a dog"], 4, jax.random.key(0), projection=KERNEL)
+    assert rec[0].filename == __file__ and int(c.result.converged.sum()) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tpso_conditions(pipe, ["a dog"], 4, jax.random.key(0), projection=KERNEL,
+                        diversity_weight=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^count='words': prompt ' ' has no words"):
+        tpso_conditions(pipe, ["a dog", " "], 2, jax.random.key(0), projection=KERNEL,
+                        count="words")  # fmt: skip
+
+
 def test_public_freezing_lets_a_lone_variant_escape_at_lambda_1(pipe):
     """Where the method's promise fails on this tiny CLIP: with the public code's freezing,
     once three of four variants are in the band the last one's diversity gradient is

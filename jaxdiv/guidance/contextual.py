@@ -165,7 +165,8 @@ def repel_context(f, eta, inner_steps: int = 100):
         return f, zero, zero
 
     x0 = jax.lax.stop_gradient(f).reshape(b, -1).astype(work)
-    step = jax.lax.stop_gradient(eta).astype(work) / m
+    # jnp.asarray: a Python float under jax.grad is a weakly typed tracer without .astype
+    step = jnp.asarray(jax.lax.stop_gradient(eta), work) / m
 
     def still(x):
         before = _gram_log_vendi(jnp.matmul(x, x.T, precision=_EXACT) * pow2_inverse_scale(
@@ -263,8 +264,10 @@ def contextual_hook(eta, inner_steps: int = 100, blocks=None, cfg_halves: bool =
     update).
 
     Args:
-        eta: repulsion scale ``>= 0`` (a traced leaf; ``0`` leaves the model bitwise
-            unchanged and skips the inner loop).
+        eta: repulsion scale ``>= 0`` (a traced leaf; ``0`` returns the streams bitwise
+            unchanged and skips the inner loop, but the model with the hook is another
+            compiled program than without: its outputs agree to rounding, visibly so in
+            bfloat16 -- compare a bf16 run against ``contextual_hook(0.0)``).
         inner_steps: ``M`` inner ascent steps per block (static, >= 1).
         blocks: joint-block indices to act after (an int or a sequence of ints), or
             ``None`` for every block that outputs a text stream (the paper's choice).
@@ -382,7 +385,9 @@ def contextual(eta, inner_steps: int = 100, blocks=None, tau=4) -> GuidanceTerm:
     the repulsion (CFG's conditional branch; ``log(B)`` is the maximum).
 
     Args:
-        eta: repulsion scale ``>= 0`` (``0``: the model runs bitwise unchanged). The paper
+        eta: repulsion scale ``>= 0`` (``0``: the streams pass unchanged; the outputs agree
+            with a run without the term to rounding, visibly so in bfloat16, where the
+            like-for-like baseline is ``contextual(0.0)``). The paper
             uses ``5e2 .. 5e6`` on SD3.5-Large (see :func:`repel_context` on its scale).
         inner_steps: ``M`` inner ascent steps per block (static; the paper: 100).
         blocks: joint-block indices to act after (int or sequence), ``None`` for all.

@@ -30,6 +30,7 @@ initial noise (``shared_latents``): ``jnp.repeat(noise, n, axis=0)`` reproduces 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -152,7 +153,11 @@ def variant_rows(prompts, num_variants, count):
     num_variants = validation.integer("num_variants", num_variants, minimum=1)
     rows = [p for p in prompts for _ in range(num_variants)]
     if count == "words":
-        count = np.asarray([max(len(p.split()), 1) for p in rows])
+        blank = [p for p in prompts if not p.split()]
+        if blank:  # the public code: "every optimized prompt must contain a trainable token"
+            raise ValueError(f"count='words': prompt {blank[0]!r} has no words, so no token "
+                             "to optimise")  # fmt: skip
+        count = np.asarray([len(p.split()) for p in rows])
     elif isinstance(count, str):
         raise ValueError(f"count must be None, 'words' or an int, got {count!r}")
     return prompts, num_variants, rows, count
@@ -279,7 +284,8 @@ def tpso_conditions(
             see :func:`~jaxdiv.guidance.tpso.optimize_offsets`.
 
     Returns:
-        :class:`TPSOConditions`.
+        :class:`TPSOConditions`. Variants that end outside the band are used as they are
+        (as in the public code) and named in a ``RuntimeWarning``.
 
     Example:
         >>> import jax
@@ -293,12 +299,48 @@ def tpso_conditions(
     if is_sd3(pipe):
         from jaxdiv.pipelines import tpso_sd3
 
-        return tpso_sd3.tpso_conditions(
+        out = tpso_sd3.tpso_conditions(
             pipe, prompts, num_variants, key, projection=projection, null_pool=null_pool,
             count=count, kappa=kappa, tolerance=tolerance, diversity_weight=diversity_weight,
             learning_rate=learning_rate, max_steps=max_steps, init_std=init_std,
             optimizer=optimizer,
         )  # fmt: skip
+    else:
+        out = _tpso_conditions(pipe, prompts, num_variants, key, projection, null_pool, count,
+                               kappa, tolerance, diversity_weight, learning_rate, max_steps,
+                               init_std, optimizer)  # fmt: skip
+    _warn_outside_band(out.result)
+    return out
+
+
+def _warn_outside_band(result) -> None:
+    """Warn when variants end outside the cosine band: the public algorithm returns them
+    as they are, and at a large diversity weight (SD3.5's lambda 10) most do."""
+    parts = result._asdict().items() if hasattr(result, "clip_l") else [("", result)]
+    found = []
+    for name, r in parts:
+        if not validation.is_concrete(r.converged):
+            return
+        inside = np.asarray(r.converged)
+        if not inside.all():
+            found.append(f"{name + ': ' if name else ''}{int((~inside).sum())} of {inside.size} "
+                         f"(lowest cosine {float(np.min(np.asarray(r.cosine))):.2f})")
+    if found:
+        from jaxdiv.pipelines.generation import _caller_level
+
+        warnings.warn(
+            f"tpso_conditions: variants outside the cosine band after "
+            f"{int(np.max([np.asarray(r.steps) for _, r in parts]))} steps: "
+            f"{'; '.join(found)}. They are used as they are (the public code does the same); "
+            "a smaller diversity_weight or more max_steps brings them in "
+            "(result.converged, result.cosine)",
+            RuntimeWarning, stacklevel=_caller_level())  # fmt: skip
+
+
+def _tpso_conditions(pipe, prompts, num_variants, key, projection, null_pool, count, kappa,
+                     tolerance, diversity_weight, learning_rate, max_steps, init_std,
+                     optimizer) -> TPSOConditions:  # fmt: skip
+    """:func:`tpso_conditions` on an SD 1.x / 2.x pipeline."""
     diversity_weight = 1.0 if diversity_weight is None else diversity_weight
     max_steps = 50 if max_steps is None else max_steps
     prompts, num_variants, rows, count = variant_rows(prompts, num_variants, count)
@@ -334,11 +376,13 @@ def tpso_conditions(
     )
 
 
-def tpso_guidance(conditions: TPSOConditions, scale=7.5, ratio=0.4, *, rescale=None,
+def tpso_guidance(conditions: TPSOConditions, scale, ratio=0.4, *, rescale=None,
                   prediction_type: str | None = None) -> guidance.Chain:
     """TPSO with CFG: the conditional branch and (with a null pool) the negative branch
     follow ``alpha_t``'s schedule (:func:`~jaxdiv.guidance.tpso`,
     :func:`~jaxdiv.guidance.tpso_null`); named ``"tpso"`` and ``"cfg"`` in the trace.
+    ``scale`` is required: compare with a baseline at the same CFG (``pipe.default_cfg()``
+    is 7.5 on SD 1.x/2.x, 7.0 on SD3).
     ``rescale`` and ``prediction_type`` add the CFG rescale of Lin et al. (2024) to the CFG
     (see :func:`~jaxdiv.guidance.cfg`; a pipeline's space is
     ``pipe.denoiser.prediction_type``).
