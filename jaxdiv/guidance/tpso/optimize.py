@@ -33,8 +33,9 @@ class TPSOResult(NamedTuple):
         original_hidden, original_projected: the same for zero offsets (the prompt).
         cosine: (B,) ``cos(v', v)`` of the returned variants.
         converged: (B,) whether each variant is inside the band.
-        offsets: (B, L, D) the token-embedding offsets of the returned variants (zero
-            outside the trainable positions).
+        offsets: (B, L, D) the token-embedding offsets of the returned variants, as
+            added (``token_embeds + offsets`` gives them; zero outside the trainable
+            positions): the raw parameters divided by the row's trainable count.
         steps: number of optimiser steps taken (a scalar array).
     """
 
@@ -144,7 +145,10 @@ def optimize_offsets(
         init_std: standard deviation of the initial offsets (1e-4).
         optimizer: ``"rmsprop"`` (the paper's code) or ``"adam"`` (its Algorithm 1 text).
         freeze_converged: see above.
-        init_offsets: (B, L, D) explicit initial offsets instead of random ones.
+        init_offsets: (B, L, D) explicit initial offsets instead of random ones: the raw
+            parameters, which are divided by each row's number of trainable positions
+            before they are added (the public code's ``offset_scale``) -- so not
+            ``TPSOResult.offsets`` (already divided): pass ``offsets * count`` to resume.
 
     Returns:
         :class:`TPSOResult`.
