@@ -153,6 +153,34 @@ def test_failing_section_is_recorded_and_the_others_run(tmp_path):
     assert row["step_s_with"] > 0 and row["overhead_term_over_step"] > 0
 
 
+def test_a_failing_peer_is_recorded_and_jaxdiv_still_timed(tmp_path, monkeypatch):
+    """A diffusers peer that raises on the device (out of memory, a version mismatch)
+    used to fail the whole section, losing jaxdiv's numbers with it."""
+    real = gpu_suite._torch_mmdit_on_device
+
+    def broken(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def boom(*_, **__):
+            raise RuntimeError("CUDA out of memory (injected)")
+
+        model.forward = boom
+        return model
+
+    monkeypatch.setattr(gpu_suite, "_torch_mmdit_on_device", broken)
+    out = tmp_path / "suite.json"
+    gpu_suite.main(["--smoke", "--sections", "sd3_step", "--out", str(out)])
+    sd3 = json.loads(out.read_text())["sections"]["sd3_step"]
+    assert sd3["status"] == "ok", sd3
+    r = sd3["result"]
+    for peer in ("diffusers_bf16", "diffusers_fp16"):
+        assert r["peers"][peer]["status"] == "error", r["peers"]
+        assert "injected" in r["peers"][peer]["reason"]
+    assert set(r["times"]) == {"jaxdiv_bf16", "jaxdiv_bf16_batch4",
+                               "jaxdiv_bf16_batch4_contextual"}  # fmt: skip
+    assert "max_abs_diff_vs_diffusers_bf16" not in r["agreement"]
+
+
 def test_without_diffusers_the_peer_is_skipped_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_suite, "_diffusers", lambda: (None, "diffusers is not importable"))
     out = tmp_path / "suite.json"

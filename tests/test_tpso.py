@@ -370,8 +370,8 @@ def test_variants_outside_the_band_are_named_in_a_warning(pipe):
     import warnings
 
     with pytest.warns(RuntimeWarning, match=r"^tpso_conditions: variants outside the cosine "
-                                            r"band after \d+ steps: 1 of 4 \(lowest cosine "
-                                            r"0\.[0-4]\d\)") as rec:  # fmt: skip
+                                            r"band after \d+ steps: 1 of 4 \(cosines "
+                                            r"0\.[0-4]\d to 0\.8\d\)") as rec:  # fmt: skip
         c = tpso_conditions(pipe, ["a dog"], 4, jax.random.key(0), projection=KERNEL)
     assert rec[0].filename == __file__ and int(c.result.converged.sum()) == 3
     with warnings.catch_warnings():

@@ -321,10 +321,10 @@ def _warn_outside_band(result) -> None:
     for name, r in parts:
         if not validation.is_concrete(r.converged):
             return
-        inside = np.asarray(r.converged)
+        inside, cos = np.asarray(r.converged), np.asarray(r.cosine)
         if not inside.all():
             found.append(f"{name + ': ' if name else ''}{int((~inside).sum())} of {inside.size} "
-                         f"(lowest cosine {float(np.min(np.asarray(r.cosine))):.2f})")
+                         f"(cosines {cos.min():.2f} to {cos.max():.2f})")
     if found:
         from jaxdiv.pipelines.generation import _caller_level
 
