@@ -716,7 +716,12 @@ def sampling_key(key, prompt_index: int = 0, batch_index: int = 0):
 def _warn_non_finite(values, terms, latents=None) -> None:
     """Warn (not raise: the caller keeps the trace to find the step) when the final
     latents, or the images decoded from finite ``latents``, hold NaN / inf."""
-    bad = np.flatnonzero(~np.isfinite(np.asarray(values)).reshape(values.shape[0], -1).all(1))
+    def finite(a):
+        return np.isfinite(np.asarray(a)).reshape(a.shape[0], -1).all(1)
+
+    bad = np.flatnonzero(~finite(values))
+    if latents is not None:
+        bad = bad[finite(latents)[bad]]  # the others were named for their latents already
     if not bad.size:
         return
     rows = f"rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
@@ -730,11 +735,6 @@ def _warn_non_finite(values, terms, latents=None) -> None:
             "output.trace.x0_hat)"
         )
     else:
-        finite = np.isfinite(np.asarray(latents)).reshape(latents.shape[0], -1).all(1)
-        bad = bad[finite[bad]]  # the others were named for their latents already
-        if not bad.size:
-            return
-        rows = f"rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
         message = (
             f"generate: the VAE decoder turned the finite latents of {bad.size} of "
             f"{values.shape[0]} images into NaN or inf ({rows}): check the decoder's weights "
