@@ -1064,8 +1064,9 @@ def main(argv: list[str] | None = None, functions: dict | None = None) -> dict:
     p.add_argument(
         "--attention",
         default="auto",
+        choices=("auto", "none", "xla", "cudnn", "blocked"),
         help="jaxdiv attention_implementation: auto (cudnn on GPU, with a "
-        "fallback to XLA's on failure; default on CPU), none, xla, cudnn, ...",
+        "fallback to XLA's on failure; default on CPU), none, xla, cudnn, blocked",
     )
     p.add_argument(
         "--compilation-cache",

@@ -202,6 +202,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
     for bad in (["--rounds", "0"], ["--budget-s", "0"], ["--sections", "nope"],
+                ["--attention", "cuddn"],
                 ["--compilation-cache", str(a_file)]):  # fmt: skip
         with pytest.raises(SystemExit):
             gpu_suite.main(["--smoke", *bad, "--out", str(tmp_path / "x.json")])
