@@ -487,9 +487,13 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
             pooled["prdc_skipped"] = (f"PRDC needs more than --prdc-k {prdc_k} images in both "
                                       f"sets; this set has {len(feats)}, the reference "
                                       f"{len(reference)}")  # fmt: skip
-        if encoder == "clip":
-            pooled["cmmd"] = float(metrics.cmmd(feats, reference))
+        if encoder == "clip":  # on unit rows, as the reference (cmmd/embedding.py) embeds
+            pooled["cmmd"] = float(metrics.cmmd(_unit_rows(feats), _unit_rows(reference)))
     return {"pooled": pooled, "per_prompt": per_prompt}
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 TABLE_COLUMNS = ("set", "method", "encoder", "n", "prompts", "vendi_mean", "vendi_ci95",

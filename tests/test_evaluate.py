@@ -137,6 +137,27 @@ def _argv(encoders, folders, out, *extra):
             "--out", str(out), "--batch-size", "3", "--bootstrap", "200", *extra]  # fmt: skip
 
 
+def test_cmmd_is_computed_on_unit_embeddings():
+    """CLIP's image embeddings are not normalised; CMMD's reference (google-research/cmmd,
+    embedding.py) divides each by its norm before its RBF MMD (distance.py: sigma 10, x
+    1000, the biased estimator). On raw embeddings of norm ~5-30 evaluate's figure was
+    tens of times the reference's."""
+    from experiments.evaluate import set_metrics
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 16)) * 5 + 1.0
+    ref = rng.normal(size=(30, 16)) * 20
+
+    def reference_cmmd(x, y):
+        x, y = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (x, y))
+        k = lambda a, b: np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * 10.0**2))  # noqa: E731
+        return 1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+
+    got = set_metrics(feats.astype(np.float32), ["a"] * 40, ref.astype(np.float32), "clip",
+                      bootstrap=0, seed=0)["pooled"]["cmmd"]  # fmt: skip
+    assert got == pytest.approx(reference_cmmd(feats, ref), rel=1e-3)
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """A 16-bit grayscale PNG reads as its 8-bit version (PIL's convert("RGB") clipped it:
     every pixel above 255 of 65535 turned white); 32-bit float images are refused."""

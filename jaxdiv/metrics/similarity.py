@@ -62,6 +62,8 @@ def clip_score(img_emb, txt_emb, reduce: bool = True) -> jax.Array:
 
     Papers differ: GASS tables report the raw cosine (e.g. 0.31), others 100x it (31);
     this function always returns the clipped 100x form. Guidance terms use the raw cosine.
+    Each image is clamped, then averaged (Hessel et al.); torchmetrics clamps the mean, which
+    differs only where some cosine is negative.
 
     Implements Hessel et al. (EMNLP 2021) CLIPScore Eq. 1 with w = 100 (torchmetrics'
     convention; the paper's w = 2.5 only rescales).
