@@ -198,7 +198,7 @@ def run_cases(n: int, d_small: int, d_large: int, d_fd: int, repeats: int, prima
     s1j, s2j = jnp.asarray(s1, jnp.float32), jnp.asarray(s2, jnp.float32)
     m1j, m2j = jnp.asarray(mu1, jnp.float32), jnp.asarray(mu2, jnp.float32)
     add(f"Frechet distance d={d_fd} (float32)",
-        lambda: metrics.frechet_distance(m1j, s1j, m2j, s2j),
+        lambda: metrics.frechet_distance(m1j, s1j, m2j, s2j, dtype=jnp.float32),
         lambda: _scipy_fd(mu1, s1, mu2, s2), "scipy.linalg.sqrtm (float64)")
     add(f"Frechet distance d={d_fd} (float64)",
         lambda: metrics.frechet_distance(mu1, s1, mu2, s2, dtype=jnp.float64),

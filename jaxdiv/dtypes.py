@@ -4,9 +4,10 @@ One rule for samplers, schedules, guidance terms, metrics and toys: a computatio
 its input's floating dtype promoted to at least float32 (half precision has no eigh or
 solve kernels, and would round a sampler's step sizes), so a float64 run in x64 mode
 (``jax.enable_x64``) keeps float64 end to end; integer and bool inputs take the default
-float (float32, float64 under x64). A sampler's ``x`` is the exception: it is carried
-between steps in the noise's own dtype (half-precision latents, as diffusers' fp16
-pipelines carry theirs), each step computed at float32.
+float (float32, float64 under x64). Two exceptions: a sampler's ``x`` is carried between
+steps in the noise's own dtype (half-precision latents, as diffusers' fp16 pipelines carry
+theirs), each step computed at float32; and the Frechet distance computes concrete inputs
+in float64 (:mod:`jaxdiv.metrics.frechet`: in float32 a 2048-D FID is far off).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def test_matches_scipy_sqrtm(d, rank):
     fd64 = metrics.frechet_distance(mu1, s1, mu2, s2, dtype=jnp.float64)
     assert fd64.dtype == jnp.float64
     assert float(fd64) == pytest.approx(ref, rel=1e-9)
-    fd32 = metrics.frechet_distance(mu1, s1, mu2, s2)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2).dtype == jnp.float64  # the default
+    fd32 = metrics.frechet_distance(mu1, s1, mu2, s2, dtype=jnp.float32)
     assert fd32.dtype == jnp.float32
     assert float(fd32) == pytest.approx(ref, rel=1e-4)
     # The eigen formula is not symmetric in (S1, S2) as computed; the distance is.
@@ -84,6 +85,17 @@ def test_rank_deficient_features_n_less_than_d():
     assert ours == pytest.approx(ref, rel=1e-6)
 
 
+def test_default_precision_gives_zero_for_a_set_against_itself():
+    """FD(x, x) = 0: with the old float32 default a 100 x 512 set scored about -2 (the
+    square-root trace of a rank-deficient covariance in float32; at FID's 2048 dimensions
+    it reached -100); the default is now float64 for concrete inputs, as pytorch-fid's."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(100, 512)) * np.linspace(0.1, 3, 512)).astype(np.float32)
+    fd = metrics.frechet_distance_from_features(x, x)
+    assert fd.dtype == jnp.float64 and abs(float(fd)) < 1e-3, float(fd)
+    assert abs(float(metrics.frechet_distance_from_features(x, x, dtype=jnp.float32))) > 0.1
+
+
 def test_jit_float32():
     fd = jax.jit(metrics.frechet_distance)(jnp.zeros(3), jnp.eye(3), jnp.ones(3), jnp.eye(3))
     assert float(fd) == pytest.approx(3.0, rel=1e-6)
@@ -117,7 +129,7 @@ def test_jit_float32():
         # features whose covariance overflows float32: named, with the way out (it blamed
         # `sigma1`, an argument of the other function)
         (lambda: metrics.frechet_distance_from_features(
-            np.arange(12.0).reshape(4, 3) * 1e20, np.ones((5, 3))), ValueError,
+            np.arange(12.0).reshape(4, 3) * 1e20, np.ones((5, 3)), dtype=jnp.float32), ValueError,
          r"`X`'s covariance overflows float32 \(features of magnitude up to 1.1e\+21\); "
          r"rescale the features or pass dtype=jnp.float64"),
         (lambda: jax.jit(lambda m: metrics.frechet_distance(m, jnp.eye(2), m, jnp.eye(2),
