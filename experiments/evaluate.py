@@ -46,6 +46,7 @@ import io
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -448,7 +449,7 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
     per_prompt = []
-    for k, (p, ids) in enumerate(groups.items()):
+    for p, ids in groups.items():
         x = feats[ids]
         row = {"prompt": p, "n": len(ids), "vendi": None, "mss": None}
         if len(ids) >= 2:
@@ -458,7 +459,9 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
             t = jnp.asarray(text[p])
             row["clip_score"] = float(metrics.clip_score(x, t))
             if len(ids) >= 2:
-                key = jax.random.fold_in(jax.random.key(seed), k)
+                # a key of the prompt's text, not of its place in this folder: every
+                # folder evaluated with one seed searches a prompt's u_ind the same way
+                key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(p.encode()) >> 1)
                 row["spp"] = float(metrics.spp(x, t, key,
                                                num_directions=min(10, x.shape[1] - 1)).spp)
         per_prompt.append(row)
@@ -469,6 +472,8 @@ def set_metrics(feats: np.ndarray, prompts, reference: np.ndarray | None, encode
             continue
         vals = [r[name] for r in per_prompt if r.get(name) is not None]
         pooled[f"{name}_mean"] = float(np.mean(vals)) if vals else None
+        # Vendi, MSS and SPP need two images of a prompt: say over how many prompts
+        pooled[f"{name}_prompts"] = len(vals)
         pooled[f"{name}_ci95"] = bootstrap_interval(vals, bootstrap, seed)
     if reference is not None:
         # float64: with fewer images than feature dimensions the covariances are rank

@@ -158,6 +158,27 @@ def test_cmmd_is_computed_on_unit_embeddings():
     assert got == pytest.approx(reference_cmmd(feats, ref), rel=1e-3)
 
 
+def test_spp_of_a_prompt_does_not_depend_on_its_place_in_the_folder():
+    """SPP's random u_ind search was keyed by the prompt's index in the folder: the same
+    images in another order scored otherwise (1.31 against 1.01 in the audit's repro).
+    Also: each pooled mean says how many prompts it covers (one-image prompts have no
+    Vendi / MSS / SPP)."""
+    from experiments.evaluate import set_metrics
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(9, 16)).astype(np.float32)
+    prompts = ["a"] * 4 + ["b"] * 4 + ["c"]
+    text = {p: rng.normal(size=16).astype(np.float32) for p in "abc"}
+    order = [4, 5, 6, 7, 0, 1, 2, 3, 8]  # prompt b first
+    runs = [set_metrics(f, p, None, "clip", bootstrap=0, seed=0, text=text)
+            for f, p in ((feats, prompts), (feats[order], [prompts[i] for i in order]))]
+    spp = [{r["prompt"]: r.get("spp") for r in run["per_prompt"]} for run in runs]
+    assert spp[0] == spp[1] and spp[0]["c"] is None
+    pooled = runs[0]["pooled"]
+    assert (pooled["vendi_prompts"], pooled["spp_prompts"], pooled["clip_score_prompts"]) == (
+        2, 2, 3)
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """A 16-bit grayscale PNG reads as its 8-bit version (PIL's convert("RGB") clipped it:
     every pixel above 255 of 65535 turned white); 32-bit float images are refused."""
