@@ -285,8 +285,6 @@ def main(argv=None):
                                         pareto_fronts=fronts, matched_fidelity=best))
     plot(rows, args.out + "_pareto.png")
     print("\n".join(lines))
-    if not setting["spell_available"]:
-        print("SPELL not available (jaxdiv.guidance.spell missing): left out of the study")
     print(f"wrote {args.out}.json, {args.out}_pareto.png ({setting['seconds']:.0f}s)")
     if not args.skip_ring:
         pg_ring.main([])
