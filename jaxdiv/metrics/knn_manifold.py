@@ -12,9 +12,6 @@ Distances are computed in row blocks (``lax.map`` / ``lax.scan``) with a running
 so a 50k x 50k distance matrix is never materialised: peak extra memory is one
 (block, n) tile. Both sets are shifted by the real mean first (distances are translation
 invariant, and smaller norms lose less to float32 cancellation in ``|a|^2 + |b|^2 - 2ab``).
-A radius and a cross distance that are equal in exact arithmetic (a copy of a real sample,
-points on a lattice) come from different matrix products: within ``TIE_ULPS`` ulps of
-``|a|^2 + |b|^2`` they are a tie, decided by ``<`` / ``<=`` as in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -49,38 +46,15 @@ class PrecisionRecall(NamedTuple):
     recall: jax.Array
 
 
-def _round_off(dim, dtype):
-    """Relative round-off of ``|a|^2 + |b|^2 - 2ab`` in ``dim`` dimensions (of ``|a|^2 +
-    |b|^2``): differences below it cannot be told apart in float arithmetic."""
-    return 4.0 * math.sqrt(dim) * jnp.finfo(dtype).eps
-
-
-#: two squared distances of one pair computed by different matrix products differ by about
-#: one ulp of ``|a|^2 + |b|^2`` (measured <= 1.5 at 768 and 2048 dimensions); within
-#: ``TIE_ULPS`` of them they are a tie. Wider bands misread genuine near-ties, which high
-#: dimensions make common (relative gaps of 1e-5 at 2048 dimensions).
-TIE_ULPS = 8
-
-
-def _sq_dists(rows, cols, cols_sq, with_band=False):
+def _sq_dists(rows, cols, cols_sq):
     rows_sq = jnp.sum(rows * rows, axis=-1)
     norms = rows_sq[:, None] + cols_sq[None, :]
     d2 = norms - 2.0 * rows @ cols.T
-    # Values within the expansion's round-off are exact duplicates as far as float
-    # arithmetic can tell: make them exactly 0, so that duplicated samples give zero radii
-    # deterministically, as in the reference.
-    d2 = jnp.where(d2 <= _round_off(rows.shape[-1], d2.dtype) * norms, 0.0, d2)
-    if not with_band:
-        return d2
-    return d2, TIE_ULPS * jnp.finfo(d2.dtype).eps * norms
-
-
-def _inside(d2, r2, band, strict):
-    """``d2 < r2`` (``<=`` unless ``strict``), a difference within ``band`` (:data:`TIE_ULPS`)
-    being a tie: a sample at exactly a ball's radius (a duplicate of the sample that set it,
-    a point on a lattice) gets the same answer whichever matrix product computed the two
-    distances -- the radius and the cross distance come from different ones."""
-    return d2 < r2 - band if strict else d2 <= r2 + band
+    # Values within the expansion's round-off (~ sqrt(d) eps (|a|^2 + |b|^2)) are exact
+    # duplicates as far as float arithmetic can tell: make them exactly 0, so that
+    # duplicated samples give zero radii deterministically, as in the reference.
+    tol = 4.0 * math.sqrt(rows.shape[-1]) * jnp.finfo(d2.dtype).eps
+    return jnp.where(d2 <= tol * norms, 0.0, d2)
 
 
 def _pad_rows(x, block):
@@ -112,20 +86,20 @@ def _cross_counts(real, fake, real_r2, fake_r2, strict, block):
     """Per fake sample: number of real balls containing it; per real sample: whether some
     fake sample lies in its ball (coverage) and whether it lies in some fake ball (recall)."""
     n = real.shape[0]
+    less = jnp.less if strict else jnp.less_equal
     realp, num_blocks = _pad_rows(real, block)
     real_r2p, _ = _pad_rows(real_r2, block)
     fake_sq = jnp.sum(fake * fake, axis=-1)
 
     def one_block(counts, b):
         start = b * block
-        d2, band = _sq_dists(lax.dynamic_slice_in_dim(realp, start, block), fake, fake_sq,
-                             with_band=True)  # fmt: skip
+        d2 = _sq_dists(lax.dynamic_slice_in_dim(realp, start, block), fake, fake_sq)
         valid = (start + jnp.arange(block)) < n
-        real_r2 = lax.dynamic_slice_in_dim(real_r2p, start, block)[:, None]
-        in_real_ball = _inside(d2, real_r2, band, strict) & valid[:, None]
+        in_real_ball = less(d2, lax.dynamic_slice_in_dim(real_r2p, start, block)[:, None])
+        in_real_ball = in_real_ball & valid[:, None]
         counts = counts + jnp.sum(in_real_ball, axis=0, dtype=jnp.int32)
         covered = jnp.any(in_real_ball, axis=1)
-        recalled = jnp.any(_inside(d2, fake_r2[None, :], band, strict), axis=1)
+        recalled = jnp.any(less(d2, fake_r2[None, :]), axis=1)
         return counts, (covered, recalled)
 
     counts, (covered, recalled) = lax.scan(
@@ -141,7 +115,7 @@ def _knn_manifold_core(real, fake, *, k, strict, block):
     # their largest entry changes no result and keeps squared distances finite and
     # non-zero for features of norm 1e20 or 1e-25 (they over/underflow in float32)
     inv = pow2_inverse_scale(jnp.maximum(jnp.max(jnp.abs(real)), jnp.max(jnp.abs(fake))))
-    real, fake = real * inv, fake * inv  # a power of two: exact
+    real, fake = real * inv, fake * inv  # a power of two: exact, every tie is kept
     real_r2 = _knn_sq_radii(real, k, block)
     fake_r2 = _knn_sq_radii(fake, k, block)
     counts, covered, recalled = _cross_counts(real, fake, real_r2, fake_r2, strict, block)
