@@ -471,9 +471,8 @@ def test_median_pairwise_distance_memory_is_not_pairs_times_dim():
     difference."""
     x = jax.ShapeDtypeStruct((64, 4096), jnp.float32)
     compiled = jax.jit(median_pairwise_distance).lower(x).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        pytest.skip("this backend reports no memory analysis")
+    analysis = compiled.memory_analysis()  # XLA:CPU reports it (the suite runs on CPU)
+    assert analysis is not None
     assert analysis.temp_size_in_bytes < 4 * (64 * 64 + 2 * 4096) * 4
 
 
