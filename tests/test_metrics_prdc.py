@@ -86,6 +86,81 @@ def test_ties_and_duplicates_match_references():
                                    atol=1e-6)
 
 
+def _float64_truth(real, fake, k):
+    """Naeem et al. Eqs. 1-4 (``<``) and Kynkaanniemi et al. (``<=``) from SciPy's float64
+    difference-form distances: a copied row meets the same operands in the same order,
+    so its ties are exact, and so are those of small-integer or dyadic lattices."""
+    rr, ff, rf = (cdist(a.astype(np.float64), b.astype(np.float64), "sqeuclidean")
+                  for a, b in ((real, real), (fake, fake), (real, fake)))
+    r_real = np.partition(rr, k, axis=1)[:, k][:, None]
+    r_fake = np.partition(ff, k, axis=1)[:, k][None, :]
+    inside = rf < r_real
+    prdc_ = [inside.any(0).mean(), (rf < r_fake).any(1).mean(), inside.sum(0).mean() / k,
+             inside.any(1).mean()]
+    return prdc_, [(rf <= r_real).any(0).mean(), (rf <= r_fake).any(1).mean()]
+
+
+def _memorised(seed):
+    # every other fake row copies a real one; 200 x 150 in 768-D (CLIP's width): the
+    # expansion rounded the copies' distances differently from the radii (before the
+    # exact recomputation: density 0.989 / 1.005 against the true 0.980 / 0.995)
+    rng = np.random.default_rng(seed)
+    real = (3 * rng.normal(size=(200, 768)) + 1).astype(np.float32)
+    fake = (3 * rng.normal(size=(150, 768)) + 1).astype(np.float32)
+    fake[::2] = real[:75]
+    return real, fake
+
+
+def _lattice(scale, offset):
+    grid = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2)
+    grid = grid.astype(np.float32) * np.float32(scale)
+    pick = np.random.default_rng(1).permutation(len(grid))[:100]
+    return grid, grid[pick] + np.float32(offset)
+
+
+def _integer_cube():
+    # 16-D points with coordinates in {7, 10, 13}: many exactly tied distances, and a real
+    # mean that rounds when subtracted (the old code centred before the tie decision)
+    rng = np.random.default_rng(5)
+    return tuple((3 * rng.integers(0, 3, (n, 16)) + 7).astype(np.float32) for n in (400, 300))
+
+
+_TIE_CASES = {
+    "memorised_k3": (*_memorised(0), 3),
+    "memorised_k5": (*_memorised(0), 5),
+    "lattice_k1": (*_lattice(0.25, 0.25), 1),
+    "lattice_k3": (*_lattice(0.25, 0.5), 3),
+    "integer_cube_k4": (*_integer_cube(), 4),
+}
+
+
+def _check_exact_ties(case):
+    real, fake, k = _TIE_CASES[case]
+    truth_prdc, truth_pr = _float64_truth(real, fake, k)
+    # one sample more or less moves a score by >= 1 / (k m) > 1e-4; 1e-6 is the float32
+    # mean's rounding
+    ours = [float(v) for v in metrics.prdc(real, fake, k=k)]
+    np.testing.assert_allclose(ours, truth_prdc, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours, _reference_prdc(real, fake, k), rtol=0, atol=1e-6)
+    np.testing.assert_allclose([float(v) for v in metrics.precision_recall(real, fake, k=k)],
+                               truth_pr, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(_TIE_CASES))
+def test_exact_ties_of_copies_and_lattices_match_float64_truth(case):
+    # every case failed while ties were decided by the expansion's rounding (checked
+    # against the code before the difference-form recomputation)
+    _check_exact_ties(case)
+
+
+@pytest.mark.exact_codegen
+@pytest.mark.parametrize("case", list(_TIE_CASES))
+def test_exact_ties_under_fma_codegen(case):
+    # the same pair of rows must give the same bits under XLA's default codegen too, which
+    # contracts multiply-adds (the suite's first pass compiles at -O0)
+    _check_exact_ties(case)
+
+
 def test_duplicated_fake_samples_have_zero_radius():
     # Memorised samples: each fake point repeated k+ times -> fake radii 0 -> recall 0
     # with `<` (the reference agrees), although the points lie on the real support.

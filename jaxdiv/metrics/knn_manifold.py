@@ -10,8 +10,20 @@ in its own set (the sample itself excluded):
 
 Distances are computed in row blocks (``lax.map`` / ``lax.scan``) with a running top-k,
 so a 50k x 50k distance matrix is never materialised: peak extra memory is one
-(block, n) tile. Both sets are shifted by the real mean first (distances are translation
-invariant, and smaller norms lose less to float32 cancellation in ``|a|^2 + |b|^2 - 2ab``).
+(block, n) tile. Neighbours are found by the expansion ``|a|^2 + |b|^2 - 2ab`` (one matrix
+product) on both sets shifted by the real mean (distances are translation invariant, and
+smaller norms lose less to float32 cancellation).
+
+Ties on a ball's boundary are decided by the difference form, not by the expansion's
+rounding. The expansion rounds differently in each matrix product, so a fake sample that
+copies a real one (the memorisation case) or lattice data landed inside or outside a
+ball by a last-bit accident. Every radius, and every distance within the expansion's
+round-off of a radius, is recomputed from the unshifted rows (shifting rounds each entry,
+which breaks the ties of lattice data) as ``sum((a - b)^2)`` summed by one fixed tree of
+elementwise adds. The same pair of rows then gives the same bits wherever it is computed,
+so a copy's tie is decided exactly, and so is every tie whose sums are exact in floating
+point (small-integer or dyadic lattices); tested against SciPy's float64 ``cdist`` in
+``tests/test_metrics_prdc.py``.
 """
 
 from __future__ import annotations
@@ -46,15 +58,54 @@ class PrecisionRecall(NamedTuple):
     recall: jax.Array
 
 
+def _round_off(d, dtype):
+    """Relative round-off of the expansion, a multiple of ``|a|^2 + |b|^2``."""
+    return 4.0 * math.sqrt(d) * float(jnp.finfo(dtype).eps)
+
+
 def _sq_dists(rows, cols, cols_sq):
+    """Squared distances by the expansion (one matrix product) and ``|a|^2 + |b|^2``."""
     rows_sq = jnp.sum(rows * rows, axis=-1)
     norms = rows_sq[:, None] + cols_sq[None, :]
     d2 = norms - 2.0 * rows @ cols.T
-    # Values within the expansion's round-off (~ sqrt(d) eps (|a|^2 + |b|^2)) are exact
-    # duplicates as far as float arithmetic can tell: make them exactly 0, so that
-    # duplicated samples give zero radii deterministically, as in the reference.
-    tol = 4.0 * math.sqrt(rows.shape[-1]) * jnp.finfo(d2.dtype).eps
-    return jnp.where(d2 <= tol * norms, 0.0, d2)
+    # within the round-off a pair is a duplicate as far as the expansion can tell: 0 sorts
+    # duplicates first among the neighbours (their radius is then recomputed exactly)
+    return jnp.where(d2 <= _round_off(rows.shape[-1], d2.dtype) * norms, 0.0, d2), norms
+
+
+def _pair_sq(a, b):
+    """``sum((a - b)^2)`` over the last axis by a fixed tree of elementwise adds.
+
+    Not ``jnp.sum``: a reduction's order depends on the shapes and the device, and the same
+    pair of rows must give the same bits in every place it is computed, or an exact tie
+    (a copied sample) would again be decided by rounding.
+    """
+    sq = (a - b) ** 2
+    width = 1 << max(sq.shape[-1] - 1, 0).bit_length()  # zeros pad to a power of two
+    sq = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(0, width - sq.shape[-1])])
+    while sq.shape[-1] > 1:
+        half = sq.shape[-1] // 2
+        sq = sq[..., :half] + sq[..., half:]
+    return sq[..., 0]
+
+
+def _refine_near_ties(d2, near, rows, cols):
+    """``d2`` with the entries flagged by ``near`` recomputed exactly from the raw ``rows``
+    and ``cols`` (:func:`_pair_sq`): one flagged entry per row and pass, found by an
+    ``argmax`` (a whole-tile ``nonzero`` costs a slow prefix sum on XLA:CPU), so the passes
+    number the most flags in one row, a handful except for lattice-like data."""
+    num_rows = d2.shape[0]
+    row_ids = jnp.arange(num_rows)
+
+    def one_pass(state):
+        d2, near = state
+        j = jnp.argmax(near, axis=1)
+        todo = near[row_ids, j]
+        exact = _pair_sq(rows, cols[j])
+        return (d2.at[row_ids, j].set(jnp.where(todo, exact, d2[row_ids, j])),
+                near.at[row_ids, j].set(False))
+
+    return lax.while_loop(lambda state: jnp.any(state[1]), one_pass, (d2, near))[0]
 
 
 def _pad_rows(x, block):
@@ -63,62 +114,82 @@ def _pad_rows(x, block):
         num_blocks
 
 
-def _knn_sq_radii(x, k, block):
-    """Squared distance from each row of ``x`` to its k-th nearest other row."""
-    n = x.shape[0]
-    xp, num_blocks = _pad_rows(x, block)
-    cols_sq = jnp.sum(x * x, axis=-1)
+def _knn_sq_radii(centred, raw, k, block):
+    """Squared distance from each row to its k-th nearest other row: the neighbour found
+    by the expansion on the ``centred`` rows, its distance exact from the ``raw`` rows
+    (:func:`_pair_sq`). Neighbours at exactly the same distance are interchangeable; the
+    expansion can misorder only neighbours within its round-off of each other."""
+    n = raw.shape[0]
+    (cp, rp), num_blocks = zip(*(_pad_rows(x, block) for x in (centred, raw)))
+    num_blocks = num_blocks[0]
+    cols_sq = jnp.sum(centred * centred, axis=-1)
     col_ids = jnp.arange(n)
 
     def one_block(b):
         start = b * block
-        d2 = _sq_dists(lax.dynamic_slice_in_dim(xp, start, block), x, cols_sq)
+        d2, _ = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), centred, cols_sq)
         row_ids = start + jnp.arange(block)
         d2 = jnp.where(row_ids[:, None] == col_ids[None, :], jnp.inf, d2)  # exclude self
-        # The k-th smallest is the max of the k smallest. Not `[:, k - 1]`: XLA CPU rewrites
-        # top_k followed by a slice into a full sort of the row (far slower than the top-k).
-        return -jnp.min(lax.top_k(-d2, k)[0], axis=1)
+        # The k-th smallest is the last of the k smallest. Not `[:, k - 1]` of top_k's
+        # output: XLA CPU rewrites top_k followed by a slice into a full sort of the row
+        # (far slower than the top-k).
+        values, nearest = lax.top_k(-d2, k)
+        kth = jnp.take_along_axis(nearest, jnp.argmin(values, axis=1)[:, None], axis=1)[:, 0]
+        return _pair_sq(lax.dynamic_slice_in_dim(rp, start, block), raw[kth])
 
     return lax.map(one_block, jnp.arange(num_blocks)).reshape(-1)[:n]
 
 
 def _cross_counts(real, fake, real_r2, fake_r2, strict, block):
     """Per fake sample: number of real balls containing it; per real sample: whether some
-    fake sample lies in its ball (coverage) and whether it lies in some fake ball (recall)."""
-    n = real.shape[0]
+    fake sample lies in its ball (coverage) and whether it lies in some fake ball (recall).
+    ``real`` and ``fake`` are (centred, raw) pairs, as for :func:`_knn_sq_radii`."""
+    (real_c, real_x), (fake_c, fake_x) = real, fake
+    n, d = real_x.shape
     less = jnp.less if strict else jnp.less_equal
-    realp, num_blocks = _pad_rows(real, block)
-    real_r2p, _ = _pad_rows(real_r2, block)
-    fake_sq = jnp.sum(fake * fake, axis=-1)
+    (cp, rp, r2p), num_blocks = zip(*(_pad_rows(x, block) for x in (real_c, real_x, real_r2)))
+    num_blocks = num_blocks[0]
+    fake_sq = jnp.sum(fake_c * fake_c, axis=-1)
 
     def one_block(counts, b):
         start = b * block
-        d2 = _sq_dists(lax.dynamic_slice_in_dim(realp, start, block), fake, fake_sq)
+        d2, norms = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), fake_c, fake_sq)
         valid = (start + jnp.arange(block)) < n
-        in_real_ball = less(d2, lax.dynamic_slice_in_dim(real_r2p, start, block)[:, None])
-        in_real_ball = in_real_ball & valid[:, None]
+        radius = lax.dynamic_slice_in_dim(r2p, start, block)[:, None]
+        # Twice the expansion's round-off: the radii are exact, and centring moved d2 by at
+        # most 2 eps (|a|^2 + |b|^2) (each centred entry is rounded relative to itself).
+        band = 2.0 * _round_off(d, d2.dtype) * norms
+        near = (jnp.abs(d2 - radius) <= band) | (jnp.abs(d2 - fake_r2[None, :]) <= band)
+        rows = lax.dynamic_slice_in_dim(rp, start, block)
+        d2 = _refine_near_ties(d2, near & valid[:, None], rows, fake_x)
+        in_real_ball = less(d2, radius) & valid[:, None]
         counts = counts + jnp.sum(in_real_ball, axis=0, dtype=jnp.int32)
         covered = jnp.any(in_real_ball, axis=1)
         recalled = jnp.any(less(d2, fake_r2[None, :]), axis=1)
         return counts, (covered, recalled)
 
     counts, (covered, recalled) = lax.scan(
-        one_block, jnp.zeros(fake.shape[0], jnp.int32), jnp.arange(num_blocks))
+        one_block, jnp.zeros(fake_x.shape[0], jnp.int32), jnp.arange(num_blocks))
     return counts, covered.reshape(-1)[:n], recalled.reshape(-1)[:n]
 
 
 @partial(jax.jit, static_argnames=("k", "strict", "block"))
 def _knn_manifold_core(real, fake, *, k, strict, block):
+    # Neighbours are screened by the expansion on rows centred at the real mean (smaller
+    # norms lose less to its cancellation); exact distances come from the raw rows, since
+    # centring rounds each entry and would break the exact ties of, e.g., lattice data.
     shift = jnp.mean(real, axis=0)
-    real, fake = real - shift, fake - shift
-    # every comparison is between distances: scaling both sets by a power of two near
-    # their largest entry changes no result and keeps squared distances finite and
-    # non-zero for features of norm 1e20 or 1e-25 (they over/underflow in float32)
-    inv = pow2_inverse_scale(jnp.maximum(jnp.max(jnp.abs(real)), jnp.max(jnp.abs(fake))))
-    real, fake = real * inv, fake * inv  # a power of two: exact, every tie is kept
-    real_r2 = _knn_sq_radii(real, k, block)
-    fake_r2 = _knn_sq_radii(fake, k, block)
-    counts, covered, recalled = _cross_counts(real, fake, real_r2, fake_r2, strict, block)
+    real_c, fake_c = real - shift, fake - shift
+    # every comparison is between distances: scaling by a power of two near the largest
+    # entry changes no result (exact, every tie is kept) and keeps squared distances
+    # finite and non-zero for features of norm 1e20 or 1e-25 (they over/underflow in float32)
+    inv = pow2_inverse_scale(jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in
+                                                (real, fake, real_c, fake_c)])))
+    real, fake, real_c, fake_c = (x * inv for x in (real, fake, real_c, fake_c))
+    real_r2 = _knn_sq_radii(real_c, real, k, block)
+    fake_r2 = _knn_sq_radii(fake_c, fake, k, block)
+    counts, covered, recalled = _cross_counts((real_c, real), (fake_c, fake), real_r2,
+                                              fake_r2, strict, block)
     dtype = real.dtype
     scores = (jnp.mean(counts > 0, dtype=dtype), jnp.mean(recalled, dtype=dtype),
               jnp.mean(counts, dtype=dtype) / k, jnp.mean(covered, dtype=dtype))
