@@ -116,6 +116,34 @@ def test_exact_duplicates_stay_finite():
     np.testing.assert_allclose(out, f, rtol=0, atol=1e-3)
 
 
+def test_huge_eta_and_tiny_or_huge_streams_stay_finite():
+    """The inner matrix grows like ``eta / |f|^2`` and overflowed float32 (NaN) far before
+    the repelled stream (~ ``eta / |f|``) does: eta = 1e30 on streams of norm ~1, or the
+    paper-scale eta = 5 on streams of entries ~1e-18. The update is homogeneous,
+    ``repel(c f, c^2 eta) = c repel(f, eta)``, and tends to ``eta`` times a fixed
+    direction as eta grows; both hold where the result is representable."""
+    f = _streams(5, offset=3.0)
+    huge, before, after = _repel(f, 1e30, inner_steps=M)
+    assert bool(jnp.all(jnp.isfinite(huge))), "eta = 1e30 gave a non-finite stream"
+    assert math.log(B) + 1e-5 >= float(after) > float(before) + 0.5, (before, after)
+    # the eta -> infinity limit: eta times a direction already reached at eta = 1e20
+    limit = _repel(f, 1e20, inner_steps=M)[0] / 1e20  # entries relative to the largest:
+    np.testing.assert_allclose(huge / 1e30, limit, rtol=0,  # small ones carry cancellation
+                               atol=1e-5 * float(jnp.abs(limit).max()))  # fmt: skip
+    c = 2.0**-60  # a power of two: the scaling is exact
+    tiny, *diag = _repel(f * c, 5.0, inner_steps=M)  # = c * repel(f, 5 * 2^120 ~ 6.6e36)
+    want, *diag_want = _repel(f, 5.0 / c**2, inner_steps=M)
+    assert bool(jnp.all(jnp.isfinite(tiny))) and bool(jnp.all(jnp.isfinite(want)))
+    np.testing.assert_allclose(tiny / c, want, rtol=1e-5)
+    np.testing.assert_allclose(diag, diag_want, rtol=1e-5)
+    # eta = 0 on streams of entries ~1e20: their plain Gram (~1e41) overflowed the
+    # before-diagnostic
+    same, before_big, _ = _repel(f * 2.0**66, 0.0, inner_steps=M)
+    assert _bits(same) == _bits(f * 2.0**66)
+    np.testing.assert_allclose(float(before_big), float(_repel(f, 0.0, inner_steps=M)[1]),
+                               rtol=1e-6)  # fmt: skip
+
+
 def test_permutation_equivariance():
     f = _streams(3)
     perm = jnp.array([2, 0, 3, 1])

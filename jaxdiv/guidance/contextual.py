@@ -62,6 +62,15 @@ def _gram_log_vendi(g: jax.Array) -> jax.Array:
 _EXACT = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes in the Gram products on GPU
 
 
+def _pow2_exponent(m):
+    """The integer ``e`` with ``m = f 2^e``, ``f`` in [0.5, 1) (0 where ``m`` is 0 or not
+    finite): ``2^-e`` is :func:`jaxdiv.sphere.pow2_inverse_scale`, kept as an exponent so
+    that scales beyond the float range can be carried and combined exactly."""
+    m = jax.lax.stop_gradient(m)
+    ok = (m > 0) & jnp.isfinite(m)
+    return jnp.where(ok, jnp.frexp(jnp.where(ok, m, 1.0))[1], 0)
+
+
 def _ascend_in_gram_space(x0, step, m):
     """``M`` steps ``X <- X + step grad_X L(X)`` from ``x0`` (B, N), done on B x B matrices.
 
@@ -74,25 +83,43 @@ def _ascend_in_gram_space(x0, step, m):
     in exact arithmetic (``tests/test_contextual_repulsion.py`` compares it with the literal
     autodiff loop).
 
+    Scale-safe: ``A`` grows like ``step / |X|^2`` (with a large ``eta``, or a stream of
+    tiny norm), which overflows float32 long before the repelled stream ``A X_0`` (of size
+    ``~ step / |X|``) does. Since ``L`` is scale-invariant, ``S(c A) = S(A) / c^2``, so the
+    loop carries ``A = 2^e U`` with ``U``'s largest entry in [0.5, 1) and the integer ``e``
+    apart, and the step in ``U``'s units, ``2 step / (|X_0|^2 4^e)``, as a mantissa and an
+    exponent: every rescaling is by a power of two (exact), and the result is finite
+    whenever ``A_M X_0`` itself is representable.
+
     Returns ``(x_M, log_vendi_before, log_vendi_after)``."""
     b = x0.shape[0]
-    # a power of two brings the entries to at most 1: G cannot overflow, exactly rescaled
-    s = jnp.max(jnp.abs(x0))
-    inv = pow2_inverse_scale(s)
-    y0 = x0 * inv
+    # X_0 = 2^ex Y_0, Y_0's entries at most 1: G_0 = Y_0 Y_0^T cannot overflow
+    ex = _pow2_exponent(jnp.max(jnp.abs(x0)))
+    y0 = jnp.ldexp(x0, -ex)
     g0 = jnp.matmul(y0, y0.T, precision=_EXACT)
-    # dL/dG_X = dL/dG_Y * inv^2 for G_X = G_Y / inv^2 (L is scale-invariant in G)
-    two_step = 2.0 * step * inv * inv
+    # the step on Y_0 is 2 step / 4^ex (dL/dG_X = dL/dG_Y / 4^ex, L scale-invariant in G);
+    # as mantissa * 2^exponent, it cannot overflow however large eta is
+    mant, es = jnp.frexp(step)
+    es = es + 1 - 2 * ex
 
-    def body(_, a):
-        g = a @ g0 @ a.T
+    def body(_, carry):
+        u, e = carry  # A = 2^e U
+        g = u @ g0 @ u.T
         dg = jax.grad(_gram_log_vendi)(g)
-        return a + two_step * (0.5 * (dg + dg.T)) @ a
+        su = (0.5 * (dg + dg.T)) @ u
+        # A + t S(A) A = 2^e (U + t 4^-e S(U) U); with t 4^-e = mant 2^k, factor out 2^k
+        # when k > 0, so neither term overflows (U then only rounds away, as it should)
+        k = es - 2 * e
+        p = jnp.maximum(k, 0)
+        new = jnp.ldexp(u, -p) + jnp.ldexp(mant, k - p) * su
+        q = _pow2_exponent(jnp.max(jnp.abs(new)))
+        return jnp.ldexp(new, -q), e + p + q
 
-    a = jax.lax.fori_loop(0, m, body, jnp.eye(b, dtype=x0.dtype))
+    u, e = jax.lax.fori_loop(0, m, body, (jnp.eye(b, dtype=x0.dtype), jnp.zeros((), jnp.int32)))
     before = _gram_log_vendi(g0)
-    after = _gram_log_vendi(a @ g0 @ a.T)
-    return jnp.matmul(a, x0, precision=_EXACT), before, after
+    after = _gram_log_vendi(u @ g0 @ u.T)
+    # X_M = A X_0 = 2^(e + ex) U Y_0: inf only where the repelled stream itself overflows
+    return jnp.ldexp(jnp.matmul(u, y0, precision=_EXACT), e + ex), before, after
 
 
 def repel_context(f, eta, inner_steps: int = 100):
@@ -131,7 +158,10 @@ def repel_context(f, eta, inner_steps: int = 100):
         eta: repulsion scale ``eta >= 0`` (a traced scalar: a new value never recompiles).
             Its useful range grows with the stream's squared norm, since the cosine
             kernel's gradient scales as ``1 / |f_i|`` (the paper: ``5e2 .. 5e6`` on
-            SD3.5-Large, ``1e5 .. 1e7`` on SD3.5-Turbo).
+            SD3.5-Large, ``1e5 .. 1e7`` on SD3.5-Turbo). Any finite value is safe: the
+            inner steps are carried scale-free, so the result is finite wherever the
+            repelled stream itself (of size ``~ eta / |f_i|`` for a large ``eta``) fits
+            the working dtype.
         inner_steps: ``M``, the number of inner ascent steps (static, >= 1; the paper: 100
             on SD3.5, 50 on Flux-dev).
 
@@ -169,8 +199,9 @@ def repel_context(f, eta, inner_steps: int = 100):
     step = jnp.asarray(jax.lax.stop_gradient(eta), work) / m
 
     def still(x):
-        before = _gram_log_vendi(jnp.matmul(x, x.T, precision=_EXACT) * pow2_inverse_scale(
-            jnp.max(jnp.abs(x))) ** 2)  # fmt: skip
+        # rescaled before the product: the Gram of a stream of entries ~1e20 overflows
+        y = x * pow2_inverse_scale(jnp.max(jnp.abs(x)))
+        before = _gram_log_vendi(jnp.matmul(y, y.T, precision=_EXACT))
         return x, before, before
 
     active = step != 0
