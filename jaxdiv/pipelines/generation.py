@@ -26,8 +26,6 @@ TPSO        :func:`jaxdiv.pipelines.tpso.tpso_guidance` (brings its own CFG)
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -40,6 +38,7 @@ from jax.tree_util import Partial
 from jaxdiv import guidance as _guidance
 from jaxdiv import validation
 from jaxdiv.guidance.cfg import zero_null
+from jaxdiv.pipelines.stacklevel import user_stacklevel
 from jaxdiv.sampling import SampleOutput, sample
 
 __all__ = ["GASSSetup", "Generated", "cfg_term", "check_keywords", "clip_text_embeddings",
@@ -241,9 +240,10 @@ def gass_setup(pipe, text_emb, setup: str = "paper", *, batch: int = 10, r=0.02,
         raise ValueError(f"setup must be one of {GASS_SETUPS}, got {setup!r}")
     batch = validation.integer("batch", batch, minimum=1)
     if setup == "paper":
+        # num_active: the paper's 20 as gass's own default (every step on a shorter sampler)
         term = _guidance.gass(gass_encoder(pipe), text_emb, r_dep=r, r_ind=r, lr=1e-4,
                               max_iters=60, patience=4, tol=5e-4, steps="uniform",
-                              num_active=20, num_directions=num_directions)  # fmt: skip
+                              num_directions=num_directions)  # fmt: skip
         notes = "latent write-back through the VAE decoder (no VAE round trip)"
         return GASSSetup(term, pipe.default_sampler(), pipe.default_cfg(), None, None, notes)
     if not is_sd3(pipe):
@@ -740,15 +740,4 @@ def _warn_non_finite(values, terms, latents=None) -> None:
             f"{values.shape[0]} images into NaN or inf ({rows}): check the decoder's weights "
             "(a float16 VAE overflows; load it in float32 or bfloat16)"
         )
-    warnings.warn(message, RuntimeWarning, stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel of the first frame outside jaxdiv (the user's line,
-    whether they called ``pipe.generate`` or this module), as seen from its caller."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level
-
+    warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())

@@ -44,6 +44,7 @@ from jaxdiv.guidance.cfg import check_rescale
 from jaxdiv.guidance.tpso import TPSOResult, optimize_offsets, trainable_mask
 from jaxdiv.models.clip import load_clip_text
 from jaxdiv.pipelines.generation import is_sd3
+from jaxdiv.pipelines.stacklevel import user_stacklevel
 
 __all__ = [
     "TPSOConditions",
@@ -326,15 +327,13 @@ def _warn_outside_band(result) -> None:
             found.append(f"{name + ': ' if name else ''}{int((~inside).sum())} of {inside.size} "
                          f"(cosines {cos.min():.2f} to {cos.max():.2f})")
     if found:
-        from jaxdiv.pipelines.generation import _caller_level
-
         warnings.warn(
             f"tpso_conditions: variants outside the cosine band after "
             f"{int(np.max([np.asarray(r.steps) for _, r in parts]))} steps: "
             f"{'; '.join(found)}. They are used as they are (the public code does the same); "
             "a smaller diversity_weight or more max_steps brings them in "
             "(result.converged, result.cosine)",
-            RuntimeWarning, stacklevel=_caller_level())  # fmt: skip
+            RuntimeWarning, stacklevel=user_stacklevel())  # fmt: skip
 
 
 def _tpso_conditions(pipe, prompts, num_variants, key, projection, null_pool, count, kappa,
