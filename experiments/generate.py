@@ -16,7 +16,9 @@ rows (the last one is padded), so an image depends only on the settings, its pro
 its index -- never on ``--n`` or on which batches ran before. That makes the folder
 **resumable**: rerunning the same command skips every batch whose PNGs exist (files are
 written atomically, so a crash never leaves a half-written PNG), and rerunning with a
-larger ``--n`` adds images. A folder holding a run with different settings is refused.
+larger ``--n`` adds images; a smaller ``--n`` is refused (the folder's grid and metadata
+would then describe fewer images than it holds). A folder holding a run with different
+settings is refused.
 
 Integrity (see README "Guarantees"; helpers in :mod:`experiments.run_folder`): a run
 locks ``--out`` (``.run.lock``: pid and host; a second run into a folder in use fails, a
@@ -241,6 +243,8 @@ METHOD_KNOBS = {
         ("tau", "--contextual-tau", 4, "count"),
     ),
 }
+# --gass-num-active's default, the paper's (guidance.gass's default too)
+_GASS_NUM_ACTIVE = next(d for k, _, d, _ in METHOD_KNOBS["gass"] if k == "num_active")
 # --interval-rule's values: guidance.interval(..., per_step=False / True)
 INTERVAL_RULES = ("evaluation", "step")
 KNOB_FLAGS = tuple(dict.fromkeys(f for knobs in METHOD_KNOBS.values() for _, f, _, _ in knobs))
@@ -272,7 +276,8 @@ KNOB_HELP = {
     "--gass-r-ind": "GASS target radius along u_ind (paper: 0.02)",
     "--gass-lr": "GASS Adam learning rate on x0_hat (paper: 1e-4)",
     "--gass-max-iters": "GASS Adam iterations per active step, at most (paper: 60)",
-    "--gass-num-active": "GASS active steps, evenly spread (paper: 20)",
+    "--gass-num-active": "GASS active steps, evenly spread, at most --steps (paper: 20; "
+                         "left at 20, every step with fewer --steps)",
     "--clip-projection": "CLIP text model folder whose text projection maps into the image "
                          "encoder's space (GASS; TPSO unless --tpso-projection; default: the "
                          "text encoder's own projection, where it has one)",
@@ -623,9 +628,12 @@ def method_term(pipe, method: str, knobs: dict, *, cfg: float, null, cond, promp
     elif method == "contextual":
         term = guidance.contextual(k["eta"], k["inner_steps"], tau=k["tau"])
     elif method == "gass":
+        # the paper's 20 goes in as gass's own default, which means every step on a sampler
+        # of fewer steps; another value must fit the sampler (parse_args checks --steps)
+        active = {} if k["num_active"] == _GASS_NUM_ACTIVE else {"num_active": k["num_active"]}
         term = guidance.gass(generation.gass_encoder(pipe), text_emb, r_dep=k["r_dep"],
                              r_ind=k["r_ind"], lr=k["lr"], max_iters=k["max_iters"],
-                             num_active=k["num_active"])  # fmt: skip
+                             **active)  # fmt: skip
     else:
         raise ValueError(f"unknown method {method!r}")
     return (term if cfg_term is None else guidance.chain(cfg=cfg_term, **{method: term})), cond
@@ -847,6 +855,15 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
                                          else "--n")  # fmt: skip
     except ValueError as err:
         p.error(str(err))
+    # more GASS steps than sampler steps could never take effect: refused here, where the
+    # number of steps is known (jaxdiv.sample would refuse it only after the model load);
+    # the default, the paper's 20, means every step on a shorter sampler (method_term)
+    if args.method == "gass" and "--gass-num-active" in given:
+        active = args.method_knobs["num_active"]
+        if active > args.steps:
+            p.error(f"--gass-num-active {active} exceeds --steps {args.steps}: GASS acts at "
+                    "most once per step, so the setting could never take effect; pass "
+                    f"--gass-num-active {args.steps} or fewer")  # fmt: skip
     if args.out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", args.prompt[0].lower()).strip("-")[:40] or "prompt"
         args.out = (
@@ -1054,6 +1071,19 @@ def check_existing(out: Path, settings: dict, skip: tuple = ()) -> dict | None:
             "choose another --out or delete the folder"
         )
     return meta
+
+
+def _recorded_n(meta: dict, n_prompts: int) -> int | None:
+    """The ``--n`` of the run recorded in ``meta`` (an earlier ``metadata.json``): its
+    ``n``, written before the first image, or, in a folder from before ``n`` was recorded,
+    the length of its finished image list per prompt; ``None`` where neither is there."""
+    n = meta.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        return n
+    listed = meta.get("images")
+    if isinstance(listed, list) and listed and n_prompts:
+        return len(listed) // n_prompts
+    return None
 
 
 def _earlier_batch_size(out: Path) -> int | None:
@@ -1287,6 +1317,17 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
     except run_folder.FolderError as err:
         raise RunError(f"--out {err}") from None
     previous = check_existing(out, settings, skip=unknown)  # before the (slow) model load
+    had = None if previous is None else _recorded_n(previous, len(args.prompt))
+    if had is not None and args.n < had:
+        # a larger --n adds images; a smaller one would rewrite the grid and metadata of a
+        # folder whose other images stay on disk (the image list and the grid disagreed)
+        raise RunError(
+            f"--out {str(out)!r} holds a run with --n {had}, got --n {args.n}: a rerun can "
+            "add images, not drop them (its grid and metadata would leave out images the "
+            f"folder holds); rerun with --n {had} or more, or choose another --out (an "
+            f"image does not depend on --n: the first {args.n} per prompt here are already "
+            f"those of --n {args.n})"
+        )
     files = [
         [out / "images" / image_name(j, i) for i in range(args.n)] for j in range(len(args.prompt))
     ]
@@ -1448,6 +1489,7 @@ def _run_locked(args: argparse.Namespace, procs: processes.Processes = processes
 
     meta = {
         "settings": settings,
+        "n": args.n,  # images per prompt: a rerun may raise it, never lower it
         "pipeline": {
             "prediction_type": getattr(pipe, "prediction_type", "flow"),
             "schedule": pipe.schedule.name,

@@ -185,12 +185,42 @@ def test_active_steps():
     assert active_steps(50) == tuple((j * 50) // 20 for j in range(20))
     assert len(active_steps(50)) == 20 and active_steps(50)[0] == 0
     assert active_steps(28, "early", 10) == tuple(range(10))
-    assert active_steps(8, "uniform", 20) == tuple(range(8))
-    assert active_steps(5, "all") == tuple(range(5))
+    assert active_steps(8, "uniform", 8) == active_steps(8, "early", 8) == tuple(range(8))
+    assert active_steps(5, "all") == active_steps(5, "all", 20) == tuple(range(5))
+    # the default, the paper's 20, on a shorter sampler: every step (documented)
+    assert active_steps(8) == active_steps(8, "early") == tuple(range(8))
     with pytest.raises(ValueError, match="schedule"):
         active_steps(10, "late")
     with pytest.raises(ValueError, match="num_active"):
         active_steps(10, "uniform", 0)
+    # more active steps than the sampler has, asked for: it used to clamp silently to
+    # every step, an explicit 20 included
+    for schedule in ("uniform", "early"):
+        with pytest.raises(ValueError, match=r"num_active=20 exceeds the sampler's 8 steps.*"
+                                             r'num_active <= 8, or steps="all"'):  # fmt: skip
+            active_steps(8, schedule, 20)
+
+
+def test_num_active_beyond_the_samplers_steps_is_refused_at_sample_time(ring):
+    """The term is built without the number of steps: ``jaxdiv.sample`` is the first place
+    that knows it, and refuses a ``num_active`` asked for beyond it (before: 30 or 20 on 6
+    steps ran every step, the run of ``num_active=6``, with no word). The default (``None``,
+    the paper's 20) still means every step there."""
+    gm, enc = ring
+    sch = schedules.edm()
+    s = samplers.ddim(sch, 6)
+    kw = dict(key=jax.random.key(0), trace=True)
+    noise = jax.random.normal(jax.random.key(1), (3, 2))
+    den = gm.denoiser(sch)
+    default = gass(enc, enc.text_emb, lr=0.05, max_iters=2)
+    out = jaxdiv.sample(s, den, noise, guidance=default, **kw)
+    assert np.asarray(out.trace.active["gass"]).all()
+    for num_active in (30, 20, 7):
+        g = gass(enc, enc.text_emb, lr=0.05, max_iters=2, num_active=num_active)
+        with pytest.raises(ValueError, match=f"num_active={num_active} exceeds the sampler's 6"):
+            jaxdiv.sample(s, den, noise, guidance=g, **kw)
+    g = gass(enc, enc.text_emb, lr=0.05, max_iters=2, num_active=6)  # the boundary runs
+    assert np.asarray(jaxdiv.sample(s, den, noise, guidance=g, **kw).trace.active["gass"]).all()
 
 
 @pytest.mark.parametrize(

@@ -338,6 +338,35 @@ def test_a_run_stopped_before_its_final_metadata_is_finished_by_a_rerun(
     assert len(evaluate.read_image_set(out).files) == 4 and clean(out)
 
 
+def test_a_rerun_with_a_smaller_n_is_refused(model, tmp_path, capsys):
+    """A larger --n adds images (tests/test_pipeline_sd.py); a smaller one used to exit 0
+    rewriting the grid with fewer images while metadata.json kept listing them all (and
+    after a damaged image, the opposite: a short list beside images on disk). Now it is
+    refused before the model loads, naming both values, and the folder is untouched."""
+    out = tmp_path / "fewer"
+    assert generate.main(argv(model, out, n=2)) == 0
+    capsys.readouterr()
+    kept = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["n"] == 2 and len(meta["images"]) == 2
+
+    def refused(expected_n):
+        with pytest.raises(SystemExit) as info:
+            generate.main(argv(model, out, n=1))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1, err
+        assert f"holds a run with --n {expected_n}, got --n 1" in err, err
+        assert f"rerun with --n {expected_n} or more, or choose another --out" in err, err
+
+    refused(2)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    # a folder written before n was recorded: its finished image list says how many
+    del meta["n"]
+    (out / "metadata.json").write_text(json.dumps(meta))
+    refused(2)
+    assert len(images(out)) == 2 and clean(out)
+
+
 # -- damaged images --------------------------------------------------------------------
 
 
@@ -530,6 +559,45 @@ BAD = {
                                                "tokenizer, unet and 1 more) and no "
                                                "metadata.json; choose a new or empty folder"),
 }
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gass-num-active", "3"], "--gass-num-active 3 exceeds --steps 2: GASS acts at most "
+                                 "once per step, so the setting could never take effect; "
+                                 "pass --gass-num-active 2 or fewer"),
+    (["--gass-num-active", "20"], "--gass-num-active 20 exceeds --steps 2"),
+])  # fmt: skip
+def test_gass_num_active_beyond_steps_fails_before_the_model_loads(
+    model, tmp_path, monkeypatch, capsys, flags, message
+):
+    """More GASS steps than sampler steps, asked for (it used to run every step, as
+    --gass-num-active 2 would): refused with the other option checks, not after the model
+    load. Left at its default, the paper's 20, it means every step (guidance.gass's
+    default)."""
+    for name, arch in (("clip_text", "CLIPTextModelWithProjection"),
+                       ("clip_vision", "CLIPVisionModelWithProjection")):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stable_diffusion, "load", no_load)
+    monkeypatch.setattr(generate, "_LOADED", {})
+    out = tmp_path / "never"
+    base = argv(model, out, n=2)
+    base[base.index("--batch-size") + 1] = "2"  # a coupled method needs two images a batch
+    gass = ["--method", "gass", "--image-encoder", str(tmp_path / "clip_vision"),
+            "--clip-projection", str(tmp_path / "clip_text")]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        generate.main(base + gass + flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+    # the boundary and the default pass the option checks
+    args = generate.parse_args(base + gass + ["--gass-num-active", "2"])
+    assert args.method_knobs["num_active"] == 2
+    assert generate.parse_args(base + gass).method_knobs["num_active"] == 20
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -15,9 +15,10 @@ from jaxdiv.guidance.tpso.optimize import optimize_offsets
 PAPER_DEFAULTS = [
     # GASS: N = 10 directions, r_dep = r_ind = 0.02, Adam lr 1e-4, <= 60 iterations,
     # patience 4, tolerance 5e-4, active on 20 uniformly spread steps, u_ind the
-    # direction of largest batch-mean |e_i . u| ("principal")
+    # direction of largest batch-mean |e_i . u| ("principal"); num_active None is the
+    # paper's 20, capped at the sampler's steps (test_paper_num_active_is_20 below)
     (guidance.gass, dict(r_dep=0.02, r_ind=0.02, num_directions=10, lr=1e-4, max_iters=60,
-                         patience=4, tol=5e-4, steps="uniform", num_active=20,
+                         patience=4, tol=5e-4, steps="uniform", num_active=None,
                          axes="principal")),
     # CADS: tau1 0.6, tau2 0.9, s 0.25, psi 1
     (guidance.cads, dict(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0)),
@@ -59,3 +60,12 @@ def test_gass_paper_setup_is_gass_with_the_papers_settings():
     other = jax.tree.leaves(guidance.gass(gass_encoder(pipe), text, lr=2e-4))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(setup.method), other))  # fmt: skip
+
+
+def test_paper_num_active_is_20():
+    # GASS's default num_active (None) acts on the paper's 20 evenly spread steps, and on
+    # every step of a sampler of fewer (where an explicit 20 could never take effect)
+    from jaxdiv.guidance.gass import active_steps
+
+    assert active_steps(50) == active_steps(50, "uniform", 20)
+    assert len(active_steps(50)) == 20 and active_steps(12) == tuple(range(12))

@@ -56,13 +56,21 @@ __all__ = ["GASSInfo", "active_steps", "gass"]
 _SCHEDULES = ("uniform", "early", "all")
 
 
-def active_steps(num_steps: int, schedule: str = "uniform", num_active: int = 20) -> tuple:
+# the paper's number of active steps (Sec. 5): num_active=None's, capped at the sampler's
+_PAPER_NUM_ACTIVE = 20
+
+
+def active_steps(num_steps: int, schedule: str = "uniform",
+                 num_active: int | None = None) -> tuple:  # fmt: skip
     """Sampler step indices where GASS is active.
 
     ``"uniform"``: ``num_active`` steps spread evenly, ``floor(j N / k)`` for
     ``j = 0..k-1`` (the paper's default, 20 steps); ``"early"``: the first ``num_active``
-    consecutive steps (the paper's ablation uses 10); ``"all"``: every step. With
-    ``num_active >= N`` every schedule is every step.
+    consecutive steps (the paper's ablation uses 10); ``"all"``: every step (``num_active``
+    unused). ``num_active = N`` is every step. A ``num_active`` given beyond ``N`` is
+    refused for ``"uniform"`` and ``"early"``: a sampler of ``N`` steps has no more steps
+    to act at, so the setting could never take effect. ``None`` (the default) is the
+    paper's 20, every step on a sampler of fewer than 20 steps.
 
     GASS (ICML 2026) Sec. 5, "GASS steps" (uniform vs early consecutive).
 
@@ -70,11 +78,25 @@ def active_steps(num_steps: int, schedule: str = "uniform", num_active: int = 20
     (0, 2, 5, 7)
     >>> active_steps(10, "early", 3)
     (0, 1, 2)
-    """
+    >>> active_steps(10)  # the paper's 20 of a 10-step sampler: every step
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+    >>> active_steps(10, "uniform", 12)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_active=12 exceeds the sampler's 10 steps: GASS acts at most once per step, so the setting could never take effect; pass num_active <= 10, or steps="all" to act at every step
+    """  # noqa: E501
     num_steps = validation.integer("num_steps", num_steps, 1)
-    num_active = validation.integer("num_active", num_active, 1)
+    paper = num_active is None
+    num_active = _PAPER_NUM_ACTIVE if paper else validation.integer("num_active", num_active, 1)
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if num_active > num_steps and not (paper or schedule == "all"):
+        # clamping to every step would silently run another schedule than the one asked for
+        raise ValueError(
+            f"num_active={num_active} exceeds the sampler's {num_steps} steps: GASS acts at "
+            "most once per step, so the setting could never take effect; pass "
+            f'num_active <= {num_steps}, or steps="all" to act at every step'
+        )
     k = min(num_active, num_steps)
     if schedule == "all" or k == num_steps:
         return tuple(range(num_steps))
@@ -114,7 +136,7 @@ def gass(
     patience: int = 4,
     tol=5e-4,
     steps: str | Sequence[int] = "uniform",
-    num_active: int = 20,
+    num_active: int | None = None,
     *,
     renormalize: bool = True,
     axes: str = "principal",
@@ -146,7 +168,11 @@ def gass(
         steps: ``"uniform"`` (``num_active`` evenly spread steps, default 20),
             ``"early"`` (the first ``num_active`` steps), ``"all"``, or explicit step
             indices; applied with :func:`jaxdiv.guidance.window`.
-        num_active: number of active steps for ``"uniform"``/``"early"``.
+        num_active: number of active steps for ``"uniform"``/``"early"``; ``None``: the
+            paper's 20, every step on a sampler of fewer. A value
+            given here must not
+            exceed the sampler's number of steps: :func:`jaxdiv.sample`, the first place
+            that knows it, refuses a larger one (it could never take effect).
         renormalize: renormalise targets (False: the "w/o renorm." ablation).
         axes: ``"principal"``, ``"random"`` (RD ablation) or ``"isotropic"`` (IP ablation).
         write_space: ``None`` runs Adam on ``x0_hat`` itself (through the encoder chain);
@@ -187,7 +213,8 @@ def gass(
         lr = validation.real("lr", lr, lo=0, lo_open=True)
     max_iters = validation.integer("max_iters", max_iters, 1)
     patience = validation.integer("patience", patience, 1)
-    num_active = validation.integer("num_active", num_active, 1)
+    if num_active is not None:  # None stays None: the paper's 20, capped at the steps
+        num_active = validation.integer("num_active", num_active, 1)
     m = text_emb.shape[0]
     if validation.integer("num_directions", num_directions, 1) > m - 1:
         raise ValueError(
@@ -276,7 +303,8 @@ def _gass_apply(st: _Settings, text_emb, r_dep, r_ind, lr, tol, state, x0_hat, c
 
 
 def _scheduled_apply(apply, schedule, num_active, state, x0_hat, ctx):
-    # ctx.num_steps is static, so the schedule resolves to fixed indices at trace time
+    # ctx.num_steps is static, so the schedule resolves to fixed indices at trace time (and
+    # a num_active beyond the sampler's steps is refused there, the first place N is known)
     idx = jnp.asarray(active_steps(ctx.num_steps, schedule, num_active), jnp.int32)
     return run_if(jnp.any(idx == ctx.step), apply, "x0", state, x0_hat, ctx)
 
