@@ -33,8 +33,10 @@ demo: $(STAMP)
 toy-suite: $(STAMP)
 	$(PY) -m experiments.toy_suite
 
+# --dist loadfile: a file's tests share one worker, so its module fixtures (tiny pipelines)
+# are built and the programs its tests share are compiled once, not once per worker
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -q --durations=15 -m 'not exact_codegen' --nbmake --doctest-modules --doctest-glob='*.md' tests notebooks jaxdiv toy README.md docs/guide
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q --durations=15 -m 'not exact_codegen' --nbmake --doctest-modules --doctest-glob='*.md' tests notebooks jaxdiv toy README.md docs/guide
 	# the tests that compare compiled programs at float rounding, under FMA-contracting codegen
 	# (conftest.py); only the files that mark some (collecting all of tests/ costs ~10 s)
 	$(TEST_ENV) JAXDIV_TEST_CODEGEN=exact $(PY) -m pytest -n 2 -q -m exact_codegen \
