@@ -125,12 +125,31 @@ def _integer_cube():
     return tuple((3 * rng.integers(0, 3, (n, 16)) + 7).astype(np.float32) for n in (400, 300))
 
 
+def _near_duplicates():
+    # 30 points, each 5 (real) / 4 (fake) times with 1e-3 jitter, in 512-D: the expansion
+    # reads the jittered copies as duplicates (0), so which one is the k-th neighbour was
+    # arbitrary and the radius the distance to the wrong one (density 0.81 against 1.02)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 512))
+    return tuple((np.repeat(centres, r, 0) + 1e-3 * rng.normal(size=(30 * r, 512)))
+                 .astype(np.float32) for r in (5, 4))  # fmt: skip
+
+
+def _one_hot():
+    # 40 classes, most with one or two members: nearly every distance is exactly 2 and ties
+    # with nearly every radius, so whole rows are recomputed (_refine_near_ties' heavy path)
+    rng = np.random.default_rng(2)
+    return tuple(np.eye(40, dtype=np.float32)[rng.integers(0, 40, n)] for n in (60, 50))
+
+
 _TIE_CASES = {
     "memorised_k3": (*_memorised(0), 3),
     "memorised_k5": (*_memorised(0), 5),
     "lattice_k1": (*_lattice(0.25, 0.25), 1),
     "lattice_k3": (*_lattice(0.25, 0.5), 3),
     "integer_cube_k4": (*_integer_cube(), 4),
+    "near_duplicates_k3": (*_near_duplicates(), 3),
+    "one_hot_k3": (*_one_hot(), 3),
 }
 
 
@@ -151,6 +170,30 @@ def test_exact_ties_of_copies_and_lattices_match_float64_truth(case):
     # every case failed while ties were decided by the expansion's rounding (checked
     # against the code before the difference-form recomputation)
     _check_exact_ties(case)
+
+
+def test_heavy_ties_under_vmap_match_the_unbatched_calls():
+    # the refinement's while loops stay loops under vmap; a batch member that needs no
+    # more passes must pass through unchanged
+    real = np.stack([_TIE_CASES["one_hot_k3"][0], _TIE_CASES["lattice_k1"][0][:60, :1]
+                     .repeat(40, 1)])  # fmt: skip
+    fake = np.stack([_TIE_CASES["one_hot_k3"][1], real[1][:50] + 0.25])
+    batched = jax.vmap(lambda r, f: jnp.stack(metrics.prdc(r, f, k=3)))(real, fake)
+    for i in range(2):
+        np.testing.assert_array_equal(batched[i], jnp.stack(metrics.prdc(real[i], fake[i], k=3)))
+
+
+def test_inf_under_jit_gives_nan():
+    # under jit the inputs are unchecked; inf - inf made the old centred distances NaN, the
+    # raw rows must not turn an inf into plausible scores of 0
+    real = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    fake = real[::-1] + 0.1
+    bad = real.copy()
+    bad[3, 2] = np.inf
+    for fn in (metrics.prdc, metrics.precision_recall):
+        assert bool(jnp.isfinite(jnp.stack(jax.jit(fn)(real, fake))).all())
+        assert bool(jnp.isnan(jnp.stack(jax.jit(fn)(bad, fake))).all())
+        assert bool(jnp.isnan(jnp.stack(jax.jit(fn)(real, -bad))).all())
 
 
 @pytest.mark.exact_codegen

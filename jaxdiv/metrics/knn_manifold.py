@@ -15,15 +15,20 @@ product) on both sets shifted by the real mean (distances are translation invari
 smaller norms lose less to float32 cancellation).
 
 Ties on a ball's boundary are decided by the difference form, not by the expansion's
-rounding. The expansion rounds differently in each matrix product, so a fake sample that
-copies a real one (the memorisation case) or lattice data landed inside or outside a
-ball by a last-bit accident. Every radius, and every distance within the expansion's
-round-off of a radius, is recomputed from the unshifted rows (shifting rounds each entry,
-which breaks the ties of lattice data) as ``sum((a - b)^2)`` summed by one fixed tree of
-elementwise adds. The same pair of rows then gives the same bits wherever it is computed,
-so a copy's tie is decided exactly, and so is every tie whose sums are exact in floating
-point (small-integer or dyadic lattices); tested against SciPy's float64 ``cdist`` in
-``tests/test_metrics_prdc.py``.
+rounding. The expansion rounds differently in each matrix product and cannot resolve
+distances below its round-off (relative to the centred norms), so a fake sample that
+copies a real one (the memorisation case), lattice data or near-duplicates landed inside
+or outside a ball by a last-bit accident. Every distance within the expansion's round-off
+of a radius -- the k-th neighbour's and its rivals', and the cross distances -- is
+recomputed from the unshifted rows (shifting rounds each entry, which breaks the ties of
+lattice data) as ``sum((a - b)^2)`` summed by one fixed tree of elementwise adds. The
+same pair of rows then gives the same bits wherever it is computed, so a copy's tie is
+decided exactly, and so is every tie whose sums are exact in floating point
+(small-integer or dyadic lattices); ``tests/test_metrics_prdc.py`` checks such cases
+against SciPy's float64 ``cdist`` and the ``prdc`` package. Genuine near-ties closer than
+float32 resolves are decided by float32 rounding, as in any float32 implementation.
+Heavily tied data (many copies of one sample) recomputes whole rows in the difference
+form: slower than the expansion, never wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from jaxdiv.metrics import _checks
 from jaxdiv.sphere import pow2_inverse_scale
 
 _TILE_ELEMENTS = 1 << 22  # 16 MiB of float32 per (block, n) distance tile by default
+_FLAGS_PER_PASS = 8  # near-ties recomputed per row and pass (_refine_near_ties)
 
 
 class PRDC(NamedTuple):
@@ -67,9 +73,10 @@ def _sq_dists(rows, cols, cols_sq):
     """Squared distances by the expansion (one matrix product) and ``|a|^2 + |b|^2``."""
     rows_sq = jnp.sum(rows * rows, axis=-1)
     norms = rows_sq[:, None] + cols_sq[None, :]
-    d2 = norms - 2.0 * rows @ cols.T
+    # HIGHEST: no TF32 / bf16 passes on GPUs, whose round-off would exceed the tie band
+    d2 = norms - 2.0 * jnp.matmul(rows, cols.T, precision=lax.Precision.HIGHEST)
     # within the round-off a pair is a duplicate as far as the expansion can tell: 0 sorts
-    # duplicates first among the neighbours (their radius is then recomputed exactly)
+    # duplicates first among the neighbours (their radii are then recomputed exactly)
     return jnp.where(d2 <= _round_off(rows.shape[-1], d2.dtype) * norms, 0.0, d2), norms
 
 
@@ -91,21 +98,43 @@ def _pair_sq(a, b):
 
 def _refine_near_ties(d2, near, rows, cols):
     """``d2`` with the entries flagged by ``near`` recomputed exactly from the raw ``rows``
-    and ``cols`` (:func:`_pair_sq`): one flagged entry per row and pass, found by an
-    ``argmax`` (a whole-tile ``nonzero`` costs a slow prefix sum on XLA:CPU), so the passes
-    number the most flags in one row, a handful except for lattice-like data."""
-    num_rows = d2.shape[0]
-    row_ids = jnp.arange(num_rows)
+    and ``cols`` (:func:`_pair_sq`).
 
-    def one_pass(state):
+    A row with more than ``4 * _FLAGS_PER_PASS`` flags (duplicates, a memorised sample's
+    many copies) is recomputed whole, up to 16 such rows per pass; the others take up to
+    ``_FLAGS_PER_PASS`` flags each per pass. Both are ``while`` loops, which stay loops
+    under ``vmap`` (a ``cond`` would run both branches for every row); data without ties
+    runs one pass or none.
+    """
+    num_rows, num_cols = d2.shape
+    per_pass = min(_FLAGS_PER_PASS, num_cols)
+    row_ids = jnp.arange(num_rows)[:, None]
+
+    # rows per whole-row pass: their (rows, columns, d) differences fit in about a tile
+    per_heavy = int(max(1, min(16, num_rows, _TILE_ELEMENTS // (num_cols * rows.shape[-1]))))
+
+    def whole_rows(state):
+        d2, near, heavy = state
+        go, i = lax.top_k(heavy.astype(jnp.float32), per_heavy)  # distinct rows
+        go = go > 0  # under vmap, finished batch members pass through unchanged
+        exact = _pair_sq(rows[i][:, None, :], cols[None, :, :])
+        redo = go[:, None] & near[i]
+        return (d2.at[i].set(jnp.where(redo, exact, d2[i])), near.at[i].set(near[i] & ~redo),
+                heavy.at[i].set(False))
+
+    heavy = jnp.sum(near, axis=1) > 4 * per_pass
+    d2, near, _ = lax.while_loop(lambda state: jnp.any(state[2]), whole_rows, (d2, near, heavy))
+
+    def some_flags(state):
         d2, near = state
-        j = jnp.argmax(near, axis=1)
-        todo = near[row_ids, j]
-        exact = _pair_sq(rows, cols[j])
+        # float: XLA:CPU sorts integer operands of top_k whole (25x slower here)
+        flagged, j = lax.top_k(near.astype(jnp.float32), per_pass)  # distinct columns
+        todo = flagged > 0
+        exact = _pair_sq(rows[:, None, :], cols[j])
         return (d2.at[row_ids, j].set(jnp.where(todo, exact, d2[row_ids, j])),
                 near.at[row_ids, j].set(False))
 
-    return lax.while_loop(lambda state: jnp.any(state[1]), one_pass, (d2, near))[0]
+    return lax.while_loop(lambda state: jnp.any(state[1]), some_flags, (d2, near))[0]
 
 
 def _pad_rows(x, block):
@@ -115,27 +144,32 @@ def _pad_rows(x, block):
 
 
 def _knn_sq_radii(centred, raw, k, block):
-    """Squared distance from each row to its k-th nearest other row: the neighbour found
-    by the expansion on the ``centred`` rows, its distance exact from the ``raw`` rows
-    (:func:`_pair_sq`). Neighbours at exactly the same distance are interchangeable; the
-    expansion can misorder only neighbours within its round-off of each other."""
-    n = raw.shape[0]
+    """Squared distance from each row to its k-th nearest other row, exact: neighbours are
+    found by the expansion on the ``centred`` rows, and every distance within its round-off
+    of the k-th one is recomputed from the ``raw`` rows (:func:`_pair_sq`) before the k-th
+    is taken again (the expansion cannot order neighbours closer together than its
+    round-off, e.g. near-duplicates, which it reads as 0)."""
+    n, d = raw.shape
     (cp, rp), num_blocks = zip(*(_pad_rows(x, block) for x in (centred, raw)))
     num_blocks = num_blocks[0]
     cols_sq = jnp.sum(centred * centred, axis=-1)
     col_ids = jnp.arange(n)
 
+    def kth_smallest(d2):
+        # The max of the k smallest. Not `[:, k - 1]`: XLA CPU rewrites top_k followed by
+        # a slice into a full sort of the row (far slower than the top-k).
+        return -jnp.min(lax.top_k(-d2, k)[0], axis=1)
+
     def one_block(b):
         start = b * block
-        d2, _ = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), centred, cols_sq)
+        d2, norms = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), centred, cols_sq)
         row_ids = start + jnp.arange(block)
-        d2 = jnp.where(row_ids[:, None] == col_ids[None, :], jnp.inf, d2)  # exclude self
-        # The k-th smallest is the last of the k smallest. Not `[:, k - 1]` of top_k's
-        # output: XLA CPU rewrites top_k followed by a slice into a full sort of the row
-        # (far slower than the top-k).
-        values, nearest = lax.top_k(-d2, k)
-        kth = jnp.take_along_axis(nearest, jnp.argmin(values, axis=1)[:, None], axis=1)[:, 0]
-        return _pair_sq(lax.dynamic_slice_in_dim(rp, start, block), raw[kth])
+        other = row_ids[:, None] != col_ids[None, :]
+        d2 = jnp.where(other, d2, jnp.inf)  # exclude self
+        band = 2.0 * _round_off(d, d2.dtype) * norms
+        near = other & (jnp.abs(d2 - kth_smallest(d2)[:, None]) <= band)
+        d2 = _refine_near_ties(d2, near, lax.dynamic_slice_in_dim(rp, start, block), raw)
+        return kth_smallest(d2)
 
     return lax.map(one_block, jnp.arange(num_blocks)).reshape(-1)[:n]
 
@@ -193,9 +227,9 @@ def _knn_manifold_core(real, fake, *, k, strict, block):
     dtype = real.dtype
     scores = (jnp.mean(counts > 0, dtype=dtype), jnp.mean(recalled, dtype=dtype),
               jnp.mean(counts, dtype=dtype) / k, jnp.mean(covered, dtype=dtype))
-    # NaN features (unchecked under jit) fail every distance comparison: they would read
-    # as scores of 0, so they give NaN
-    bad = jnp.isnan(real).any() | jnp.isnan(fake).any()
+    # non-finite features (unchecked under jit) fail every distance comparison (inf - inf
+    # is NaN): they would read as scores of 0, so they give NaN
+    bad = ~(jnp.isfinite(real).all() & jnp.isfinite(fake).all())
     return tuple(jnp.where(bad, jnp.nan, v) for v in scores)
 
 
