@@ -11,24 +11,25 @@ in its own set (the sample itself excluded):
 Distances are computed in row blocks (``lax.map`` / ``lax.scan``) with a running top-k,
 so a 50k x 50k distance matrix is never materialised: peak extra memory is one
 (block, n) tile. Neighbours are found by the expansion ``|a|^2 + |b|^2 - 2ab`` (one matrix
-product) on both sets shifted by the real mean (distances are translation invariant, and
-smaller norms lose less to float32 cancellation).
+product).
 
 Ties on a ball's boundary are decided by the difference form, not by the expansion's
 rounding. The expansion rounds differently in each matrix product and cannot resolve
-distances below its round-off (relative to the centred norms), so a fake sample that
-copies a real one (the memorisation case), lattice data or near-duplicates landed inside
-or outside a ball by a last-bit accident. Every distance within the expansion's round-off
-of a radius -- the k-th neighbour's and its rivals', and the cross distances -- is
-recomputed from the unshifted rows (shifting rounds each entry, which breaks the ties of
-lattice data) as ``sum((a - b)^2)`` summed by one fixed tree of elementwise adds. The
+distances below its round-off (relative to the norms), so a fake sample that copies a
+real one (the memorisation case), lattice data or near-duplicates landed inside or
+outside a ball by a last-bit accident. Every distance within the expansion's round-off of
+a radius -- the k-th neighbour's and its rivals', and the cross distances -- is
+recomputed as ``sum((a - b)^2)`` summed by one fixed tree of elementwise adds. The
 same pair of rows then gives the same bits wherever it is computed, so a copy's tie is
 decided exactly, and so is every tie whose sums are exact in floating point
 (small-integer or dyadic lattices); ``tests/test_metrics_prdc.py`` checks such cases
 against SciPy's float64 ``cdist`` and the ``prdc`` package. Genuine near-ties closer than
 float32 resolves are decided by float32 rounding, as in any float32 implementation.
 Heavily tied data (many copies of one sample) recomputes whole rows in the difference
-form: slower than the expansion, never wrong.
+form: slower than the expansion, never wrong. The rows are not centred first (centring
+rounds each entry, which breaks the ties of lattice data, and a centred copy of both sets
+would double the memory): features far from the origin relative to their spread widen
+the round-off band, which costs recomputations, not accuracy.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from jaxdiv.metrics import _checks
 from jaxdiv.sphere import pow2_inverse_scale
 
 _TILE_ELEMENTS = 1 << 22  # 16 MiB of float32 per (block, n) distance tile by default
-_FLAGS_PER_PASS = 8  # near-ties recomputed per row and pass (_refine_near_ties)
+_FLAGS_PER_PASS = 8  # near-ties recomputed per row and pass (_refine_near_ties) ...
+_ROWS_PER_PASS = 32  # ... in up to this many rows
 
 
 class PRDC(NamedTuple):
@@ -70,14 +72,16 @@ def _round_off(d, dtype):
 
 
 def _sq_dists(rows, cols, cols_sq):
-    """Squared distances by the expansion (one matrix product) and ``|a|^2 + |b|^2``."""
+    """Squared distances by the expansion (one matrix product), and the rows' ``|a|^2``
+    (the round-off band is a multiple of ``|a|^2 + |b|^2``; formed where it is used, so
+    that no second tile is written)."""
     rows_sq = jnp.sum(rows * rows, axis=-1)
     norms = rows_sq[:, None] + cols_sq[None, :]
     # HIGHEST: no TF32 / bf16 passes on GPUs, whose round-off would exceed the tie band
     d2 = norms - 2.0 * jnp.matmul(rows, cols.T, precision=lax.Precision.HIGHEST)
     # within the round-off a pair is a duplicate as far as the expansion can tell: 0 sorts
     # duplicates first among the neighbours (their radii are then recomputed exactly)
-    return jnp.where(d2 <= _round_off(rows.shape[-1], d2.dtype) * norms, 0.0, d2), norms
+    return jnp.where(d2 <= _round_off(rows.shape[-1], d2.dtype) * norms, 0.0, d2), rows_sq
 
 
 def _pair_sq(a, b):
@@ -102,39 +106,61 @@ def _refine_near_ties(d2, near, rows, cols):
 
     A row with more than ``4 * _FLAGS_PER_PASS`` flags (duplicates, a memorised sample's
     many copies) is recomputed whole, up to 16 such rows per pass; the others take up to
-    ``_FLAGS_PER_PASS`` flags each per pass. Both are ``while`` loops, which stay loops
-    under ``vmap`` (a ``cond`` would run both branches for every row); data without ties
-    runs one pass or none.
+    ``_FLAGS_PER_PASS`` flags in up to ``_ROWS_PER_PASS`` rows per pass. Both are
+    ``while`` loops, which stay loops under ``vmap`` (a ``cond`` would run both branches
+    for every row); data without ties runs one pass or none.
     """
     num_rows, num_cols = d2.shape
     per_pass = min(_FLAGS_PER_PASS, num_cols)
-    row_ids = jnp.arange(num_rows)[:, None]
 
-    # rows per whole-row pass: their (rows, columns, d) differences fit in about a tile
-    per_heavy = int(max(1, min(16, num_rows, _TILE_ELEMENTS // (num_cols * rows.shape[-1]))))
+    # whole rows: up to 16 per pass, their columns in chunks whose (rows, chunk, d)
+    # differences fit in about a tile, so that memory stays a tile's worth at any width
+    per_heavy = min(16, num_rows)
+    width = max(1, min(num_cols, _TILE_ELEMENTS // (per_heavy * rows.shape[-1])))
+    chunks = -(-num_cols // width)
 
+    def exact_rows(r):
+        def chunk(c, out):
+            # the last chunk starts earlier instead of padding (a padded copy of ``cols``
+            # would be a second copy of the whole set): overlapping columns get equal values
+            start = jnp.minimum(c * width, num_cols - width)
+            part = _pair_sq(r[:, None, :], lax.dynamic_slice_in_dim(cols, start, width)[None])
+            return lax.dynamic_update_slice_in_dim(out, part, start, axis=1)
+
+        return lax.fori_loop(0, chunks, chunk, jnp.zeros((per_heavy, num_cols), cols.dtype))
+
+    # the loops test per-row counts, not the tile: a reduction over the whole tile per
+    # pass cost more than the few recomputations of typical data
     def whole_rows(state):
         d2, near, heavy = state
         go, i = lax.top_k(heavy.astype(jnp.float32), per_heavy)  # distinct rows
         go = go > 0  # under vmap, finished batch members pass through unchanged
-        exact = _pair_sq(rows[i][:, None, :], cols[None, :, :])
+        exact = exact_rows(rows[i])
         redo = go[:, None] & near[i]
         return (d2.at[i].set(jnp.where(redo, exact, d2[i])), near.at[i].set(near[i] & ~redo),
                 heavy.at[i].set(False))
 
-    heavy = jnp.sum(near, axis=1) > 4 * per_pass
+    count = jnp.sum(near, axis=1, dtype=jnp.int32)
+    heavy = count > 4 * per_pass
     d2, near, _ = lax.while_loop(lambda state: jnp.any(state[2]), whole_rows, (d2, near, heavy))
+    count = jnp.where(heavy, 0, count)
+    per_rows = min(_ROWS_PER_PASS, num_rows)
 
     def some_flags(state):
-        d2, near = state
-        # float: XLA:CPU sorts integer operands of top_k whole (25x slower here)
-        flagged, j = lax.top_k(near.astype(jnp.float32), per_pass)  # distinct columns
-        todo = flagged > 0
-        exact = _pair_sq(rows[:, None, :], cols[j])
-        return (d2.at[row_ids, j].set(jnp.where(todo, exact, d2[row_ids, j])),
-                near.at[row_ids, j].set(False))
+        # up to _ROWS_PER_PASS flagged rows, _FLAGS_PER_PASS flags each: the selections run
+        # on those rows only; float operands, since XLA:CPU sorts integer ones whole in top_k
+        d2, near, count = state
+        has, r = lax.top_k((count > 0).astype(jnp.float32), per_rows)  # distinct rows
+        flagged, j = lax.top_k(near[r].astype(jnp.float32), per_pass)  # distinct per row
+        todo = (flagged > 0) & (has[:, None] > 0)
+        count = count.at[r].add(-jnp.sum(todo, axis=1, dtype=jnp.int32))
+        r = r[:, None]
+        exact = _pair_sq(rows[r], cols[j])
+        return (d2.at[r, j].set(jnp.where(todo, exact, d2[r, j])),
+                near.at[r, j].set(near[r, j] & ~todo), count)
 
-    return lax.while_loop(lambda state: jnp.any(state[1]), some_flags, (d2, near))[0]
+    return lax.while_loop(lambda state: jnp.any(state[2] > 0), some_flags,
+                          (d2, near, count))[0]
 
 
 def _pad_rows(x, block):
@@ -143,59 +169,80 @@ def _pad_rows(x, block):
         num_blocks
 
 
-def _knn_sq_radii(centred, raw, k, block):
-    """Squared distance from each row to its k-th nearest other row, exact: neighbours are
-    found by the expansion on the ``centred`` rows, and every distance within its round-off
-    of the k-th one is recomputed from the ``raw`` rows (:func:`_pair_sq`) before the k-th
-    is taken again (the expansion cannot order neighbours closer together than its
-    round-off, e.g. near-duplicates, which it reads as 0)."""
-    n, d = raw.shape
-    (cp, rp), num_blocks = zip(*(_pad_rows(x, block) for x in (centred, raw)))
-    num_blocks = num_blocks[0]
-    cols_sq = jnp.sum(centred * centred, axis=-1)
+def _knn_sq_radii(x, k, block):
+    """Squared distance from each row of ``x`` to its k-th nearest other row, exact:
+    neighbours are found by the expansion, the k-th one's distance is recomputed
+    (:func:`_pair_sq`), and so is every distance within the expansion's round-off of it,
+    whereupon the k-th is taken again (the expansion cannot order neighbours closer
+    together than its round-off, e.g. near-duplicates, which it reads as 0). The rivals'
+    pass runs only in blocks that have some (``lax.cond``; under ``vmap`` it always runs)."""
+    n, d = x.shape
+    xp, num_blocks = _pad_rows(x, block)
+    cols_sq = jnp.sum(x * x, axis=-1)
     col_ids = jnp.arange(n)
-
-    def kth_smallest(d2):
-        # The max of the k smallest. Not `[:, k - 1]`: XLA CPU rewrites top_k followed by
-        # a slice into a full sort of the row (far slower than the top-k).
-        return -jnp.min(lax.top_k(-d2, k)[0], axis=1)
 
     def one_block(b):
         start = b * block
-        d2, norms = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), centred, cols_sq)
+        rows = lax.dynamic_slice_in_dim(xp, start, block)
+        d2, rows_sq = _sq_dists(rows, x, cols_sq)
         row_ids = start + jnp.arange(block)
-        other = row_ids[:, None] != col_ids[None, :]
-        d2 = jnp.where(other, d2, jnp.inf)  # exclude self
-        band = 2.0 * _round_off(d, d2.dtype) * norms
-        near = other & (jnp.abs(d2 - kth_smallest(d2)[:, None]) <= band)
-        d2 = _refine_near_ties(d2, near, lax.dynamic_slice_in_dim(rp, start, block), raw)
-        return kth_smallest(d2)
+        d2 = jnp.where(row_ids[:, None] != col_ids[None, :], d2, jnp.inf)  # exclude self
+        # the k-th smallest is the last of the k smallest. Not `[:, k - 1]`: XLA CPU
+        # rewrites top_k followed by a slice into a full sort of the row (far slower)
+        values, nearest = lax.top_k(-d2, k)
+        last = jnp.argmin(values, axis=1)[:, None]
+        kth = jnp.take_along_axis(nearest, last, axis=1)[:, 0]
+        exact = _pair_sq(rows, x[kth])
+        # rivals: other neighbours within the round-off of the k-th (near-duplicates read
+        # as 0, lattice ties); without any the k-th's exact distance is the radius, with
+        # some they are recomputed and the k-th taken again (a second top-k of the tile)
+        band = 2.0 * _round_off(d, d2.dtype) * (rows_sq[:, None] + cols_sq[None, :])
+        rivals = ((jnp.abs(d2 - (-jnp.take_along_axis(values, last, axis=1))) <= band)
+                  & (col_ids[None, :] != kth[:, None]))  # fmt: skip
+        return lax.cond(jnp.any(rivals),
+                        lambda: _rival_radii(d2, rivals, rows, x, kth, exact, k),
+                        lambda: exact)  # fmt: skip
 
     return lax.map(one_block, jnp.arange(num_blocks)).reshape(-1)[:n]
 
 
+def _rival_radii(d2, rivals, rows, x, kth, radii, k):
+    """``radii`` (the exact distances to the ``kth`` columns) with the k-th smallest of each
+    row that has ``rivals`` taken again after recomputing them (:func:`_refine_near_ties`);
+    the rows with rivals are selected ``_ROWS_PER_PASS`` at a time, so that the top-k runs
+    on those rows only."""
+    d2 = _refine_near_ties(d2.at[jnp.arange(d2.shape[0]), kth].set(radii), rivals, rows, x)
+    per_rows = min(_ROWS_PER_PASS, d2.shape[0])
+
+    def some_rows(state):
+        radii, pending = state
+        has, r = lax.top_k(pending.astype(jnp.float32), per_rows)  # distinct rows
+        kth = -jnp.min(lax.top_k(-d2[r], k)[0], axis=1)
+        return radii.at[r].set(jnp.where(has > 0, kth, radii[r])), pending.at[r].set(False)
+
+    return lax.while_loop(lambda state: jnp.any(state[1]), some_rows,
+                          (radii, jnp.any(rivals, axis=1)))[0]
+
+
 def _cross_counts(real, fake, real_r2, fake_r2, strict, block):
     """Per fake sample: number of real balls containing it; per real sample: whether some
-    fake sample lies in its ball (coverage) and whether it lies in some fake ball (recall).
-    ``real`` and ``fake`` are (centred, raw) pairs, as for :func:`_knn_sq_radii`."""
-    (real_c, real_x), (fake_c, fake_x) = real, fake
-    n, d = real_x.shape
+    fake sample lies in its ball (coverage) and whether it lies in some fake ball (recall)."""
+    n, d = real.shape
     less = jnp.less if strict else jnp.less_equal
-    (cp, rp, r2p), num_blocks = zip(*(_pad_rows(x, block) for x in (real_c, real_x, real_r2)))
-    num_blocks = num_blocks[0]
-    fake_sq = jnp.sum(fake_c * fake_c, axis=-1)
+    realp, num_blocks = _pad_rows(real, block)
+    r2p, _ = _pad_rows(real_r2, block)
+    fake_sq = jnp.sum(fake * fake, axis=-1)
 
     def one_block(counts, b):
         start = b * block
-        d2, norms = _sq_dists(lax.dynamic_slice_in_dim(cp, start, block), fake_c, fake_sq)
+        rows = lax.dynamic_slice_in_dim(realp, start, block)
+        d2, rows_sq = _sq_dists(rows, fake, fake_sq)
         valid = (start + jnp.arange(block)) < n
         radius = lax.dynamic_slice_in_dim(r2p, start, block)[:, None]
-        # Twice the expansion's round-off: the radii are exact, and centring moved d2 by at
-        # most 2 eps (|a|^2 + |b|^2) (each centred entry is rounded relative to itself).
-        band = 2.0 * _round_off(d, d2.dtype) * norms
+        # twice the expansion's round-off: the radii are exact
+        band = 2.0 * _round_off(d, d2.dtype) * (rows_sq[:, None] + fake_sq[None, :])
         near = (jnp.abs(d2 - radius) <= band) | (jnp.abs(d2 - fake_r2[None, :]) <= band)
-        rows = lax.dynamic_slice_in_dim(rp, start, block)
-        d2 = _refine_near_ties(d2, near & valid[:, None], rows, fake_x)
+        d2 = _refine_near_ties(d2, near & valid[:, None], rows, fake)
         in_real_ball = less(d2, radius) & valid[:, None]
         counts = counts + jnp.sum(in_real_ball, axis=0, dtype=jnp.int32)
         covered = jnp.any(in_real_ball, axis=1)
@@ -203,27 +250,20 @@ def _cross_counts(real, fake, real_r2, fake_r2, strict, block):
         return counts, (covered, recalled)
 
     counts, (covered, recalled) = lax.scan(
-        one_block, jnp.zeros(fake_x.shape[0], jnp.int32), jnp.arange(num_blocks))
+        one_block, jnp.zeros(fake.shape[0], jnp.int32), jnp.arange(num_blocks))
     return counts, covered.reshape(-1)[:n], recalled.reshape(-1)[:n]
 
 
 @partial(jax.jit, static_argnames=("k", "strict", "block"))
 def _knn_manifold_core(real, fake, *, k, strict, block):
-    # Neighbours are screened by the expansion on rows centred at the real mean (smaller
-    # norms lose less to its cancellation); exact distances come from the raw rows, since
-    # centring rounds each entry and would break the exact ties of, e.g., lattice data.
-    shift = jnp.mean(real, axis=0)
-    real_c, fake_c = real - shift, fake - shift
     # every comparison is between distances: scaling by a power of two near the largest
     # entry changes no result (exact, every tie is kept) and keeps squared distances
     # finite and non-zero for features of norm 1e20 or 1e-25 (they over/underflow in float32)
-    inv = pow2_inverse_scale(jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in
-                                                (real, fake, real_c, fake_c)])))
-    real, fake, real_c, fake_c = (x * inv for x in (real, fake, real_c, fake_c))
-    real_r2 = _knn_sq_radii(real_c, real, k, block)
-    fake_r2 = _knn_sq_radii(fake_c, fake, k, block)
-    counts, covered, recalled = _cross_counts((real_c, real), (fake_c, fake), real_r2,
-                                              fake_r2, strict, block)
+    inv = pow2_inverse_scale(jnp.maximum(jnp.max(jnp.abs(real)), jnp.max(jnp.abs(fake))))
+    real, fake = real * inv, fake * inv
+    real_r2 = _knn_sq_radii(real, k, block)
+    fake_r2 = _knn_sq_radii(fake, k, block)
+    counts, covered, recalled = _cross_counts(real, fake, real_r2, fake_r2, strict, block)
     dtype = real.dtype
     scores = (jnp.mean(counts > 0, dtype=dtype), jnp.mean(recalled, dtype=dtype),
               jnp.mean(counts, dtype=dtype) / k, jnp.mean(covered, dtype=dtype))
