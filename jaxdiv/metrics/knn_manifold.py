@@ -195,7 +195,7 @@ def _knn_sq_radii(x, k, block):
         exact = _pair_sq(rows, x[kth])
         # rivals: other neighbours within the round-off of the k-th (near-duplicates read
         # as 0, lattice ties); without any the k-th's exact distance is the radius, with
-        # some they are recomputed and the k-th taken again (a second top-k of the tile)
+        # some they are recomputed and the k-th taken again in those rows
         band = 2.0 * _round_off(d, d2.dtype) * (rows_sq[:, None] + cols_sq[None, :])
         rivals = ((jnp.abs(d2 - (-jnp.take_along_axis(values, last, axis=1))) <= band)
                   & (col_ids[None, :] != kth[:, None]))  # fmt: skip
