@@ -197,10 +197,11 @@ def test_inf_under_jit_gives_nan():
 
 
 @pytest.mark.exact_codegen
-@pytest.mark.parametrize("case", list(_TIE_CASES))
+@pytest.mark.parametrize("case", ["memorised_k3", "integer_cube_k4", "one_hot_k3"])
 def test_exact_ties_under_fma_codegen(case):
     # the same pair of rows must give the same bits under XLA's default codegen too, which
-    # contracts multiply-adds (the suite's first pass compiles at -O0)
+    # contracts multiply-adds (the suite's first pass compiles at -O0); one case of each
+    # kind (copies, a lattice, whole-row recomputation) keeps the second pass short
     _check_exact_ties(case)
 
 
