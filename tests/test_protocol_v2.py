@@ -74,6 +74,10 @@ SWEEPS = {
                      [1.0, 1.2, 1.4, 1.6, 2.0], None),
     "gass": (lambda r: guidance.gass(ENC, ENC.text_emb, r_dep=r, r_ind=r, lr=0.05, max_iters=3,
                                      num_active=2), [0.05, 0.1, 0.2, 0.3, 0.4], None),
+    # num_active left at None (the paper's 20, every step of this short sampler)
+    "gass_default_steps": (lambda lr: guidance.gass(ENC, ENC.text_emb, r_dep=0.1, r_ind=0.1,
+                                                    lr=lr, max_iters=3),
+                           [0.01, 0.02, 0.05, 0.1, 0.2], None),
     "window": (lambda lo: guidance.window(guidance.particle(0.05), noise_level=(lo, None)),
                [0.01, 0.5, 2.0, 10.0, 30.0], None),
     "chain": (lambda w: guidance.chain(cfg=guidance.cfg(w), spell=guidance.spell(radius=w / 4)),
