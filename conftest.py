@@ -19,8 +19,9 @@ import pytest
 from benchmarks.compile_flags import EXACT_CODEGEN_FLAGS, TEST_SUITE_FLAGS
 
 # XLA:CPU compiles with cheaper codegen in the test processes (and in every subprocess and
-# notebook kernel they start, which inherit the environment): LLVM at -O0 and the legacy
-# elemental emitters instead of the MLIR fusion emitters. Most of the suite's time is XLA
+# notebook kernel they start, which inherit the environment): LLVM at -O0, the legacy
+# elemental emitters instead of the MLIR fusion emitters, and one LLVM module per program
+# (not 32 parts: fewer memory mappings, see below). Most of the suite's time is XLA
 # compilation; `python -m benchmarks.compile_flags` measures what the flags save in compile
 # time and cost in run time (docs/guide/benchmarks.md). What is tested is the same program;
 # only its machine code differs, at float rounding: -O0 forms no fused multiply-adds. Tests

@@ -26,6 +26,9 @@ Flag sets (``--flag-sets``, comma-separated names):
   tests marked ``exact_codegen``): the fusion emitters off and LLVM at -O1.
 * ``no_fusion_emitters``: ``--xla_cpu_use_fusion_emitters=false`` alone.
 * ``llvm_o1``: ``--xla_backend_optimization_level=1`` alone.
+* ``tests_split_parts``: the suite's flags before 2026-12-07, :data:`TEST_SUITE_FLAGS`
+  without ``--xla_cpu_parallel_codegen_split_count=1`` (XLA splits each program's LLVM
+  module into up to 32 parts, compiled on its thread pool and loaded as separate objects).
 
 XLA reads its flags once per process, so every (round, flag set) runs in a fresh child
 process pinned to one core (:func:`benchmarks.timing.pin_one_core`); the flag sets
@@ -46,15 +49,25 @@ import sys
 import time
 from pathlib import Path
 
+# One LLVM module per program instead of up to 32 parts: the parts buy parallel codegen
+# that two pytest workers on two cores cannot use, and each part costs its own codegen
+# set-up and its own memory mappings (docs/guide/benchmarks.md, "Compile time").
+_ONE_PART = "--xla_cpu_parallel_codegen_split_count=1"
+
 #: XLA:CPU flags of the test sessions (``conftest.py``): LLVM at -O0 instead of the default
-#: -O2, and the legacy elemental emitters instead of the MLIR fusion emitters. At -O0 LLVM
-#: forms no fused multiply-adds, which XLA's default codegen does.
-TEST_SUITE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+#: -O2, the legacy elemental emitters instead of the MLIR fusion emitters, and each program
+#: compiled as one LLVM module. At -O0 LLVM forms no fused multiply-adds, which XLA's
+#: default codegen does.
+TEST_SUITE_FLAGS = (
+    f"--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0 {_ONE_PART}"
+)
 
 #: XLA:CPU flags of the tests marked ``exact_codegen`` (which compare two compiled programs
 #: bitwise or within a few ulps): LLVM at -O1, which contracts ``a * b + c`` into fused
 #: multiply-adds as the default codegen does.
-EXACT_CODEGEN_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+EXACT_CODEGEN_FLAGS = (
+    f"--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1 {_ONE_PART}"
+)
 
 FLAG_SETS = {
     "default": "",
@@ -62,6 +75,7 @@ FLAG_SETS = {
     "exact_tests": EXACT_CODEGEN_FLAGS,
     "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
     "llvm_o1": "--xla_backend_optimization_level=1",
+    "tests_split_parts": TEST_SUITE_FLAGS.replace(f" {_ONE_PART}", ""),
 }
 WORKLOADS = ("toy", "sd_tiny", "unet")
 _SMOKE_UNET = "tiny"  # --smoke: the parity tests' UNet instead of the SD2.1-sized one
