@@ -859,11 +859,9 @@ def parse_args(argv=None, prog: str = "python -m experiments.generate") -> argpa
     # number of steps is known (jaxdiv.sample would refuse it only after the model load);
     # the default, the paper's 20, means every step on a shorter sampler (method_term)
     if args.method == "gass" and "--gass-num-active" in given:
-        active = args.method_knobs["num_active"]
-        if active > args.steps:
-            p.error(f"--gass-num-active {active} exceeds --steps {args.steps}: GASS acts at "
-                    "most once per step, so the setting could never take effect; pass "
-                    f"--gass-num-active {args.steps} or fewer")  # fmt: skip
+        problem = num_active_problem(args.method_knobs["num_active"], args.steps)
+        if problem:
+            p.error(problem)
     if args.out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", args.prompt[0].lower()).strip("-")[:40] or "prompt"
         args.out = (
@@ -919,6 +917,20 @@ def rescale_problem(rescale, cfg: float) -> str | None:
     if cfg == 1.0:
         return ("--guidance-rescale has no effect with --cfg 1 (the guided prediction is the "
                 "conditional one, already at its own scale)")  # fmt: skip
+    return None
+
+
+def num_active_problem(active: int, steps: int) -> str | None:
+    """Why an explicit ``--gass-num-active`` can never take effect with ``--steps``, or
+    ``None`` (GASS acts at most once per sampler step).
+
+    >>> num_active_problem(20, 50) is None, num_active_problem(20, 10).split(":")[0]
+    (True, '--gass-num-active 20 exceeds --steps 10')
+    """
+    if active > steps:
+        return (f"--gass-num-active {active} exceeds --steps {steps}: GASS acts at most once "
+                "per step, so the setting could never take effect; pass --gass-num-active "
+                f"{steps} or fewer")  # fmt: skip
     return None
 
 

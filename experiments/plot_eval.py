@@ -174,7 +174,9 @@ def main(argv=None, prog: str = "python -m experiments.plot_eval") -> int:
         p.error(f"--images must be >= 1, got {args.images}")
     from experiments.evaluate import TABLE_COLUMNS
 
-    metrics = [c for c in TABLE_COLUMNS[3:] if not c.endswith("_ci95") and c != "prompts"]
+    # the table's numbers that measure images: not the counts of images and prompts
+    metrics = [c for c in TABLE_COLUMNS[3:] if not c.endswith("_ci95")
+               and c not in ("n", "prompts")]  # fmt: skip
     for flag, name in (("--x", args.x), ("--y", args.y)):
         if name not in metrics:
             p.error(f"{flag} must be one of {', '.join(metrics)}, got {name!r}")

@@ -146,9 +146,13 @@ def parse_args(argv=None, prog: str = "python -m experiments.sd_methods") -> arg
             p.error(f"{flag} applies to --methods {' or '.join(m for m, _ in uses)}, which "
                     "this run does not include")  # fmt: skip
         try:
-            generate.knob_value(flag, text, uses[0][1])
+            value = generate.knob_value(flag, text, uses[0][1])
         except ValueError as err:
             p.error(str(err))
+        # refused before the model loads (jaxdiv.sample would refuse it at GASS's turn)
+        problem = flag == "--gass-num-active" and generate.num_active_problem(value, args.steps)
+        if problem:
+            p.error(problem)
     for flag, value in (("--image-encoder", args.image_encoder),
                         ("--clip-projection", args.clip_projection)):  # fmt: skip
         if value is not None and not (Path(value) / "config.json").is_file():

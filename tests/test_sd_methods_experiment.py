@@ -139,6 +139,9 @@ def test_sd_methods_skips_what_the_folder_lacks(model, tmp_path, monkeypatch):
         (["--guidance-rescale", "0.7", "--cfg", "1"],
          "--guidance-rescale has no effect with --cfg 1"),
         (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+        # GASS acts at most once per step: refused before the model loads, not at its turn
+        (["--methods", "none,gass", "--steps", "4", "--gass-num-active", "5"],
+         "--gass-num-active 5 exceeds --steps 4: GASS acts at most once per step"),
     ],
 )
 def test_sd_methods_bad_values_fail_before_the_model_loads(
