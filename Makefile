@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.conv
 	$(PY) -m benchmarks.conv --shapes vae_decoder_256 --pass input_grad --flag-sets default \
 		--rounds 3 --out results/benchmarks/conv_input_grad.json
+	$(PY) -m benchmarks.vae_grad
 	$(PY) -m benchmarks.compile_flags
 	$(PY) -m benchmarks.groups
 	$(PY) -m benchmarks.summary

@@ -30,7 +30,9 @@ own, where the implementations alternate round by round
 ``--pass input_grad`` times gradient steps on a convolution's input inside a ``lax.scan``
 (:func:`measure_input_grad`), where XLA:CPU left JAX's own input gradient as a naive loop
 nest; jaxdiv's layer, plain ``lax.conv_general_dilated`` and torch autograd alternate
-(``--shapes vae_decoder_256``: the levels of SD's VAE decoder at 256 px).
+(``--shapes vae_decoder_256``: the levels of SD's VAE decoder at 256 px), and on a Winograd
+shape jaxdiv with JAX's autodiff of the Winograd transforms as its input gradient
+(:data:`AUTODIFF_WINOGRAD`).
 
 Flag sets (``--flag-sets``, comma-separated names):
 
@@ -91,6 +93,10 @@ MATMUL_SHAPES = {
 #: the row of a Winograd-path shape that times jaxdiv with Winograd's 16 products in their
 #: other form (batched where jaxdiv unrolls them, unrolled where it batches them)
 OTHER_PRODUCTS = "jaxdiv_other_winograd_products"
+#: the row of a Winograd-path shape in ``--pass input_grad`` that times jaxdiv with the input
+#: gradient left to JAX's autodiff of Winograd's transforms
+#: (:data:`~jaxdiv.models.convolution.WINOGRAD_CUSTOM_INPUT_GRAD` off)
+AUTODIFF_WINOGRAD = "jaxdiv_autodiff_winograd"
 _ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # (batch, height = width, in channels, out channels): SD 2.1's UNet at latent 64, CFG batch 2
 SHAPES = {
@@ -236,8 +242,9 @@ def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
     import numpy as np
     import torch
 
-    from benchmarks.timing import interleaved, round_ratio_range
-    from jaxdiv.models.convolution import conv_general_dilated
+    from benchmarks.timing import interleaved, module_constants, round_ratio_range
+    from jaxdiv.models import convolution
+    from jaxdiv.models.convolution import conv_general_dilated, conv_path
 
     torch.set_num_threads(1)
 
@@ -276,11 +283,28 @@ def measure_input_grad(shapes, rounds: int, steps: int = 2) -> list[dict]:
         want = run_torch().numpy().transpose(0, 2, 3, 1)
         diff = float(np.abs(np.asarray(run_jax()) - want).max())
         diff_lax = float(np.abs(np.asarray(run_lax()) - want).max())
-        timed = interleaved({"jaxdiv": run_jax, "torch": run_torch,
-                             "lax_conv_general_dilated": run_lax}, rounds)  # fmt: skip
+        fns = {"jaxdiv": run_jax, "torch": run_torch, "lax_conv_general_dilated": run_lax}
+        path = conv_path(xj, wj, (stride, stride), ((1, 1), (1, 1)))
+        autodiff = {}
+        if path == "winograd":  # also time Winograd under JAX's autodiff of its transforms
+            plain = descent(conv_general_dilated, stride)
+
+            def run_plain(xj=xj, wj=wj, cj=cj, plain=plain):
+                return plain(xj, wj, cj).block_until_ready()
+
+            with module_constants([(convolution, "WINOGRAD_CUSTOM_INPUT_GRAD", False)]):
+                autodiff["max_abs_diff_autodiff_winograd"] = float(
+                    np.abs(np.asarray(run_plain()) - want).max())  # fmt: skip
+            fns[AUTODIFF_WINOGRAD] = run_plain
+        timed = interleaved(fns, rounds)
+        if autodiff:
+            autodiff["autodiff_winograd_over_jaxdiv"] = (timed[AUTODIFF_WINOGRAD]["median_s"]
+                                                         / timed["jaxdiv"]["median_s"])
+            autodiff["per_round_autodiff_winograd_over_jaxdiv"] = round_ratio_range(
+                timed, AUTODIFF_WINOGRAD, "jaxdiv")
         rows.append({"batch": b, "hw": hw, "in_channels": cin, "out_channels": cout,
-                     "stride": stride, "steps": steps, "max_abs_diff": diff,
-                     "max_abs_diff_lax": diff_lax,
+                     "stride": stride, "steps": steps, "path": path, "max_abs_diff": diff,
+                     "max_abs_diff_lax": diff_lax, **autodiff,
                      "times": timed, "torch_over_jaxdiv": timed["torch"]["median_s"]
                      / timed["jaxdiv"]["median_s"],
                      "per_round_torch_over_jaxdiv": round_ratio_range(timed, "torch", "jaxdiv"),

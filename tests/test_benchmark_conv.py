@@ -45,7 +45,7 @@ def test_unknown_flag_sets_are_refused(tmp_path):
         conv.main(["--flag-sets", "fastest", "--out", str(tmp_path / "x.json")])
 
 
-def test_input_gradient_pass_times_three_implementations_that_agree(tmp_path):
+def test_input_gradient_pass_times_the_implementations_and_they_agree(tmp_path):
     out = tmp_path / "conv_grad.json"
     conv.main(["--shapes", "tiny", "--rounds", "1", "--flag-sets", "default", "--pass",
                "input_grad", "--out", str(out)])  # fmt: skip
@@ -53,11 +53,20 @@ def test_input_gradient_pass_times_three_implementations_that_agree(tmp_path):
     assert data["pass"] == "input_grad"
     entry = data["flag_sets"]["default"]
     assert entry["status"] == "ok", entry
+    three = {"jaxdiv", "torch", "lax_conv_general_dilated"}
     for row in entry["rows"]:
         assert row["steps"] == 2
         assert row["max_abs_diff"] < 1e-4 and row["max_abs_diff_lax"] < 1e-4  # same steps
-        assert set(row["times"]) == {"jaxdiv", "torch", "lax_conv_general_dilated"}
         assert row["lax_over_jaxdiv"] > 0 and row["torch_over_jaxdiv"] > 0
+        if row["path"] != "winograd":
+            assert set(row["times"]) == three
+            continue
+        # Winograd's input gradient also timed as JAX's autodiff of its transforms
+        assert set(row["times"]) == three | {conv.AUTODIFF_WINOGRAD}
+        assert row["max_abs_diff_autodiff_winograd"] < 1e-4
+        lo, hi = row["per_round_autodiff_winograd_over_jaxdiv"]
+        assert 0 < lo <= hi and row["autodiff_winograd_over_jaxdiv"] > 0
+    assert [row["path"] for row in entry["rows"]].count("winograd") == 1  # (2, 16, 8, 8)
 
 
 def test_winograd_can_be_forced_on_every_shape_it_can_take(tmp_path):

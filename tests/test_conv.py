@@ -133,12 +133,14 @@ def test_input_gradient_in_a_scan_body_keeps_the_library_kernel_layout(case, mon
     assert {kernel for _, kernel in labels} == {"01io"}, labels
 
 
-@pytest.mark.parametrize("small_output_tiles", [0, 64])  # direct (custom VJP), patches
+# direct (custom VJP), patches, Winograd (custom JVP)
+@pytest.mark.parametrize("case,small_output_tiles", [("3x3", 0), ("3x3", 64),
+                                                     ("3x3_winograd", 64)])  # fmt: skip
 def test_second_order_gradient_matches_jax_autodiff_of_the_lax_convolution(
-    small_output_tiles, monkeypatch
+    case, small_output_tiles, monkeypatch
 ):
     monkeypatch.setattr(convolution, "SMALL_OUTPUT_TILES", small_output_tiles)
-    x, w = _inputs("3x3")
+    x, w = _inputs(case)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
 
     def grad_norm(conv):
@@ -156,13 +158,18 @@ def test_forward_mode_is_refused_by_jax(monkeypatch):
         jax.jvp(lambda x: _ours("3x3")(x, w), (x,), (x,))
 
 
-def _torch_float64(x, w, padding):
-    """The NHWC stride-1 convolution in float64 PyTorch (explicit, possibly uneven padding)."""
+def _torch_float64(x, w, padding, cotangent=None):
+    """The NHWC stride-1 convolution in float64 PyTorch (explicit, possibly uneven padding);
+    with a ``cotangent``, also the gradients of ``sum(conv * cotangent)`` (input, kernel)."""
     (top, bottom), (left, right) = padding
-    xt = torch.nn.functional.pad(torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64),
-                                 (left, right, top, bottom))  # fmt: skip
-    wt = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64)
-    return torch.nn.functional.conv2d(xt, wt).numpy().transpose(0, 2, 3, 1)
+    x0 = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.conv2d(torch.nn.functional.pad(x0, (left, right, top, bottom)), wt)
+    y = yt.detach().numpy().transpose(0, 2, 3, 1)
+    if cotangent is None:
+        return y
+    (yt * torch.tensor(cotangent.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    return y, x0.grad.numpy().transpose(0, 2, 3, 1), wt.grad.numpy().transpose(2, 3, 1, 0)
 
 
 def _direct_conv_count(fn, *args):
@@ -235,6 +242,57 @@ def test_winograd_matches_a_float64_direct_convolution_for_any_padding(
     want = _torch_float64(x, w, padding)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# the last padding has a side past 2: there the input gradient is JAX's autodiff of Winograd
+@pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (1, 0)), ((2, 1), (0, 3))])
+def test_winograd_gradients_match_float64_torch_for_any_padding(
+    padding, unroll_min_tiles, monkeypatch
+):
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 13, 11, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)  # noqa: E731
+    assert convolution.conv_path(x, w, (1, 1), padding) == "winograd"  # 70-84 output tiles
+    cotangent = rng.standard_normal(jax.eval_shape(ours, x, w).shape).astype(np.float32)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), argnums=(0, 1))(x, w)
+    _, want_dx, want_dw = _torch_float64(x, w, padding, cotangent)
+    for got, want in ((dx, want_dx), (dw, want_dw)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(sub, "jaxpr") or hasattr(sub, "eqns"):
+                    yield from _jaxpr_eqns(getattr(sub, "jaxpr", sub))
+
+
+@pytest.mark.parametrize("unroll_min_tiles", [0, float("inf")])
+def test_winograd_input_gradient_is_a_winograd_convolution_of_the_cotangent(
+    unroll_min_tiles, monkeypatch
+):
+    # JAX's autodiff of the transforms scatters into the input (each strided slice's
+    # transpose is a pad with interior padding) and transposes the 16 products; the custom
+    # JVP instead reads the cotangent's tiles and transforms the flipped kernel: 16 (or 1
+    # batched) products again, after a second kernel transform
+    monkeypatch.setattr(convolution, "WINOGRAD_UNROLL_MIN_TILES", unroll_min_tiles)
+    x, w = _inputs("3x3_winograd")
+    energy = lambda x: jnp.sum(jnp.sin(_ours("3x3_winograd")(x, w)))  # noqa: E731
+    forward = list(_jaxpr_eqns(jax.make_jaxpr(energy)(x).jaxpr))
+    both = list(_jaxpr_eqns(jax.make_jaxpr(jax.value_and_grad(energy))(x).jaxpr))
+    products = lambda eqns: sum(e.primitive.name == "dot_general" for e in eqns)  # noqa: E731
+    assert products(forward) == (17 if unroll_min_tiles == 0 else 2)
+    assert products(both) == 2 * products(forward)
+    interior = [cfg for e in both if e.primitive.name == "pad"
+                for cfg in e.params["padding_config"] if cfg[2]]  # fmt: skip
+    assert interior == []
 
 
 def test_winograd_is_as_accurate_as_the_direct_float32_convolution():
