@@ -2,7 +2,8 @@
 against diffusers (PyTorch autograd), alternating in one process.
 
     JAX_PLATFORMS=cpu python -m benchmarks.vae_grad [--config sd21] [--latent 32]
-        [--batch 1] [--rounds 3] [--threads 1|0] [--out results/benchmarks/vae_grad.json]
+        [--batch 1] [--rounds 3] [--threads 1|0] [--malloc reuse|default]
+        [--out results/benchmarks/vae_grad.json]
 
 GASS with the latent write-back runs the decoder forward and backward at every
 iteration of every step, so its cost on SD is the decoder's input gradient. Each round
@@ -15,8 +16,11 @@ then diffusers' ``decode`` under ``torch.no_grad`` and its input gradient by ``b
 The VAE has SD 2.1's architecture (:data:`benchmarks.sd_generate.SD21_VAE`) with random
 weights, saved by diffusers and loaded through :func:`jaxdiv.models.vae.load_vae`. The JSON
 records each side's time median [min-max], the ratios per round, the max abs differences of
-images and gradients to torch's, the environment, threads and peak RSS. ``--config tiny``
-is the smoke test's size.
+images and gradients to torch's, the environment, threads, malloc setting and peak RSS.
+``--malloc reuse`` (the default) runs both libraries under
+:data:`jaxdiv.host_memory.REUSE_FREED_MEMORY`, as jaxdiv's CPU guidance recommends: under
+glibc's default malloc XLA:CPU page-faults every call's fresh buffers, and the gradient's
+buffers are many. ``--config tiny`` is the smoke test's size.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.sd_generate import SD21_VAE
+from benchmarks.timing import MALLOC_CHOICES, use_malloc
 
 CONFIGS = {
     "sd21": SD21_VAE,
@@ -121,11 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
                         help="1: one pinned core for both; 0: library defaults")
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="reuse",
+                        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY")
     parser.add_argument("--out", default="results/benchmarks/vae_grad.json")
     args = parser.parse_args(argv)
     for name in ("latent", "batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    use_malloc(args.malloc, argv, "benchmarks.vae_grad")
     import diffusers
     import torch
 
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": environment() | dict(
         command="python -m benchmarks.vae_grad " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        thread_setting=args.threads, torch_threads=torch.get_num_threads(),
+        thread_setting=args.threads, malloc=args.malloc, torch_threads=torch.get_num_threads(),
         torch=torch.__version__, diffusers=diffusers.__version__), "rows": [row]}  # fmt: skip
     from experiments.common import write_json
 

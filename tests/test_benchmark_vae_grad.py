@@ -13,7 +13,7 @@ from benchmarks import vae_grad  # noqa: E402
 def test_tiny_vae_decoder_gradients_agree_and_every_timing_is_recorded(tmp_path):
     out = tmp_path / "vae_grad.json"
     vae_grad.main(["--config", "tiny", "--latent", "16", "--rounds", "1", "--threads", "0",
-                   "--out", str(out)])  # fmt: skip
+                   "--malloc", "default", "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert row["image_size"] == 32
@@ -28,7 +28,8 @@ def test_tiny_vae_decoder_gradients_agree_and_every_timing_is_recorded(tmp_path)
         assert 0 < lo <= hi and row[key] > 0
     for side in ("jaxdiv", "autodiff_winograd", "torch"):
         assert row[f"{side}_input_grad_over_decode"] > 0
-    assert data["meta"]["thread_setting"] == 0 and "peak_rss_mb" in data["meta"]
+    assert data["meta"]["thread_setting"] == 0 and data["meta"]["malloc"] == "default"
+    assert "peak_rss_mb" in data["meta"]
 
 
 def test_non_positive_sizes_are_refused(tmp_path):

@@ -50,10 +50,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       gradient is Winograd again: the cotangent convolved with the flipped kernel, input and
       output channels swapped (a custom JVP whose tangent reverse mode transposes into
       that, where no side's padding exceeds 2; JAX's autodiff of the transforms scattered
-      into the input instead): the input gradient of SD's VAE decoder at 256 px ran 1.20x
-      faster than under autodiff, level with PyTorch's (one core of a 2-core AMD EPYC, Zen
-      5; ``python -m benchmarks.vae_grad --threads 1``, 2026-12-07). Forward and reverse
-      mode both work.
+      into the input instead): the input gradient of SD's VAE decoder at 256 px ran 1.74x
+      faster than under autodiff, and 1.27x PyTorch's (one core of a 2-core AMD EPYC, Zen
+      5, ``jaxdiv.host_memory``'s malloc setting; ``python -m benchmarks.vae_grad
+      --threads 1``, 2026-12-07). Forward and reverse mode both work.
     * **Non-overlapping patches** (NHWC, stride equal to the kernel, no padding: the CLIP,
       DINOv2 and MMDiT patch embeddings, and 1 x 1 convolutions): a reshape and one matrix
       product, whose gradients are matrix products too (XLA:CPU compiles the input
