@@ -15,7 +15,8 @@ timed as its own row. ``--methods`` times a subset (the CFG-only run always runs
 the ratios' base). Results go to ``results/sd_methods.json``.
 
 ``--jax-conv-vjp`` adds both GASS programs compiled ahead of time twice, with
-:func:`jaxdiv.models.convolution.conv_general_dilated`'s convolution VJP and with JAX's own,
+:func:`jaxdiv.models.convolution.conv_general_dilated`'s convolution VJPs and with JAX's own
+(its transpose rule for XLA's convolutions, autodiff of the Winograd transforms),
 and records whether each pair compiled to the same optimised HLO (source locations aside):
 a pair that did tells how far two copies of one program can measure apart.
 
@@ -87,21 +88,23 @@ def build_methods(pipe, noise, steps, gass_iters):
 
 def _with_jax_conv_vjp(compile_fn):
     """``compile_fn()`` traced and compiled with JAX's own VJP for the ports' convolutions
-    instead of :func:`jaxdiv.models.convolution.conv_general_dilated`'s (the layout XLA:CPU
-    runs as a loop nest inside loop bodies): the "before" of that fix, for comparison.
-    JAX's trace caches are cleared on both sides so that neither program reuses the
-    other's trace."""
+    instead of :func:`jaxdiv.models.convolution.conv_general_dilated`'s: JAX's transpose
+    rule on XLA's convolutions (the layout XLA:CPU runs as a loop nest inside loop bodies)
+    and autodiff of the Winograd transforms
+    (:data:`~jaxdiv.models.convolution.WINOGRAD_CUSTOM_INPUT_GRAD` off): the "before" of
+    both fixes, for comparison. JAX's trace caches are cleared on both sides so that
+    neither program reuses the other's trace."""
     import jax
 
+    from benchmarks.timing import module_constants
     from jaxdiv.models import convolution
 
-    original = convolution._conv_library_layout_grad
     jax.clear_caches()
-    convolution._conv_library_layout_grad = convolution._lax_conv
     try:
-        return compile_fn()
+        with module_constants([(convolution, "_conv_library_layout_grad", convolution._lax_conv),
+                               (convolution, "WINOGRAD_CUSTOM_INPUT_GRAD", False)]):
+            return compile_fn()
     finally:
-        convolution._conv_library_layout_grad = original
         jax.clear_caches()
 
 

@@ -70,3 +70,30 @@ def test_jax_conv_vjp_changes_only_programs_that_differentiate_a_convolution(mon
             sd_methods._with_jax_conv_vjp(lambda p=program: p.lower(x).compile()))
         assert (ours == theirs) is same, fn.__name__
         assert ("01oi" in theirs) is not same
+
+
+def test_jax_conv_vjp_also_differentiates_winograd_by_autodiff():
+    """On the Winograd path the "JAX's own VJP" side differentiates the transforms as
+    written; a forward-only program compiles the same either way."""
+    from jaxdiv.models.convolution import conv_general_dilated, conv_path
+
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 8))  # 64 output tiles: Winograd
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    assert conv_path(x, w, (1, 1), ((1, 1), (1, 1))) == "winograd"
+
+    def conv(x):
+        return conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+
+    def forward(x):
+        return jnp.tanh(conv(x))
+
+    def descent(x):
+        return x - 0.01 * jax.grad(lambda y: (conv(y) ** 2).sum())(x)
+
+    for fn, same in ((forward, True), (descent, False)):
+        program = jax.jit(fn)
+        ours = sd_methods._hlo_without_locations(program.lower(x).compile())
+        theirs = sd_methods._hlo_without_locations(
+            sd_methods._with_jax_conv_vjp(lambda p=program: p.lower(x).compile()))
+        assert (ours == theirs) is same, fn.__name__
