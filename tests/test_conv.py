@@ -264,6 +264,20 @@ def test_winograd_gradients_match_float64_torch_for_any_padding(
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_winograd_gradient_of_mixed_dtype_operands_matches_the_promoted_convolution():
+    # float16 input, float32 kernel: float32 Winograd; the input gradient comes back in the
+    # input's dtype (autodiff of the transforms: the custom rule takes one dtype only)
+    x, w = _inputs("3x3_winograd")
+    x16 = jnp.asarray(x, jnp.float16)
+    assert _path("3x3_winograd", x16, w) == "winograd"
+    energy = lambda conv, cast: lambda x: jnp.sum(conv(cast(x), w) ** 2)  # noqa: E731
+    got = jax.grad(energy(_ours("3x3_winograd"), lambda x: x))(x16)
+    want = jax.grad(energy(_ours("3x3_winograd"), lambda x: x.astype(jnp.float32)))(x16)
+    assert got.dtype == want.dtype == jnp.float16
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0,
+                               atol=2e-3 * float(np.abs(np.float32(want)).max()))  # fmt: skip
+
+
 def _jaxpr_eqns(jaxpr):
     """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
     for eqn in jaxpr.eqns:

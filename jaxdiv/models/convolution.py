@@ -115,7 +115,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        preferred_element_type, kwargs)  # fmt: skip
     path = _path(lhs, rhs, static)
     if path == "winograd":
-        if not WINOGRAD_CUSTOM_INPUT_GRAD or _input_grad_padding(static.padding) is None:
+        if (not WINOGRAD_CUSTOM_INPUT_GRAD or _input_grad_padding(static.padding) is None
+                or jnp.result_type(lhs) != jnp.result_type(rhs)):  # fmt: skip
             return _winograd_f2x2_3x3(lhs, rhs, static)
         return _winograd_with_winograd_input_grad(lhs, rhs, static)
     if path == "patchify":
@@ -300,7 +301,8 @@ WINOGRAD_UNROLL_MIN_TILES = 512
 
 #: Winograd's input gradient is a Winograd convolution of the cotangent with the flipped,
 #: in/out-swapped kernel (a custom JVP, whose transpose reverse mode takes) where every
-#: side's padding is at most 2; ``False`` leaves it to JAX's autodiff of the transforms
+#: side's padding is at most 2 and both operands have one dtype; ``False`` leaves it to
+#: JAX's autodiff of the transforms
 #: (what ``python -m benchmarks.conv --pass input_grad`` times as ``jaxdiv_autodiff_winograd``).
 #: Read at trace time.
 WINOGRAD_CUSTOM_INPUT_GRAD = True
@@ -396,10 +398,11 @@ def _winograd_with_winograd_input_grad(lhs, rhs, s: _ConvSettings):
 @partial(_winograd_with_winograd_input_grad.defjvp, symbolic_zeros=True)
 def _winograd_jvp(s: _ConvSettings, primals, tangents):
     # Reverse mode transposes this rule's tangent. Written as plain Winograd, its input part
-    # would transpose into the transforms' adjoints (strided scatters into the input), which
-    # ran the gradient at 3.1x the forward's time in an SD VAE resnet block. Written instead
-    # as the transpose of the input gradient -- a Winograd convolution of the cotangent with
-    # the flipped, in/out-swapped kernel -- it transposes back into exactly that.
+    # would transpose into the transforms' adjoints (strided scatters into the input; SD's
+    # VAE decoder gradient ran 1.74x slower so, benchmarks.vae_grad). Written instead as
+    # the transpose of the input gradient -- a Winograd convolution of the cotangent with
+    # the flipped, in/out-swapped kernel -- it transposes back into exactly that. Operands
+    # of one dtype only: the transpose needs the input's dtype from the cotangent's.
     lhs, rhs = primals
     d_lhs, d_rhs = tangents
     out = _winograd_f2x2_3x3(lhs, rhs, s)
