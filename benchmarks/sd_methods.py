@@ -1,7 +1,7 @@
 """Per-image overhead of each diversity method over the unguided (CFG-only) run, on CPU.
 
     python -m benchmarks.sd_methods [--config sd21-small] [--steps 10] [--batch 4] [--rounds 3]
-                                    [--gass-iters 60] [--jax-conv-vjp]
+                                    [--gass-iters 60] [--jax-conv-vjp] [--malloc reuse]
                                     [--methods spell,particle,cads,interval,gass,tpso]
 
 A random pipeline of :data:`benchmarks.sd_generate.CONFIGS` (default ``sd21-small``: SD
@@ -32,6 +32,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.timing import MALLOC_CHOICES, use_malloc
 
 PROMPT = "a photo of a cat"
 CFG = 7.5
@@ -217,6 +219,9 @@ def main(argv=None):
                    "(before it), interleaved with the rest")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (CFG alone always runs)")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
+                   help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY (GASS's "
+                   "VAE gradients page-fault fresh buffers under glibc's default)")
     p.add_argument("--out", default="results/sd_methods.json")
     args = p.parse_args(argv)
     methods_run = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -227,6 +232,7 @@ def main(argv=None):
         raise ValueError("--jax-conv-vjp times the GASS programs: --methods must include gass, "
                          f"got {args.methods!r}")
 
+    use_malloc(args.malloc, argv, "benchmarks.sd_methods")
     import torch
 
     from benchmarks.timing import environment
@@ -253,6 +259,7 @@ def main(argv=None):
         "rounds": args.rounds,
         "gass_max_iters": args.gass_iters,
         "jax_conv_vjp_rows": args.jax_conv_vjp,
+        "malloc": args.malloc,
         "timing": "interleaved A B C ... per round, median [min-max]",
         **environment(),
         "torch_threads": torch.get_num_threads(),

@@ -27,7 +27,7 @@ def test_tiny_run_of_a_method_subset(tmp_path):
     assert rows["unguided (CFG)"]["ratio_to_unguided"] == 1.0
     assert data["methods"] == ["spell", "cads"] and "tpso_optimizer_steps" not in data
     assert "same_optimized_hlo_with_either_conv_vjp" not in data
-    assert data["cpu_affinity"] and data["peak_rss_mb"] > 0
+    assert data["cpu_affinity"] and data["peak_rss_mb"] > 0 and data["malloc"] == "default"
 
 
 def test_bad_method_selections_are_refused(tmp_path):
@@ -97,3 +97,14 @@ def test_jax_conv_vjp_also_differentiates_winograd_by_autodiff():
         theirs = sd_methods._hlo_without_locations(
             sd_methods._with_jax_conv_vjp(lambda p=program: p.lower(x).compile()))
         assert (ours == theirs) is same, fn.__name__
+
+
+def test_malloc_reuse_is_refused_in_process_before_any_work(tmp_path):
+    from jaxdiv.host_memory import reusing_freed_memory
+
+    if reusing_freed_memory():
+        pytest.skip("this process already runs under the setting")
+    with pytest.raises(ValueError, match="--malloc reuse needs GLIBC_TUNABLES"):
+        sd_methods.main(["--config", "tiny", "--methods", "spell", "--malloc", "reuse",
+                         "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert not (tmp_path / "x.json").exists()
