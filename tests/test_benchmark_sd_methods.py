@@ -64,12 +64,18 @@ def test_jax_conv_vjp_changes_only_programs_that_differentiate_a_convolution(mon
         return jax.lax.scan(lambda c, _: (c - 0.01 * step(c), None), x, None, length=2)[0]
 
     for fn, same in ((forward, True), (descent, False)):
-        program = jax.jit(fn)
-        ours = sd_methods._hlo_without_locations(program.lower(x).compile())
-        theirs = sd_methods._hlo_without_locations(
-            sd_methods._with_jax_conv_vjp(lambda p=program: p.lower(x).compile()))
+        ours, theirs = _optimised_hlo_both_ways(fn, x)
         assert (ours == theirs) is same, fn.__name__
         assert ("01oi" in theirs) is not same
+
+
+def _optimised_hlo_both_ways(fn, x):
+    """``fn``'s optimised HLO with jaxdiv's convolution VJPs and with JAX's own."""
+    program = jax.jit(fn)
+    ours = sd_methods._hlo_without_locations(program.lower(x).compile())
+    theirs = sd_methods._hlo_without_locations(
+        sd_methods._with_jax_conv_vjp(lambda: program.lower(x).compile()))
+    return ours, theirs
 
 
 def test_jax_conv_vjp_also_differentiates_winograd_by_autodiff():
@@ -92,10 +98,7 @@ def test_jax_conv_vjp_also_differentiates_winograd_by_autodiff():
         return x - 0.01 * jax.grad(lambda y: (conv(y) ** 2).sum())(x)
 
     for fn, same in ((forward, True), (descent, False)):
-        program = jax.jit(fn)
-        ours = sd_methods._hlo_without_locations(program.lower(x).compile())
-        theirs = sd_methods._hlo_without_locations(
-            sd_methods._with_jax_conv_vjp(lambda p=program: p.lower(x).compile()))
+        ours, theirs = _optimised_hlo_both_ways(fn, x)
         assert (ours == theirs) is same, fn.__name__
 
 
