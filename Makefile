@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.conv --shapes vae_decoder_256 --pass input_grad --flag-sets default \
 		--rounds 3 --out results/benchmarks/conv_input_grad.json
 	$(PY) -m benchmarks.vae_grad
+	$(PY) -m benchmarks.group_norm
 	$(PY) -m benchmarks.compile_flags
 	$(PY) -m benchmarks.groups
 	$(PY) -m benchmarks.summary

@@ -4,6 +4,8 @@
   the blocks in :mod:`~jaxdiv.models.layers`;
 * :mod:`~jaxdiv.models.convolution` -- the ports' convolution (Winograd, patch products
   and a kernel-layout VJP on XLA:CPU);
+* :mod:`~jaxdiv.models.normalization` -- their GroupNorm (per-channel statistics, a
+  closed-form tangent);
 * :mod:`~jaxdiv.models.clip` -- CLIP text and vision towers, preprocessing, tokenizer;
 * :mod:`~jaxdiv.models.mmdit` -- the SD3 / SD3.5 MMDiT (``SD3Transformer2DModel``);
 * :mod:`~jaxdiv.models.t5` -- the T5 encoder (SD3's third text encoder);

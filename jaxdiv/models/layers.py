@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxdiv import validation
 from jaxdiv.models.convolution import conv_general_dilated
+from jaxdiv.models.normalization import group_norm
 
 __all__ = [
     "GEGLU",
@@ -139,7 +140,8 @@ def _linear(
 
 
 class GroupNorm(nnx.Module):
-    """Group normalisation over the last (channel) axis, statistics in float32.
+    """Group normalisation over the last (channel) axis, statistics in float32
+    (:func:`jaxdiv.models.normalization.group_norm`).
 
     Same grouping as ``torch.nn.GroupNorm`` (contiguous channel groups), biased variance,
     per-channel affine ``scale``/``bias`` (PyTorch ``weight``/``bias``). Wu & He (2018),
@@ -182,14 +184,8 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out_dtype = self.dtype or x.dtype
-        b, c = x.shape[0], x.shape[-1]
-        xg = x.astype(jnp.float32).reshape(b, -1, self.num_groups, c // self.num_groups)
-        mean = xg.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(out_dtype)
+        y = group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.eps)
+        return y.astype(self.dtype or x.dtype)
 
 
 def timestep_embedding(
