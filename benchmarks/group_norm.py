@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.timing import MALLOC_CHOICES, use_malloc
+from benchmarks.timing import add_thread_and_malloc_options, use_malloc
 
 GROUPS, EPS = 32, 1e-6
 SHAPES = {
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
                         default=["vae_decoder_256", "unet_64"])  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
-                        help="1: one pinned core for both; 0: library defaults")
-    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="reuse",
-                        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY")
+    add_thread_and_malloc_options(parser)
     parser.add_argument("--out", default="results/benchmarks/group_norm.json")
     args = parser.parse_args(argv)
     if args.rounds < 1:

@@ -22,7 +22,7 @@ _RATIO = re.compile(r"(^|_)(over|ratio|speedup|overhead)(_|$)")
 # fields that tell the rows of one file apart
 _LABELS = ("config", "method", "workload", "name", "seq", "latent", "batch", "d", "num_reference",
            "num_shields", "devices", "threads", "steps", "dtype", "lhs", "rhs", "hw",
-           "in_channels", "out_channels", "stride", "path")  # fmt: skip
+           "in_channels", "out_channels", "stride", "path", "shape")  # fmt: skip
 
 
 def _label(value) -> str | None:

@@ -146,6 +146,23 @@ def memory_settings() -> dict:
 MALLOC_CHOICES = ("default", "reuse")
 
 
+def add_thread_and_malloc_options(parser, malloc_default: str = "reuse") -> None:
+    """``--threads {0,1}`` (1: one pinned core for both libraries, :func:`pin_one_core`)
+    and ``--malloc`` (:data:`MALLOC_CHOICES`, see :func:`use_malloc`) on a benchmark's
+    ``argparse`` parser.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser()
+    >>> add_thread_and_malloc_options(p)
+    >>> vars(p.parse_args(["--threads", "0"]))
+    {'threads': 0, 'malloc': 'reuse'}
+    """
+    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
+                        help="1: one pinned core for both; 0: library defaults")
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default=malloc_default,
+                        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY")
+
+
 def use_malloc(choice: str, argv: list[str] | None, module: str) -> None:
     """Put a benchmark under its ``--malloc`` choice before it starts JAX or PyTorch.
 

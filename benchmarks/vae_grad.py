@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.sd_generate import SD21_VAE
-from benchmarks.timing import MALLOC_CHOICES, use_malloc
+from benchmarks.timing import add_thread_and_malloc_options, use_malloc
 
 CONFIGS = {
     "sd21": SD21_VAE,
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latent", type=int, default=32, help="latent height = width")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, choices=(0, 1), default=1,
-                        help="1: one pinned core for both; 0: library defaults")
-    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="reuse",
-                        help="reuse: restart under jaxdiv.host_memory.REUSE_FREED_MEMORY")
+    add_thread_and_malloc_options(parser)
     parser.add_argument("--out", default="results/benchmarks/vae_grad.json")
     args = parser.parse_args(argv)
     for name in ("latent", "batch", "rounds"):
