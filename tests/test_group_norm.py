@@ -162,6 +162,13 @@ def test_vmap_and_jit_agree_with_the_plain_call():
                                atol=1e-6)  # fmt: skip
 
 
+def test_an_empty_batch_gives_an_empty_result():
+    x = jnp.ones((0, 4, 4, 8))
+    assert group_norm(x, jnp.ones(8), jnp.zeros(8), 4, EPS).shape == (0, 4, 4, 8)
+    assert jax.grad(lambda x: group_norm(x, jnp.ones(8), jnp.zeros(8), 4, EPS).sum())(x).shape \
+        == (0, 4, 4, 8)
+
+
 @pytest.mark.parametrize(
     "shape,groups,scale_shape,match",
     [((2, 4, 6), 4, (6,), "positive divisor of the channel count 6"),

@@ -11,6 +11,7 @@ pass). ``python -m benchmarks.group_norm`` times both forms against ``torch``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -75,7 +76,7 @@ def _group_mean(channel_sums: jax.Array, num_groups: int, count: int) -> jax.Arr
 
 
 def _centred_and_rstd(x: jax.Array, num_groups: int, eps: float):
-    count = x[0].size // num_groups
+    count = math.prod(x.shape[1:]) // num_groups  # per group, per batch element
     centred = x - _group_mean(_channel_sum(x), num_groups, count)
     var = _group_mean(_channel_sum(jnp.square(centred)), num_groups, count)
     return centred, jax.lax.rsqrt(var + eps), count
