@@ -3,8 +3,9 @@ against this machine's exp floor.
 
 The same algorithm (Karras Alg. 2 without churn, exact full-covariance posterior mean) in
 one process: jaxdiv (one jitted ``lax.scan`` via :func:`jaxdiv.sample`); the same with the
-einsum ``_stats`` of ``toy/gmm.py`` that the elementwise tiny-d path replaced (``jaxdiv,
-einsum _stats``); ``torch.compile`` of one Heun step built on the component-major fused
+denoiser as ``toy/gmm.py`` wrote it before its sums over the components became generic
+reductions (``jaxdiv, softmax and products (before)``, written out below); ``torch.compile``
+of one Heun step built on the component-major fused
 denoiser, and on the same denoiser written as d ``(K, B)`` elementwise arrays (the goal is
 against the faster of the two); PyTorch eager written naively (a Python loop over
 components), fused in the ``(B, K, d)`` layout, in jaxdiv's component-major ``(K, d, B)``
@@ -38,7 +39,6 @@ using every core under the ``XLA_FLAGS`` thread settings):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import math
@@ -66,7 +66,7 @@ from jaxdiv import samplers, sampling, schedules
 from jaxdiv.pytrees import combine, partition
 
 JAXDIV = "jaxdiv (jit, lax.scan)"
-JAXDIV_EINSUM = "jaxdiv, einsum _stats (before)"
+JAXDIV_BEFORE = "jaxdiv, softmax and products (before)"
 TORCH_COMPILE = "torch.compile, Heun step (K,d,B)"
 TORCH_COMPILE_ELEMENTWISE = "torch.compile, Heun step, d x (K,B)"
 # each torch.compile peer and the Fused layout it compiles
@@ -77,7 +77,7 @@ TORCH_COMPILE_SUMMARY_KEYS = {
     TORCH_COMPILE_ELEMENTWISE: "torch_compile_over_jaxdiv_elementwise",
 }
 DEN_ONLY = "denoiser only x NFE (jit, fori_loop)"
-DEN_ONLY_EINSUM = "denoiser only x NFE, einsum _stats"
+DEN_ONLY_BEFORE = "denoiser only x NFE, softmax (before)"
 FLOOR_PREFIX = "floor: "
 
 
@@ -241,26 +241,31 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-@contextlib.contextmanager
-def einsum_stats():
-    """Trace ``toy.GaussianMixture`` with the einsum ``_stats`` (no elementwise tiny-d path)."""
-    before = toy.gmm._ELEMENTWISE_MAX_D
-    toy.gmm._ELEMENTWISE_MAX_D = 0
-    try:
-        yield
-    finally:
-        toy.gmm._ELEMENTWISE_MAX_D = before
+class SoftmaxDenoiser(NamedTuple):
+    """The exact GMM denoiser as ``toy/gmm.py`` computed it for d <= 3 before 2026-12-08:
+    ``jax.nn.softmax`` over the components, the weighted means as a ``(d, K) x (K, B)``
+    product plus an einsum, sigma = 0 through ``jnp.where`` (XLA:CPU ran the softmax and the
+    product as YNNPACK calls). A pytree of its own type, so :func:`jaxdiv.sample` compiles a
+    separate program for it (arrays still traced)."""
 
-
-class EinsumDenoiser(NamedTuple):
-    """The GMM denoiser traced through the einsum ``_stats``; a pytree of its own type, so
-    :func:`jaxdiv.sample` compiles a separate program for it (arrays still traced)."""
-
-    den: Any
+    mixture: Any
+    schedule: Any
 
     def __call__(self, x, t, cond=None):
-        with einsum_stats():
-            return self.den(x, t, cond)
+        gm = self.mixture  # full covariances
+        alpha = jnp.asarray(self.schedule.alpha(t), x.dtype)
+        sigma = jnp.asarray(self.schedule.sigma(t), x.dtype)
+        clean = sigma == 0
+        var = alpha**2 * gm.eigvals + jnp.where(clean, 1.0, sigma) ** 2  # (K, d)
+        d, xt = x.shape[1], x.T
+        zs = [sum(gm.eigvecs[:, j, e, None] * xt[j] for j in range(d))
+              - alpha * gm.proj_means[:, e, None] for e in range(d)]  # fmt: skip
+        log_norm = jnp.log(gm.weights) - 0.5 * jnp.sum(jnp.log(2 * math.pi * var), -1)
+        quad = sum(zs[e] * zs[e] / var[:, e, None] for e in range(d))
+        r = jax.nn.softmax(log_norm[:, None] - 0.5 * quad, 0)  # (K, B)
+        w = r[:, None, :] * (alpha * gm.eigvals / var)[:, :, None] * jnp.stack(zs, 1)
+        out = gm.means.T @ r + jnp.einsum("kde,keb->db", gm.eigvecs, w)
+        return jnp.where(clean, xt / jnp.where(clean, alpha, 1.0), out).T
 
 
 # -- the compiled program: thunks per Heun step ----------------------------------------
@@ -303,7 +308,7 @@ def _thunks(comps, name):
         row = {"name": iname, "op": op, "shape": shape.split("{")[0]}
         if op == "fusion":
             row["kind"] = re.search(r"kind=(\w+)", rest).group(1)
-            called = re.search(r"calls=%(\S+?)[,\s]", rest).group(1)
+            called = re.search(r"calls=%([^,\s]+)", rest).group(1)
             ops = [o for _, _, o, _ in _instructions(comps.get(called, []))]
             row["contains"] = sorted({o for o in ops if o in _NOTABLE})
             row["num_ops"] = sum(o not in _TRIVIAL for o in ops)
@@ -315,27 +320,37 @@ def _thunks(comps, name):
     return out
 
 
+def _executed(thunks):
+    """The thunks a run executes: each ``conditional`` (itself a thunk) followed by its
+    larger branch's, recursively."""
+    out = []
+    for t in thunks:
+        out.append(t)
+        if t["op"] == "conditional":
+            out += max((_executed(b) for b in t["branches"]), key=len)
+    return out
+
+
 def step_thunks(hlo: str, batch: int) -> dict[str, Any]:
     """Thunks of the scan's while body in compiled HLO text, per Heun step.
 
     The EDM step runs its first denoiser call in the body and the Heun correction in a
-    ``conditional`` (the last step, to sigma = 0, takes the Euler branch); a Heun step
-    executes the body's thunks plus the larger branch's. ``batch_sized`` thunks are those
-    whose output has a dimension of size ``batch`` (the rest are scalar bookkeeping).
+    ``conditional`` (the last step, to sigma = 0, takes the Euler branch); the GMM denoiser
+    branches on sigma = 0 in one more. A Heun step executes the larger branch of each (the
+    Heun correction, the mixture). ``batch_sized`` thunks are those whose output has a
+    dimension of size ``batch`` (the rest are scalar bookkeeping).
     """
     comps, entry = _computations(hlo)
     whiles = [(n, rest) for n, _, op, rest in _instructions(comps[entry]) if op == "while"]
     if len(whiles) != 1:
         raise ValueError(f"expected one while loop in the entry computation, got {len(whiles)}")
     body = re.search(r"body=%(\S+?)[,\s]", whiles[0][1]).group(1)
-    top = _thunks(comps, body)
-    conds = [t for t in top if t["op"] == "conditional"]
-    heun = max(conds[0]["branches"], key=len) if conds else []
-    per_step = [t for t in top if t["op"] != "conditional"] + heun
+    executed = _executed(_thunks(comps, body))
+    per_step = [t for t in executed if t["op"] != "conditional"]
     fusions = [t for t in per_step if t["op"] == "fusion"]
     batch_sized = [t for t in per_step if str(batch) in re.split(r"[\[\],]", t["shape"])]
     return {
-        "thunks_per_heun_step": len(per_step) + len(conds),
+        "thunks_per_heun_step": len(executed),
         "fusions_per_heun_step": len(fusions),
         "fusion_kinds": {
             k: sum(t.get("kind") == k for t in fusions)
@@ -415,14 +430,14 @@ def _run(args, argv) -> dict[str, Any]:
 
     gm = toy.GaussianMixture(means, covs, w)
     den = gm.denoiser(sch)
-    den_einsum = EinsumDenoiser(den)
+    den_before = SoftmaxDenoiser(gm, sch)
     key = jax.random.key(0)
 
     def sampler(dn):
         return lambda: jaxdiv.sample(s, dn, noise_j, key=key).x0.block_until_ready()
 
     compile_s = {}
-    fns = {JAXDIV: sampler(den), JAXDIV_EINSUM: sampler(den_einsum)}
+    fns = {JAXDIV: sampler(den), JAXDIV_BEFORE: sampler(den_before)}
     outs = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -507,7 +522,7 @@ def _run(args, argv) -> dict[str, Any]:
 
         return lambda: loop(dynamic, noise_j).block_until_ready()
 
-    fns[DEN_ONLY], fns[DEN_ONLY_EINSUM] = den_loop(den), den_loop(den_einsum)
+    fns[DEN_ONLY], fns[DEN_ONLY_BEFORE] = den_loop(den), den_loop(den_before)
 
     # the exp floor: B K NFE float32 exps
     n_exp = args.batch * k * nfe
@@ -537,9 +552,9 @@ def _run(args, argv) -> dict[str, Any]:
         return sampling.lower(s, dn, noise_j, key=key).compile()
 
     hlo = {name: step_thunks(lowered(dn).as_text(), args.batch)
-           for name, dn in ((JAXDIV, den), (JAXDIV_EINSUM, den_einsum))}  # fmt: skip
+           for name, dn in ((JAXDIV, den), (JAXDIV_BEFORE, den_before))}  # fmt: skip
     if args.profile:
-        for name in (JAXDIV, JAXDIV_EINSUM):
+        for name in (JAXDIV, JAXDIV_BEFORE):
             prof = profile_thunks(fns[name], calls=3, steps=args.steps)
             rows = hlo[name]["thunks"]
             for row in rows:
@@ -579,12 +594,12 @@ def _run(args, argv) -> dict[str, Any]:
         },
         "per_evaluation": {
             "denoiser_us": den_per_eval * 1e6,
-            "denoiser_einsum_stats_us": timed[DEN_ONLY_EINSUM]["median_s"] / nfe * 1e6,
+            "denoiser_before_us": timed[DEN_ONLY_BEFORE]["median_s"] / nfe * 1e6,
             "exp_floor_us": floor["median_s"] / nfe * 1e6,
             "jaxdiv_heun_step_us": jax_step * 1e6,
             "jaxdiv_step_minus_two_evaluations_us": (jax_step - 2 * den_per_eval) * 1e6,
         },
-        **_ratio("jaxdiv_speedup_over_einsum_stats", timed[JAXDIV_EINSUM]["runs_s"], jax_runs),
+        **_ratio("jaxdiv_speedup_over_before", timed[JAXDIV_BEFORE]["runs_s"], jax_runs),
     }
     compiled = [n for n in TORCH_COMPILE_LAYOUTS if n in by]
     for name in compiled:

@@ -527,7 +527,6 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         terms_dynamic = [jnp.stack([d[j] for d in per_dynamic]) if s else leaf
                          for j, (leaf, s) in enumerate(zip(per_dynamic[0], stacked))]  # fmt: skip
     names = sorted(t.name for t in group_terms[0])
-    x_init = sampler.schedule.init_noise_scale(sampler.times[0]) * noise
     seed = 0x5EED  # the terms' init keys: fold_in(key, seed), the group's key if per group
 
     def init(x, c):
@@ -559,17 +558,20 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
             raise ValueError(f"with groups={groups}, each group of {xs.shape[1]} samples is "
                              f"a batch of its own: {err}{hint}") from None  # fmt: skip
 
+    def x_init():  # the terms' init sees the first state (not computed without terms)
+        return sampler.schedule.init_noise_scale(sampler.times[0]) * noise
+
     if guidance_state is None:
-        guidance_state = init(x_init, cond)
+        guidance_state = init(x_init(), cond) if names else {}
     elif not isinstance(guidance_state, dict) or sorted(guidance_state) != names:
         got = sorted(guidance_state) if isinstance(guidance_state, dict) else guidance_state
         raise ValueError(
             f"guidance_state must be the .state of a call with the same guidance: a dict "
             f"with keys {names}, got {got!r}"
         )
-    else:
+    elif names:
         try:
-            expected = jax.eval_shape(init, x_init, cond)
+            expected = jax.eval_shape(init, x_init(), cond)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             expected = None  # an init that needs concrete values: cannot be shape-checked
         if expected is not None:

@@ -178,3 +178,128 @@ def test_point_mass_components_at_zero_noise(covs):
     # a flow's noisy end (alpha = 0, sigma = 1) keeps a finite gradient in alpha too
     grad = jax.grad(lambda a: jnp.sum(gm.posterior_mean(x, a, 1.0)))(0.0)
     assert np.isfinite(float(grad))
+
+
+def _reference(gm, x, alpha, sigma, means=None):
+    """Posterior mean and score by dense per-component solves in float64 NumPy (the module
+    docstring's formulas, without eigenbases): independent of the float32 paths. ``means``
+    (float64) in place of the mixture's."""
+    means = np.asarray(gm.means if means is None else means, np.float64)
+    covs = np.asarray(gm.full_covs(), np.float64)
+    logw = np.log(np.asarray(gm.weights, np.float64))
+    x = np.asarray(x, np.float64)
+    d = means.shape[1]
+    logits, post, score = [], [], []
+    for mu, c, lw in zip(means, covs, logw):
+        ct = alpha**2 * c + sigma**2 * np.eye(d)
+        r = x - alpha * mu
+        sol = np.linalg.solve(ct, r.T).T  # (alpha^2 C + sigma^2 I)^-1 (x - alpha mu)
+        logits.append(lw - 0.5 * np.linalg.slogdet(2 * np.pi * ct)[1] - 0.5 * (r * sol).sum(1))
+        post.append(mu + alpha * sol @ c)
+        score.append(-sol)
+    logits = np.stack(logits, 1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return (np.einsum("bk,kbd->bd", p, np.stack(post)), np.einsum("bk,kbd->bd", p, np.stack(score)),
+            logits.max(1))  # fmt: skip
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])  # 1-3: the elementwise path; 5: the general one
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_posterior_mean_and_score_equal_a_float64_reference(kind, d):
+    """Against dense float64 solves, over the noise levels a sampler visits and at points
+    far from every component, where float32 ``exp`` of the unshifted logits is 0 for all
+    of them (the max over the components must shift them)."""
+    gm = random_gmm(jax.random.key(12), k=5, d=d, kind=kind)
+    typical = 1.5 * jax.random.normal(jax.random.key(13), (16, d))
+    far = jnp.concatenate([jnp.full((2, d), 40.0), jnp.full((2, d), -25.0)])
+    x = jnp.concatenate([typical, far])
+    evaluate = jax.jit(lambda a, s: (gm.posterior_mean(x, a, s), gm.score(x, a, s)))
+    for alpha, sigma in [(1.0, 80.0), (1.0, 2.0), (0.8, 0.6), (1.0, 0.05), (0.999, 1e-3)]:
+        want_mean, want_score, top = _reference(gm, x, alpha, sigma)
+        if sigma <= 0.05:  # the far points: every logit below float32 exp's range (~ -104)
+            assert np.all(top[16:] < -104), top[16:]
+        mean, score = evaluate(alpha, sigma)
+        np.testing.assert_allclose(mean, want_mean, rtol=2e-5, atol=2e-5 * (1 + np.abs(
+            want_mean).max()), err_msg=f"mean at alpha={alpha}, sigma={sigma}")  # fmt: skip
+        scale = np.abs(want_score).max(1, keepdims=True)
+        np.testing.assert_allclose(score / scale, want_score / scale, rtol=0, atol=5e-5,
+                                   err_msg=f"score at alpha={alpha}, sigma={sigma}")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_elementwise_path_derivatives_equal_float64_differences(kind):
+    """Reverse mode (in x and in the means), forward mode and a Hessian-vector product
+    through the elementwise path's reductions, against central differences of the float64
+    reference (step 1e-4: truncation ~1e-8, rounding ~1e-12)."""
+    gm = random_gmm(jax.random.key(14), k=4, d=2, kind=kind)
+    x = 1.2 * jax.random.normal(jax.random.key(15), (6, 2))
+    alpha, sigma = 0.9, 0.5
+    w_out = np.asarray(jax.random.normal(jax.random.key(16), (6, 2)), np.float64)
+
+    def loss(gm, x):
+        return jnp.sum(jnp.asarray(w_out, jnp.float32) * gm.posterior_mean(x, alpha, sigma))
+
+    def ref(x, means=None):
+        return float((w_out * _reference(gm, x, alpha, sigma, means)[0]).sum())
+
+    h = 1e-4
+    x64 = np.asarray(x, np.float64)
+    fd = np.zeros_like(x64)
+    for idx in np.ndindex(*x64.shape):
+        e = np.zeros_like(x64)
+        e[idx] = h
+        fd[idx] = (ref(x64 + e) - ref(x64 - e)) / (2 * h)
+    grad_x = jax.jit(jax.grad(loss, argnums=1))(gm, x)
+    np.testing.assert_allclose(grad_x, fd, rtol=1e-4, atol=1e-4 * np.abs(fd).max())
+    # in the means (through the constructor's projected means)
+    m64 = np.asarray(gm.means, np.float64)
+    fd_m = np.zeros_like(m64)
+    for idx in np.ndindex(*m64.shape):
+        e = np.zeros_like(m64)
+        e[idx] = h
+        fd_m[idx] = (ref(x64, m64 + e) - ref(x64, m64 - e)) / (2 * h)
+
+    def loss_means(means):
+        return loss(toy.GaussianMixture(means, gm.covs, gm.weights), x)
+
+    grad_m = jax.jit(jax.grad(loss_means))(gm.means)
+    np.testing.assert_allclose(grad_m, fd_m, rtol=1e-4, atol=1e-4 * np.abs(fd_m).max())
+    # forward mode along v, and v^T H u by a second-order central difference
+    v = np.asarray(jax.random.normal(jax.random.key(17), (6, 2)), np.float64)
+    u = np.asarray(jax.random.normal(jax.random.key(18), (6, 2)), np.float64)
+    _, jvp = jax.jit(lambda t: jax.jvp(lambda y: loss(gm, y), (x,), (t,)))(jnp.asarray(v))
+    np.testing.assert_allclose(float(jvp), float((fd * v).sum()), rtol=1e-4)
+    hvp = jax.jit(lambda t: jax.jvp(jax.grad(lambda y: loss(gm, y)), (x,), (t,))[1])(
+        jnp.asarray(v, jnp.float32))
+    want = sum(s * t * ref(x64 + s * h * v + t * h * u) for s in (1, -1) for t in (1, -1))
+    want /= 4 * h * h
+    np.testing.assert_allclose(float(jnp.vdot(hvp, jnp.asarray(u, jnp.float32))), want,
+                               rtol=2e-3, atol=2e-3 * np.abs(hvp).max())  # fmt: skip
+
+
+def test_elementwise_path_stays_in_xla_loops():
+    """The d = 2 denoiser of benchmarks/toy_sampler.py compiles to XLA's own loops: no
+    YNNPACK call (which XLA:CPU made of the softmax over the components and of the
+    weighted-mean product, at several times the work's cost at this size), no product, and
+    the exps in one fusion (computed once, not again inside each sum that reads them).
+    Speed itself is measured by the benchmark, not here."""
+    from benchmarks.toy_sampler import make_gmm
+
+    gm = toy.GaussianMixture(*make_gmm())
+    x = jnp.zeros((4096, 2))
+    hlo = jax.jit(lambda x: gm.posterior_mean(x, 1.0, 0.5)).lower(x).compile().as_text()
+    assert "kind=kCustom" not in hlo and "ynn" not in hlo.lower(), "a YNNPACK fusion"
+    assert " dot(" not in hlo and "dot_general" not in hlo
+    fusions_with_exp = [c for c in hlo.split("\n\n") if "exponential(" in c]
+    assert len(fusions_with_exp) == 1, len(fusions_with_exp)
+
+
+def test_nan_input_rows_stay_nan():
+    """A NaN in one sample's x makes that sample's mean NaN (not a finite wrong value)
+    and leaves the other samples as they are."""
+    gm = random_gmm(jax.random.key(19), k=4, d=2)
+    x = jnp.array([[0.3, -0.2], [jnp.nan, 1.0], [1.0, 2.0]])
+    out = np.asarray(gm.posterior_mean(x, 1.0, 0.5))
+    assert np.all(np.isnan(out[1])) and np.all(np.isfinite(out[[0, 2]]))
+    np.testing.assert_array_equal(out[[0, 2]], gm.posterior_mean(x[jnp.array([0, 2])], 1.0, 0.5))

@@ -13,12 +13,14 @@ diagonal operation in the eigenbasis: the hot path costs ``O(B K d^2)`` (full), 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxdiv import validation
 from jaxdiv.dtypes import as_float
@@ -26,12 +28,50 @@ from jaxdiv.dtypes import as_float
 __all__ = ["GaussianMixture", "GMMDenoiser"]
 
 _COV_KINDS = ("full", "diag", "iso")
-# up to this dimension _stats writes the eigenbasis rotation and the sum over d elementwise
+# up to this dimension the full and diagonal kinds work on d (K, B) arrays: rotations and
+# sums over d elementwise, sums over K as the reductions below
 _ELEMENTWISE_MAX_D = 3
 
 
 def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+# Why the reductions of the elementwise path are generic ``lax.reduce``s: on a (K, B) array
+# XLA:CPU hands ``jnp.max(a, 0)`` and ``jnp.sum(a, 0)`` (and the softmax around them) to
+# YNNPACK, whose calls cost several times the work at toy sizes; a reduce whose computation
+# is not a plain max / add stays with XLA's own loops (the d = 2 sampler of
+# benchmarks/toy_sampler.py: see the benchmarks guide, "Toy sampler").
+def _select_max(u, v):
+    return lax.select(u > v, u, v)
+
+
+def _max_over_components(a):
+    """``max_k a[k]`` of a ``(K, B)`` array, without gradient: the softmax stabiliser
+    (the result of ``exp(a - m) / sum exp(a - m)`` does not depend on ``m``).
+
+    >>> _max_over_components(jnp.array([[1.0, -2.0], [0.5, 3.0]])).tolist()
+    [1.0, 3.0]
+    """
+    a = lax.stop_gradient(a)
+    return lax.reduce(a, jnp.array(-jnp.inf, a.dtype), _select_max, (0,))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _sum_over(a, axis: int):
+    """``jnp.sum(a, axis)`` that XLA:CPU computes itself: ``u - (0 - v)`` is ``u + v``
+    exactly, but not the add that YNNPACK's fusions match.
+
+    >>> _sum_over(jnp.array([[1.0, -2.0], [0.5, 3.0]]), 0).tolist()
+    [1.5, 1.0]
+    """
+    return lax.reduce(a, jnp.array(0, a.dtype), lambda u, v: u - (0 - v), (axis,))
+
+
+@_sum_over.defjvp
+def _sum_over_jvp(axis, primals, tangents):
+    # linear: the tangent is the same sum, written as jnp.sum so reverse mode can transpose it
+    return _sum_over(primals[0], axis), jnp.sum(tangents[0], axis)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -159,8 +199,14 @@ class GaussianMixture:
         return (x, labels) if return_labels else x
 
     # -- exact quantities of x_t ----------------------------------------------------------
-    def _stats(self, x, alpha, sigma):
-        """Per-component logits ``(K, B)`` and residuals ``z`` ``(K, d, B)`` in each eigenbasis.
+    @property
+    def _elementwise(self) -> bool:
+        return self.kind != "iso" and self.dim <= _ELEMENTWISE_MAX_D
+
+    def _stats(self, x, alpha, sigma, target=None):
+        """Per-component logits ``(K, B)``, residuals ``z`` ``(K, d, B)`` in each eigenbasis
+        and variances; on the elementwise path (``self._elementwise``) the affine maps of
+        ``target`` in place of ``z`` (see :meth:`_elementwise_stats`).
 
         Component-major layout on purpose: reductions over ``K`` and ``d`` then run over
         leading axes and vectorise across the batch; with ``(B, K, d)`` XLA on CPU reduces
@@ -180,32 +226,49 @@ class GaussianMixture:
             sq = jnp.clip(sq, 0.0, None)
             log_norm = jnp.log(self.weights) - 0.5 * d * jnp.log(2 * math.pi * var)
             return log_norm[:, None] - 0.5 * sq / var[:, None], None, var
+        if self._elementwise:
+            return (*self._elementwise_stats(xt, alpha, var, target), var)
         log_norm = jnp.log(self.weights) - 0.5 * jnp.sum(jnp.log(2 * math.pi * var), -1)
-        if d <= _ELEMENTWISE_MAX_D:
-            # Tiny d: the rotation and the sum over d written as (K, B) elementwise ops.
-            # XLA:CPU otherwise runs the (K d, d) x (d, B) product and the reduction over
-            # the middle axis as library (YNNPACK) calls that cost more than the exps;
-            # elementwise they join the loop fusions around them (d=2 sampler of
-            # benchmarks/toy_sampler.py: 151 -> 64 us per denoiser call, 1.9x per sample).
-            zs = []
-            for e in range(d):
-                if self.kind == "full":
-                    y = self.eigvecs[:, 0, e, None] * xt[0]
-                    for j in range(1, d):
-                        y = y + self.eigvecs[:, j, e, None] * xt[j]
-                else:
-                    y = xt[e][None]
-                zs.append(y - alpha * self.proj_means[:, e, None])  # (K, B)
-            quad = zs[0] * zs[0] / var[:, 0, None]
-            for e in range(1, d):
-                quad = quad + zs[e] * zs[e] / var[:, e, None]
-            return log_norm[:, None] - 0.5 * quad, jnp.stack(zs, 1), var
         if self.kind == "full":
             y = jnp.einsum("kde,db->keb", self.eigvecs, xt)
         else:
             y = xt[None]
         z = y - alpha * self.proj_means[:, :, None]  # (K, d, B)
         return log_norm[:, None] - 0.5 * jnp.sum(z * z / var[:, :, None], 1), z, var
+
+    def _elementwise_stats(self, xt, alpha, var, target):
+        """The elementwise path (d <= 3, full or diagonal covariances) on ``xt`` ``(d, B)``:
+        logits ``(K, B)`` and, for ``target`` ``"mean"`` or ``"score"``, each component's
+        affine map ``x -> a_k + G_k x`` whose ``p(k | x)``-weighted sum the target is
+        (posterior mean: ``G_k = alpha C_k (alpha^2 C_k + sigma^2 I)^-1``, ``a_k = mu_k -
+        alpha G_k mu_k``; score: ``G_k = -(alpha^2 C_k + sigma^2 I)^-1``, ``a_k = -alpha
+        G_k mu_k``) as ``(a (K, d), G (K, d * d), or its diagonal (K, d))``.
+
+        Rotations and sums over d are written out as ``(K, B)`` operations: XLA:CPU would
+        run a ``(K d, d) x (d, B)`` product and a middle-axis reduction as library calls
+        costing more than the exps.
+        """
+        d, k = self.dim, self.num_components
+        inv = 1 / var
+        log_norm = jnp.log(self.weights) - 0.5 * jnp.sum(jnp.log(2 * math.pi * var), -1)
+        maps = None
+        if target is not None:
+            gain = alpha * self.eigvals * inv if target == "mean" else -inv
+            if self.kind == "full":  # G_k = U_k diag(gain_k) U_k^T, y_k = U_k^T mu_k
+                ug = self.eigvecs * gain[:, None, :]
+                lin = jnp.sum(ug[:, :, None, :] * self.eigvecs[:, None, :, :], -1)
+                lin, shift = lin.reshape(k, d * d), jnp.sum(ug * self.proj_means[:, None, :], -1)
+            else:
+                lin, shift = gain, gain * self.proj_means
+            maps = (self.means - alpha * shift if target == "mean" else -alpha * shift, lin)
+        sq = []
+        for e in range(d):  # z_e = (U_k^T x)_e - alpha y_ke, then z_e^2 / var_ke
+            y = (sum(self.eigvecs[:, j, e, None] * xt[j] for j in range(d))
+                 if self.kind == "full" else xt[e][None])  # fmt: skip
+            z = y - alpha * self.proj_means[:, e, None]
+            sq.append(z * z * inv[:, e, None])
+        # a reduce, so the logits are computed once for the max and the exps that read them
+        return log_norm[:, None] - 0.5 * _sum_over(jnp.stack(sq, 1), 1), maps
 
     def _flat(self, x):
         # jaxdiv.dtypes' rule: half-precision x is computed in float32 (|x|^2 of a float16
@@ -220,6 +283,21 @@ class GaussianMixture:
         if self.kind == "full":
             return jnp.einsum("kde,keb->db", self.eigvecs, w)
         return jnp.sum(w, 0)
+
+    def _average(self, logits, xt, maps):
+        """``sum_k p(k | x) (a_k + G_k x)`` as ``(d, B)`` from the elementwise path's logits
+        and affine maps (:meth:`_elementwise_stats`): ``d (d + 1)`` multiply-adds per sample
+        and component."""
+        d = self.dim
+        offset, lin = maps
+        full = lin.shape[1] == d * d
+        p = jnp.exp(logits - _max_over_components(logits))
+        out = []
+        for j in range(d):
+            v = offset[:, j, None] + (sum(lin[:, j * d + i, None] * xt[i] for i in range(d))
+                                      if full else lin[:, j, None] * xt[j])  # fmt: skip
+            out.append(_sum_over(p * v, 0))
+        return jnp.stack(out) / _sum_over(p, 0)
 
     def log_prob(self, x, alpha=1.0, sigma=0.0):
         """Exact ``log p_t(x)`` of ``x_t = alpha x0 + sigma eps`` (``alpha=1, sigma=0``: data).
@@ -250,27 +328,43 @@ class GaussianMixture:
         """
         xf, shape = self._flat(x)
         clean = jnp.asarray(sigma, xf.dtype) == 0
+
+        def clean_x0():
+            # x / alpha only where sigma = 0 (alpha > 0 there); alpha = 0 (a flow's noisy
+            # end) must not reach the division, or its gradient is 0 * inf = NaN
+            return xf.T / jnp.where(clean, jnp.asarray(alpha, xf.dtype), 1.0)
+
+        if self._elementwise:
+            # a branch, not jnp.where: XLA:CPU then writes the (d, B) mean out before the
+            # caller's (B, d) layout instead of fusing the sums over K into that transpose
+            # (a scalar loop per output element, several times slower); sigma = 0 skips the mixture
+            out = lax.cond(clean, clean_x0, lambda: self._mean_dB(xf, alpha, sigma))
+        else:
+            out = jnp.where(clean, clean_x0(), self._mean_dB(xf, alpha, sigma))
+        return out.T.reshape(shape)
+
+    def _mean_dB(self, xf, alpha, sigma):
+        """``E[x0 | x_t]`` as ``(d, B)`` for ``sigma > 0``."""
         # the formula at sigma = 1 where sigma = 0: no 0 / 0 in the discarded branch or in
         # its gradient
-        logits, z, var = self._stats(xf, alpha, jnp.where(clean, 1.0, sigma))
-        r = jax.nn.softmax(logits, 0)  # (K, B)
+        logits, z, var = self._stats(xf, alpha, jnp.where(sigma == 0, 1.0, sigma), "mean")
+        if self._elementwise:
+            return self._average(logits, xf.T, z)
         alpha = jnp.asarray(alpha, xf.dtype)
         gain = alpha * self.eigvals / var  # (K, d) or (K,)
+        r = jax.nn.softmax(logits, 0)  # (K, B)
         if self.kind == "iso":
-            out = self.means.T @ (r * (1 - alpha * gain)[:, None]) + (gain @ r)[None] * xf.T
-        else:
-            out = self.means.T @ r + self._rotate_back(r[:, None, :] * gain[:, :, None] * z)
-        # x / alpha only where sigma = 0 (alpha > 0 there); alpha = 0 (a flow's noisy end)
-        # must not reach the division, or its gradient is 0 * inf = NaN
-        clean_x0 = xf.T / jnp.where(clean, alpha, 1.0)
-        return jnp.where(clean, clean_x0, out).T.reshape(shape)
+            return self.means.T @ (r * (1 - alpha * gain)[:, None]) + (gain @ r)[None] * xf.T
+        return self.means.T @ r + self._rotate_back(r[:, None, :] * gain[:, :, None] * z)
 
     def score(self, x, alpha, sigma):
         """Exact score ``-sum_k p(k|x) (alpha^2 C_k + sigma^2 I)^{-1} (x - alpha mu_k)``."""
         xf, shape = self._flat(x)
-        logits, z, var = self._stats(xf, alpha, sigma)
-        r = jax.nn.softmax(logits, 0)
+        logits, z, var = self._stats(xf, alpha, sigma, "score")
+        if self._elementwise:
+            return self._average(logits, xf.T, z).T.reshape(shape)
         alpha = jnp.asarray(alpha, xf.dtype)
+        r = jax.nn.softmax(logits, 0)
         if self.kind == "iso":
             out = -((1 / var) @ r)[None] * xf.T + alpha * self.means.T @ (r / var[:, None])
         else:
