@@ -34,6 +34,7 @@ small-output patch products; ``direct_strided``: the same for the strided ones a
 ``no_ynn``: compiled with the XLA option ``xla_cpu_experimental_ynn_fusion_type=""``, i.e.
 without YNNPACK's fusions; ``ynn_dot_only`` / ``ynn_no_dot``: YNNPACK for the product
 fusions alone / for the elementwise and reduction fusions alone;
+``vector512``: XLA's own loops at 512-bit vectors (``xla_cpu_prefer_vector_width=512``);
 ``xla_attention``: :func:`jax.nn.dot_product_attention` for every attention);
 ``--direct-conv-peer`` is ``--jax-variants direct_conv``. Writes
 ``results/sd_step.json`` (one row per config, from :func:`collect_rows`). The full 50-step
@@ -145,6 +146,12 @@ JAX_VARIANTS: dict[str, tuple[str, tuple[tuple[Any, str, Any], ...], dict[str, s
         (),
         {"xla_cpu_experimental_ynn_fusion_type":
              "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
+    ),
+    "vector512": (
+        "XLA:CPU's own loops at 512-bit vectors (xla_cpu_prefer_vector_width=512; its default "
+        "is 256 bits on these AVX-512 hosts)",
+        (),
+        {"xla_cpu_prefer_vector_width": 512},
     ),
     "xla_attention": (
         "jax.nn.dot_product_attention for every attention (blocked attention off)",

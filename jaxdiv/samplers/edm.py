@@ -71,9 +71,12 @@ def _edm_step(sampler, i, x, state, denoise, carry, keys):
 
     # line 8-11: Heun correction unless the next level is 0 (the final step stays Euler,
     # so the output equals the last x0_hat and NFE = 2N - 1)
+    # the first slope outside the branch: the branch then takes it in the state's layout
+    # (XLA:CPU otherwise copies x0_hat into that layout inside the branch)
+    d = (y_hat - x0_hat) / lam_hat
+
     def heun(carry):
         x0_next, carry, _ = denoise(alpha_next * y_next, t_next, carry)
-        d = (y_hat - x0_hat) / lam_hat
         d_next = (y_next - x0_next) / lam_next
         return y_hat + (lam_next - lam_hat) * 0.5 * (d + d_next), carry
 
