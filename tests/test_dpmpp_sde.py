@@ -104,8 +104,9 @@ CASES = [  # (sampler, diffusers algorithm, order, karras, final_sigmas_type, N)
 @pytest.mark.parametrize("name, algo, order, karras, final, n", CASES)
 def test_matches_diffusers_full_loop(name, algo, order, karras, final, n):
     """Full loops equal to float32 precision (8 ulps of the output scale per step, as
-    below), n on both sides of lower_order_final's N < 15. (With Karras sigmas diffusers' "sigma_min" grid repeats
-    its last sigma, a zero-length step that jaxdiv's strictly decreasing grids refuse.)
+    below), n on both sides of lower_order_final's N < 15. (With Karras sigmas diffusers'
+    "sigma_min" grid repeats its last sigma, a zero-length step that jaxdiv's strictly
+    decreasing grids refuse.)
     For 3M SDE diffusers' third-order D2 coefficient is corrected (see
     test_diffusers_sde_third_order_differs_by_alpha_d2). Not compared: 3M SDE to a noisy
     end with N >= 15, whose last step is third order from t = 50 to t = 0: there

@@ -337,13 +337,14 @@ class GaussianMixture:
         if self._elementwise:
             # a branch, not jnp.where: XLA:CPU then writes the (d, B) mean out before the
             # caller's (B, d) layout instead of fusing the sums over K into that transpose
-            # (a scalar loop per output element, several times slower); sigma = 0 skips the mixture
-            out = lax.cond(clean, clean_x0, lambda: self._mean_dB(xf, alpha, sigma))
+            # (a scalar loop per output element, several times slower); and sigma = 0
+            # skips the mixture
+            out = lax.cond(clean, clean_x0, lambda: self._mixture_mean(xf, alpha, sigma))
         else:
-            out = jnp.where(clean, clean_x0(), self._mean_dB(xf, alpha, sigma))
+            out = jnp.where(clean, clean_x0(), self._mixture_mean(xf, alpha, sigma))
         return out.T.reshape(shape)
 
-    def _mean_dB(self, xf, alpha, sigma):
+    def _mixture_mean(self, xf, alpha, sigma):
         """``E[x0 | x_t]`` as ``(d, B)`` for ``sigma > 0``."""
         # the formula at sigma = 1 where sigma = 0: no 0 / 0 in the discarded branch or in
         # its gradient
