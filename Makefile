@@ -64,6 +64,7 @@ ONE_CORE := OMP_NUM_THREADS=1 taskset -c 0
 
 bench: $(STAMP)
 	$(ONE_CORE) $(PY) -m benchmarks.toy_sampler
+	$(ONE_CORE) $(PY) -m benchmarks.sample_overhead
 	$(ONE_CORE) $(PY) -m benchmarks.metrics
 	$(PY) -m benchmarks.spell
 	$(PY) -m benchmarks.sd_step
