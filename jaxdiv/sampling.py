@@ -571,7 +571,7 @@ def _prepared(sampler, denoiser, noise, *, key, cond, guidance, trace, guidance_
         )
     elif names:
         try:
-            expected = jax.eval_shape(init, x_init(), cond)
+            expected = jax.eval_shape(lambda c: init(x_init(), c), cond)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             expected = None  # an init that needs concrete values: cannot be shape-checked
         if expected is not None:

@@ -41,7 +41,8 @@ def _concrete(*xs) -> bool:
 # XLA:CPU hands ``jnp.max(a, 0)`` and ``jnp.sum(a, 0)`` (and the softmax around them) to
 # YNNPACK, whose calls cost several times the work at toy sizes; a reduce whose computation
 # is not a plain max / add stays with XLA's own loops (the d = 2 sampler of
-# benchmarks/toy_sampler.py: see the benchmarks guide, "Toy sampler").
+# benchmarks/toy_sampler.py: the benchmarks guide, "The toy sampler: reductions in XLA's own
+# loops").
 def _select_max(u, v):
     return lax.select(u > v, u, v)
 
@@ -226,9 +227,9 @@ class GaussianMixture:
             sq = jnp.clip(sq, 0.0, None)
             log_norm = jnp.log(self.weights) - 0.5 * d * jnp.log(2 * math.pi * var)
             return log_norm[:, None] - 0.5 * sq / var[:, None], None, var
-        if self._elementwise:
-            return (*self._elementwise_stats(xt, alpha, var, target), var)
         log_norm = jnp.log(self.weights) - 0.5 * jnp.sum(jnp.log(2 * math.pi * var), -1)
+        if self._elementwise:
+            return (*self._elementwise_stats(xt, alpha, var, log_norm, target), var)
         if self.kind == "full":
             y = jnp.einsum("kde,db->keb", self.eigvecs, xt)
         else:
@@ -236,7 +237,7 @@ class GaussianMixture:
         z = y - alpha * self.proj_means[:, :, None]  # (K, d, B)
         return log_norm[:, None] - 0.5 * jnp.sum(z * z / var[:, :, None], 1), z, var
 
-    def _elementwise_stats(self, xt, alpha, var, target):
+    def _elementwise_stats(self, xt, alpha, var, log_norm, target):
         """The elementwise path (d <= 3, full or diagonal covariances) on ``xt`` ``(d, B)``:
         logits ``(K, B)`` and, for ``target`` ``"mean"`` or ``"score"``, each component's
         affine map ``x -> a_k + G_k x`` whose ``p(k | x)``-weighted sum the target is
@@ -250,7 +251,6 @@ class GaussianMixture:
         """
         d, k = self.dim, self.num_components
         inv = 1 / var
-        log_norm = jnp.log(self.weights) - 0.5 * jnp.sum(jnp.log(2 * math.pi * var), -1)
         maps = None
         if target is not None:
             gain = alpha * self.eigvals * inv if target == "mean" else -inv
